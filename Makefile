@@ -1,0 +1,21 @@
+# MACE-Field Serve: the two quickstart commands (see README.md)
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: serve test install install-test
+
+# torch==2.13.0 first: on CPU-only build machines this picks the local CPU wheel;
+# anything looser pulls the newest CUDA build (several GB).
+install:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ./server
+
+install-test:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e "./server[test]"
+
+serve: install
+	macefield-serve
+
+test: install-test
+	$(PYTHON) -m pytest -q tests

@@ -1,0 +1,245 @@
+"""Structures and batched neighbour graphs.
+
+A :class:`Structure` is one request's geometry and field, in plain numpy.
+:func:`neighbour_list` builds its radius graph (CPU, numpy) and
+:func:`collate` packs many graphs into the tensor dict that
+:meth:`FieldMACE.enthalpy` reads.  Units: Angstrom, V/Angstrom.
+
+Volumes: a structure is *periodic* only when all three directions are; only
+then does it have a volume Omega = |det(cell)|, a stress, a polarization and a
+susceptibility.  Molecules and slabs get dipole, Born charges and
+polarizability only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from matscipy.neighbours import neighbour_list as _matscipy_neighbour_list
+
+#: cells whose |det| is below this (Angstrom^3) count as singular
+MIN_VOLUME = 1e-6
+
+
+@dataclass
+class Structure:
+    """One atomic structure with its applied field.
+
+    Attributes:
+        numbers: (N,) atomic numbers.
+        positions: (N, 3) Cartesian positions, Angstrom.
+        cell: (3, 3) lattice vectors as rows, Angstrom (ignored along non-periodic directions).
+        pbc: (3,) periodicity flags.
+        electric_field: (3,) uniform field, V/Angstrom.
+        head: head name (None: the model's default head).
+    """
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray = field(default_factory=lambda: np.zeros((3, 3)))
+    pbc: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=bool))
+    electric_field: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    head: Optional[str] = None
+
+    def __post_init__(self):
+        self.numbers = np.asarray(self.numbers, dtype=np.int64).reshape(-1)
+        self.positions = np.asarray(self.positions, dtype=np.float64).reshape(-1, 3)
+        self.cell = np.asarray(self.cell, dtype=np.float64).reshape(3, 3)
+        self.pbc = np.asarray(self.pbc, dtype=bool).reshape(3)
+        self.electric_field = np.asarray(self.electric_field, dtype=np.float64).reshape(3)
+        if self.positions.shape[0] != self.numbers.shape[0]:
+            raise ValueError(
+                f"positions: {self.positions.shape[0]} rows for {self.numbers.shape[0]} atomic numbers"
+            )
+
+    @classmethod
+    def from_atoms(cls, atoms, electric_field=None, head: Optional[str] = None) -> "Structure":
+        """From an ``ase.Atoms``; the field defaults to (0, 0, 0)."""
+        return cls(
+            numbers=atoms.get_atomic_numbers(),
+            positions=atoms.get_positions(),
+            cell=np.asarray(atoms.get_cell()),
+            pbc=atoms.get_pbc(),
+            electric_field=np.zeros(3) if electric_field is None else electric_field,
+            head=head,
+        )
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.numbers.shape[0])
+
+    @property
+    def periodic(self) -> bool:
+        return bool(self.pbc.all())
+
+    @property
+    def volume(self) -> Optional[float]:
+        """Omega in Angstrom^3 for fully periodic cells, else None."""
+        if not self.periodic:
+            return None
+        return float(abs(np.linalg.det(self.cell)))
+
+
+@dataclass
+class NeighbourGraph:
+    """Directed radius graph: edge (sender, receiver) with receiver image shift."""
+
+    edge_index: np.ndarray  # (2, E) int64
+    unit_shifts: np.ndarray  # (E, 3) float64, integer multiples of cell vectors
+    cell: np.ndarray  # (3, 3) cell used for shifts (padded for non-periodic directions)
+
+
+def _padded_cell(structure: Structure, cutoff: float) -> np.ndarray:
+    """The cell with every non-periodic vector replaced by a wide orthogonal one.
+
+    matscipy needs a non-singular cell; along non-periodic directions no image
+    is ever generated, so any box wider than the atoms plus the cutoff works.
+    """
+    cell = structure.cell.copy()
+    if structure.periodic:
+        return cell
+    span = float(np.ptp(structure.positions, axis=0).max()) if structure.n_atoms else 0.0
+    length = span + 2.0 * cutoff + 10.0
+    basis = [cell[j] / np.linalg.norm(cell[j]) for j in range(3) if structure.pbc[j]]
+    for i in range(3):
+        if structure.pbc[i]:
+            continue
+        for candidate in (np.eye(3)[i], np.eye(3)[(i + 1) % 3], np.eye(3)[(i + 2) % 3]):
+            vec = candidate - sum((candidate @ b) * b for b in basis)
+            if np.linalg.norm(vec) > 1e-3:
+                break
+        vec = vec / np.linalg.norm(vec)
+        basis.append(vec)
+        cell[i] = vec * length
+    return cell
+
+
+def neighbour_list(structure: Structure, cutoff: float) -> NeighbourGraph:
+    """All ordered pairs closer than ``cutoff`` (Angstrom), excluding self-pairs at zero shift."""
+    cell = _padded_cell(structure, cutoff)
+    if structure.n_atoms == 0:
+        return NeighbourGraph(np.zeros((2, 0), np.int64), np.zeros((0, 3)), cell)
+    # a pure translation keeps every pair vector; it puts finite systems inside the box
+    positions = structure.positions
+    if not structure.periodic:
+        positions = positions - positions.min(axis=0)
+    i, j, shifts = _matscipy_neighbour_list(
+        "ijS", positions=positions, cell=cell, pbc=structure.pbc, cutoff=float(cutoff)
+    )
+    keep = ~((i == j) & np.all(shifts == 0, axis=1))
+    return NeighbourGraph(
+        edge_index=np.stack([i[keep], j[keep]]).astype(np.int64),
+        unit_shifts=shifts[keep].astype(np.float64),
+        cell=cell,
+    )
+
+
+def estimate_edges(structure: Structure, cutoff: float) -> int:
+    """Upper-bound-ish estimate of the edge count without building the list.
+
+    Used to refuse collapsed or absurdly dense inputs before neighbour search:
+    N * (atoms within a cutoff sphere at the structure's mean density).
+    """
+    n = structure.n_atoms
+    if n == 0:
+        return 0
+    sphere = 4.0 / 3.0 * np.pi * cutoff**3
+    if structure.periodic:
+        volume = max(structure.volume or 0.0, MIN_VOLUME)
+        return int(n * (n * sphere / volume))
+    # finite system: at most all pairs
+    return int(n * (n - 1))
+
+
+@dataclass
+class GraphBatch:
+    """Tensors for one model pass plus the bookkeeping to split results.
+
+    ``tensors`` keys: node_attrs (N, n_elements) one-hot, positions (N, 3),
+    edge_index (2, E), unit_shifts (E, 3), shifts (E, 3) Angstrom, cell (G*3, 3),
+    batch (N,), ptr (G+1,), head (G,), electric_field (G, 3), volume (G,)
+    Angstrom^3 (0 where not periodic), periodic (G,) bool.
+    """
+
+    tensors: Dict[str, torch.Tensor]
+    n_atoms: List[int]
+    periodic: List[bool]
+    volumes: List[Optional[float]]
+    cells: List[np.ndarray]
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.n_atoms)
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.tensors["edge_index"].shape[1])
+
+
+def collate(
+    structures: Sequence[Structure],
+    graphs: Sequence[NeighbourGraph],
+    *,
+    atomic_numbers: Sequence[int],
+    head_index: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> GraphBatch:
+    """Pack structures and their neighbour graphs into one disjoint-union graph.
+
+    Raises ValueError naming the structure when an element is not in the model.
+    """
+    z_to_index = np.full(max(max(atomic_numbers), 119) + 1, -1, dtype=np.int64)
+    z_to_index[np.asarray(atomic_numbers, dtype=np.int64)] = np.arange(len(atomic_numbers))
+    n_elements = len(atomic_numbers)
+
+    species, positions, edges, unit_shifts, shifts, cells, batch = [], [], [], [], [], [], []
+    offset = 0
+    for g, (s, ng) in enumerate(zip(structures, graphs)):
+        bad = (s.numbers < 0) | (s.numbers >= len(z_to_index))
+        idx = np.where(bad, -1, z_to_index[np.clip(s.numbers, 0, len(z_to_index) - 1)])
+        if (idx < 0).any():
+            missing = sorted(set(int(z) for z in s.numbers[idx < 0]))
+            raise ValueError(f"atomic_numbers: element(s) {missing} not in the model (has {list(atomic_numbers)})")
+        species.append(idx)
+        positions.append(s.positions)
+        edges.append(ng.edge_index + offset)
+        unit_shifts.append(ng.unit_shifts)
+        shifts.append(ng.unit_shifts @ ng.cell)
+        cells.append(ng.cell)
+        batch.append(np.full(s.n_atoms, g, dtype=np.int64))
+        offset += s.n_atoms
+
+    species_all = np.concatenate(species) if species else np.zeros(0, np.int64)
+    node_attrs = np.zeros((len(species_all), n_elements))
+    node_attrs[np.arange(len(species_all)), species_all] = 1.0
+    ptr = np.concatenate([[0], np.cumsum([s.n_atoms for s in structures])])
+
+    def t(a, dt=dtype):
+        return torch.as_tensor(np.asarray(a), dtype=dt).to(device)
+
+    tensors = {
+        "node_attrs": t(node_attrs),
+        "positions": t(np.concatenate(positions)),
+        "edge_index": t(np.concatenate(edges, axis=1), torch.int64),
+        "unit_shifts": t(np.concatenate(unit_shifts)),
+        "shifts": t(np.concatenate(shifts)),
+        "cell": t(np.concatenate(cells)),
+        "batch": t(np.concatenate(batch), torch.int64),
+        "ptr": t(ptr, torch.int64),
+        "head": t(np.asarray(head_index, dtype=np.int64), torch.int64),
+        "electric_field": t(np.stack([s.electric_field for s in structures])),
+        # Omega for fully periodic structures, 0 otherwise (never divided by: see response)
+        "volume": t([s.volume or 0.0 for s in structures]),
+        "periodic": t([s.periodic for s in structures], torch.bool),
+    }
+    return GraphBatch(
+        tensors=tensors,
+        n_atoms=[s.n_atoms for s in structures],
+        periodic=[s.periodic for s in structures],
+        volumes=[s.volume for s in structures],
+        cells=[s.cell.copy() for s in structures],
+    )

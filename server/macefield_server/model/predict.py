@@ -1,0 +1,159 @@
+"""From structures to per-structure numpy results: the engine used by scripts and the server.
+
+:func:`prepare_batch` (neighbour lists + tensor assembly, CPU) and
+:func:`evaluate` (one :func:`.response.respond` call, then a split into one
+dict per structure) are separate so that the server can assemble the next
+batch while the current one computes.  :func:`predict` chains them.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .graph import GraphBatch, Structure, collate, neighbour_list
+from .response import normalise_outputs, respond, susceptibility
+
+
+def model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def head_index(model, head: Optional[str], default: Optional[str] = None) -> int:
+    """Index of ``head`` in the model's heads (None: ``default``, else the first head)."""
+    heads = list(getattr(model, "heads", None) or ["Default"])
+    name = head if head not in (None, "") else default
+    if name in (None, ""):
+        return 0
+    if name not in heads:
+        raise ValueError(f"head: unknown head {name!r}; the model has {heads}")
+    return heads.index(name)
+
+
+def prepare_batch(
+    model,
+    structures: Sequence[Structure],
+    *,
+    default_head: Optional[str] = None,
+    device=None,
+) -> GraphBatch:
+    """Neighbour lists and tensors for ``structures`` (ValueError names a bad field)."""
+    r_max = float(model.r_max)
+    graphs = [neighbour_list(s, r_max) for s in structures]
+    return collate(
+        structures,
+        graphs,
+        atomic_numbers=[int(z) for z in model.atomic_numbers],
+        head_index=[head_index(model, s.head, default_head) for s in structures],
+        dtype=model_dtype(model),
+        device=device if device is not None else model_device(model),
+    )
+
+
+def evaluate(model, batch: GraphBatch, outputs: FrozenSet[str]) -> List[Dict[str, np.ndarray]]:
+    """Run the response engine on a prepared batch and split per structure.
+
+    Keys (present when asked and defined): energy () eV, forces (N, 3) eV/A,
+    stress (3, 3) eV/A^3 [periodic], dipole (3,) e*A, polarization (3,) e/A^2
+    [periodic] with polarization_quantum (3, 3) e/A^2 (row k = e*a_k/Omega: P is
+    defined modulo integer combinations of these rows), born_charges (N, 3, 3) e,
+    polarizability (3, 3) e*A^2/V, chi (3, 3) and eps_inf (3, 3) [periodic],
+    volume () A^3 [periodic].
+    """
+    raw = respond(model, batch.tensors, None, outputs)
+    return split_results(batch, raw, outputs)
+
+
+def split_results(batch: GraphBatch, raw: Dict[str, torch.Tensor], outputs: FrozenSet[str]):
+    """Cut batched engine output into one numpy dict per structure."""
+    host = {k: v.detach().cpu().double().numpy() for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    chi = None
+    if "polarizability" in outputs:  # tier 2 always reports volume (NaN when not periodic)
+        chi = susceptibility(raw["polarizability"], raw["volume"]).detach().cpu().double().numpy()
+    results = []
+    start = 0
+    for g, n in enumerate(batch.n_atoms):
+        stop = start + n
+        periodic = batch.periodic[g]
+        r: Dict[str, np.ndarray] = {"energy": np.asarray(host["energy"][g])}
+        if "forces" in outputs:
+            r["forces"] = host["forces"][start:stop]
+        if "dipole" in outputs:
+            r["dipole"] = host["dipole"][g]
+        if "born_charges" in outputs:
+            r["born_charges"] = host["born_charges"][start:stop]
+        if "polarizability" in outputs:
+            r["polarizability"] = host["polarizability"][g]
+        if periodic:
+            volume = batch.volumes[g]
+            r["volume"] = np.asarray(volume)
+            if "stress" in outputs:
+                r["stress"] = host["stress"][g]
+            if "polarization" in outputs:
+                r["polarization"] = host["polarization"][g]
+                r["polarization_quantum"] = batch.cells[g] / volume
+            if chi is not None:
+                r["chi"] = chi[g]
+                r["eps_inf"] = np.eye(3) + chi[g]
+        results.append(r)
+        start = stop
+    return results
+
+
+def predict(
+    model,
+    atoms_list,
+    *,
+    electric_fields=None,
+    heads=None,
+    outputs: Optional[Iterable[str]] = None,
+    batch_size: Optional[int] = None,
+) -> List[Dict[str, np.ndarray]]:
+    """Evaluate F and its derivatives for ASE ``Atoms`` (or :class:`Structure`) objects.
+
+    Args:
+        model: a FieldMACE (see :func:`load_model`).
+        atoms_list: one Atoms/Structure or a sequence of them.
+        electric_fields: None (zero field), one (3,) field for all, or (n, 3), V/A.
+        heads: None (default head), one head name for all, or one per structure.
+        outputs: subset of energy, forces, stress, dipole, polarization,
+            born_charges, polarizability (None: all).  chi and eps_inf come
+            with polarizability for periodic structures.
+        batch_size: structures per engine pass (None: all at once).
+
+    Returns one dict per structure; see :func:`evaluate` for keys and units.
+    """
+    if isinstance(atoms_list, Structure) or hasattr(atoms_list, "get_positions"):
+        atoms_list = [atoms_list]
+    atoms_list = list(atoms_list)
+    n = len(atoms_list)
+    fields = np.zeros((n, 3)) if electric_fields is None else np.asarray(electric_fields, dtype=float)
+    if fields.shape == (3,):
+        fields = np.tile(fields, (n, 1))
+    if fields.shape != (n, 3):
+        raise ValueError(f"electric_fields: expected (3,) or ({n}, 3), got {fields.shape}")
+    if heads is None or isinstance(heads, str):
+        heads = [heads] * n
+    if len(heads) != n:
+        raise ValueError(f"heads: {len(heads)} heads for {n} structures")
+    wanted = normalise_outputs(outputs)
+
+    structures = []
+    for item, f, h in zip(atoms_list, fields, heads):
+        if isinstance(item, Structure):
+            structures.append(Structure(item.numbers, item.positions, item.cell, item.pbc, f, h or item.head))
+        else:
+            structures.append(Structure.from_atoms(item, electric_field=f, head=h))
+
+    step = batch_size or max(n, 1)
+    results: List[Dict[str, np.ndarray]] = []
+    for start in range(0, n, step):
+        batch = prepare_batch(model, structures[start : start + step])
+        results.extend(evaluate(model, batch, wanted))
+    return results

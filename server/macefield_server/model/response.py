@@ -1,0 +1,196 @@
+"""Exact response engine: F and its derivatives for a whole batch by autograd.
+
+Given a batched graph and one uniform field per structure, :func:`respond`
+runs one forward pass of F(R, E, strain) and then
+
+* one backward pass for everything first-order that was asked for:
+  forces = -dF/dR, stress = (1/Omega) dF/d(strain), dipole = -dF/dE;
+* if Born charges or polarizability were asked for, one *batched*
+  second-derivative pass (``is_grads_batched``: the three Cartesian
+  components of the dipole are vmapped, not looped over structures) giving
+  Z*[k, i, j] = d dipole_i / d R_kj and alpha[g, i, j] = d dipole_i / dE_j.
+
+Because structures in a batch share no edges, d(sum_g dipole_g,i)/dR_k only
+sees atom k's own structure, so the batched pass is exact per structure.
+
+Units: F eV, forces eV/A, stress eV/A^3, dipole e*A, polarization e/A^2,
+Z* e, alpha e*A^2/V, chi dimensionless.  Graphs are kept only as long as the
+requested order of derivatives needs them (``keep_graph`` for training).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, FrozenSet, Iterable, Optional
+
+import torch
+
+from .units import EPS0
+
+#: every output the engine can produce
+OUTPUTS: FrozenSet[str] = frozenset(
+    {"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"}
+)
+#: the default request: everything
+ALL_OUTPUTS = OUTPUTS
+
+
+def normalise_outputs(outputs: Optional[Iterable[str]]) -> FrozenSet[str]:
+    """Validate output names; None means all.  Raises ValueError naming the bad one."""
+    if outputs is None:
+        return ALL_OUTPUTS
+    wanted = frozenset(outputs)
+    unknown = sorted(wanted - OUTPUTS)
+    if unknown:
+        raise ValueError(f"outputs: unknown output(s) {unknown}; known: {sorted(OUTPUTS)}")
+    return wanted | {"energy"}
+
+
+def response_tier(outputs: FrozenSet[str]) -> int:
+    """Derivative order a request needs: 0 energy, 1 first derivatives, 2 Z*/alpha."""
+    if outputs & {"born_charges", "polarizability"}:
+        return 2
+    if outputs & {"forces", "stress", "dipole", "polarization"}:
+        return 1
+    return 0
+
+
+def respond(
+    model,
+    graph: Dict[str, torch.Tensor],
+    electric_field: Optional[torch.Tensor],
+    outputs: FrozenSet[str],
+    *,
+    keep_graph: bool = False,
+) -> Dict[str, Optional[torch.Tensor]]:
+    """Evaluate F and the requested derivatives for a batched graph.
+
+    Args:
+        model: a FieldMACE.
+        graph: tensors from :func:`.graph.collate` (or a mace-style batch dict).
+        electric_field: (G, 3) or (3,) in V/A; None uses ``graph["electric_field"]`` or zero.
+        outputs: names from :data:`OUTPUTS`.
+        keep_graph: keep the autograd graph of every output (for training losses).
+
+    Returns batched tensors: ``energy`` (G,), ``forces`` (N, 3), ``stress``
+    (G, 3, 3), ``dipole`` (G, 3), ``polarization`` (G, 3), ``born_charges``
+    (N, 3, 3), ``polarizability`` (G, 3, 3), and ``volume`` (G,) with any
+    first-order request.  Structures that are not periodic in all three
+    directions have no volume: their volume, stress and polarization rows are
+    NaN (nothing is divided by zero) and callers drop them.
+    """
+    dtype = graph["node_attrs"].dtype
+    num_graphs = graph["ptr"].numel() - 1
+    device = graph["node_attrs"].device
+    if electric_field is None:
+        electric_field = graph.get("electric_field")
+    if electric_field is None:
+        electric_field = torch.zeros(num_graphs, 3, dtype=dtype, device=device)
+    field = electric_field.to(device=device, dtype=dtype).reshape(-1, 3)
+    if field.shape[0] == 1 and num_graphs > 1:
+        field = field.expand(num_graphs, 3)
+    if field.shape[0] != num_graphs:
+        raise ValueError(f"electric_field: {field.shape[0]} fields for {num_graphs} structures")
+
+    tier = response_tier(outputs)
+    want_forces = "forces" in outputs
+    want_stress = "stress" in outputs
+    want_dipole = bool(outputs & {"dipole", "polarization", "born_charges", "polarizability"})
+    want_becs = "born_charges" in outputs
+    want_alpha = "polarizability" in outputs
+
+    positions = graph["positions"].detach().clone().to(dtype)
+    field = field.detach().clone()
+    strain = torch.zeros(num_graphs, 3, 3, dtype=dtype, device=device) if want_stress else None
+
+    positions.requires_grad_(want_forces or want_becs)
+    field.requires_grad_(want_dipole)
+    if strain is not None:
+        strain.requires_grad_(True)
+
+    result: Dict[str, Optional[torch.Tensor]] = {}
+    grad_enabled = keep_graph or tier > 0
+    with torch.set_grad_enabled(grad_enabled):
+        energy, _ = model.enthalpy(graph, positions, field, strain)
+        result["energy"] = energy
+        if tier == 0:
+            return _finish(result, keep_graph)
+
+        inputs, names = [], []
+        if want_forces or want_becs:
+            inputs.append(positions)
+            names.append("positions")
+        if strain is not None:
+            inputs.append(strain)
+            names.append("strain")
+        if want_dipole:
+            inputs.append(field)
+            names.append("field")
+        second = tier == 2
+        grads = torch.autograd.grad(
+            energy.sum(),
+            inputs,
+            create_graph=second or keep_graph,
+            retain_graph=second or keep_graph,
+            allow_unused=True,
+        )
+        grads = {n: (g if g is not None else torch.zeros_like(x)) for n, g, x in zip(names, grads, inputs)}
+
+        if want_forces:
+            result["forces"] = -grads["positions"]
+        volume, periodic = _volumes(graph)
+        # finite systems have no volume: their per-volume quantities are NaN, never x/0
+        per_volume = torch.where(periodic, 1.0 / torch.where(periodic, volume, 1.0), torch.nan)
+        if want_stress:
+            result["stress"] = grads["strain"] * per_volume.view(-1, 1, 1)
+        if want_dipole:
+            dipole = -grads["field"]
+            result["dipole"] = dipole
+        if "polarization" in outputs:
+            result["polarization"] = dipole * per_volume.view(-1, 1)
+        result["volume"] = torch.where(periodic, volume, torch.nan)
+
+        if second:
+            second_inputs = ([positions] if want_becs else []) + ([field] if want_alpha else [])
+            eye = torch.eye(3, dtype=dtype, device=device)
+            seeds = eye.view(3, 1, 3).expand(3, num_graphs, 3)
+            if dipole.requires_grad:
+                d2 = torch.autograd.grad(
+                    dipole,
+                    second_inputs,
+                    grad_outputs=seeds,
+                    is_grads_batched=True,
+                    create_graph=keep_graph,
+                    retain_graph=keep_graph,
+                    allow_unused=True,
+                )
+            else:  # dipole independent of everything (e.g. no field layers)
+                d2 = (None,) * len(second_inputs)
+            d2 = [
+                torch.zeros((3,) + x.shape, dtype=dtype, device=device) if g is None else g
+                for g, x in zip(d2, second_inputs)
+            ]
+            # d2[.][i, ...] holds the derivative of dipole component i
+            if want_becs:
+                result["born_charges"] = d2.pop(0).permute(1, 0, 2)  # (N, i, j)
+            if want_alpha:
+                result["polarizability"] = d2.pop(0).permute(1, 0, 2)  # (G, i, j)
+    return _finish(result, keep_graph)
+
+
+def _volumes(graph):
+    """(volume, periodic) per structure; a mace-style batch without them counts as periodic."""
+    if "volume" in graph and "periodic" in graph:
+        return graph["volume"], graph["periodic"]
+    volume = torch.linalg.det(graph["cell"].view(-1, 3, 3)).abs()
+    return volume, volume > 0
+
+
+def _finish(result, keep_graph: bool):
+    if keep_graph:
+        return result
+    return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in result.items()}
+
+
+def susceptibility(polarizability: torch.Tensor, volume: torch.Tensor) -> torch.Tensor:
+    """chi = alpha / (Omega * eps0), dimensionless; eps_inf = 1 + chi."""
+    return polarizability / (volume.view(-1, 1, 1) * EPS0)
