@@ -1,0 +1,209 @@
+"""Checkpoints and upgrades: native round trip, pickles behind a trust flag, MACE -> FieldMACE."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import mace.modules.extensions as mace_extensions
+import numpy as np
+import pytest
+import torch
+from conftest import quartz_like, random_field_model, water_like
+from mace.modules.models import MACE, ScaleShiftMACE
+
+from macefield_server.model import (
+    CheckpointError,
+    FieldMACE,
+    UntrustedPickleError,
+    load_model,
+    predict,
+    save_model,
+    upgrade_to_field,
+)
+from macefield_server.model.architecture import describe_architecture, mace_kwargs
+from macefield_server.model.predict import prepare_batch
+
+FIELDS = [np.zeros(3), np.array([0.2, -0.1, 0.05]), np.array([0.0, 0.0, 0.5])]
+
+
+def plain_mace(cls=ScaleShiftMACE, heads=("Default",), seed=5):
+    """A randomly initialised mace-torch model (no field) built like a foundation model."""
+    arch = describe_architecture(random_field_model(heads=heads, seed=seed))
+    kwargs = mace_kwargs(arch)
+    if cls is MACE:
+        kwargs.pop("atomic_inter_scale")
+        kwargs.pop("atomic_inter_shift")
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = cls(**kwargs)
+    finally:
+        torch.set_default_dtype(previous)
+    if hasattr(model, "scale_shift"):
+        with torch.no_grad():
+            model.scale_shift.scale.fill_(1.3)
+            model.scale_shift.shift.fill_(-0.05)
+    return model.double().eval()
+
+
+def mace_reference(base, structures, heads=None):
+    """Energy and forces from mace-torch's own forward on the same graphs."""
+    for s, h in zip(structures, heads or [None] * len(structures)):
+        s.head = h
+    batch = prepare_batch(base, structures)
+    data = {k: v.clone() for k, v in batch.tensors.items()}
+    out = base(data, compute_force=True, training=False)
+    return out["energy"].detach().numpy(), out["forces"].detach().numpy()
+
+
+@pytest.mark.parametrize("cls,heads", [(ScaleShiftMACE, ("Default",)), (ScaleShiftMACE, ("a", "b")), (MACE, ("Default",))])
+def test_upgraded_mace_equals_base_model_at_any_field(cls, heads):
+    from macefield_server.model import Structure
+
+    base = plain_mace(cls, heads)
+    upgraded = upgrade_to_field(base)
+    assert isinstance(upgraded, FieldMACE)
+    atoms = [quartz_like(seed=1), quartz_like(repeat=(1, 1, 2), seed=2), water_like()]
+    head_names = [heads[i % len(heads)] for i in range(len(atoms))]
+    e_ref, f_ref = mace_reference(base, [Structure.from_atoms(a) for a in atoms], list(head_names))
+    sizes = np.cumsum([0] + [len(a) for a in atoms])
+    for field in FIELDS:
+        out = predict(upgraded, atoms, electric_fields=field, heads=list(head_names))
+        for g, r in enumerate(out):
+            assert abs(r["energy"] - e_ref[g]) < 1e-12 * max(1.0, abs(e_ref[g]))
+            assert np.abs(r["forces"] - f_ref[sizes[g] : sizes[g + 1]]).max() < 1e-12
+            assert np.all(r["dipole"] == 0.0)
+            assert np.all(r["born_charges"] == 0.0)
+            assert np.all(r["polarizability"] == 0.0)
+    # the field coupling is not dead: it can learn (field_feats keeps its init)
+    assert any(p.abs().sum() > 0 for p in upgraded.field_feats.parameters())
+
+
+def test_fieldmace_reproduces_mace_forward_energy_when_field_weights_zero():
+    """Our enthalpy() must be exactly mace-torch's energy for the same parameters."""
+    model = random_field_model(seed=9)
+    with torch.no_grad():
+        for p in model.field_linear.parameters():
+            p.zero_()
+    base = plain_mace(ScaleShiftMACE, seed=9)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("field_")})
+    from macefield_server.model import Structure
+
+    atoms = quartz_like(seed=3)
+    e_ref, f_ref = mace_reference(base, [Structure.from_atoms(atoms)])
+    r = predict(model, atoms, electric_fields=[0.3, 0.3, 0.3])[0]
+    assert abs(r["energy"] - e_ref[0]) < 1e-12 * abs(e_ref[0])
+    assert np.abs(r["forces"] - f_ref).max() < 1e-12
+
+
+def assert_same_model(a, b, atoms, field=(0.1, -0.2, 0.3)):
+    ra = predict(a, atoms, electric_fields=field)[0]
+    rb = predict(b, atoms, electric_fields=field)[0]
+    for key in ra:
+        assert np.array_equal(ra[key], rb[key]), key
+
+
+def test_native_round_trip_is_bit_exact(tmp_path, two_head_model):
+    path = save_model(two_head_model, tmp_path / "m.pt", metadata={"name": "test", "trained": False})
+    loaded = load_model(path)
+    assert isinstance(loaded, FieldMACE)
+    assert loaded.heads == two_head_model.heads
+    sa, sb = two_head_model.state_dict(), loaded.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    assert loaded.metadata["name"] == "test"
+    assert_same_model(two_head_model, loaded, quartz_like(seed=4))
+
+
+def test_native_file_holds_no_code(tmp_path, field_model):
+    """The native file opens with the restricted unpickler (weights_only=True)."""
+    path = save_model(field_model, tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == "macefield-native"
+    assert isinstance(payload["architecture"], str)
+
+
+def test_load_casts_dtype(tmp_path, field_model):
+    path = save_model(field_model, tmp_path / "m.pt")
+    m32 = load_model(path, dtype="float32")
+    assert next(m32.parameters()).dtype == torch.float32
+    r = predict(m32, quartz_like(seed=1), electric_fields=[0.1, 0, 0])[0]
+    assert r["forces"].dtype == np.float64 and np.all(np.isfinite(r["forces"]))
+
+
+def test_pickle_needs_trust_flag(tmp_path):
+    base = plain_mace()
+    path = tmp_path / "foundation.model"
+    torch.save(base, path)
+    with pytest.raises(UntrustedPickleError, match="trust_pickle"):
+        load_model(path)
+    upgraded = load_model(path, trust_pickle=True)
+    assert isinstance(upgraded, FieldMACE)
+    assert_same_model(upgrade_to_field(base), upgraded, quartz_like(seed=6))
+
+
+def test_reference_macefield_pickle_loads_without_the_fork(tmp_path, monkeypatch):
+    """A pickle whose class path is mace.modules.extensions.MACEField maps onto FieldMACE."""
+    source = random_field_model(seed=21)
+
+    class MACEField(FieldMACE):  # stands in for the fork's class, same parameter names
+        pass
+
+    MACEField.__module__ = "mace.modules.extensions"
+    MACEField.__qualname__ = "MACEField"
+    monkeypatch.setattr(mace_extensions, "MACEField", MACEField, raising=False)
+    fake = source.__class__.__new__(MACEField)
+    fake.__dict__.update(source.__dict__)
+    del fake.__dict__["arch_config"]  # a reference object carries no description of ours
+    path = tmp_path / "reference.model"
+    torch.save(fake, path)
+    monkeypatch.delattr(mace_extensions, "MACEField")  # the fork is not installed
+    with zipfile.ZipFile(path) as archive:
+        pickled = b"".join(archive.read(n) for n in archive.namelist() if n.endswith("data.pkl"))
+    assert b"mace.modules.extensions" in pickled and b"MACEField" in pickled
+    with pytest.raises(UntrustedPickleError):
+        load_model(path)
+    loaded = load_model(path, trust_pickle=True)
+    assert type(loaded) is FieldMACE
+    assert_same_model(source, loaded, quartz_like(seed=8), field=(0.3, 0.0, -0.2))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupted_checkpoint_gives_one_clear_error(tmp_path, field_model, damage):
+    path = save_model(field_model, tmp_path / "m.pt")
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00not a checkpoint" * 100)
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=str(path.name)):
+        load_model(path)
+
+
+def test_state_dict_alone_is_refused(tmp_path, field_model):
+    path = tmp_path / "weights.pt"
+    torch.save(field_model.state_dict(), path)
+    with pytest.raises(CheckpointError, match="not a MACE-Field checkpoint"):
+        load_model(path)
+
+
+def test_convert_cli(tmp_path):
+    base = plain_mace(heads=("x", "y"))
+    src = tmp_path / "foundation.model"
+    torch.save(base, src)
+    dst = tmp_path / "out.pt"
+    cli = [sys.executable, "-m", "macefield_server.model.convert_cli"]
+    refused = subprocess.run(cli + [str(src), str(dst)], capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert "--trust-pickle" in refused.stderr and not dst.exists()
+    done = subprocess.run(cli + ["--trust-pickle", str(src), str(dst)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    converted = load_model(dst)
+    assert converted.heads == ["x", "y"]
+    assert_same_model(upgrade_to_field(base), converted, quartz_like(seed=2))
