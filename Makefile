@@ -8,10 +8,12 @@ PIP := $(PYTHON) -m pip
 # anything looser pulls the newest CUDA build (several GB).
 install:
 	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ./client
 	$(PIP) install -q -e ./server
 
 install-test:
 	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ./client
 	$(PIP) install -q -e "./server[test]"
 
 serve: install
