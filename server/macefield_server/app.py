@@ -1,0 +1,162 @@
+"""Server lifecycle: bind, load and warm models, report health, drain on shutdown.
+
+::
+
+    server = MaceFieldServer(config)          # or MaceFieldServer(config, models=[ServedModel, ...])
+    await server.start()                      # gRPC + /metrics listening; health NOT_SERVING
+    await server.load()                       # models loaded, one warm-up batch each; health SERVING
+    ...
+    await server.stop()                       # health NOT_SERVING, refuse new work, finish in-flight
+
+Health (grpc.health.v1) is reported for the overall server ("") and for
+``macefield.v1.MaceField``.  Server reflection is on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
+from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as pb_grpc
+
+from .batcher import Batcher, EvaluateFn, WorkItem, default_evaluate
+from .config import ServerConfig
+from .dispatcher import Dispatcher
+from .metrics import Metrics
+from .model.graph import Structure, neighbour_list
+from .model.response import OUTPUTS, response_tier
+from .registry import ModelRegistry, ServedModel
+from .service import MaceFieldService
+
+log = logging.getLogger("macefield.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MaceField"].full_name
+
+
+def warmup_structure(served: ServedModel) -> Structure:
+    """A small periodic cluster of the model's elements (one warm-up batch)."""
+    zs = sorted(served.atomic_numbers)
+    rng = np.random.default_rng(0)
+    n = 8
+    side = 5.0
+    positions = rng.uniform(0.0, side, size=(n, 3))
+    numbers = [zs[i % len(zs)] for i in range(n)]
+    return Structure(numbers, positions, np.eye(3) * side, [True, True, True], [0.01, 0.0, 0.0], served.default_head)
+
+
+class MaceFieldServer:
+    def __init__(
+        self,
+        config: ServerConfig,
+        models: Optional[List[ServedModel]] = None,
+        *,
+        evaluate_fn: EvaluateFn = default_evaluate,
+    ):
+        self.config = config.validate()
+        self._given_models = models
+        self.evaluate_fn = evaluate_fn
+        self.metrics = Metrics()
+        self.service = MaceFieldService(config, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.prep_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prep")
+        self.batchers: Dict[str, Batcher] = {}
+        self.registry: Optional[ModelRegistry] = None
+        self.server: Optional[grpc.aio.Server] = None
+        self.port: Optional[int] = None
+        self.metrics_port: Optional[int] = None
+        self.ready = asyncio.Event()
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Listen (gRPC and /metrics); returns the gRPC port.  Health: NOT_SERVING."""
+        cfg = self.config
+        if cfg.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+                ("grpc.max_send_message_length", 256 * 1024 * 1024),
+            ]
+        )
+        pb_grpc.add_MaceFieldServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if not self.port:
+            raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+        await self.server.start()
+        return self.port
+
+    async def load(self) -> None:
+        """Load every model, run warm-up batches, then report SERVING."""
+        loop = asyncio.get_running_loop()
+        if self._given_models is not None:
+            self.registry = ModelRegistry(list(self._given_models))
+        else:
+            self.registry = await loop.run_in_executor(None, ModelRegistry.from_configs, self.config.models)
+        for served in self.registry:
+            self.metrics.describe_model(served.info())
+            batcher = Batcher(served, self.config.batching, self.metrics, self.prep_executor, evaluate_fn=self.evaluate_fn)
+            self.batchers[served.name] = batcher
+            batcher.start()
+        for served in self.registry:
+            await self._warm_up(served)
+        self.service.dispatcher = Dispatcher(self.registry, self.batchers, self.config.limits, self.prep_executor)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+        log.info("serving models %s", [m.name for m in self.registry])
+
+    async def _warm_up(self, served: ServedModel) -> None:
+        """Full-response batches through the real batcher (also compiles/caches kernels)."""
+        loop = asyncio.get_running_loop()
+        batcher = self.batchers[served.name]
+        structure = warmup_structure(served)
+        graph = await loop.run_in_executor(self.prep_executor, neighbour_list, structure, served.cutoff)
+        start = time.monotonic()
+        for _ in range(max(1, self.config.warmup_passes)):
+            item = WorkItem(
+                structure=structure,
+                graph=graph,
+                head_index=served.heads.index(served.default_head),
+                outputs=OUTPUTS,
+                tier=response_tier(OUTPUTS),
+                request_id="warm-up",
+                future=loop.create_future(),
+            )
+            batcher.submit([item])
+            await item.future
+        log.info("model %s warm (%.2f s)", served.name, time.monotonic() - start)
+
+    async def stop(self, grace: Optional[float] = None) -> None:
+        """NOT_SERVING, refuse new RPCs, flush queues, let in-flight RPCs finish within ``grace`` s."""
+        grace = self.config.grace_s if grace is None else grace
+        self.service.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        for batcher in self.batchers.values():
+            batcher.begin_drain()
+        if self.server is not None:
+            await self.server.stop(grace)
+        for batcher in self.batchers.values():
+            await batcher.close()
+        self.prep_executor.shutdown(wait=True)
+        self.metrics.close()
+
+    def torch_threads(self) -> None:
+        if self.config.threads > 0:
+            torch.set_num_threads(self.config.threads)

@@ -1,0 +1,172 @@
+"""Server configuration: typed dataclasses, read from YAML or TOML and the command line.
+
+Example (YAML; the TOML layout is the same)::
+
+    host: 0.0.0.0
+    port: 50051
+    metrics_port: 9100          # 0: pick a free port, -1: no metrics endpoint
+    grace_s: 30                 # SIGTERM: finish in-flight work within this many seconds
+    models:
+      - name: sio2
+        path: models/sio2.pt
+        dtype: float64          # float64 | float32 (default: as stored)
+        device: cpu             # cpu | cuda | cuda:1
+        default_head: sio2
+        trust_pickle: false     # pickled .model files run code when loaded
+    batching:
+      max_structures: 64        # structures per batch
+      max_atoms: 8192           # atoms per batch
+      max_edges: 400000         # directed edges per batch
+      max_wait_ms: 5            # oldest request waits at most this long for company
+      max_queue: 1024           # queued structures per model; beyond it RESOURCE_EXHAUSTED
+    limits:
+      max_atoms_per_structure: 5000
+      max_field: 1.0            # |E| in V/Angstrom
+      max_structures_per_request: 1024
+
+With no model listed the embedded default model is served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class ConfigError(ValueError):
+    """The configuration file or options are invalid (the message names the key)."""
+
+
+@dataclass
+class ModelConfig:
+    """One served model."""
+
+    path: Optional[str] = None  #: checkpoint file (None only for the built-in default)
+    name: Optional[str] = None  #: name clients use (default: the file stem)
+    dtype: Optional[str] = None  #: "float64" / "float32" (None: as stored)
+    device: str = "cpu"  #: torch device
+    default_head: Optional[str] = None  #: head used when a request names none (None: first head)
+    trust_pickle: bool = False  #: allow pickled checkpoints (runs code from the file)
+
+
+@dataclass
+class BatchingConfig:
+    """Dynamic batching limits; a batch closes at whichever is reached first."""
+
+    max_structures: int = 64
+    max_atoms: int = 8192
+    max_edges: int = 400_000
+    max_wait_ms: float = 5.0  #: ms the oldest queued request waits for more to join
+    max_queue: int = 1024  #: queued (not yet batched) structures per model
+    stream_window: int = 64  #: pipelined requests in flight per PredictStream call
+
+
+@dataclass
+class LimitsConfig:
+    """What a single request may ask for."""
+
+    max_atoms_per_structure: int = 5000
+    max_field: float = 1.0  #: largest |E| accepted, V/Angstrom
+    max_structures_per_request: int = 1024  #: PredictBatch size limit
+    max_edges_per_structure: int = 2_000_000  #: refuse collapsed / absurdly dense inputs
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  #: 0: any free port (the chosen one is logged)
+    metrics_port: int = 9100  #: 0: any free port, -1: no metrics endpoint
+    grace_s: float = 30.0  #: SIGTERM drain period, seconds
+    threads: int = 0  #: torch intra-op threads for compute (0: torch default)
+    warmup_passes: int = 1  #: warm-up batches per model before health says SERVING
+    log_level: str = "INFO"
+    models: List[ModelConfig] = field(default_factory=list)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def validate(self) -> "ServerConfig":
+        b, lim = self.batching, self.limits
+        positive = {
+            "batching.max_structures": b.max_structures,
+            "batching.max_atoms": b.max_atoms,
+            "batching.max_edges": b.max_edges,
+            "batching.max_queue": b.max_queue,
+            "batching.stream_window": b.stream_window,
+            "limits.max_atoms_per_structure": lim.max_atoms_per_structure,
+            "limits.max_structures_per_request": lim.max_structures_per_request,
+            "limits.max_edges_per_structure": lim.max_edges_per_structure,
+        }
+        for key, value in positive.items():
+            if int(value) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
+        if b.max_wait_ms < 0:
+            raise ConfigError(f"batching.max_wait_ms: must be >= 0, got {b.max_wait_ms}")
+        if lim.max_field <= 0:
+            raise ConfigError(f"limits.max_field: must be > 0 V/A, got {lim.max_field}")
+        if self.grace_s < 0:
+            raise ConfigError(f"grace_s: must be >= 0, got {self.grace_s}")
+        names = [m.name for m in self.models if m.name]
+        if len(names) != len(set(names)):
+            raise ConfigError(f"models: duplicate model names {names}")
+        for i, m in enumerate(self.models):
+            if not m.path:
+                raise ConfigError(f"models[{i}].path: required")
+            if m.dtype not in (None, "float32", "float64"):
+                raise ConfigError(f"models[{i}].dtype: expected float32 or float64, got {m.dtype!r}")
+        return self
+
+
+def _build(cls, data: Any, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown key (known: {sorted(known)})")
+    kwargs = {}
+    for key, value in data.items():
+        if key == "models":
+            if not isinstance(value, list):
+                raise ConfigError("models: expected a list")
+            kwargs[key] = [_build(ModelConfig, v, f"models[{i}]") for i, v in enumerate(value)]
+        elif key == "batching":
+            kwargs[key] = _build(BatchingConfig, value, "batching")
+        elif key == "limits":
+            kwargs[key] = _build(LimitsConfig, value, "limits")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] = None) -> ServerConfig:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file, apply top-level ``overrides``, validate."""
+    data: Dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix == ".toml":
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: invalid TOML ({exc})") from exc
+        else:
+            import yaml
+
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+    config = _build(ServerConfig, data, "")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            setattr(config, key, value)
+    return config.validate()

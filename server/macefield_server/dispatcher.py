@@ -1,0 +1,110 @@
+"""Admission: validated requests -> neighbour lists -> work items on each model's batcher -> results.
+
+All-or-nothing per call: a PredictBatch is queued whole or refused whole
+(QueueFull), and when a call is cancelled or its deadline passes every one
+of its queued structures leaves the queue uncomputed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .batcher import Batcher, DeadlinePassed, QueueFull, Timing, WorkItem
+from .config import LimitsConfig
+from .model.graph import NeighbourGraph, neighbour_list
+from .registry import ModelRegistry
+from .validation import InvalidRequest, ParsedRequest, too_dense
+
+Result = Tuple[Dict[str, np.ndarray], Timing]
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        batchers: Dict[str, Batcher],
+        limits: LimitsConfig,
+        prep_executor: ThreadPoolExecutor,
+    ):
+        self.registry = registry
+        self.batchers = batchers
+        self.limits = limits
+        self.prep_executor = prep_executor
+
+    def _graphs(self, parsed: List[ParsedRequest]) -> List[NeighbourGraph]:
+        return [neighbour_list(p.structure, p.served.cutoff) for p in parsed]
+
+    def _check_room(self, parsed: List[ParsedRequest]) -> None:
+        counts: Dict[str, int] = {}
+        for p in parsed:
+            counts[p.served.name] = counts.get(p.served.name, 0) + 1
+        for name, n in counts.items():
+            batcher = self.batchers[name]
+            if n > batcher.config.max_queue:
+                raise QueueFull(
+                    f"{n} structures for model {name!r} exceed the queue size {batcher.config.max_queue}; split the request"
+                )
+            if not batcher.has_room(n):
+                raise QueueFull(
+                    f"queue full: {batcher.queued} structures queued for model {name!r} "
+                    f"(limit {batcher.config.max_queue}); retry later"
+                )
+
+    async def run(
+        self, parsed: List[ParsedRequest], deadline: Optional[float], prefixes: Optional[List[str]] = None
+    ) -> List[Result]:
+        """Compute every request of one call; results in order.
+
+        Raises InvalidRequest, QueueFull, DeadlinePassed, DoesNotFit, or the
+        engine's exception; asyncio.CancelledError if the caller goes away.
+        """
+        self._check_room(parsed)  # refuse at once, before any work
+        loop = asyncio.get_running_loop()
+        graphs = await loop.run_in_executor(self.prep_executor, self._graphs, parsed)
+        for i, g in enumerate(graphs):
+            if g.edge_index.shape[1] > self.limits.max_edges_per_structure:
+                error = too_dense(int(g.edge_index.shape[1]), parsed[i].served.cutoff, self.limits)
+                raise error.prefixed(prefixes[i]) if prefixes else error
+        now = time.monotonic()
+        items_by_model: Dict[str, List[WorkItem]] = {}
+        items: List[WorkItem] = []
+        for p, g in zip(parsed, graphs):
+            item = WorkItem(
+                structure=p.structure,
+                graph=g,
+                head_index=p.head_index,
+                outputs=p.outputs,
+                tier=p.tier,
+                request_id=p.request_id,
+                future=loop.create_future(),
+                deadline=deadline,
+                enqueued=now,
+            )
+            items.append(item)
+            items_by_model.setdefault(p.served.name, []).append(item)
+        submitted: List[WorkItem] = []
+        try:
+            for name, model_items in items_by_model.items():
+                self.batchers[name].submit(model_items)
+                submitted.extend(model_items)
+            futures = [it.future for it in items]
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = await asyncio.wait(futures, timeout=timeout)
+            if pending:
+                raise DeadlinePassed(f"deadline passed with {len(pending)} of {len(futures)} structures not computed")
+            return [f.result() for f in futures]
+        finally:
+            for it in submitted:  # cancelled call, deadline, error: free the queue slots
+                if not it.future.done():
+                    it.future.cancel()
+            for it in items:  # retrieve exceptions so asyncio does not log them
+                if it.future.done() and not it.future.cancelled():
+                    it.future.exception()
+
+
+__all__ = ["Dispatcher", "InvalidRequest", "QueueFull", "DeadlinePassed"]

@@ -1,0 +1,205 @@
+"""The models a server holds: loading, the embedded default, and what ListModels reports.
+
+Default model resolution (no model configured):
+
+1. ``macefield_server/models/default.pt`` (native checkpoint shipped with the
+   package) with its model card ``default.card.json`` beside it;
+2. otherwise a small *untrained* built-in FieldMACE (Si, O, Ti, Ba; heads
+   ``sio2`` and ``batio3``; 16 channels; fixed seed), reported as
+   ``trained: false`` by ListModels.  Its numbers are not physical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, FrozenSet, List, Optional
+
+import torch
+
+from .config import ModelConfig
+from .model import OUTPUTS, build_field_mace, default_architecture, load_model
+from .model.units import UNITS
+
+log = logging.getLogger("macefield.registry")
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_CHECKPOINT = MODELS_DIR / "default.pt"
+DEFAULT_CARD = MODELS_DIR / "default.card.json"
+
+BUILTIN_ELEMENTS = (8, 14, 22, 56)  # O, Si, Ti, Ba
+BUILTIN_HEADS = ("sio2", "batio3")
+BUILTIN_SEED = 20240601
+
+
+@dataclass
+class ServedModel:
+    """A loaded model plus everything the service needs to know about it."""
+
+    name: str
+    model: torch.nn.Module
+    default_head: str
+    trained: bool = True
+    source: str = ""
+    description: str = ""
+    card_json: str = ""
+    is_default: bool = False
+    heads: List[str] = field(init=False)
+    atomic_numbers: FrozenSet[int] = field(init=False)
+
+    def __post_init__(self):
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.heads = list(getattr(self.model, "heads", None) or ["Default"])
+        self.atomic_numbers = frozenset(int(z) for z in self.model.atomic_numbers)
+        if not self.default_head:
+            self.default_head = self.heads[0]
+        if self.default_head not in self.heads:
+            raise ValueError(f"default_head: {self.default_head!r} is not a head of {self.name} ({self.heads})")
+
+    @property
+    def cutoff(self) -> float:
+        """Radial cutoff r_max, Angstrom."""
+        return float(self.model.r_max)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_parameters(self) -> int:
+        return int(sum(p.numel() for p in self.model.parameters()))
+
+    def info(self) -> Dict:
+        """Plain-dict description (what ListModels and the model-info metric report)."""
+        return {
+            "name": self.name,
+            "is_default": self.is_default,
+            "heads": list(self.heads),
+            "default_head": self.default_head,
+            "atomic_numbers": sorted(self.atomic_numbers),
+            "cutoff": self.cutoff,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "outputs": sorted(OUTPUTS),
+            "units": dict(UNITS),
+            "trained": self.trained,
+            "description": self.description,
+            "num_parameters": self.num_parameters,
+            "card_json": self.card_json,
+            "source": self.source,
+        }
+
+
+def builtin_default_model(dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """The small untrained placeholder model (deterministic: fixed seed)."""
+    arch = default_architecture(list(BUILTIN_ELEMENTS), heads=list(BUILTIN_HEADS), channels=16)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(BUILTIN_SEED)
+        model = build_field_mace(arch, dtype=dtype)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.eval()
+
+
+def _read_card(path: Path) -> tuple[str, Dict]:
+    if not path.is_file():
+        return "", {}
+    text = path.read_text()
+    try:
+        card = json.loads(text)
+    except json.JSONDecodeError:
+        log.warning("model card %s is not valid JSON; ignored", path)
+        return "", {}
+    return text, card if isinstance(card, dict) else {}
+
+
+def load_default_model(device: str = "cpu", dtype: Optional[str] = None) -> ServedModel:
+    """The embedded default model if it is shipped, else the untrained built-in one."""
+    if DEFAULT_CHECKPOINT.is_file():
+        model = load_model(DEFAULT_CHECKPOINT, dtype=dtype, device=device)
+        card_text, card = _read_card(DEFAULT_CARD)
+        return ServedModel(
+            name=str(card.get("name") or "default"),
+            model=model,
+            default_head=card.get("default_head") or "",
+            trained=bool(card.get("trained", True)),
+            source=str(DEFAULT_CHECKPOINT),
+            description=str(card.get("description") or "embedded default MACE-Field model"),
+            card_json=card_text,
+            is_default=True,
+        )
+    torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype or "float64"]
+    model = builtin_default_model(torch_dtype).to(device)
+    return ServedModel(
+        name="default",
+        model=model,
+        default_head=BUILTIN_HEADS[0],
+        trained=False,
+        source="built-in",
+        description="UNTRAINED built-in placeholder (random weights, zero field coupling): "
+        "numbers are not physical; ship models/default.pt or pass --model",
+        is_default=True,
+    )
+
+
+def load_configured_model(cfg: ModelConfig) -> ServedModel:
+    """Load one configured checkpoint (its card ``<stem>.card.json`` is read when present)."""
+    path = Path(cfg.path)
+    model = load_model(path, trust_pickle=cfg.trust_pickle, dtype=cfg.dtype, device=cfg.device)
+    card_text, card = _read_card(path.with_name(path.stem + ".card.json"))
+    metadata = getattr(model, "metadata", None) or {}
+    return ServedModel(
+        name=cfg.name or str(card.get("name") or path.stem),
+        model=model,
+        default_head=cfg.default_head or card.get("default_head") or "",
+        trained=bool(card.get("trained", metadata.get("trained", True))),
+        source=str(path),
+        description=str(card.get("description") or metadata.get("description") or ""),
+        card_json=card_text,
+    )
+
+
+class ModelRegistry:
+    """Name -> ServedModel; the first model is the default one."""
+
+    def __init__(self, models: List[ServedModel]):
+        if not models:
+            raise ValueError("models: at least one model is required")
+        self._models: Dict[str, ServedModel] = {}
+        for m in models:
+            if m.name in self._models:
+                raise ValueError(f"models: duplicate model name {m.name!r}")
+            self._models[m.name] = m
+        if not any(m.is_default for m in models):
+            models[0].is_default = True
+        self.default = next(m for m in models if m.is_default)
+
+    @classmethod
+    def from_configs(cls, configs: List[ModelConfig]) -> "ModelRegistry":
+        if not configs:
+            return cls([load_default_model()])
+        return cls([load_configured_model(c) for c in configs])
+
+    def get(self, name: Optional[str]) -> ServedModel:
+        """The named model (empty: the default); ValueError naming 'model' if unknown."""
+        if not name:
+            return self.default
+        try:
+            return self._models[name]
+        except KeyError:
+            raise ValueError(f"model: unknown model {name!r}; served: {sorted(self._models)}") from None
+
+    def __iter__(self):
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)

@@ -1,0 +1,115 @@
+"""``macefield-serve``: run the MACE-Field gRPC server.
+
+    macefield-serve                                  # embedded default model, 127.0.0.1:50051
+    macefield-serve --host 0.0.0.0 --port 50051 --metrics-port 9100 --config serve.yaml
+    macefield-serve --model sio2.pt --model batio3.pt --trust-pickle
+
+On start it prints one JSON line to stdout, ``{"event": "listening", "port":
+..., "metrics_port": ...}`` (useful with ``--port 0``).  Health reports
+SERVING once every model is loaded and warm.  SIGTERM/SIGINT: NOT_SERVING,
+refuse new calls, finish in-flight work within ``grace_s``, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from typing import List, Optional
+
+from .config import ConfigError, ModelConfig, load_config
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="macefield-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML (.yaml/.yml) or TOML (.toml) configuration file")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0: any free port)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9100; 0: any; -1: off)")
+    p.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
+                   help="serve this checkpoint (repeatable; replaces the config file's models)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow pickled checkpoints (runs code from the file)")
+    p.add_argument("--device", help="device for --model models (cpu, cuda, cuda:1)")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="dtype for --model models")
+    p.add_argument("--threads", type=int, help="torch threads for compute (0: torch default)")
+    p.add_argument("--grace", type=float, dest="grace_s", help="SIGTERM drain period, s")
+    p.add_argument("--log-level", help="DEBUG logs one line per batch")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace):
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "metrics_port": args.metrics_port,
+        "threads": args.threads,
+        "grace_s": args.grace_s,
+        "log_level": args.log_level,
+    }
+    config = load_config(args.config, overrides)
+    if args.model:
+        models = []
+        for spec in args.model:
+            name, sep, path = spec.partition("=")
+            if not sep:
+                name, path = None, spec
+            models.append(ModelConfig(path=path, name=name, dtype=args.dtype, device=args.device or "cpu",
+                                      trust_pickle=args.trust_pickle))
+        config.models = models
+    elif args.trust_pickle:
+        for m in config.models:
+            m.trust_pickle = True
+    return config.validate()
+
+
+async def serve(config) -> int:
+    from .app import MaceFieldServer
+
+    log = logging.getLogger("macefield.serve")
+    server = MaceFieldServer(config)
+    server.torch_threads()
+    await server.start()
+    print(json.dumps({"event": "listening", "host": config.host, "port": server.port,
+                      "metrics_port": server.metrics_port, "pid": os.getpid()}), flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loading = asyncio.create_task(server.load())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if loading.done() and loading.exception() is not None:
+        log.error("could not load models: %s", loading.exception())
+        stopping.cancel()
+        await server.stop(0)
+        return 1
+    await stopping
+    log.info("signal received: draining (grace %.1f s)", config.grace_s)
+    if not loading.done():
+        loading.cancel()
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = build_config(args)
+    except (ConfigError, OSError) as exc:
+        print(f"macefield-serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, str(config.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The ``macefield.v1.MaceField`` gRPC servicer: messages in and out, status codes, per-RPC metrics.
+
+Status codes: INVALID_ARGUMENT (message starts with the bad field),
+RESOURCE_EXHAUSTED (queue full; a structure that does not fit in memory
+alone), DEADLINE_EXCEEDED, UNAVAILABLE (models still loading, or draining),
+INTERNAL (a bug: logged at warning level with the request ids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Dict, List, Optional
+
+import grpc
+import numpy as np
+from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
+from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as pb_grpc
+
+from .batcher import DeadlinePassed, DoesNotFit, QueueFull, Timing
+from .config import ServerConfig
+from .dispatcher import Dispatcher
+from .metrics import Metrics
+from .validation import InvalidRequest, ParsedRequest, parse_request
+
+log = logging.getLogger("macefield.service")
+
+_SCALARS = ("energy", "volume")
+
+
+class ServiceError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def result_to_proto(parsed: ParsedRequest, values: Dict[str, np.ndarray], timing: Timing) -> pb.PredictResponse:
+    """Flatten one structure's numpy results (row-major) into a PredictResponse."""
+    response = pb.PredictResponse(
+        request_id=parsed.request_id,
+        model=parsed.served.name,
+        head=parsed.head,
+        n_atoms=parsed.n_atoms,
+        timing=pb.Timing(
+            queue_ms=timing.queue_s * 1e3,
+            compute_ms=timing.compute_s * 1e3,
+            total_ms=timing.total_s * 1e3,
+            batch_structures=timing.batch_structures,
+            batch_atoms=timing.batch_atoms,
+        ),
+    )
+    for key in sorted(values):
+        value = values[key]
+        if key in _SCALARS:
+            setattr(response, key, float(value))
+        else:
+            getattr(response, key).extend(np.asarray(value, dtype=np.float64).ravel().tolist())
+    response.outputs.extend(sorted(values))
+    return response
+
+
+def _error_for(exc: BaseException, request_ids: List[str]) -> ServiceError:
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, InvalidRequest):
+        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, (QueueFull, DoesNotFit)):
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, DeadlinePassed):
+        return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+    log.warning("internal error for request(s) %s: %r", request_ids[:16], exc, exc_info=exc)
+    return ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+class MaceFieldService(pb_grpc.MaceFieldServicer):
+    def __init__(self, config: ServerConfig, metrics: Metrics):
+        self.config = config
+        self.metrics = metrics
+        self.dispatcher: Optional[Dispatcher] = None  # set once models are loaded and warm
+        self.draining = False
+
+    # ------------------------------------------------------------- helpers
+    def _deadline(self, context) -> Optional[float]:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    def _dispatcher(self) -> Dispatcher:
+        if self.draining:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        if self.dispatcher is None:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "server is starting: models are loading")
+        return self.dispatcher
+
+    def _parse(self, request, prefix: str = "") -> ParsedRequest:
+        try:
+            return parse_request(request, self._dispatcher().registry, self.config.limits)
+        except InvalidRequest as exc:
+            raise exc.prefixed(prefix) if prefix else exc
+
+    def _model_label(self, request) -> str:
+        if self.dispatcher is None:
+            return request.model or "-"
+        try:
+            return self.dispatcher.registry.get(request.model).name
+        except ValueError:
+            return "-"
+
+    async def _finish(self, method: str, model: str, start: float, code: grpc.StatusCode) -> None:
+        self.metrics.requests.labels(method=method, model=model, code=code.name).inc()
+        self.metrics.request_seconds.labels(method=method).observe(time.monotonic() - start)
+
+    async def _one(self, request, deadline: Optional[float], prefix: str = "") -> pb.PredictResponse:
+        parsed = self._parse(request, prefix)
+        ((values, timing),) = await self._dispatcher().run([parsed], deadline, [prefix] if prefix else None)
+        return result_to_proto(parsed, values, timing)
+
+    # ---------------------------------------------------------------- RPCs
+    async def Predict(self, request, context):
+        return await self._unary("Predict", self._model_label(request), context, self._one(request, self._deadline(context)), [request.request_id])
+
+    async def PredictBatch(self, request, context):
+        model = self._model_label(request.structures[0]) if len(request.structures) else "-"
+        ids = [s.request_id for s in request.structures]
+        return await self._unary("PredictBatch", model, context, self._batch(request, self._deadline(context)), ids)
+
+    async def _batch(self, request, deadline) -> pb.PredictBatchResponse:
+        n = len(request.structures)
+        if n == 0:
+            raise InvalidRequest("structures", "at least one structure is required")
+        if n > self.config.limits.max_structures_per_request:
+            raise InvalidRequest(
+                "structures", f"{n} structures exceed the limit of {self.config.limits.max_structures_per_request} per request"
+            )
+        prefixes = [f"structures[{i}]." for i in range(n)]
+        parsed = [self._parse(s, p) for s, p in zip(request.structures, prefixes)]
+        results = await self._dispatcher().run(parsed, deadline, prefixes)
+        return pb.PredictBatchResponse(results=[result_to_proto(p, v, t) for p, (v, t) in zip(parsed, results)])
+
+    async def _unary(self, method: str, model: str, context, work, request_ids: List[str]):
+        start = time.monotonic()
+        gauge = self.metrics.in_flight.labels(method=method)
+        gauge.inc()
+        code = grpc.StatusCode.OK
+        try:
+            return await work
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001
+            error = _error_for(exc, request_ids)
+            code = error.code
+            if code != grpc.StatusCode.INVALID_ARGUMENT:
+                log.warning("%s %s: %s %s", method, request_ids[:16], code.name, error)
+            await context.abort(code, str(error))
+        finally:
+            gauge.dec()
+            await self._finish(method, model, start, code)
+
+    async def PredictStream(self, request_iterator, context):
+        """Pipelined: up to ``batching.stream_window`` requests in flight, answered in order."""
+        method = "PredictStream"
+        start = time.monotonic()
+        gauge = self.metrics.in_flight.labels(method=method)
+        gauge.inc()
+        deadline = self._deadline(context)
+        window: asyncio.Queue = asyncio.Queue(maxsize=self.config.batching.stream_window)
+        code = grpc.StatusCode.OK
+        model = "-"
+        ids: List[str] = []
+
+        async def read():
+            async for request in request_iterator:
+                ids.append(request.request_id)
+                task = asyncio.ensure_future(self._one(request, deadline))
+                await window.put((request, task))
+            await window.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                getter = asyncio.ensure_future(window.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    reader.result()  # the reader failed: re-raise its error
+                    continue
+                entry = getter.result()
+                if entry is None:
+                    break
+                request, task = entry
+                model = self._model_label(request)
+                try:
+                    yield await task
+                except Exception as exc:  # noqa: BLE001
+                    error = _error_for(exc, [request.request_id])
+                    message = str(error)
+                    if request.request_id:
+                        message = f"{message} (request_id {request.request_id!r})"
+                    raise ServiceError(error.code, message) from exc
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001
+            error = _error_for(exc, ids[-16:])
+            code = error.code
+            if code != grpc.StatusCode.INVALID_ARGUMENT:
+                log.warning("%s: %s %s", method, code.name, error)
+            await context.abort(code, str(error))
+        finally:
+            reader.cancel()
+            while not window.empty():
+                entry = window.get_nowait()
+                if entry is not None:
+                    entry[1].cancel()
+            gauge.dec()
+            await self._finish(method, model, start, code)
+
+    async def ListModels(self, request, context):
+        start = time.monotonic()
+        dispatcher = self.dispatcher
+        if dispatcher is None:
+            await self._finish("ListModels", "-", start, grpc.StatusCode.UNAVAILABLE)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is starting: models are loading")
+        lim = self.config.limits
+        response = pb.ListModelsResponse(
+            max_atoms_per_structure=lim.max_atoms_per_structure,
+            max_field_magnitude=lim.max_field,
+            max_structures_per_request=lim.max_structures_per_request,
+        )
+        for served in dispatcher.registry:
+            info = served.info()
+            response.models.append(
+                pb.ModelInfo(
+                    name=info["name"],
+                    is_default=info["is_default"],
+                    heads=[pb.HeadInfo(name=h, is_default=h == info["default_head"]) for h in info["heads"]],
+                    default_head=info["default_head"],
+                    atomic_numbers=info["atomic_numbers"],
+                    cutoff=info["cutoff"],
+                    dtype=info["dtype"],
+                    device=info["device"],
+                    outputs=info["outputs"],
+                    units=info["units"],
+                    trained=info["trained"],
+                    description=info["description"],
+                    num_parameters=info["num_parameters"],
+                    card_json=info["card_json"],
+                    source=info["source"],
+                )
+            )
+        await self._finish("ListModels", "-", start, grpc.StatusCode.OK)
+        return response

@@ -1,0 +1,143 @@
+"""Turn a ``PredictRequest`` message into a checked :class:`Structure` (or say which field is wrong).
+
+Every check raises :class:`InvalidRequest` whose message starts with the
+offending field's name (``positions: ...``); the service answers it with
+INVALID_ARGUMENT and keeps serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import FrozenSet
+
+import numpy as np
+
+from .config import LimitsConfig
+from .model.graph import MIN_VOLUME, Structure, estimate_edges
+from .model.response import normalise_outputs, response_tier
+from .registry import ModelRegistry, ServedModel
+
+#: outputs when a request names none
+DEFAULT_OUTPUTS: FrozenSet[str] = frozenset({"energy", "forces", "stress"})
+MAX_REQUEST_ID = 256
+
+
+class InvalidRequest(ValueError):
+    """A request field is invalid; ``str(exc)`` starts with the field name."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+    def prefixed(self, prefix: str) -> "InvalidRequest":
+        """Same error for a structure inside a batch (``structures[3].positions: ...``)."""
+        field, _, message = str(self).partition(": ")
+        return InvalidRequest(f"{prefix}{field}", message)
+
+
+@dataclass
+class ParsedRequest:
+    """A validated request: which model and head, the structure, the outputs."""
+
+    request_id: str
+    served: ServedModel
+    head: str
+    head_index: int
+    structure: Structure
+    outputs: FrozenSet[str]
+
+    @property
+    def tier(self) -> int:
+        return response_tier(self.outputs)
+
+    @property
+    def n_atoms(self) -> int:
+        return self.structure.n_atoms
+
+
+def _floats(values, field: str, sizes, what: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.size not in sizes:
+        raise InvalidRequest(field, f"expected {what}, got {array.size} values")
+    if not np.all(np.isfinite(array)):
+        bad = int(np.flatnonzero(~np.isfinite(array))[0])
+        raise InvalidRequest(field, f"non-finite value {array[bad]} at index {bad}")
+    return array
+
+
+def too_dense(edges: int, cutoff: float, limits: LimitsConfig, prefix: str = "") -> InvalidRequest:
+    return InvalidRequest(
+        "positions",
+        f"{prefix}{edges} neighbour pairs within {cutoff:g} A (limit {limits.max_edges_per_structure}): "
+        "the structure is collapsed or far too dense",
+    )
+
+
+def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> ParsedRequest:
+    """Validate one PredictRequest against the served models and the limits."""
+    if len(request.request_id) > MAX_REQUEST_ID:
+        raise InvalidRequest("request_id", f"longer than {MAX_REQUEST_ID} characters")
+    try:
+        served = registry.get(request.model)
+    except ValueError as exc:
+        raise InvalidRequest("model", str(exc).partition(": ")[2]) from None
+    head = request.head or served.default_head
+    if head not in served.heads:
+        raise InvalidRequest("head", f"unknown head {head!r} for model {served.name!r}; heads: {served.heads}")
+
+    try:
+        outputs = normalise_outputs(list(request.outputs)) if len(request.outputs) else DEFAULT_OUTPUTS
+    except ValueError as exc:
+        raise InvalidRequest("outputs", str(exc).partition(": ")[2]) from None
+
+    numbers = np.asarray(request.atomic_numbers, dtype=np.int64)
+    n = int(numbers.size)
+    if n == 0:
+        raise InvalidRequest("atomic_numbers", "a structure needs at least one atom")
+    if n > limits.max_atoms_per_structure:
+        raise InvalidRequest(
+            "atomic_numbers", f"{n} atoms exceed the server's maximum of {limits.max_atoms_per_structure} per structure"
+        )
+    unknown = sorted(set(int(z) for z in numbers) - served.atomic_numbers)
+    if unknown:
+        raise InvalidRequest(
+            "atomic_numbers", f"element(s) {unknown} not in model {served.name!r} (has {sorted(served.atomic_numbers)})"
+        )
+    positions = _floats(request.positions, "positions", {3 * n}, f"3*N = {3 * n} values (N = {n} atoms), Angstrom")
+
+    pbc = np.asarray(request.pbc, dtype=bool)
+    if pbc.size not in (0, 3):
+        raise InvalidRequest("pbc", f"expected 0 or 3 flags, got {pbc.size}")
+    if pbc.size == 0:
+        pbc = np.zeros(3, dtype=bool)
+    cell = _floats(request.cell, "cell", {0, 9}, "0 or 9 values (3x3 lattice vectors as rows, Angstrom)")
+    cell = np.zeros((3, 3)) if cell.size == 0 else cell.reshape(3, 3)
+    if pbc.any():
+        periodic_rows = cell[pbc]
+        if pbc.all():
+            singular = abs(np.linalg.det(cell)) < MIN_VOLUME
+        else:
+            singular = np.linalg.svd(periodic_rows, compute_uv=False).min() < 1e-6
+        if singular:
+            raise InvalidRequest("cell", f"singular cell (lattice vectors {cell.tolist()}) with pbc {pbc.tolist()}")
+
+    field = _floats(request.electric_field, "electric_field", {0, 3}, "0 or 3 values, V/Angstrom")
+    field = np.zeros(3) if field.size == 0 else field
+    magnitude = float(np.linalg.norm(field))
+    if magnitude > limits.max_field:
+        raise InvalidRequest(
+            "electric_field", f"|E| = {magnitude:.6g} V/A exceeds the server's limit of {limits.max_field:g} V/A"
+        )
+
+    structure = Structure(numbers, positions.reshape(n, 3), cell, pbc, field, head)
+    edges = estimate_edges(structure, served.cutoff) if structure.periodic else 0
+    if edges > limits.max_edges_per_structure:
+        raise too_dense(edges, served.cutoff, limits, "about ")
+    return ParsedRequest(
+        request_id=request.request_id,
+        served=served,
+        head=head,
+        head_index=served.heads.index(head),
+        structure=structure,
+        outputs=outputs,
+    )
