@@ -1,0 +1,140 @@
+"""Helpers for the server tests: requests from ASE atoms, arrays from responses, metrics, a server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
+from prometheus_client.parser import text_string_to_metric_families
+
+#: (key, shape for N atoms) of every array field of PredictResponse
+SHAPES = {
+    "forces": lambda n: (n, 3),
+    "stress": lambda n: (3, 3),
+    "dipole": lambda n: (3,),
+    "polarization": lambda n: (3,),
+    "polarization_quantum": lambda n: (3, 3),
+    "born_charges": lambda n: (n, 3, 3),
+    "polarizability": lambda n: (3, 3),
+    "chi": lambda n: (3, 3),
+    "eps_inf": lambda n: (3, 3),
+}
+
+
+def request_for(atoms, field=(0.0, 0.0, 0.0), head: str = "", outputs: Sequence[str] = (), request_id: str = "",
+                model: str = "") -> pb.PredictRequest:
+    return pb.PredictRequest(
+        request_id=request_id,
+        model=model,
+        head=head,
+        atomic_numbers=[int(z) for z in atoms.numbers],
+        positions=np.asarray(atoms.positions, dtype=float).ravel().tolist(),
+        cell=np.asarray(atoms.cell, dtype=float).ravel().tolist(),
+        pbc=[bool(p) for p in atoms.pbc],
+        electric_field=[float(x) for x in field],
+        outputs=list(outputs),
+    )
+
+
+def arrays(response: pb.PredictResponse) -> Dict[str, np.ndarray]:
+    """The response's outputs as numpy arrays shaped like the engine's."""
+    n = response.n_atoms
+    out = {}
+    for key in response.outputs:
+        if key in ("energy", "volume"):
+            out[key] = np.asarray(getattr(response, key))
+        else:
+            out[key] = np.asarray(getattr(response, key)).reshape(SHAPES[key](n))
+    return out
+
+
+def assert_matches(response: pb.PredictResponse, reference: Dict[str, np.ndarray], rtol=1e-9, atol=1e-10):
+    got = arrays(response)
+    assert sorted(got) == sorted(reference), (sorted(got), sorted(reference))
+    for key, value in reference.items():
+        np.testing.assert_allclose(got[key], value, rtol=rtol, atol=atol, err_msg=f"{key} of {response.request_id}")
+
+
+def scrape(port: int) -> Dict[str, float]:
+    """Every sample of the /metrics page as {'name{label="v",...}': value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}"] = s.value
+    return samples
+
+
+def metric(port: int, name: str, **labels) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for key, value in scrape(port).items():
+        base, _, rest = key.partition("{")
+        if base != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += value
+    return total
+
+
+def wait_for(condition, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class ServerProcess:
+    """``macefield-serve`` in a child process on ephemeral ports (module entry point, same interpreter)."""
+
+    def __init__(self, args: Sequence[str], env: Optional[dict] = None):
+        full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "macefield_server.serve_cli", "--host", "127.0.0.1", "--port", "0",
+             "--metrics-port", "0", "--threads", "1", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full_env,
+        )
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"server did not start: {self.proc.stderr.read()}")
+        info = json.loads(line)
+        self.port, self.metrics_port = info["port"], info["metrics_port"]
+
+    def terminate(self):
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def stderr(self) -> str:
+        return self.proc.stderr.read() if self.proc.poll() is not None else ""
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def save_tiny_model(path: Path, seed: int = 3) -> Path:
+    from conftest import random_field_model
+
+    from macefield_server.model import save_model
+
+    return save_model(random_field_model(heads=("sio2", "other"), seed=seed), path)

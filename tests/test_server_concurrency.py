@@ -1,0 +1,131 @@
+"""Many concurrent clients over real gRPC get exactly the response engine's numbers for their own input."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from conftest import quartz_like, random_field_model, water_like
+from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
+from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
+from serving import assert_matches, metric, request_for
+
+from macefield_server.background import BackgroundServer
+from macefield_server.config import BatchingConfig, ServerConfig
+from macefield_server.model import predict
+from macefield_server.registry import ServedModel
+
+FULL = ["energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"]
+FIRST = ["forces", "stress", "dipole"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_field_model(heads=("sio2", "other"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    # a short wait window so that concurrent clients share batches
+    config = ServerConfig(port=0, metrics_port=0, batching=BatchingConfig(max_wait_ms=30, max_structures=16))
+    with BackgroundServer(config, [ServedModel("tiny", model, "sio2")]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    yield rpc.MaceFieldStub(channel)
+    channel.close()
+
+
+def workload(n: int, seed: int = 0):
+    """n different (atoms, field, head, outputs) cases: periodic cells of two sizes and a molecule."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            atoms = quartz_like(rattle=0.05, seed=i)
+        elif kind == 1:
+            atoms = quartz_like((2, 1, 1), rattle=0.05, seed=i)
+        else:
+            atoms = water_like()
+            atoms.positions += rng.normal(0.0, 0.05, size=atoms.positions.shape)
+        field = rng.normal(0.0, 0.05, size=3)
+        head = ("sio2", "other")[(i // 3) % 2]
+        outputs = FULL if i % 2 == 0 else FIRST
+        cases.append((atoms, field, head, outputs))
+    return cases
+
+
+def reference(model, atoms, field, head, outputs):
+    return predict(model, [atoms], electric_fields=field, heads=head, outputs=outputs)[0]
+
+
+def test_concurrent_clients_get_their_own_numbers(model, server, stub):
+    cases = workload(24)
+    before = metric(server.metrics_port, "macefield_batch_structures_count")
+    single = metric(server.metrics_port, "macefield_batch_structures_bucket", le="1.0")
+
+    def call(i):
+        atoms, field, head, outputs = cases[i]
+        return stub.Predict(request_for(atoms, field, head, outputs, request_id=f"client-{i}"), timeout=120)
+
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        responses = list(pool.map(call, range(len(cases))))
+
+    for i, (response, (atoms, field, head, outputs)) in enumerate(zip(responses, cases)):
+        assert response.request_id == f"client-{i}"
+        assert response.head == head and response.model == "tiny" and response.n_atoms == len(atoms)
+        assert_matches(response, reference(model, atoms, field, head, outputs))
+
+    batches = metric(server.metrics_port, "macefield_batch_structures_count") - before
+    multi = batches - (metric(server.metrics_port, "macefield_batch_structures_bucket", le="1.0") - single)
+    assert multi >= 1, "no batch held more than one structure under concurrent load"
+    assert batches < len(cases)
+    assert max(r.timing.batch_structures for r in responses) > 1
+    assert metric(server.metrics_port, "macefield_requests_total", method="Predict", code="OK") >= len(cases)
+
+
+def test_predict_batch_mixed_structures(model, stub):
+    cases = workload(7, seed=1)
+    request = pb.PredictBatchRequest(
+        structures=[request_for(a, f, h, o, request_id=f"b{i}") for i, (a, f, h, o) in enumerate(cases)]
+    )
+    response = stub.PredictBatch(request, timeout=120)
+    assert [r.request_id for r in response.results] == [f"b{i}" for i in range(7)]
+    for r, (atoms, field, head, outputs) in zip(response.results, cases):
+        assert_matches(r, reference(model, atoms, field, head, outputs))
+    # one batch per output tier, each mixing heads, fields, sizes and periodicity
+    tiers = [tuple(o) for (_, _, _, o) in cases]
+    for r, t in zip(response.results, tiers):
+        assert r.timing.batch_structures == tiers.count(t)
+    assert {cases[i][2] for i in range(7) if tiers[i] == tuple(FULL)} == {"sio2", "other"}
+
+
+def test_stream_answers_in_order_with_pipelining(model, stub):
+    cases = workload(9, seed=2)
+    requests = [request_for(a, f, h, o, request_id=f"s{i}") for i, (a, f, h, o) in enumerate(cases)]
+    responses = list(stub.PredictStream(iter(requests), timeout=120))
+    assert [r.request_id for r in responses] == [f"s{i}" for i in range(9)]
+    for r, (atoms, field, head, outputs) in zip(responses, cases):
+        assert_matches(r, reference(model, atoms, field, head, outputs))
+    # the stream was pipelined: its requests did not each get a batch of their own
+    assert max(r.timing.batch_structures for r in responses) > 1
+
+
+def test_outputs_are_only_those_requested(stub):
+    atoms = quartz_like()
+    energy_only = stub.Predict(request_for(atoms, outputs=["energy"]), timeout=60)
+    assert sorted(energy_only.outputs) == ["energy", "volume"]  # volume comes with every periodic result
+    default = stub.Predict(request_for(atoms), timeout=60)
+    assert sorted(default.outputs) == ["energy", "forces", "stress", "volume"]
+    molecule = stub.Predict(request_for(water_like(), outputs=FULL), timeout=60)
+    # no volume: no stress, polarization, chi, eps_inf for a molecule
+    assert sorted(molecule.outputs) == ["born_charges", "dipole", "energy", "forces", "polarizability"]
+    polar = stub.Predict(request_for(atoms, outputs=["polarization"]), timeout=60)
+    quanta = np.asarray(polar.polarization_quantum).reshape(3, 3)
+    np.testing.assert_allclose(quanta, np.asarray(atoms.cell) / atoms.get_volume(), rtol=1e-12)
