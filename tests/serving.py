@@ -75,12 +75,12 @@ def scrape(port: int) -> Dict[str, float]:
     return samples
 
 
-def metric(port: int, name: str, **labels) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
+def metric(port: int, metric_name: str, **labels) -> float:
+    """Sum of the samples of ``metric_name`` whose labels include ``labels``."""
     total = 0.0
     for key, value in scrape(port).items():
         base, _, rest = key.partition("{")
-        if base != name:
+        if base != metric_name:
             continue
         if all(f'{k}="{v}"' in rest for k, v in labels.items()):
             total += value
