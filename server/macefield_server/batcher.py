@@ -353,18 +353,22 @@ class Batcher:
         name = self.served.name
         n_atoms = sum(it.n_atoms for it in items)
         self.metrics.compute.labels(model=name).observe(elapsed)
-        self.metrics.batch_structures.labels(model=name).observe(len(items))
-        self.metrics.batch_atoms.labels(model=name).observe(n_atoms)
+        i = 0
+        while i < len(outcomes):  # one observation per engine pass (several after an OOM split)
+            _, pass_structures, pass_atoms = outcomes[i]
+            self.metrics.batch_structures.labels(model=name).observe(pass_structures)
+            self.metrics.batch_atoms.labels(model=name).observe(pass_atoms)
+            i += pass_structures
         self.metrics.record_gpu_memory(self.served.device)
         done = time.monotonic()
-        for item, outcome in zip(items, outcomes):
+        for item, (outcome, pass_structures, pass_atoms) in zip(items, outcomes):
             self.metrics.queue_wait.labels(model=name).observe(start - item.enqueued)
             if item.future.done():
                 continue
             if isinstance(outcome, BaseException):
                 item.future.set_exception(outcome)
             else:
-                timing = Timing(start - item.enqueued, elapsed, done - item.enqueued, len(items), n_atoms)
+                timing = Timing(start - item.enqueued, elapsed, done - item.enqueued, pass_structures, pass_atoms)
                 item.future.set_result((keep_requested(outcome, item.outputs), timing))
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -384,12 +388,17 @@ class Batcher:
             )
 
     def _compute_with_split(self, items: List[WorkItem], batch: Optional[GraphBatch]) -> list:
-        """Evaluate ``items``; on OOM split in halves and retry (compute thread)."""
+        """Evaluate ``items``; on OOM split in halves and retry (compute thread).
+
+        Returns one (result dict or exception, structures in its pass, atoms in its pass) per item.
+        """
         outputs = frozenset().union(*(it.outputs for it in items))
         try:
             if batch is None:
                 batch = self._collate(items)
-            return self.evaluate_fn(self.served.model, batch, outputs)
+            results = self.evaluate_fn(self.served.model, batch, outputs)
+            n_atoms = sum(it.n_atoms for it in items)
+            return [(r, len(items), n_atoms) for r in results]
         except Exception as exc:  # noqa: BLE001
             if not is_out_of_memory(exc):
                 raise
@@ -399,7 +408,7 @@ class Batcher:
             if len(items) == 1:
                 n = items[0].n_atoms
                 log.warning("request %s: %d atoms do not fit in memory alone: %s", items[0].request_id, n, exc)
-                return [DoesNotFit(f"atomic_numbers: a structure of {n} atoms does not fit in memory on {self.served.device}")]
+                return [(DoesNotFit(f"a structure of {n} atoms does not fit in memory on {self.served.device}"), 1, n)]
             self.metrics.oom_splits.labels(model=self.served.name).inc()
             half = len(items) // 2
             log.warning("out of memory on a batch of %d structures; retrying as %d + %d", len(items), half, len(items) - half)

@@ -1,0 +1,140 @@
+"""Flow control over real gRPC: deadlines, cancellation, a full queue, out-of-memory splits."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import torch
+from conftest import quartz_like, random_field_model
+from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
+from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
+from serving import assert_matches, metric, request_for, wait_for
+
+from macefield_server.background import BackgroundServer
+from macefield_server.batcher import default_evaluate
+from macefield_server.config import BatchingConfig, ServerConfig
+from macefield_server.model import predict
+from macefield_server.registry import ServedModel
+
+WAIT_MS = 1500  # batches close only after this long unless full: requests stay queued meanwhile
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_field_model(heads=("sio2", "other"), seed=7)
+
+
+@pytest.fixture(scope="module")
+def slow_server(model):
+    config = ServerConfig(port=0, metrics_port=0, batching=BatchingConfig(max_wait_ms=WAIT_MS, max_queue=3))
+    with BackgroundServer(config, [ServedModel("tiny", model, "sio2")]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def stub(slow_server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{slow_server.port}")
+    yield rpc.MaceFieldStub(channel)
+    channel.close()
+
+
+def depth(server) -> float:
+    return metric(server.metrics_port, "macefield_queue_depth", model="tiny")
+
+
+def computed(server) -> float:
+    return metric(server.metrics_port, "macefield_batch_structures_sum", model="tiny")
+
+
+def request(i: int, outputs=("forces",)):
+    return request_for(quartz_like(seed=i), field=(0.0, 0.01 * i, 0.0), outputs=list(outputs), request_id=f"r{i}")
+
+
+def test_full_queue_is_resource_exhausted_at_once_and_cancel_frees_a_slot(model, slow_server, stub):
+    wait_for(lambda: depth(slow_server) == 0, what="empty queue")
+    calls = [stub.Predict.future(request(i), timeout=60) for i in range(3)]
+    wait_for(lambda: depth(slow_server) == 3, what="3 queued")
+
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(request(3), timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue full" in info.value.details()
+    assert not any(c.done() for c in calls), "refused at once: the queued calls had not moved yet"
+    with pytest.raises(grpc.RpcError) as info:  # a batch call is refused whole
+        stub.PredictBatch(pb.PredictBatchRequest(structures=[request(4)]), timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    cancelled_before = metric(slow_server.metrics_port, "macefield_dropped_total", reason="cancelled")
+    assert calls[0].cancel()
+    wait_for(lambda: depth(slow_server) == 2, what="the cancelled call to leave the queue")
+    assert metric(slow_server.metrics_port, "macefield_dropped_total", reason="cancelled") == cancelled_before + 1
+    late = stub.Predict.future(request(5), timeout=60)  # the freed slot takes a new request
+
+    for i, call in [(1, calls[1]), (2, calls[2]), (5, late)]:
+        atoms = quartz_like(seed=i)
+        assert_matches(call.result(), predict(model, [atoms], electric_fields=[0.0, 0.01 * i, 0.0],
+                                              outputs=["forces"])[0])
+    with pytest.raises(grpc.FutureCancelledError):
+        calls[0].result()
+    wait_for(lambda: depth(slow_server) == 0, what="empty queue")
+
+
+def test_cancelled_call_is_not_computed(slow_server, stub):
+    wait_for(lambda: depth(slow_server) == 0, what="empty queue")
+    before = computed(slow_server)
+    call = stub.Predict.future(request(6), timeout=60)
+    wait_for(lambda: depth(slow_server) == 1, what="queued")
+    call.cancel()
+    wait_for(lambda: depth(slow_server) == 0, what="dequeued")
+    time.sleep(WAIT_MS / 1000.0 + 0.5)  # past the moment its batch would have closed
+    assert computed(slow_server) == before
+
+
+def test_deadline_passed_in_queue_is_not_computed(slow_server, stub):
+    wait_for(lambda: depth(slow_server) == 0, what="empty queue")
+    before = computed(slow_server)
+    dropped = metric(slow_server.metrics_port, "macefield_dropped_total")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(request(7), timeout=0.4)  # the batch would close only after WAIT_MS
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: metric(slow_server.metrics_port, "macefield_dropped_total") == dropped + 1, what="drop count")
+    time.sleep(WAIT_MS / 1000.0 + 0.5)
+    assert computed(slow_server) == before
+    assert depth(slow_server) == 0
+    # and a request with enough time left still works
+    assert stub.Predict(request(8), timeout=60).n_atoms == 9
+
+
+def oom_above(max_atoms: int):
+    """Evaluate like the server does, but run out of (simulated CUDA) memory above ``max_atoms`` per batch."""
+
+    def evaluate(model, batch, outputs):
+        if sum(batch.n_atoms) > max_atoms:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected above {max_atoms} atoms)")
+        return default_evaluate(model, batch, outputs)
+
+    return evaluate
+
+
+def test_out_of_memory_splits_the_batch_and_fails_only_what_does_not_fit(model):
+    config = ServerConfig(port=0, metrics_port=0, batching=BatchingConfig(max_wait_ms=800))
+    served = ServedModel("tiny", model, "sio2")
+    # warm-up uses 8 atoms; quartz cells have 9 atoms: two fit (18), four do not (36)
+    with BackgroundServer(config, [served], evaluate_fn=oom_above(20)) as srv:
+        stub = rpc.MaceFieldStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
+        calls = [stub.Predict.future(request(i, ["forces", "born_charges"]), timeout=60) for i in range(4)]
+        results = [c.result() for c in calls]
+        assert max(r.timing.batch_structures for r in results) <= 2
+        for i, r in enumerate(results):
+            assert_matches(r, predict(model, [quartz_like(seed=i)], electric_fields=[0.0, 0.01 * i, 0.0],
+                                      outputs=["forces", "born_charges"])[0])
+        assert metric(srv.metrics_port, "macefield_oom_splits_total", model="tiny") >= 1
+
+        big = request_for(quartz_like((3, 1, 1)), outputs=["forces"], request_id="too-big")  # 27 atoms alone
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(big, timeout=60)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "27 atoms" in info.value.details()
+        assert stub.Predict(request(9), timeout=60).n_atoms == 9  # still serving
