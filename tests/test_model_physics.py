@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import quartz_like, random_field_model, water_like
 
 from macefield_server.model import predict
@@ -258,3 +259,24 @@ def test_float32_agrees_with_float64(crystal):
     for key in ("forces", "dipole", "born_charges", "polarizability", "stress"):
         scale = np.abs(r64[key]).max()
         assert np.abs(r32[key] - r64[key]).max() < 1e-3 * scale, key
+
+
+def test_second_order_strategies_agree(two_head_model):
+    """The vmapped and the three-pass second-derivative strategies give the same Z* and alpha."""
+    from macefield_server.model import prepare_batch
+    from macefield_server.model.graph import Structure
+    from macefield_server.model.response import respond
+
+    structures = [
+        Structure.from_atoms(quartz_like(seed=9), electric_field=[0.1, 0.2, -0.1], head="sio2"),
+        Structure.from_atoms(water_like(), electric_field=[0.0, -0.3, 0.1], head="other"),
+    ]
+    batch = prepare_batch(two_head_model, structures)
+    wanted = frozenset({"energy", "born_charges", "polarizability"})
+    loop = respond(two_head_model, batch.tensors, None, wanted, second_order="loop")
+    vmap = respond(two_head_model, batch.tensors, None, wanted, second_order="vmap")
+    for key in ("born_charges", "polarizability"):
+        assert torch.allclose(loop[key], vmap[key], rtol=0, atol=1e-12), key
+    assert loop["born_charges"].abs().max() > 1e-4
+    with pytest.raises(ValueError, match="second_order"):
+        respond(two_head_model, batch.tensors, None, wanted, second_order="forward")

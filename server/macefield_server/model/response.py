@@ -5,10 +5,12 @@ runs one forward pass of F(R, E, strain) and then
 
 * one backward pass for everything first-order that was asked for:
   forces = -dF/dR, stress = (1/Omega) dF/d(strain), dipole = -dF/dE;
-* if Born charges or polarizability were asked for, one *batched*
-  second-derivative pass (``is_grads_batched``: the three Cartesian
-  components of the dipole are vmapped, not looped over structures) giving
-  Z*[k, i, j] = d dipole_i / d R_kj and alpha[g, i, j] = d dipole_i / dE_j.
+* if Born charges or polarizability were asked for, a second-derivative
+  pass over the whole batch for each Cartesian component of the dipole
+  (three batch-wide backward passes, or one ``is_grads_batched`` pass that
+  vmaps the three; never a loop over structures) giving
+  Z*[k, i, j] = d dipole_i / d R_kj and alpha[g, i, j] = d dipole_i / dE_j
+  together.
 
 Because structures in a batch share no edges, d(sum_g dipole_g,i)/dR_k only
 sees atom k's own structure, so the batched pass is exact per structure.
@@ -32,6 +34,14 @@ OUTPUTS: FrozenSet[str] = frozenset(
 )
 #: the default request: everything
 ALL_OUTPUTS = OUTPUTS
+
+
+#: second-derivative strategy by device (is CUDA?).  On CPU three batch-wide
+#: passes beat one vmapped pass (bench/response_cost.py: 3.2 s vs 7.1 s for a
+#: 72-atom quartz cell, 64 channels, max_ell 3): vmapping the backward
+#: materialises three times larger edge intermediates.  No GPU measurement
+#: exists yet, so CUDA uses the same default until one says otherwise.
+SECOND_ORDER_DEFAULT = {False: "loop", True: "loop"}
 
 
 def normalise_outputs(outputs: Optional[Iterable[str]]) -> FrozenSet[str]:
@@ -61,6 +71,7 @@ def respond(
     outputs: FrozenSet[str],
     *,
     keep_graph: bool = False,
+    second_order: Optional[str] = None,
 ) -> Dict[str, Optional[torch.Tensor]]:
     """Evaluate F and the requested derivatives for a batched graph.
 
@@ -70,6 +81,9 @@ def respond(
         electric_field: (G, 3) or (3,) in V/A; None uses ``graph["electric_field"]`` or zero.
         outputs: names from :data:`OUTPUTS`.
         keep_graph: keep the autograd graph of every output (for training losses).
+        second_order: how the Z*/alpha pass runs over the three dipole components:
+            "vmap" (one ``is_grads_batched`` pass) or "loop" (three batch-wide
+            passes); None picks :data:`SECOND_ORDER_DEFAULT` for the device.
 
     Returns batched tensors: ``energy`` (G,), ``forces`` (N, 3), ``stress``
     (G, 3, 3), ``dipole`` (G, 3), ``polarization`` (G, 3), ``born_charges``
@@ -91,6 +105,10 @@ def respond(
     if field.shape[0] != num_graphs:
         raise ValueError(f"electric_field: {field.shape[0]} fields for {num_graphs} structures")
 
+    if second_order is None:
+        second_order = SECOND_ORDER_DEFAULT[device.type == "cuda"]
+    if second_order not in ("vmap", "loop"):
+        raise ValueError(f"second_order: expected 'vmap' or 'loop', got {second_order!r}")
     tier = response_tier(outputs)
     want_forces = "forces" in outputs
     want_stress = "stress" in outputs
@@ -153,7 +171,9 @@ def respond(
             second_inputs = ([positions] if want_becs else []) + ([field] if want_alpha else [])
             eye = torch.eye(3, dtype=dtype, device=device)
             seeds = eye.view(3, 1, 3).expand(3, num_graphs, 3)
-            if dipole.requires_grad:
+            if not dipole.requires_grad:  # dipole independent of everything (no field layers)
+                d2 = [None] * len(second_inputs)
+            elif second_order == "vmap":
                 d2 = torch.autograd.grad(
                     dipole,
                     second_inputs,
@@ -163,8 +183,22 @@ def respond(
                     retain_graph=keep_graph,
                     allow_unused=True,
                 )
-            else:  # dipole independent of everything (e.g. no field layers)
-                d2 = (None,) * len(second_inputs)
+            else:  # three batch-wide passes, one per dipole component (never per structure)
+                per_component = [
+                    torch.autograd.grad(
+                        dipole,
+                        second_inputs,
+                        grad_outputs=seeds[i],
+                        create_graph=keep_graph,
+                        retain_graph=keep_graph or i < 2,
+                        allow_unused=True,
+                    )
+                    for i in range(3)
+                ]
+                d2 = [
+                    None if per_component[0][n] is None else torch.stack([c[n] for c in per_component])
+                    for n in range(len(second_inputs))
+                ]
             d2 = [
                 torch.zeros((3,) + x.shape, dtype=dtype, device=device) if g is None else g
                 for g, x in zip(d2, second_inputs)

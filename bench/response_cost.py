@@ -1,0 +1,187 @@
+"""Cost of the full response (F, forces, stress, P, Z*, alpha) versus energy + forces.
+
+Measures, in one run and on one device:
+
+* ``energy_forces``: the engine asked for energy and forces only;
+* ``full``: the engine asked for everything (one forward, one first-order
+  backward, one batched second-derivative pass);
+* ``reference_recipe``: the recipe of the reference MACE-Field code, one
+  structure at a time: forces by one backward pass, P by another, then Z* and
+  alpha each by a Python loop of three backward passes.
+
+Structures: 72-atom alpha-quartz frames from ../shared/data/sio2-quartz-md.xyz
+(read at run time), or an ASE-built 2x2x2 quartz-like cell when absent.
+Model: random FieldMACE, 64 channels, L=1, 2 layers, r_max 5 A, float64 by default.
+
+Usage::
+
+    python bench/response_cost.py --out bench/results/response_cost_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from macefield_server.model import build_field_mace, default_architecture, prepare_batch
+from macefield_server.model.graph import Structure
+from macefield_server.model.response import SECOND_ORDER_DEFAULT, respond
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "sio2-quartz-md.xyz"
+FULL = frozenset({"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"})
+EF = frozenset({"energy", "forces"})
+
+
+def quartz_frames(n: int):
+    import ase.io
+
+    if DATA.exists():
+        frames = ase.io.read(DATA, f":{n}")
+    else:  # fall back to an ASE-built alpha-quartz 2x2x2 (72 atoms), rattled
+        from ase.spacegroup import crystal
+
+        base = crystal(
+            ["Si", "O"],
+            basis=[(0.4697, 0.0, 1.0 / 3.0), (0.4135, 0.2669, 0.1191 + 2.0 / 3.0)],
+            spacegroup=152,
+            cellpar=[4.916, 4.916, 5.405, 90, 90, 120],
+        ) * (2, 2, 2)
+        frames = []
+        for i in range(n):
+            a = base.copy()
+            a.rattle(0.05, seed=i)
+            frames.append(a)
+    while len(frames) < n:
+        frames = frames + frames
+    return frames[:n]
+
+
+def timed(fn, device, repeats: int):
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    fn()  # warm-up
+    sync()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def reference_recipe(model, batch):
+    """One structure (batch of one) the reference way: 1 + 1 + 3 + 3 backward passes."""
+    g = batch.tensors
+    positions = g["positions"].detach().clone().requires_grad_(True)
+    field = g["electric_field"].detach().clone().requires_grad_(True)
+    energy, _ = model.enthalpy(g, positions, field)
+    (grad_r,) = torch.autograd.grad(energy.sum(), positions, create_graph=True, retain_graph=True)
+    forces = -grad_r
+    (grad_e,) = torch.autograd.grad(energy.sum(), field, create_graph=True, retain_graph=True)
+    dipole = -grad_e[0]
+    becs = torch.stack(
+        [torch.autograd.grad(dipole[i], positions, retain_graph=True)[0] for i in range(3)], dim=1
+    )
+    alpha = torch.stack([torch.autograd.grad(dipole[i], field, retain_graph=True)[0][0] for i in range(3)])
+    return forces.detach(), dipole.detach(), becs, alpha
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--second-order", nargs="+", default=["loop", "vmap"], choices=["loop", "vmap"],
+                        help="second-derivative strategies to time (the engine default is reported as full_s)")
+    parser.add_argument("--max-ell", type=int, default=3, help="spherical-harmonics order of the edges")
+    parser.add_argument("--reference-structures", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "response_cost.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+
+    arch = default_architecture(
+        [8, 14], channels=args.channels, max_L=1, num_interactions=2, r_max=5.0, max_ell=args.max_ell
+    )
+    torch.manual_seed(0)
+    model = build_field_mace(arch, dtype=dtype)
+    with torch.no_grad():
+        for p in model.field_linear.parameters():
+            p.normal_(0.0, 0.1)
+    model = model.to(device).eval()
+
+    frames = quartz_frames(max(args.batch_sizes))
+    rng = np.random.default_rng(0)
+    structures = [Structure.from_atoms(a, electric_field=rng.normal(0, 0.05, 3)) for a in frames]
+
+    rows = []
+    for bs in args.batch_sizes:
+        batch = prepare_batch(model, structures[:bs], device=device)
+        t_ef = timed(lambda: respond(model, batch.tensors, None, EF), device, args.repeats)
+        row = {"batch_size": bs, "atoms": bs * len(frames[0]), "edges": batch.num_edges, "energy_forces_s": t_ef}
+        for mode in args.second_order:
+            t_full = timed(lambda: respond(model, batch.tensors, None, FULL, second_order=mode), device, args.repeats)
+            row[f"full_{mode}_s"] = t_full
+            row[f"full_{mode}_over_energy_forces"] = t_full / t_ef
+            row[f"full_{mode}_structures_per_s"] = bs / t_full
+        default = SECOND_ORDER_DEFAULT[device.type == "cuda"]
+        row["full_s"] = row[f"full_{default}_s"] if default in args.second_order else min(row[f"full_{m}_s"] for m in args.second_order)
+        row["full_over_energy_forces"] = row["full_s"] / t_ef
+        row["full_structures_per_s"] = bs / row["full_s"]
+        rows.append(row)
+        print(json.dumps(rows[-1]))
+
+    singles = [prepare_batch(model, [s], device=device) for s in structures[: args.reference_structures]]
+    t_ref = timed(lambda: [reference_recipe(model, b) for b in singles], device, args.repeats)
+    ref_rate = len(singles) / t_ref
+    best = max(rows, key=lambda r: r["full_structures_per_s"])
+
+    # the two recipes must agree, or the comparison means nothing
+    check = respond(model, singles[0].tensors, None, FULL)
+    f_ref, mu_ref, z_ref, a_ref = reference_recipe(model, singles[0])
+    agreement = {
+        "forces": float((check["forces"] - f_ref).abs().max()),
+        "dipole": float((check["dipole"][0] - mu_ref).abs().max()),
+        "born_charges": float((check["born_charges"] - z_ref).abs().max()),
+        "polarizability": float((check["polarizability"][0] - a_ref).abs().max()),
+    }
+
+    result = {
+        "benchmark": "response_cost",
+        "engine_second_order_default": SECOND_ORDER_DEFAULT[device.type == "cuda"],
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "model": {"channels": args.channels, "L": 1, "layers": 2, "r_max": 5.0, "max_ell": args.max_ell, "correlation": 3},
+        "structure_atoms": len(frames[0]),
+        "structures_source": str(DATA.name) if DATA.exists() else "ase-built quartz 2x2x2",
+        "rows": rows,
+        "reference_recipe": {"structures": len(singles), "seconds": t_ref, "structures_per_s": ref_rate},
+        "best_batched_over_reference": best["full_structures_per_s"] / ref_rate,
+        "max_full_over_energy_forces": max(r["full_over_energy_forces"] for r in rows),
+        "targets": {"full_over_energy_forces_max": 4.0, "batched_over_reference_min": 1.5},
+        "recipes_agree_max_abs_diff": agreement,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("best_batched_over_reference", "max_full_over_energy_forces")}))
+
+
+if __name__ == "__main__":
+    main()
