@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -103,17 +104,21 @@ class ServerProcess:
     def __init__(self, args: Sequence[str], env: Optional[dict] = None):
         full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         full_env.update(env or {})
+        self._log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads could fill and block the server
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "macefield_server.serve_cli", "--host", "127.0.0.1", "--port", "0",
              "--metrics-port", "0", "--threads", "1", *args],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self._log,
             text=True,
             env=full_env,
         )
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"server did not start: {self.proc.stderr.read()}")
+        while True:  # libraries may print before the server's JSON line
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"server did not start: {self.stderr()}")
+            if line.startswith("{") and '"listening"' in line:
+                break
         info = json.loads(line)
         self.port, self.metrics_port = info["port"], info["metrics_port"]
 
@@ -124,7 +129,8 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
     def stderr(self) -> str:
-        return self.proc.stderr.read() if self.proc.poll() is not None else ""
+        self._log.seek(0)
+        return self._log.read()
 
     def kill(self):
         if self.proc.poll() is None:

@@ -123,24 +123,26 @@ class MaceFieldServer:
         log.info("serving models %s", [m.name for m in self.registry])
 
     async def _warm_up(self, served: ServedModel) -> None:
-        """Full-response batches through the real batcher (also compiles/caches kernels)."""
+        """Full-response passes on the model's compute thread (first-call costs paid before SERVING)."""
         loop = asyncio.get_running_loop()
         batcher = self.batchers[served.name]
         structure = warmup_structure(served)
         graph = await loop.run_in_executor(self.prep_executor, neighbour_list, structure, served.cutoff)
         start = time.monotonic()
+        item = WorkItem(
+            structure=structure,
+            graph=graph,
+            head_index=served.heads.index(served.default_head),
+            outputs=OUTPUTS,
+            tier=response_tier(OUTPUTS),
+            request_id="warm-up",
+            future=loop.create_future(),
+        )
         for _ in range(max(1, self.config.warmup_passes)):
-            item = WorkItem(
-                structure=structure,
-                graph=graph,
-                head_index=served.heads.index(served.default_head),
-                outputs=OUTPUTS,
-                tier=response_tier(OUTPUTS),
-                request_id="warm-up",
-                future=loop.create_future(),
-            )
-            batcher.submit([item])
-            await item.future
+            # straight to the compute thread: collate + full response, no queue wait
+            ((outcome, _, _),) = await loop.run_in_executor(batcher.compute_executor, batcher.compute_items, [item])
+            if isinstance(outcome, BaseException):
+                raise RuntimeError(f"warm-up of model {served.name!r} failed: {outcome}") from outcome
         log.info("model %s warm (%.2f s)", served.name, time.monotonic() - start)
 
     async def stop(self, grace: Optional[float] = None) -> None:

@@ -387,6 +387,10 @@ class Batcher:
                 )
             )
 
+    def compute_items(self, items: List[WorkItem]) -> list:
+        """Collate and evaluate ``items`` now, on the calling thread (warm-up); see :meth:`_compute_with_split`."""
+        return self._compute_with_split(items, None)
+
     def _compute_with_split(self, items: List[WorkItem], batch: Optional[GraphBatch]) -> list:
         """Evaluate ``items``; on OOM split in halves and retry (compute thread).
 
