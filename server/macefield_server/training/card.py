@@ -1,0 +1,219 @@
+"""Model card: machine-readable JSON (what ListModels returns) and markdown.
+
+The JSON is also embedded in the checkpoint's metadata under ``card``.
+Validation numbers are recomputed from the exported model on every
+validation frame of every dataset; the first ``export.card_frames`` frames
+of each validation split are listed one by one, so that a test can
+recompute them quickly and compare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from ..model.architecture import describe_architecture
+from ..model.checkpoint import save_model
+from .metrics import compact_frame, frame_errors, summarise
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(threads: int) -> str:
+    return f"{cpu_name()}, {threads} CPU thread(s), {os.cpu_count()} logical CPUs on the machine, no GPU"
+
+
+def build_card(model, trainer, *, fit_summary: Dict, command: str) -> Dict:
+    cfg = trainer.cfg
+    arch = describe_architecture(model)
+    validation = {}
+    frames: List[Dict] = []
+    for ds in cfg.datasets:
+        samples = trainer.valid.get(ds.name) or []
+        rows = frame_errors(model, samples)
+        summary = summarise(rows)
+        summary["head"] = ds.head
+        summary["frames_in_file"] = [s.index for s in samples[:1]] + [s.index for s in samples[-1:]]
+        validation[ds.name] = summary
+        frames += [compact_frame(r) for r in rows[: cfg.export.card_frames]]
+    n_params = sum(p.numel() for p in model.parameters())
+    card = dict(cfg.export.card_info)
+    card.update(
+        {
+            "heads": list(model.heads),
+            "elements": [int(z) for z in model.atomic_numbers],
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "parameters": int(n_params),
+            "architecture": {
+                "channels": cfg.model.channels,
+                "max_L": cfg.model.max_L,
+                "hidden_irreps": arch["hidden_irreps"],
+                "num_interactions": arch["num_interactions"],
+                "max_ell": arch["max_ell"],
+                "correlation": arch["correlation"],
+                "r_max": arch["r_max"],
+                "num_bessel": arch["num_bessel"],
+                "radial_MLP": arch["radial_MLP"],
+                "MLP_irreps": arch["MLP_irreps"],
+                "avg_num_neighbors": arch["avg_num_neighbors"],
+                "atomic_energies_eV": {h: dict(zip(map(str, arch["atomic_numbers"]), e)) for h, e in zip(arch["heads"], arch["atomic_energies"])},
+                "scale": dict(zip(arch["heads"], arch["atomic_inter_scale"])),
+                "shift": dict(zip(arch["heads"], arch["atomic_inter_shift"])),
+            },
+            "training": {
+                "command": command,
+                "datasets": [
+                    {
+                        "name": ds.name,
+                        "file": ds.path,
+                        "head": ds.head,
+                        "train_fraction": list(ds.train),
+                        "valid_fraction": list(ds.valid),
+                        "train_frames": len(trainer.data[ds.name]["train"]),
+                        "valid_frames": len(trainer.data[ds.name]["valid"]),
+                        "keys": {q: {"key": k.key, "kind": k.kind, "scale": k.scale} for q, k in ds.keys.items()},
+                    }
+                    for ds in cfg.datasets
+                ],
+                "loss": {
+                    "weights": {q: getattr(cfg.loss, q) for q in ("energy", "forces", "stress", "polarization", "born_charges", "polarizability")},
+                    "scales": trainer.scales,
+                    "huber_delta": cfg.loss.huber_delta,
+                },
+                "optim": dict(vars(cfg.optim)),
+                "seed": cfg.run.seed,
+                "epochs": fit_summary.get("epochs"),
+                "best_epoch": fit_summary.get("best_epoch"),
+                "stop_reason": fit_summary.get("stop_reason"),
+                "wall_time_minutes": round(fit_summary.get("elapsed_seconds", 0.0) / 60.0, 1),
+                "hardware": hardware(int(cfg.run.threads or torch.get_num_threads())),
+                "torch": torch.__version__,
+            },
+            "validation": validation,
+            "validation_frames": frames,
+        }
+    )
+    return card
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return "/".join(_fmt(x, nd) for x in v)
+    if isinstance(v, float):
+        return f"{v:.{nd}g}" if abs(v) < 1e-2 else f"{v:.{nd}f}"
+    return str(v)
+
+
+def card_markdown(card: Dict) -> str:
+    arch = card["architecture"]
+    tr = card["training"]
+    lines = [f"# {card.get('name', 'MACE-Field model')}", ""]
+    if card.get("description"):
+        lines += [card["description"], ""]
+    lines += ["## Validation errors", "", "Temporally contiguous hold-out: the last 20% of each file (never trained on).", ""]
+    rows = [
+        ("frames", "frames", 0),
+        ("energy MAE (meV/atom)", "energy_mae_meV_per_atom", 2),
+        ("energy RMSE (meV/atom)", "energy_rmse_meV_per_atom", 2),
+        ("energy MAE, mean offset removed (meV/atom)", "energy_mae_offset_removed_meV_per_atom", 2),
+        ("forces MAE (meV/A)", "forces_mae_meV_per_A", 1),
+        ("forces RMSE (meV/A)", "forces_rmse_meV_per_A", 1),
+        ("stress MAE (meV/A^3)", "stress_mae_meV_per_A3", 2),
+        ("stress RMSE (meV/A^3)", "stress_rmse_meV_per_A3", 2),
+        ("Z* MAE (e)", "born_charges_mae_e", 3),
+        ("Z* RMSE (e)", "born_charges_rmse_e", 3),
+        ("alpha relative error (Frobenius, mean over frames)", "polarizability_rel_error", 3),
+        ("eps_inf xx/yy/zz, model (mean over frames)", "eps_inf_pred_diag", 3),
+        ("eps_inf xx/yy/zz, DFT (mean over frames)", "eps_inf_dft_diag", 3),
+        ("eps_inf relative error of the mean (max over xx/yy/zz)", "eps_inf_rel_error_max", 3),
+        ("eps_inf relative error per frame and component (mean)", "eps_inf_rel_error_per_frame_mean", 3),
+        ("folded P MAE (e/A^2)", "polarization_folded_mae_e_per_A2", 3),
+        ("folded P RMSE (e/A^2)", "polarization_folded_rmse_e_per_A2", 3),
+    ]
+    names = list(card["validation"])
+    lines.append("| metric | " + " | ".join(f"{n} (head `{card['validation'][n]['head']}`)" for n in names) + " |")
+    lines.append("|---|" + "---|" * len(names))
+    for label, key, nd in rows:
+        vals = []
+        for n in names:
+            v = card["validation"][n].get(key)
+            vals.append(str(v) if key == "frames" else _fmt(v, nd if nd else 3))
+        lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    lines += ["", "1 meV/A^3 = 0.1602 GPa.", ""]
+    if card.get("goals"):
+        lines += ["## Accuracy goals (issue 7) and what was reached", ""] + [f"- {g}" for g in card["goals"]] + [""]
+    if card.get("notes"):
+        lines += ["## Notes and limitations", ""] + [f"- {g}" for g in card["notes"]] + [""]
+    lines += [
+        "## Model",
+        "",
+        f"- FieldMACE (MACE-Field, arXiv 2508.17870), heads {', '.join('`' + h + '`' for h in card['heads'])}; "
+        f"elements Z = {card['elements']}; {card['parameters']} parameters; {card['dtype']}.",
+        f"- hidden irreps `{arch['hidden_irreps']}` ({arch['channels']} channels, L = {arch['max_L']}), "
+        f"{arch['num_interactions']} interactions, max_ell {arch['max_ell']}, correlation {arch['correlation']}, "
+        f"r_max {arch['r_max']} A, {arch['num_bessel']} Bessel functions, radial MLP {arch['radial_MLP']}, "
+        f"readout MLP {arch['MLP_irreps']}, avg_num_neighbors {arch['avg_num_neighbors']:.2f}.",
+        f"- Reference energies E0 (eV, least squares per head over the training frames): {json.dumps(arch['atomic_energies_eV'])}",
+        f"- Per-head scale / shift: {json.dumps(arch['scale'])} / {json.dumps(arch['shift'])}",
+        "",
+        "## Training",
+        "",
+        f"- Command (from the repository root): `{tr['command']}`",
+        f"- Epochs run: {tr['epochs']} (best = exported EMA weights of epoch {tr['best_epoch']}); stop: {tr['stop_reason']}.",
+        f"- Wall time: {tr['wall_time_minutes']} min on {tr['hardware']}; torch {tr['torch']}.",
+        f"- Loss weights {json.dumps(tr['loss']['weights'])}, residual scales {json.dumps({k: float(f'{v:.4g}') for k, v in tr['loss']['scales'].items()})}, "
+        f"Huber delta {tr['loss']['huber_delta']} (in units of the scales). Polarization loss on P folded by the quanta e*a_k/Omega; "
+        "polarizability loss on chi = alpha/(Omega eps0).",
+        f"- Optimiser: Adam (amsgrad={tr['optim']['amsgrad']}), lr {tr['optim']['lr']}, {tr['optim']['scheduler']} schedule, "
+        f"batch size {tr['optim']['batch_size']}, EMA decay {tr['optim']['ema_decay']}, seed {tr['seed']}.",
+        "",
+        "## Data",
+        "",
+    ]
+    for ds in tr["datasets"]:
+        keys = ", ".join(f"{q} <- `{v['key']}`" + (f" ({v['kind']})" if v["kind"] else "") for q, v in ds["keys"].items())
+        lines.append(
+            f"- `{ds['file']}` -> head `{ds['head']}`: train frames {ds['train_frames']} (fraction {ds['train_fraction']}), "
+            f"validation frames {ds['valid_frames']} (fraction {ds['valid_fraction']}); {keys}."
+        )
+    lines.append("")
+    if card.get("citations"):
+        lines += ["## Provenance and citations", ""] + [f"- {c}" for c in card["citations"]] + [""]
+    if card.get("license"):
+        lines += ["## License", "", card["license"], ""]
+    lines += [
+        "## Per-frame validation errors (recomputed by tests/test_default_model.py)",
+        "",
+        "```json",
+        json.dumps(card["validation_frames"], indent=1),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export(model, trainer, path, *, fit_summary: Dict, command: str, write_card: bool = True) -> Dict:
+    """Write the model (native format, card JSON in its metadata) and, if asked, the card files."""
+    path = Path(path)
+    card = build_card(model, trainer, fit_summary=fit_summary, command=command)
+    save_model(model, path, metadata={"card": card})
+    if write_card:
+        stem = path.with_suffix("")
+        Path(f"{stem}.card.json").write_text(json.dumps(card, indent=1) + "\n")
+        Path(f"{stem}.card.md").write_text(card_markdown(card))
+    return card

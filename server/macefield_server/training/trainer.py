@@ -1,0 +1,465 @@
+"""The training loop: model set-up, EMA, schedule, early stopping, checkpoints and resume.
+
+Files in ``run.workdir``:
+
+* ``state.pt``: everything needed to resume (weights, EMA weights, optimiser,
+  scheduler, epoch, best validation loss, RNG state, elapsed time), written
+  atomically after every epoch; tensors and plain data only (loads with
+  ``weights_only=True``).
+* ``best.pt``: the EMA weights of the best validation epoch, native format.
+* ``last.pt``: the EMA weights after the latest epoch, native format.
+* ``metrics.jsonl``: one JSON object per epoch.
+* ``config.json``: the resolved config of the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..model.architecture import build_field_mace, default_architecture
+from ..model.checkpoint import load_model, save_model, upgrade_to_field
+from ..model.response import respond
+from .config import QUANTITIES, TrainConfig
+from .data import Sample, average_neighbours, build_graphs, load_all, make_batch
+from .losses import residuals, total_loss
+from .metrics import frame_errors, summarise
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+#: engine outputs needed for each loss term
+_NEEDS = {
+    "energy": {"energy"},
+    "forces": {"forces"},
+    "stress": {"stress"},
+    "polarization": {"dipole"},
+    "born_charges": {"born_charges"},
+    "polarizability": {"polarizability"},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[macefield-train {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------- set-up
+def fit_e0s(samples: List[Sample], atomic_numbers: List[int]) -> np.ndarray:
+    """Least-squares per-element energies (eV) from total energies; minimum norm if rank deficient."""
+    rows, energies = [], []
+    for s in samples:
+        if "energy" not in s.labels:
+            continue
+        counts = np.array([(s.structure.numbers == z).sum() for z in atomic_numbers], dtype=float)
+        rows.append(counts)
+        energies.append(float(s.labels["energy"]))
+    e0 = np.zeros(len(atomic_numbers))
+    if not rows:
+        return e0
+    a = np.array(rows)
+    present = a.sum(axis=0) > 0
+    sol, *_ = np.linalg.lstsq(a[:, present], np.array(energies), rcond=None)
+    e0[present] = sol
+    return e0
+
+
+def label_scales(samples: List[Sample], cfg: TrainConfig) -> Dict[str, float]:
+    """Normalisation of each loss term (see :class:`LossConfig`)."""
+    scales = {}
+    def collect(q):
+        return [s.labels[q] for s in samples if q in s.labels]
+    e = [float(s.labels["energy"] - s.e0_total) / s.n_atoms for s in samples if "energy" in s.labels]
+    scales["energy"] = max(float(np.std(e)) if len(e) > 1 else 0.0, 1e-3)
+    for q in ("forces", "stress", "born_charges"):
+        vals = collect(q)
+        scales[q] = float(np.sqrt(np.mean(np.concatenate([v.reshape(-1) for v in vals]) ** 2))) if vals else 1.0
+    quanta = [np.linalg.norm(s.structure.cell, axis=1).mean() / s.structure.volume for s in samples if "polarization" in s.labels]
+    scales["polarization"] = 0.1 * float(np.mean(quanta)) if quanta else 1.0
+    scales["polarizability"] = 0.1
+    for q, v in cfg.loss.scales.items():
+        scales[q] = float(v)
+    for q in QUANTITIES:
+        if not scales.get(q):
+            scales[q] = 1.0
+    return scales
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = True):
+        self.cfg = cfg
+        self.workdir = cfg.resolve_path(cfg.run.workdir, must_exist=False)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if cfg.run.threads:
+            torch.set_num_threads(int(cfg.run.threads))
+        if not cfg.run.jit_optimize:
+            torch._C._set_graph_executor_optimize(False)  # pylint: disable=protected-access
+        self.dtype = _DTYPES[cfg.model.dtype]
+        self.state_path = self.workdir / "state.pt"
+        self.resuming = resume and self.state_path.is_file()
+
+        log("reading datasets")
+        self.data = load_all(cfg)
+        self.train_samples = [s for d in self.data.values() for s in d["train"]]
+        self.valid = {name: d["valid"] for name, d in self.data.items()}
+        for name, d in self.data.items():
+            log(f"  {name}: {len(d['train'])} train / {len(d['valid'])} valid frames")
+
+        state = None
+        if self.resuming:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            arch = json.loads(state["architecture"])
+            self.model = build_field_mace(arch, dtype=self.dtype)
+            self.model.load_state_dict(state["model"])
+            log(f"resuming from {self.state_path} after epoch {state['epoch']}")
+        else:
+            self.model = self._initial_model()
+
+        r_max = float(self.model.r_max)
+        all_samples = self.train_samples + [s for v in self.valid.values() for s in v]
+        build_graphs(all_samples, r_max)
+        heads = list(self.model.heads)
+        for s in all_samples:
+            if s.structure.head not in heads:
+                raise ValueError(f"dataset {s.dataset!r}: head {s.structure.head!r} not in the model's heads {heads}")
+        self._set_e0_totals(all_samples)
+
+        if state is None:
+            self._fit_references()
+        self.scales = label_scales(self.train_samples, cfg)
+        self.weights = {q: float(getattr(cfg.loss, q)) for q in QUANTITIES}
+        self.outputs = frozenset({"energy"}.union(*(_NEEDS[q] for q, w in self.weights.items() if w > 0)))
+        self.valid_outputs = frozenset({"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"})
+
+        o = cfg.optim
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim <= 1 or "scale_shift" in name else decay).append(p)
+        self.optimizer = torch.optim.Adam(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr,
+            amsgrad=o.amsgrad,
+        )
+        self.ema = [p.detach().clone() for p in self.model.parameters()]
+        self.generator = torch.Generator().manual_seed(int(cfg.run.seed))
+        self.epoch = 0
+        self.step = 0
+        self.best_loss = math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.elapsed = 0.0
+        self.lr_factor = 1.0
+        self.plateau_best = math.inf
+        self.plateau_bad = 0
+        if state is not None:
+            self._load_state(state)
+        (self.workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=list))
+
+    # -- model construction
+    def _initial_model(self):
+        m = self.cfg.model
+        heads = []
+        for ds in self.cfg.datasets:
+            if ds.head not in heads:
+                heads.append(ds.head)
+        if m.init_from:
+            path = self.cfg.resolve_path(m.init_from)
+            log(f"fine-tuning {path}")
+            model = load_model(path, trust_pickle=m.trust_pickle, dtype=self.dtype)
+            model = upgrade_to_field(model).to(self.dtype)
+            missing = [h for h in heads if h not in list(model.heads)]
+            if missing:
+                raise ValueError(f"model.init_from: the model has heads {list(model.heads)}, datasets need {missing}")
+            zs = set(int(z) for s in self.train_samples for z in s.structure.numbers)
+            extra = sorted(zs - set(int(z) for z in model.atomic_numbers))
+            if extra:
+                raise ValueError(f"model.init_from: elements {extra} of the data are not in the model")
+            return model.train()
+        zs = sorted(set(int(z) for s in self.train_samples for z in s.structure.numbers))
+        zs = sorted(set(zs) | set(int(z) for d in self.valid.values() for s in d for z in s.structure.numbers))
+        # avg_num_neighbors from the training graphs
+        build_graphs(self.train_samples, m.r_max)
+        avg = m.avg_num_neighbors or average_neighbours(self.train_samples)
+        arch = default_architecture(
+            zs,
+            heads=heads,
+            channels=m.channels,
+            max_L=m.max_L,
+            num_interactions=m.num_interactions,
+            r_max=m.r_max,
+            max_ell=m.max_ell,
+            correlation=m.correlation,
+            num_bessel=m.num_bessel,
+            num_polynomial_cutoff=m.num_polynomial_cutoff,
+            mlp_channels=m.mlp_channels,
+            radial_MLP=m.radial_MLP,
+            avg_num_neighbors=avg,
+        )
+        torch.manual_seed(int(self.cfg.run.seed))
+        log(f"new FieldMACE: {len(heads)} heads {heads}, elements {zs}, avg_num_neighbors {avg:.2f}")
+        return build_field_mace(arch, dtype=self.dtype).train()
+
+    def _set_e0_totals(self, samples):
+        e0 = self.model.atomic_energies_fn.atomic_energies.detach().double().numpy()
+        e0 = np.atleast_2d(e0)
+        zs = [int(z) for z in self.model.atomic_numbers]
+        heads = list(self.model.heads)
+        for s in samples:
+            row = e0[heads.index(s.structure.head)]
+            s.e0_total = float(sum(row[zs.index(int(z))] for z in s.structure.numbers))
+
+    def _fit_references(self):
+        """E0s and per-head scale/shift from the training labels (new models; fine-tuning per config)."""
+        m = self.cfg.model
+        model = self.model
+        zs = [int(z) for z in model.atomic_numbers]
+        heads = list(model.heads)
+        with torch.no_grad():
+            buf = model.atomic_energies_fn.atomic_energies
+            e0 = np.atleast_2d(buf.detach().double().numpy()).copy()
+            if m.e0s != "keep":
+                for h, head in enumerate(heads):
+                    samples = [s for s in self.train_samples if s.structure.head == head]
+                    if not samples:
+                        continue
+                    e0[h] = fit_e0s(samples, zs) if m.e0s == "least_squares" else 0.0
+                buf.copy_(torch.as_tensor(e0, dtype=buf.dtype).reshape(buf.shape))
+            self._set_e0_totals(self.train_samples + [s for v in self.valid.values() for s in v])
+            if m.scale_shift == "rms_forces" and hasattr(model, "scale_shift"):
+                scale = model.scale_shift.scale
+                shift = model.scale_shift.shift
+                sc = torch.atleast_1d(scale.detach().clone())
+                sh = torch.atleast_1d(shift.detach().clone())
+                for h, head in enumerate(heads):
+                    samples = [s for s in self.train_samples if s.structure.head == head]
+                    f = [s.labels["forces"].reshape(-1) for s in samples if "forces" in s.labels]
+                    if f:
+                        sc[h] = float(np.sqrt(np.mean(np.concatenate(f) ** 2)))
+                    e = [(float(s.labels["energy"]) - s.e0_total) / s.n_atoms for s in samples if "energy" in s.labels]
+                    if e:
+                        sh[h] = float(np.mean(e))
+                scale.copy_(sc.reshape(scale.shape))
+                shift.copy_(sh.reshape(shift.shape))
+        for h, head in enumerate(heads):
+            log(
+                f"  head {head}: E0 {dict(zip(zs, np.round(e0[h], 4).tolist()))}, "
+                f"scale {float(torch.atleast_1d(model.scale_shift.scale)[h]):.4f}, "
+                f"shift {float(torch.atleast_1d(model.scale_shift.shift)[h]):.5f}"
+            )
+
+    # -- state
+    def _state(self) -> Dict:
+        return {
+            "architecture": json.dumps(self._architecture()),
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "ema": [t.clone() for t in self.ema],
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "elapsed": self.elapsed,
+            "lr_factor": self.lr_factor,
+            "plateau_best": self.plateau_best,
+            "plateau_bad": self.plateau_bad,
+        }
+
+    def _architecture(self):
+        from ..model.architecture import describe_architecture
+
+        return describe_architecture(self.model)
+
+    def _load_state(self, state):
+        self.ema = [t.to(self.dtype) for t in state["ema"]]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        for k in ("epoch", "step", "best_loss", "best_epoch", "bad_epochs", "elapsed", "lr_factor", "plateau_best", "plateau_bad"):
+            setattr(self, k, state[k])
+
+    def save_state(self):
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        torch.save(self._state(), tmp)
+        os.replace(tmp, self.state_path)
+
+    # -- EMA
+    def _ema_update(self):
+        d = self.cfg.optim.ema_decay
+        decay = min(d, (1.0 + self.step) / (10.0 + self.step))
+        with torch.no_grad():
+            for e, p in zip(self.ema, self.model.parameters()):
+                e.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
+
+    def ema_model(self):
+        """A copy of the model carrying the EMA weights (eval mode)."""
+        model = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for p, e in zip(model.parameters(), self.ema):
+                p.copy_(e)
+        model.arch_config = self._architecture()
+        return model.eval()
+
+    # -- schedule
+    def _lr_at(self, epoch_float: float) -> float:
+        o = self.cfg.optim
+        if o.warmup_epochs and epoch_float < o.warmup_epochs:
+            warm = (epoch_float + 1e-3) / o.warmup_epochs
+        else:
+            warm = 1.0
+        if o.scheduler == "cosine":
+            t = min(max(epoch_float - o.warmup_epochs, 0.0) / max(o.max_epochs - o.warmup_epochs, 1), 1.0)
+            f = o.min_lr_factor + (1.0 - o.min_lr_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+        elif o.scheduler == "plateau":
+            f = self.lr_factor
+        else:
+            f = 1.0
+        return o.lr * f * min(warm, 1.0)
+
+    # -- one epoch
+    def _batches(self) -> List[List[Sample]]:
+        perm = torch.randperm(len(self.train_samples), generator=self.generator).tolist()
+        bs = max(int(self.cfg.optim.batch_size), 1)
+        return [[self.train_samples[i] for i in perm[k : k + bs]] for k in range(0, len(perm), bs)]
+
+    def train_epoch(self) -> Dict[str, float]:
+        self.model.train()
+        batches = self._batches()
+        sums: Dict[str, float] = {}
+        n = 0
+        bar = None
+        if self.cfg.run.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(batches), desc=f"epoch {self.epoch + 1}", leave=False, file=sys.stderr, mininterval=30.0)
+        for k, chunk in enumerate(batches):
+            lr = self._lr_at(self.epoch + k / len(batches))
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batch = make_batch(chunk, self.model, self.dtype)
+            out = respond(self.model, batch.tensors, None, self.outputs, keep_graph=True)
+            res = residuals(out, batch, [q for q, w in self.weights.items() if w > 0])
+            loss, terms = total_loss(res, self.weights, self.scales, self.cfg.loss.huber_delta)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.optim.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
+            self.optimizer.step()
+            self._ema_update()
+            self.step += 1
+            n += 1
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for q, t in terms.items():
+                sums[q] = sums.get(q, 0.0) + float(t.detach())
+            if bar is not None:
+                bar.set_postfix(loss=f"{sums['loss'] / n:.4g}", lr=f"{lr:.2e}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+    def validate(self, model=None) -> Dict:
+        """Validation loss (same weights as training) and per-dataset metrics of the EMA model."""
+        model = model or self.ema_model()
+        total, count = 0.0, 0
+        datasets = {}
+        for name, samples in self.valid.items():
+            if not samples:
+                continue
+            losses = []
+
+            def add_loss(out, batch):
+                res = residuals(out, batch, [q for q, w in self.weights.items() if w > 0])
+                loss, _ = total_loss(res, self.weights, self.scales, self.cfg.loss.huber_delta)
+                losses.append(float(loss) * len(batch.samples))
+
+            rows = frame_errors(model, samples, on_output=add_loss)
+            loss_sum = sum(losses)
+            datasets[name] = summarise(rows)
+            datasets[name]["loss"] = loss_sum / len(samples)
+            total += loss_sum
+            count += len(samples)
+        return {"loss": total / max(count, 1), "datasets": datasets}
+
+    # -- main loop
+    def fit(self) -> Dict:
+        o = self.cfg.optim
+        metrics_path = self.workdir / "metrics.jsonl"
+        stop_reason = "max_epochs"
+        started = time.time() - self.elapsed
+        while self.epoch < o.max_epochs:
+            t0 = time.time()
+            train_metrics = self.train_epoch()
+            self.epoch += 1
+            record = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "train": train_metrics,
+                "train_seconds": time.time() - t0,
+            }
+            validate = self.epoch % max(o.valid_every, 1) == 0 or self.epoch == o.max_epochs
+            if validate:
+                t1 = time.time()
+                ema = self.ema_model()
+                val = self.validate(ema)
+                record["valid"] = val
+                record["valid_seconds"] = time.time() - t1
+                if val["loss"] < self.best_loss:
+                    self.best_loss = val["loss"]
+                    self.best_epoch = self.epoch
+                    self.bad_epochs = 0
+                    save_model(ema, self.workdir / "best.pt", metadata={"epoch": self.epoch, "valid_loss": val["loss"]})
+                else:
+                    self.bad_epochs += 1
+                if o.scheduler == "plateau":
+                    if val["loss"] < self.plateau_best:
+                        self.plateau_best, self.plateau_bad = val["loss"], 0
+                    else:
+                        self.plateau_bad += 1
+                        if self.plateau_bad >= o.plateau_patience:
+                            self.lr_factor *= o.plateau_factor
+                            self.plateau_bad = 0
+                save_model(ema, self.workdir / "last.pt", metadata={"epoch": self.epoch})
+            self.elapsed = time.time() - started
+            record["elapsed_seconds"] = self.elapsed
+            record["best_epoch"] = self.best_epoch
+            self.save_state()
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            log(self._summary_line(record))
+            if o.patience is not None and self.bad_epochs >= o.patience:
+                stop_reason = f"early stopping: no improvement for {o.patience} validations"
+                break
+            if o.max_minutes is not None and self.elapsed > 60.0 * o.max_minutes:
+                stop_reason = f"time limit of {o.max_minutes} minutes"
+                break
+        log(f"stopped after epoch {self.epoch} ({stop_reason}); best epoch {self.best_epoch}")
+        return {"stop_reason": stop_reason, "epochs": self.epoch, "best_epoch": self.best_epoch, "elapsed_seconds": self.elapsed}
+
+    @staticmethod
+    def _summary_line(rec) -> str:
+        parts = [f"epoch {rec['epoch']}", f"lr {rec['lr']:.2e}", f"train {rec['train'].get('loss', float('nan')):.4g}"]
+        if "valid" in rec:
+            parts.append(f"valid {rec['valid']['loss']:.4g}")
+            for name, d in rec["valid"]["datasets"].items():
+                bits = []
+                for key, fmt in (
+                    ("energy_mae_meV_per_atom", "E {:.2f}"),
+                    ("forces_mae_meV_per_A", "F {:.0f}"),
+                    ("born_charges_mae_e", "Z {:.3f}"),
+                    ("polarizability_rel_error", "a {:.3f}"),
+                    ("polarization_folded_mae_e_per_A2", "P {:.1e}"),
+                ):
+                    if key in d:
+                        bits.append(fmt.format(d[key]))
+                parts.append(f"{name}[{' '.join(bits)}]")
+        parts.append(f"{rec['train_seconds']:.0f}s")
+        return " | ".join(parts)

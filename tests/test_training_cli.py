@@ -1,0 +1,126 @@
+"""``macefield-train`` end to end on a tiny config: checkpoint, card, resume, config errors."""
+
+from __future__ import annotations
+
+import json
+import pytest
+import yaml
+from conftest import REPO, SHARED_DATA
+
+from macefield_server.model import load_model, predict
+from macefield_server.training import config_from_dict
+from macefield_server.training.cli import main
+from macefield_server.training.config import ConfigError
+
+pytestmark = pytest.mark.skipif(not (SHARED_DATA / "sio2-quartz-md.xyz").is_file(), reason="needs ../shared/data")
+
+DEFAULT_CONFIG = REPO / "server" / "macefield_server" / "models" / "default.train.yaml"
+
+
+def tiny_config(tmp_path, **optim):
+    """The shipped default config, shrunk: 2 frames per split and dataset, a tiny model."""
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    cfg["model"].update(channels=4, max_ell=1, correlation=2, radial_MLP=[8], mlp_channels=4, r_max=3.5)
+    for ds in cfg["datasets"]:
+        ds["max_frames"] = 2
+        ds["path"] = str(SHARED_DATA / ds["path"].split("/")[-1])
+    cfg["optim"].update(max_epochs=1, batch_size=2, max_minutes=None, **optim)
+    cfg["run"].update(workdir=str(tmp_path / "run"), progress=False)
+    cfg["export"].update(path=str(tmp_path / "out" / "tiny.pt"), command=None, card_frames=1)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def metrics(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_tiny_end_to_end_then_resume(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    assert main(["--config", str(config), "--no-progress"]) == 0
+    out = tmp_path / "out" / "tiny.pt"
+    model = load_model(out)
+    assert list(model.heads) == ["sio2", "batio3"]
+    card = json.loads((tmp_path / "out" / "tiny.card.json").read_text())
+    assert model.metadata["card"] == card
+    assert set(card["validation"]) == {"sio2-quartz", "batio3"}
+    assert card["validation"]["sio2-quartz"]["frames"] == 2
+    assert "born_charges_mae_e" in card["validation"]["batio3"]
+    assert (tmp_path / "out" / "tiny.card.md").read_text().startswith("# ")
+    first = metrics(tmp_path)
+    assert [m["epoch"] for m in first] == [1]
+    assert {"energy", "forces", "born_charges", "polarizability", "polarization", "stress"} <= set(first[0]["train"])
+    # the exported model predicts everything for a training-like frame
+    from ase.io import read
+
+    atoms = read(SHARED_DATA / "sio2-quartz-md.xyz", index=0)
+    res = predict(model, atoms, heads="sio2", outputs=["born_charges", "polarizability"])[0]
+    assert res["born_charges"].shape == (72, 3, 3)
+
+    # resume: a second invocation continues from state.pt at epoch 1
+    state_before = (tmp_path / "run" / "state.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["--config", str(config), "--no-progress", "--max-epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming" in err and "after epoch 1" in err
+    second = metrics(tmp_path)
+    assert [m["epoch"] for m in second] == [1, 2]
+    assert second[1]["step"] == 2 * second[0]["step"]
+    assert (tmp_path / "run" / "state.pt").stat().st_mtime_ns > state_before
+    # nothing left to do: resuming a finished run trains no further epoch
+    assert main(["--config", str(config), "--no-progress", "--max-epochs", "2"]) == 0
+    assert len(metrics(tmp_path)) == 2
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    """1 epoch + resume for a 2nd gives the same weights as 2 epochs in one go."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    ca, cb = tiny_config(a), tiny_config(b)
+    assert main(["--config", str(ca), "--no-progress", "--max-epochs", "2"]) == 0
+    assert main(["--config", str(cb), "--no-progress", "--max-epochs", "1"]) == 0
+    assert main(["--config", str(cb), "--no-progress", "--max-epochs", "2"]) == 0
+    ma, mb = load_model(a / "run" / "last.pt"), load_model(b / "run" / "last.pt")
+    for (ka, va), (kb, vb) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        assert ka == kb
+        assert (va == vb).all(), ka
+
+
+def test_console_script_declared_and_help(capsys):
+    import tomllib
+
+    project = tomllib.loads((REPO / "server" / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["macefield-train"] == "macefield_server.training.cli:main"
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "--config" in capsys.readouterr().out
+
+
+def test_config_errors(tmp_path):
+    base = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    bad = json.loads(json.dumps(base))
+    bad["optim"]["learning_rate"] = 1e-3
+    with pytest.raises(ConfigError, match="learning_rate"):
+        config_from_dict(bad)
+    bad = json.loads(json.dumps(base))
+    bad["datasets"][0]["keys"]["dipole"] = "polarization"
+    with pytest.raises(ConfigError, match="dipole"):
+        config_from_dict(bad)
+    bad = json.loads(json.dumps(base))
+    bad["datasets"][1]["valid"] = [0.8, 1.2]
+    with pytest.raises(ConfigError):
+        config_from_dict(bad)
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim: {lr: 0.1}\n")
+    assert main(["--config", str(path)]) == 2  # no datasets
+
+
+def test_shipped_config_parses_and_points_at_the_data():
+    from macefield_server.training import load_config
+
+    cfg = load_config(DEFAULT_CONFIG)
+    assert [d.head for d in cfg.datasets] == ["sio2", "batio3"]
+    for ds in cfg.datasets:
+        assert cfg.resolve_path(ds.path).is_file()
+        assert ds.train == (0.0, 0.8) and ds.valid == (0.8, 1.0) and ds.max_frames is None
