@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""Closed-loop load benchmark of the MACE-Field gRPC server (full response, 72-atom quartz).
+
+For 1, 8 and 64 concurrent clients (each sends a request, waits for the
+answer, sends the next) it measures throughput (structures/s) and p50/p99
+latency in three modes, all in the same run:
+
+* ``batching``: ``macefield-serve`` (child process) with dynamic batching on;
+* ``no-batching``: the same server with ``max_structures: 1``;
+* ``direct``: in-process ``prepare_batch`` + ``evaluate`` on batches of as
+  many structures as there are clients (the same work with no service at all;
+  the latency of a structure is the time of its batch).
+
+Every request asks for everything: energy, forces, stress, dipole,
+polarization, Born charges, polarizability.  The structure is the first frame
+of ``../shared/data/sio2-quartz-md.xyz`` (read at run time; a 2x2x2
+alpha-quartz cell from ASE if the file is absent).  Results go to
+``bench/results/load-<device>-<UTC time>.json``::
+
+    python bench/load.py                     # defaults: 32 channels, L=1, 2 layers, float32, 10 s per point
+    python bench/load.py --channels 64 --dtype float64 --duration 20 --clients 1 8 64
+
+A level runs for ``--duration`` seconds and at least until every client has
+finished ``--min-per-client`` requests; requests in flight at the end are
+waited for and counted (throughput = completed / wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "sio2-quartz-md.xyz"
+RESULTS = REPO / "bench" / "results"
+OUTPUTS = ["energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"]
+
+
+def load_structure():
+    from ase.io import read
+
+    if DATA.is_file():
+        return read(DATA, index=0), str(DATA.relative_to(REPO.parent)) + "@0"
+    from ase.spacegroup import crystal
+
+    atoms = crystal(["Si", "O"], basis=[(0.4697, 0.0, 1 / 3), (0.4135, 0.2669, 0.1191 + 2 / 3)], spacegroup=152,
+                    cellpar=[4.916, 4.916, 5.405, 90, 90, 120]) * (2, 2, 2)
+    atoms.rattle(0.02, seed=0)
+    return atoms, "ase alpha-quartz 2x2x2 (rattled)"
+
+
+def build_model(args):
+    import torch
+
+    from macefield_server.model import build_field_mace, default_architecture
+
+    arch = default_architecture([8, 14], heads=["sio2"], channels=args.channels, max_L=1, num_interactions=2,
+                                max_ell=args.max_ell, correlation=args.correlation, radial_MLP=(32, 32),
+                                r_max=args.r_max)
+    torch.manual_seed(0)
+    model = build_field_mace(arch, dtype=getattr(torch, args.dtype))
+    with torch.no_grad():  # a non-zero field coupling, like a trained model
+        for p in model.field_linear.parameters():
+            p.normal_(0.0, 0.1)
+    return model.eval(), arch
+
+
+def summarise(latencies_s, completed, wall_s, batch_sizes=None):
+    lat = np.asarray(latencies_s) * 1e3
+    out = {
+        "completed": int(completed),
+        "wall_s": round(wall_s, 3),
+        "throughput_sps": round(completed / wall_s, 3) if wall_s > 0 else None,
+        "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
+    }
+    if batch_sizes:
+        out["mean_batch_structures"] = round(float(np.mean(batch_sizes)), 2)
+    return out
+
+
+# ------------------------------------------------------------------ direct
+def run_direct(model, atoms, clients: int, args):
+    from macefield_server.model import Structure, evaluate, prepare_batch
+    from macefield_server.model.response import normalise_outputs
+
+    outputs = normalise_outputs(OUTPUTS)
+    rng = np.random.default_rng(1)
+    latencies, completed = [], 0
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        structures = [Structure.from_atoms(atoms, electric_field=rng.normal(0, 0.01, 3)) for _ in range(clients)]
+        batch = prepare_batch(model, structures)
+        evaluate(model, batch, outputs)
+        t1 = time.perf_counter()
+        latencies += [t1 - t0] * clients
+        completed += clients
+        if t1 - start >= args.duration and completed >= clients * args.min_per_client:
+            break
+    return summarise(latencies, completed, time.perf_counter() - start, [clients])
+
+
+# ------------------------------------------------------------------ served
+class Server:
+    def __init__(self, checkpoint: Path, max_structures: int, args, workdir: Path):
+        config = workdir / f"serve-{max_structures}.yaml"
+        config.write_text(
+            f"batching: {{max_structures: {max_structures}, max_wait_ms: {args.max_wait_ms}, max_atoms: 100000, "
+            f"max_edges: 10000000, max_queue: 4096}}\nwarmup_passes: 2\n"
+        )
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        self.log = open(workdir / f"server-{max_structures}.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "macefield_server.serve_cli", "--config", str(config), "--model", f"bench={checkpoint}",
+             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--threads", str(args.threads)],
+            stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+        )
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"server failed to start, see {self.log.name}")
+            if line.startswith("{") and '"listening"' in line:
+                self.port = json.loads(line)["port"]
+                break
+
+    def wait_serving(self, timeout=600):
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        stub = health_pb2_grpc.HealthStub(channel)
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server never became SERVING")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(120)
+        self.log.close()
+        return code
+
+
+async def closed_loop(port: int, atoms, clients: int, args):
+    import grpc
+    from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
+    from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
+
+    base = dict(
+        atomic_numbers=[int(z) for z in atoms.numbers],
+        positions=np.asarray(atoms.positions).ravel().tolist(),
+        cell=np.asarray(atoms.cell).ravel().tolist(),
+        pbc=[bool(p) for p in atoms.pbc],
+        outputs=OUTPUTS,
+    )
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(min(clients, 16))]
+    stubs = [rpc.MaceFieldStub(c) for c in channels]
+    latencies, batch_sizes, counts = [], [], [0] * clients
+    start = time.perf_counter()
+
+    async def client(k: int):
+        rng = np.random.default_rng(k)
+        stub = stubs[k % len(stubs)]
+        while True:
+            now = time.perf_counter()
+            if now - start >= args.duration and counts[k] >= args.min_per_client:
+                return
+            request = pb.PredictRequest(request_id=f"c{k}-{counts[k]}", electric_field=rng.normal(0, 0.01, 3).tolist(), **base)
+            t0 = time.perf_counter()
+            response = await stub.Predict(request, timeout=3600)
+            latencies.append(time.perf_counter() - t0)
+            batch_sizes.append(response.timing.batch_structures)
+            counts[k] += 1
+
+    await asyncio.gather(*(client(k) for k in range(clients)))
+    wall = time.perf_counter() - start
+    for c in channels:
+        await c.close()
+    return summarise(latencies, sum(counts), wall, batch_sizes)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement point (at least)")
+    p.add_argument("--min-per-client", type=int, default=1)
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--max-ell", type=int, default=2)
+    p.add_argument("--correlation", type=int, default=2)
+    p.add_argument("--r-max", type=float, default=5.0)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, server and direct alike")
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--modes", nargs="+", default=["direct", "batching", "no-batching"])
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    from macefield_server.model import Structure, evaluate, prepare_batch, save_model
+    from macefield_server.model.response import normalise_outputs
+
+    torch.set_num_threads(args.threads)
+    atoms, source = load_structure()
+    model, arch = build_model(args)
+    edges = prepare_batch(model, [Structure.from_atoms(atoms)]).num_edges
+    device = "cpu"
+    record = {
+        "benchmark": "bench/load.py",
+        "command": " ".join(["python", "bench/load.py", *sys.argv[1:]]),
+        "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": device,
+        "gpu": None,
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+                 "torch": torch.__version__, "load_avg_start": os.getloadavg()},
+        "structure": {"source": source, "n_atoms": len(atoms), "edges": edges},
+        "model": {"channels": args.channels, "max_L": 1, "num_interactions": 2, "max_ell": args.max_ell,
+                  "correlation": args.correlation, "r_max": args.r_max, "dtype": args.dtype,
+                  "parameters": int(sum(p.numel() for p in model.parameters()))},
+        "outputs": OUTPUTS,
+        "settings": {"duration_s": args.duration, "min_per_client": args.min_per_client, "threads": args.threads,
+                     "max_wait_ms": args.max_wait_ms},
+        "results": {},
+    }
+    print(json.dumps({k: record[k] for k in ("structure", "model", "settings")}), flush=True)
+
+    # warm the direct path (first-call costs) like the server's warm-up does
+    evaluate(model, prepare_batch(model, [Structure.from_atoms(atoms)]), normalise_outputs(OUTPUTS))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        checkpoint = save_model(model, workdir / "bench.pt")
+        for mode in args.modes:
+            record["results"][mode] = {}
+            server = None
+            if mode != "direct":
+                # batching on: a batch may hold every client's structure
+                server = Server(checkpoint, max(args.clients) if mode == "batching" else 1, args, workdir)
+                server.wait_serving()
+            for clients in args.clients:
+                if mode == "direct":
+                    row = run_direct(model, atoms, clients, args)
+                else:
+                    row = asyncio.run(closed_loop(server.port, atoms, clients, args))
+                record["results"][mode][str(clients)] = row
+                print(json.dumps({"mode": mode, "clients": clients, **row}), flush=True)
+            if server is not None:
+                record["results"][mode]["server_exit_code"] = server.stop()
+
+    res = record["results"]
+    checks = {}
+    top = str(max(args.clients))
+    if "direct" in res and "batching" in res:
+        checks["served_over_direct_at_max_clients"] = round(
+            res["batching"][top]["throughput_sps"] / res["direct"][top]["throughput_sps"], 3)
+        checks["target_served_over_direct"] = 0.9
+    if "batching" in res and "no-batching" in res:
+        checks["batching_over_no_batching"] = {
+            c: round(res["batching"][str(c)]["throughput_sps"] / res["no-batching"][str(c)]["throughput_sps"], 3)
+            for c in args.clients
+        }
+    record["checks"] = checks
+    record["host"]["load_avg_end"] = os.getloadavg()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = args.out or RESULTS / f"load-{device}-{record['utc'].replace(':', '').replace('-', '')}.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(checks), flush=True)
+    print(f"wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
