@@ -33,6 +33,7 @@ import torch
 from macefield_server.model import build_field_mace, default_architecture, prepare_batch
 from macefield_server.model.graph import Structure
 from macefield_server.model.response import SECOND_ORDER_DEFAULT, respond
+from macefield_server.runtime import tune_cpu_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "sio2-quartz-md.xyz"
@@ -107,10 +108,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--second-order", nargs="+", default=["loop", "vmap"], choices=["loop", "vmap"],
                         help="second-derivative strategies to time (the engine default is reported as full_s)")
+    parser.add_argument("--no-tune-allocator", action="store_true", help="leave glibc malloc at its defaults")
     parser.add_argument("--max-ell", type=int, default=3, help="spherical-harmonics order of the edges")
     parser.add_argument("--reference-structures", type=int, default=4)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "response_cost.json")
     args = parser.parse_args()
+    allocator_tuned = not args.no_tune_allocator and tune_cpu_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -167,6 +170,7 @@ def main():
         "engine_second_order_default": SECOND_ORDER_DEFAULT[device.type == "cuda"],
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
         "torch": torch.__version__,
+        "allocator_tuned": allocator_tuned,
         "dtype": args.dtype,
         "model": {"channels": args.channels, "L": 1, "layers": 2, "r_max": 5.0, "max_ell": args.max_ell, "correlation": 3},
         "structure_atoms": len(frames[0]),
