@@ -48,6 +48,11 @@ def test_train_tiny_end_to_end_then_resume(tmp_path, capsys):
     assert card["validation"]["sio2-quartz"]["frames"] == 2
     assert "born_charges_mae_e" in card["validation"]["batio3"]
     assert (tmp_path / "out" / "tiny.card.md").read_text().startswith("# ")
+    goals = {(g["dataset"], g["metric"]): g for g in card["goals"]}
+    z = goals[("sio2-quartz", "born_charges_mae_e")]
+    assert z["value"] == card["validation"]["sio2-quartz"]["born_charges_mae_e"]
+    assert z["met"] is (z["value"] <= 0.05)
+    assert card["training"]["command"].startswith("macefield-train --config ")
     first = metrics(tmp_path)
     assert [m["epoch"] for m in first] == [1]
     assert {"energy", "forces", "born_charges", "polarizability", "polarization", "stress"} <= set(first[0]["train"])

@@ -36,6 +36,38 @@ def hardware(threads: int) -> str:
     return f"{cpu_name()}, {threads} CPU thread(s), {os.cpu_count()} logical CPUs on the machine, no GPU"
 
 
+def check_goals(goals: Dict, validation: Dict) -> List[Dict]:
+    """Compare validation metrics with targets: {dataset: {metric: max allowed value}}."""
+    rows = []
+    for name, targets in (goals or {}).items():
+        for metric, target in targets.items():
+            value = validation.get(name, {}).get(metric)
+            rows.append(
+                {
+                    "dataset": name,
+                    "metric": metric,
+                    "target_max": target,
+                    "value": value,
+                    "met": None if value is None else bool(value <= target),
+                }
+            )
+    return rows
+
+
+def time_full_response(model, sample, repeats: int = 3) -> float:
+    """Best-of-``repeats`` wall time (s) of one full-response evaluation (all outputs) of one frame."""
+    import time
+
+    from ..model.predict import predict
+
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        predict(model, sample.structure)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def build_card(model, trainer, *, fit_summary: Dict, command: str) -> Dict:
     cfg = trainer.cfg
     arch = describe_architecture(model)
@@ -51,6 +83,11 @@ def build_card(model, trainer, *, fit_summary: Dict, command: str) -> Dict:
         frames += [compact_frame(r) for r in rows[: cfg.export.card_frames]]
     n_params = sum(p.numel() for p in model.parameters())
     card = dict(cfg.export.card_info)
+    goals = card.pop("goals", None)
+    timing = {}
+    first_valid = [s for ds in cfg.datasets for s in (trainer.valid.get(ds.name) or [])[:1]]
+    for s in first_valid:
+        timing[f"{s.dataset} ({s.n_atoms} atoms)"] = round(time_full_response(model, s), 3)
     card.update(
         {
             "heads": list(model.heads),
@@ -103,6 +140,12 @@ def build_card(model, trainer, *, fit_summary: Dict, command: str) -> Dict:
                 "torch": torch.__version__,
             },
             "validation": validation,
+            "goals": check_goals(goals, validation),
+            "inference_seconds_full_response": {
+                "threads": torch.get_num_threads(),
+                "note": "one evaluation of energy, forces, stress, dipole, P, Z*, alpha at the end of training, best of 3, on the training machine (shared CPU)",
+                "per_structure": timing,
+            },
             "validation_frames": frames,
         }
     )
@@ -156,7 +199,19 @@ def card_markdown(card: Dict) -> str:
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
     lines += ["", "1 meV/A^3 = 0.1602 GPa.", ""]
     if card.get("goals"):
-        lines += ["## Accuracy goals (issue 7) and what was reached", ""] + [f"- {g}" for g in card["goals"]] + [""]
+        lines += ["## Accuracy goals (issue 7) and what was reached", "", "| dataset | metric | goal (at most) | reached | met |", "|---|---|---|---|---|"]
+        for g in card["goals"]:
+            met = "n/a" if g["met"] is None else ("yes" if g["met"] else "**no**")
+            lines.append(f"| {g['dataset']} | {g['metric']} | {g['target_max']} | {_fmt(g['value'], 3)} | {met} |")
+        lines.append("")
+    timing = card.get("inference_seconds_full_response", {})
+    if timing.get("per_structure"):
+        lines += [
+            f"Full-response evaluation time ({timing['threads']} thread(s)): "
+            + ", ".join(f"{k}: {v} s" for k, v in timing["per_structure"].items())
+            + f" ({timing['note']}).",
+            "",
+        ]
     if card.get("notes"):
         lines += ["## Notes and limitations", ""] + [f"- {g}" for g in card["notes"]] + [""]
     lines += [

@@ -59,6 +59,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .trainer import Trainer, log
 
     trainer = Trainer(cfg, resume=not args.restart)
+    # the command that started the run (kept across resumes) is the one the card reports
+    command_file = trainer.workdir / "command.txt"
+    invoked = "macefield-train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if not command_file.is_file() or (args.restart and not args.export_only):
+        command_file.write_text(invoked + "\n")
     if args.export_only:
         metrics = trainer.workdir / "metrics.jsonl"
         last = json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
@@ -76,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = trainer.ema_model()
     else:
         model = load_model(best)
-    command = cfg.export.command or "macefield-train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = cfg.export.command or command_file.read_text().strip()
     target = cfg.export.path and cfg.resolve_path(cfg.export.path, must_exist=False)
     if target:
         card = export(model, trainer, target, fit_summary=summary, command=command, write_card=cfg.export.card)
