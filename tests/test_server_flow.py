@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 
 import grpc
@@ -118,7 +120,8 @@ def oom_above(max_atoms: int):
     return evaluate
 
 
-def test_out_of_memory_splits_the_batch_and_fails_only_what_does_not_fit(model):
+def test_out_of_memory_splits_the_batch_and_fails_only_what_does_not_fit(model, caplog):
+    caplog.set_level(logging.DEBUG, logger="macefield")
     config = ServerConfig(port=0, metrics_port=0, batching=BatchingConfig(max_wait_ms=800))
     served = ServedModel("tiny", model, "sio2")
     # warm-up uses 8 atoms; quartz cells have 9 atoms: two fit (18), four do not (36)
@@ -137,4 +140,9 @@ def test_out_of_memory_splits_the_batch_and_fails_only_what_does_not_fit(model):
             stub.Predict(big, timeout=60)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "27 atoms" in info.value.details()
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("too-big" in m and "RESOURCE_EXHAUSTED" in m for m in warnings), warnings
+        batches = [json.loads(r.getMessage()) for r in caplog.records
+                   if r.levelno == logging.DEBUG and r.getMessage().startswith('{"event": "batch"')]
+        assert any(b["structures"] == 4 and b["passes"] == [2, 2] for b in batches), batches
         assert stub.Predict(request(9), timeout=60).n_atoms == 9  # still serving

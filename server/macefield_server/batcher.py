@@ -353,11 +353,12 @@ class Batcher:
         name = self.served.name
         n_atoms = sum(it.n_atoms for it in items)
         self.metrics.compute.labels(model=name).observe(elapsed)
-        i = 0
+        i, passes = 0, []
         while i < len(outcomes):  # one observation per engine pass (several after an OOM split)
             _, pass_structures, pass_atoms = outcomes[i]
             self.metrics.batch_structures.labels(model=name).observe(pass_structures)
             self.metrics.batch_atoms.labels(model=name).observe(pass_atoms)
+            passes.append(pass_structures)
             i += pass_structures
         self.metrics.record_gpu_memory(self.served.device)
         done = time.monotonic()
@@ -380,6 +381,7 @@ class Batcher:
                         "structures": len(items),
                         "atoms": n_atoms,
                         "edges": sum(it.n_edges for it in items),
+                        "passes": passes,
                         "compute_ms": round(elapsed * 1e3, 3),
                         "oldest_wait_ms": round((start - min(it.enqueued for it in items)) * 1e3, 3),
                         "request_ids": [it.request_id for it in items][:16],

@@ -150,8 +150,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         except Exception as exc:  # noqa: BLE001
             error = _error_for(exc, request_ids)
             code = error.code
-            if code != grpc.StatusCode.INVALID_ARGUMENT:
-                log.warning("%s %s: %s %s", method, request_ids[:16], code.name, error)
+            log.warning("%s request_id=%s: %s %s", method, ",".join(request_ids[:16]), code.name, error)
             await context.abort(code, str(error))
         finally:
             gauge.dec()
@@ -204,8 +203,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         except Exception as exc:  # noqa: BLE001
             error = _error_for(exc, ids[-16:])
             code = error.code
-            if code != grpc.StatusCode.INVALID_ARGUMENT:
-                log.warning("%s: %s %s", method, code.name, error)
+            log.warning("%s: %s %s", method, code.name, error)  # the message names the request_id
             await context.abort(code, str(error))
         finally:
             reader.cancel()
