@@ -24,6 +24,12 @@ from typing import List, Optional
 from .config import ConfigError, ModelConfig, load_config
 
 
+def _version_string() -> str:
+    from . import __version__
+
+    return f"macefield-serve {__version__} (Python {sys.version.split()[0]})"
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="macefield-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML (.yaml/.yml) or TOML (.toml) configuration file")
@@ -38,6 +44,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads for compute (0: torch default)")
     p.add_argument("--grace", type=float, dest="grace_s", help="SIGTERM drain period, s")
     p.add_argument("--log-level", help="DEBUG logs one line per batch")
+    p.add_argument("--version", action="version", version=_version_string())
     return p.parse_args(argv)
 
 

@@ -1,0 +1,55 @@
+"""``macefield-health``: a small grpc.health.v1 probe for container HEALTHCHECKs.
+
+    macefield-health                          # 127.0.0.1:50051, overall server health ("")
+    macefield-health --address host:port --service macefield.v1.MaceField --timeout 5
+
+Exit status 0 when the server answers SERVING, 1 otherwise (NOT_SERVING while
+models load and warm up or while draining after SIGTERM, unreachable, timeout),
+2 on bad arguments.  One line on stdout says what it saw.  The default address
+comes from ``$MACEFIELD_HEALTH_ADDRESS`` when set.  Imports grpcio only (no
+torch), so it is cheap enough to run every few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def check(address: str, service: str = "", timeout: float = 5.0) -> str:
+    """The health status name the server reports (``SERVING``, ``NOT_SERVING``, ...); raises grpc.RpcError."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=False)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="macefield-health", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", default=os.environ.get("MACEFIELD_HEALTH_ADDRESS") or DEFAULT_ADDRESS,
+                   help="server gRPC address host:port (default $MACEFIELD_HEALTH_ADDRESS or %(default)s)")
+    p.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    args = p.parse_args(argv)
+
+    import grpc
+
+    try:
+        status = check(args.address, args.service, args.timeout)
+    except grpc.RpcError as exc:
+        print(f"macefield-health: {args.address}: {exc.code().name}: {exc.details()}")
+        return 1
+    print(f"macefield-health: {args.address}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
