@@ -1,9 +1,51 @@
-"""Thin client for MACE-Field Serve.
+"""Thin client for MACE-Field Serve (grpcio, protobuf and numpy; never torch).
+
+::
+
+    from macefield_client import Client
+
+    with Client("127.0.0.1:50051") as client:
+        r = client.predict(atoms, electric_field=(0, 0, 0.05), outputs="all")
+        r.energy, r.forces, r.polarization, r.born_charges, r.units
+
+* :class:`Client` / :class:`AsyncClient`: ``predict``, ``predict_many``
+  (PredictBatch, pipelined, optional progress bar), ``session()`` (one
+  PredictStream kept open for MD), ``list_models``.
+* :mod:`macefield_client.ase`: ``MACEFieldCalculator`` (needs ``ase``).
+* ``macefield`` command line: ``macefield info``, ``macefield predict``.
+* Errors: :class:`ServerUnavailable` (a ``ConnectionError`` naming the
+  target, after retries), :class:`InvalidRequest` (a ``ValueError`` naming
+  the bad field), :class:`RequestTimeout`, :class:`ResourceExhausted`.
 
 The generated gRPC stubs live in :mod:`macefield_client.proto.macefield.v1`
-(``macefield_pb2`` messages, ``macefield_pb2_grpc.MaceFieldStub``); they need
-grpcio and protobuf only, never torch.  They are generated from
-``proto/macefield/v1/*.proto`` by ``proto/generate_stubs.py``.
+(``macefield_pb2`` messages, ``macefield_pb2_grpc.MaceFieldStub``), generated
+from ``proto/macefield/v1/*.proto`` by ``proto/generate_stubs.py``.
 """
 
 __version__ = "0.1.0"
+
+from ._channel import DEFAULT_TARGET, DEFAULT_TIMEOUT, RetryPolicy
+from .aio import AsyncClient, AsyncSession
+from .client import Client, Session
+from .errors import InvalidRequest, MACEFieldError, RequestTimeout, ResourceExhausted, ServerUnavailable
+from .results import OUTPUTS, UNITS, ModelInfo, Result, ServerInfo
+
+__all__ = [
+    "AsyncClient",
+    "AsyncSession",
+    "Client",
+    "DEFAULT_TARGET",
+    "DEFAULT_TIMEOUT",
+    "InvalidRequest",
+    "MACEFieldError",
+    "ModelInfo",
+    "OUTPUTS",
+    "RequestTimeout",
+    "ResourceExhausted",
+    "Result",
+    "RetryPolicy",
+    "ServerInfo",
+    "ServerUnavailable",
+    "Session",
+    "UNITS",
+]

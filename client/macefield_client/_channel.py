@@ -1,0 +1,119 @@
+"""Channel construction, credentials, retry policy: shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import grpc
+
+#: server address used when none is given (override with $MACEFIELD_SERVER)
+DEFAULT_TARGET = "127.0.0.1:50051"
+#: per-call deadline when ``timeout=None`` (seconds)
+DEFAULT_TIMEOUT = 120.0
+
+MAX_MESSAGE = 256 * 1024 * 1024
+
+#: gRPC channel options: large messages (Born charges of big cells) and quick
+#: reconnects after a server restart (gRPC's own reconnect backoff grows to 120 s)
+CHANNEL_OPTIONS: List[Tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries with exponential backoff for idempotent calls answered UNAVAILABLE.
+
+    ``attempts`` counts the first try; ``attempts=1`` never retries.  The
+    delay before retry k (k = 1, 2, ...) is ``min(max_backoff, initial_backoff
+    * multiplier**(k-1))`` times a random factor in ``[1 - jitter, 1]``.  The
+    defaults wait about 7.8 s in all before giving up, long enough to ride out
+    a server restart of a small model.
+    """
+
+    attempts: int = 6
+    initial_backoff: float = 0.25
+    multiplier: float = 2.0
+    max_backoff: float = 4.0
+    jitter: float = 0.2
+    retry_codes: Tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE,)
+
+    def __post_init__(self):
+        if self.attempts < 1:
+            raise ValueError("retry.attempts must be >= 1")
+
+    def delays(self) -> Iterator[float]:
+        """The sleeps between attempts (``attempts - 1`` of them)."""
+        for k in range(self.attempts - 1):
+            base = min(self.max_backoff, self.initial_backoff * self.multiplier ** k)
+            yield base * (1.0 - self.jitter * random.random())
+
+    @classmethod
+    def coerce(cls, retry) -> "RetryPolicy":
+        if retry is None:
+            return cls()
+        if isinstance(retry, RetryPolicy):
+            return retry
+        if isinstance(retry, bool):
+            return cls() if retry else cls(attempts=1)
+        if isinstance(retry, int):
+            return cls(attempts=retry + 1)  # an int is the number of retries
+        raise TypeError(f"retry: expected RetryPolicy, int (retries) or bool, got {type(retry).__name__}")
+
+
+def resolve_target(target: Optional[str]) -> str:
+    target = target or os.environ.get("MACEFIELD_SERVER") or DEFAULT_TARGET
+    for prefix in ("grpc://", "http://"):
+        if target.startswith(prefix):
+            target = target[len(prefix):]
+    return target
+
+
+def resolve_timeout(timeout: Optional[float], default: Optional[float] = None) -> Optional[float]:
+    """None: the default; inf or <= 0: no deadline (returned as None)."""
+    if timeout is None:
+        timeout = DEFAULT_TIMEOUT if default is None else default
+    if timeout is None or math.isinf(timeout) or timeout <= 0:
+        return None
+    return float(timeout)
+
+
+def channel_credentials(tls) -> Optional[grpc.ChannelCredentials]:
+    """None/False: plaintext.  True: TLS with the system roots.  A path or PEM bytes: TLS trusting that CA.
+    A ``grpc.ChannelCredentials``: used as is (e.g. for client certificates)."""
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    if isinstance(tls, grpc.ChannelCredentials):
+        return tls
+    if isinstance(tls, (bytes, bytearray)):
+        return grpc.ssl_channel_credentials(root_certificates=bytes(tls))
+    if isinstance(tls, (str, os.PathLike)):
+        return grpc.ssl_channel_credentials(root_certificates=Path(tls).read_bytes())
+    raise TypeError(f"tls: expected None, bool, a CA file path, PEM bytes or grpc.ChannelCredentials, got {type(tls).__name__}")
+
+
+def call_metadata(token: Optional[str]) -> Optional[Sequence[Tuple[str, str]]]:
+    """The bearer token as ``authorization`` metadata (works on plaintext and TLS channels)."""
+    if not token:
+        return None
+    return (("authorization", f"Bearer {token}"),)
+
+
+def make_channel(target: str, tls, options=None, *, aio: bool = False):
+    opts = list(CHANNEL_OPTIONS) + list(options or [])
+    creds = channel_credentials(tls)
+    mod = grpc.aio if aio else grpc
+    if creds is None:
+        return mod.insecure_channel(target, options=opts)
+    return mod.secure_channel(target, creds, options=opts)

@@ -1,0 +1,176 @@
+"""ASE calculator backed by a MACE-Field server (needs ``ase``; never torch).
+
+::
+
+    from macefield_client.ase import MACEFieldCalculator
+
+    atoms.calc = MACEFieldCalculator("127.0.0.1:50051", electric_field=(0.0, 0.0, 0.05))
+    atoms.get_forces(); atoms.get_stress(); calc.get_property("polarization", atoms)
+
+Results (names and shapes as the reference MACE-Field ASE calculator):
+
+============================ ========== ======================================================
+``energy``, ``free_energy``  ()         electric enthalpy F(R, E), eV
+``forces``                   (N, 3)     -dF/dR, eV/A
+``stress``                   (6,)       Voigt (xx, yy, zz, yz, xz, xy), eV/A^3, ASE sign
+                                        (periodic in all three directions only)
+``dipole``                   (3,)       -dF/dE, e*A
+``polarization``             (3,)       dipole / volume, e/A^2 (periodic only; defined
+                                        modulo the polarization quantum e*a_k/volume)
+``becs``                     (N, 9)     Born charges d dipole_i / d R_kj, row-major (i, j), e
+``polarizability``           (9,)       chi = (d dipole/dE) / (volume * eps0), dimensionless
+                                        (periodic only), row-major
+``molecular_polarizability`` (3, 3)     d dipole/dE, e*A^2/V (not fully periodic only)
+============================ ========== ======================================================
+
+Structures that are not periodic in all three directions have no volume:
+they get no ``polarization``, ``polarizability`` or ``stress`` (asking for
+them raises ``PropertyNotImplementedError``) but get
+``molecular_polarizability``.
+
+The field (V/A) is the ``electric_field`` argument/attribute when set (it
+may be changed between MD steps; a change discards cached results), else
+``atoms.info["electric_field"]``, else ``atoms.info["REF_electric_field"]``,
+else zero.
+
+Cost: energy, forces, stress, dipole and polarization come from one
+first-derivative pass and are computed together; ``becs``,
+``polarizability`` and ``molecular_polarizability`` need the
+second-derivative pass and are only computed when asked for (pass
+``outputs="all"`` to get everything at every step).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+from ase.calculators.calculator import Calculator, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from .client import Client
+
+_FIRST = ("energy", "forces", "stress", "dipole", "polarization")
+_SECOND = _FIRST + ("born_charges", "polarizability")
+_SECOND_ORDER_PROPERTIES = {"becs", "polarizability", "molecular_polarizability"}
+
+
+def resolve_field(override, atoms) -> np.ndarray:
+    """The field for ``atoms``: ``override``, else info["electric_field"], else info["REF_electric_field"], else 0."""
+    ef = override
+    if ef is None and atoms is not None:
+        ef = atoms.info.get("electric_field")
+        if ef is None:
+            ef = atoms.info.get("REF_electric_field")
+    if ef is None:
+        ef = (0.0, 0.0, 0.0)
+    ef = np.asarray(ef, dtype=float).reshape(-1)
+    if ef.shape != (3,):
+        raise ValueError(f"electric_field: expected 3 components (V/A), got {ef.shape}")
+    return ef
+
+
+class MACEFieldCalculator(Calculator):
+    """ASE calculator for a MACE-Field server.
+
+    Args:
+        server: ``host:port`` of the server (default ``$MACEFIELD_SERVER`` or 127.0.0.1:50051).
+        electric_field: (3,) V/A for every calculation; None: from ``atoms.info`` (see module doc).
+        model, head: served model and head (None: the server's defaults).
+        client: an existing :class:`~macefield_client.Client` to use instead of ``server``.
+        tls, token, timeout, retry: passed to :class:`~macefield_client.Client`.
+        use_session: keep one PredictStream open across calls (MD); False: one Predict per call.
+        outputs: None (what ASE asks for, see module doc) or "all" (second derivatives at every call).
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "dipole", "polarization", "becs",
+                              "polarizability", "molecular_polarizability"]
+
+    def __init__(self, server: Optional[str] = None, *, electric_field: Optional[Sequence[float]] = None,
+                 model: Optional[str] = None, head: Optional[str] = None, client: Optional[Client] = None,
+                 tls=None, token: Optional[str] = None, timeout: Optional[float] = None, retry=None,
+                 use_session: bool = True, outputs=None, **kwargs):
+        Calculator.__init__(self, **kwargs)
+        self._owns_client = client is None
+        self.client = client if client is not None else Client(server, tls=tls, token=token, timeout=timeout,
+                                                               retry=retry)
+        self.model = model
+        self.head = head
+        self.always_all = outputs == "all"
+        if outputs not in (None, "all"):
+            raise ValueError('outputs: None or "all"')
+        self._session = self.client.session(model=model, head=head) if use_session else None
+        self._electric_field = None if electric_field is None else resolve_field(electric_field, None)
+        self.field_used: Optional[np.ndarray] = None  #: the field of the cached results, V/A
+        self.last_result = None  #: the client Result behind the cached results
+
+    # ------------------------------------------------------------- field
+    @property
+    def electric_field(self) -> Optional[np.ndarray]:
+        return None if self._electric_field is None else self._electric_field.copy()
+
+    @electric_field.setter
+    def electric_field(self, value) -> None:
+        new = None if value is None else resolve_field(value, None)
+        old = self._electric_field
+        same = (new is None and old is None) or (new is not None and old is not None and np.array_equal(new, old))
+        self._electric_field = new
+        if not same:
+            self.results = {}  # a changed field invalidates every cached result
+
+    def check_state(self, atoms, tol: float = 1e-15):
+        changes = Calculator.check_state(self, atoms, tol=tol)
+        if not changes and self.field_used is not None:
+            if not np.array_equal(resolve_field(self._electric_field, atoms), self.field_used):
+                changes.append("electric_field")
+        return changes
+
+    # -------------------------------------------------------- calculate
+    def _outputs(self, properties) -> Sequence[str]:
+        if self.always_all or properties is None or set(properties) & _SECOND_ORDER_PROPERTIES:
+            return _SECOND
+        return _FIRST
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+        Calculator.calculate(self, atoms, properties, system_changes)
+        atoms = self.atoms
+        field = resolve_field(self._electric_field, atoms)
+        outputs = self._outputs(properties)
+        if self._session is not None:
+            r = self._session.predict(atoms, electric_field=field, outputs=outputs)
+        else:
+            r = self.client.predict(atoms, electric_field=field, outputs=outputs, model=self.model, head=self.head)
+        n = len(atoms)
+        results = {"energy": float(r.energy), "free_energy": float(r.energy)}
+        if r.forces is not None:
+            results["forces"] = r.forces
+        if r.stress is not None:
+            results["stress"] = full_3x3_to_voigt_6_stress(r.stress)
+        if r.dipole is not None:
+            results["dipole"] = r.dipole
+        if r.polarization is not None:
+            results["polarization"] = r.polarization
+        if r.born_charges is not None:
+            results["becs"] = r.born_charges.reshape(n, 9)
+        if r.chi is not None:
+            results["polarizability"] = r.chi.reshape(9)
+        elif r.polarizability is not None:
+            results["molecular_polarizability"] = r.polarizability
+        self.results = results
+        self.field_used = field
+        self.last_result = r
+
+    def get_polarization(self, atoms=None):
+        return self.get_property("polarization", atoms)
+
+    def get_becs(self, atoms=None):
+        return self.get_property("becs", atoms)
+
+    def get_polarizability(self, atoms=None):
+        return self.get_property("polarizability", atoms)
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+        if self._owns_client:
+            self.client.close()

@@ -1,0 +1,58 @@
+"""Exceptions raised by the client.  Every one names the server target it was talking to."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import grpc
+
+
+class MACEFieldError(Exception):
+    """A call to a MACE-Field server failed.
+
+    Attributes: ``target`` (the server address), ``code`` (the gRPC status
+    code, or None) and ``details`` (the server's message).
+    """
+
+    def __init__(self, message: str, *, target: str, code: Optional[grpc.StatusCode] = None, details: str = ""):
+        super().__init__(message)
+        self.target = target
+        self.code = code
+        self.details = details
+
+
+class ServerUnavailable(MACEFieldError, ConnectionError):
+    """The server could not be reached (or kept answering UNAVAILABLE) after all retries."""
+
+
+class InvalidRequest(MACEFieldError, ValueError):
+    """The server refused the request as invalid; the message names the bad field."""
+
+
+class RequestTimeout(MACEFieldError, TimeoutError):
+    """The call's deadline passed before the server answered."""
+
+
+class ResourceExhausted(MACEFieldError):
+    """The server's queue is full, or a structure is too large for it."""
+
+
+def error_from_rpc(err: grpc.RpcError, target: str, *, attempts: int = 1) -> MACEFieldError:
+    """Map a gRPC error to one of the exceptions above."""
+    code = err.code() if hasattr(err, "code") else None
+    details = (err.details() if hasattr(err, "details") else "") or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        tries = f" after {attempts} attempt{'s' if attempts != 1 else ''}" if attempts else ""
+        return ServerUnavailable(
+            f"MACE-Field server at {target} is unavailable{tries}: {details or 'no connection'}",
+            target=target, code=code, details=details,
+        )
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequest(f"{details} (server {target})", target=target, code=code, details=details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return RequestTimeout(f"MACE-Field server at {target}: deadline exceeded ({details})",
+                              target=target, code=code, details=details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(f"MACE-Field server at {target}: {details}", target=target, code=code, details=details)
+    name = code.name if code is not None else "error"
+    return MACEFieldError(f"MACE-Field server at {target}: {name}: {details}", target=target, code=code, details=details)
