@@ -104,24 +104,29 @@ class ModelConfig:
 class LossConfig:
     """Weights of the loss terms (0 disables one) and the Huber threshold.
 
-    Each term is the mean Huber loss (``huber_delta``) of the residual divided
-    by ``scales[term]``; a missing scale is taken from the training labels
-    (energy: std of the per-atom energy after E0s, at least 1 meV/atom;
-    forces, stress, born_charges: RMS of the labels; polarization: 0.1 of the
-    mean polarization quantum; polarizability: 0.1, as it is measured as the
-    susceptibility chi = alpha / (Omega eps0), which is dimensionless).
-    Energies enter per atom.  The polarization residual is folded by the
-    polarization quanta e*a_k/Omega into (-1/2, 1/2] quantum along each
-    lattice vector before the loss, so the branch of the label does not matter.
+    Each term is the mean Huber loss (threshold ``huber_delta``) of the
+    residual divided by ``scales[term]``; a missing scale is taken from the
+    training labels (energy: std of the per-atom energy after E0s, at least
+    1 meV/atom; forces, stress, born_charges: RMS of the labels;
+    polarization: 0.1 of the mean polarization quantum) or is 1 for the
+    polarizability, whose residual is measured as the susceptibility
+    chi = alpha / (Omega eps0) (dimensionless).  Energies enter per atom.
+    The polarization residual is folded by the polarization quanta
+    e*a_k/Omega into [-1/2, 1/2) quantum along each lattice vector before the
+    loss, so the branch of the label does not matter.
+
+    Keep ``huber_delta`` of order one (in units of the scales): in the linear
+    regime the gradients of terms with many components (forces, Z*) nearly
+    cancel, and forces stop learning.
     """
 
     energy: float = 1.0
-    forces: float = 10.0
+    forces: float = 100.0
     stress: float = 1.0
     polarization: float = 1.0
-    born_charges: float = 10.0
-    polarizability: float = 10.0
-    huber_delta: float = 0.01
+    born_charges: float = 100.0
+    polarizability: float = 50.0
+    huber_delta: float = 3.0
     scales: Dict[str, float] = field(default_factory=dict)
 
 

@@ -83,7 +83,7 @@ def label_scales(samples: List[Sample], cfg: TrainConfig) -> Dict[str, float]:
         scales[q] = float(np.sqrt(np.mean(np.concatenate([v.reshape(-1) for v in vals]) ** 2))) if vals else 1.0
     quanta = [np.linalg.norm(s.structure.cell, axis=1).mean() / s.structure.volume for s in samples if "polarization" in s.labels]
     scales["polarization"] = 0.1 * float(np.mean(quanta)) if quanta else 1.0
-    scales["polarizability"] = 0.1
+    scales["polarizability"] = 1.0
     for q, v in cfg.loss.scales.items():
         scales[q] = float(v)
     for q in QUANTITIES:
