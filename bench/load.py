@@ -8,9 +8,13 @@ latency in three modes, all in the same run:
 * ``batching``: ``macefield-serve`` (child process) with dynamic batching on
   (``max_structures`` = the largest client count, ``max_wait_ms`` 5, other limits default);
 * ``no-batching``: the same server with ``max_structures: 1``;
-* ``direct``: in-process ``prepare_batch`` + ``evaluate`` on batches of as
-  many structures as there are clients (the same work with no service at all;
-  the latency of a structure is the time of its batch).
+* ``direct``: in-process ``prepare_batch`` + ``evaluate`` of every client's
+  structure per round, in batches of the server's limits for the device (the
+  same work with no service at all; a structure's latency is the time until
+  its batch is done);
+* ``direct-one-batch``: the same, all of a round's structures in one pass
+  (on CPU this is slower per structure than small batches, see
+  ``macefield_server.config.AUTO_LIMITS``).
 
 Every request asks for everything: energy, forces, stress, dipole,
 polarization, Born charges, polarizability.  The structure is the first frame
@@ -93,25 +97,39 @@ def summarise(latencies_s, completed, wall_s, batch_sizes=None):
 
 
 # ------------------------------------------------------------------ direct
-def run_direct(model, atoms, clients: int, args):
+def chunks(n_structures: int, n_atoms: int, n_edges: int, max_structures: int, max_atoms: int, max_edges: int):
+    """Batch sizes the server's batcher would form for ``n_structures`` equal structures."""
+    per_batch = max(1, min(max_structures, max_atoms // n_atoms, max_edges // max(n_edges, 1)))
+    sizes = [per_batch] * (n_structures // per_batch)
+    if n_structures % per_batch:
+        sizes.append(n_structures % per_batch)
+    return sizes
+
+
+def run_direct(model, atoms, clients: int, args, batch_limits):
+    """All clients' structures of one round, evaluated in batches of the server's limits (or one batch)."""
     from macefield_server.model import Structure, evaluate, prepare_batch
     from macefield_server.model.response import normalise_outputs
 
     outputs = normalise_outputs(OUTPUTS)
     rng = np.random.default_rng(1)
-    latencies, completed = [], 0
+    latencies, completed, sizes = [], 0, []
     start = time.perf_counter()
     while True:
         t0 = time.perf_counter()
         structures = [Structure.from_atoms(atoms, electric_field=rng.normal(0, 0.01, 3)) for _ in range(clients)]
-        batch = prepare_batch(model, structures)
-        evaluate(model, batch, outputs)
-        t1 = time.perf_counter()
-        latencies += [t1 - t0] * clients
+        plan = [clients] if batch_limits is None else chunks(clients, len(atoms), args.edges, *batch_limits)
+        first = 0
+        for size in plan:
+            evaluate(model, prepare_batch(model, structures[first : first + size]), outputs)
+            latencies.append(time.perf_counter() - t0)  # a structure is done when its batch is
+            latencies += [latencies[-1]] * (size - 1)
+            first += size
+        sizes += plan
         completed += clients
-        if t1 - start >= args.duration and completed >= clients * args.min_per_client:
+        if time.perf_counter() - start >= args.duration and completed >= clients * args.min_per_client:
             break
-    return summarise(latencies, completed, time.perf_counter() - start, [clients])
+    return summarise(latencies, completed, time.perf_counter() - start, sizes)
 
 
 # ------------------------------------------------------------------ served
@@ -209,20 +227,23 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--threads", type=int, default=1, help="torch threads, server and direct alike")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--modes", nargs="+", default=["direct", "batching", "no-batching"])
+    p.add_argument("--modes", nargs="+", default=["direct", "batching", "no-batching", "direct-one-batch"],
+                   choices=["direct", "batching", "no-batching", "direct-one-batch"])
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
+    from macefield_server.config import BatchingConfig
     from macefield_server.model import Structure, evaluate, prepare_batch, save_model
     from macefield_server.model.response import normalise_outputs
 
     torch.set_num_threads(args.threads)
     atoms, source = load_structure()
     model, arch = build_model(args)
-    edges = prepare_batch(model, [Structure.from_atoms(atoms)]).num_edges
+    edges = args.edges = prepare_batch(model, [Structure.from_atoms(atoms)]).num_edges
+    limits = BatchingConfig().limits_for("cpu")
     device = "cpu"
     record = {
         "benchmark": "bench/load.py",
@@ -238,7 +259,7 @@ def main(argv=None) -> int:
                   "parameters": int(sum(p.numel() for p in model.parameters()))},
         "outputs": OUTPUTS,
         "settings": {"duration_s": args.duration, "min_per_client": args.min_per_client, "threads": args.threads,
-                     "max_wait_ms": args.max_wait_ms},
+                     "max_wait_ms": args.max_wait_ms, "batch_limits_cpu": {"max_atoms": limits[0], "max_edges": limits[1]}},
         "results": {},
     }
     print(json.dumps({k: record[k] for k in ("structure", "model", "settings")}), flush=True)
@@ -254,14 +275,16 @@ def main(argv=None) -> int:
         servers = {}
         for mode in args.modes:
             record["results"][mode] = {}
-            if mode != "direct":  # batching on: a batch may hold every client's structure
+            if not mode.startswith("direct"):  # batching on: a batch may hold every client's structure
                 servers[mode] = Server(checkpoint, max(args.clients) if mode == "batching" else 1, args, workdir)
         for server in servers.values():
             server.wait_serving()
         for clients in args.clients:
             for mode in args.modes:
-                if mode == "direct":
-                    row = run_direct(model, atoms, clients, args)
+                if mode == "direct":  # the server's batch limits on this device
+                    row = run_direct(model, atoms, clients, args, (max(args.clients), *limits))
+                elif mode == "direct-one-batch":  # every client's structure in a single pass
+                    row = run_direct(model, atoms, clients, args, None)
                 else:
                     row = asyncio.run(closed_loop(servers[mode].port, atoms, clients, args))
                 record["results"][mode][str(clients)] = row
@@ -276,6 +299,9 @@ def main(argv=None) -> int:
         checks["served_over_direct_at_max_clients"] = round(
             res["batching"][top]["throughput_sps"] / res["direct"][top]["throughput_sps"], 3)
         checks["target_served_over_direct"] = 0.9
+    if "direct-one-batch" in res and "batching" in res:
+        checks["served_over_direct_one_batch_at_max_clients"] = round(
+            res["batching"][top]["throughput_sps"] / res["direct-one-batch"][top]["throughput_sps"], 3)
     if "batching" in res and "no-batching" in res:
         checks["batching_over_no_batching"] = {
             c: round(res["batching"][str(c)]["throughput_sps"] / res["no-batching"][str(c)]["throughput_sps"], 3)

@@ -9,7 +9,7 @@ import torch
 from conftest import random_field_model
 
 from macefield_server import registry as registry_module
-from macefield_server.config import BatchingConfig, ConfigError, LimitsConfig, ModelConfig, ServerConfig, load_config
+from macefield_server.config import AUTO_LIMITS, BatchingConfig, ConfigError, LimitsConfig, ModelConfig, ServerConfig, load_config
 from macefield_server.model import save_model
 from macefield_server.serve_cli import build_config, parse_args
 
@@ -138,3 +138,13 @@ def test_configured_model_card_and_name(tmp_path):
     (tmp_path / "quartz.card.json").write_text(json.dumps({"name": "q", "trained": False}))
     served = registry_module.load_configured_model(ModelConfig(path=str(path), name="mine"))
     assert served.name == "mine" and served.trained is False
+
+
+def test_auto_batch_limits_depend_on_the_device(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("batching: {max_atoms: auto, max_edges: 5000}")
+    batching = load_config(path).batching
+    assert batching.max_atoms is None
+    assert batching.limits_for("cpu") == (AUTO_LIMITS["cpu"][0], 5000)
+    assert batching.limits_for("cuda") == (AUTO_LIMITS["cuda"][0], 5000)
+    assert BatchingConfig().limits_for("cuda") == AUTO_LIMITS["cuda"]

@@ -8,8 +8,10 @@ Pipeline (asyncio on the server's event loop, CPU/GPU work on threads)::
 * Requests are grouped by output tier (0: energy, 1: first derivatives,
   2: Born charges / polarizability); heads and fields mix freely in a batch.
 * A batch closes when it holds ``max_structures``, or adding the next
-  structure would pass ``max_atoms`` / ``max_edges``, or its oldest request
-  has waited ``max_wait_ms`` (immediately while draining).
+  structure would pass ``max_atoms`` / ``max_edges`` (per device when
+  "auto", see :data:`.config.AUTO_LIMITS`), or its oldest request has waited
+  ``max_wait_ms`` (immediately while draining).  A structure larger than the
+  limits is computed alone.
 * The former prepares batch k+1 (collate: tensor assembly) while batch k
   computes; neighbour lists are built per request on admission (prep thread).
 * The queue is bounded (``max_queue`` structures): :meth:`Batcher.submit`
@@ -151,6 +153,7 @@ class Batcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._atomic_numbers = [int(z) for z in served.model.atomic_numbers]
+        self.max_atoms, self.max_edges = config.limits_for(served.device.type)
         self._depth = metrics.queue_depth.labels(model=served.name)
         self._depth.set(0)
 
@@ -230,7 +233,7 @@ class Batcher:
         for item in dq:
             if item.state != QUEUED:
                 continue
-            if count and (atoms + item.n_atoms > cfg.max_atoms or edges + item.n_edges > cfg.max_edges):
+            if count and (atoms + item.n_atoms > self.max_atoms or edges + item.n_edges > self.max_edges):
                 return count, True
             count += 1
             atoms += item.n_atoms
