@@ -37,6 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="use TLS (optionally trusting this CA file)")
     p.add_argument("--token", help="bearer token (default $MACEFIELD_TOKEN)")
     p.add_argument("--timeout", type=float, help="per-call deadline, s (default 120)")
+    p.add_argument("--retries", type=int, help="retries of a call answered UNAVAILABLE (default 5, with backoff)")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -71,7 +72,7 @@ def _client(args) -> Client:
     import os
 
     return Client(args.server, tls=args.tls, token=args.token or os.environ.get("MACEFIELD_TOKEN"),
-                  timeout=args.timeout)
+                  timeout=args.timeout, retry=args.retries)
 
 
 def _symbols(numbers) -> List[str]:

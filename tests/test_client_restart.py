@@ -1,0 +1,89 @@
+"""A real ``macefield-serve`` process killed (SIGKILL) and restarted under an open client session.
+
+The next call either reconnects (the server came back within the retry
+policy) or raises ServerUnavailable naming the target; it never hangs.  The
+hang guard is a generous bound on a call that would otherwise block forever,
+not a performance assertion.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from conftest import quartz_like
+from serving import ServerProcess, save_tiny_model
+
+from macefield_client import Client, RetryPolicy, ServerUnavailable
+from macefield_client.ase import MACEFieldCalculator
+from macefield_server.model import load_model, predict
+
+FIELD = np.array([0.0, 0.02, 0.04])
+HANG_GUARD_S = 240
+
+
+def bounded(fn, limit=HANG_GUARD_S):
+    """fn() on a thread; fails the test if it has not returned (or raised) after ``limit`` s."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert not thread.is_alive(), f"call still blocked after {limit} s: the client hangs"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return save_tiny_model(tmp_path / "tiny.pt")
+
+
+def test_session_reconnects_after_restart_and_raises_clear_error_when_gone(checkpoint):
+    model = load_model(checkpoint)
+    procs = [ServerProcess(["--model", str(checkpoint)])]
+    port = procs[0].port
+    target = f"127.0.0.1:{port}"
+    try:
+        # patient: rides out a restart (server start-up answers UNAVAILABLE, then the port is refused)
+        patient = Client(target, timeout=60, retry=RetryPolicy(attempts=400, initial_backoff=0.1, max_backoff=0.5))
+        atoms = quartz_like(seed=8)
+        calc = MACEFieldCalculator(client=patient, electric_field=FIELD)
+        atoms.calc = calc
+        bounded(atoms.get_forces)  # waits (retrying) until the first server is warm
+        session = calc._session
+        before = session.reconnects  # (streams refused while the server was loading count too)
+
+        procs[0].kill()  # SIGKILL: no drain, the stream's connection just drops
+        procs.append(ServerProcess(["--model", str(checkpoint), "--port", str(port)]))
+        atoms.positions[0] += 0.02
+        forces = bounded(atoms.get_forces)
+        ref = predict(model, [atoms], electric_fields=FIELD, outputs=["forces"])[0]
+        np.testing.assert_allclose(forces, ref["forces"], rtol=1e-9, atol=1e-10)
+        assert session.reconnects > before
+        atoms.positions[1] += 0.02
+        bounded(atoms.get_forces)  # the new stream keeps working
+
+        # impatient: few retries, so a server that stays down is a clear error
+        impatient = Client(target, timeout=30, retry=RetryPolicy(attempts=3, initial_backoff=0.1))
+        with impatient.session(outputs=["forces"]) as s:
+            s.predict(atoms, electric_field=FIELD)
+            procs[1].kill()
+            with pytest.raises(ServerUnavailable, match=target) as info:
+                bounded(lambda: s.predict(atoms, electric_field=FIELD))
+            assert "after 3 attempts" in str(info.value)
+        with pytest.raises(ServerUnavailable, match=target):
+            bounded(lambda: impatient.predict(atoms))
+        impatient.close()
+        calc.close()
+    finally:
+        for proc in procs:
+            proc.kill()
