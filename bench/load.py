@@ -277,20 +277,22 @@ def main(argv=None) -> int:
             record["results"][mode] = {}
             if not mode.startswith("direct"):  # batching on: a batch may hold every client's structure
                 servers[mode] = Server(checkpoint, max(args.clients) if mode == "batching" else 1, args, workdir)
-        for server in servers.values():
-            server.wait_serving()
-        for clients in args.clients:
-            for mode in args.modes:
-                if mode == "direct":  # the server's batch limits on this device
-                    row = run_direct(model, atoms, clients, args, (max(args.clients), *limits))
-                elif mode == "direct-one-batch":  # every client's structure in a single pass
-                    row = run_direct(model, atoms, clients, args, None)
-                else:
-                    row = asyncio.run(closed_loop(servers[mode].port, atoms, clients, args))
-                record["results"][mode][str(clients)] = row
-                print(json.dumps({"mode": mode, "clients": clients, **row}), flush=True)
-        for mode, server in servers.items():
-            record["results"][mode]["server_exit_code"] = server.stop()
+        try:
+            for server in servers.values():
+                server.wait_serving()
+            for clients in args.clients:
+                for mode in args.modes:
+                    if mode == "direct":  # the server's batch limits on this device
+                        row = run_direct(model, atoms, clients, args, (max(args.clients), *limits))
+                    elif mode == "direct-one-batch":  # every client's structure in a single pass
+                        row = run_direct(model, atoms, clients, args, None)
+                    else:
+                        row = asyncio.run(closed_loop(servers[mode].port, atoms, clients, args))
+                    record["results"][mode][str(clients)] = row
+                    print(json.dumps({"mode": mode, "clients": clients, **row}), flush=True)
+        finally:
+            for mode, server in servers.items():
+                record["results"][mode]["server_exit_code"] = server.stop()
 
     res = record["results"]
     checks = {}

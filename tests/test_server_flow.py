@@ -146,3 +146,15 @@ def test_out_of_memory_splits_the_batch_and_fails_only_what_does_not_fit(model, 
                    if r.levelno == logging.DEBUG and r.getMessage().startswith('{"event": "batch"')]
         assert any(b["structures"] == 4 and b["passes"] == [2, 2] for b in batches), batches
         assert stub.Predict(request(9), timeout=60).n_atoms == 9  # still serving
+
+
+def test_queue_is_bounded_in_atoms_too(model):
+    config = ServerConfig(port=0, metrics_port=0, batching=BatchingConfig(max_wait_ms=1, max_queue_atoms=20))
+    with BackgroundServer(config, [ServedModel("tiny", model, "sio2")]) as srv:
+        stub = rpc.MaceFieldStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
+        with pytest.raises(grpc.RpcError) as info:  # 27 atoms can never be queued at once
+            stub.PredictBatch(pb.PredictBatchRequest(structures=[request(i) for i in range(3)]), timeout=60)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "27 atoms" in info.value.details()
+        assert len(stub.PredictBatch(pb.PredictBatchRequest(structures=[request(0), request(1)]),
+                                     timeout=60).results) == 2

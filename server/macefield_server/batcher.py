@@ -144,6 +144,7 @@ class Batcher:
         self.evaluate_fn = evaluate_fn
         self._pending: Dict[int, Deque[WorkItem]] = {0: deque(), 1: deque(), 2: deque()}
         self._queued = 0
+        self._queued_atoms = 0
         self._wake = asyncio.Event()
         self._slot = asyncio.Semaphore(1)  # one batch preparing/prepared beyond the one computing
         self._ready: asyncio.Queue = asyncio.Queue()
@@ -162,26 +163,34 @@ class Batcher:
     def queued(self) -> int:
         return self._queued
 
+    def full_message(self) -> str:
+        return (
+            f"queue full: {self._queued} structures / {self._queued_atoms} atoms queued for model "
+            f"{self.served.name!r} (limits {self.config.max_queue} / {self.config.max_queue_atoms}); retry later"
+        )
+
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._former(), name=f"former-{self.served.name}"),
             asyncio.create_task(self._computer(), name=f"computer-{self.served.name}"),
         ]
 
-    def has_room(self, n: int) -> bool:
-        return self._queued + n <= self.config.max_queue
+    def has_room(self, n: int, atoms: int = 0) -> bool:
+        """Whether ``n`` more structures with ``atoms`` atoms in all fit in the queue now."""
+        return (
+            self._queued + n <= self.config.max_queue
+            and self._queued_atoms + atoms <= self.config.max_queue_atoms
+        )
 
     def submit(self, items: List[WorkItem]) -> None:
         """Queue all of ``items`` or none (QueueFull)."""
-        if not self.has_room(len(items)):
-            raise QueueFull(
-                f"queue full: {self._queued} structures queued for model {self.served.name!r} "
-                f"(limit {self.config.max_queue}); retry later"
-            )
+        if not self.has_room(len(items), sum(it.n_atoms for it in items)):
+            raise QueueFull(self.full_message())
         for item in items:
             item.future.add_done_callback(lambda _f, it=item: self._left_queue(it))
             self._pending[item.tier].append(item)
         self._queued += len(items)
+        self._queued_atoms += sum(it.n_atoms for it in items)
         self._depth.set(self._queued)
         self._idle.clear()
         self._wake.set()
@@ -213,6 +222,7 @@ class Batcher:
             return
         item.state = DROPPED
         self._queued -= 1
+        self._queued_atoms -= item.n_atoms
         self._depth.set(self._queued)
         expired = item.deadline is not None and time.monotonic() >= item.deadline
         self.metrics.dropped.labels(model=self.served.name, reason="deadline" if expired else "cancelled").inc()
@@ -280,6 +290,7 @@ class Batcher:
                 continue
             item.state = BATCHED
             self._queued -= 1
+            self._queued_atoms -= item.n_atoms
             if item.alive(now):
                 batch.append(item)
             else:  # cancelled (callback still pending) or expired

@@ -19,6 +19,7 @@ Example (YAML; the TOML layout is the same)::
       max_edges: auto           # directed edges per batch (auto: 6000 on CPU, 400000 on CUDA)
       max_wait_ms: 5            # oldest request waits at most this long for company
       max_queue: 1024           # queued structures per model; beyond it RESOURCE_EXHAUSTED
+      max_queue_atoms: 1000000  # queued atoms per model; beyond it RESOURCE_EXHAUSTED
     limits:
       max_atoms_per_structure: 5000
       max_field: 1.0            # |E| in V/Angstrom
@@ -73,6 +74,7 @@ class BatchingConfig:
     max_edges: Optional[int] = None  #: None / "auto": see AUTO_LIMITS
     max_wait_ms: float = 5.0  #: ms the oldest queued request waits for more to join
     max_queue: int = 1024  #: queued (not yet batched) structures per model
+    max_queue_atoms: int = 1_000_000  #: queued atoms per model (bounds the memory of queued neighbour lists)
     stream_window: int = 64  #: pipelined requests in flight per PredictStream call
 
     def limits_for(self, device_type: str) -> Tuple[int, int]:
@@ -114,6 +116,7 @@ class ServerConfig:
             "batching.max_atoms": b.max_atoms or 1,
             "batching.max_edges": b.max_edges or 1,
             "batching.max_queue": b.max_queue,
+            "batching.max_queue_atoms": b.max_queue_atoms,
             "batching.stream_window": b.stream_window,
             "limits.max_atoms_per_structure": lim.max_atoms_per_structure,
             "limits.max_structures_per_request": lim.max_structures_per_request,

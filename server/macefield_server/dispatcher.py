@@ -40,20 +40,20 @@ class Dispatcher:
         return [neighbour_list(p.structure, p.served.cutoff) for p in parsed]
 
     def _check_room(self, parsed: List[ParsedRequest]) -> None:
-        counts: Dict[str, int] = {}
+        counts: Dict[str, Tuple[int, int]] = {}
         for p in parsed:
-            counts[p.served.name] = counts.get(p.served.name, 0) + 1
-        for name, n in counts.items():
+            n, atoms = counts.get(p.served.name, (0, 0))
+            counts[p.served.name] = (n + 1, atoms + p.n_atoms)
+        for name, (n, atoms) in counts.items():
             batcher = self.batchers[name]
-            if n > batcher.config.max_queue:
+            cfg = batcher.config
+            if n > cfg.max_queue or atoms > cfg.max_queue_atoms:
                 raise QueueFull(
-                    f"{n} structures for model {name!r} exceed the queue size {batcher.config.max_queue}; split the request"
+                    f"{n} structures / {atoms} atoms for model {name!r} exceed the queue size "
+                    f"({cfg.max_queue} structures / {cfg.max_queue_atoms} atoms); split the request"
                 )
-            if not batcher.has_room(n):
-                raise QueueFull(
-                    f"queue full: {batcher.queued} structures queued for model {name!r} "
-                    f"(limit {batcher.config.max_queue}); retry later"
-                )
+            if not batcher.has_room(n, atoms):
+                raise QueueFull(batcher.full_message())
 
     async def run(
         self, parsed: List[ParsedRequest], deadline: Optional[float], prefixes: Optional[List[str]] = None
