@@ -183,6 +183,11 @@ def test_session_keeps_one_stream_and_matches(client, model):
             assert_result_matches(r, ref)
             assert r.request_id == f"s{step}"
         assert session.reconnects == 0
+        with pytest.raises(InvalidRequest, match="head"):  # ends that stream ...
+            session.predict(atoms, head="nope")
+        r = session.predict(atoms, electric_field=FIELD)  # ... and the next call opens a new one
+        ref = predict(model, [atoms], electric_fields=FIELD, outputs=["forces", "polarization"])[0]
+        assert_result_matches(r, ref)
 
 
 def test_async_client(served, model):
@@ -196,7 +201,14 @@ def test_async_client(served, model):
             many = await c.predict_many([atoms, atoms], electric_field=FIELD, outputs=["forces", "born_charges"],
                                         batch_size=1)
             async with c.session(outputs=["forces", "born_charges"]) as s:
-                streamed = [await s.predict(atoms, electric_field=FIELD) for _ in range(2)]
+                streamed = [await s.predict(atoms, electric_field=FIELD)]
+                try:
+                    await s.predict(atoms, head="nope")
+                except InvalidRequest as exc:
+                    assert "head" in str(exc)
+                else:
+                    raise AssertionError("an unknown head was accepted")
+                streamed.append(await s.predict(atoms, electric_field=FIELD))
             return info, [one, *many, *streamed]
 
     info, results = asyncio.run(main())
@@ -450,3 +462,15 @@ def test_examples_run(served, torch_free, tmp_path):
     assert lines[0].startswith("E,Px,Py,Pz")
     assert [float(line.split(",")[0]) for line in lines[1:]] == [0.0, 0.1, 0.0, -0.1, 0.0]
     assert "chi_0" in proc.stdout
+
+
+def test_readme_client_example_runs_as_written(served, torch_free, tmp_path):
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    (example,) = [b for b in blocks if "README client example" in b]
+    assert example.count("127.0.0.1:50051") == 2
+    script = tmp_path / "readme_client.py"
+    script.write_text(example.replace("127.0.0.1:50051", served))
+    proc = run_torch_free([sys.executable, str(script)], torch_free)
+    assert proc.stdout.startswith("['sio2', 'other']")

@@ -8,6 +8,7 @@ not a performance assertion.
 
 from __future__ import annotations
 
+import signal
 import threading
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from conftest import quartz_like
 from serving import ServerProcess, save_tiny_model
 
-from macefield_client import Client, RetryPolicy, ServerUnavailable
+from macefield_client import Client, RequestTimeout, RetryPolicy, ServerUnavailable
 from macefield_client.ase import MACEFieldCalculator
 from macefield_server.model import load_model, predict
 
@@ -72,10 +73,20 @@ def test_session_reconnects_after_restart_and_raises_clear_error_when_gone(check
         atoms.positions[1] += 0.02
         bounded(atoms.get_forces)  # the new stream keeps working
 
-        # impatient: few retries, so a server that stays down is a clear error
-        impatient = Client(target, timeout=30, retry=RetryPolicy(attempts=3, initial_backoff=0.1))
+        # impatient: few retries and a short deadline, so a frozen or dead server is a clear error
+        impatient = Client(target, timeout=5, retry=RetryPolicy(attempts=3, initial_backoff=0.1))
         with impatient.session(outputs=["forces"]) as s:
             s.predict(atoms, electric_field=FIELD)
+            procs[1].proc.send_signal(signal.SIGSTOP)  # frozen: connection open, nobody answers
+            try:
+                with pytest.raises(RequestTimeout, match=target):
+                    bounded(lambda: s.predict(atoms, electric_field=FIELD))
+                with pytest.raises(RequestTimeout, match=target):
+                    bounded(lambda: impatient.predict(atoms))
+            finally:
+                procs[1].proc.send_signal(signal.SIGCONT)
+            r = bounded(lambda: s.predict(atoms, electric_field=FIELD))  # thawed: a new stream works
+            np.testing.assert_allclose(r.forces, atoms.get_forces(), rtol=1e-9, atol=1e-10)
             procs[1].kill()
             with pytest.raises(ServerUnavailable, match=target) as info:
                 bounded(lambda: s.predict(atoms, electric_field=FIELD))
