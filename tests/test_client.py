@@ -469,7 +469,7 @@ def test_readme_client_example_runs_as_written(served, torch_free, tmp_path):
 
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     (example,) = [b for b in blocks if "README client example" in b]
-    assert example.count("127.0.0.1:50051") == 2
+    assert example.count("127.0.0.1:50051") == 3  # the comment, Client and the calculator
     script = tmp_path / "readme_client.py"
     script.write_text(example.replace("127.0.0.1:50051", served))
     proc = run_torch_free([sys.executable, str(script)], torch_free)
