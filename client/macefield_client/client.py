@@ -6,7 +6,7 @@ import itertools
 import queue
 import threading
 import time
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional
 
 import grpc
 
