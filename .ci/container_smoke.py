@@ -1,0 +1,579 @@
+#!/usr/bin/env python3
+"""Container smoke test (run by .ci/run after the test suite).
+
+Phases, each timed:
+
+1. engine   install Debian's docker.io (+ debootstrap, docker-compose) when missing and
+            start ``dockerd`` by hand (no systemd), unless an engine already answers.
+2. base     ``debian:bookworm-slim`` made locally (no registry is reachable): debootstrap
+            --variant=minbase bookworm from the mirror the machine's apt uses, the host's
+            TLS CA bundle copied in (pip in the build must trust the egress proxy), then
+            ``docker import``.  The rootfs tarball is cached in $MACEFIELD_CI_CACHE
+            (default /tmp/macefield-ci-cache), keyed by the CA bundle's hash.
+3. compose  ``docker-compose config`` (and ``docker compose config`` where the v2 plugin
+            exists) validates docker-compose.yml, default and gpu profiles.
+4. build    the Dockerfile with the local torch wheel (TORCH_WHEEL_DIR), docker SDK.
+5. default  run the image as is (embedded default model), wait for its HEALTHCHECK to say
+            healthy, ListModels + Predict with macefield_client.Client over a published
+            loopback port (result compared with the same model evaluated on the host),
+            ``docker stop`` (STOPSIGNAL SIGTERM): drained, exit status 0.
+6. volume   a model file and a config naming it mounted at /models: healthy, four Predict
+            calls held in flight by the batcher, SIGTERM: all four answered, exit 0.
+
+If the engine cannot start, ONE loud line says the container test was not run and why,
+and the exit status is 0.  Any failure once the engine is up exits non-zero.
+
+Environment: MACEFIELD_CI_CACHE (cache dir), MACEFIELD_TORCH_WHEEL_DIR (dir holding the
+torch wheel; default: pip's find-links, else /opt/wheels), MACEFIELD_SMOKE_DOCKER_HOST
+(engine socket, default unix:///var/run/docker.sock), MACEFIELD_SMOKE_DOCKERD (dockerd
+binary; tests point it at a failing one to exercise the skip path).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+TAG = "macefield-serve:ci"
+BASE = ("debian", "bookworm-slim")
+TORCH_VERSION = "2.13.0"  # tests/test_deploy_files.py checks it matches the Dockerfile and the Makefile
+GRPC_PORT, METRICS_PORT = 50051, 9100
+STOP_TIMEOUT = 40  # > the server's grace_s (30 s): what compose's stop_grace_period says too
+HEALTHY_TIMEOUT = 300
+CACHE = Path(os.environ.get("MACEFIELD_CI_CACHE") or Path(tempfile.gettempdir()) / "macefield-ci-cache")
+DOCKER_HOST = os.environ.get("MACEFIELD_SMOKE_DOCKER_HOST", "unix:///var/run/docker.sock")
+LOUD = "#" * 20
+
+timings: Dict[str, float] = {}
+
+
+def log(msg: str) -> None:
+    print(f"[container-smoke {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    log(f"--- {name}")
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[name] = time.monotonic() - start
+        log(f"--- {name}: {timings[name]:.1f} s")
+
+
+class EngineUnavailable(Exception):
+    """The docker engine could not be installed or started (the test is skipped, loudly)."""
+
+
+class SmokeFailure(Exception):
+    pass
+
+
+def check(condition, message: str) -> None:
+    if not condition:
+        raise SmokeFailure(message)
+
+
+def run(cmd: List[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, text=True, **kw)
+
+
+# ------------------------------------------------------------------ 1. engine
+
+def ensure_packages() -> None:
+    wanted = {"dockerd": "docker.io", "debootstrap": "debootstrap", "docker-compose": "docker-compose"}
+    missing = sorted({pkg for exe, pkg in wanted.items() if shutil.which(exe) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise EngineUnavailable(f"not root, cannot apt-get install {' '.join(missing)}")
+    log(f"apt-get install {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *missing]):
+        proc = subprocess.run(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = " | ".join(proc.stdout.strip().splitlines()[-3:])
+            raise EngineUnavailable(f"{' '.join(cmd)} failed ({proc.returncode}): {tail}")
+
+
+def docker_client(timeout: int = 600):
+    import docker
+
+    return docker.DockerClient(base_url=DOCKER_HOST, timeout=timeout)
+
+
+def engine_answers() -> bool:
+    try:
+        return bool(docker_client(timeout=5).ping())
+    except Exception:
+        return False
+
+
+def dockerd_error(log_path: Path) -> str:
+    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+    bad = [ln for ln in lines if re.search(r"level=(fatal|error)|failed to start|^failed", ln)]
+    line = (bad or lines or ["(no output)"])[-1]
+    m = re.search(r'msg="(.*?)"(?: error="(.*?)")?', line)
+    return (m.group(1) + (f": {m.group(2)}" if m.group(2) else "")) if m else line.strip()
+
+
+def start_engine() -> Optional[subprocess.Popen]:
+    """An engine answering on DOCKER_HOST; returns the dockerd we started (None: one was running)."""
+    dockerd = os.environ.get("MACEFIELD_SMOKE_DOCKERD")
+    if not dockerd:
+        if engine_answers():
+            log(f"using the engine already answering on {DOCKER_HOST}")
+            return None
+        ensure_packages()
+        dockerd = shutil.which("dockerd") or "dockerd"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    reasons = []
+    for driver in ("overlay2", "vfs"):
+        log_path = CACHE / f"dockerd-{driver}.log"
+        cmd = [dockerd, "--host", DOCKER_HOST, "--storage-driver", driver]
+        log(f"starting {' '.join(cmd)} (log: {log_path})")
+        try:
+            proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            raise EngineUnavailable(f"cannot execute {dockerd}: {exc}") from exc
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                break
+            if engine_answers():
+                log(f"dockerd up (pid {proc.pid}, storage driver {driver})")
+                return proc
+            time.sleep(0.5)
+        stop_process(proc)
+        reasons.append(f"{driver}: {dockerd_error(log_path)} (exit {proc.returncode})")
+    raise EngineUnavailable("dockerd did not start: " + "; ".join(reasons))
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------ 2. base image
+
+def apt_mirror(suite: str = "bookworm") -> str:
+    """The Debian mirror this machine's apt uses for ``suite`` (one-line and deb822 sources)."""
+    files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]
+    for f in files:
+        if not f.is_file():
+            continue
+        for line in f.read_text().splitlines():
+            parts = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
+            if len(parts) >= 4 and parts[0] == "deb" and parts[2] == suite and "main" in parts[3:]:
+                return parts[1]
+    for f in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for block in re.split(r"\n\s*\n", f.read_text()):
+            fields: Dict[str, str] = {}
+            key = None
+            for line in block.splitlines():
+                if line.startswith("#"):
+                    continue
+                if line[:1].isspace() and key:
+                    fields[key] += " " + line.strip()
+                elif ":" in line:
+                    key, _, value = line.partition(":")
+                    key = key.strip().lower()
+                    fields[key] = value.strip()
+            if fields.get("enabled", "yes").lower() == "no":
+                continue
+            if "deb" in fields.get("types", "").split() and suite in fields.get("suites", "").split() \
+                    and "main" in fields.get("components", "").split():
+                return fields["uris"].split()[0]
+    raise SmokeFailure(f"no apt source for Debian {suite} main in /etc/apt: debootstrap needs a mirror")
+
+
+def base_rootfs_tarball() -> Path:
+    ca = Path("/etc/ssl/certs/ca-certificates.crt")
+    ca_bytes = ca.read_bytes() if ca.is_file() else b""
+    key = hashlib.sha256(ca_bytes).hexdigest()[:12]
+    tarball = CACHE / f"bookworm-minbase-{key}.tar"
+    if tarball.exists():
+        log(f"cached rootfs {tarball}")
+        return tarball
+    mirror = apt_mirror()
+    work = Path(tempfile.mkdtemp(prefix="bookworm-", dir=CACHE))
+    try:
+        rootfs = work / "rootfs"
+        log(f"debootstrap --variant=minbase bookworm from {mirror}")
+        with (CACHE / "debootstrap.log").open("w") as out:
+            proc = subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), mirror],
+                                  stdout=out, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = (CACHE / "debootstrap.log").read_text(errors="replace").strip().splitlines()[-5:]
+            raise SmokeFailure(f"debootstrap failed ({proc.returncode}): " + " | ".join(tail))
+        # like the published slim image: no package lists, caches, docs or man pages
+        for sub in ("var/lib/apt/lists", "var/cache/apt"):
+            for p in (rootfs / sub).glob("*"):
+                if p.is_file():
+                    p.unlink()
+        (rootfs / "etc/dpkg/dpkg.cfg.d/slim").write_text(
+            "path-exclude /usr/share/doc/*\npath-include /usr/share/doc/*/copyright\n"
+            "path-exclude /usr/share/man/*\npath-exclude /usr/share/info/*\npath-exclude /usr/share/locale/*\n")
+        # the host's TLS egress CA: trusted by apt/openssl (update-ca-certificates keeps it) and pip
+        if ca_bytes:
+            (rootfs / "usr/local/share/ca-certificates").mkdir(parents=True, exist_ok=True)
+            (rootfs / "usr/local/share/ca-certificates/host-ca-bundle.crt").write_bytes(ca_bytes)
+            (rootfs / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
+            (rootfs / "etc/ssl/certs/ca-certificates.crt").write_bytes(ca_bytes)
+            (rootfs / "etc/pip.conf").write_text("[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n")
+        partial = tarball.with_suffix(".partial")
+        run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(partial), "."])
+        partial.rename(tarball)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return tarball
+
+
+def ensure_base_image(client) -> None:
+    import docker
+
+    name = ":".join(BASE)
+    try:
+        image = client.images.get(name)
+        log(f"{name} present ({image.short_id}, {image.labels.get('org.macefield.base', 'not made here')})")
+        return
+    except docker.errors.ImageNotFound:
+        pass
+    tarball = base_rootfs_tarball()
+    log(f"docker import {tarball} as {name}")
+    client.api.import_image_from_file(str(tarball), repository=BASE[0], tag=BASE[1],
+                                      changes=['CMD ["bash"]', "ENV LANG=C.UTF-8",
+                                               "LABEL org.macefield.base=debootstrap-minbase"])
+    client.images.get(name)
+
+
+# ------------------------------------------------------------------ 3. compose
+
+def validate_compose() -> None:
+    commands = []
+    if shutil.which("docker-compose"):
+        commands.append(["docker-compose"])
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        commands.append(["docker", "compose"])
+    check(commands, "neither docker-compose nor the docker compose plugin is installed")
+    for base in commands:
+        for profile in ([], ["--profile", "gpu"]):
+            cmd = [*base, "-f", str(REPO / "docker-compose.yml"), *profile, "config", "-q"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            check(proc.returncode == 0, f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+            log(f"{' '.join(cmd)}: valid")
+
+
+# ------------------------------------------------------------------ 4. build
+
+def torch_wheel() -> Path:
+    dirs = [os.environ.get("MACEFIELD_TORCH_WHEEL_DIR", "")]
+    dirs += os.environ.get("PIP_FIND_LINKS", "").split()
+    with contextlib.suppress(Exception):
+        out = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.find-links"],
+                             capture_output=True, text=True).stdout
+        dirs += out.split()
+    dirs.append("/opt/wheels")
+    dirs = list(dict.fromkeys(d.replace("file://", "") for d in dirs if d))
+    for d in dirs:
+        if Path(d).is_dir():
+            found = sorted(Path(d).glob(f"torch-{TORCH_VERSION}[+-]*-cp311-*{platform.machine()}.whl"))
+            if found:
+                return found[0]
+    raise SmokeFailure(f"no local torch {TORCH_VERSION} cp311 wheel in {dirs} "
+                       "(set MACEFIELD_TORCH_WHEEL_DIR): the image would pull the multi-GB CUDA build")
+
+
+def build_context(wheel: Path) -> Path:
+    """The repository filtered by .dockerignore, plus the torch wheel under .ci-wheels/ (a tar file)."""
+    from docker.utils.build import exclude_paths
+
+    patterns = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
+                if ln.strip() and not ln.lstrip().startswith("#")]
+    path = CACHE / "context.tar"
+    with tarfile.open(path, "w") as t:
+        for name in sorted(exclude_paths(str(REPO), patterns, dockerfile="Dockerfile")):
+            t.add(str(REPO / name), arcname=name, recursive=False)
+        info = tarfile.TarInfo(".ci-wheels")
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        t.addfile(info)
+        t.add(str(wheel), arcname=f".ci-wheels/{wheel.name}")
+    return path
+
+
+def build_image(client) -> None:
+    wheel = torch_wheel()
+    context = build_context(wheel)
+    log(f"context {context.stat().st_size / 1e6:.0f} MB (torch wheel {wheel.name})")
+    build_log = CACHE / "build.log"
+    with context.open("rb") as f, build_log.open("w") as out:
+        stream = client.api.build(fileobj=f, custom_context=True, tag=TAG, rm=True, forcerm=True, pull=False,
+                                  buildargs={"TORCH_WHEEL_DIR": ".ci-wheels", "TORCH_VERSION": TORCH_VERSION},
+                                  decode=True)
+        for chunk in stream:
+            text = chunk.get("stream", "")
+            if text:
+                out.write(text)
+                out.flush()
+                if text.startswith("Step "):
+                    log(text.strip()[:150])
+            if "error" in chunk:
+                out.write(str(chunk) + "\n")
+                tail = build_log.read_text(errors="replace").strip().splitlines()[-15:]
+                raise SmokeFailure("docker build failed: " + chunk["error"].strip() + "\n" + "\n".join(tail))
+    context.unlink()
+    image = client.images.get(TAG)
+    log(f"built {TAG} {image.short_id}, {image.attrs['Size'] / 1e9:.2f} GB (log: {build_log})")
+
+
+def check_image(client) -> None:
+    cfg = client.images.get(TAG).attrs["Config"]
+    check(cfg.get("User") == "macefield", f"image user is {cfg.get('User')!r}, not the non-root macefield")
+    check(cfg.get("StopSignal") == "SIGTERM", f"image STOPSIGNAL is {cfg.get('StopSignal')!r}")
+    test = (cfg.get("Healthcheck") or {}).get("Test") or []
+    check(test[:1] == ["CMD-SHELL"] and "macefield-health" in " ".join(test), f"image HEALTHCHECK is {test}")
+    exposed = set(cfg.get("ExposedPorts") or {})
+    check({f"{GRPC_PORT}/tcp", f"{METRICS_PORT}/tcp"} <= exposed, f"image exposes {sorted(exposed)}")
+    out = client.containers.run(TAG, ["--version"], remove=True).decode().strip()
+    from macefield_server import __version__
+
+    check(out.startswith(f"macefield-serve {__version__} "), f"macefield-serve --version in the image: {out!r}")
+    log(f"image config ok (user macefield, SIGTERM, CMD-SHELL healthcheck, ports); {out}")
+
+
+# ------------------------------------------------------------------ 5./6. containers
+
+def host_port(container, port: int) -> int:
+    container.reload()
+    return int(container.attrs["NetworkSettings"]["Ports"][f"{port}/tcp"][0]["HostPort"])
+
+
+def wait_healthy(container, timeout: float = HEALTHY_TIMEOUT) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        container.reload()
+        state = container.attrs["State"]
+        health = (state.get("Health") or {}).get("Status")
+        if state["Status"] == "exited":
+            raise SmokeFailure(f"container exited ({state['ExitCode']}) before healthy:\n{tail_logs(container)}")
+        if health == "healthy":
+            return time.monotonic() - start
+        if health == "unhealthy":
+            probes = (state.get("Health") or {}).get("Log") or []
+            raise SmokeFailure(f"container unhealthy: {probes[-1:]}\n{tail_logs(container)}")
+        time.sleep(1)
+    raise SmokeFailure(f"not healthy after {timeout:.0f} s\n{tail_logs(container)}")
+
+
+def tail_logs(container, n: int = 30) -> str:
+    with contextlib.suppress(Exception):
+        return container.logs(tail=n).decode(errors="replace")
+    return "(no logs)"
+
+
+def perovskite():
+    from ase import Atoms
+
+    a = 4.0
+    return Atoms("BaTiO3", cell=[a, a, a], pbc=True,
+                 scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.52), (0.5, 0.5, 0.0), (0.5, 0.0, 0.5), (0.0, 0.5, 0.5)])
+
+
+def reference(model, atoms, field, head):
+    from macefield_server.model import predict
+
+    return predict(model, [atoms], electric_fields=[field], heads=head, outputs=["energy", "forces"])[0]
+
+
+def compare(result, ref, what: str) -> None:
+    e, e_ref = float(result.energy), float(ref["energy"])
+    check(math.isfinite(e) and abs(e - e_ref) <= 1e-6 * max(1.0, abs(e_ref)),
+          f"{what}: energy {e} from the container, {e_ref} on the host")
+    import numpy as np
+
+    check(result.forces.shape == ref["forces"].shape and np.allclose(result.forces, ref["forces"], atol=1e-6),
+          f"{what}: forces differ from the host's evaluation")
+
+
+def stop_and_check(container, how: str, started: float) -> None:
+    t0 = time.monotonic()
+    if how == "stop":
+        container.stop(timeout=STOP_TIMEOUT)  # the image's STOPSIGNAL (SIGTERM), SIGKILL after STOP_TIMEOUT
+    else:
+        container.kill(signal="SIGTERM")
+    status = container.wait(timeout=STOP_TIMEOUT + 30)["StatusCode"]
+    took = time.monotonic() - t0
+    logs = container.logs().decode(errors="replace")
+    check(status == 0, f"exit status {status} after SIGTERM (expected 0):\n{logs[-3000:]}")
+    check("draining" in logs and "stopped" in logs, f"no drain in the server log:\n{logs[-3000:]}")
+    check(took < STOP_TIMEOUT, f"stop took {took:.1f} s (the engine would have killed it)")
+    log(f"SIGTERM -> drained, exit 0 in {took:.1f} s (container up {time.monotonic() - started:.0f} s)")
+
+
+def run_default(client) -> None:
+    from macefield_client import Client
+
+    from macefield_server.registry import load_default_model
+
+    started = time.monotonic()
+    container = client.containers.run(TAG, detach=True, name=f"macefield-smoke-default-{os.getpid()}",
+                                      ports={f"{GRPC_PORT}/tcp": ("127.0.0.1", None),
+                                             f"{METRICS_PORT}/tcp": ("127.0.0.1", None)})
+    try:
+        took = wait_healthy(container)
+        port = host_port(container, GRPC_PORT)
+        log(f"healthy after {took:.0f} s; gRPC on 127.0.0.1:{port}")
+        served = load_default_model()
+        with Client(f"127.0.0.1:{port}", timeout=120) as c:
+            info = c.list_models()
+            default = info.default_model
+            check(default is not None and default.name == served.name,
+                  f"ListModels: default {default and default.name!r}, repository's default model {served.name!r}")
+            atoms = perovskite()
+            head = "batio3" if "batio3" in served.heads else served.default_head
+            result = c.predict(atoms, electric_field=(0.0, 0.0, 0.02), outputs=["energy", "forces"], head=head)
+        compare(result, reference(served.model, atoms, [0.0, 0.0, 0.02], head), "embedded default model")
+        log(f"Predict ok: model {default.name} (trained: {served.trained}), head {head}, "
+            f"E = {float(result.energy):.6f} eV, same as on the host")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{host_port(container, METRICS_PORT)}/metrics",
+                                         timeout=10).read().decode()
+        check("macefield_in_flight" in metrics, "no macefield_ metrics on the published metrics port")
+        stop_and_check(container, "stop", started)
+    finally:
+        container.remove(force=True)
+
+
+def in_flight(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    m = re.search(r'^macefield_in_flight\{method="Predict"\} ([0-9.e+]+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def run_volume(client) -> None:
+    from macefield_client import Client
+
+    from macefield_server.model import save_model
+    from macefield_server.registry import builtin_default_model
+
+    models = Path(tempfile.mkdtemp(prefix="models-", dir=CACHE))
+    try:
+        models.chmod(0o755)  # the container's non-root user reads it
+        model = builtin_default_model()
+        save_model(model, models / "mounted.pt")
+        (models / "serve.yaml").write_text(
+            "host: 0.0.0.0\nport: 50051\nmetrics_port: 9100\ngrace_s: 30\n"
+            "models:\n  - name: mounted\n    path: /models/mounted.pt\n    default_head: batio3\n"
+            "batching:\n  max_wait_ms: 4000     # requests wait in the queue: in flight when SIGTERM comes\n")
+        for p in models.iterdir():
+            p.chmod(0o644)
+        started = time.monotonic()
+        container = client.containers.run(TAG, ["--config", "/models/serve.yaml"], detach=True,
+                                          name=f"macefield-smoke-volume-{os.getpid()}",
+                                          volumes={str(models): {"bind": "/models", "mode": "ro"}},
+                                          ports={f"{GRPC_PORT}/tcp": ("127.0.0.1", None),
+                                                 f"{METRICS_PORT}/tcp": ("127.0.0.1", None)})
+        try:
+            took = wait_healthy(container)
+            port, mport = host_port(container, GRPC_PORT), host_port(container, METRICS_PORT)
+            log(f"healthy after {took:.0f} s; gRPC on 127.0.0.1:{port}, metrics on {mport}")
+            atoms = perovskite()
+            fields = [(0.0, 0.0, 0.01 * i) for i in range(4)]
+            with Client(f"127.0.0.1:{port}", timeout=120) as c, \
+                    concurrent.futures.ThreadPoolExecutor(4) as pool:
+                names = [m.name for m in c.list_models().models]
+                check(names == ["mounted"], f"ListModels says {names}, config names ['mounted']")
+                calls = [pool.submit(c.predict, atoms, electric_field=f, outputs=["energy", "forces"],
+                                     model="mounted", request_id=f"drain-{i}") for i, f in enumerate(fields)]
+                end = time.monotonic() + 30
+                while in_flight(mport) < 4:
+                    check(time.monotonic() < end, f"4 calls not in flight: {in_flight(mport)}")
+                    check(not any(f.done() for f in calls), "a call finished before SIGTERM (batch wait too short)")
+                    time.sleep(0.05)
+                log("4 Predict calls in flight; SIGTERM")
+                stop_and_check(container, "kill", started)
+                for f, fld in zip(calls, fields):
+                    compare(f.result(timeout=10), reference(model, atoms, list(fld), "batio3"), "mounted model")
+            log("all 4 in-flight calls answered during the drain, results match the host")
+        finally:
+            container.remove(force=True)
+    finally:
+        shutil.rmtree(models, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ main
+
+def main() -> int:
+    total = time.monotonic()
+    try:
+        import docker  # noqa: F401
+    except ImportError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "docker>=7.1"], check=False)
+    dockerd = None
+    try:
+        with phase("engine"):
+            dockerd = start_engine()
+    except EngineUnavailable as exc:
+        print(f"{LOUD} CONTAINER SMOKE TEST NOT RUN: docker engine unavailable on this machine: {exc} {LOUD}",
+              flush=True)
+        return 0
+    ok = False
+    try:
+        client = docker_client()
+        v = client.version()
+        log(f"engine {v.get('Version')} (API {v.get('ApiVersion')}), "
+            f"storage driver {client.info().get('Driver')}")
+        with phase("base image"):
+            ensure_base_image(client)
+        with phase("compose config"):
+            validate_compose()
+        with phase("build"):
+            build_image(client)
+            check_image(client)
+        with phase("run default model"):
+            run_default(client)
+        with phase("run volume model + drain"):
+            run_volume(client)
+        ok = True
+    except SmokeFailure as exc:
+        log(f"FAILED: {exc}")
+    except Exception as exc:  # anything after the engine is up fails CI
+        import traceback
+
+        traceback.print_exc()
+        log(f"FAILED: {type(exc).__name__}: {exc}")
+    finally:
+        if dockerd is not None:
+            with phase("engine stop"):
+                stop_process(dockerd)
+        timings["total"] = time.monotonic() - total
+        log("timings: " + json.dumps({k: round(v, 1) for k, v in timings.items()}))
+    log("container smoke test " + ("PASSED" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

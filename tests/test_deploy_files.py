@@ -1,0 +1,177 @@
+"""Deployment files agree with each other and with the server: Dockerfile, docker-compose.yml,
+docker/*.yaml, docker/requirements.txt, the health probe, --version, and the container
+smoke test's skip path (the real build/run happens in .ci/container_smoke.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from macefield_server import __version__
+from macefield_server.config import ServerConfig, load_config
+from macefield_server.health_probe import main as probe_main
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = (REPO / "Dockerfile").read_text()
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+SMOKE = REPO / ".ci" / "container_smoke.py"
+
+
+def instructions(name):
+    return [ln for ln in re.sub(r"\\\n", " ", DOCKERFILE).splitlines() if ln.strip().upper().startswith(name + " ")]
+
+
+def seconds(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(s|m)?", str(text))
+    assert m, text
+    return float(m.group(1)) * (60 if m.group(2) == "m" else 1)
+
+
+def test_dockerfile_shape():
+    froms = instructions("FROM")
+    assert len(froms) == 2 and all("debian:bookworm-slim" in f for f in froms)
+    assert "AS builder" in froms[0]
+    assert "COPY --from=builder /opt/venv /opt/venv" in DOCKERFILE
+    (user,) = instructions("USER")
+    assert user.split()[1] not in ("root", "0")
+    exposed = {p for e in instructions("EXPOSE") for p in e.split()[1:]}
+    cfg = ServerConfig()
+    assert {str(cfg.port), str(cfg.metrics_port)} <= exposed
+    (hc,) = instructions("HEALTHCHECK")
+    assert " CMD " in hc and "[" not in hc.split(" CMD ", 1)[1], "HEALTHCHECK must use the shell (CMD-SHELL) form"
+    assert "macefield-health" in hc
+    assert instructions("STOPSIGNAL") == ["STOPSIGNAL SIGTERM"]
+
+
+def test_grace_periods_agree():
+    grace = ServerConfig().grace_s
+    (cmd,) = instructions("CMD")
+    assert re.search(r'"--grace", "(\d+)"', cmd).group(1) == f"{grace:g}"
+    stop_timeout = float(re.search(r'org\.macefield\.stop-timeout-seconds="(\d+)"', DOCKERFILE).group(1))
+    assert stop_timeout > grace
+    assert f"grace_s ({grace:g} s" in DOCKERFILE  # the header comment tells users the same
+    for name in ("server", "server-gpu"):
+        service = COMPOSE["services"][name]
+        assert service["stop_signal"] == "SIGTERM"
+        (config_mount,) = [v for v in service["volumes"] if v.endswith(":/etc/macefield/serve.yaml:ro")]
+        served = load_config(REPO / config_mount.split(":")[0])  # also: the file is a valid server config
+        assert seconds(service["stop_grace_period"]) > served.grace_s
+        assert served.host == "0.0.0.0" and served.port == ServerConfig().port and served.metrics_port == 9100
+    smoke = SMOKE.read_text()
+    assert int(re.search(r"^STOP_TIMEOUT = (\d+)", smoke, re.M).group(1)) > grace
+
+
+
+def test_torch_version_agrees():
+    docker_arg = re.search(r"^ARG TORCH_VERSION=(\S+)", DOCKERFILE, re.M).group(1)
+    makefile = re.findall(r"torch==(\S+)", (REPO / "Makefile").read_text())
+    smoke = re.search(r'^TORCH_VERSION = "(\S+)"', SMOKE.read_text(), re.M).group(1)
+    assert set(makefile) == {docker_arg} == {smoke}
+
+
+def test_compose_services():
+    services = COMPOSE["services"]
+    assert "profiles" not in services["server"]  # the default (CPU) service
+    gpu = services["server-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "server" in gpu["networks"]["default"]["aliases"]
+    for name in ("server", "server-gpu", "prometheus"):
+        s = services[name]
+        assert s["restart"] in ("always", "unless-stopped")
+        assert s["healthcheck"]["test"][0] == "CMD-SHELL"
+    assert any(v.startswith("models:/models") for v in services["server"]["volumes"])
+    assert set(COMPOSE["volumes"]) >= {"models", "prometheus-data"}
+
+
+def test_prometheus_scrapes_the_metrics_port():
+    prom = COMPOSE["services"]["prometheus"]
+    (mount,) = [v for v in prom["volumes"] if v.endswith(":/etc/prometheus/prometheus.yml:ro")]
+    config = yaml.safe_load((REPO / mount.split(":")[0]).read_text())
+    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    served = load_config(REPO / "docker" / "serve.yaml")
+    assert targets == [f"server:{served.metrics_port}"]
+
+
+def test_package_data_ships_the_default_model_and_card():
+    import tomllib
+
+    project = tomllib.loads((REPO / "server" / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["package-data"]["macefield_server.models"]
+    assert {"*.pt", "*.card.json", "*.card.md"} <= set(patterns)
+    assert project["project"]["scripts"]["macefield-health"] == "macefield_server.health_probe:main"
+
+
+def test_image_requirements_cover_and_satisfy_the_declared_dependencies():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (REPO / "docker" / "requirements.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    for pkg in ("server", "client"):
+        deps = tomllib.loads((REPO / pkg / "pyproject.toml").read_text())["project"]["dependencies"]
+        for spec in deps:
+            req = Requirement(spec)
+            name = re.sub(r"[-_.]+", "-", req.name).lower()
+            if name in ("torch", "macefield-client") or (req.marker and not req.marker.evaluate()):
+                continue
+            assert name in pins, f"{pkg}: {name} missing from docker/requirements.txt (python3 docker/freeze_requirements.py)"
+            assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {spec}"
+
+
+@pytest.fixture
+def health_server():
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_health_probe(health_server, capsys):
+    servicer, address = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert probe_main(["--address", address]) == 1
+    assert "NOT_SERVING" in capsys.readouterr().out
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert probe_main(["--address", address]) == 0
+    assert probe_main(["--address", address, "--service", "macefield.v1.MaceField"]) == 1  # unknown service
+    servicer.set("macefield.v1.MaceField", health_pb2.HealthCheckResponse.SERVING)
+    assert probe_main(["--address", address, "--service", "macefield.v1.MaceField"]) == 0
+
+
+def test_health_probe_unreachable(capsys, monkeypatch):
+    monkeypatch.setenv("MACEFIELD_HEALTH_ADDRESS", "127.0.0.1:1")
+    assert probe_main(["--timeout", "2"]) == 1
+    assert "127.0.0.1:1: UNAVAILABLE" in capsys.readouterr().out
+
+
+def test_serve_version():
+    out = subprocess.run([sys.executable, "-m", "macefield_server.serve_cli", "--version"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith(f"macefield-serve {__version__} ")
+
+
+def test_container_smoke_skips_loudly_when_the_engine_cannot_start(tmp_path):
+    env = dict(os.environ, MACEFIELD_SMOKE_DOCKERD="/bin/false", MACEFIELD_CI_CACHE=str(tmp_path),
+               MACEFIELD_SMOKE_DOCKER_HOST=f"unix://{tmp_path}/no-engine.sock")
+    out = subprocess.run([sys.executable, str(SMOKE)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    loud = [ln for ln in out.stdout.splitlines() if "CONTAINER SMOKE TEST NOT RUN" in ln]
+    assert len(loud) == 1 and "dockerd did not start" in loud[0]
