@@ -8,6 +8,7 @@ not a performance assertion.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 
@@ -16,7 +17,7 @@ import pytest
 from conftest import quartz_like
 from serving import ServerProcess, save_tiny_model
 
-from macefield_client import Client, RequestTimeout, RetryPolicy, ServerUnavailable
+from macefield_client import AsyncClient, Client, RequestTimeout, RetryPolicy, ServerUnavailable
 from macefield_client.ase import MACEFieldCalculator
 from macefield_server.model import load_model, predict
 
@@ -43,6 +44,11 @@ def bounded(fn, limit=HANG_GUARD_S):
     return box["value"]
 
 
+async def async_session(target):
+    client = AsyncClient(target, timeout=60, retry=RetryPolicy(attempts=400, initial_backoff=0.1, max_backoff=0.5))
+    return client.session(outputs=["forces"])
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     return save_tiny_model(tmp_path / "tiny.pt")
@@ -62,6 +68,15 @@ def test_session_reconnects_after_restart_and_raises_clear_error_when_gone(check
         bounded(atoms.get_forces)  # waits (retrying) until the first server is warm
         session = calc._session
         before = session.reconnects  # (streams refused while the server was loading count too)
+        loop = asyncio.new_event_loop()  # the asyncio client, on an event loop running in its own thread
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+
+        def run(coro):
+            return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+        asession = run(async_session(target))
+        run(asession.predict(atoms, electric_field=FIELD))
+        abefore = asession.reconnects
 
         procs[0].kill()  # SIGKILL: no drain, the stream's connection just drops
         procs.append(ServerProcess(["--model", str(checkpoint), "--port", str(port)]))
@@ -70,6 +85,9 @@ def test_session_reconnects_after_restart_and_raises_clear_error_when_gone(check
         ref = predict(model, [atoms], electric_fields=FIELD, outputs=["forces"])[0]
         np.testing.assert_allclose(forces, ref["forces"], rtol=1e-9, atol=1e-10)
         assert session.reconnects > before
+        r = bounded(lambda: run(asession.predict(atoms, electric_field=FIELD)))
+        np.testing.assert_allclose(r.forces, ref["forces"], rtol=1e-9, atol=1e-10)
+        assert asession.reconnects > abefore
         atoms.positions[1] += 0.02
         bounded(atoms.get_forces)  # the new stream keeps working
 
@@ -95,6 +113,16 @@ def test_session_reconnects_after_restart_and_raises_clear_error_when_gone(check
             bounded(lambda: impatient.predict(atoms))
         impatient.close()
         calc.close()
+
+        async def gone():
+            async with AsyncClient(target, timeout=5, retry=RetryPolicy(attempts=3, initial_backoff=0.1)) as c:
+                async with c.session() as s:
+                    await s.predict(atoms)
+
+        with pytest.raises(ServerUnavailable, match=target):
+            bounded(lambda: run(gone()))
+        run(asession.close())
+        loop.call_soon_threadsafe(loop.stop)
     finally:
         for proc in procs:
             proc.kill()

@@ -10,7 +10,7 @@ import grpc
 
 from ._channel import RetryPolicy, call_metadata, make_channel, resolve_target, resolve_timeout
 from ._progress import progress_bar
-from .client import DEFAULT_BATCH_SIZE
+from .client import DEFAULT_BATCH_SIZE, STALE_STREAM_CODES
 from .errors import MACEFieldError, RequestTimeout, ServerUnavailable, error_from_rpc
 from .proto.macefield.v1 import macefield_pb2 as pb
 from .proto.macefield.v1 import macefield_pb2_grpc as pb_grpc
@@ -142,9 +142,11 @@ class AsyncSession:
                                 model=model or self.model, head=head or self.head, request_id=request_id)
         delays = self.client.retry.delays()
         attempt = 0
+        stale_retried = False
         while True:
             attempt += 1
-            if self._call is None:
+            fresh = self._call is None
+            if fresh:
                 self._call = self.client._stub.PredictStream(metadata=self.client._metadata, wait_for_ready=False)
             call = self._call
             err = None
@@ -158,6 +160,10 @@ class AsyncSession:
                                      code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
             except grpc.RpcError as exc:
                 self._drop()
+                if not fresh and not stale_retried and exc.code() in STALE_STREAM_CODES:
+                    stale_retried = True  # a stream that worked before broke oddly: resend once on a new one
+                    self.reconnects += 1
+                    continue
                 if exc.code() not in self.client.retry.retry_codes:
                     raise error_from_rpc(exc, self.client.target, attempts=attempt) from None
                 err = exc

@@ -25,6 +25,10 @@ from .results import (
     server_info_from_response,
 )
 
+#: how a stream that served earlier steps may end when its connection died under it (besides
+#: UNAVAILABLE): the step is resent once on a new stream before the error counts
+STALE_STREAM_CODES = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED)
+
 #: structures per PredictBatch message in :meth:`Client.predict_many` (capped by the server's limit)
 DEFAULT_BATCH_SIZE = 16
 
@@ -237,9 +241,11 @@ class Session:
                                 model=model or self.model, head=head or self.head, request_id=request_id)
         delays = self.client.retry.delays()
         attempt = 0
+        stale_retried = False
         while True:
             attempt += 1
-            if self._stream is None:
+            fresh = self._stream is None
+            if fresh:
                 self._stream = _Stream(self.client)
             stream = self._stream
             try:
@@ -253,6 +259,10 @@ class Session:
                     raise RequestTimeout(f"MACE-Field server at {self.client.target}: no answer within "
                                          f"{self.timeout} s (session step {request_id})",
                                          target=self.client.target, code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
+                if not fresh and not stale_retried and exc.code() in STALE_STREAM_CODES:
+                    stale_retried = True  # a stream that worked before broke oddly: resend once on a new one
+                    self.reconnects += 1
+                    continue
                 if exc.code() not in self.client.retry.retry_codes:
                     raise error_from_rpc(exc, self.client.target, attempts=attempt) from None
                 err = exc
