@@ -25,9 +25,12 @@ alpha-quartz cell from ASE if the file is absent).  Results go to
     python bench/load.py                     # defaults: 32 channels, L=1, 2 layers, float32, 10 s per point
     python bench/load.py --channels 64 --dtype float64 --duration 20 --clients 1 8 64
 
-A level runs for ``--duration`` seconds and at least until every client has
-finished ``--min-per-client`` requests; requests in flight at the end are
-waited for and counted (throughput = completed / wall time).
+Each path first gets ``--warmup`` seconds of unrecorded load (8 clients).
+A level then runs for ``--duration`` seconds and at least until every client
+has finished ``--min-per-client`` requests; requests in flight at the end are
+waited for and counted (throughput = completed / wall time).  The order of
+the modes alternates between levels.  ``--modes ... direct-one-batch`` adds
+a single-pass direct baseline (slow on CPU: about a minute at 64 clients).
 """
 
 from __future__ import annotations
@@ -227,7 +230,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--threads", type=int, default=1, help="torch threads, server and direct alike")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--modes", nargs="+", default=["direct", "batching", "no-batching", "direct-one-batch"],
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds of unrecorded load per path before measuring")
+    p.add_argument("--modes", nargs="+", default=["direct", "batching", "no-batching"],
                    choices=["direct", "batching", "no-batching", "direct-one-batch"])
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -258,7 +262,7 @@ def main(argv=None) -> int:
                   "correlation": args.correlation, "r_max": args.r_max, "dtype": args.dtype,
                   "parameters": int(sum(p.numel() for p in model.parameters()))},
         "outputs": OUTPUTS,
-        "settings": {"duration_s": args.duration, "min_per_client": args.min_per_client, "threads": args.threads,
+        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "min_per_client": args.min_per_client, "threads": args.threads,
                      "max_wait_ms": args.max_wait_ms, "batch_limits_cpu": {"max_atoms": limits[0], "max_edges": limits[1]}},
         "results": {},
     }
@@ -280,8 +284,15 @@ def main(argv=None) -> int:
         try:
             for server in servers.values():
                 server.wait_serving()
-            for clients in args.clients:
-                for mode in args.modes:
+            # unrecorded warm-up of every path at the batch shapes it will see (allocator, caches)
+            for mode, server in servers.items():
+                asyncio.run(closed_loop(server.port, atoms, 8, argparse.Namespace(duration=args.warmup, min_per_client=0)))
+            if "direct" in args.modes:
+                run_direct(model, atoms, 8, argparse.Namespace(duration=args.warmup, min_per_client=1, edges=args.edges),
+                           (max(args.clients), *limits))
+            for level, clients in enumerate(args.clients):
+                # alternate the order of the modes, so that a drift in background load favours none
+                for mode in (args.modes if level % 2 == 0 else list(reversed(args.modes))):
                     if mode == "direct":  # the server's batch limits on this device
                         row = run_direct(model, atoms, clients, args, (max(args.clients), *limits))
                     elif mode == "direct-one-batch":  # every client's structure in a single pass
