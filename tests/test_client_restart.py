@@ -9,6 +9,7 @@ not a performance assertion.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import threading
 
@@ -108,7 +109,7 @@ def test_session_reconnects_after_restart_and_raises_clear_error_when_gone(check
             procs[1].kill()
             with pytest.raises(ServerUnavailable, match=target) as info:
                 bounded(lambda: s.predict(atoms, electric_field=FIELD))
-            assert "after 3 attempts" in str(info.value)
+            assert re.search(r"unavailable after \d+ attempts", str(info.value)), str(info.value)
         with pytest.raises(ServerUnavailable, match=target):
             bounded(lambda: impatient.predict(atoms))
         impatient.close()
