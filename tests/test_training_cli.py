@@ -76,6 +76,13 @@ def test_train_tiny_end_to_end_then_resume(tmp_path, capsys):
     # nothing left to do: resuming a finished run trains no further epoch
     assert main(["--config", str(config), "--no-progress", "--max-epochs", "2"]) == 0
     assert len(metrics(tmp_path)) == 2
+    # --export-only re-exports the best checkpoint; the card keeps the command that started the run
+    (tmp_path / "out" / "tiny.pt").unlink()
+    assert main(["--config", str(config), "--no-progress", "--export-only"]) == 0
+    card = json.loads((tmp_path / "out" / "tiny.card.json").read_text())
+    assert card["training"]["command"] == f"macefield-train --config {config} --no-progress"
+    assert card["training"]["epochs"] == 2 and card["training"]["stop_reason"] == "max_epochs"
+    assert len(metrics(tmp_path)) == 2
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):

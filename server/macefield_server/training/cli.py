@@ -65,16 +65,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not command_file.is_file() or (args.restart and not args.export_only):
         command_file.write_text(invoked + "\n")
     if args.export_only:
-        metrics = trainer.workdir / "metrics.jsonl"
-        last = json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
-        summary = {
-            "epochs": trainer.epoch,
-            "best_epoch": trainer.best_epoch,
-            "elapsed_seconds": trainer.elapsed,
-            "stop_reason": "exported from the run's best checkpoint" + (f" after epoch {last.get('epoch')}" if last else ""),
-        }
+        summary_file = trainer.workdir / "fit_summary.json"
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+        else:  # a run interrupted (or written by an older version): say why it stopped as far as we can tell
+            o = cfg.optim
+            if trainer.epoch >= o.max_epochs:
+                reason = "max_epochs"
+            elif o.max_minutes is not None and trainer.elapsed > 60.0 * o.max_minutes:
+                reason = f"time limit of {o.max_minutes} minutes"
+            elif o.patience is not None and trainer.bad_epochs >= o.patience:
+                reason = f"early stopping: no improvement for {o.patience} validations"
+            else:
+                reason = f"interrupted after epoch {trainer.epoch}; best checkpoint exported"
+            summary = {"epochs": trainer.epoch, "best_epoch": trainer.best_epoch, "elapsed_seconds": trainer.elapsed, "stop_reason": reason}
     else:
         summary = trainer.fit()
+        (trainer.workdir / "fit_summary.json").write_text(json.dumps(summary) + "\n")
     best = trainer.workdir / "best.pt"
     if not best.is_file():
         log("no validated checkpoint (no validation split?); exporting the current EMA weights")

@@ -395,6 +395,9 @@ class Trainer:
         stop_reason = "max_epochs"
         started = time.time() - self.elapsed
         while self.epoch < o.max_epochs:
+            if o.max_minutes is not None and self.elapsed > 60.0 * o.max_minutes:  # resumed after the limit
+                stop_reason = f"time limit of {o.max_minutes} minutes"
+                break
             t0 = time.time()
             train_metrics = self.train_epoch()
             self.epoch += 1
