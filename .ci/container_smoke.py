@@ -19,6 +19,8 @@ Phases, each timed:
             ``docker stop`` (STOPSIGNAL SIGTERM): drained, exit status 0.
 6. volume   a model file and a config naming it mounted at /models: healthy, four Predict
             calls held in flight by the batcher, SIGTERM: all four answered, exit 0.
+7. compose  ``compose up -d server`` from docker-compose.yml (image tag, host ports through
+            its variables): healthy, Predict, ``compose stop``: exit 0, then ``compose down``.
 
 If the engine cannot start, ONE loud line says the container test was not run and why,
 and the exit status is 0.  Any failure once the engine is up exits non-zero.
@@ -54,7 +56,9 @@ REPO = Path(__file__).resolve().parents[1]
 TAG = "macefield-serve:ci"
 BASE = ("debian", "bookworm-slim")
 TORCH_VERSION = "2.13.0"  # tests/test_deploy_files.py checks it matches the Dockerfile and the Makefile
+WHEEL_DIR = "docker/wheels"  # build context directory of the torch wheel (TORCH_WHEEL_DIR)
 GRPC_PORT, METRICS_PORT = 50051, 9100
+COMPOSE_PROJECT = "macefield-smoke"
 STOP_TIMEOUT = 40  # > the server's grace_s (30 s): what compose's stop_grace_period says too
 HEALTHY_TIMEOUT = 300
 CACHE = Path(os.environ.get("MACEFIELD_CI_CACHE") or Path(tempfile.gettempdir()) / "macefield-ci-cache")
@@ -273,19 +277,35 @@ def ensure_base_image(client) -> None:
 
 # ------------------------------------------------------------------ 3. compose
 
-def validate_compose() -> None:
+def compose_commands() -> List[List[str]]:
+    """Compose implementations here: the v2 plugin (``docker compose``) first, then Debian's v1."""
     commands = []
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True,
+                                                 env=compose_env()).returncode == 0:
+        commands.append(["docker", "compose"])
     if shutil.which("docker-compose"):
         commands.append(["docker-compose"])
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        commands.append(["docker", "compose"])
     check(commands, "neither docker-compose nor the docker compose plugin is installed")
-    for base in commands:
+    return commands
+
+
+def compose_env(**extra) -> Dict[str, str]:
+    return dict(os.environ, DOCKER_HOST=DOCKER_HOST, COMPOSE_PROJECT_NAME=COMPOSE_PROJECT, **extra)
+
+
+def compose(base: List[str], *args: str, env=None, check_rc: bool = True) -> subprocess.CompletedProcess:
+    cmd = [*base, "-f", str(REPO / "docker-compose.yml"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env or compose_env())
+    if check_rc:
+        check(proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return proc
+
+
+def validate_compose() -> None:
+    for base in compose_commands():
         for profile in ([], ["--profile", "gpu"]):
-            cmd = [*base, "-f", str(REPO / "docker-compose.yml"), *profile, "config", "-q"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            check(proc.returncode == 0, f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
-            log(f"{' '.join(cmd)}: valid")
+            compose(base, *profile, "config", "-q")
+            log(f"{' '.join(base)} {' '.join(profile)} config: valid")
 
 
 # ------------------------------------------------------------------ 4. build
@@ -309,19 +329,21 @@ def torch_wheel() -> Path:
 
 
 def build_context(wheel: Path) -> Path:
-    """The repository filtered by .dockerignore, plus the torch wheel under .ci-wheels/ (a tar file)."""
+    """The repository filtered by .dockerignore, plus the torch wheel in docker/wheels/ (a tar file).
+
+    Same context as the README's ``cp torch-*.whl docker/wheels/ && docker build --build-arg
+    TORCH_WHEEL_DIR=docker/wheels .``, without putting the wheel into the working tree."""
     from docker.utils.build import exclude_paths
 
     patterns = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
                 if ln.strip() and not ln.lstrip().startswith("#")]
     path = CACHE / "context.tar"
+    names = sorted(exclude_paths(str(REPO), patterns, dockerfile="Dockerfile"))
     with tarfile.open(path, "w") as t:
-        for name in sorted(exclude_paths(str(REPO), patterns, dockerfile="Dockerfile")):
+        for name in names:
             t.add(str(REPO / name), arcname=name, recursive=False)
-        info = tarfile.TarInfo(".ci-wheels")
-        info.type, info.mode = tarfile.DIRTYPE, 0o755
-        t.addfile(info)
-        t.add(str(wheel), arcname=f".ci-wheels/{wheel.name}")
+        if f"{WHEEL_DIR}/{wheel.name}" not in names:
+            t.add(str(wheel), arcname=f"{WHEEL_DIR}/{wheel.name}")
     return path
 
 
@@ -332,7 +354,7 @@ def build_image(client) -> None:
     build_log = CACHE / "build.log"
     with context.open("rb") as f, build_log.open("w") as out:
         stream = client.api.build(fileobj=f, custom_context=True, tag=TAG, rm=True, forcerm=True, pull=False,
-                                  buildargs={"TORCH_WHEEL_DIR": ".ci-wheels", "TORCH_VERSION": TORCH_VERSION},
+                                  buildargs={"TORCH_WHEEL_DIR": WHEEL_DIR, "TORCH_VERSION": TORCH_VERSION},
                                   decode=True)
         for chunk in stream:
             text = chunk.get("stream", "")
@@ -464,7 +486,7 @@ def run_default(client) -> None:
         check("macefield_in_flight" in metrics, "no macefield_ metrics on the published metrics port")
         stop_and_check(container, "stop", started)
     finally:
-        container.remove(force=True)
+        container.remove(force=True, v=True)
 
 
 def in_flight(metrics_port: int) -> float:
@@ -519,9 +541,52 @@ def run_volume(client) -> None:
                     compare(f.result(timeout=10), reference(model, atoms, list(fld), "batio3"), "mounted model")
             log("all 4 in-flight calls answered during the drain, results match the host")
         finally:
-            container.remove(force=True)
+            container.remove(force=True, v=True)
     finally:
         shutil.rmtree(models, ignore_errors=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_compose(client) -> None:
+    """``compose up -d server`` as docker-compose.yml says (config mount, volume, healthcheck), stop."""
+    from macefield_client import Client
+
+    base = compose_commands()[0]
+    volumes_before = {v.name for v in client.volumes.list()}
+    grpc_port, metrics_port = free_port(), free_port()
+    env = compose_env(MACEFIELD_TAG="ci", MACEFIELD_GRPC_PORT=str(grpc_port), MACEFIELD_METRICS_PORT=str(metrics_port))
+    try:
+        compose(base, "up", "-d", "--no-build", "server", env=env)
+        (container,) = client.containers.list(all=True, filters={"label": [
+            f"com.docker.compose.project={COMPOSE_PROJECT}", "com.docker.compose.service=server"]})
+        took = wait_healthy(container)
+        log(f"{' '.join(base)} up: server healthy after {took:.0f} s on 127.0.0.1:{grpc_port}")
+        with Client(f"127.0.0.1:{grpc_port}", timeout=120) as c:
+            result = c.predict(perovskite(), electric_field=(0.0, 0.0, 0.01), outputs=["energy", "forces"])
+        check(math.isfinite(float(result.energy)) and result.forces.shape == (5, 3), "compose server: bad Predict")
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+        t0 = time.monotonic()
+        compose(base, "stop", "server", env=env)  # stop_signal SIGTERM, stop_grace_period 40s
+        container.reload()
+        state = container.attrs["State"]
+        logs = container.logs().decode(errors="replace")
+        check(state["ExitCode"] == 0 and "stopped" in logs,
+              f"compose stop: exit {state['ExitCode']}\n{logs[-2000:]}")
+        check(container.attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped", "restart policy")
+        log(f"Predict ok; {' '.join(base)} stop: drained, exit 0 in {time.monotonic() - t0:.1f} s")
+    finally:
+        compose(base, "down", "--remove-orphans", env=env, check_rc=False)
+        for volume in client.volumes.list():  # the compose file's named volumes, if this made them
+            if volume.name.startswith("macefield-") and volume.name not in volumes_before:
+                with contextlib.suppress(Exception):
+                    volume.remove()
 
 
 # ------------------------------------------------------------------ main
@@ -557,6 +622,8 @@ def main() -> int:
             run_default(client)
         with phase("run volume model + drain"):
             run_volume(client)
+        with phase("compose up server"):
+            run_compose(client)
         ok = True
     except SmokeFailure as exc:
         log(f"FAILED: {exc}")
