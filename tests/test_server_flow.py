@@ -20,7 +20,7 @@ from macefield_server.config import BatchingConfig, ServerConfig
 from macefield_server.model import predict
 from macefield_server.registry import ServedModel
 
-WAIT_MS = 1500  # batches close only after this long unless full: requests stay queued meanwhile
+WAIT_MS = 2500  # batches close only after this long unless full: requests stay queued meanwhile
 
 
 @pytest.fixture(scope="module")
