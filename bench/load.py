@@ -28,8 +28,9 @@ alpha-quartz cell from ASE if the file is absent).  Results go to
 Each path first gets ``--warmup`` seconds of unrecorded load (8 clients).
 A level then runs for ``--duration`` seconds and at least until every client
 has finished ``--min-per-client`` requests; requests in flight at the end are
-waited for and counted (throughput = completed / wall time).  The order of
-the modes alternates between levels.  ``--modes ... direct-one-batch`` adds
+waited for and counted (throughput = completed / wall time).  Every point is
+measured ``--repeats`` times, the order of the modes alternating, and pooled
+(total completions / total wall time; percentiles over all latencies).  ``--modes ... direct-one-batch`` adds
 a single-pass direct baseline (slow on CPU: about a minute at 64 clients).
 """
 
@@ -96,6 +97,18 @@ def summarise(latencies_s, completed, wall_s, batch_sizes=None):
     }
     if batch_sizes:
         out["mean_batch_structures"] = round(float(np.mean(batch_sizes)), 2)
+    out["_latencies"] = list(latencies_s)
+    out["_batch_sizes"] = list(batch_sizes or [])
+    return out
+
+
+def pool(rows):
+    """One summary over repeated measurements: completions / total wall time, pooled latencies."""
+    latencies = [x for r in rows for x in r.pop("_latencies")]
+    sizes = [x for r in rows for x in r.pop("_batch_sizes")]
+    out = summarise(latencies, sum(r["completed"] for r in rows), sum(r["wall_s"] for r in rows), sizes)
+    out.pop("_latencies"), out.pop("_batch_sizes")
+    out["repeats_throughput_sps"] = [r["throughput_sps"] for r in rows]
     return out
 
 
@@ -231,6 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads, server and direct alike")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of unrecorded load per path before measuring")
+    p.add_argument("--repeats", type=int, default=2, help="measurements per point (mode order alternates); pooled")
     p.add_argument("--modes", nargs="+", default=["direct", "batching", "no-batching"],
                    choices=["direct", "batching", "no-batching", "direct-one-batch"])
     p.add_argument("--out", type=Path, default=None)
@@ -262,7 +276,7 @@ def main(argv=None) -> int:
                   "correlation": args.correlation, "r_max": args.r_max, "dtype": args.dtype,
                   "parameters": int(sum(p.numel() for p in model.parameters()))},
         "outputs": OUTPUTS,
-        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "min_per_client": args.min_per_client, "threads": args.threads,
+        "settings": {"duration_s": args.duration, "repeats": args.repeats, "warmup_s": args.warmup, "min_per_client": args.min_per_client, "threads": args.threads,
                      "max_wait_ms": args.max_wait_ms, "batch_limits_cpu": {"max_atoms": limits[0], "max_edges": limits[1]}},
         "results": {},
     }
@@ -291,16 +305,22 @@ def main(argv=None) -> int:
                 run_direct(model, atoms, 8, argparse.Namespace(duration=args.warmup, min_per_client=1, edges=args.edges),
                            (max(args.clients), *limits))
             for level, clients in enumerate(args.clients):
-                # alternate the order of the modes, so that a drift in background load favours none
-                for mode in (args.modes if level % 2 == 0 else list(reversed(args.modes))):
-                    if mode == "direct":  # the server's batch limits on this device
-                        row = run_direct(model, atoms, clients, args, (max(args.clients), *limits))
-                    elif mode == "direct-one-batch":  # every client's structure in a single pass
-                        row = run_direct(model, atoms, clients, args, None)
-                    else:
-                        row = asyncio.run(closed_loop(servers[mode].port, atoms, clients, args))
-                    record["results"][mode][str(clients)] = row
-                    print(json.dumps({"mode": mode, "clients": clients, **row}), flush=True)
+                rows = {mode: [] for mode in args.modes}
+                for repeat in range(args.repeats):
+                    # alternate the order of the modes, so that a drift in background load favours none
+                    order = args.modes if (level + repeat) % 2 == 0 else list(reversed(args.modes))
+                    for mode in order:
+                        if mode == "direct":  # the server's batch limits on this device
+                            row = run_direct(model, atoms, clients, args, (max(args.clients), *limits))
+                        elif mode == "direct-one-batch":  # every client's structure in a single pass
+                            row = run_direct(model, atoms, clients, args, None)
+                        else:
+                            row = asyncio.run(closed_loop(servers[mode].port, atoms, clients, args))
+                        rows[mode].append(row)
+                        shown = {k: v for k, v in row.items() if not k.startswith("_")}
+                        print(json.dumps({"mode": mode, "clients": clients, "repeat": repeat, **shown}), flush=True)
+                for mode in args.modes:
+                    record["results"][mode][str(clients)] = pool(rows[mode])
         finally:
             for mode, server in servers.items():
                 record["results"][mode]["server_exit_code"] = server.stop()
