@@ -475,6 +475,9 @@ def run_default(client) -> None:
             default = info.default_model
             check(default is not None and default.name == served.name,
                   f"ListModels: default {default and default.name!r}, repository's default model {served.name!r}")
+            # the embedded default model shipped in the repository must be the one in the image
+            check(default.trained == served.trained and (default.source == "built-in") == (served.source == "built-in"),
+                  f"image serves {default.source!r} (trained: {default.trained}); repository: {served.source!r}")
             atoms = perovskite()
             head = "batio3" if "batio3" in served.heads else served.default_head
             result = c.predict(atoms, electric_field=(0.0, 0.0, 0.02), outputs=["energy", "forces"], head=head)
