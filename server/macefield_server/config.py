@@ -16,7 +16,7 @@ Example (YAML; the TOML layout is the same)::
     batching:
       max_structures: 64        # structures per batch
       max_atoms: auto           # atoms per batch (auto: 1024 on CPU, 8192 on CUDA)
-      max_edges: auto           # directed edges per batch (auto: 6000 on CPU, 400000 on CUDA)
+      max_edges: auto           # directed edges per batch (auto: 4000 on CPU, 400000 on CUDA)
       max_wait_ms: 5            # oldest request waits at most this long for company
       max_queue: 1024           # queued structures per model; beyond it RESOURCE_EXHAUSTED
       max_queue_atoms: 1000000  # queued atoms per model; beyond it RESOURCE_EXHAUSTED
@@ -59,10 +59,12 @@ class ModelConfig:
 
 #: per-device batch sizes used when max_atoms / max_edges are "auto" (None).  On CPU a
 #: larger batch is *slower per structure* once its working set leaves the caches
-#: (measured with bench/load.py's model: 72-atom quartz, full response, 1 thread:
-#: 0.23 s/structure alone or in pairs, 0.41 in batches of 8, 0.77 in one batch of 64),
-#: so CPU batches stay near a few thousand edges; GPUs want big batches.
-AUTO_LIMITS = {"cpu": (1024, 6000), "cuda": (8192, 400_000)}
+#: (measured with bench/load.py's model, full response, 1 thread, on a shared 2-core
+#: machine: a 72-atom quartz cell, ~3000 edges, costs 0.23 s alone or in pairs,
+#: 0.41 s in batches of 8 and 0.77 s in one batch of 64; 9-atom cells, ~380 edges,
+#: 56 ms alone and 33-36 ms in batches of 4-8), so CPU batches stop at ~4000 edges:
+#: small structures are batched, 72-atom cells are not.  GPUs want big batches.
+AUTO_LIMITS = {"cpu": (1024, 4000), "cuda": (8192, 400_000)}
 
 
 @dataclass
