@@ -24,6 +24,12 @@ Example (YAML; the TOML layout is the same)::
       max_atoms_per_structure: 5000
       max_field: 1.0            # |E| in V/Angstrom
       max_structures_per_request: 1024
+    security:                   # see docs/serving.md, "Security"
+      tls_cert: server.pem      # PEM certificate chain; with tls_key: TLS on the gRPC port
+      tls_key: server.key
+      tls_client_ca: ca.pem     # require client certificates signed by this CA (mutual TLS)
+      auth_token_file: tokens   # bearer tokens, one per line (and/or $MACEFIELD_AUTH_TOKENS)
+      insecure: false           # allow plaintext on a non-loopback host (0.0.0.0, ::, a LAN IP)
 
 With no model listed the embedded default model is served.
 """
@@ -96,10 +102,26 @@ class LimitsConfig:
 
 
 @dataclass
+class SecurityConfig:
+    """TLS, mutual TLS and bearer tokens for the gRPC port (docs/serving.md, "Security")."""
+
+    tls_cert: Optional[str] = None  #: PEM certificate (chain) of the server
+    tls_key: Optional[str] = None  #: PEM private key of tls_cert
+    tls_client_ca: Optional[str] = None  #: PEM CA: require client certificates it signed (mutual TLS)
+    auth_token_file: Optional[str] = None  #: bearer tokens, one per line (blank lines, # comments ignored)
+    insecure: bool = False  #: allow plaintext on a non-loopback host
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+
+@dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  #: 0: any free port (the chosen one is logged)
     metrics_port: int = 9100  #: 0: any free port, -1: no metrics endpoint
+    metrics_host: Optional[str] = None  #: address of /metrics (None: the same as host)
     grace_s: float = 30.0  #: SIGTERM drain period, seconds
     threads: int = 0  #: torch intra-op threads for compute (0: torch default)
     warmup_passes: int = 1  #: warm-up batches per model before health says SERVING
@@ -107,6 +129,7 @@ class ServerConfig:
     models: List[ModelConfig] = field(default_factory=list)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def validate(self) -> "ServerConfig":
         b, lim = self.batching, self.limits
@@ -141,7 +164,41 @@ class ServerConfig:
                 raise ConfigError(f"models[{i}].path: required")
             if m.dtype not in (None, "float32", "float64"):
                 raise ConfigError(f"models[{i}].dtype: expected float32 or float64, got {m.dtype!r}")
+        self._validate_security()
         return self
+
+    def _validate_security(self) -> None:
+        sec = self.security
+        if bool(sec.tls_cert) != bool(sec.tls_key):
+            missing = "security.tls_key" if sec.tls_cert else "security.tls_cert"
+            raise ConfigError(f"{missing}: required with {'security.tls_cert' if sec.tls_cert else 'security.tls_key'}")
+        if sec.tls_client_ca and not sec.tls_cert:
+            raise ConfigError("security.tls_client_ca: mutual TLS needs security.tls_cert and security.tls_key")
+        if not isinstance(sec.insecure, bool):
+            raise ConfigError(f"security.insecure: expected true or false, got {sec.insecure!r}")
+        for key in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            value = getattr(sec, key)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"security.{key}: no such file: {value}")
+        if sec.auth_token_file:
+            from .security import parse_tokens
+
+            if not parse_tokens(Path(sec.auth_token_file).read_text()):
+                raise ConfigError(f"security.auth_token_file: no token in {sec.auth_token_file}")
+
+    def check_exposure(self) -> Optional[str]:
+        """Refuse plaintext on a non-loopback host unless ``security.insecure``; returns a warning to log, if any."""
+        from .security import is_loopback
+
+        if self.security.tls or is_loopback(self.host):
+            return None
+        if not self.security.insecure:
+            raise ConfigError(
+                f"host: {self.host!r} is not a loopback address and TLS is off: set security.tls_cert and "
+                "security.tls_key (--tls-cert/--tls-key), or allow plaintext explicitly with security.insecure "
+                "(--insecure), e.g. inside a container behind a private network")
+        return (f"serving plaintext gRPC on non-loopback host {self.host!r} (insecure: true): traffic and bearer "
+                "tokens can be read by anyone on the network path")
 
 
 def _build(cls, data: Any, where: str):
@@ -163,6 +220,8 @@ def _build(cls, data: Any, where: str):
             kwargs[key] = _build(BatchingConfig, value, "batching")
         elif key == "limits":
             kwargs[key] = _build(LimitsConfig, value, "limits")
+        elif key == "security":
+            kwargs[key] = _build(SecurityConfig, value, "security")
         else:
             kwargs[key] = value
     return cls(**kwargs)
