@@ -9,7 +9,8 @@
     await server.stop()                       # health NOT_SERVING, refuse new work, finish in-flight
 
 Health (grpc.health.v1) is reported for the overall server ("") and for
-``macefield.v1.MaceField``.  Server reflection is on.
+``macefield.v1.MaceField``.  Server reflection is on.  TLS, mutual TLS and bearer
+tokens: ``config.security`` (security.py); health answers without a token.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .model.graph import Structure, neighbour_list
 from .model.response import OUTPUTS, response_tier
 from .registry import ModelRegistry, ServedModel
 from .service import MaceFieldService
+from .security import TokenAuthInterceptor, load_tokens, server_credentials
 
 log = logging.getLogger("macefield.server")
 
@@ -82,13 +84,21 @@ class MaceFieldServer:
     async def start(self) -> int:
         """Listen (gRPC and /metrics); returns the gRPC port.  Health: NOT_SERVING."""
         cfg = self.config
+        warning = cfg.check_exposure()  # ConfigError: plaintext on a non-loopback host without insecure
+        if warning:
+            log.warning("%s", warning)
+        sec = cfg.security
+        tokens = load_tokens(sec.auth_token_file)
+        interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
+        credentials = server_credentials(sec.tls_cert, sec.tls_key, sec.tls_client_ca) if sec.tls else None
         if cfg.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+            self.metrics_port = self.metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port)
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", 256 * 1024 * 1024),
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
-            ]
+            ],
+            interceptors=interceptors,
         )
         pb_grpc.add_MaceFieldServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -97,7 +107,14 @@ class MaceFieldServer:
             self.server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        if credentials is not None:
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        log.info("gRPC on %s:%s (%s%s; %s)", cfg.host, self.port, "TLS" if credentials else "plaintext",
+                 ", client certificates required" if sec.tls_client_ca else "",
+                 f"{len(tokens)} bearer token(s) required" if tokens else "no token required")
         if not self.port:
             raise OSError(f"could not bind {cfg.host}:{cfg.port}")
         await self.server.start()

@@ -3,6 +3,10 @@
     macefield-serve                                  # embedded default model, 127.0.0.1:50051
     macefield-serve --host 0.0.0.0 --port 50051 --metrics-port 9100 --config serve.yaml
     macefield-serve --model sio2.pt --model batio3.pt --trust-pickle
+    macefield-serve --host 0.0.0.0 --tls-cert server.pem --tls-key server.key --auth-token-file tokens
+
+Plaintext is only allowed on loopback hosts: binding 0.0.0.0, :: or a LAN
+address needs --tls-cert/--tls-key or an explicit --insecure (exit code 2 otherwise).
 
 On start it prints one JSON line to stdout, ``{"event": "listening", "port":
 ..., "metrics_port": ...}`` (useful with ``--port 0``).  Health reports
@@ -36,6 +40,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0: any free port)")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9100; 0: any; -1: off)")
+    p.add_argument("--metrics-host", help="address of /metrics (default: the same as --host)")
+    p.add_argument("--tls-cert", help="PEM server certificate (chain): TLS on the gRPC port (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--auth-token-file", help="bearer tokens, one per line (also: $MACEFIELD_AUTH_TOKENS, comma-separated)")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow plaintext gRPC on a non-loopback host (logs a warning)")
     p.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
                    help="serve this checkpoint (repeatable; replaces the config file's models)")
     p.add_argument("--trust-pickle", action="store_true", help="allow pickled checkpoints (runs code from the file)")
@@ -53,6 +64,7 @@ def build_config(args: argparse.Namespace):
         "host": args.host,
         "port": args.port,
         "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
         "threads": args.threads,
         "grace_s": args.grace_s,
         "log_level": args.log_level,
@@ -70,7 +82,13 @@ def build_config(args: argparse.Namespace):
     elif args.trust_pickle:
         for m in config.models:
             m.trust_pickle = True
-    return config.validate()
+    for key in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "insecure"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(config.security, key, value)
+    config.validate()
+    config.check_exposure()  # refuse plaintext on a non-loopback host without --insecure
+    return config
 
 
 async def serve(config) -> int:
