@@ -5,7 +5,8 @@
 #                       # torch from wheel files in that build-context directory (e.g. a CPU wheel: no GPU, no large download)
 #   docker run --rm -p 127.0.0.1:50051:50051 -p 127.0.0.1:9100:9100 macefield-serve
 #
-# Serves the embedded default model on 0.0.0.0:50051 (gRPC) and :9100 (/metrics).
+# Serves the embedded default model on 0.0.0.0:50051 (gRPC) and :9100 (/metrics), plaintext: the CMD
+# passes --insecure (a config file binding 0.0.0.0 needs `security: {insecure: true}` or TLS; README "Security").
 # Own models: mount them and a config file naming them, e.g.
 #   docker run -v macefield-models:/models:ro -v $PWD/docker/serve.models.yaml:/etc/macefield/serve.yaml:ro \
 #       macefield-serve --config /etc/macefield/serve.yaml
@@ -82,7 +83,7 @@ HEALTHCHECK --interval=10s --timeout=10s --start-period=180s --retries=3 \
 
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["macefield-serve"]
-CMD ["--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9100", "--grace", "30"]
+CMD ["--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9100", "--grace", "30", "--insecure"]
 
 LABEL org.opencontainers.image.title="MACE-Field Serve" \
       org.opencontainers.image.description="gRPC server for field-aware MACE interatomic potentials" \

@@ -510,7 +510,7 @@ def run_volume(client) -> None:
         model = builtin_default_model()
         save_model(model, models / "mounted.pt")
         (models / "serve.yaml").write_text(
-            "host: 0.0.0.0\nport: 50051\nmetrics_port: 9100\ngrace_s: 30\n"
+            "host: 0.0.0.0\nport: 50051\nmetrics_port: 9100\ngrace_s: 30\nsecurity:\n  insecure: true\n"
             "models:\n  - name: mounted\n    path: /models/mounted.pt\n    default_head: batio3\n"
             "batching:\n  max_wait_ms: 4000     # requests wait in the queue: in flight when SIGTERM comes\n")
         for p in models.iterdir():
