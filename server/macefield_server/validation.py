@@ -130,9 +130,9 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
         )
 
     structure = Structure(numbers, positions.reshape(n, 3), cell, pbc, field, head)
-    edges = estimate_edges(structure, served.cutoff) if structure.periodic else 0
+    edges = estimate_edges(structure, served.cutoff)  # counted before any neighbour list is built
     if edges > limits.max_edges_per_structure:
-        raise too_dense(edges, served.cutoff, limits, "about ")
+        raise too_dense(edges, served.cutoff, limits, "at most ")
     return ParsedRequest(
         request_id=request.request_id,
         served=served,

@@ -137,21 +137,59 @@ def neighbour_list(structure: Structure, cutoff: float) -> NeighbourGraph:
     )
 
 
-def estimate_edges(structure: Structure, cutoff: float) -> int:
-    """Upper-bound-ish estimate of the edge count without building the list.
+#: more periodic image points than this (atoms x images) is counted as that many edges
+#: without searching: only a cell far thinner than the cutoff gets there
+MAX_IMAGE_POINTS = 8_000_000
 
-    Used to refuse collapsed or absurdly dense inputs before neighbour search:
-    N * (atoms within a cutoff sphere at the structure's mean density).
+
+def estimate_edges(structure: Structure, cutoff: float) -> int:
+    """Directed edges of :func:`neighbour_list`, counted without building it (an upper bound).
+
+    Used to refuse collapsed or absurdly dense inputs before the neighbour
+    search allocates their edges.  Cheap bound first: N*(N-1) for a finite
+    structure, N*N*images for a periodic one (images: lattice translations
+    that can bring an atom within the cutoff); when that bound passes 10^5 the pairs are counted by a k-d tree over the
+    atoms and their images (memory O(N * images), no per-pair storage), so
+    atoms piled on one point, tiny cells with many images and large
+    molecules are all counted, not guessed from the mean density.  A cell so
+    thin that N * images exceeds :data:`MAX_IMAGE_POINTS` is reported as that
+    many edges without searching.
     """
+    from scipy.spatial import cKDTree
+
     n = structure.n_atoms
     if n == 0:
         return 0
-    sphere = 4.0 / 3.0 * np.pi * cutoff**3
-    if structure.periodic:
-        volume = max(structure.volume or 0.0, MIN_VOLUME)
-        return int(n * (n * sphere / volume))
-    # finite system: at most all pairs
-    return int(n * (n - 1))
+    cutoff = float(cutoff)
+    if not structure.pbc.any():
+        bound = n * (n - 1)
+        if bound <= 100_000:
+            return bound
+        tree = cKDTree(structure.positions)
+        return int(tree.count_neighbors(tree, cutoff)) - n
+    cell = _padded_cell(structure, cutoff)
+    reciprocal = np.linalg.inv(cell).T  # rows: b_i with a_j . b_i = delta_ij
+    frac = structure.positions @ np.linalg.inv(cell)
+    reach = np.zeros(3, dtype=np.int64)
+    for i in range(3):
+        if structure.pbc[i]:
+            frac[:, i] -= np.floor(frac[:, i])  # wrap: pair distances over images do not change
+            reach[i] = int(np.ceil(cutoff * np.linalg.norm(reciprocal[i]))) + 1
+    images = int(np.prod(2 * reach + 1))
+    bound = n * n * images - n
+    if bound <= 100_000:
+        return bound
+    if n * images > MAX_IMAGE_POINTS:
+        return n * images
+    wrapped = frac @ cell
+    grid = np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in reach], indexing="ij"), -1).reshape(-1, 3)
+    frac_points = (frac[None, :, :] + grid[:, None, :]).reshape(-1, 3)
+    # only images within a cutoff of the cell (plane spacing 1/|b_i|) can be a neighbour of an atom in it
+    margin = cutoff * np.linalg.norm(reciprocal, axis=1)
+    near = np.all((frac_points >= -margin) & (frac_points < 1.0 + margin) | ~structure.pbc, axis=1)
+    points = frac_points[near] @ cell
+    count = cKDTree(points).count_neighbors(cKDTree(wrapped), cutoff)
+    return int(count) - n  # minus each atom with itself at zero shift
 
 
 @dataclass
