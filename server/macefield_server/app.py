@@ -95,8 +95,9 @@ class MaceFieldServer:
             self.metrics_port = self.metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port)
         self.server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-                ("grpc.max_send_message_length", 256 * 1024 * 1024),
+                ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
+                ("grpc.max_concurrent_streams", cfg.limits.max_concurrent_streams),
             ],
             interceptors=interceptors,
         )

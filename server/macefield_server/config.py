@@ -24,6 +24,9 @@ Example (YAML; the TOML layout is the same)::
       max_atoms_per_structure: 5000
       max_field: 1.0            # |E| in V/Angstrom
       max_structures_per_request: 1024
+      max_edges_per_structure: 2000000   # neighbour pairs, counted before the list is built
+      max_message_bytes: 67108864        # gRPC message size, each direction (64 MiB)
+      max_concurrent_streams: 100        # concurrent RPCs per client connection (HTTP/2 streams)
     security:                   # see docs/serving.md, "Security"
       tls_cert: server.pem      # PEM certificate chain; with tls_key: TLS on the gRPC port
       tls_key: server.key
@@ -99,6 +102,8 @@ class LimitsConfig:
     max_field: float = 1.0  #: largest |E| accepted, V/Angstrom
     max_structures_per_request: int = 1024  #: PredictBatch size limit
     max_edges_per_structure: int = 2_000_000  #: refuse collapsed / absurdly dense inputs
+    max_message_bytes: int = 64 * 1024 * 1024  #: largest gRPC message received or sent (RESOURCE_EXHAUSTED beyond)
+    max_concurrent_streams: int = 100  #: concurrent RPCs per connection (grpc.max_concurrent_streams)
 
 
 @dataclass
@@ -146,6 +151,8 @@ class ServerConfig:
             "limits.max_atoms_per_structure": lim.max_atoms_per_structure,
             "limits.max_structures_per_request": lim.max_structures_per_request,
             "limits.max_edges_per_structure": lim.max_edges_per_structure,
+            "limits.max_message_bytes": lim.max_message_bytes,
+            "limits.max_concurrent_streams": lim.max_concurrent_streams,
         }
         for key, value in positive.items():
             if int(value) < 1:
