@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as pb_grpc
 
-from .batcher import Batcher, EvaluateFn, WorkItem, default_evaluate
+from .batcher import Batcher, EvaluateFn, InjectedFault, WorkItem, default_evaluate
 from .config import ServerConfig
 from .dispatcher import Dispatcher
 from .metrics import Metrics
@@ -66,6 +66,7 @@ class MaceFieldServer:
         self.config = config.validate()
         self._given_models = models
         self.evaluate_fn = evaluate_fn
+        self.fault = InjectedFault.from_env()  # $MACEFIELD_TEST_FAULT: test-only, off when unset
         self.metrics = Metrics()
         self.service = MaceFieldService(config, self.metrics)
         self.health = health.aio.HealthServicer()
@@ -130,7 +131,8 @@ class MaceFieldServer:
             self.registry = await loop.run_in_executor(None, ModelRegistry.from_configs, self.config.models)
         for served in self.registry:
             self.metrics.describe_model(served.info())
-            batcher = Batcher(served, self.config.batching, self.metrics, self.prep_executor, evaluate_fn=self.evaluate_fn)
+            batcher = Batcher(served, self.config.batching, self.metrics, self.prep_executor, evaluate_fn=self.evaluate_fn,
+                              fault=self.fault)
             self.batchers[served.name] = batcher
             batcher.start()
         for served in self.registry:

@@ -115,6 +115,59 @@ def keep_requested(result: Dict[str, np.ndarray], outputs: FrozenSet[str]) -> Di
     return {k: v for k, v in result.items() if k in keep}
 
 
+class InjectedFault:
+    """Test-only compute faults at the batch boundary, from ``$MACEFIELD_TEST_FAULT`` (off when unset).
+
+    Read once when the server starts; comma-separated:
+
+    * ``oom_above_atoms=N``: every engine pass (after any split) with more than
+      N atoms raises an out-of-memory RuntimeError, as CUDA would: batches are
+      split in halves, a lone structure above N atoms gets RESOURCE_EXHAUSTED.
+    * ``error_on_batch=K``: the K-th batch computed after warm-up (1-based)
+      raises a generic RuntimeError: its requests get INTERNAL, later batches
+      are served.
+
+    For fault tests only; never set it in production.
+    """
+
+    ENV = "MACEFIELD_TEST_FAULT"
+
+    def __init__(self, oom_above_atoms: Optional[int] = None, error_on_batch: Optional[int] = None):
+        self.oom_above_atoms = oom_above_atoms
+        self.error_on_batch = error_on_batch
+        self.batches = 0
+
+    @classmethod
+    def from_env(cls, environ=None) -> Optional["InjectedFault"]:
+        import os
+
+        text = (environ if environ is not None else os.environ).get(cls.ENV, "").strip()
+        if not text:
+            return None
+        values: Dict[str, int] = {}
+        for part in text.split(","):
+            key, sep, value = part.strip().partition("=")
+            if key not in ("oom_above_atoms", "error_on_batch") or not sep or not value.strip().isdigit():
+                raise ValueError(f"{cls.ENV}: expected oom_above_atoms=N and/or error_on_batch=K, got {text!r}")
+            values[key] = int(value)
+        fault = cls(**values)
+        log.warning("%s=%s: injecting compute faults (test only)", cls.ENV, text)
+        return fault
+
+    def next_batch(self) -> bool:
+        """Count one served batch; whether it is the one that fails."""
+        self.batches += 1
+        return self.error_on_batch is not None and self.batches == self.error_on_batch
+
+    def check(self, n_atoms: int, error: bool) -> None:
+        if error:
+            raise RuntimeError(f"injected compute error on batch {self.batches} ({self.ENV})")
+        if self.oom_above_atoms is not None and n_atoms > self.oom_above_atoms:
+            raise RuntimeError(
+                f"CUDA out of memory (injected: {n_atoms} atoms > {self.oom_above_atoms}, {self.ENV})"
+            )
+
+
 EvaluateFn = Callable[[torch.nn.Module, GraphBatch, FrozenSet[str]], List[Dict[str, np.ndarray]]]
 
 
@@ -135,8 +188,10 @@ class Batcher:
         prep_executor: ThreadPoolExecutor,
         *,
         evaluate_fn: EvaluateFn = default_evaluate,
+        fault: Optional[InjectedFault] = None,
     ):
         self.served = served
+        self.fault = fault
         self.config = config
         self.metrics = metrics
         self.prep_executor = prep_executor
@@ -362,7 +417,8 @@ class Batcher:
 
     async def _compute(self, loop, items: List[WorkItem], batch: Optional[GraphBatch]) -> None:
         start = time.monotonic()
-        outcomes = await loop.run_in_executor(self.compute_executor, self._compute_with_split, items, batch)
+        fail = self.fault.next_batch() if self.fault is not None else False
+        outcomes = await loop.run_in_executor(self.compute_executor, self._compute_with_split, items, batch, fail)
         elapsed = time.monotonic() - start
         name = self.served.name
         n_atoms = sum(it.n_atoms for it in items)
@@ -405,9 +461,11 @@ class Batcher:
 
     def compute_items(self, items: List[WorkItem]) -> list:
         """Collate and evaluate ``items`` now, on the calling thread (warm-up); see :meth:`_compute_with_split`."""
-        return self._compute_with_split(items, None)
+        return self._compute_with_split(items, None, faults=False)
 
-    def _compute_with_split(self, items: List[WorkItem], batch: Optional[GraphBatch]) -> list:
+    def _compute_with_split(
+        self, items: List[WorkItem], batch: Optional[GraphBatch], fail: bool = False, faults: bool = True
+    ) -> list:
         """Evaluate ``items``; on OOM split in halves and retry (compute thread).
 
         Returns one (result dict or exception, structures in its pass, atoms in its pass) per item.
@@ -416,8 +474,10 @@ class Batcher:
         try:
             if batch is None:
                 batch = self._collate(items)
-            results = self.evaluate_fn(self.served.model, batch, outputs)
             n_atoms = sum(it.n_atoms for it in items)
+            if self.fault is not None and faults:  # warm-up (compute_items) never sees injected faults
+                self.fault.check(n_atoms, fail)
+            results = self.evaluate_fn(self.served.model, batch, outputs)
             return [(r, len(items), n_atoms) for r in results]
         except Exception as exc:  # noqa: BLE001
             if not is_out_of_memory(exc):
@@ -432,4 +492,6 @@ class Batcher:
             self.metrics.oom_splits.labels(model=self.served.name).inc()
             half = len(items) // 2
             log.warning("out of memory on a batch of %d structures; retrying as %d + %d", len(items), half, len(items) - half)
-            return self._compute_with_split(items[:half], None) + self._compute_with_split(items[half:], None)
+            return self._compute_with_split(items[:half], None, faults=faults) + self._compute_with_split(
+                items[half:], None, faults=faults
+            )
