@@ -15,7 +15,11 @@
 * ``macefield`` command line: ``macefield info``, ``macefield predict``.
 * Errors: :class:`ServerUnavailable` (a ``ConnectionError`` naming the
   target, after retries), :class:`InvalidRequest` (a ``ValueError`` naming
-  the bad field), :class:`RequestTimeout`, :class:`ResourceExhausted`.
+  the bad field), :class:`RequestTimeout`, :class:`ResourceExhausted`,
+  :class:`AuthenticationError` (token refused).
+* TLS: ``Client(target, tls="ca.pem")`` or, for mutual TLS,
+  ``tls=TLSConfig(ca="ca.pem", cert="client.pem", key="client.key")``;
+  tokens: ``token="..."``.
 
 The generated gRPC stubs live in :mod:`macefield_client.proto.macefield.v1`
 (``macefield_pb2`` messages, ``macefield_pb2_grpc.MaceFieldStub``), generated
@@ -24,14 +28,22 @@ from ``proto/macefield/v1/*.proto`` by ``proto/generate_stubs.py``.
 
 __version__ = "0.1.0"
 
-from ._channel import DEFAULT_TARGET, DEFAULT_TIMEOUT, RetryPolicy
+from ._channel import DEFAULT_TARGET, DEFAULT_TIMEOUT, RetryPolicy, TLSConfig
 from .aio import AsyncClient, AsyncSession
 from .client import Client, Session
-from .errors import InvalidRequest, MACEFieldError, RequestTimeout, ResourceExhausted, ServerUnavailable
+from .errors import (
+    AuthenticationError,
+    InvalidRequest,
+    MACEFieldError,
+    RequestTimeout,
+    ResourceExhausted,
+    ServerUnavailable,
+)
 from .results import OUTPUTS, UNITS, ModelInfo, Result, ServerInfo
 
 __all__ = [
     "AsyncClient",
+    "AuthenticationError",
     "AsyncSession",
     "Client",
     "DEFAULT_TARGET",
@@ -47,5 +59,6 @@ __all__ = [
     "ServerInfo",
     "ServerUnavailable",
     "Session",
+    "TLSConfig",
     "UNITS",
 ]

@@ -7,7 +7,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -87,20 +87,55 @@ def resolve_timeout(timeout: Optional[float], default: Optional[float] = None) -
     return float(timeout)
 
 
+PemSource = Union[str, os.PathLike, bytes, bytearray]
+
+
+def _pem(value: Optional[PemSource]) -> Optional[bytes]:
+    """PEM bytes given as bytes or as a file path."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    return Path(value).read_bytes()
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS settings of a client: which CA to trust and, for mutual TLS, the client's certificate and key.
+
+    Each of ``ca``, ``cert`` and ``key`` is a PEM file path or PEM bytes.
+    ``ca=None`` trusts the system roots.  ``cert`` and ``key`` go together
+    (servers started with ``--tls-client-ca`` require them).
+    """
+
+    ca: Optional[PemSource] = None
+    cert: Optional[PemSource] = None
+    key: Optional[PemSource] = None
+
+    def __post_init__(self):
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("TLSConfig: cert and key go together (both or neither)")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=_pem(self.ca), private_key=_pem(self.key),
+                                            certificate_chain=_pem(self.cert))
+
+
 def channel_credentials(tls) -> Optional[grpc.ChannelCredentials]:
     """None/False: plaintext.  True: TLS with the system roots.  A path or PEM bytes: TLS trusting that CA.
-    A ``grpc.ChannelCredentials``: used as is (e.g. for client certificates)."""
+    A :class:`TLSConfig`: CA and client certificate (mutual TLS).  A ``grpc.ChannelCredentials``: used as is."""
     if tls is None or tls is False:
         return None
     if tls is True:
         return grpc.ssl_channel_credentials()
+    if isinstance(tls, TLSConfig):
+        return tls.credentials()
     if isinstance(tls, grpc.ChannelCredentials):
         return tls
-    if isinstance(tls, (bytes, bytearray)):
-        return grpc.ssl_channel_credentials(root_certificates=bytes(tls))
-    if isinstance(tls, (str, os.PathLike)):
-        return grpc.ssl_channel_credentials(root_certificates=Path(tls).read_bytes())
-    raise TypeError(f"tls: expected None, bool, a CA file path, PEM bytes or grpc.ChannelCredentials, got {type(tls).__name__}")
+    if isinstance(tls, (bytes, bytearray, str, os.PathLike)):
+        return TLSConfig(ca=tls).credentials()
+    raise TypeError("tls: expected None, bool, a CA file path, PEM bytes, TLSConfig or grpc.ChannelCredentials, "
+                    f"got {type(tls).__name__}")
 
 
 def call_metadata(token: Optional[str]) -> Optional[Sequence[Tuple[str, str]]]:

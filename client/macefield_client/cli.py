@@ -13,19 +13,24 @@ and ``MACE_becs`` (N x 9, e, row-major d dipole_i / d R_kj).
 
 Without ``--field`` each frame's field is ``info["electric_field"]``, else
 ``info["REF_electric_field"]``, else zero (V/A).  The server is
-``--server``, else ``$MACEFIELD_SERVER``, else 127.0.0.1:50051.
+``--server``, else ``$MACEFIELD_SERVER``, else 127.0.0.1:50051.  TLS:
+``--tls-ca CA.pem`` (or ``$MACEFIELD_TLS_CA``; ``--tls`` alone trusts the
+system roots), mutual TLS adds ``--tls-cert``/``--tls-key``; a bearer token:
+``--token`` or ``$MACEFIELD_TOKEN``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
 import numpy as np
 
 from . import __version__
+from ._channel import TLSConfig
 from .client import Client
 from .errors import MACEFieldError
 from .results import OUTPUTS
@@ -34,7 +39,10 @@ from .results import OUTPUTS
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="server host:port (default $MACEFIELD_SERVER or 127.0.0.1:50051)")
     p.add_argument("--tls", nargs="?", const=True, default=None, metavar="CA.pem",
-                   help="use TLS (optionally trusting this CA file)")
+                   help="use TLS (optionally trusting this CA file; default: the system roots)")
+    p.add_argument("--tls-ca", metavar="CA.pem", help="use TLS trusting this CA file (default $MACEFIELD_TLS_CA)")
+    p.add_argument("--tls-cert", metavar="CERT.pem", help="client certificate for mutual TLS (with --tls-key)")
+    p.add_argument("--tls-key", metavar="KEY.pem", help="private key of --tls-cert")
     p.add_argument("--token", help="bearer token (default $MACEFIELD_TOKEN)")
     p.add_argument("--timeout", type=float, help="per-call deadline, s (default 120)")
     p.add_argument("--retries", type=int, help="retries of a call answered UNAVAILABLE (default 5, with backoff)")
@@ -68,10 +76,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _client(args) -> Client:
-    import os
+def _tls(args):
+    """None (plaintext), True (system roots) or a TLSConfig from --tls / --tls-ca / --tls-cert / --tls-key."""
+    ca = args.tls_ca or os.environ.get("MACEFIELD_TLS_CA") or (args.tls if isinstance(args.tls, str) else None)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("macefield: --tls-cert and --tls-key go together")
+    if ca is None and not args.tls_cert:
+        return args.tls
+    return TLSConfig(ca=ca, cert=args.tls_cert, key=args.tls_key)
 
-    return Client(args.server, tls=args.tls, token=args.token or os.environ.get("MACEFIELD_TOKEN"),
+
+def _client(args) -> Client:
+    return Client(args.server, tls=_tls(args), token=args.token or os.environ.get("MACEFIELD_TOKEN"),
                   timeout=args.timeout, retry=args.retries)
 
 

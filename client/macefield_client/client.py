@@ -39,8 +39,10 @@ class Client:
     Args:
         target: ``host:port`` (default ``$MACEFIELD_SERVER`` or ``127.0.0.1:50051``).
         tls: None (plaintext), True (TLS, system roots), a CA file path or PEM
-            bytes, or a ``grpc.ChannelCredentials``.
-        token: bearer token sent as ``authorization: Bearer <token>``.
+            bytes, a :class:`TLSConfig` (CA plus client certificate and key for
+            mutual TLS), or a ``grpc.ChannelCredentials``.
+        token: bearer token sent as ``authorization: Bearer <token>``; a
+            refused token raises :class:`~macefield_client.AuthenticationError`.
         timeout: per-call deadline in seconds (None: 120 s; ``float("inf")``: none).
         retry: :class:`RetryPolicy`, or an int number of retries (0: none).
             Only UNAVAILABLE is retried (these calls are idempotent).

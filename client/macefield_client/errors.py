@@ -37,6 +37,10 @@ class ResourceExhausted(MACEFieldError):
     """The server's queue is full, or a structure is too large for it."""
 
 
+class AuthenticationError(MACEFieldError, PermissionError):
+    """The server refused the call's credentials (no or a wrong bearer token: UNAUTHENTICATED)."""
+
+
 def error_from_rpc(err: grpc.RpcError, target: str, *, attempts: int = 1) -> MACEFieldError:
     """Map a gRPC error to one of the exceptions above."""
     code = err.code() if hasattr(err, "code") else None
@@ -52,6 +56,9 @@ def error_from_rpc(err: grpc.RpcError, target: str, *, attempts: int = 1) -> MAC
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return RequestTimeout(f"MACE-Field server at {target}: deadline exceeded ({details})",
                               target=target, code=code, details=details)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthenticationError(f"MACE-Field server at {target} refused the credentials: {details}",
+                                   target=target, code=code, details=details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhausted(f"MACE-Field server at {target}: {details}", target=target, code=code, details=details)
     name = code.name if code is not None else "error"

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -120,15 +121,35 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
 _MESSAGE = "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')"
 
+#: seconds a refused request stream is given to deliver its first message
+FIRST_MESSAGE_WAIT_S = 2.0
+
+
+async def _first_message(requests) -> None:
+    """Wait (briefly) for a refused stream's first message before ending the call.
+
+    A grpc.aio client that is still writing its first message when the
+    refusal's trailers arrive can see ``INTERNAL: Internal error from Core``
+    instead of UNAUTHENTICATED; once the server has read that message, the
+    client's write has completed and it reads the real status.  The message
+    is discarded unparsed.
+    """
+    try:
+        await asyncio.wait_for(requests.__anext__(), FIRST_MESSAGE_WAIT_S)
+    except (asyncio.TimeoutError, StopAsyncIteration, grpc.RpcError):
+        pass
+
 
 def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that ends the call UNAUTHENTICATED without reading it."""
 
     async def deny(request_or_iterator, context):
+        if handler.request_streaming:
+            await _first_message(request_or_iterator)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, _MESSAGE)
 
     async def deny_streaming(request_or_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _MESSAGE)
+        await deny(request_or_iterator, context)
         yield  # pragma: no cover - never reached; makes this an async generator
 
     if handler.request_streaming and handler.response_streaming:
