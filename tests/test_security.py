@@ -456,3 +456,14 @@ def test_process_tls_and_token_file_from_the_command_line(tmp_path, pki):
     finally:
         proc.kill()
     assert "TLS" in proc.stderr() and "bearer token" in proc.stderr(), shlex.quote(proc.stderr())
+
+
+def test_health_probe_over_tls_and_mutual_tls(tls_server, mtls_server, pki, capsys):
+    from macefield_server.health_probe import main as probe
+
+    assert probe(["--address", tls_server, "--tls-ca", str(pki["ca.pem"])]) == 0  # no token needed
+    assert "SERVING" in capsys.readouterr().out
+    assert probe(["--address", tls_server, "--timeout", "3"]) == 1  # plaintext probe of a TLS port
+    client = ["--tls-cert", str(pki["client.pem"]), "--tls-key", str(pki["client.key"])]
+    assert probe(["--address", mtls_server, "--tls-ca", str(pki["ca.pem"]), *client]) == 0
+    assert probe(["--address", mtls_server, "--tls-ca", str(pki["ca.pem"]), "--timeout", "3"]) == 1  # no client cert
