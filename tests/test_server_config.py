@@ -97,9 +97,10 @@ def test_command_line_overrides_the_file(tmp_path):
     path = tmp_path / "serve.yaml"
     path.write_text(YAML)
     args = parse_args(["--config", str(path), "--port", "0", "--model", "x=one.pt", "--model", "two.model",
-                       "--trust-pickle", "--dtype", "float64"])
+                       "--trust-pickle", "--dtype", "float64", "--insecure"])  # 0.0.0.0 in plaintext: explicit
     config = build_config(args)
     assert config.port == 0 and config.host == "0.0.0.0" and config.batching.max_queue == 50
+    assert config.security.insecure
     assert config.models == [
         ModelConfig(path="one.pt", name="x", dtype="float64", trust_pickle=True),
         ModelConfig(path="two.model", name=None, dtype="float64", trust_pickle=True),
