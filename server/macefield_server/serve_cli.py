@@ -44,7 +44,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--tls-cert", help="PEM server certificate (chain): TLS on the gRPC port (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help="PEM CA: require client certificates signed by it (mutual TLS)")
-    p.add_argument("--auth-token-file", help="bearer tokens, one per line (also: $MACEFIELD_AUTH_TOKENS, comma-separated)")
+    p.add_argument("--auth-token-file",
+                   help="bearer tokens, one per line (also: $MACEFIELD_AUTH_TOKENS, comma-separated)")
     p.add_argument("--insecure", action="store_true", default=None,
                    help="allow plaintext gRPC on a non-loopback host (logs a warning)")
     p.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
