@@ -8,8 +8,10 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import urllib.request
 
 import grpc
 import pytest
@@ -433,9 +435,15 @@ def test_process_refuses_plaintext_on_all_interfaces_without_insecure(tmp_path):
     assert "not a loopback address" in refused.stderr and "--insecure" in refused.stderr
     assert '"listening"' not in refused.stdout
 
-    proc = ServerProcess(["--host", "0.0.0.0", "--insecure", "--model", str(model)])  # ServerProcess: later --host wins
+    # ServerProcess passes --host 127.0.0.1 --metrics-port 0 first: the later options win
+    proc = ServerProcess(["--host", "0.0.0.0", "--insecure", "--model", str(model), "--metrics-host", "127.0.0.2"])
     try:
         assert proc.port > 0 and proc.proc.poll() is None
+        # /metrics listens on --metrics-host only (127.0.0.2), not on the gRPC host's addresses
+        page = urllib.request.urlopen(f"http://127.0.0.2:{proc.metrics_port}/metrics", timeout=20).read()
+        assert b"macefield_in_flight" in page
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proc.metrics_port), timeout=10).close()
         with grpc.insecure_channel(f"127.0.0.1:{proc.port}") as channel:  # 0.0.0.0 includes loopback
             assert health(channel) in (NOT_SERVING, SERVING)
     finally:
@@ -468,3 +476,17 @@ def test_health_probe_over_tls_and_mutual_tls(tls_server, mtls_server, pki, caps
     client = ["--tls-cert", str(pki["client.pem"]), "--tls-key", str(pki["client.key"])]
     assert probe(["--address", mtls_server, "--tls-ca", str(pki["ca.pem"]), *client]) == 0
     assert probe(["--address", mtls_server, "--tls-ca", str(pki["ca.pem"]), "--timeout", "3"]) == 1  # no client cert
+
+
+def test_in_process_server_refuses_plaintext_on_all_interfaces():
+    from macefield_server.app import MaceFieldServer
+
+    async def start():
+        server = MaceFieldServer(ServerConfig(host="0.0.0.0", port=0, metrics_port=-1), _served())
+        try:
+            await server.start()
+        finally:
+            await server.stop(0)
+
+    with pytest.raises(ConfigError, match="insecure"):
+        asyncio.run(start())
