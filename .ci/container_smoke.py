@@ -348,6 +348,12 @@ def build_context(wheel: Path) -> Path:
 
 
 def build_image(client) -> None:
+    import docker
+
+    try:
+        previous = client.images.get(TAG).id
+    except docker.errors.ImageNotFound:
+        previous = None
     wheel = torch_wheel()
     context = build_context(wheel)
     log(f"context {context.stat().st_size / 1e6:.0f} MB (torch wheel {wheel.name})")
@@ -370,6 +376,9 @@ def build_image(client) -> None:
     context.unlink()
     image = client.images.get(TAG)
     log(f"built {TAG} {image.short_id}, {image.attrs['Size'] / 1e9:.2f} GB (log: {build_log})")
+    if previous and previous != image.id:  # repeated runs on one machine: drop the image this one replaced
+        with contextlib.suppress(docker.errors.APIError):
+            client.images.remove(previous, noprune=False)
 
 
 def check_image(client) -> None:
