@@ -27,7 +27,6 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
-from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as pb_grpc
 
 from .batcher import Batcher, EvaluateFn, InjectedFault, WorkItem, default_evaluate
 from .config import ServerConfig
@@ -37,6 +36,7 @@ from .model.graph import Structure, neighbour_list
 from .model.response import OUTPUTS, response_tier
 from .registry import ModelRegistry, ServedModel
 from .service import MaceFieldService
+from .wire import add_servicer
 from .security import TokenAuthInterceptor, load_tokens, server_credentials
 
 log = logging.getLogger("macefield.server")
@@ -102,7 +102,7 @@ class MaceFieldServer:
             ],
             interceptors=interceptors,
         )
-        pb_grpc.add_MaceFieldServicer_to_server(self.service, self.server)
+        add_servicer(self.service, self.server)  # malformed request bytes: INVALID_ARGUMENT, not UNKNOWN
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
