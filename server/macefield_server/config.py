@@ -27,6 +27,7 @@ Example (YAML; the TOML layout is the same)::
       max_edges_per_structure: 2000000   # neighbour pairs, counted before the list is built
       max_message_bytes: 67108864        # gRPC message size, each direction (64 MiB)
       max_concurrent_streams: 100        # concurrent RPCs per client connection (HTTP/2 streams)
+      max_extent: 1000                   # Angstrom: longest cell vector / widest spread of a molecule
     security:                   # see docs/serving.md, "Security"
       tls_cert: server.pem      # PEM certificate chain; with tls_key: TLS on the gRPC port
       tls_key: server.key
@@ -104,6 +105,7 @@ class LimitsConfig:
     max_edges_per_structure: int = 2_000_000  #: refuse collapsed / absurdly dense inputs
     max_message_bytes: int = 64 * 1024 * 1024  #: largest gRPC message received or sent (RESOURCE_EXHAUSTED beyond)
     max_concurrent_streams: int = 100  #: concurrent RPCs per connection (grpc.max_concurrent_streams)
+    max_extent: float = 1000.0  #: Angstrom: longest periodic cell vector, widest spread along non-periodic directions
 
 
 @dataclass
@@ -159,6 +161,8 @@ class ServerConfig:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
         if b.max_wait_ms < 0:
             raise ConfigError(f"batching.max_wait_ms: must be >= 0, got {b.max_wait_ms}")
+        if not lim.max_extent > 0:
+            raise ConfigError(f"limits.max_extent: must be > 0 Angstrom, got {lim.max_extent}")
         if lim.max_field <= 0:
             raise ConfigError(f"limits.max_field: must be > 0 V/A, got {lim.max_field}")
         if self.grace_s < 0:

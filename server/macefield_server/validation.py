@@ -20,6 +20,7 @@ from .registry import ModelRegistry, ServedModel
 #: outputs when a request names none
 DEFAULT_OUTPUTS: FrozenSet[str] = frozenset({"energy", "forces", "stress"})
 MAX_REQUEST_ID = 256
+MAX_COORDINATE = 1e7  #: Angstrom; beyond it wrapping and distances lose all precision
 
 
 class InvalidRequest(ValueError):
@@ -121,6 +122,24 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
         if singular:
             raise InvalidRequest("cell", f"singular cell (lattice vectors {cell.tolist()}) with pbc {pbc.tolist()}")
 
+    if np.abs(positions).max() > MAX_COORDINATE:
+        raise InvalidRequest("positions", f"|coordinate| above {MAX_COORDINATE:g} Angstrom")
+    if pbc.any():
+        longest = float(np.linalg.norm(cell[pbc], axis=1).max())
+        if longest > limits.max_extent:
+            raise InvalidRequest(
+                "cell", f"a periodic lattice vector of {longest:.6g} A exceeds the server's limit of {limits.max_extent:g} A"
+            )
+    if not pbc.all():  # the spread along non-periodic directions sets the neighbour search's box
+        q = np.linalg.qr(cell[pbc].T)[0] if pbc.any() else np.zeros((3, 0))
+        points = positions.reshape(n, 3)
+        spread = float(np.ptp(points - (points @ q) @ q.T, axis=0).max())
+        if spread > limits.max_extent:
+            raise InvalidRequest(
+                "positions",
+                f"atoms spread over {spread:.6g} A along non-periodic directions (limit {limits.max_extent:g} A)",
+            )
+
     field = _floats(request.electric_field, "electric_field", {0, 3}, "0 or 3 values, V/Angstrom")
     field = np.zeros(3) if field.size == 0 else field
     magnitude = float(np.linalg.norm(field))
@@ -130,7 +149,8 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
         )
 
     structure = Structure(numbers, positions.reshape(n, 3), cell, pbc, field, head)
-    edges = estimate_edges(structure, served.cutoff)  # counted before any neighbour list is built
+    # counted (exactly once the cheap bound passes the limit) before any neighbour list is built
+    edges = estimate_edges(structure, served.cutoff, limits.max_edges_per_structure)
     if edges > limits.max_edges_per_structure:
         raise too_dense(edges, served.cutoff, limits, "at most ")
     return ParsedRequest(

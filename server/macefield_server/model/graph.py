@@ -142,13 +142,13 @@ def neighbour_list(structure: Structure, cutoff: float) -> NeighbourGraph:
 MAX_IMAGE_POINTS = 8_000_000
 
 
-def estimate_edges(structure: Structure, cutoff: float) -> int:
+def estimate_edges(structure: Structure, cutoff: float, limit: int = 100_000) -> int:
     """Directed edges of :func:`neighbour_list`, counted without building it (an upper bound).
 
     Used to refuse collapsed or absurdly dense inputs before the neighbour
     search allocates their edges.  Cheap bound first: N*(N-1) for a finite
     structure, N*N*images for a periodic one (images: lattice translations
-    that can bring an atom within the cutoff); when that bound passes 10^5 the pairs are counted by a k-d tree over the
+    that can bring an atom within the cutoff); when that bound passes ``limit`` the pairs are counted by a k-d tree over the
     atoms and their images (memory O(N * images), no per-pair storage), so
     atoms piled on one point, tiny cells with many images and large
     molecules are all counted, not guessed from the mean density.  A cell so
@@ -163,24 +163,26 @@ def estimate_edges(structure: Structure, cutoff: float) -> int:
     cutoff = float(cutoff)
     if not structure.pbc.any():
         bound = n * (n - 1)
-        if bound <= 100_000:
+        if bound <= limit:
             return bound
         tree = cKDTree(structure.positions)
         return int(tree.count_neighbors(tree, cutoff)) - n
     cell = _padded_cell(structure, cutoff)
     reciprocal = np.linalg.inv(cell).T  # rows: b_i with a_j . b_i = delta_ij
     frac = structure.positions @ np.linalg.inv(cell)
-    reach = np.zeros(3, dtype=np.int64)
+    reach_f = np.zeros(3)
     for i in range(3):
         if structure.pbc[i]:
             frac[:, i] -= np.floor(frac[:, i])  # wrap: pair distances over images do not change
-            reach[i] = int(np.ceil(cutoff * np.linalg.norm(reciprocal[i]))) + 1
-    images = int(np.prod(2 * reach + 1))
+            reach_f[i] = np.ceil(cutoff * np.linalg.norm(reciprocal[i])) + 1
+    images_f = float(np.prod(2 * reach_f + 1))
+    if not np.isfinite(images_f) or n * images_f > MAX_IMAGE_POINTS:
+        return int(min(n * images_f, 2**62)) if np.isfinite(images_f) else 2**62
+    reach = reach_f.astype(np.int64)
+    images = int(images_f)
     bound = n * n * images - n
-    if bound <= 100_000:
+    if bound <= limit:
         return bound
-    if n * images > MAX_IMAGE_POINTS:
-        return n * images
     wrapped = frac @ cell
     grid = np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in reach], indexing="ij"), -1).reshape(-1, 3)
     frac_points = (frac[None, :, :] + grid[:, None, :]).reshape(-1, 3)
