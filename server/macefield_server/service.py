@@ -85,16 +85,16 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    def _dispatcher(self) -> Dispatcher:
-        if self.draining:
+    def _dispatcher(self, opened_before_drain: bool = False) -> Dispatcher:
+        if self.draining and not opened_before_drain:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         if self.dispatcher is None:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "server is starting: models are loading")
         return self.dispatcher
 
-    def _parse(self, request, prefix: str = "") -> ParsedRequest:
+    def _parse(self, request, prefix: str = "", opened_before_drain: bool = False) -> ParsedRequest:
         try:
-            return parse_request(request, self._dispatcher().registry, self.config.limits)
+            return parse_request(request, self._dispatcher(opened_before_drain).registry, self.config.limits)
         except InvalidRequest as exc:
             raise exc.prefixed(prefix) if prefix else exc
 
@@ -110,9 +110,11 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         self.metrics.requests.labels(method=method, model=model, code=code.name).inc()
         self.metrics.request_seconds.labels(method=method).observe(time.monotonic() - start)
 
-    async def _one(self, request, deadline: Optional[float], prefix: str = "") -> pb.PredictResponse:
-        parsed = self._parse(request, prefix)
-        ((values, timing),) = await self._dispatcher().run([parsed], deadline, [prefix] if prefix else None)
+    async def _one(self, request, deadline: Optional[float], prefix: str = "",
+                   opened_before_drain: bool = False) -> pb.PredictResponse:
+        parsed = self._parse(request, prefix, opened_before_drain)
+        ((values, timing),) = await self._dispatcher(opened_before_drain).run(
+            [parsed], deadline, [prefix] if prefix else None)
         return result_to_proto(parsed, values, timing)
 
     # ---------------------------------------------------------------- RPCs
@@ -157,7 +159,11 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
             await self._finish(method, model, start, code)
 
     async def PredictStream(self, request_iterator, context):
-        """Pipelined: up to ``batching.stream_window`` requests in flight, answered in order."""
+        """Pipelined: up to ``batching.stream_window`` requests in flight, answered in order.
+
+        A stream opened before a drain began keeps being served during it (within
+        ``grace_s``): messages already sent on it are answered, not refused.
+        """
         method = "PredictStream"
         start = time.monotonic()
         gauge = self.metrics.in_flight.labels(method=method)
@@ -167,11 +173,12 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         code = grpc.StatusCode.OK
         model = "-"
         ids: List[str] = []
+        serving = self.dispatcher is not None and not self.draining
 
         async def read():
             async for request in request_iterator:
                 ids.append(request.request_id)
-                task = asyncio.ensure_future(self._one(request, deadline))
+                task = asyncio.ensure_future(self._one(request, deadline, opened_before_drain=serving))
                 await window.put((request, task))
             await window.put(None)
 
