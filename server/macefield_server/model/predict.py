@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .graph import GraphBatch, Structure, collate, neighbour_list
-from .response import normalise_outputs, respond, susceptibility
+from .response import normalise_outputs, respond, response_tier, susceptibility
 
 
 def model_dtype(model) -> torch.dtype:
@@ -36,16 +36,26 @@ def head_index(model, head: Optional[str], default: Optional[str] = None) -> int
     return heads.index(name)
 
 
+#: edges per engine pass that :func:`predict` aims for on CPU, by derivative tier.
+#: A CPU pass slows down per structure once its working set leaves the caches,
+#: and a full response holds ~10 MB per 72-atom quartz cell (64 channels,
+#: max_ell 3), so large second-order batches would also exhaust memory.
+#: Measured in bench/response_cost.py; None (GPU): one pass per call.
+CPU_EDGES_PER_PASS = {0: 50_000, 1: 50_000, 2: 12_000}
+
+
 def prepare_batch(
     model,
     structures: Sequence[Structure],
     *,
     default_head: Optional[str] = None,
     device=None,
+    graphs: Optional[Sequence] = None,
 ) -> GraphBatch:
-    """Neighbour lists and tensors for ``structures`` (ValueError names a bad field)."""
-    r_max = float(model.r_max)
-    graphs = [neighbour_list(s, r_max) for s in structures]
+    """Neighbour lists (unless given) and tensors for ``structures`` (ValueError names a bad field)."""
+    if graphs is None:
+        r_max = float(model.r_max)
+        graphs = [neighbour_list(s, r_max) for s in structures]
     return collate(
         structures,
         graphs,
@@ -114,6 +124,7 @@ def predict(
     heads=None,
     outputs: Optional[Iterable[str]] = None,
     batch_size: Optional[int] = None,
+    max_edges="auto",
 ) -> List[Dict[str, np.ndarray]]:
     """Evaluate F and its derivatives for ASE ``Atoms`` (or :class:`Structure`) objects.
 
@@ -125,7 +136,10 @@ def predict(
         outputs: subset of energy, forces, stress, dipole, polarization,
             born_charges, polarizability (None: all).  chi and eps_inf come
             with polarizability for periodic structures.
-        batch_size: structures per engine pass (None: all at once).
+        batch_size: at most this many structures per engine pass (None: no count limit).
+        max_edges: at most this many graph edges per engine pass (a larger
+            structure gets a pass of its own); "auto": :data:`CPU_EDGES_PER_PASS`
+            on CPU, unlimited on GPU; None: unlimited.
 
     Returns one dict per structure; see :func:`evaluate` for keys and units.
     """
@@ -151,9 +165,32 @@ def predict(
         else:
             structures.append(Structure.from_atoms(item, electric_field=f, head=h))
 
-    step = batch_size or max(n, 1)
+    if max_edges == "auto":
+        max_edges = None if model_device(model).type == "cuda" else CPU_EDGES_PER_PASS[response_tier(wanted)]
+    r_max = float(model.r_max)
+    graphs = [neighbour_list(s, r_max) for s in structures]
     results: List[Dict[str, np.ndarray]] = []
-    for start in range(0, n, step):
-        batch = prepare_batch(model, structures[start : start + step])
+    for chunk in _passes(graphs, batch_size, max_edges):
+        batch = prepare_batch(model, [structures[i] for i in chunk], graphs=[graphs[i] for i in chunk])
         results.extend(evaluate(model, batch, wanted))
     return results
+
+
+def _passes(graphs, batch_size: Optional[int], max_edges: Optional[int]) -> List[List[int]]:
+    """Consecutive index groups within the structure and edge limits (order kept)."""
+    groups: List[List[int]] = []
+    current: List[int] = []
+    edges = 0
+    for i, g in enumerate(graphs):
+        e = int(g.edge_index.shape[1])
+        full = (batch_size is not None and len(current) >= batch_size) or (
+            max_edges is not None and current and edges + e > max_edges
+        )
+        if full:
+            groups.append(current)
+            current, edges = [], 0
+        current.append(i)
+        edges += e
+    if current:
+        groups.append(current)
+    return groups
