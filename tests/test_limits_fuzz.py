@@ -92,6 +92,26 @@ def test_edge_estimate_bounds_the_neighbour_list(structure):
     assert estimate_edges(structure, 5.0, limit=0) == edges  # counted: exact
 
 
+def test_every_edge_bound_is_at_least_the_neighbour_list_on_random_structures():
+    """The cheap bound, the binned bound (limit between them) and the count, on random cells/slabs/molecules."""
+    rng = np.random.default_rng(1)
+    checked_binned = 0
+    for _ in range(120):
+        n, pbc = int(rng.integers(1, 60)), rng.random(3) < 0.6
+        cell = np.diag(rng.uniform(5, 40, 3)) + rng.uniform(-3, 3, (3, 3)) * (rng.random() < 0.5)
+        if pbc.any() and np.linalg.svd(cell[pbc], compute_uv=False).min() < 1.0:
+            continue
+        positions = rng.uniform(-5, 40, (n, 3)) if rng.random() < 0.8 else rng.uniform(0, 0.1, (n, 3))
+        structure, cutoff = Structure([8] * n, positions, cell, pbc), float(rng.uniform(1.5, 5.0))
+        edges = neighbour_list(structure, cutoff).edge_index.shape[1]
+        cheap = estimate_edges(structure, cutoff, limit=10**12)
+        binned = estimate_edges(structure, cutoff, limit=cheap - 1)  # the histogram bound, or the count
+        checked_binned += binned < cheap
+        assert cheap >= binned >= edges
+        assert estimate_edges(structure, cutoff, limit=-1) >= edges
+    assert checked_binned > 20
+
+
 # ----------------------------------------------------------- limits over gRPC
 @pytest.mark.parametrize(
     "atoms_args",

@@ -142,18 +142,65 @@ def neighbour_list(structure: Structure, cutoff: float) -> NeighbourGraph:
 MAX_IMAGE_POINTS = 8_000_000
 
 
+def _shifted(a: np.ndarray, axis: int, step: int, periodic: bool) -> np.ndarray:
+    """``a`` moved by ``step`` bins along ``axis``: wrapped if periodic, else zero-filled."""
+    if step == 0:
+        return a
+    if periodic:
+        return np.roll(a, step, axis)
+    out = np.zeros_like(a)
+    src, dst = [slice(None)] * 3, [slice(None)] * 3
+    src[axis], dst[axis] = (slice(None, -step), slice(step, None)) if step > 0 else (slice(-step, None), slice(None, step))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
+def _binned_bound(heights: np.ndarray, periodic, spacing: np.ndarray, cutoff: float, max_bins: int = 64):
+    """Upper bound on directed pairs from a histogram of bins at least ``cutoff`` wide, or None.
+
+    ``heights[:, i]``: each atom's distance from the lattice plane i (in [0,
+    ``spacing[i]``) along periodic axes, a Cartesian coordinate otherwise).
+    Two atoms closer than the cutoff differ by at most one bin along every
+    axis; with at least 3 bins (spacing >= 3 cutoffs) along a periodic axis
+    at most one periodic image of an atom is within the cutoff of another.
+    Bound: sum over atoms of the atoms in the 27 bins around it, minus itself.
+    None when a periodic axis is thinner than 3 cutoffs.
+    """
+    n = heights.shape[0]
+    shape, index = [], []
+    for i in range(3):
+        if periodic[i]:
+            bins = min(int(spacing[i] // cutoff), max_bins)
+            if bins < 3:
+                return None
+            k = np.floor(heights[:, i] / spacing[i] * bins).astype(np.int64) % bins
+        else:
+            lo, hi = float(heights[:, i].min()), float(heights[:, i].max())
+            bins = int(max(1, min(max_bins, (hi - lo) // cutoff)))
+            k = np.zeros(n, np.int64) if hi <= lo else np.minimum(((heights[:, i] - lo) / (hi - lo) * bins).astype(np.int64), bins - 1)
+        shape.append(bins)
+        index.append(k)
+    counts = np.zeros(shape, dtype=np.int64)
+    np.add.at(counts, tuple(index), 1)
+    around = counts
+    for axis in range(3):  # separable: sum of the 3 neighbours along each axis in turn
+        around = sum(_shifted(around, axis, step, bool(periodic[axis])) for step in (-1, 0, 1))
+    return int((counts * around).sum()) - n
+
+
 def estimate_edges(structure: Structure, cutoff: float, limit: int = 100_000) -> int:
     """Directed edges of :func:`neighbour_list`, counted without building it (an upper bound).
 
     Used to refuse collapsed or absurdly dense inputs before the neighbour
-    search allocates their edges.  Cheap bound first: N*(N-1) for a finite
+    search allocates their edges.  Cheap bounds first: N*(N-1) for a finite
     structure, N*N*images for a periodic one (images: lattice translations
-    that can bring an atom within the cutoff); when that bound passes ``limit`` the pairs are counted by a k-d tree over the
-    atoms and their images (memory O(N * images), no per-pair storage), so
-    atoms piled on one point, tiny cells with many images and large
-    molecules are all counted, not guessed from the mean density.  A cell so
-    thin that N * images exceeds :data:`MAX_IMAGE_POINTS` is reported as that
-    many edges without searching.
+    that can bring an atom within the cutoff), then a histogram over bins a
+    cutoff wide (O(N)); when those pass ``limit`` the pairs are counted by a
+    k-d tree over the atoms and their nearby images (memory O(N * images), no
+    per-pair storage).  So atoms piled on one point, tiny cells with many
+    images and large molecules are all counted, not guessed from the mean
+    density.  A cell so thin that N * images exceeds :data:`MAX_IMAGE_POINTS`
+    is reported as that many edges without searching.
     """
     from scipy.spatial import cKDTree
 
@@ -165,6 +212,9 @@ def estimate_edges(structure: Structure, cutoff: float, limit: int = 100_000) ->
         bound = n * (n - 1)
         if bound <= limit:
             return bound
+        binned = _binned_bound(structure.positions, [False] * 3, np.zeros(3), cutoff)
+        if binned <= limit:
+            return binned
         tree = cKDTree(structure.positions)
         return int(tree.count_neighbors(tree, cutoff)) - n
     cell = _padded_cell(structure, cutoff)
@@ -176,13 +226,15 @@ def estimate_edges(structure: Structure, cutoff: float, limit: int = 100_000) ->
             frac[:, i] -= np.floor(frac[:, i])  # wrap: pair distances over images do not change
             reach_f[i] = np.ceil(cutoff * np.linalg.norm(reciprocal[i])) + 1
     images_f = float(np.prod(2 * reach_f + 1))
+    if np.isfinite(images_f) and n * n * images_f - n <= limit:
+        return int(n * n * images_f) - n
+    spacing = 1.0 / np.linalg.norm(reciprocal, axis=1)  # distance between lattice planes (padded axes: orthogonal)
+    binned = _binned_bound(frac * spacing, structure.pbc, spacing, cutoff)
+    if binned is not None and binned <= limit:
+        return binned
     if not np.isfinite(images_f) or n * images_f > MAX_IMAGE_POINTS:
         return int(min(n * images_f, 2**62)) if np.isfinite(images_f) else 2**62
     reach = reach_f.astype(np.int64)
-    images = int(images_f)
-    bound = n * n * images - n
-    if bound <= limit:
-        return bound
     wrapped = frac @ cell
     grid = np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in reach], indexing="ij"), -1).reshape(-1, 3)
     frac_points = (frac[None, :, :] + grid[:, None, :]).reshape(-1, 3)
