@@ -4,6 +4,7 @@ checkpoints at start-up, and SIGTERM / SIGINT with counted requests in flight.""
 from __future__ import annotations
 
 import signal
+import threading
 
 import grpc
 import numpy as np
@@ -13,6 +14,8 @@ from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 from serving import ServerProcess, assert_matches, metric, request_for, save_tiny_model, wait_for
 
+from macefield_client import Client, RetryPolicy
+from macefield_client.ase import MACEFieldCalculator
 from macefield_server.background import BackgroundServer
 from macefield_server.config import BatchingConfig, ServerConfig
 from macefield_server.model import load_model, predict
@@ -151,3 +154,47 @@ def _serving(stub) -> bool:
         return True
     except grpc.RpcError:
         return False
+
+
+def test_md_rides_out_a_kill_9_mid_run(tmp_path):
+    """ASE MD over a PredictStream session; the server is SIGKILLed mid-run and restarted on the same port."""
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+
+    path = save_tiny_model(tmp_path / "tiny.pt")
+    procs = [ServerProcess(["--model", str(path)])]
+    port = procs[0].port
+    try:
+        client = Client(f"127.0.0.1:{port}", timeout=60,
+                        retry=RetryPolicy(attempts=400, initial_backoff=0.1, max_backoff=0.5))
+        atoms = quartz_like(seed=4)
+        MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+        atoms.calc = MACEFieldCalculator(client=client, electric_field=list(FIELD))
+        dyn = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+        energies, box = [], {}
+        dyn.attach(lambda: energies.append(atoms.get_potential_energy()), interval=1)
+
+        def md():
+            try:
+                dyn.run(40)
+            except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+                box["error"] = exc
+
+        thread = threading.Thread(target=md, daemon=True)
+        thread.start()
+        wait_for(lambda: len(energies) >= 8 or "error" in box, timeout=240, what="MD under way")
+        procs[0].kill()  # SIGKILL while the session streams
+        procs.append(ServerProcess(["--model", str(path), "--port", str(port)]))
+        thread.join(240)  # hang guard, not a performance bound
+        assert not thread.is_alive(), "MD hung after the restart"
+        assert "error" not in box, box.get("error")
+        assert len(energies) == 41 and np.all(np.isfinite(energies))
+        # the last step's numbers came from the restarted server: the engine's
+        ref = predict(load_model(path), [atoms], electric_fields=list(FIELD), outputs=["forces"])[0]
+        np.testing.assert_allclose(atoms.get_forces(), ref["forces"], rtol=1e-9, atol=1e-10)
+        assert atoms.get_potential_energy() == pytest.approx(float(ref["energy"]), rel=1e-10)
+        atoms.calc.close()
+    finally:
+        for proc in procs:
+            proc.kill()
