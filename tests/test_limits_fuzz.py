@@ -217,6 +217,19 @@ def test_malformed_protobuf_is_invalid_argument(channel, model, method, payload)
     check_still_correct(channel, model)
 
 
+def test_malformed_message_on_a_stream_ends_it_with_invalid_argument(channel, model):
+    stream = channel.stream_stream("/macefield.v1.MaceField/PredictStream", request_serializer=None,
+                                   response_deserializer=pb.PredictResponse.FromString)
+    good = request_for(quartz_like(seed=2), request_id="good").SerializeToString()
+    responses = stream(iter([good, b"\xff\xff\xff"]), timeout=60)
+    assert next(responses).request_id == "good"
+    with pytest.raises(grpc.RpcError) as info:
+        next(responses)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("request: not a valid macefield.v1.PredictRequest")
+    check_still_correct(channel, model)
+
+
 # -------------------------------------------------------------------- fuzzing
 WEIRD = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
