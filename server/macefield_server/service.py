@@ -204,7 +204,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                     if request.request_id:
                         message = f"{message} (request_id {request.request_id!r})"
                     raise ServiceError(error.code, message) from exc
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: the client went away while we yielded
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:  # noqa: BLE001
