@@ -301,3 +301,64 @@ def test_predict_splits_large_requests_into_passes_without_changing_numbers(fiel
         for key in a:
             assert np.allclose(a[key], b[key], rtol=0, atol=1e-10), key
             assert np.allclose(a[key], c[key], rtol=0, atol=1e-10), key
+
+
+def _slice_backward_nodes(tensor) -> int:
+    """Number of SliceBackward0 nodes in the autograd graph behind ``tensor``."""
+    seen, stack, count = set(), [tensor.grad_fn], 0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        count += type(fn).__name__ == "SliceBackward0"
+        stack.extend(f for f, _ in fn.next_functions)
+    return count
+
+
+def test_rewritten_tensor_products_match_e3nn_modules(two_head_model):
+    """build_field_mace rewrites e3nn's tensor products (split/concat instead of per-slice
+    copies): every output equals the stock TorchScript modules', the state dict is unchanged,
+    and the model still deep-copies and pickles."""
+    import copy
+    import pickle
+
+    from macefield_server.model import build_field_mace, prepare_batch
+    from macefield_server.model.architecture import describe_architecture
+    from macefield_server.model.graph import Structure
+    from macefield_server.model.response import respond
+    from macefield_server.model.tp_rewrite import rewrite_tensor_products
+
+    stock = build_field_mace(describe_architecture(two_head_model), rewrite_products=False)
+    stock.load_state_dict(two_head_model.state_dict(), strict=True)
+    assert stock.state_dict().keys() == two_head_model.state_dict().keys()
+    assert "_compiled_main_left_right" in stock.interactions[1].conv_tp.__codegen__
+    assert "_compiled_main_left_right" not in two_head_model.interactions[1].conv_tp.__codegen__
+    assert rewrite_tensor_products(two_head_model) == []  # idempotent
+
+    structures = [
+        Structure.from_atoms(quartz_like(seed=4), electric_field=[0.1, -0.2, 0.05], head="sio2"),
+        Structure.from_atoms(water_like(), electric_field=[0.3, 0.0, -0.1], head="other"),
+    ]
+    batch = prepare_batch(two_head_model, structures)
+    wanted = frozenset({"energy", "forces", "stress", "dipole", "born_charges", "polarizability"})
+    ref = respond(stock, batch.tensors, None, wanted)
+    copied = copy.deepcopy(two_head_model)
+    unpickled = pickle.loads(pickle.dumps(two_head_model))
+    assert unpickled.state_dict().keys() == stock.state_dict().keys()
+    for model in (two_head_model, copied, unpickled):
+        for strategy in ("loop", "vmap"):
+            got = respond(model, batch.tensors, None, wanted, second_order=strategy)
+            for key in wanted:
+                err = float((got[key] - ref[key]).nan_to_num().abs().max())
+                assert torch.allclose(got[key], ref[key], rtol=0, atol=1e-12, equal_nan=True), (key, strategy, err)
+    assert ref["born_charges"].abs().max() > 1e-4
+
+    # what the rewrite is for: no per-slice copies left in the edge tensor products
+    g = batch.tensors
+    def graph_slices(model):
+        positions = g["positions"].detach().clone().requires_grad_(True)
+        field = g["electric_field"].detach().clone().requires_grad_(True)
+        energy, _ = model.enthalpy(g, positions, field)
+        return _slice_backward_nodes(energy)
+    assert graph_slices(two_head_model) < graph_slices(stock)

@@ -20,6 +20,7 @@ from e3nn import o3
 from mace.modules import blocks as mace_blocks
 
 from .field_mace import FieldMACE
+from .tp_rewrite import rewrite_tensor_products
 
 ARCH_VERSION = 1
 
@@ -242,13 +243,25 @@ def mace_kwargs(arch: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def build_field_mace(arch: Dict[str, Any], *, dtype: torch.dtype = torch.float64) -> FieldMACE:
-    """Construct a FieldMACE (random weights, zero-initialised field coupling off) in ``dtype``."""
+def build_field_mace(
+    arch: Dict[str, Any], *, dtype: torch.dtype = torch.float64, rewrite_products: bool = True
+) -> FieldMACE:
+    """Construct a FieldMACE (random weights, zero-initialised field coupling off) in ``dtype``.
+
+    ``rewrite_products`` (default) rewrites the e3nn tensor products so that
+    their backward and double-backward passes take inputs apart with one
+    split instead of one zero-filled copy per slice
+    (:mod:`macefield_server.model.tp_rewrite`): same numbers, ~20 % less
+    time for the full response on CPU.  ``False`` keeps e3nn's TorchScript
+    modules as mace-torch builds them (used by the benchmark's reference).
+    """
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         model = FieldMACE(**mace_kwargs(arch))
     finally:
         torch.set_default_dtype(previous)
+    if rewrite_products:
+        rewrite_tensor_products(model)
     model.arch_config = copy.deepcopy(arch)
     return model.to(dtype)
