@@ -37,8 +37,9 @@ ALL_OUTPUTS = OUTPUTS
 
 
 #: second-derivative strategy by device (is CUDA?).  On CPU three batch-wide
-#: passes beat one vmapped pass (bench/response_cost.py: 3.2 s vs 7.1 s for a
-#: 72-atom quartz cell, 64 channels, max_ell 3): vmapping the backward
+#: passes are at least as fast as one vmapped pass (bench/response_cost.py,
+#: 72-atom quartz, 64 channels, max_ell 3: 3.2 s vs 7.1 s before the
+#: tensor-product rewrite, 1.33 s vs 1.27 s after it): vmapping the backward
 #: materialises three times larger edge intermediates.  No GPU measurement
 #: exists yet, so CUDA uses the same default until one says otherwise.
 SECOND_ORDER_DEFAULT = {False: "loop", True: "loop"}
@@ -84,6 +85,11 @@ def respond(
         second_order: how the Z*/alpha pass runs over the three dipole components:
             "vmap" (one ``is_grads_batched`` pass) or "loop" (three batch-wide
             passes); None picks :data:`SECOND_ORDER_DEFAULT` for the device.
+            Known limit: "vmap" with ``keep_graph=True`` can fail with "Batching
+            rule not implemented for aten::detach" inside e3nn's TorchScript
+            modules once the TorchScript graph optimiser has specialised them
+            (seen from the second model built in one process); the trainer
+            turns that optimiser off (``run.jit_optimize``), and "loop" is unaffected.
 
     Returns batched tensors: ``energy`` (G,), ``forces`` (N, 3), ``stress``
     (G, 3, 3), ``dipole`` (G, 3), ``polarization`` (G, 3), ``born_charges``
