@@ -28,6 +28,7 @@ state-dict keys are unchanged, so checkpoints are unaffected.
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -190,17 +191,20 @@ def rewrite_tensor_products(model: torch.nn.Module) -> List[str]:
         if not isinstance(mod, o3.TensorProduct) or getattr(mod, "_macefield_rewritten", False):
             continue
         old = getattr(mod, "_compiled_main_left_right", None)
-        gm = _rewritten_left_right(mod)
-        if gm is None or old is None:
+        try:
+            gm = _rewritten_left_right(mod) if old is not None else None
+        except (ImportError, AttributeError, TypeError) as exc:  # another e3nn version: keep its modules
+            warnings.warn(f"tensor products left as e3nn built them (rewrite unavailable: {exc})", stacklevel=2)
+            return names
+        if gm is None:
             continue
         buffers = dict(old.named_buffers())
-        for bname, buf in gm.named_buffers():
-            ref = buffers.get(bname)
-            if ref is None:
-                raise RuntimeError(f"{name}: regenerated tensor product has an unknown buffer {bname}")
-            setattr(gm, bname, ref)  # share the loaded constants (dtype, device) with the original
-        codegen = [n for n in getattr(mod, "__codegen__", []) if n != "_compiled_main_left_right"]
-        mod.__codegen__ = codegen
+        if any(bname not in buffers for bname, _ in gm.named_buffers()):
+            warnings.warn(f"{name}: regenerated tensor product does not match e3nn's; left as built", stacklevel=2)
+            continue
+        for bname, _ in list(gm.named_buffers()):
+            setattr(gm, bname, buffers[bname])  # share the loaded constants (dtype, device) with the original
+        mod.__codegen__ = [n for n in getattr(mod, "__codegen__", []) if n != "_compiled_main_left_right"]
         mod._compiled_main_left_right = gm
         mod._macefield_rewritten = True
         names.append(name)
