@@ -228,13 +228,24 @@ def card_markdown(card: Dict) -> str:
         "",
         "## Training",
         "",
-        f"- Command (from the repository root): `{tr['command']}`",
-        f"- Epochs run: {tr['epochs']} (best = exported EMA weights of epoch {tr['best_epoch']}); stop: {tr['stop_reason']}.",
-        f"- Wall time: {tr['wall_time_minutes']} min on {tr['hardware']}; torch {tr['torch']}.",
-        f"- Loss weights {json.dumps(tr['loss']['weights'])}, residual scales {json.dumps({k: float(f'{v:.4g}') for k, v in tr['loss']['scales'].items()})}, "
+    ]
+    stages = card.get("previous_stages") or []
+    for i, st in enumerate(stages, start=1):
+        lines.append(
+            f"- Stage {i}: `{st['command']}`: {st.get('epochs', '?')} epochs, {st.get('wall_time_minutes', '?')} min "
+            f"on {st.get('hardware', '?')}" + (f"; {st['note']}" if st.get("note") else "") + "."
+        )
+    if stages:
+        lines.append(f"- Stage {len(stages) + 1} (this run, produces the exported weights):")
+    ind = "  " if stages else ""
+    lines += [
+        f"{ind}- Command (from the repository root): `{tr['command']}`",
+        f"{ind}- Epochs run: {tr['epochs']} (best = exported EMA weights of epoch {tr['best_epoch']}); stop: {tr['stop_reason']}.",
+        f"{ind}- Wall time: {tr['wall_time_minutes']} min on {tr['hardware']}; torch {tr['torch']}.",
+        f"{ind}- Loss weights {json.dumps(tr['loss']['weights'])}, residual scales {json.dumps({k: float(f'{v:.4g}') for k, v in tr['loss']['scales'].items()})}, "
         f"Huber delta {tr['loss']['huber_delta']} (in units of the scales). Polarization loss on P folded by the quanta e*a_k/Omega; "
         "polarizability loss on chi = alpha/(Omega eps0).",
-        f"- Optimiser: Adam (amsgrad={tr['optim']['amsgrad']}), lr {tr['optim']['lr']}, {tr['optim']['scheduler']} schedule, "
+        f"{ind}- Optimiser: Adam (amsgrad={tr['optim']['amsgrad']}), lr {tr['optim']['lr']}, {tr['optim']['scheduler']} schedule, "
         f"batch size {tr['optim']['batch_size']}, EMA decay {tr['optim']['ema_decay']}, seed {tr['seed']}.",
         "",
         "## Data",
