@@ -55,7 +55,13 @@ def test_default_model_files_and_card(model, card):
     # the JSON card is embedded in the checkpoint
     assert model.metadata["card"] == card
     assert "2508.17870" in " ".join(card["citations"])
-    assert card["training"]["command"].startswith("macefield-train --config server/macefield_server/models/default.train.yaml")
+    # trained in two stages; both configs are in the repository and the card names them in order
+    assert card["training"]["command"].startswith("macefield-train --config server/macefield_server/models/default.finetune.yaml")
+    stages = card["previous_stages"]
+    assert [s["command"].split()[2] for s in stages] == ["server/macefield_server/models/default.train.yaml"]
+    for config in ("default.train.yaml", "default.finetune.yaml"):
+        assert (MODELS / config).is_file()
+    assert "Stage 1:" in (MODELS / "default.card.md").read_text()
     for name, head in (("sio2-quartz", "sio2"), ("batio3", "batio3")):
         v = card["validation"][name]
         assert v["head"] == head
