@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from torch import fx
 
-__all__ = ["Concat", "concat", "rewrite_tensor_products"]
+__all__ = ["Concat", "rewrite_tensor_products"]
 
 
 class _Concat(torch.autograd.Function):
@@ -51,20 +51,19 @@ class _Concat(torch.autograd.Function):
         return (None, *torch.split(grad, ctx.sizes, dim=ctx.dim))
 
 
-def concat(xs: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
-    """Concatenate ``xs`` along ``dim``; the gradient is split, never zero-filled per block."""
-    return _Concat.apply(dim, *xs)
-
-
 class Concat(torch.nn.Module):
-    """:func:`concat` as a module: a leaf that survives re-tracing when a GraphModule is unpickled."""
+    """Concatenate a list along ``dim``; the gradient is split, never zero-filled per block.
+
+    A module rather than a function: a leaf that survives re-tracing when a
+    GraphModule is unpickled.
+    """
 
     def __init__(self, dim: int):
         super().__init__()
         self.dim = dim
 
     def forward(self, xs: List[torch.Tensor]) -> torch.Tensor:
-        return concat(xs, self.dim)
+        return _Concat.apply(self.dim, *xs)
 
 
 def _column_slice(node: fx.Node) -> Optional[tuple]:
@@ -103,7 +102,7 @@ def _split_slices(graph: fx.Graph) -> int:
         if bounds[0] < 0 or bounds[-1] > width:
             continue
         pieces = list(zip(bounds[:-1], bounds[1:]))
-        # every slice must be a union of consecutive pieces: take it only when it is exactly one piece
+        # only non-overlapping slices: each must be exactly one of the pieces between the bounds
         if any((r[0], r[1]) not in pieces for _, r in slices):
             continue
         sizes = [b - a for a, b in pieces]
