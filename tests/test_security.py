@@ -120,44 +120,43 @@ def _served():
     return [ServedModel("tiny", random_field_model(heads=("sio2", "other"), seed=3), "sio2")]
 
 
-def _start(security: SecurityConfig, env_tokens: str | None = None) -> BackgroundServer:
-    """A BackgroundServer on 127.0.0.1 with ``security`` (and $MACEFIELD_AUTH_TOKENS while it starts)."""
+def _serving(security: SecurityConfig, env_tokens: str | None = None):
+    """Fixture body: a BackgroundServer on 127.0.0.1 with ``security`` (and
+    $MACEFIELD_AUTH_TOKENS while it starts); yields its address, stops it afterwards."""
     config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, security=security)
     saved = os.environ.pop(TOKENS_ENV, None)
     if env_tokens is not None:
         os.environ[TOKENS_ENV] = env_tokens
     try:
-        return BackgroundServer(config, _served()).start()
+        srv = BackgroundServer(config, _served()).start()
     finally:
         os.environ.pop(TOKENS_ENV, None)
         if saved is not None:
             os.environ[TOKENS_ENV] = saved
+    try:
+        yield f"127.0.0.1:{srv.port}"
+    finally:
+        srv.stop()
 
 
 @pytest.fixture(scope="module")
 def tls_server(pki):
     """TLS (server certificate only) and the token file's tokens."""
-    srv = _start(SecurityConfig(tls_cert=str(pki["server.pem"]), tls_key=str(pki["server.key"]),
-                                auth_token_file=str(pki["tokens"])))
-    yield f"127.0.0.1:{srv.port}"
-    srv.stop()
+    yield from _serving(SecurityConfig(tls_cert=str(pki["server.pem"]), tls_key=str(pki["server.key"]),
+                                       auth_token_file=str(pki["tokens"])))
 
 
 @pytest.fixture(scope="module")
 def mtls_server(pki):
     """Mutual TLS: client certificates signed by ca.pem required; no tokens."""
-    srv = _start(SecurityConfig(tls_cert=str(pki["server.pem"]), tls_key=str(pki["server.key"]),
-                                tls_client_ca=str(pki["ca.pem"])))
-    yield f"127.0.0.1:{srv.port}"
-    srv.stop()
+    yield from _serving(SecurityConfig(tls_cert=str(pki["server.pem"]), tls_key=str(pki["server.key"]),
+                                       tls_client_ca=str(pki["ca.pem"])))
 
 
 @pytest.fixture(scope="module")
 def env_token_server():
     """Plaintext on loopback, tokens from $MACEFIELD_AUTH_TOKENS only."""
-    srv = _start(SecurityConfig(), env_tokens=f" {TOKEN} ,, {OTHER_TOKEN}")
-    yield f"127.0.0.1:{srv.port}"
-    srv.stop()
+    yield from _serving(SecurityConfig(), env_tokens=f" {TOKEN} ,, {OTHER_TOKEN}")
 
 
 def health(channel) -> int:
