@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pytest
+import torch
 import yaml
 from conftest import REPO, SHARED_DATA
 
@@ -24,7 +25,7 @@ def tiny_config(tmp_path, **optim):
     for ds in cfg["datasets"]:
         ds["max_frames"] = 2
         ds["path"] = str(SHARED_DATA / ds["path"].split("/")[-1])
-    cfg["optim"].update(max_epochs=1, batch_size=2, max_minutes=None, **optim)
+    cfg["optim"].update({"max_epochs": 1, "batch_size": 2, "max_minutes": None, **optim})
     cfg["run"].update(workdir=str(tmp_path / "run"), progress=False)
     cfg["export"].update(path=str(tmp_path / "out" / "tiny.pt"), command=None, card_frames=1)
     path = tmp_path / "tiny.yaml"
@@ -136,3 +137,48 @@ def test_shipped_config_parses_and_points_at_the_data():
     for ds in cfg.datasets:
         assert cfg.resolve_path(ds.path).is_file()
         assert ds.train == (0.0, 0.8) and ds.valid == (0.8, 1.0) and ds.max_frames is None
+
+
+def test_response_every_k_is_an_unbiased_estimate_of_the_full_gradient(tmp_path):
+    """With response_every = k, the Z*/alpha terms enter every k-th step with weight k: the
+    gradients of k consecutive steps on one batch average to the full-loss gradient, and the
+    other steps do not touch the Z*/alpha labels at all."""
+    from macefield_server.training.config import load_config
+    from macefield_server.training.trainer import Trainer
+
+    k = 3
+    cfg = load_config(tiny_config(tmp_path, response_every=k))
+    trainer = Trainer(cfg, resume=False)
+    chunk = trainer.train_samples[:2]
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def grad(loss):
+        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)])
+
+    steps = []
+    for step in range(k):
+        trainer.step = step
+        loss, terms = trainer.step_loss(chunk)
+        assert ("born_charges" in terms) is (step == 0) and ("polarizability" in terms) is (step == 0)
+        assert {"energy", "forces", "stress", "polarization"} <= set(terms)
+        steps.append(grad(loss))
+    cfg_full = load_config(tiny_config(tmp_path))
+    trainer.cfg = cfg_full
+    full = grad(trainer.step_loss(chunk)[0])
+    mean = torch.stack(steps).mean(0)
+    assert torch.allclose(mean, full, rtol=1e-4, atol=1e-6 * float(full.abs().max()))
+    # a cheap step and a full step really differ (the response terms carry gradient)
+    assert not torch.allclose(steps[0], steps[1], rtol=1e-3)
+
+    # end to end: one epoch of single-frame steps; each term is averaged over the steps that had it
+    assert main(["--config", str(tiny_config(tmp_path, response_every=2, batch_size=1)), "--no-progress"]) == 0
+    first = metrics(tmp_path)[0]
+    assert first["step"] == 4
+    assert {"energy", "forces", "born_charges", "polarizability"} <= set(first["train"])
+
+
+def test_response_every_must_be_positive(tmp_path):
+    cfg = yaml.safe_load(tiny_config(tmp_path, response_every=0).read_text())
+    with pytest.raises(ConfigError, match="optim.response_every"):
+        config_from_dict(cfg)

@@ -141,6 +141,13 @@ class OptimConfig:
     without a better validation loss (None: never).  ``max_minutes``: stop
     after the first epoch that ends past this wall time (None: no limit);
     the best checkpoint so far is exported either way.
+
+    ``response_every``: include the second-order terms (Born charges and
+    polarizability, which need third-order autograd and make a step about
+    3x dearer) only in every k-th optimiser step, weighted by k there, so
+    that the expected gradient over an epoch is that of the full loss; the
+    other steps fit energy, forces, stress and polarization alone.  1: every
+    step (default).  Validation always evaluates the full loss.
     """
 
     lr: float = 5e-3
@@ -158,6 +165,7 @@ class OptimConfig:
     clip_grad_norm: Optional[float] = 100.0
     max_minutes: Optional[float] = None
     valid_every: int = 1
+    response_every: int = 1
 
 
 @dataclass
@@ -294,6 +302,8 @@ def config_from_dict(data: Dict[str, Any], source_dir: Optional[str] = None) -> 
         raise ConfigError(f"model.dtype: expected float32 or float64, got {cfg.model.dtype!r}")
     if cfg.optim.scheduler not in ("cosine", "plateau", "constant"):
         raise ConfigError(f"optim.scheduler: expected cosine, plateau or constant, got {cfg.optim.scheduler!r}")
+    if int(cfg.optim.response_every) < 1:
+        raise ConfigError(f"optim.response_every: expected an integer >= 1, got {cfg.optim.response_every!r}")
     if cfg.model.e0s not in ("least_squares", "zero", "keep"):
         raise ConfigError(f"model.e0s: expected least_squares, zero or keep, got {cfg.model.e0s!r}")
     if cfg.model.scale_shift not in ("rms_forces", "none"):

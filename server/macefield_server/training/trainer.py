@@ -36,6 +36,9 @@ from .metrics import frame_errors, summarise
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
+#: loss terms that need second derivatives of the energy (third-order autograd in training)
+_RESPONSE_TERMS = frozenset({"born_charges", "polarizability"})
+
 #: engine outputs needed for each loss term
 _NEEDS = {
     "energy": {"energy"},
@@ -136,6 +139,8 @@ class Trainer:
         self.scales = label_scales(self.train_samples, cfg)
         self.weights = {q: float(getattr(cfg.loss, q)) for q in QUANTITIES}
         self.outputs = frozenset({"energy"}.union(*(_NEEDS[q] for q, w in self.weights.items() if w > 0)))
+        cheap = [q for q, w in self.weights.items() if w > 0 and q not in _RESPONSE_TERMS]
+        self.cheap_outputs = frozenset({"energy"}.union(*(_NEEDS[q] for q in cheap)))
         self.valid_outputs = frozenset({"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"})
 
         o = cfg.optim
@@ -329,10 +334,29 @@ class Trainer:
         bs = max(int(self.cfg.optim.batch_size), 1)
         return [[self.train_samples[i] for i in perm[k : k + bs]] for k in range(0, len(perm), bs)]
 
+    def _step_weights(self) -> Dict[str, float]:
+        """Loss weights of the current step (see ``OptimConfig.response_every``)."""
+        k = int(self.cfg.optim.response_every)
+        if k == 1:
+            return self.weights
+        full = self.step % k == 0
+        return {q: (w * k if full else 0.0) if q in _RESPONSE_TERMS else w for q, w in self.weights.items()}
+
+    def step_loss(self, chunk: List[Sample]):
+        """Training loss of one batch at the current step (differentiable) and its terms."""
+        batch = make_batch(chunk, self.model, self.dtype)
+        weights = self._step_weights()
+        quantities = [q for q, w in weights.items() if w > 0]
+        outputs = self.outputs if any(q in _RESPONSE_TERMS for q in quantities) else self.cheap_outputs
+        out = respond(self.model, batch.tensors, None, outputs, keep_graph=True)
+        res = residuals(out, batch, quantities)
+        return total_loss(res, weights, self.scales, self.cfg.loss.huber_delta)
+
     def train_epoch(self) -> Dict[str, float]:
         self.model.train()
         batches = self._batches()
         sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
         n = 0
         bar = None
         if self.cfg.run.progress:
@@ -343,10 +367,7 @@ class Trainer:
             lr = self._lr_at(self.epoch + k / len(batches))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            batch = make_batch(chunk, self.model, self.dtype)
-            out = respond(self.model, batch.tensors, None, self.outputs, keep_graph=True)
-            res = residuals(out, batch, [q for q, w in self.weights.items() if w > 0])
-            loss, terms = total_loss(res, self.weights, self.scales, self.cfg.loss.huber_delta)
+            loss, terms = self.step_loss(chunk)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.optim.clip_grad_norm:
@@ -356,14 +377,17 @@ class Trainer:
             self.step += 1
             n += 1
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            counts["loss"] = n
             for q, t in terms.items():
                 sums[q] = sums.get(q, 0.0) + float(t.detach())
+                counts[q] = counts.get(q, 0) + 1
             if bar is not None:
-                bar.set_postfix(loss=f"{sums['loss'] / n:.4g}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{sums['loss'] / n:.4g}", lr=f"{lr:.2e}", refresh=False)
                 bar.update(1)
         if bar is not None:
             bar.close()
-        return {k: v / max(n, 1) for k, v in sums.items()}
+        # each term is averaged over the steps that included it (response_every)
+        return {k: v / counts[k] for k, v in sums.items()}
 
     def validate(self, model=None) -> Dict:
         """Validation loss (same weights as training) and per-dataset metrics of the EMA model."""
@@ -441,7 +465,7 @@ class Trainer:
             if o.patience is not None and self.bad_epochs >= o.patience:
                 stop_reason = f"early stopping: no improvement for {o.patience} validations"
                 break
-            if o.max_minutes is not None and self.elapsed > 60.0 * o.max_minutes:
+            if o.max_minutes is not None and self.elapsed > 60.0 * o.max_minutes and self.epoch < o.max_epochs:
                 stop_reason = f"time limit of {o.max_minutes} minutes"
                 break
         log(f"stopped after epoch {self.epoch} ({stop_reason}); best epoch {self.best_epoch}")
