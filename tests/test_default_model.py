@@ -12,6 +12,7 @@ from conftest import REPO, SHARED_DATA
 
 from macefield_server.model import load_model, predict
 from macefield_server.model.units import EPS0
+from macefield_server.models import DEFAULT_TRAINING_STAGES
 
 MODELS = REPO / "server" / "macefield_server" / "models"
 MODEL = MODELS / "default.pt"
@@ -55,13 +56,17 @@ def test_default_model_files_and_card(model, card):
     # the JSON card is embedded in the checkpoint
     assert model.metadata["card"] == card
     assert "2508.17870" in " ".join(card["citations"])
-    # trained in two stages; both configs are in the repository and the card names them in order
-    assert card["training"]["command"].startswith("macefield-train --config server/macefield_server/models/default.finetune.yaml")
+    # trained in three stages; the configs are in the repository (and the package) and the card names them in order
+    assert card["training"]["command"].startswith("macefield-train --config server/macefield_server/models/default.stage3.yaml")
     stages = card["previous_stages"]
-    assert [s["command"].split()[2] for s in stages] == ["server/macefield_server/models/default.train.yaml"]
-    for config in ("default.train.yaml", "default.finetune.yaml"):
-        assert (MODELS / config).is_file()
-    assert "Stage 1:" in (MODELS / "default.card.md").read_text()
+    assert [s["command"].split()[2] for s in stages] == [
+        f"server/macefield_server/models/default.stage{i}.yaml" for i in (1, 2)
+    ]
+    assert [p.name for p in DEFAULT_TRAINING_STAGES] == [f"default.stage{i}.yaml" for i in (1, 2, 3)]
+    for config in DEFAULT_TRAINING_STAGES:
+        assert config.is_file() and (MODELS / config.name).is_file()
+    md = (MODELS / "default.card.md").read_text()
+    assert "Stage 1:" in md and "Stage 2:" in md and "Stage 3 (this run" in md
     for name, head in (("sio2-quartz", "sio2"), ("batio3", "batio3")):
         v = card["validation"][name]
         assert v["head"] == head

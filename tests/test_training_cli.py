@@ -15,7 +15,7 @@ from macefield_server.training.config import ConfigError
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "sio2-quartz-md.xyz").is_file(), reason="needs ../shared/data")
 
-DEFAULT_CONFIG = REPO / "server" / "macefield_server" / "models" / "default.train.yaml"
+DEFAULT_CONFIG = REPO / "server" / "macefield_server" / "models" / "default.stage1.yaml"
 
 
 def tiny_config(tmp_path, **optim):

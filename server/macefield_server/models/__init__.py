@@ -1,6 +1,8 @@
 """Models shipped with the server: ``default.pt`` and its card ``default.card.json``.
 
-``default.train.yaml`` is the config that trained it (see the card for the command).
+``default.stage1.yaml`` (from scratch), ``default.stage2.yaml`` and
+``default.stage3.yaml`` (fine-tuning, each from the previous ``default.pt``)
+are the configs that trained it, in that order; the card names the commands.
 """
 
 from pathlib import Path
@@ -8,4 +10,5 @@ from pathlib import Path
 MODELS_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = MODELS_DIR / "default.pt"
 DEFAULT_CARD = MODELS_DIR / "default.card.json"
-DEFAULT_CONFIG = MODELS_DIR / "default.train.yaml"
+#: training configs of the default model, in the order they were run
+DEFAULT_TRAINING_STAGES = tuple(MODELS_DIR / f"default.stage{i}.yaml" for i in (1, 2, 3))

@@ -246,7 +246,12 @@ def card_markdown(card: Dict) -> str:
         f"Huber delta {tr['loss']['huber_delta']} (in units of the scales). Polarization loss on P folded by the quanta e*a_k/Omega; "
         "polarizability loss on chi = alpha/(Omega eps0).",
         f"{ind}- Optimiser: Adam (amsgrad={tr['optim']['amsgrad']}), lr {tr['optim']['lr']}, {tr['optim']['scheduler']} schedule, "
-        f"batch size {tr['optim']['batch_size']}, EMA decay {tr['optim']['ema_decay']}, seed {tr['seed']}.",
+        f"batch size {tr['optim']['batch_size']}, EMA decay {tr['optim']['ema_decay']}, seed {tr['seed']}"
+        + (
+            f"; Born-charge and polarizability terms in one step out of every {k}, with weight x{k}."
+            if (k := int(tr["optim"].get("response_every", 1))) > 1
+            else "."
+        ),
         "",
         "## Data",
         "",

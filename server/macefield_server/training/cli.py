@@ -1,6 +1,6 @@
 """``macefield-train``: train or fine-tune a FieldMACE on extended-XYZ files.
 
-    macefield-train --config server/macefield_server/models/default.train.yaml
+    macefield-train --config server/macefield_server/models/default.stage1.yaml --workdir /tmp/train/default
 
 Runs resume automatically from ``<workdir>/state.pt`` when it exists (pass
 ``--restart`` to start over).  ``--export-only`` skips training and exports
