@@ -138,9 +138,6 @@ class Trainer:
             self._fit_references()
         self.scales = label_scales(self.train_samples, cfg)
         self.weights = {q: float(getattr(cfg.loss, q)) for q in QUANTITIES}
-        self.outputs = frozenset({"energy"}.union(*(_NEEDS[q] for q, w in self.weights.items() if w > 0)))
-        cheap = [q for q, w in self.weights.items() if w > 0 and q not in _RESPONSE_TERMS]
-        self.cheap_outputs = frozenset({"energy"}.union(*(_NEEDS[q] for q in cheap)))
         self.valid_outputs = frozenset({"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"})
 
         o = cfg.optim
@@ -347,7 +344,7 @@ class Trainer:
         batch = make_batch(chunk, self.model, self.dtype)
         weights = self._step_weights()
         quantities = [q for q, w in weights.items() if w > 0]
-        outputs = self.outputs if any(q in _RESPONSE_TERMS for q in quantities) else self.cheap_outputs
+        outputs = frozenset({"energy"}.union(*(_NEEDS[q] for q in quantities)))
         out = respond(self.model, batch.tensors, None, outputs, keep_graph=True)
         res = residuals(out, batch, quantities)
         return total_loss(res, weights, self.scales, self.cfg.loss.huber_delta)
