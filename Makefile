@@ -1,23 +1,35 @@
 # MACE-Field Serve: the two quickstart commands (see README.md)
+#   make serve   install once, then start the server on the embedded default model (127.0.0.1:50051)
+#   make test    install what the tests need (once), then run the whole test suite (.ci/run runs this)
+# PYTHON selects the interpreter (a virtual environment's python works); installs are editable, so code
+# changes need no reinstall; an install is redone only when a pyproject.toml changes or for another PYTHON.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+# one stamp per interpreter prefix (a new virtual environment installs afresh)
+STAMP := .make/$(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])")
 
 .PHONY: serve test install install-test
 
 # torch==2.13.0 first: on CPU-only build machines this picks the local CPU wheel;
 # anything looser pulls the newest CUDA build (several GB).
-install:
+$(STAMP).installed: client/pyproject.toml server/pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ./client
 	$(PIP) install -q -e ./server
+	@mkdir -p .make && touch $@
 
-install-test:
+$(STAMP).test-installed: client/pyproject.toml server/pyproject.toml
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ./client
+	$(PIP) install -q -e "./client[ase,progress]"
 	$(PIP) install -q -e "./server[test]"
+	@mkdir -p .make && touch $@
 
-serve: install
-	macefield-serve
+install: $(STAMP).installed
 
-test: install-test
+install-test: $(STAMP).test-installed
+
+serve: $(STAMP).installed
+	$(PYTHON) -m macefield_server.serve_cli
+
+test: $(STAMP).test-installed
 	$(PYTHON) -m pytest -q tests

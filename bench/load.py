@@ -62,12 +62,9 @@ def load_structure():
 
     if DATA.is_file():
         return read(DATA, index=0), str(DATA.relative_to(REPO.parent)) + "@0"
-    from ase.spacegroup import crystal
+    from macefield_client.structures import alpha_quartz
 
-    atoms = crystal(["Si", "O"], basis=[(0.4697, 0.0, 1 / 3), (0.4135, 0.2669, 0.1191 + 2 / 3)], spacegroup=152,
-                    cellpar=[4.916, 4.916, 5.405, 90, 90, 120]) * (2, 2, 2)
-    atoms.rattle(0.02, seed=0)
-    return atoms, "ase alpha-quartz 2x2x2 (rattled)"
+    return alpha_quartz(cell="pbe", repeat=(2, 2, 2), rattle=0.02), "alpha-quartz 2x2x2, PBE cell (rattled)"
 
 
 def build_model(args):

@@ -58,20 +58,10 @@ def quartz_frames(n: int):
 
     if DATA.exists():
         frames = ase.io.read(DATA, f":{n}")
-    else:  # fall back to an ASE-built alpha-quartz 2x2x2 (72 atoms), rattled
-        from ase.spacegroup import crystal
+    else:  # fall back to alpha-quartz 2x2x2 (72 atoms, PBE cell; tests/test_structures.py checks it), rattled
+        from macefield_client.structures import alpha_quartz
 
-        base = crystal(
-            ["Si", "O"],
-            basis=[(0.4697, 0.0, 1.0 / 3.0), (0.4135, 0.2669, 0.1191 + 2.0 / 3.0)],
-            spacegroup=152,
-            cellpar=[4.916, 4.916, 5.405, 90, 90, 120],
-        ) * (2, 2, 2)
-        frames = []
-        for i in range(n):
-            a = base.copy()
-            a.rattle(0.05, seed=i)
-            frames.append(a)
+        frames = [alpha_quartz(cell="pbe", repeat=(2, 2, 2), rattle=0.05, seed=i) for i in range(n)]
     while len(frames) < n:
         frames = frames + frames
     return frames[:n]

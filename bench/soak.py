@@ -50,7 +50,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import grpc  # noqa: E402
 import torch  # noqa: E402
-from conftest import quartz_like, random_field_model, water_like  # noqa: E402
+from conftest import quartz_like, random_field_model, sio_molecule  # noqa: E402
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb  # noqa: E402
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc  # noqa: E402
 from serving import arrays, request_for  # noqa: E402
@@ -68,7 +68,7 @@ def pool(model, size: int, seed: int):
     rng = np.random.default_rng(seed)
     entries = []
     for k in range(size):
-        atoms = quartz_like(seed=k, rattle=0.05) if k % 4 else water_like()
+        atoms = quartz_like(seed=k, rattle=0.05) if k % 4 else sio_molecule()
         if k % 7 == 3:
             atoms = quartz_like(repeat=(2, 1, 1), seed=k)
         outputs = OUTPUT_SETS[k % len(OUTPUT_SETS)]

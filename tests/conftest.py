@@ -11,11 +11,30 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from macefield_client.structures import alpha_quartz, sio_molecule  # noqa: E402,F401
 
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+#: the DFT data (``$MACEFIELD_SHARED_DATA`` overrides the location)
+SHARED_DATA = Path(os.environ.get("MACEFIELD_SHARED_DATA") or REPO.parent / "shared" / "data")
+#: the DFT data files tests read (never in the repository: ../shared/data, see its README)
+DATA_FILES = ("sio2-quartz-md.xyz", "batio3-md.xyz")
+#: set to 1 (``.ci/run`` does) to make a missing ../shared/data a failure instead of a skip
+REQUIRE_DATA_ENV = "MACEFIELD_REQUIRE_DATA"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data``; tests that need it skip with one reason when it is absent (a user's clone), and fail
+    when ``$MACEFIELD_REQUIRE_DATA=1`` (CI, which has the data and must run them)."""
+    missing = [name for name in DATA_FILES if not (SHARED_DATA / name).is_file()]
+    if missing:
+        reason = f"needs the DFT data in {SHARED_DATA} (missing {', '.join(missing)}; see its README)"
+        if os.environ.get(REQUIRE_DATA_ENV) == "1":
+            pytest.fail(f"{reason}, and ${REQUIRE_DATA_ENV}=1 requires it")
+        pytest.skip(reason)
+    return SHARED_DATA
 
 
 def random_field_model(
@@ -59,28 +78,8 @@ def random_field_model(
 
 
 def quartz_like(repeat=(1, 1, 1), rattle: float = 0.05, seed: int = 0):
-    """alpha-quartz (P3_121, Si3O6, Si-O 1.605/1.614 A) with a small random displacement."""
-    from ase.spacegroup import crystal
-
-    atoms = crystal(
-        ["Si", "O"],
-        basis=[(0.4697, 0.0, 1.0 / 3.0), (0.4135, 0.2669, 0.1191 + 2.0 / 3.0)],
-        spacegroup=152,
-        cellpar=[4.916, 4.916, 5.405, 90, 90, 120],
-    ) * repeat
-    atoms.rattle(rattle, seed=seed)
-    return atoms
-
-
-def water_like():
-    """A finite 'molecule' made of O and Si (elements of the test model)."""
-    from ase import Atoms
-
-    return Atoms(
-        numbers=[8, 14, 14, 8],
-        positions=[[0.0, 0.0, 0.0], [1.6, 0.1, 0.0], [-0.5, 1.5, 0.2], [2.2, 1.4, 0.9]],
-        pbc=False,
-    )
+    """alpha-quartz (experimental cell, Si3O6 per cell; tests/test_structures.py checks it) with a small random displacement."""
+    return alpha_quartz(repeat=repeat, rattle=rattle, seed=seed)
 
 
 @pytest.fixture(scope="session")

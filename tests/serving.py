@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -134,3 +135,51 @@ def save_tiny_model(path: Path, seed: int = 3) -> Path:
     from macefield_server.model import save_model
 
     return save_model(random_field_model(heads=("sio2", "other"), seed=seed), path)
+
+
+# Installed first thing in every client subprocess (PYTHONPATH): any import of
+# these packages fails as if they were not installed; at exit it writes which
+# imports were refused, so the test knows the guard was active.
+BLOCKER = textwrap.dedent(
+    """
+    import atexit, importlib.abc, os, sys
+
+    BLOCKED = ("torch", "macefield_server", "e3nn", "mace")
+    refused = []
+
+    class _NoTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                refused.append(name)
+                raise ModuleNotFoundError(f"No module named {name!r} (torch-free test environment)", name=name)
+            return None
+
+    sys.meta_path.insert(0, _NoTorch())
+
+    @atexit.register
+    def _report():
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        with open(os.environ["TORCHFREE_REPORT"], "a") as fh:
+            fh.write(f"active pid={os.getpid()} refused={refused} loaded={loaded}\\n")
+    """
+)
+
+
+def torch_free_env(tmp_path: Path):
+    """(environment, report path) for a subprocess in which torch (and the server package) cannot be imported."""
+    guard = tmp_path / "guard"
+    guard.mkdir(exist_ok=True)
+    (guard / "sitecustomize.py").write_text(BLOCKER)
+    report = tmp_path / "torchfree.txt"
+    env = dict(os.environ, PYTHONPATH=str(guard), TORCHFREE_REPORT=str(report), MACEFIELD_SERVER="")
+    return env, report
+
+
+def run_torch_free(args, env_report, timeout=180):
+    """Run ``args`` torch-free; assert exit 0 and that the guard was active and nothing blocked got loaded."""
+    env, report = env_report
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    lines = report.read_text().splitlines()
+    assert lines and all(line.startswith("active") and "loaded=[]" in line for line in lines), lines
+    return proc

@@ -25,7 +25,8 @@ from ase import units
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.md.velocitydistribution import Stationary
 from ase.md.verlet import VelocityVerlet
-from conftest import REPO, quartz_like, random_field_model, water_like
+from conftest import REPO, quartz_like, random_field_model, sio_molecule
+from serving import run_torch_free, torch_free_env
 
 from macefield_client import (
     AsyncClient,
@@ -35,6 +36,7 @@ from macefield_client import (
     ServerUnavailable,
 )
 from macefield_client.ase import MACEFieldCalculator
+from macefield_client.results import DEFAULT_OUTPUTS
 from macefield_server.background import BackgroundServer
 from macefield_server.config import ServerConfig
 from macefield_server.model import predict
@@ -52,34 +54,6 @@ except ImportError:  # pragma: no cover
 CLIENT_DIR = REPO / "client"
 FIELD = np.array([0.01, -0.02, 0.05])
 RTOL, ATOL = 1e-9, 1e-10
-
-# Installed first thing in every client subprocess (PYTHONPATH): any import of
-# these packages fails as if they were not installed; at exit it writes which
-# imports were refused, so the test knows the guard was active.
-BLOCKER = textwrap.dedent(
-    """
-    import atexit, importlib.abc, os, sys
-
-    BLOCKED = ("torch", "macefield_server", "e3nn", "mace")
-    refused = []
-
-    class _NoTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                refused.append(name)
-                raise ModuleNotFoundError(f"No module named {name!r} (torch-free test environment)", name=name)
-            return None
-
-    sys.meta_path.insert(0, _NoTorch())
-
-    @atexit.register
-    def _report():
-        loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
-        with open(os.environ["TORCHFREE_REPORT"], "a") as fh:
-            fh.write(f"active pid={os.getpid()} refused={refused} loaded={loaded}\\n")
-    """
-)
-
 
 def same_model():
     """The served model and an identical one for direct evaluation (same seed: same weights)."""
@@ -107,21 +81,7 @@ def client(served):
 @pytest.fixture
 def torch_free(tmp_path):
     """Environment for a subprocess in which torch cannot be imported; returns (env, report path)."""
-    guard = tmp_path / "guard"
-    guard.mkdir()
-    (guard / "sitecustomize.py").write_text(BLOCKER)
-    report = tmp_path / "torchfree.txt"
-    env = dict(os.environ, PYTHONPATH=str(guard), TORCHFREE_REPORT=str(report), MACEFIELD_SERVER="")
-    return env, report
-
-
-def run_torch_free(args, env_report, timeout=180):
-    env, report = env_report
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    lines = report.read_text().splitlines()
-    assert lines and all(line.startswith("active") and "loaded=[]" in line for line in lines), lines
-    return proc
+    return torch_free_env(tmp_path)
 
 
 def assert_result_matches(result, reference):
@@ -146,13 +106,14 @@ def test_predict_matches_direct_evaluation_with_units(client, model):
     # another head, a mapping of arrays instead of Atoms, the server's default outputs
     arrays = {"numbers": atoms.numbers, "positions": atoms.positions, "cell": np.asarray(atoms.cell), "pbc": True}
     r = client.predict(arrays, electric_field=FIELD, head="other")
-    ref = predict(model, [atoms], electric_fields=FIELD, heads="other", outputs=["energy", "forces", "stress"])[0]
+    ref = predict(model, [atoms], electric_fields=FIELD, heads="other", outputs=DEFAULT_OUTPUTS)[0]
+    assert DEFAULT_OUTPUTS == ("energy", "forces", "stress", "dipole", "polarization")
     assert r.head == "other"
     assert_result_matches(r, ref)
 
 
 def test_molecule_has_no_periodic_outputs(client, model):
-    mol = water_like()
+    mol = sio_molecule()
     r = client.predict(mol, electric_field=FIELD, outputs="all")
     ref = predict(model, [mol], electric_fields=FIELD, heads="sio2", outputs=None)[0]
     assert_result_matches(r, ref)
@@ -162,7 +123,7 @@ def test_molecule_has_no_periodic_outputs(client, model):
 
 
 def test_predict_many_per_structure_fields_and_progress(client, model, capsys):
-    structures = [quartz_like(seed=i) for i in range(4)] + [water_like()]
+    structures = [quartz_like(seed=i) for i in range(4)] + [sio_molecule()]
     fields = np.array([[0.0, 0.0, 0.01 * i] for i in range(len(structures))])
     results = client.predict_many(structures, electric_field=fields, outputs=["forces", "dipole"], batch_size=2,
                                   progress=True)
@@ -329,15 +290,27 @@ def test_field_from_atoms_info_and_results_like_the_reference(served, model):
     calc.electric_field = (0.0, 0.0, -0.04)
     check(np.array([0.0, 0.0, -0.04]))  # the calculator's field wins over both
 
-    mol = water_like()
+    mol = sio_molecule()
     mol.calc = calc
     ref = predict(model, [mol], electric_fields=[0.0, 0.0, -0.04], outputs=None)[0]
     np.testing.assert_allclose(calc.get_property("molecular_polarizability", mol), ref["polarizability"], rtol=RTOL,
                                atol=ATOL)
-    np.testing.assert_allclose(calc.get_property("becs", mol), ref["born_charges"].reshape(4, 9), rtol=RTOL, atol=ATOL)
-    for name in ("polarization", "polarizability", "stress"):
+    np.testing.assert_allclose(calc.get_property("becs", mol), ref["born_charges"].reshape(len(mol), 9), rtol=RTOL,
+                               atol=ATOL)
+    # the unambiguous names: Z* (N, 3, 3), alpha (3, 3) e*A^2/V for any structure, eps_inf only with a volume
+    np.testing.assert_allclose(calc.get_born_charges(mol), ref["born_charges"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(calc.get_alpha(mol), ref["polarizability"], rtol=RTOL, atol=ATOL)
+    for name in ("polarization", "polarizability", "stress", "eps_inf"):
         with pytest.raises(PropertyNotImplementedError):
             calc.get_property(name, mol)
+    crystal = quartz_like(seed=11)
+    crystal.calc = calc
+    ref = predict(model, [crystal], electric_fields=[0.0, 0.0, -0.04], outputs=None)[0]
+    np.testing.assert_allclose(calc.get_eps_inf(crystal), ref["eps_inf"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(calc.get_alpha(crystal), ref["polarizability"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(calc.get_polarizability(crystal), ref["chi"].reshape(9), rtol=RTOL, atol=ATOL)  # reference: chi
+    np.testing.assert_allclose(calc.get_eps_inf(crystal), np.eye(3) + calc.get_polarizability(crystal).reshape(3, 3),
+                               rtol=1e-12, atol=1e-12)
     calc.close()
 
 
@@ -392,19 +365,27 @@ def test_client_imports_and_runs_without_torch(served, model, torch_free):
 
 
 def test_cli_info_and_predict(served, model, torch_free, tmp_path):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
     proc = run_torch_free(["macefield", "info", "--server", served], torch_free)
     assert "model tiny" in proc.stdout and "sio2 (default), other" in proc.stdout and "O Si" in proc.stdout
     assert "polarizability e*A^2/V" in proc.stdout
 
-    frames = [quartz_like(seed=i) for i in range(3)] + [water_like()]
+    frames = [quartz_like(seed=i) for i in range(3)] + [sio_molecule()]
     frames[1].info["REF_electric_field"] = np.array([0.0, 0.0, 0.03])
     frames[2].info["electric_field"] = np.array([0.02, 0.0, 0.0])
-    src, out, out2 = tmp_path / "in.xyz", tmp_path / "out.xyz", tmp_path / "out2.xyz"
+    # reference labels the output file must keep: info, arrays and a calculator's results
+    frames[0].info["REF_energy"] = -123.25
+    frames[0].arrays["REF_forces"] = np.full((len(frames[0]), 3), 0.125)
+    frames[0].calc = SinglePointCalculator(frames[0], energy=-99.5, forces=np.full((len(frames[0]), 3), -0.25),
+                                           stress=np.arange(6.0))
+    src, out, out2, out3 = (tmp_path / f"{name}.xyz" for name in ("in", "out", "out2", "out3"))
     ase.io.write(src, frames, format="extxyz")
 
-    # one field for all frames, another head
+    # one field for all frames, another head, every output
     run_torch_free(["macefield", "predict", str(src), "--field", "0.01", "-0.02", "0.05", "--head", "other",
-                    "-o", str(out), "--server", served, "--batch-size", "3", "--progress"], torch_free)
+                    "-o", str(out), "--server", served, "--batch-size", "3", "--progress", "--outputs", "all"],
+                   torch_free)
     got = ase.io.read(out, index=":")
     refs = predict(model, frames, electric_fields=FIELD, heads="other", outputs=None)
     assert len(got) == len(frames)
@@ -413,14 +394,21 @@ def test_cli_info_and_predict(served, model, torch_free, tmp_path):
         np.testing.assert_allclose(a.arrays["MACE_forces"], ref["forces"], rtol=1e-7, atol=1e-8)
         np.testing.assert_allclose(a.arrays["MACE_becs"], ref["born_charges"].reshape(len(a), 9), rtol=1e-7, atol=1e-8)
         np.testing.assert_allclose(a.info["MACE_dipole"], ref["dipole"], rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(a.info["MACE_alpha"], ref["polarizability"].reshape(9), rtol=1e-7, atol=1e-12)
         if a.pbc.all():
             np.testing.assert_allclose(a.info["MACE_polarization"], ref["polarization"], rtol=1e-7, atol=1e-12)
             np.testing.assert_allclose(a.info["MACE_polarizability"], ref["chi"].reshape(9), rtol=1e-7, atol=1e-12)
+            np.testing.assert_allclose(a.info["MACE_eps_inf"], ref["eps_inf"].reshape(9), rtol=1e-7, atol=1e-12)
             np.testing.assert_allclose(a.info["MACE_stress"], ref["stress"], rtol=1e-7, atol=1e-10)
         else:
-            assert "MACE_polarization" not in a.info and "MACE_polarizability" not in a.info
+            assert not {"MACE_polarization", "MACE_polarizability", "MACE_eps_inf"} & set(a.info)
             np.testing.assert_allclose(a.info["MACE_molecular_polarizability"], ref["polarizability"].reshape(9),
                                        rtol=1e-7, atol=1e-12)
+    # every input key survived
+    first = got[0]
+    assert first.info["REF_energy"] == -123.25 and np.all(first.arrays["REF_forces"] == 0.125)
+    assert first.get_potential_energy() == -99.5 and np.all(first.get_forces() == -0.25)
+    np.testing.assert_array_equal(first.get_stress(), np.arange(6.0))
 
     # no --field: each frame's own field (electric_field, then REF_electric_field, then zero)
     run_torch_free(["macefield", "predict", str(src), "--outputs", "energy", "forces", "-o", str(out2),
@@ -431,6 +419,27 @@ def test_cli_info_and_predict(served, model, torch_free, tmp_path):
         assert a.info["MACE_energy"] == pytest.approx(float(ref["energy"]), rel=1e-9)
         np.testing.assert_allclose(a.info["MACE_electric_field"], field)
         assert "MACE_becs" not in a.arrays
+
+    # no --outputs: the same default as the Python client (first derivatives only)
+    run_torch_free(["macefield", "predict", str(src), "-o", str(out3), "--server", served], torch_free)
+    a = ase.io.read(out3, index=0)
+    assert {"MACE_energy", "MACE_stress", "MACE_dipole", "MACE_polarization"} <= set(a.info)
+    assert "MACE_forces" in a.arrays and "MACE_becs" not in a.arrays and "MACE_alpha" not in a.info
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(served, torch_free, tmp_path):
+    env, _ = torch_free
+    garbage = tmp_path / "garbage.xyz"
+    garbage.write_text("this is not\na structure file\n")
+    for args in (["predict", str(tmp_path / "missing.xyz"), "-o", str(tmp_path / "o.xyz")],
+                 ["eval", str(tmp_path / "missing.xyz")],
+                 ["predict", str(garbage), "-o", str(tmp_path / "o.xyz")]):
+        proc = subprocess.run(["macefield", *args, "--server", served], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("macefield: "), proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_cli_unreachable_server_exits_with_message(torch_free):
@@ -443,34 +452,3 @@ def test_cli_unreachable_server_exits_with_message(torch_free):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert f"127.0.0.1:{port} is unavailable" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_examples_run(served, torch_free, tmp_path):
-    examples = CLIENT_DIR / "examples"
-    traj = tmp_path / "nvt.xyz"
-    proc = run_torch_free([sys.executable, str(examples / "nvt_quartz.py"), "--server", served, "--steps", "6",
-                           "--log-every", "3", "--repeat", "1", "1", "1", "--field", "0", "0", "0.1",
-                           "--trajectory", str(traj)], torch_free)
-    rows = [line.split() for line in proc.stdout.splitlines() if not line.startswith("#")]
-    assert [int(r[0]) for r in rows] == [0, 3, 6]
-    assert len(ase.io.read(traj, index=":")) == 3
-
-    table = tmp_path / "pe.csv"
-    proc = run_torch_free([sys.executable, str(examples / "pe_sweep.py"), "--server", served, "--points", "2",
-                           "--emax", "0.1", "--loop", "--max-steps", "3", "--csv", str(table)], torch_free)
-    lines = table.read_text().splitlines()
-    assert lines[0].startswith("E,Px,Py,Pz")
-    assert [float(line.split(",")[0]) for line in lines[1:]] == [0.0, 0.1, 0.0, -0.1, 0.0]
-    assert "chi_0" in proc.stdout
-
-
-def test_readme_client_example_runs_as_written(served, torch_free, tmp_path):
-    import re
-
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    (example,) = [b for b in blocks if "README client example" in b]
-    assert example.count("127.0.0.1:50051") == 3  # the comment, Client and the calculator
-    script = tmp_path / "readme_client.py"
-    script.write_text(example.replace("127.0.0.1:50051", served))
-    proc = run_torch_free([sys.executable, str(script)], torch_free)
-    assert proc.stdout.startswith("['sio2', 'other']")

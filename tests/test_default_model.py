@@ -88,6 +88,7 @@ def test_default_model_files_and_card(model, card):
     assert (MODELS / "default.card.md").read_text().count("|") > 50
 
 
+@pytest.mark.usefixtures("shared_data")
 def test_card_validation_frames_are_recomputed(model, card):
     """Per-frame errors of the card, recomputed with the public API (float tolerance only)."""
     from ase.io import read
@@ -122,6 +123,7 @@ def test_card_validation_frames_are_recomputed(model, card):
         assert np.allclose(folded, entry["polarization_folded_error_e_per_A2"], rtol=1e-3, atol=1e-7)
 
 
+@pytest.mark.usefixtures("shared_data")
 def test_card_numbers_match_a_fresh_subset_evaluation(model, card):
     """Z* MAE on every 4th validation frame of SiO2 agrees with the card's full-split Z* MAE.
 
@@ -135,6 +137,7 @@ def test_card_numbers_match_a_fresh_subset_evaluation(model, card):
     assert mae == pytest.approx(card["validation"]["sio2-quartz"]["born_charges_mae_e"], rel=0.25)
 
 
+@pytest.mark.usefixtures("shared_data")
 def test_default_model_is_served_by_a_real_server_process(model, card):
     """``macefield-serve`` without a model option serves the shipped model and its card."""
     grpc = pytest.importorskip("grpc")

@@ -12,7 +12,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from conftest import quartz_like, random_field_model, water_like
+from conftest import quartz_like, random_field_model, sio_molecule
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
@@ -332,7 +332,7 @@ def test_fuzzed_requests_get_proper_status_codes(channel, payload):
 
 def test_server_correct_after_fuzzing(server, channel, model):
     check_still_correct(channel, model, seed=5)
-    atoms = water_like()
+    atoms = sio_molecule()
     response = rpc.MaceFieldStub(channel).Predict(request_for(atoms, field=(0.0, 0.0, 0.1), head="other"), timeout=60)
     ref = predict(model, [atoms], electric_fields=[0.0, 0.0, 0.1], heads="other", outputs=["forces"])[0]
     assert response.energy == pytest.approx(float(ref["energy"]), rel=1e-10)

@@ -10,7 +10,7 @@ import mace.modules.extensions as mace_extensions
 import numpy as np
 import pytest
 import torch
-from conftest import quartz_like, random_field_model, water_like
+from conftest import quartz_like, random_field_model, sio_molecule
 from mace.modules.models import MACE, ScaleShiftMACE
 
 from macefield_server.model import (
@@ -66,7 +66,7 @@ def test_upgraded_mace_equals_base_model_at_any_field(cls, heads):
     base = plain_mace(cls, heads)
     upgraded = upgrade_to_field(base)
     assert isinstance(upgraded, FieldMACE)
-    atoms = [quartz_like(seed=1), quartz_like(repeat=(1, 1, 2), seed=2), water_like()]
+    atoms = [quartz_like(seed=1), quartz_like(repeat=(1, 1, 2), seed=2), sio_molecule()]
     head_names = [heads[i % len(heads)] for i in range(len(atoms))]
     e_ref, f_ref = mace_reference(base, [Structure.from_atoms(a) for a in atoms], list(head_names))
     sizes = np.cumsum([0] + [len(a) for a in atoms])
@@ -149,30 +149,60 @@ def test_pickle_needs_trust_flag(tmp_path):
     assert_same_model(upgrade_to_field(base), upgraded, quartz_like(seed=6))
 
 
+def _pickle_under(source, module, class_name, path, monkeypatch, extra_module: bool = False):
+    """``source`` pickled as an instance of ``module.class_name`` (a stand-in, removed afterwards: the fork that
+    defines it is not installed when the file is loaded)."""
+    stand_in = type(class_name, (FieldMACE,), {})
+    stand_in.__module__ = module.__name__
+    monkeypatch.setattr(module, class_name, stand_in, raising=False)
+    fake = source.__class__.__new__(stand_in)
+    fake.__dict__.update(source.__dict__)
+    del fake.__dict__["arch_config"]  # a reference object carries no description of ours
+    if extra_module:  # a layout MACEField does not have: the field enters through another module
+        fake._modules = dict(fake._modules)
+        fake._modules["field_embedding"] = torch.nn.Linear(3, 8, dtype=torch.float64)
+        del fake._modules["field_linear"]
+    torch.save(fake, path)
+    monkeypatch.delattr(module, class_name)
+    with zipfile.ZipFile(path) as archive:
+        pickled = b"".join(archive.read(n) for n in archive.namelist() if n.endswith("data.pkl"))
+    assert module.__name__.encode() in pickled and class_name.encode() in pickled
+    return path
+
+
 def test_reference_macefield_pickle_loads_without_the_fork(tmp_path, monkeypatch):
     """A pickle whose class path is mace.modules.extensions.MACEField maps onto FieldMACE."""
     source = random_field_model(seed=21)
-
-    class MACEField(FieldMACE):  # stands in for the fork's class, same parameter names
-        pass
-
-    MACEField.__module__ = "mace.modules.extensions"
-    MACEField.__qualname__ = "MACEField"
-    monkeypatch.setattr(mace_extensions, "MACEField", MACEField, raising=False)
-    fake = source.__class__.__new__(MACEField)
-    fake.__dict__.update(source.__dict__)
-    del fake.__dict__["arch_config"]  # a reference object carries no description of ours
-    path = tmp_path / "reference.model"
-    torch.save(fake, path)
-    monkeypatch.delattr(mace_extensions, "MACEField")  # the fork is not installed
-    with zipfile.ZipFile(path) as archive:
-        pickled = b"".join(archive.read(n) for n in archive.namelist() if n.endswith("data.pkl"))
-    assert b"mace.modules.extensions" in pickled and b"MACEField" in pickled
+    path = _pickle_under(source, mace_extensions, "MACEField", tmp_path / "reference.model", monkeypatch)
     with pytest.raises(UntrustedPickleError):
         load_model(path)
     loaded = load_model(path, trust_pickle=True)
     assert type(loaded) is FieldMACE
     assert_same_model(source, loaded, quartz_like(seed=8), field=(0.3, 0.0, -0.2))
+
+
+def test_legacy_scaleshiftfieldmace_pickle_loads_when_its_layout_matches(tmp_path, monkeypatch):
+    import mace.modules.models as mace_models
+
+    source = random_field_model(seed=23)
+    path = _pickle_under(source, mace_models, "ScaleShiftFieldMACE", tmp_path / "legacy.model", monkeypatch)
+    loaded = load_model(path, trust_pickle=True)
+    assert type(loaded) is FieldMACE and loaded.metadata["legacy_class"] == "mace.modules.models.ScaleShiftFieldMACE"
+    assert_same_model(source, loaded, quartz_like(seed=9), field=(0.1, -0.2, 0.3))
+
+
+def test_legacy_pickle_with_another_layout_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    import mace.modules.models as mace_models
+
+    path = _pickle_under(random_field_model(seed=24), mace_models, "ScaleShiftFieldMACE",
+                         tmp_path / "legacy-other.model", monkeypatch, extra_module=True)
+    with pytest.raises(CheckpointError) as info:
+        load_model(path, trust_pickle=True)
+    message = str(info.value)
+    assert "legacy mace.modules.models.ScaleShiftFieldMACE" in message
+    assert "field_embedding" in message and "field_linear" in message  # what does not match
+    assert "macefield-convert" in message and "MACEField" in message  # what to do
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
@@ -210,3 +240,36 @@ def test_convert_cli(tmp_path):
     converted = load_model(dst)
     assert converted.heads == ["x", "y"]
     assert_same_model(upgrade_to_field(base), converted, quartz_like(seed=2))
+
+
+def test_zbl_pair_repulsion_of_a_checkpoint_is_kept_and_reported(tmp_path):
+    """A checkpoint with mace-torch's ZBL pair repulsion keeps it (native round trip, served, reported)."""
+    from macefield_server.model import build_field_mace
+    from macefield_server.registry import ServedModel
+
+    arch = describe_architecture(random_field_model(seed=31))
+    arch["pair_repulsion"] = True
+    torch.manual_seed(31)
+    zbl = build_field_mace(arch, dtype=torch.float64).eval()
+    without = dict(arch, pair_repulsion=False)
+    torch.manual_seed(31)
+    bare = build_field_mace(without, dtype=torch.float64).eval()
+    bare.load_state_dict({k: v for k, v in zbl.state_dict().items() if k in bare.state_dict()})
+    loaded = load_model(save_model(zbl, tmp_path / "zbl.pt"))
+    assert hasattr(loaded, "pair_repulsion_fn") and describe_architecture(loaded)["pair_repulsion"]
+    assert ServedModel("zbl", loaded, "").info()["pair_repulsion"] and not ServedModel("bare", bare, "").info()["pair_repulsion"]
+
+    def dimer(r):
+        from ase import Atoms
+
+        return Atoms("SiO", positions=[[0.0, 0.0, 0.0], [0.0, 0.0, r]])
+
+    far, near = dimer(3.0), dimer(0.6)
+    e = {name: [float(predict(m, [a], outputs=["energy"])[0]["energy"]) for a in (far, near)]
+         for name, m in (("zbl", loaded), ("bare", bare))}
+    # the same learned part; the ZBL term adds the screened nuclear repulsion, over 10 eV at 0.6 A for Si-O
+    assert e["zbl"][0] == pytest.approx(e["bare"][0], abs=1e-9)  # no repulsion beyond the covalent radii
+    extra = (e["zbl"][1] - e["zbl"][0]) - (e["bare"][1] - e["bare"][0])
+    assert extra > 10.0
+    r = predict(loaded, [near], outputs=["forces"])[0]
+    assert np.all(np.isfinite(r["forces"])) and r["forces"][1, 2] > 10.0  # pushes O away from Si

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import quartz_like, random_field_model, water_like
+from conftest import quartz_like, random_field_model, sio_molecule
 
 from macefield_server.model import predict
 
@@ -190,7 +190,7 @@ def test_atom_permutation(field_model, crystal, reference):
 
 def test_structure_alone_equals_structure_in_mixed_batch(two_head_model):
     a = quartz_like(seed=2)
-    others = [quartz_like(repeat=(1, 1, 2), seed=4), water_like(), quartz_like(seed=5)[:7]]
+    others = [quartz_like(repeat=(1, 1, 2), seed=4), sio_molecule(), quartz_like(seed=5)[:7]]
     others[2].pbc = False
     alone = predict(two_head_model, a, electric_fields=[0.1, 0.0, -0.2], heads="other")[0]
     mixed = predict(
@@ -208,7 +208,7 @@ def test_structure_alone_equals_structure_in_mixed_batch(two_head_model):
 
 
 def test_molecule_has_dipole_and_alpha_but_no_volume_quantities(field_model):
-    mol = water_like()
+    mol = sio_molecule()
     r = predict(field_model, mol, electric_fields=FIELD)[0]
     assert set(r) == {"energy", "forces", "dipole", "born_charges", "polarizability"}
     for value in r.values():
@@ -234,7 +234,7 @@ def test_only_requested_outputs(field_model, crystal):
     assert set(r) == {"energy", "volume"}
     r = predict(field_model, crystal, outputs=["forces", "dipole"])[0]
     assert set(r) == {"energy", "forces", "dipole", "volume"}
-    r = predict(field_model, water_like(), outputs=["energy"])[0]
+    r = predict(field_model, sio_molecule(), outputs=["energy"])[0]
     assert set(r) == {"energy"}
     with pytest.raises(ValueError, match="outputs"):
         predict(field_model, crystal, outputs=["energy", "magnetism"])
@@ -269,7 +269,7 @@ def test_second_order_strategies_agree(two_head_model):
 
     structures = [
         Structure.from_atoms(quartz_like(seed=9), electric_field=[0.1, 0.2, -0.1], head="sio2"),
-        Structure.from_atoms(water_like(), electric_field=[0.0, -0.3, 0.1], head="other"),
+        Structure.from_atoms(sio_molecule(), electric_field=[0.0, -0.3, 0.1], head="other"),
     ]
     batch = prepare_batch(two_head_model, structures)
     wanted = frozenset({"energy", "born_charges", "polarizability"})
@@ -287,7 +287,7 @@ def test_predict_splits_large_requests_into_passes_without_changing_numbers(fiel
     from macefield_server.model.predict import _passes
     from macefield_server.model.graph import neighbour_list, Structure
 
-    atoms = [quartz_like(seed=s, repeat=(1, 1, 1 + s % 2)) for s in range(5)] + [water_like()]
+    atoms = [quartz_like(seed=s, repeat=(1, 1, 1 + s % 2)) for s in range(5)] + [sio_molecule()]
     fields = np.random.default_rng(0).normal(0, 0.1, (len(atoms), 3))
     one = predict(field_model, atoms, electric_fields=fields, max_edges=None)
     graphs = [neighbour_list(Structure.from_atoms(a), float(field_model.r_max)) for a in atoms]
@@ -338,7 +338,7 @@ def test_rewritten_tensor_products_match_e3nn_modules(two_head_model):
 
     structures = [
         Structure.from_atoms(quartz_like(seed=4), electric_field=[0.1, -0.2, 0.05], head="sio2"),
-        Structure.from_atoms(water_like(), electric_field=[0.3, 0.0, -0.1], head="other"),
+        Structure.from_atoms(sio_molecule(), electric_field=[0.3, 0.0, -0.1], head="other"),
     ]
     batch = prepare_batch(two_head_model, structures)
     wanted = frozenset({"energy", "forces", "stress", "dipole", "born_charges", "polarizability"})

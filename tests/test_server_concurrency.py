@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from conftest import quartz_like, random_field_model, water_like
+from conftest import quartz_like, random_field_model, sio_molecule
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
-from serving import assert_matches, metric, request_for
+from serving import arrays, assert_matches, metric, request_for
 
 from macefield_server.background import BackgroundServer
 from macefield_server.config import BatchingConfig, ServerConfig
@@ -52,7 +52,7 @@ def workload(n: int, seed: int = 0):
         elif kind == 1:
             atoms = quartz_like((2, 1, 1), rattle=0.05, seed=i)
         else:
-            atoms = water_like()
+            atoms = sio_molecule()
             atoms.positions += rng.normal(0.0, 0.05, size=atoms.positions.shape)
         field = rng.normal(0.0, 0.05, size=3)
         head = ("sio2", "other")[(i // 3) % 2]
@@ -122,8 +122,19 @@ def test_outputs_are_only_those_requested(stub):
     energy_only = stub.Predict(request_for(atoms, outputs=["energy"]), timeout=60)
     assert sorted(energy_only.outputs) == ["energy", "volume"]  # volume comes with every periodic result
     default = stub.Predict(request_for(atoms), timeout=60)
-    assert sorted(default.outputs) == ["energy", "forces", "stress", "volume"]
-    molecule = stub.Predict(request_for(water_like(), outputs=FULL), timeout=60)
+    assert sorted(default.outputs) == ["dipole", "energy", "forces", "polarization", "polarization_quantum",
+                                       "stress", "volume"]  # all first derivatives, as in every client interface
+    # every name of the output table can be asked for on its own
+    full = arrays(stub.Predict(request_for(atoms, outputs=FULL), timeout=60))
+    for name, expected in (("chi", ["chi", "energy", "volume"]), ("eps_inf", ["energy", "eps_inf", "volume"]),
+                           ("polarization_quantum", ["energy", "polarization_quantum", "volume"]),
+                           ("volume", ["energy", "volume"])):
+        alone = stub.Predict(request_for(atoms, outputs=[name]), timeout=60)
+        assert sorted(alone.outputs) == expected, name
+        np.testing.assert_allclose(arrays(alone)[name], full[name], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(full["eps_inf"], np.eye(3) + full["chi"], rtol=1e-12)
+    assert sorted(stub.Predict(request_for(sio_molecule(), outputs=["chi", "eps_inf"]), timeout=60).outputs) == ["energy"]
+    molecule = stub.Predict(request_for(sio_molecule(), outputs=FULL), timeout=60)
     # no volume: no stress, polarization, chi, eps_inf for a molecule
     assert sorted(molecule.outputs) == ["born_charges", "dipole", "energy", "forces", "polarizability"]
     polar = stub.Predict(request_for(atoms, outputs=["polarization"]), timeout=60)

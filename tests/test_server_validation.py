@@ -7,7 +7,7 @@ import json
 import grpc
 import numpy as np
 import pytest
-from conftest import quartz_like, random_field_model, water_like
+from conftest import quartz_like, random_field_model, sio_molecule
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 from serving import assert_matches, metric, request_for
@@ -141,7 +141,7 @@ def test_slab_with_two_periodic_directions_is_accepted(stub):
 
 
 def test_molecule_without_cell_is_accepted(stub):
-    request = request_for(water_like(), outputs=["dipole"])
+    request = request_for(sio_molecule(), outputs=["dipole"])
     del request.cell[:]
     del request.pbc[:]
     response = stub.Predict(request, timeout=60)
@@ -201,8 +201,8 @@ def test_list_models(model, server, stub):
     assert list(info.atomic_numbers) == [8, 14]
     assert info.cutoff == pytest.approx(float(model.r_max))
     assert info.dtype == "float64" and info.device == "cpu"
-    assert set(info.outputs) == {"energy", "forces", "stress", "dipole", "polarization", "born_charges",
-                                 "polarizability"}
+    assert set(info.outputs) == {"energy", "forces", "stress", "dipole", "polarization", "polarization_quantum",
+                                 "born_charges", "polarizability", "chi", "eps_inf", "volume"}
     assert info.units["forces"] == "eV/A" and info.units["electric_field"] == "V/A"
     assert info.units["polarizability"] == "e*A^2/V" and info.units["chi"] == "dimensionless"
     assert info.num_parameters == sum(p.numel() for p in model.parameters())

@@ -13,7 +13,7 @@ from macefield_server.training import config_from_dict
 from macefield_server.training.cli import main
 from macefield_server.training.config import ConfigError
 
-pytestmark = pytest.mark.skipif(not (SHARED_DATA / "sio2-quartz-md.xyz").is_file(), reason="needs ../shared/data")
+pytestmark = pytest.mark.usefixtures("shared_data")
 
 DEFAULT_CONFIG = REPO / "server" / "macefield_server" / "models" / "default.stage1.yaml"
 

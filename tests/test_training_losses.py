@@ -8,6 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import alpha_quartz
+from macefield_client.labels import EPS0
 from macefield_server.training import fold_dipole, folded_polarization_residual, huber
 from macefield_server.training.config import KeySpec
 from macefield_server.training.data import convert_label, split_indices
@@ -71,10 +73,8 @@ def test_total_loss_weights_and_scales():
 
 
 def test_label_conversions():
-    from ase import Atoms
-
-    atoms = Atoms("SiO2", positions=np.zeros((3, 3)), cell=np.diag([2.0, 3.0, 4.0]), pbc=True)
-    volume = 24.0
+    atoms = alpha_quartz()
+    volume = atoms.get_volume()
     voigt = [1, 2, 3, 4, 5, 6]  # xx yy zz yz xz xy
     s = convert_label("stress", KeySpec("s"), voigt, atoms)
     assert np.allclose(s, [[1, 6, 5], [6, 2, 4], [5, 4, 3]])
@@ -83,8 +83,11 @@ def test_label_conversions():
     assert np.allclose(p, np.array([0.1, 0.2, 0.3]) * volume)
     a = convert_label("polarizability", KeySpec("a", "per_volume"), np.eye(3).reshape(-1), atoms)
     assert np.allclose(a, np.eye(3) * volume)
-    z = convert_label("born_charges", KeySpec("z"), np.arange(27.0).reshape(3, 9), atoms)
-    assert z.shape == (3, 3, 3) and z[1, 0, 2] == 11.0  # row-major Z*[i][j]
+    chi = convert_label("polarizability", KeySpec("a", "chi"), np.eye(3).reshape(-1), atoms)
+    eps = convert_label("polarizability", KeySpec("a", "eps_inf"), 2 * np.eye(3).reshape(-1), atoms)
+    assert np.allclose(chi, np.eye(3) * volume * EPS0) and np.allclose(eps, chi)  # eps_inf = 1 + chi
+    z = convert_label("born_charges", KeySpec("z"), np.arange(81.0).reshape(9, 9), atoms)
+    assert z.shape == (9, 3, 3) and z[1, 0, 2] == 11.0  # row-major Z*[i][j]
     with pytest.raises(ValueError):
         convert_label("polarizability", KeySpec("a", "per_atom"), np.eye(3), atoms)
 

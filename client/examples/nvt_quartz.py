@@ -30,18 +30,11 @@ except ImportError:  # older ASE
 
     def thermalize_momenta(atoms, temperature_K, rng=None):
         MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
-from ase.spacegroup import crystal
 
 from macefield_client.ase import MACEFieldCalculator
+from macefield_client.structures import alpha_quartz
 
 E_PER_A2_TO_UC_PER_CM2 = 1602.176634
-
-
-def alpha_quartz(repeat=(2, 2, 2)):
-    """alpha-quartz, P3_121, a = 4.916 A, c = 5.405 A (Si3O6 per cell)."""
-    atoms = crystal(["Si", "O"], basis=[(0.4697, 0.0, 1.0 / 3.0), (0.4135, 0.2669, 0.1191 + 2.0 / 3.0)],
-                    spacegroup=152, cellpar=[4.916, 4.916, 5.405, 90, 90, 120])
-    return atoms * tuple(repeat)
 
 
 def follow_branch(p, p_ref, quantum):
@@ -61,13 +54,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=500, help="MD steps (default 500)")
     ap.add_argument("--timestep", type=float, default=1.0, help="fs (default 1)")
     ap.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
+    ap.add_argument("--cell", choices=["pbe", "experiment"], default="pbe",
+                    help="quartz lattice: the PBE cell of the default model's data (default) or experiment")
     ap.add_argument("--repeat", type=int, nargs=3, default=(2, 2, 2), help="supercell (default 2 2 2: 72 atoms)")
     ap.add_argument("--log-every", type=int, default=10, help="print every N steps (default 10)")
     ap.add_argument("--trajectory", help="write frames (extxyz) with energy, forces and polarization here")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    atoms = alpha_quartz(args.repeat)
+    atoms = alpha_quartz(cell=args.cell, repeat=args.repeat)
     calc = MACEFieldCalculator(args.server, electric_field=args.field, model=args.model, head=args.head)
     atoms.calc = calc
     rng = np.random.default_rng(args.seed)

@@ -22,19 +22,12 @@ import sys
 
 import numpy as np
 from ase.optimize import BFGS
-from ase.spacegroup import crystal
 
 from macefield_client.ase import MACEFieldCalculator
+from macefield_client.structures import alpha_quartz
 
 E_PER_A2_TO_UC_PER_CM2 = 1602.176634
 EPS0 = 8.8541878128e-12 / 1.602176634e-19 / 1e10  # vacuum permittivity, e/(V*A)
-
-
-def alpha_quartz(repeat=(1, 1, 1)):
-    """alpha-quartz, P3_121, a = 4.916 A, c = 5.405 A (Si3O6 per cell)."""
-    atoms = crystal(["Si", "O"], basis=[(0.4697, 0.0, 1.0 / 3.0), (0.4135, 0.2669, 0.1191 + 2.0 / 3.0)],
-                    spacegroup=152, cellpar=[4.916, 4.916, 5.405, 90, 90, 120])
-    return atoms * tuple(repeat)
 
 
 def follow_branch(p, p_ref, quantum):
@@ -61,13 +54,15 @@ def main(argv=None) -> int:
     ap.add_argument("--loop", action="store_true", help="sweep 0 -> +emax -> -emax -> 0")
     ap.add_argument("--fmax", type=float, default=0.01, help="relaxation threshold, eV/A (default 0.01)")
     ap.add_argument("--max-steps", type=int, default=200, help="relaxation steps per field (default 200)")
+    ap.add_argument("--cell", choices=["pbe", "experiment"], default="pbe",
+                    help="quartz lattice: the PBE cell of the default model's data (default) or experiment")
     ap.add_argument("--repeat", type=int, nargs=3, default=(1, 1, 1), help="supercell (default 1 1 1)")
     ap.add_argument("--csv", help="write the table here")
     args = ap.parse_args(argv)
 
     direction = np.asarray(args.direction, dtype=float)
     direction /= np.linalg.norm(direction)
-    atoms = alpha_quartz(args.repeat)
+    atoms = alpha_quartz(cell=args.cell, repeat=args.repeat)
     calc = MACEFieldCalculator(args.server, model=args.model, head=args.head, electric_field=(0.0, 0.0, 0.0))
     atoms.calc = calc
 

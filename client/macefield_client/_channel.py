@@ -7,12 +7,14 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import grpc
 
+#: port the server listens on by default (used when a target names none)
+DEFAULT_PORT = 50051
 #: server address used when none is given (override with $MACEFIELD_SERVER)
-DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
 #: per-call deadline when ``timeout=None`` (seconds)
 DEFAULT_TIMEOUT = 120.0
 
@@ -27,6 +29,11 @@ CHANNEL_OPTIONS: List[Tuple[str, int]] = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+
+
+#: ``on_retry(target, attempt, attempts, delay_s, details)``: told before each retry sleep
+#: (``attempts`` 0 while :meth:`Client.wait_ready` polls without a fixed count)
+RetryHook = Callable[[str, int, int, float, str], None]
 
 
 @dataclass(frozen=True)
@@ -70,12 +77,37 @@ class RetryPolicy:
         raise TypeError(f"retry: expected RetryPolicy, int (retries) or bool, got {type(retry).__name__}")
 
 
+#: gRPC name-resolver schemes: targets with one of these are used as given
+URI_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+
+
 def resolve_target(target: Optional[str]) -> str:
-    target = target or os.environ.get("MACEFIELD_SERVER") or DEFAULT_TARGET
+    """The gRPC target for ``target`` (None: ``$MACEFIELD_SERVER``, else :data:`DEFAULT_TARGET`).
+
+    ``grpc://`` / ``http://`` prefixes are dropped; a host without a port gets
+    the server's default port 50051 (gRPC would otherwise use 443):
+    ``localhost`` -> ``localhost:50051``, ``::1`` or ``[::1]`` -> ``[::1]:50051``.
+    Targets with a gRPC resolver scheme (``dns:``, ``ipv4:``, ``unix:``, ...)
+    are passed through unchanged.
+    """
+    target = (target or os.environ.get("MACEFIELD_SERVER") or DEFAULT_TARGET).strip()
     for prefix in ("grpc://", "http://"):
         if target.startswith(prefix):
-            target = target[len(prefix):]
-    return target
+            target = target[len(prefix):].rstrip("/")
+    if target.startswith(URI_SCHEMES):
+        return target
+    return with_default_port(target)
+
+
+def with_default_port(address: str, port: int = DEFAULT_PORT) -> str:
+    """``host:port`` for ``address``, adding ``port`` when it has none (IPv6 literals bracketed)."""
+    if address.startswith("["):  # [v6] or [v6]:port
+        return address if "]:" in address else f"{address}:{port}"
+    if address.count(":") > 1:  # a bare IPv6 literal has no port
+        return f"[{address}]:{port}"
+    if ":" in address:
+        return address
+    return f"{address}:{port}"
 
 
 def resolve_timeout(timeout: Optional[float], default: Optional[float] = None) -> Optional[float]:

@@ -8,10 +8,10 @@ from typing import Iterable, List, Optional
 
 import grpc
 
-from ._channel import RetryPolicy, call_metadata, make_channel, resolve_target, resolve_timeout
+from ._channel import RetryHook, RetryPolicy, call_metadata, make_channel, resolve_target, resolve_timeout
 from ._progress import progress_bar
 from .client import DEFAULT_BATCH_SIZE, STALE_STREAM_CODES
-from .errors import MACEFieldError, RequestTimeout, ServerUnavailable, error_from_rpc
+from .errors import NOT_READY_CODES, MACEFieldError, RequestTimeout, ServerUnavailable, error_from_rpc, not_ready
 from .proto.macefield.v1 import macefield_pb2 as pb
 from .proto.macefield.v1 import macefield_pb2_grpc as pb_grpc
 from .results import (
@@ -32,10 +32,11 @@ class AsyncClient:
     """
 
     def __init__(self, target: Optional[str] = None, *, tls=None, token: Optional[str] = None,
-                 timeout: Optional[float] = None, retry=None, options=None):
+                 timeout: Optional[float] = None, retry=None, options=None, on_retry: Optional[RetryHook] = None):
         self.target = resolve_target(target)
         self.timeout = resolve_timeout(timeout)
         self.retry = RetryPolicy.coerce(retry)
+        self.on_retry = on_retry
         self._metadata = call_metadata(token)
         self._channel = make_channel(self.target, tls, options, aio=True)
         self._stub = pb_grpc.MaceFieldStub(self._channel)
@@ -57,9 +58,40 @@ class AsyncClient:
                 if err.code() in self.retry.retry_codes:
                     delay = next(delays, None)
                     if delay is not None:
+                        self._notify(attempt, delay, err)
                         await asyncio.sleep(delay)
                         continue
                 raise error_from_rpc(err, self.target, attempts=attempt) from None
+
+    def _notify(self, attempt: int, delay: float, err) -> None:
+        if self.on_retry is not None:
+            details = (err.details() if err is not None and hasattr(err, "details") else "") or "no answer"
+            self.on_retry(self.target, attempt, self.retry.attempts, delay, details)
+
+    async def wait_ready(self, timeout: float = 60.0, poll: float = 0.25) -> ServerInfo:
+        """Wait until the server answers ListModels (see :meth:`macefield_client.Client.wait_ready`)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + float(timeout)
+        next_notice = 0.0  # "waiting" notices at most every 2 s
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = end - loop.time()
+            try:
+                response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=max(0.05, min(5.0, remaining)),
+                                                       metadata=self._metadata, wait_for_ready=False)
+            except grpc.RpcError as err:
+                if err.code() not in NOT_READY_CODES:
+                    raise error_from_rpc(err, self.target, attempts=attempt) from None
+                if loop.time() + poll > end:
+                    raise not_ready(self.target, timeout, attempt, err) from None
+                if self.on_retry is not None and loop.time() >= next_notice:
+                    self.on_retry(self.target, attempt, 0, poll, err.details() or err.code().name)
+                    next_notice = loop.time() + 2.0
+                await asyncio.sleep(poll)
+                continue
+            self._info = server_info_from_response(self.target, response)
+            return self._info
 
     async def list_models(self, timeout=None) -> ServerInfo:
         response = await self._unary("ListModels", pb.ListModelsRequest(), timeout)
@@ -179,6 +211,8 @@ class AsyncSession:
                 else:
                     return result_from_response(response)
             delay = next(delays, None)
+            if delay is not None:
+                self.client._notify(attempt, delay, err)
             if delay is None:
                 if err is None:
                     raise ServerUnavailable(f"MACE-Field server at {self.client.target} ended the stream after "

@@ -7,7 +7,9 @@
     atoms.calc = MACEFieldCalculator("127.0.0.1:50051", electric_field=(0.0, 0.0, 0.05))
     atoms.get_forces(); atoms.get_stress(); calc.get_property("polarization", atoms)
 
-Results (names and shapes as the reference MACE-Field ASE calculator):
+Results.  The first block has the names, shapes and meanings of the reference
+MACE-Field ASE calculator (drop-in compatible); the second block has
+unambiguous names for the same quantities, the ones the server API uses:
 
 ============================ ========== ======================================================
 ``energy``, ``free_energy``  ()         electric enthalpy F(R, E), eV
@@ -18,15 +20,19 @@ Results (names and shapes as the reference MACE-Field ASE calculator):
 ``polarization``             (3,)       dipole / volume, e/A^2 (periodic only; defined
                                         modulo the polarization quantum e*a_k/volume)
 ``becs``                     (N, 9)     Born charges d dipole_i / d R_kj, row-major (i, j), e
-``polarizability``           (9,)       chi = (d dipole/dE) / (volume * eps0), dimensionless
-                                        (periodic only), row-major
-``molecular_polarizability`` (3, 3)     d dipole/dE, e*A^2/V (not fully periodic only)
+``polarizability``           (9,)       reference convention: chi = alpha / (volume * eps0),
+                                        dimensionless, row-major (periodic only)
+``molecular_polarizability`` (3, 3)     alpha = d dipole/dE, e*A^2/V (not fully periodic only)
+---------------------------- ---------- ------------------------------------------------------
+``born_charges``             (N, 3, 3)  Z*[k, i, j] = d dipole_i / d R_kj, e
+``alpha``                    (3, 3)     alpha = d dipole/dE (extensive), e*A^2/V (always)
+``eps_inf``                  (3, 3)     1 + chi, dimensionless (periodic only)
 ============================ ========== ======================================================
 
 Structures that are not periodic in all three directions have no volume:
-they get no ``polarization``, ``polarizability`` or ``stress`` (asking for
-them raises ``PropertyNotImplementedError``) but get
-``molecular_polarizability``.
+they get no ``polarization``, ``polarizability``, ``eps_inf`` or ``stress``
+(asking for them raises ``PropertyNotImplementedError``) but get
+``molecular_polarizability`` and ``alpha``.
 
 The field (V/A) is the ``electric_field`` argument/attribute when set (it
 may be changed between MD steps; a change discards cached results), else
@@ -35,9 +41,10 @@ else zero.
 
 Cost: energy, forces, stress, dipole and polarization come from one
 first-derivative pass and are computed together; ``becs``,
-``polarizability`` and ``molecular_polarizability`` need the
-second-derivative pass and are only computed when asked for (pass
-``outputs="all"`` to get everything at every step).
+``born_charges``, ``polarizability``, ``molecular_polarizability``,
+``alpha`` and ``eps_inf`` need the second-derivative pass (about 3x the
+cost) and are only computed when asked for (pass ``outputs="all"`` to get
+everything at every step).
 """
 
 from __future__ import annotations
@@ -49,10 +56,11 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from .client import Client
+from .results import DEFAULT_OUTPUTS
 
-_FIRST = ("energy", "forces", "stress", "dipole", "polarization")
+_FIRST = DEFAULT_OUTPUTS
 _SECOND = _FIRST + ("born_charges", "polarizability")
-_SECOND_ORDER_PROPERTIES = {"becs", "polarizability", "molecular_polarizability"}
+_SECOND_ORDER_PROPERTIES = {"becs", "born_charges", "polarizability", "molecular_polarizability", "alpha", "eps_inf"}
 
 
 def resolve_field(override, atoms) -> np.ndarray:
@@ -84,7 +92,7 @@ class MACEFieldCalculator(Calculator):
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "dipole", "polarization", "becs",
-                              "polarizability", "molecular_polarizability"]
+                              "polarizability", "molecular_polarizability", "born_charges", "alpha", "eps_inf"]
 
     def __init__(self, server: Optional[str] = None, *, electric_field: Optional[Sequence[float]] = None,
                  model: Optional[str] = None, head: Optional[str] = None, client: Optional[Client] = None,
@@ -152,8 +160,12 @@ class MACEFieldCalculator(Calculator):
             results["polarization"] = r.polarization
         if r.born_charges is not None:
             results["becs"] = r.born_charges.reshape(n, 9)
+            results["born_charges"] = r.born_charges
+        if r.polarizability is not None:
+            results["alpha"] = r.polarizability
         if r.chi is not None:
             results["polarizability"] = r.chi.reshape(9)
+            results["eps_inf"] = r.eps_inf
         elif r.polarizability is not None:
             results["molecular_polarizability"] = r.polarizability
         self.results = results
@@ -167,7 +179,20 @@ class MACEFieldCalculator(Calculator):
         return self.get_property("becs", atoms)
 
     def get_polarizability(self, atoms=None):
+        """Reference convention: chi (9,), dimensionless (periodic only); see :meth:`get_alpha`."""
         return self.get_property("polarizability", atoms)
+
+    def get_born_charges(self, atoms=None):
+        """Z* (N, 3, 3), e."""
+        return self.get_property("born_charges", atoms)
+
+    def get_alpha(self, atoms=None):
+        """alpha = d dipole/dE (3, 3), e*A^2/V (extensive; any structure)."""
+        return self.get_property("alpha", atoms)
+
+    def get_eps_inf(self, atoms=None):
+        """Clamped-ion dielectric tensor eps_inf = 1 + chi (3, 3) (periodic only)."""
+        return self.get_property("eps_inf", atoms)
 
     def close(self) -> None:
         if self._session is not None:

@@ -1,22 +1,41 @@
 """``macefield``: the command line of the MACE-Field client.
 
-    macefield info [--server HOST:PORT] [--json]
-    macefield predict IN.xyz --field EX EY EZ [--head H] [--outputs ...] -o OUT.xyz [--server HOST:PORT]
+    macefield info [--wait SECONDS] [--json]
+    macefield predict IN.xyz [--field EX EY EZ] [--head H] [--outputs ...] -o OUT.xyz
+    macefield eval IN.xyz [-o OUT.xyz] [--json] [--head H] [--polarizability-unit ...]
 
-``predict`` writes extended XYZ like the reference ``mace_eval_configs``
-(prefix ``MACE_`` by default): info ``MACE_energy`` (eV), ``MACE_stress``
-(3x3, eV/A^3, periodic), ``MACE_dipole`` (e*A), ``MACE_polarization`` (e/A^2,
-periodic), ``MACE_polarizability`` (9, chi, dimensionless, periodic) or
-``MACE_molecular_polarizability`` (9, e*A^2/V, not periodic),
-``MACE_electric_field`` (V/A, the field used); arrays ``MACE_forces`` (eV/A)
-and ``MACE_becs`` (N x 9, e, row-major d dipole_i / d R_kj).
+``predict`` and ``eval`` keep every key of the input frames (reference
+energies, forces, stress, ... stay as they were read) and add the model's
+results under the prefix ``MACE_`` (``--info-prefix``), as mace-torch's
+``mace_eval_configs`` does: info ``MACE_energy`` (eV), ``MACE_stress`` (3x3,
+eV/A^3, periodic), ``MACE_dipole`` (e*A), ``MACE_polarization`` (e/A^2,
+periodic), ``MACE_polarizability`` (9, chi = alpha/(Omega eps0), the
+reference convention, periodic) or ``MACE_molecular_polarizability`` (9,
+alpha, e*A^2/V, not periodic), ``MACE_alpha`` (9, alpha, e*A^2/V, always),
+``MACE_eps_inf`` (9, 1 + chi, periodic), ``MACE_electric_field`` (V/A, the
+field used); arrays ``MACE_forces`` (eV/A) and ``MACE_becs`` (N x 9, e,
+row-major d dipole_i / d R_kj).
+
+``predict`` computes energy, forces, stress, dipole and polarization unless
+``--outputs`` says otherwise (the same default as the Python client: Z* and
+alpha cost about 3x more; ask with ``--outputs all``).  ``eval`` computes
+whatever the file has references for and prints a table of errors (energy
+per atom, forces, stress, Z*, alpha and eps_inf, P folded by the
+polarization quanta); ``--json`` prints it as JSON.  Reference keys are
+found by name (``REF_energy``, ``REF_forces``, ``born_charge``, ...; see
+``macefield_client.labels.KNOWN_KEYS``) or given with ``--energy-key``
+etc.; unit conventions with ``--polarization-unit`` /
+``--polarizability-unit`` (default ``auto``, decided from the values and
+reported).
 
 Without ``--field`` each frame's field is ``info["electric_field"]``, else
 ``info["REF_electric_field"]``, else zero (V/A).  The server is
-``--server``, else ``$MACEFIELD_SERVER``, else 127.0.0.1:50051.  TLS:
-``--tls-ca CA.pem`` (or ``$MACEFIELD_TLS_CA``; ``--tls`` alone trusts the
-system roots), mutual TLS adds ``--tls-cert``/``--tls-key``; a bearer token:
-``--token`` or ``$MACEFIELD_TOKEN``.
+``--server``, else ``$MACEFIELD_SERVER``, else 127.0.0.1:50051 (a host
+without a port gets 50051).  TLS: ``--tls-ca CA.pem`` (or
+``$MACEFIELD_TLS_CA``; ``--tls`` alone trusts the system roots), mutual TLS
+adds ``--tls-cert``/``--tls-key``; a bearer token: ``--token`` or
+``$MACEFIELD_TOKEN``.  Exit codes: 0 done, 1 the server failed or refused,
+2 bad input (missing file, unknown option value).
 """
 
 from __future__ import annotations
@@ -25,7 +44,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -33,11 +52,15 @@ from . import __version__
 from ._channel import TLSConfig
 from .client import Client
 from .errors import MACEFieldError
-from .results import OUTPUTS
+from .results import DEFAULT_OUTPUTS, OUTPUTS
+
+
+class InputError(Exception):
+    """Bad input on the command line (exit code 2)."""
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", help="server host:port (default $MACEFIELD_SERVER or 127.0.0.1:50051)")
+    p.add_argument("--server", help="server host[:port] (default $MACEFIELD_SERVER or 127.0.0.1:50051)")
     p.add_argument("--tls", nargs="?", const=True, default=None, metavar="CA.pem",
                    help="use TLS (optionally trusting this CA file; default: the system roots)")
     p.add_argument("--tls-ca", metavar="CA.pem", help="use TLS trusting this CA file (default $MACEFIELD_TLS_CA)")
@@ -46,6 +69,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="bearer token (default $MACEFIELD_TOKEN)")
     p.add_argument("--timeout", type=float, help="per-call deadline, s (default 120)")
     p.add_argument("--retries", type=int, help="retries of a call answered UNAVAILABLE (default 5, with backoff)")
+    p.add_argument("--quiet", action="store_true", help="no 'waiting for server' messages")
+
+
+def _frames_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="input structures (any format ASE reads; all frames)")
+    p.add_argument("--field", type=float, nargs=3, metavar=("EX", "EY", "EZ"),
+                   help="uniform field for every frame, V/A (default: per-frame info, else zero)")
+    p.add_argument("--model", help="served model (default: the server's default)")
+    p.add_argument("--head", help="model head (default: the model's default head)")
+    p.add_argument("--batch-size", type=int, help="structures per request (default 16)")
+    p.add_argument("--info-prefix", default="MACE_", help="prefix of the written keys (default MACE_)")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -54,25 +91,35 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--version", action="version", version=f"macefield-client {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    info = sub.add_parser("info", help="served models, heads, elements, units and limits")
+    info = sub.add_parser("info", help="served models (with their cards), heads, elements, units and limits")
     _common(info)
     info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                      help="wait up to SECONDS for the server to be ready (models loaded and warm)")
 
-    pred = sub.add_parser("predict", help="evaluate every frame of an (ext)xyz file and write the results")
+    pred = sub.add_parser("predict", help="evaluate every frame of a structure file and write the results")
     _common(pred)
-    pred.add_argument("input", help="input structures (any format ASE reads; all frames)")
+    _frames_options(pred)
     pred.add_argument("-o", "--output", required=True, help="output extended XYZ")
-    pred.add_argument("--field", type=float, nargs=3, metavar=("EX", "EY", "EZ"),
-                      help="uniform field for every frame, V/A (default: per-frame info, else zero)")
-    pred.add_argument("--model", help="served model (default: the server's default)")
-    pred.add_argument("--head", help="model head (default: the model's default head)")
-    pred.add_argument("--outputs", nargs="+", choices=list(OUTPUTS) + ["all"], default=["all"],
-                      help="outputs to compute (default: all)")
-    pred.add_argument("--batch-size", type=int, help="structures per request (default 16)")
-    pred.add_argument("--info-prefix", default="MACE_", help="prefix of the written keys (default MACE_)")
-    bar = pred.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress")
-    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
+    pred.add_argument("--outputs", nargs="+", choices=list(OUTPUTS) + ["all"], default=list(DEFAULT_OUTPUTS),
+                      help="outputs to compute (default: energy forces stress dipole polarization; "
+                           "'all' adds Z*, alpha, chi, eps_inf at about 3x the cost)")
+
+    ev = sub.add_parser("eval", help="evaluate frames with reference labels: write results, print a table of errors")
+    _common(ev)
+    _frames_options(ev)
+    ev.add_argument("-o", "--output", help="also write the frames with MACE_* keys (extended XYZ)")
+    ev.add_argument("--json", action="store_true", help="print the errors (and what was compared) as JSON")
+    for q in ("energy", "forces", "stress", "polarization", "born_charges", "polarizability"):
+        ev.add_argument(f"--{q.replace('_', '-')}-key", metavar="KEY",
+                        help=f"key of the reference {q.replace('_', ' ')} (default: found by name; 'none': skip)")
+    ev.add_argument("--stress-unit", choices=["ase", "pressure_positive"],
+                    help="reference stress sign: ase (default, positive = tensile) or pressure_positive")
+    ev.add_argument("--polarization-unit", choices=["auto", "dipole", "P"], default="auto",
+                    help="reference polarization: cell dipole (e*A) or P (e/A^2) (default: decided from the values)")
+    ev.add_argument("--polarizability-unit", choices=["auto", "extensive", "per_volume", "chi", "eps_inf"],
+                    default="auto", help="reference polarizability: d dipole/dE (e*A^2/V), dP/dE (e/(V*A)), chi or "
+                                         "eps_inf (default: extensive or per_volume, decided from the values)")
     return parser.parse_args(argv)
 
 
@@ -80,15 +127,21 @@ def _tls(args):
     """None (plaintext), True (system roots) or a TLSConfig from --tls / --tls-ca / --tls-cert / --tls-key."""
     ca = args.tls_ca or os.environ.get("MACEFIELD_TLS_CA") or (args.tls if isinstance(args.tls, str) else None)
     if bool(args.tls_cert) != bool(args.tls_key):
-        raise SystemExit("macefield: --tls-cert and --tls-key go together")
+        raise InputError("--tls-cert and --tls-key go together")
     if ca is None and not args.tls_cert:
         return args.tls
     return TLSConfig(ca=ca, cert=args.tls_cert, key=args.tls_key)
 
 
+def _waiting(target: str, attempt: int, attempts: int, delay: float, details: str) -> None:
+    of = f"/{attempts}" if attempts else ""
+    print(f"macefield: waiting for server at {target} (attempt {attempt}{of}, next in {delay:.1f} s): {details}",
+          file=sys.stderr, flush=True)
+
+
 def _client(args) -> Client:
     return Client(args.server, tls=_tls(args), token=args.token or os.environ.get("MACEFIELD_TOKEN"),
-                  timeout=args.timeout, retry=args.retries)
+                  timeout=args.timeout, retry=args.retries, on_retry=None if args.quiet else _waiting)
 
 
 def _symbols(numbers) -> List[str]:
@@ -99,21 +152,45 @@ def _symbols(numbers) -> List[str]:
     return [chemical_symbols[z] for z in numbers]
 
 
+def card_summary(card_json: str) -> List[str]:
+    """Lines summarising a model card: what it is for, its validation errors per data set, its limits."""
+    if not card_json:
+        return []
+    try:
+        card = json.loads(card_json)
+    except json.JSONDecodeError:
+        return ["  card:        (not valid JSON)"]
+    from .accuracy import format_table
+
+    lines = []
+    for label, key in (("valid for", "valid_for"), ("short range", "short_range")):
+        if card.get(key):
+            lines.append(f"  {label + ':':<13}{card[key]}")
+    for name, summary in (card.get("validation") or {}).items():
+        head = summary.get("head", "")
+        lines.append(f"  validation {name}" + (f" (head {head})" if head else "")
+                     + f", {summary.get('frames', '?')} held-out frames:")
+        lines += ["    " + line for line in format_table(summary).splitlines()]
+    return lines
+
+
 def cmd_info(args) -> int:
     with _client(args) as client:
-        info = client.list_models()
+        info = client.wait_ready(args.wait) if args.wait > 0 else client.list_models()
     if args.json:
         data = {
             "target": info.target,
             "max_atoms_per_structure": info.max_atoms_per_structure,
             "max_field_magnitude": info.max_field_magnitude,
             "max_structures_per_request": info.max_structures_per_request,
+            "min_distance": info.min_distance,
             "models": [{k: v for k, v in vars(m).items() if k != "card_json"} for m in info.models],
         }
         print(json.dumps(data, indent=2))
         return 0
     print(f"server {info.target}: {len(info.models)} model(s); limits: {info.max_atoms_per_structure} atoms/structure, "
-          f"|E| <= {info.max_field_magnitude} V/A, {info.max_structures_per_request} structures/request")
+          f"|E| <= {info.max_field_magnitude} V/A, {info.max_structures_per_request} structures/request, "
+          f"atoms >= {info.min_distance:g} A apart")
     for m in info.models:
         flags = [f for f, on in (("default", m.is_default), ("UNTRAINED", not m.trained)) if on]
         print(f"\nmodel {m.name}" + (f" ({', '.join(flags)})" if flags else ""))
@@ -121,66 +198,203 @@ def cmd_info(args) -> int:
             print(f"  description: {m.description}")
         print(f"  heads:       {', '.join(h + (' (default)' if h == m.default_head else '') for h in m.heads)}")
         print(f"  elements:    {' '.join(_symbols(m.atomic_numbers))}")
-        print(f"  cutoff:      {m.cutoff:g} A   dtype: {m.dtype}   device: {m.device}   parameters: {m.num_parameters}")
+        print(f"  cutoff:      {m.cutoff:g} A   dtype: {m.dtype}   device: {m.device}   parameters: {m.num_parameters}   "
+              f"ZBL repulsion: {'yes' if m.pair_repulsion else 'no'}")
         print(f"  source:      {m.source}")
         print(f"  outputs:     {', '.join(m.outputs)}")
         print("  units:       " + ", ".join(f"{k} {v}" for k, v in sorted(m.units.items())))
+        for line in card_summary(m.card_json):
+            print(line)
     return 0
 
 
-def _frame_field(atoms, override) -> np.ndarray:
-    if override is not None:
-        return np.asarray(override, dtype=float)
-    ef = atoms.info.get("electric_field")
-    if ef is None:
-        ef = atoms.info.get("REF_electric_field")
-    return np.zeros(3) if ef is None else np.asarray(ef, dtype=float).reshape(3)
-
-
-def cmd_predict(args) -> int:
+# ------------------------------------------------------------------ frames in and out
+def _read_frames(path: str):
     try:
         import ase.io
     except ImportError:
-        print("macefield predict needs ASE: pip install 'macefield-client[ase]'", file=sys.stderr)
-        return 2
-    frames = ase.io.read(args.input, index=":")
+        raise InputError("this command needs ASE: pip install 'macefield-client[ase]'") from None
+    if not os.path.exists(path):
+        raise InputError(f"input file not found: {path}")
+    try:
+        frames = ase.io.read(path, index=":")
+    except Exception as exc:  # noqa: BLE001 - any reader error is the input's fault
+        raise InputError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
     if not frames:
-        print(f"macefield: no structures in {args.input}", file=sys.stderr)
-        return 2
+        raise InputError(f"no structures in {path}")
+    return frames
+
+
+def _frame_field(atoms, override) -> np.ndarray:
+    return np.asarray(_field_source(atoms, override)[1], dtype=float).reshape(3)
+
+
+def _field_source(atoms, override):
+    """(where the field came from, the field in V/A) for one frame."""
+    if override is not None:
+        return "--field", override
+    for key in ("electric_field", "REF_electric_field"):
+        if atoms.info.get(key) is not None:
+            return f"info {key}", atoms.info[key]
+    return "zero (no field key)", (0.0, 0.0, 0.0)
+
+
+def fields_used(frames, override) -> List[str]:
+    """One line per distinct (source, field) pair: what ``eval`` applied, so a placeholder field is seen."""
+    seen: Dict[tuple, int] = {}
+    for a in frames:
+        source, value = _field_source(a, override)
+        key = (source, tuple(np.round(np.asarray(value, dtype=float).reshape(3), 6)))
+        seen[key] = seen.get(key, 0) + 1
+    return [f"{source} = {[float(v) for v in value]} V/A in {n} frame(s)" for (source, value), n in seen.items()]
+
+
+def _progress(args, n: int):
+    return args.progress if args.progress is not None else (None if n > 1 else False)
+
+
+def _compute(args, frames, outputs):
     fields = np.array([_frame_field(a, args.field) for a in frames])
-    outputs = "all" if "all" in args.outputs else args.outputs
-    progress = args.progress if args.progress is not None else (None if len(frames) > 1 else False)
     with _client(args) as client:
         results = client.predict_many(frames, electric_field=fields, outputs=outputs, model=args.model,
-                                      head=args.head, batch_size=args.batch_size, progress=progress)
-    p = args.info_prefix
+                                      head=args.head, batch_size=args.batch_size,
+                                      progress=_progress(args, len(frames)))
+    return fields, results
+
+
+def annotate(atoms, result, field, prefix: str = "MACE_") -> None:
+    """Add one result to ``atoms`` under ``prefix`` keys; everything the frame carried stays (see module doc)."""
+    n = len(atoms)
+    p = prefix
+    atoms.info[p + "energy"] = float(result.energy)
+    atoms.info[p + "electric_field"] = np.asarray(field, dtype=float)
+    if result.forces is not None:
+        atoms.arrays[p + "forces"] = result.forces
+    if result.stress is not None:
+        atoms.info[p + "stress"] = result.stress
+    if result.dipole is not None:
+        atoms.info[p + "dipole"] = result.dipole
+    if result.polarization is not None:
+        atoms.info[p + "polarization"] = result.polarization
+    if result.born_charges is not None:
+        atoms.arrays[p + "becs"] = result.born_charges.reshape(n, 9)
+    if result.polarizability is not None:
+        atoms.info[p + "alpha"] = result.polarizability.reshape(9)
+    if result.chi is not None:
+        atoms.info[p + "polarizability"] = result.chi.reshape(9)
+        atoms.info[p + "eps_inf"] = result.eps_inf.reshape(9)
+    elif result.polarizability is not None:
+        atoms.info[p + "molecular_polarizability"] = result.polarizability.reshape(9)
+
+
+def _write(path: str, frames) -> None:
+    import ase.io
+
+    ase.io.write(path, frames, format="extxyz")
+    print(f"wrote {len(frames)} structure(s) to {path}", file=sys.stderr)
+
+
+def cmd_predict(args) -> int:
+    frames = _read_frames(args.input)
+    outputs = "all" if "all" in args.outputs else args.outputs
+    fields, results = _compute(args, frames, outputs)
     for atoms, field, r in zip(frames, fields, results):
-        atoms.calc = None
-        atoms.info[p + "energy"] = float(r.energy)
-        atoms.info[p + "electric_field"] = field
-        if r.forces is not None:
-            atoms.arrays[p + "forces"] = r.forces
-        if r.stress is not None:
-            atoms.info[p + "stress"] = r.stress
-        if r.dipole is not None:
-            atoms.info[p + "dipole"] = r.dipole
-        if r.polarization is not None:
-            atoms.info[p + "polarization"] = r.polarization
-        if r.born_charges is not None:
-            atoms.arrays[p + "becs"] = r.born_charges.reshape(len(atoms), 9)
-        if r.chi is not None:
-            atoms.info[p + "polarizability"] = r.chi.reshape(9)
-        elif r.polarizability is not None:
-            atoms.info[p + "molecular_polarizability"] = r.polarizability.reshape(9)
-    ase.io.write(args.output, frames, format="extxyz")
-    print(f"wrote {len(frames)} structure(s) to {args.output}", file=sys.stderr)
+        annotate(atoms, r, field, args.info_prefix)
+    _write(args.output, frames)
+    return 0
+
+
+# ------------------------------------------------------------------------------ eval
+#: reference quantity -> outputs the model must compute for it
+_NEEDS = {"energy": ("energy",), "forces": ("forces",), "stress": ("stress",), "polarization": ("dipole",),
+          "born_charges": ("born_charges",), "polarizability": ("polarizability",)}
+
+
+def references(frames, args) -> Dict[str, dict]:
+    """{quantity: {"key", "kind", "reason", "labels": [per frame, internal units or None]}} found in ``frames``."""
+    from .labels import convert, detect_kind, find_key, has_key, lookup
+
+    found: Dict[str, dict] = {}
+    for q in _NEEDS:
+        key = getattr(args, f"{q}_key")
+        if key is not None and key.lower() == "none":
+            continue
+        if key is None:
+            key = find_key(frames, q)
+            if key is None:
+                continue
+        elif not any(has_key(a, key) for a in frames):
+            raise InputError(f"--{q.replace('_', '-')}-key {key!r}: no frame of {args.input} has it")
+        usable = [a for a in frames if has_key(a, key)]
+        unit = {"stress": args.stress_unit, "polarization": args.polarization_unit,
+                "polarizability": args.polarizability_unit}.get(q)
+        if q == "stress" and unit is None:
+            kind, reason = "ase", "ASE sign (positive = tensile); --stress-unit pressure_positive for the opposite"
+        elif unit in (None, "auto"):
+            try:
+                kind, reason = detect_kind(usable, q, key)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+        else:
+            kind, reason = unit, "given on the command line"
+        labels = []
+        for i, a in enumerate(frames):
+            periodic_only = kind in ("P", "per_volume", "chi", "eps_inf") or q == "stress"
+            if not has_key(a, key) or (periodic_only and not a.pbc.all()):
+                labels.append(None)
+                continue
+            try:
+                labels.append(convert(q, lookup(a, key), a, kind))
+            except ValueError as exc:
+                raise InputError(f"{q} ({key!r}, frame {i}): {exc}") from None
+        found[q] = {"key": key, "kind": kind, "reason": reason, "labels": labels}
+    return found
+
+
+def cmd_eval(args) -> int:
+    from .accuracy import format_table, frame_errors, summarise
+
+    frames = _read_frames(args.input)
+    refs = references(frames, args)
+    if not refs:
+        raise InputError(f"no reference labels found in {args.input} (give their keys with --energy-key etc.)")
+    outputs = sorted({o for q in refs for o in _NEEDS[q]} | {"energy"})
+    fields, results = _compute(args, frames, outputs)
+    rows = []
+    for i, (atoms, r) in enumerate(zip(frames, results)):
+        labels = {q: spec["labels"][i] for q, spec in refs.items() if spec["labels"][i] is not None}
+        pred = {k: r[k] for k in r}
+        rows.append(frame_errors(pred, labels, n_atoms=len(atoms), cell=np.asarray(atoms.get_cell()),
+                                 periodic=bool(atoms.pbc.all())))
+    summary = summarise(rows)
+    if args.output:
+        for atoms, field, r in zip(frames, fields, results):
+            annotate(atoms, r, field, args.info_prefix)
+        _write(args.output, frames)
+    compared = {q: {k: spec[k] for k in ("key", "kind", "reason")} for q, spec in refs.items()}
+    used = fields_used(frames, args.field)
+    if args.json:
+        print(json.dumps({"file": args.input, "frames": len(frames), "head": results[0].head,
+                          "model": results[0].model, "electric_field": used, "references": compared,
+                          "errors": summary}, indent=2))
+        return 0
+    print(f"{args.input}: {len(frames)} frame(s), model {results[0].model}, head {results[0].head}")
+    for line in used:
+        print(f"  electric field: {line}")
+    for q, spec in compared.items():
+        kind = f" as {spec['kind']}" if spec["kind"] else ""
+        print(f"  reference {q}: {spec['key']!r}{kind} ({spec['reason']})")
+    print(format_table(summary))
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        return {"info": cmd_info, "predict": cmd_predict}[args.command](args)
+        return {"info": cmd_info, "predict": cmd_predict, "eval": cmd_eval}[args.command](args)
+    except InputError as exc:
+        print(f"macefield: {exc}", file=sys.stderr)
+        return 2
     except MACEFieldError as exc:
         print(f"macefield: {exc}", file=sys.stderr)
         return 1

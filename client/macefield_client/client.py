@@ -10,9 +10,9 @@ from typing import Iterable, List, Optional
 
 import grpc
 
-from ._channel import RetryPolicy, call_metadata, make_channel, resolve_target, resolve_timeout
+from ._channel import RetryHook, RetryPolicy, call_metadata, make_channel, resolve_target, resolve_timeout
 from ._progress import progress_bar
-from .errors import MACEFieldError, RequestTimeout, ServerUnavailable, error_from_rpc
+from .errors import NOT_READY_CODES, MACEFieldError, RequestTimeout, ServerUnavailable, error_from_rpc, not_ready
 from .proto.macefield.v1 import macefield_pb2 as pb
 from .proto.macefield.v1 import macefield_pb2_grpc as pb_grpc
 from .results import (
@@ -47,6 +47,8 @@ class Client:
         retry: :class:`RetryPolicy`, or an int number of retries (0: none).
             Only UNAVAILABLE is retried (these calls are idempotent).
         options: extra gRPC channel options.
+        on_retry: called before each retry as ``on_retry(target, attempt,
+            attempts, delay_s, details)`` (the CLI prints "waiting for server").
 
     Connection failures raise :class:`~macefield_client.ServerUnavailable`
     naming the target once the retries are spent.  Use as a context manager
@@ -54,10 +56,11 @@ class Client:
     """
 
     def __init__(self, target: Optional[str] = None, *, tls=None, token: Optional[str] = None,
-                 timeout: Optional[float] = None, retry=None, options=None):
+                 timeout: Optional[float] = None, retry=None, options=None, on_retry: Optional[RetryHook] = None):
         self.target = resolve_target(target)
         self.timeout = resolve_timeout(timeout)
         self.retry = RetryPolicy.coerce(retry)
+        self.on_retry = on_retry
         self._metadata = call_metadata(token)
         self._channel = make_channel(self.target, tls, options)
         self._stub = pb_grpc.MaceFieldStub(self._channel)
@@ -80,11 +83,47 @@ class Client:
                 if err.code() in self.retry.retry_codes:
                     delay = next(delays, None)
                     if delay is not None:
+                        self._notify(attempt, delay, err)
                         time.sleep(delay)
                         continue
                 raise error_from_rpc(err, self.target, attempts=attempt) from None
 
+    def _notify(self, attempt: int, delay: float, err) -> None:
+        if self.on_retry is not None:
+            details = (err.details() if err is not None and hasattr(err, "details") else "") or "no answer"
+            self.on_retry(self.target, attempt, self.retry.attempts, delay, details)
+
     # --------------------------------------------------------------- calls
+    def wait_ready(self, timeout: float = 60.0, poll: float = 0.25) -> ServerInfo:
+        """Block until the server answers ListModels (models loaded and warm) or ``timeout`` s pass.
+
+        For scripts that start a server and then use it.  Returns the server
+        info; raises :class:`~macefield_client.ServerUnavailable` naming the
+        target after ``timeout``, or at once for an error other than
+        UNAVAILABLE (e.g. a refused token).
+        """
+        end = time.monotonic() + float(timeout)
+        next_notice = 0.0  # "waiting" notices at most every 2 s
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = end - time.monotonic()
+            try:
+                response = self._stub.ListModels(pb.ListModelsRequest(), timeout=max(0.05, min(5.0, remaining)),
+                                                 metadata=self._metadata, wait_for_ready=False)
+            except grpc.RpcError as err:
+                if err.code() not in NOT_READY_CODES:
+                    raise error_from_rpc(err, self.target, attempts=attempt) from None
+                if time.monotonic() + poll > end:
+                    raise not_ready(self.target, timeout, attempt, err) from None
+                if self.on_retry is not None and time.monotonic() >= next_notice:
+                    self.on_retry(self.target, attempt, 0, poll, err.details() or err.code().name)
+                    next_notice = time.monotonic() + 2.0
+                time.sleep(poll)
+                continue
+            self._info = server_info_from_response(self.target, response)
+            return self._info
+
     def list_models(self, timeout=None) -> ServerInfo:
         """Models, heads, elements, units and the server's limits (ListModels)."""
         self._info = server_info_from_response(self.target, self._unary("ListModels", pb.ListModelsRequest(), timeout))
@@ -275,6 +314,8 @@ class Session:
                                          target=self.client.target)
                 return result_from_response(response)
             delay = next(delays, None)
+            if delay is not None:
+                self.client._notify(attempt, delay, err)
             if delay is None:
                 if err is None:
                     raise ServerUnavailable(f"MACE-Field server at {self.client.target} ended the stream "

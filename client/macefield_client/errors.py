@@ -41,6 +41,17 @@ class AuthenticationError(MACEFieldError, PermissionError):
     """The server refused the call's credentials (no or a wrong bearer token: UNAUTHENTICATED)."""
 
 
+#: status codes :meth:`Client.wait_ready` keeps waiting through (the server is not up or not warm yet)
+NOT_READY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def not_ready(target: str, timeout: float, attempts: int, err: grpc.RpcError) -> ServerUnavailable:
+    """The error of a :meth:`Client.wait_ready` that ran out of time."""
+    details = err.details() or err.code().name
+    return ServerUnavailable(f"MACE-Field server at {target} not ready after {timeout:g} s ({attempts} attempts): "
+                             f"{details}", target=target, code=err.code(), details=err.details() or "")
+
+
 def error_from_rpc(err: grpc.RpcError, target: str, *, attempts: int = 1) -> MACEFieldError:
     """Map a gRPC error to one of the exceptions above."""
     code = err.code() if hasattr(err, "code") else None

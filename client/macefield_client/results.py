@@ -9,8 +9,22 @@ import numpy as np
 
 from .proto.macefield.v1 import macefield_pb2 as pb
 
-#: every output a request may ask for (PredictRequest.outputs)
-OUTPUTS: Tuple[str, ...] = ("energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability")
+#: every output a request may ask for (PredictRequest.outputs): the one table of names (README, docs/outputs)
+OUTPUTS: Tuple[str, ...] = ("energy", "forces", "stress", "dipole", "polarization", "polarization_quantum",
+                            "born_charges", "polarizability", "chi", "eps_inf", "volume")
+
+#: what a request that names no outputs gets, in every interface (server, Client, ASE, CLI): all of
+#: the first derivatives, which one backward pass gives together; Z*, alpha, chi and eps_inf need the
+#: second-derivative pass (about 3x the cost of energy + forces) and are computed only when asked for
+DEFAULT_OUTPUTS: Tuple[str, ...] = ("energy", "forces", "stress", "dipole", "polarization")
+
+#: outputs defined only for structures periodic in all three directions (they need a volume)
+PERIODIC_ONLY: Tuple[str, ...] = ("stress", "polarization", "polarization_quantum", "chi", "eps_inf", "volume")
+
+#: outputs returned together with another one that was asked for: P is meaningless without its
+#: quanta, chi and eps_inf come free with alpha, and every periodic result carries its volume
+COMPANIONS: Dict[str, Tuple[str, ...]] = {"polarization": ("polarization_quantum",),
+                                          "polarizability": ("chi", "eps_inf")}
 
 #: unit of every result array (the same as the server engine's)
 UNITS: Dict[str, str] = {
@@ -47,7 +61,7 @@ StructureLike = Union[Any, Mapping[str, Any]]
 
 
 def normalise_outputs(outputs) -> List[str]:
-    """None: the server default (energy, forces, stress); "all": every output; a name or a list of names."""
+    """None: the server default (:data:`DEFAULT_OUTPUTS`); "all": every output; a name or a list of names."""
     if outputs is None:
         return []
     if isinstance(outputs, str):
@@ -144,8 +158,7 @@ class Result(Mapping):
     eps_inf: Optional[np.ndarray]
     volume: Optional[np.ndarray]
 
-    FIELDS = ("energy", "forces", "stress", "dipole", "polarization", "polarization_quantum", "born_charges",
-              "polarizability", "chi", "eps_inf", "volume")
+    FIELDS = OUTPUTS
 
     def __init__(self, values: Dict[str, np.ndarray], *, model: str = "", head: str = "", n_atoms: int = 0,
                  request_id: str = "", timing: Optional[Dict[str, float]] = None):
@@ -209,6 +222,7 @@ class ModelInfo:
     num_parameters: int
     card_json: str
     source: str
+    pair_repulsion: bool = False  #: F includes a ZBL short-range repulsion
 
 
 @dataclass
@@ -220,6 +234,7 @@ class ServerInfo:
     max_atoms_per_structure: int = 0
     max_field_magnitude: float = 0.0
     max_structures_per_request: int = 0
+    min_distance: float = 0.0  #: A: closer atoms are refused
 
     @property
     def default_model(self) -> Optional[ModelInfo]:
@@ -235,10 +250,11 @@ def server_info_from_response(target: str, response: pb.ListModelsResponse) -> S
             name=m.name, is_default=m.is_default, heads=[h.name for h in m.heads], default_head=m.default_head,
             atomic_numbers=list(m.atomic_numbers), cutoff=m.cutoff, dtype=m.dtype, device=m.device,
             outputs=list(m.outputs), units=dict(m.units), trained=m.trained, description=m.description,
-            num_parameters=m.num_parameters, card_json=m.card_json, source=m.source,
+            num_parameters=m.num_parameters, card_json=m.card_json, source=m.source, pair_repulsion=m.pair_repulsion,
         )
         for m in response.models
     ]
     return ServerInfo(target=target, models=models, max_atoms_per_structure=response.max_atoms_per_structure,
                       max_field_magnitude=response.max_field_magnitude,
-                      max_structures_per_request=response.max_structures_per_request)
+                      max_structures_per_request=response.max_structures_per_request,
+                      min_distance=response.min_distance)

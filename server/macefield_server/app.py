@@ -77,6 +77,7 @@ class MaceFieldServer:
         self.port: Optional[int] = None
         self.metrics_port: Optional[int] = None
         self.ready = asyncio.Event()
+        self._closed = False
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -166,17 +167,53 @@ class MaceFieldServer:
         log.info("model %s warm (%.2f s)", served.name, time.monotonic() - start)
 
     async def stop(self, grace: Optional[float] = None) -> None:
-        """NOT_SERVING, refuse new RPCs, flush queues, let in-flight RPCs finish within ``grace`` s."""
+        """Drain: NOT_SERVING, refuse new RPCs, flush queues, end idle streams, finish in-flight RPCs within ``grace`` s.
+
+        Logs once a second what it is still waiting for.  :meth:`stop_now`
+        (a second signal) cuts the wait short.
+        """
         grace = self.config.grace_s if grace is None else grace
-        self.service.draining = True
+        self.service.begin_drain()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         for batcher in self.batchers.values():
             batcher.begin_drain()
         if self.server is not None:
-            await self.server.stop(grace)
+            reporter = asyncio.create_task(self._report_drain())
+            try:
+                await self.server.stop(grace)
+            finally:
+                reporter.cancel()
+        await self._close_batchers()
+
+    async def stop_now(self) -> None:
+        """Abort every RPC at once (UNAVAILABLE/CANCELLED for its client) and stop; queued work is dropped."""
+        self.service.begin_drain()
+        if self.server is not None:
+            await self.server.stop(None)
+        await self._close_batchers(wait=False)
+
+    def waiting_for(self) -> str:
+        """What a drain still waits for, e.g. "2 calls (Predict 1, PredictStream 1); 3 structures queued or computing"."""
+        calls = {m: n for m, n in self.service.in_flight.items() if n}
+        work = sum(b.queued + b.busy for b in self.batchers.values())
+        text = f"{sum(calls.values())} call(s)"
+        if calls:
+            text += " (" + ", ".join(f"{m} {n}" for m, n in sorted(calls.items())) + ")"
+        return text + f"; {work} structure(s)/batch(es) queued or computing"
+
+    async def _report_drain(self) -> None:
+        start = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            log.info("draining for %.0f s: waiting for %s", time.monotonic() - start, self.waiting_for())
+
+    async def _close_batchers(self, wait: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for batcher in self.batchers.values():
-            await batcher.close()
-        self.prep_executor.shutdown(wait=True)
+            await batcher.close(wait=wait)
+        self.prep_executor.shutdown(wait=wait, cancel_futures=not wait)
         self.metrics.close()
 
     def torch_threads(self) -> None:

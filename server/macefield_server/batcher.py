@@ -38,8 +38,8 @@ import torch
 from .config import BatchingConfig
 from .metrics import Metrics
 from .model.graph import GraphBatch, NeighbourGraph, Structure, collate
-from .model.predict import split_results
-from .model.response import respond
+from .model.predict import NonFiniteResult, check_finite, keep_requested, split_results
+from .model.response import engine_outputs, respond
 from .registry import ServedModel
 
 log = logging.getLogger("macefield.batcher")
@@ -53,6 +53,10 @@ class QueueFull(Exception):
 
 class DoesNotFit(Exception):
     """A structure ran out of memory even alone in its batch (RESOURCE_EXHAUSTED)."""
+
+
+class Stopped(Exception):
+    """The server stopped before the request was computed (UNAVAILABLE: retry elsewhere or after a restart)."""
 
 
 class DeadlinePassed(Exception):
@@ -103,18 +107,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def keep_requested(result: Dict[str, np.ndarray], outputs: FrozenSet[str]) -> Dict[str, np.ndarray]:
-    """Drop what the batch computed for others (same tier, wider output set)."""
-    keep = {"energy"} | set(outputs)
-    if "polarization" in outputs:
-        keep.add("polarization_quantum")
-    if "polarizability" in outputs:
-        keep |= {"chi", "eps_inf"}
-    if "volume" in result:
-        keep.add("volume")
-    return {k: v for k, v in result.items() if k in keep}
-
-
 class InjectedFault:
     """Test-only compute faults at the batch boundary, from ``$MACEFIELD_TEST_FAULT`` (off when unset).
 
@@ -126,15 +118,20 @@ class InjectedFault:
     * ``error_on_batch=K``: the K-th batch computed after warm-up (1-based)
       raises a generic RuntimeError: its requests get INTERNAL, later batches
       are served.
+    * ``compute_delay_s=S``: every batch after warm-up takes S more seconds
+      (a slow model: drain and shutdown tests).
 
     For fault tests only; never set it in production.
     """
 
     ENV = "MACEFIELD_TEST_FAULT"
+    KEYS = ("oom_above_atoms", "error_on_batch", "compute_delay_s")
 
-    def __init__(self, oom_above_atoms: Optional[int] = None, error_on_batch: Optional[int] = None):
+    def __init__(self, oom_above_atoms: Optional[int] = None, error_on_batch: Optional[int] = None,
+                 compute_delay_s: Optional[int] = None):
         self.oom_above_atoms = oom_above_atoms
         self.error_on_batch = error_on_batch
+        self.compute_delay_s = compute_delay_s
         self.batches = 0
 
     @classmethod
@@ -147,8 +144,8 @@ class InjectedFault:
         values: Dict[str, int] = {}
         for part in text.split(","):
             key, sep, value = part.strip().partition("=")
-            if key not in ("oom_above_atoms", "error_on_batch") or not sep or not value.strip().isdigit():
-                raise ValueError(f"{cls.ENV}: expected oom_above_atoms=N and/or error_on_batch=K, got {text!r}")
+            if key not in cls.KEYS or not sep or not value.strip().isdigit():
+                raise ValueError(f"{cls.ENV}: expected comma-separated {'=N, '.join(cls.KEYS)}=N, got {text!r}")
             values[key] = int(value)
         fault = cls(**values)
         log.warning("%s=%s: injecting compute faults (test only)", cls.ENV, text)
@@ -160,6 +157,8 @@ class InjectedFault:
         return self.error_on_batch is not None and self.batches == self.error_on_batch
 
     def check(self, n_atoms: int, error: bool) -> None:
+        if self.compute_delay_s:
+            time.sleep(self.compute_delay_s)
         if error:
             raise RuntimeError(f"injected compute error on batch {self.batches} ({self.ENV})")
         if self.oom_above_atoms is not None and n_atoms > self.oom_above_atoms:
@@ -172,9 +171,13 @@ EvaluateFn = Callable[[torch.nn.Module, GraphBatch, FrozenSet[str]], List[Dict[s
 
 
 def default_evaluate(model, batch: GraphBatch, outputs: FrozenSet[str]) -> List[Dict[str, np.ndarray]]:
-    """The response engine on one batch, split per structure (runs on the compute thread)."""
-    raw = respond(model, batch.tensors, None, outputs)
-    return split_results(batch, raw, outputs)
+    """The response engine on one batch, split per structure (runs on the compute thread).
+
+    ``outputs``: the requested names of every structure in the batch; each
+    caller's result is cut to its own request afterwards (:func:`keep_requested`).
+    """
+    needed = engine_outputs(outputs)
+    return split_results(batch, respond(model, batch.tensors, None, needed), needed)
 
 
 class Batcher:
@@ -260,15 +263,21 @@ class Batcher:
             self._idle.clear()
             await self._idle.wait()
 
-    async def close(self) -> None:
+    @property
+    def busy(self) -> int:
+        """Batches formed and not yet answered (preparing or computing)."""
+        return self._busy
+
+    async def close(self, wait: bool = True) -> None:
+        """Stop forming batches; fail what is still queued; ``wait``: let a pass that is computing finish."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for dq in self._pending.values():
             for item in dq:
                 if not item.future.done():
-                    item.future.set_exception(QueueFull("server stopped"))
-        self.compute_executor.shutdown(wait=True)
+                    item.future.set_exception(Stopped("server stopped before this request was computed"))
+        self.compute_executor.shutdown(wait=wait, cancel_futures=not wait)
 
     # ------------------------------------------------------------ internals
     def _left_queue(self, item: WorkItem) -> None:
@@ -463,6 +472,15 @@ class Batcher:
         """Collate and evaluate ``items`` now, on the calling thread (warm-up); see :meth:`_compute_with_split`."""
         return self._compute_with_split(items, None, faults=False)
 
+    def _finite(self, result, item: WorkItem):
+        """The result, or :class:`NonFiniteResult` for this structure alone (the batch's others are served)."""
+        try:
+            return check_finite(result, item.graph, item.structure.numbers)
+        except NonFiniteResult as exc:
+            log.warning("request %s: %s", item.request_id, exc)
+            self.metrics.non_finite.labels(model=self.served.name).inc()
+            return exc
+
     def _compute_with_split(
         self, items: List[WorkItem], batch: Optional[GraphBatch], fail: bool = False, faults: bool = True
     ) -> list:
@@ -478,7 +496,7 @@ class Batcher:
             if self.fault is not None and faults:  # warm-up (compute_items) never sees injected faults
                 self.fault.check(n_atoms, fail)
             results = self.evaluate_fn(self.served.model, batch, outputs)
-            return [(r, len(items), n_atoms) for r in results]
+            return [(self._finite(r, it), len(items), n_atoms) for r, it in zip(results, items)]
         except Exception as exc:  # noqa: BLE001
             if not is_out_of_memory(exc):
                 raise

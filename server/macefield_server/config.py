@@ -28,6 +28,7 @@ Example (YAML; the TOML layout is the same)::
       max_message_bytes: 67108864        # gRPC message size, each direction (64 MiB)
       max_concurrent_streams: 100        # concurrent RPCs per client connection (HTTP/2 streams)
       max_extent: 1000                   # Angstrom: longest cell vector / widest spread of a molecule
+      min_distance: 0.5                  # Angstrom: atoms closer than this are refused (0: no check)
     security:                   # see docs/serving.md, "Security"
       tls_cert: server.pem      # PEM certificate chain; with tls_key: TLS on the gRPC port
       tls_key: server.key
@@ -106,6 +107,7 @@ class LimitsConfig:
     max_message_bytes: int = 64 * 1024 * 1024  #: largest gRPC message received or sent (RESOURCE_EXHAUSTED beyond)
     max_concurrent_streams: int = 100  #: concurrent RPCs per connection (grpc.max_concurrent_streams)
     max_extent: float = 1000.0  #: Angstrom: longest periodic cell vector, widest spread along non-periodic directions
+    min_distance: float = 0.5  #: Angstrom: refuse atoms closer than this (0: no check); far below any bond
 
 
 @dataclass
@@ -159,6 +161,8 @@ class ServerConfig:
         for key, value in positive.items():
             if int(value) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
+        if lim.min_distance < 0:
+            raise ConfigError(f"limits.min_distance: must be >= 0 (0: no check), got {lim.min_distance}")
         if b.max_wait_ms < 0:
             raise ConfigError(f"batching.max_wait_ms: must be >= 0, got {b.max_wait_ms}")
         if not lim.max_extent > 0:

@@ -18,7 +18,7 @@ from .batcher import Batcher, DeadlinePassed, QueueFull, Timing, WorkItem
 from .config import LimitsConfig
 from .model.graph import NeighbourGraph, neighbour_list
 from .registry import ModelRegistry
-from .validation import InvalidRequest, ParsedRequest, too_dense
+from .validation import InvalidRequest, ParsedRequest, too_close, too_dense
 
 Result = Tuple[Dict[str, np.ndarray], Timing]
 
@@ -67,8 +67,12 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         graphs = await loop.run_in_executor(self.prep_executor, self._graphs, parsed)
         for i, g in enumerate(graphs):
+            error = None
             if g.edge_index.shape[1] > self.limits.max_edges_per_structure:
                 error = too_dense(int(g.edge_index.shape[1]), parsed[i].served.cutoff, self.limits)
+            elif g.closest is not None and g.closest.distance < self.limits.min_distance:
+                error = too_close(g.closest, parsed[i].structure, self.limits)
+            if error is not None:
                 raise error.prefixed(prefixes[i]) if prefixes else error
         now = time.monotonic()
         items_by_model: Dict[str, List[WorkItem]] = {}

@@ -5,6 +5,7 @@ request_seconds{method} (total latency), queue_wait_seconds{model},
 compute_seconds{model}, batch_structures{model}, batch_atoms{model},
 queue_depth{model}, in_flight{method}, oom_splits_total{model},
 dropped_total{model,reason} (deadline / cancelled: never computed),
+non_finite_total{model} (structures refused INTERNAL: the model gave NaN/inf),
 model_info{name,...}, gpu_memory_bytes{device} (CUDA only).
 """
 
@@ -48,6 +49,9 @@ class Metrics:
         self.oom_splits = Counter("macefield_oom_splits", "Batches split after running out of memory", ["model"], registry=r)
         self.dropped = Counter(
             "macefield_dropped", "Queued structures never computed", ["model", "reason"], registry=r
+        )
+        self.non_finite = Counter(
+            "macefield_non_finite", "Structures whose results held NaN or inf (answered INTERNAL)", ["model"], registry=r
         )
         self.model_info = Gauge(
             "macefield_model_info",

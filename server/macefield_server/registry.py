@@ -20,7 +20,8 @@ from typing import Dict, FrozenSet, List, Optional
 import torch
 
 from .config import ModelConfig
-from .model import OUTPUTS, build_field_mace, default_architecture, load_model
+from .model import build_field_mace, default_architecture, load_model
+from .model.response import REQUESTABLE
 from .model.units import UNITS
 
 log = logging.getLogger("macefield.registry")
@@ -74,6 +75,11 @@ class ServedModel:
         return next(self.model.parameters()).device
 
     @property
+    def pair_repulsion(self) -> bool:
+        """Whether F includes the checkpoint's ZBL short-range repulsion."""
+        return hasattr(self.model, "pair_repulsion_fn")
+
+    @property
     def num_parameters(self) -> int:
         return int(sum(p.numel() for p in self.model.parameters()))
 
@@ -88,13 +94,14 @@ class ServedModel:
             "cutoff": self.cutoff,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
-            "outputs": sorted(OUTPUTS),
+            "outputs": sorted(REQUESTABLE),
             "units": dict(UNITS),
             "trained": self.trained,
             "description": self.description,
             "num_parameters": self.num_parameters,
             "card_json": self.card_json,
             "source": self.source,
+            "pair_repulsion": self.pair_repulsion,
         }
 
 

@@ -9,9 +9,13 @@ Plaintext is only allowed on loopback hosts: binding 0.0.0.0, :: or a LAN
 address needs --tls-cert/--tls-key or an explicit --insecure (exit code 2 otherwise).
 
 On start it prints one JSON line to stdout, ``{"event": "listening", "port":
-..., "metrics_port": ...}`` (useful with ``--port 0``).  Health reports
-SERVING once every model is loaded and warm.  SIGTERM/SIGINT: NOT_SERVING,
-refuse new calls, finish in-flight work within ``grace_s``, exit 0.
+..., "metrics_port": ...}`` (useful with ``--port 0``), and a second one,
+``{"event": "ready", ...}``, with a log line "ready: serving ..." once every
+model is loaded and warm (health SERVING from then on).  SIGTERM/SIGINT:
+NOT_SERVING, refuse new calls, finish in-flight work within ``grace_s``,
+end idle streams at once (their clients see UNAVAILABLE and reconnect),
+log what it is waiting for, exit 0.  A second SIGTERM/SIGINT stops at once
+(exit code 128 + signal number).
 """
 
 from __future__ import annotations
@@ -102,24 +106,47 @@ async def serve(config) -> int:
     print(json.dumps({"event": "listening", "host": config.host, "port": server.port,
                       "metrics_port": server.metrics_port, "pid": os.getpid()}), flush=True)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    signals: asyncio.Queue = asyncio.Queue()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
     loading = asyncio.create_task(server.load())
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    first = asyncio.create_task(signals.get())
+    await asyncio.wait({loading, first}, return_when=asyncio.FIRST_COMPLETED)
     if loading.done() and loading.exception() is not None:
         log.error("could not load models: %s", loading.exception())
-        stopping.cancel()
+        first.cancel()
         await server.stop(0)
         return 1
-    await stopping
-    log.info("signal received: draining (grace %.1f s)", config.grace_s)
+    if loading.done():
+        models = ", ".join(f"{m.name} ({m.device}, {str(m.dtype).replace('torch.', '')})" for m in server.registry)
+        log.info("ready: serving %s on %s:%s", models, config.host, server.port)
+        print(json.dumps({"event": "ready", "host": config.host, "port": server.port,
+                          "models": [m.name for m in server.registry]}), flush=True)
+    sig = await first
+    name = signal.Signals(sig).name
+    log.info("%s received: draining (grace %.1f s; in flight: %s); send it again to stop at once",
+             name, config.grace_s, server.waiting_for())
     if not loading.done():
         loading.cancel()
-    await server.stop()
-    log.info("stopped")
-    return 0
+    draining = asyncio.create_task(server.stop())
+    second = asyncio.create_task(signals.get())
+    await asyncio.wait({draining, second}, return_when=asyncio.FIRST_COMPLETED)
+    if draining.done():
+        second.cancel()
+        draining.result()
+        log.info("stopped")
+        return 0
+    sig = second.result()
+    log.warning("second signal (%s): stopping now, abandoning %s", signal.Signals(sig).name, server.waiting_for())
+    try:
+        await asyncio.wait_for(server.stop_now(), timeout=2.0)
+    except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - we are leaving anyway
+        log.warning("forced stop did not finish cleanly: %r", exc)
+    log.warning("stopped (forced)")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + int(sig))  # a computing pass cannot be interrupted: leave without joining its thread
 
 
 def main(argv: Optional[List[str]] = None) -> int:

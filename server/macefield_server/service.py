@@ -3,7 +3,8 @@
 Status codes: INVALID_ARGUMENT (message starts with the bad field),
 RESOURCE_EXHAUSTED (queue full; a structure that does not fit in memory
 alone), DEADLINE_EXCEEDED, UNAVAILABLE (models still loading, or draining),
-INTERNAL (a bug: logged at warning level with the request ids).
+INTERNAL (the model produced NaN/inf for that structure -- never answered
+OK -- or a bug: logged at warning level with the request ids).
 """
 
 from __future__ import annotations
@@ -18,15 +19,25 @@ import numpy as np
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as pb_grpc
 
-from .batcher import DeadlinePassed, DoesNotFit, QueueFull, Timing
+from .batcher import DeadlinePassed, DoesNotFit, QueueFull, Stopped, Timing
 from .config import ServerConfig
 from .dispatcher import Dispatcher
 from .metrics import Metrics
+from .model.predict import NonFiniteResult
 from .validation import InvalidRequest, ParsedRequest, parse_request
 
 log = logging.getLogger("macefield.service")
 
 _SCALARS = ("energy", "volume")
+
+#: seconds after a drain begins during which open streams still read messages (those already sent)
+DRAIN_SETTLE_S = 0.1
+
+
+async def _settle(tasks) -> None:
+    """Wait for cancelled tasks to finish and retrieve their outcomes (no "exception never retrieved")."""
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class ServiceError(Exception):
@@ -69,6 +80,10 @@ def _error_for(exc: BaseException, request_ids: List[str]) -> ServiceError:
         return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, DeadlinePassed):
         return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+    if isinstance(exc, Stopped):
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, NonFiniteResult):  # logged by the batcher; not a server bug
+        return ServiceError(grpc.StatusCode.INTERNAL, f"non-finite result: {exc}")
     log.warning("internal error for request(s) %s: %r", request_ids[:16], exc, exc_info=exc)
     return ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
@@ -79,6 +94,28 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         self.metrics = metrics
         self.dispatcher: Optional[Dispatcher] = None  # set once models are loaded and warm
         self.draining = False
+        self.in_flight: Dict[str, int] = {}  #: RPCs being handled, per method
+        self._drained: Optional[asyncio.Event] = None
+
+    def _drain_event(self) -> asyncio.Event:
+        if self._drained is None:
+            self._drained = asyncio.Event()
+            if self.draining:
+                self._drained.set()
+        return self._drained
+
+    def begin_drain(self) -> None:
+        """Refuse new calls (UNAVAILABLE); open streams end once what they had sent is answered."""
+        self.draining = True
+        self._drain_event().set()
+
+    def _enter(self, method: str) -> None:
+        self.in_flight[method] = self.in_flight.get(method, 0) + 1
+        self.metrics.in_flight.labels(method=method).inc()
+
+    def _exit(self, method: str) -> None:
+        self.in_flight[method] -= 1
+        self.metrics.in_flight.labels(method=method).dec()
 
     # ------------------------------------------------------------- helpers
     def _deadline(self, context) -> Optional[float]:
@@ -141,8 +178,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
 
     async def _unary(self, method: str, model: str, context, work, request_ids: List[str]):
         start = time.monotonic()
-        gauge = self.metrics.in_flight.labels(method=method)
-        gauge.inc()
+        self._enter(method)
         code = grpc.StatusCode.OK
         try:
             return await work
@@ -155,25 +191,27 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
             log.warning("%s request_id=%s: %s %s", method, ",".join(request_ids[:16]), code.name, error)
             await context.abort(code, str(error))
         finally:
-            gauge.dec()
+            self._exit(method)
             await self._finish(method, model, start, code)
 
     async def PredictStream(self, request_iterator, context):
         """Pipelined: up to ``batching.stream_window`` requests in flight, answered in order.
 
-        A stream opened before a drain began keeps being served during it (within
-        ``grace_s``): messages already sent on it are answered, not refused.
+        Draining (SIGTERM): the messages a stream had sent when the drain
+        began (those read within :data:`DRAIN_SETTLE_S` of it) are answered;
+        then the stream ends with UNAVAILABLE, so an idle stream ends at once
+        and an MD client resends its next step elsewhere (or after the restart).
         """
         method = "PredictStream"
         start = time.monotonic()
-        gauge = self.metrics.in_flight.labels(method=method)
-        gauge.inc()
+        self._enter(method)
         deadline = self._deadline(context)
         window: asyncio.Queue = asyncio.Queue(maxsize=self.config.batching.stream_window)
         code = grpc.StatusCode.OK
         model = "-"
         ids: List[str] = []
         serving = self.dispatcher is not None and not self.draining
+        drained = self._drain_event()
 
         async def read():
             async for request in request_iterator:
@@ -182,13 +220,23 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                 await window.put((request, task))
             await window.put(None)
 
+        async def stop_reading_after_drain():
+            await drained.wait()
+            await asyncio.sleep(DRAIN_SETTLE_S)  # messages already on their way are still read
+            reader.cancel()
+
         reader = asyncio.ensure_future(read())
+        closer = asyncio.ensure_future(stop_reading_after_drain())
+        getter: Optional[asyncio.Future] = None
         try:
             while True:
                 getter = asyncio.ensure_future(window.get())
                 done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if getter not in done:
                     getter.cancel()
+                    if reader.cancelled():  # stopped by the drain, nothing left to answer
+                        raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                                           "server is shutting down: reopen the stream (on another replica)")
                     reader.result()  # the reader failed: re-raise its error
                     continue
                 entry = getter.result()
@@ -210,15 +258,20 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         except Exception as exc:  # noqa: BLE001
             error = _error_for(exc, ids[-16:])
             code = error.code
-            log.warning("%s: %s %s", method, code.name, error)  # the message names the request_id
+            if code != grpc.StatusCode.UNAVAILABLE:
+                log.warning("%s: %s %s", method, code.name, error)  # the message names the request_id
             await context.abort(code, str(error))
         finally:
-            reader.cancel()
+            pending = [t for t in (reader, closer, getter) if t is not None]
+            for t in pending:
+                t.cancel()
             while not window.empty():
                 entry = window.get_nowait()
                 if entry is not None:
                     entry[1].cancel()
-            gauge.dec()
+                    pending.append(entry[1])
+            await _settle(pending)
+            self._exit(method)
             await self._finish(method, model, start, code)
 
     async def ListModels(self, request, context):
@@ -232,6 +285,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
             max_atoms_per_structure=lim.max_atoms_per_structure,
             max_field_magnitude=lim.max_field,
             max_structures_per_request=lim.max_structures_per_request,
+            min_distance=lim.min_distance,
         )
         for served in dispatcher.registry:
             info = served.info()
@@ -252,6 +306,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                     num_parameters=info["num_parameters"],
                     card_json=info["card_json"],
                     source=info["source"],
+                    pair_repulsion=info["pair_repulsion"],
                 )
             )
         await self._finish("ListModels", "-", start, grpc.StatusCode.OK)

@@ -11,14 +11,15 @@ from dataclasses import dataclass
 from typing import FrozenSet
 
 import numpy as np
+from macefield_client.results import DEFAULT_OUTPUTS as API_DEFAULT_OUTPUTS
 
 from .config import LimitsConfig
-from .model.graph import MIN_VOLUME, Structure, estimate_edges
+from .model.graph import MIN_VOLUME, ClosestPair, Structure, element_symbol, estimate_edges
 from .model.response import normalise_outputs, response_tier
 from .registry import ModelRegistry, ServedModel
 
-#: outputs when a request names none
-DEFAULT_OUTPUTS: FrozenSet[str] = frozenset({"energy", "forces", "stress"})
+#: outputs when a request names none (the API's default, the same in every client interface)
+DEFAULT_OUTPUTS: FrozenSet[str] = frozenset(API_DEFAULT_OUTPUTS)
 MAX_REQUEST_ID = 256
 MAX_COORDINATE = 1e7  #: Angstrom; beyond it wrapping and distances lose all precision
 
@@ -74,6 +75,19 @@ def too_dense(edges: int, cutoff: float, limits: LimitsConfig, prefix: str = "")
     )
 
 
+def too_close(closest: ClosestPair, structure: Structure, limits: LimitsConfig) -> InvalidRequest:
+    return InvalidRequest(
+        "positions",
+        f"{closest.describe(structure.numbers)}, closer than limits.min_distance = {limits.min_distance:g} A "
+        "(overlapping or collapsed atoms)",
+    )
+
+
+def _elements(numbers, most: int = 12) -> str:
+    shown = ", ".join(f"{element_symbol(int(z))} ({int(z)})" for z in list(numbers)[:most])
+    return shown + (f" and {len(numbers) - most} more" if len(numbers) > most else "")
+
+
 def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> ParsedRequest:
     """Validate one PredictRequest against the served models and the limits."""
     if len(request.request_id) > MAX_REQUEST_ID:
@@ -102,7 +116,8 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
     unknown = sorted(set(int(z) for z in numbers) - served.atomic_numbers)
     if unknown:
         raise InvalidRequest(
-            "atomic_numbers", f"element(s) {unknown} not in model {served.name!r} (has {sorted(served.atomic_numbers)})"
+            "atomic_numbers",
+            f"element(s) {_elements(unknown)} not in model {served.name!r} (it has {_elements(sorted(served.atomic_numbers))})",
         )
     positions = _floats(request.positions, "positions", {3 * n}, f"3*N = {3 * n} values (N = {n} atoms), Angstrom")
 

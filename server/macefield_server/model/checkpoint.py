@@ -88,8 +88,20 @@ def save_model(model: torch.nn.Module, path: Union[str, Path], *, metadata: Opti
 
 
 # --------------------------------------------------------------------- load
+#: class paths of the fork's older field model (preprint code); loaded when the parameters match MACEField's
+LEGACY_CLASS_PATHS = {("mace.modules.models", "ScaleShiftFieldMACE")}
+
+
+class LegacyFieldMACE(FieldMACE):
+    """Stands in for a legacy ``ScaleShiftFieldMACE`` while unpickling (never built, only inspected)."""
+
+    legacy_path = "mace.modules.models.ScaleShiftFieldMACE"
+
+
 class _ReferenceUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
+        if (module, name) in LEGACY_CLASS_PATHS:
+            return LegacyFieldMACE
         if (module, name) in REFERENCE_CLASS_PATHS or name == "FieldMACE":
             return FieldMACE
         return super().find_class(module, name)
@@ -149,15 +161,38 @@ def _model_from_pickle(path: Path) -> FieldMACE:
     if not isinstance(obj, torch.nn.Module):
         raise CheckpointError(f"{path}: the pickle holds a {type(obj).__name__}, not a MACE model")
     dtype = next(obj.parameters()).dtype
-    if isinstance(obj, FieldMACE):  # reference MACEField: rebuild on our class, same parameters
-        model = build_field_mace(describe_architecture(obj), dtype=dtype)
-        missing, unexpected = model.load_state_dict(obj.state_dict(), strict=False)
+    if isinstance(obj, FieldMACE):  # reference MACEField (or the legacy class): rebuild on our class, same parameters
+        legacy = isinstance(obj, LegacyFieldMACE)
+        try:
+            model = build_field_mace(describe_architecture(obj), dtype=dtype)
+            missing, unexpected = model.load_state_dict(obj.state_dict(), strict=False)
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            if legacy:
+                raise CheckpointError(_legacy_message(path, f"its architecture cannot be read ({exc})")) from exc
+            raise CheckpointError(f"{path}: cannot rebuild the MACEField model ({exc})") from exc
         if missing or unexpected:
-            raise CheckpointError(
-                f"{path}: MACEField parameters do not map onto FieldMACE (missing {missing}, unexpected {unexpected})"
-            )
+            detail = f"missing {_few(missing)}, unexpected {_few(unexpected)}"
+            if legacy:
+                raise CheckpointError(_legacy_message(path, f"its parameters do not match the MACEField layout ({detail})"))
+            raise CheckpointError(f"{path}: MACEField parameters do not map onto FieldMACE ({detail})")
+        if legacy:
+            model.metadata = {"legacy_class": LegacyFieldMACE.legacy_path}
         return model
     return upgrade_to_field(obj)
+
+
+def _few(names, most: int = 6) -> str:
+    names = list(names)
+    return str(names[:most])[:-1] + (f", ... ({len(names)} in all)]" if len(names) > most else "]")
+
+
+def _legacy_message(path: Path, why: str) -> str:
+    return (
+        f"{path}: a legacy {LegacyFieldMACE.legacy_path} checkpoint (the MACE-Field fork's older field model), "
+        f"but {why}. Convert it with the fork that wrote it to the current class "
+        "mace.modules.extensions.MACEField, then run `macefield-convert --trust-pickle IN OUT` "
+        "to get a native checkpoint for this server."
+    )
 
 
 def load_model(
@@ -193,7 +228,7 @@ def load_model(
         )
     else:
         model = _model_from_pickle(path)
-        model.metadata = {"source": str(path)}
+        model.metadata = dict(getattr(model, "metadata", None) or {}, source=str(path))
     target = _parse_dtype(dtype)
     if target is not None:
         model = model.to(target)

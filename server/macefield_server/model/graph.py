@@ -14,7 +14,7 @@ polarizability only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -84,12 +84,42 @@ class Structure:
 
 
 @dataclass
+class ClosestPair:
+    """The shortest edge of a graph: atoms ``i`` and ``j`` (``j`` moved by ``shift`` cell vectors), Angstrom apart."""
+
+    i: int
+    j: int
+    shift: Tuple[int, int, int]
+    distance: float
+
+    def describe(self, numbers: Optional[np.ndarray] = None) -> str:
+        """E.g. "atoms 3 (O) and 7 (Si) are 0.000 A apart" (a periodic image of j when shift != 0)."""
+        def name(k):
+            if numbers is None:
+                return f"{k}"
+            return f"{k} ({element_symbol(int(numbers[k]))})"
+
+        image = "" if not any(self.shift) else f" (its periodic image shifted by {list(self.shift)} cell vectors)"
+        if self.i == self.j:
+            return f"atom {name(self.i)} and its own periodic image {list(self.shift)} are {self.distance:.4g} A apart"
+        return f"atoms {name(self.i)} and {name(self.j)}{image} are {self.distance:.4g} A apart"
+
+
+def element_symbol(z: int) -> str:
+    """Chemical symbol of atomic number ``z`` ("Z=200" when there is none)."""
+    from ase.data import chemical_symbols
+
+    return chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"
+
+
+@dataclass
 class NeighbourGraph:
     """Directed radius graph: edge (sender, receiver) with receiver image shift."""
 
     edge_index: np.ndarray  # (2, E) int64
     unit_shifts: np.ndarray  # (E, 3) float64, integer multiples of cell vectors
     cell: np.ndarray  # (3, 3) cell used for shifts (padded for non-periodic directions)
+    closest: Optional[ClosestPair] = None  #: the shortest edge (None: no edges)
 
 
 def _padded_cell(structure: Structure, cutoff: float) -> np.ndarray:
@@ -126,14 +156,20 @@ def neighbour_list(structure: Structure, cutoff: float) -> NeighbourGraph:
     positions = structure.positions
     if not structure.periodic:
         positions = positions - positions.min(axis=0)
-    i, j, shifts = _matscipy_neighbour_list(
-        "ijS", positions=positions, cell=cell, pbc=structure.pbc, cutoff=float(cutoff)
+    i, j, shifts, d = _matscipy_neighbour_list(
+        "ijSd", positions=positions, cell=cell, pbc=structure.pbc, cutoff=float(cutoff)
     )
     keep = ~((i == j) & np.all(shifts == 0, axis=1))
+    i, j, shifts, d = i[keep], j[keep], shifts[keep], d[keep]
+    closest = None
+    if d.size:
+        k = int(np.argmin(d))
+        closest = ClosestPair(int(i[k]), int(j[k]), tuple(int(x) for x in shifts[k]), float(d[k]))
     return NeighbourGraph(
-        edge_index=np.stack([i[keep], j[keep]]).astype(np.int64),
-        unit_shifts=shifts[keep].astype(np.float64),
+        edge_index=np.stack([i, j]).astype(np.int64),
+        unit_shifts=shifts.astype(np.float64),
         cell=cell,
+        closest=closest,
     )
 
 

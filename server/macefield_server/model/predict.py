@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 from .graph import GraphBatch, Structure, collate, neighbour_list
-from .response import normalise_outputs, respond, response_tier, susceptibility
+from macefield_client.results import COMPANIONS
+
+from .response import engine_outputs, normalise_outputs, respond, response_tier, susceptibility
 
 
 def model_dtype(model) -> torch.dtype:
@@ -71,19 +73,55 @@ def prepare_batch(
 def evaluate(model, batch: GraphBatch, outputs: FrozenSet[str]) -> List[Dict[str, np.ndarray]]:
     """Run the response engine on a prepared batch and split per structure.
 
-    Keys (present when asked and defined): energy () eV, forces (N, 3) eV/A,
-    stress (3, 3) eV/A^3 [periodic], dipole (3,) e*A, polarization (3,) e/A^2
-    [periodic] with polarization_quantum (3, 3) e/A^2 (row k = e*a_k/Omega: P is
-    defined modulo integer combinations of these rows), born_charges (N, 3, 3) e,
-    polarizability (3, 3) e*A^2/V, chi (3, 3) and eps_inf (3, 3) [periodic],
-    volume () A^3 [periodic].
+    ``outputs``: requested names (see :func:`.response.normalise_outputs`).
+    Keys (present when asked, or a companion of what was asked, and defined):
+    energy () eV, forces (N, 3) eV/A, stress (3, 3) eV/A^3 [periodic], dipole
+    (3,) e*A, polarization (3,) e/A^2 [periodic] with polarization_quantum
+    (3, 3) e/A^2 (row k = e*a_k/Omega: P is defined modulo integer
+    combinations of these rows), born_charges (N, 3, 3) e, polarizability
+    (3, 3) e*A^2/V, chi (3, 3) and eps_inf (3, 3) [periodic, with
+    polarizability], volume () A^3 [periodic, always].
     """
-    raw = respond(model, batch.tensors, None, outputs)
-    return split_results(batch, raw, outputs)
+    raw = respond(model, batch.tensors, None, engine_outputs(outputs))
+    return [keep_requested(r, outputs) for r in split_results(batch, raw, engine_outputs(outputs))]
+
+
+class NonFiniteResult(ArithmeticError):
+    """The model produced a non-finite number (NaN or inf) for a structure; nothing of it is returned."""
+
+
+def non_finite(result: Dict[str, np.ndarray]) -> List[str]:
+    """Names of the outputs in ``result`` that hold a NaN or an infinity."""
+    return sorted(k for k, v in result.items() if not np.all(np.isfinite(v)))
+
+
+def check_finite(result: Dict[str, np.ndarray], graph=None, numbers=None) -> Dict[str, np.ndarray]:
+    """``result`` if every value is finite, else :class:`NonFiniteResult` naming the outputs (and the closest atoms)."""
+    bad = non_finite(result)
+    if not bad:
+        return result
+    hint = ""
+    if graph is not None and getattr(graph, "closest", None) is not None:
+        hint = f"; closest pair: {graph.closest.describe(numbers)}"
+    raise NonFiniteResult(f"the model produced non-finite {', '.join(bad)} for this structure{hint}")
+
+
+def returned_outputs(outputs: FrozenSet[str]) -> FrozenSet[str]:
+    """The keys a result for ``outputs`` carries when defined: those asked for, their companions, energy, volume."""
+    keep = {"energy", "volume"} | set(outputs)
+    for name in outputs:
+        keep.update(COMPANIONS.get(name, ()))
+    return frozenset(keep)
+
+
+def keep_requested(result: Dict[str, np.ndarray], outputs: FrozenSet[str]) -> Dict[str, np.ndarray]:
+    """Drop what a pass computed beyond ``outputs`` (e.g. for other requests of its batch)."""
+    keep = returned_outputs(frozenset(outputs))
+    return {k: v for k, v in result.items() if k in keep}
 
 
 def split_results(batch: GraphBatch, raw: Dict[str, torch.Tensor], outputs: FrozenSet[str]):
-    """Cut batched engine output into one numpy dict per structure."""
+    """Cut batched engine output into one numpy dict per structure (every key the engine outputs define)."""
     host = {k: v.detach().cpu().double().numpy() for k, v in raw.items() if isinstance(v, torch.Tensor)}
     chi = None
     if "polarizability" in outputs:  # tier 2 always reports volume (NaN when not periodic)
@@ -96,7 +134,7 @@ def split_results(batch: GraphBatch, raw: Dict[str, torch.Tensor], outputs: Froz
         r: Dict[str, np.ndarray] = {"energy": np.asarray(host["energy"][g])}
         if "forces" in outputs:
             r["forces"] = host["forces"][start:stop]
-        if "dipole" in outputs:
+        if "dipole" in host:
             r["dipole"] = host["dipole"][g]
         if "born_charges" in outputs:
             r["born_charges"] = host["born_charges"][start:stop]
@@ -105,11 +143,11 @@ def split_results(batch: GraphBatch, raw: Dict[str, torch.Tensor], outputs: Froz
         if periodic:
             volume = batch.volumes[g]
             r["volume"] = np.asarray(volume)
+            r["polarization_quantum"] = batch.cells[g] / volume
             if "stress" in outputs:
                 r["stress"] = host["stress"][g]
             if "polarization" in outputs:
                 r["polarization"] = host["polarization"][g]
-                r["polarization_quantum"] = batch.cells[g] / volume
             if chi is not None:
                 r["chi"] = chi[g]
                 r["eps_inf"] = np.eye(3) + chi[g]
@@ -135,15 +173,19 @@ def predict(
         atoms_list: one Atoms/Structure or a sequence of them.
         electric_fields: None (zero field), one (3,) field for all, or (n, 3), V/A.
         heads: None (default head), one head name for all, or one per structure.
-        outputs: subset of energy, forces, stress, dipole, polarization,
-            born_charges, polarizability (None: all).  chi and eps_inf come
-            with polarizability for periodic structures.
+        outputs: names from the output table (energy, forces, stress, dipole,
+            polarization, polarization_quantum, born_charges, polarizability,
+            chi, eps_inf, volume; None: all).  chi and eps_inf also come with
+            polarizability, polarization_quantum with polarization, for
+            periodic structures.
         batch_size: at most this many structures per engine pass (None: no count limit).
         max_edges: at most this many graph edges per engine pass (a larger
             structure gets a pass of its own); "auto": :data:`CPU_EDGES_PER_PASS`
             on CPU, unlimited on GPU; None: unlimited.
 
     Returns one dict per structure; see :func:`evaluate` for keys and units.
+    Raises :class:`NonFiniteResult` naming the structure (and its closest atoms)
+    if the model produces a NaN or infinity, e.g. for overlapping atoms.
     """
     if isinstance(atoms_list, Structure) or hasattr(atoms_list, "get_positions"):
         atoms_list = [atoms_list]
@@ -174,7 +216,11 @@ def predict(
     results: List[Dict[str, np.ndarray]] = []
     for chunk in _passes(graphs, batch_size, max_edges):
         batch = prepare_batch(model, [structures[i] for i in chunk], graphs=[graphs[i] for i in chunk])
-        results.extend(evaluate(model, batch, wanted))
+        for i, r in zip(chunk, evaluate(model, batch, wanted)):
+            try:
+                results.append(check_finite(r, graphs[i], structures[i].numbers))
+            except NonFiniteResult as exc:
+                raise NonFiniteResult(f"structure {i}: {exc}") from None
     return results
 
 

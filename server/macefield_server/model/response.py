@@ -26,14 +26,21 @@ from typing import Dict, FrozenSet, Iterable, Optional
 
 import torch
 
+from macefield_client.results import OUTPUTS as API_OUTPUTS
+
 from .units import EPS0
 
-#: every output the engine can produce
+#: the outputs the engine computes; the others a request may name (the wire API's table,
+#: :data:`macefield_client.results.OUTPUTS`) are derived from these and the cell
 OUTPUTS: FrozenSet[str] = frozenset(
     {"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"}
 )
 #: the default request: everything
 ALL_OUTPUTS = OUTPUTS
+#: every name a request may use (engine outputs and derived ones)
+REQUESTABLE: FrozenSet[str] = frozenset(API_OUTPUTS)
+#: derived output -> the engine output it needs (None: only the cell)
+DERIVED_FROM = {"chi": "polarizability", "eps_inf": "polarizability", "polarization_quantum": None, "volume": None}
 
 
 #: second-derivative strategy by device (is CUDA?).  On CPU three batch-wide
@@ -46,18 +53,32 @@ SECOND_ORDER_DEFAULT = {False: "loop", True: "loop"}
 
 
 def normalise_outputs(outputs: Optional[Iterable[str]]) -> FrozenSet[str]:
-    """Validate output names; None means all.  Raises ValueError naming the bad one."""
-    if outputs is None:
-        return ALL_OUTPUTS
-    wanted = frozenset(outputs)
-    unknown = sorted(wanted - OUTPUTS)
+    """Validate requested output names (any of :data:`REQUESTABLE`, or one name); None or "all" means every one.
+
+    Returns the requested names plus "energy".  Raises ValueError naming the unknown ones.
+    """
+    if outputs is None or outputs == "all":
+        return REQUESTABLE
+    wanted = frozenset([outputs] if isinstance(outputs, str) else outputs)
+    unknown = sorted(wanted - REQUESTABLE)
     if unknown:
-        raise ValueError(f"outputs: unknown output(s) {unknown}; known: {sorted(OUTPUTS)}")
+        shown = [name if len(name) <= 64 else name[:61] + "..." for name in unknown[:8]]
+        raise ValueError(f"outputs: unknown output(s) {shown}; known: {sorted(REQUESTABLE)}")
     return wanted | {"energy"}
 
 
+def engine_outputs(requested: FrozenSet[str]) -> FrozenSet[str]:
+    """What the engine must compute for ``requested`` names (derived names replaced by their source)."""
+    needed = set(requested & OUTPUTS)
+    for name in requested & DERIVED_FROM.keys():
+        if DERIVED_FROM[name] is not None:
+            needed.add(DERIVED_FROM[name])
+    return frozenset(needed | {"energy"})
+
+
 def response_tier(outputs: FrozenSet[str]) -> int:
-    """Derivative order a request needs: 0 energy, 1 first derivatives, 2 Z*/alpha."""
+    """Derivative order a request needs: 0 energy, 1 first derivatives, 2 Z*/alpha (and chi, eps_inf)."""
+    outputs = engine_outputs(frozenset(outputs))
     if outputs & {"born_charges", "polarizability"}:
         return 2
     if outputs & {"forces", "stress", "dipole", "polarization"}:
@@ -80,7 +101,7 @@ def respond(
         model: a FieldMACE.
         graph: tensors from :func:`.graph.collate` (or a mace-style batch dict).
         electric_field: (G, 3) or (3,) in V/A; None uses ``graph["electric_field"]`` or zero.
-        outputs: names from :data:`OUTPUTS`.
+        outputs: names from :data:`OUTPUTS` (derived names such as "chi" are mapped to their source).
         keep_graph: keep the autograd graph of every output (for training losses).
         second_order: how the Z*/alpha pass runs over the three dipole components:
             "vmap" (one ``is_grads_batched`` pass) or "loop" (three batch-wide
@@ -115,6 +136,7 @@ def respond(
         second_order = SECOND_ORDER_DEFAULT[device.type == "cuda"]
     if second_order not in ("vmap", "loop"):
         raise ValueError(f"second_order: expected 'vmap' or 'loop', got {second_order!r}")
+    outputs = engine_outputs(frozenset(outputs))
     tier = response_tier(outputs)
     want_forces = "forces" in outputs
     want_stress = "stress" in outputs

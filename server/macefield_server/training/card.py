@@ -168,6 +168,10 @@ def card_markdown(card: Dict) -> str:
     lines = [f"# {card.get('name', 'MACE-Field model')}", ""]
     if card.get("description"):
         lines += [card["description"], ""]
+    if card.get("valid_for"):
+        lines += ["## Valid for", "", card["valid_for"], ""]
+    if card.get("short_range"):
+        lines += ["## At very short distances", "", card["short_range"], ""]
     lines += ["## Validation errors", "", "Temporally contiguous hold-out: the last 20% of each file (never trained on).", ""]
     rows = [
         ("frames", "frames", 0),

@@ -15,6 +15,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from macefield_client.labels import as_array as _as_array
+from macefield_client.labels import convert
+from macefield_client.labels import lookup as _lookup
+
 from ..model.graph import NeighbourGraph, Structure, collate, neighbour_list
 from .config import DatasetConfig, KeySpec, TrainConfig
 
@@ -35,75 +39,9 @@ class Sample:
         return self.structure.n_atoms
 
 
-def _lookup(atoms, key: str):
-    if key in atoms.info:
-        return atoms.info[key]
-    if key in atoms.arrays:
-        return atoms.arrays[key]
-    calc = getattr(atoms, "calc", None)
-    results = getattr(calc, "results", None) or {}
-    if key in results:
-        return results[key]
-    raise KeyError(key)
-
-
-def _as_array(value) -> np.ndarray:
-    if isinstance(value, str):
-        value = [float(x) for x in value.replace(",", " ").split()]
-    return np.asarray(value, dtype=np.float64)
-
-
-def _full_stress(values: np.ndarray) -> np.ndarray:
-    values = values.reshape(-1)
-    if values.size == 9:
-        return values.reshape(3, 3)
-    if values.size == 6:  # Voigt xx yy zz yz xz xy
-        xx, yy, zz, yz, xz, xy = values
-        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
-    raise ValueError(f"stress: expected 6 or 9 values, got {values.size}")
-
-
-_KINDS = {
-    "energy": (None, "total"),
-    "forces": (None,),
-    "stress": (None, "ase", "pressure_positive"),
-    "polarization": (None, "dipole", "P"),
-    "born_charges": (None,),
-    "polarizability": (None, "extensive", "per_volume"),
-}
-
-
 def convert_label(quantity: str, spec: KeySpec, raw, atoms) -> np.ndarray:
-    """One label from its file convention to internal units (see module docstring)."""
-    if spec.kind not in _KINDS[quantity]:
-        raise ValueError(f"keys.{quantity}.kind: expected one of {[k for k in _KINDS[quantity] if k]}, got {spec.kind!r}")
-    value = _as_array(raw) * float(spec.scale)
-    n = len(atoms)
-    volume = abs(float(np.linalg.det(np.asarray(atoms.get_cell())))) if atoms.pbc.all() else None
-    if quantity == "energy":
-        return value.reshape(())
-    if quantity == "forces":
-        return value.reshape(n, 3)
-    if quantity == "stress":
-        s = _full_stress(value)
-        return -s if spec.kind == "pressure_positive" else s
-    if quantity == "polarization":
-        v = value.reshape(3)
-        if spec.kind == "P":
-            if volume is None:
-                raise ValueError("polarization kind 'P' needs a periodic cell")
-            v = v * volume
-        return v
-    if quantity == "born_charges":
-        return value.reshape(n, 3, 3)
-    if quantity == "polarizability":
-        a = value.reshape(3, 3)
-        if spec.kind == "per_volume":
-            if volume is None:
-                raise ValueError("polarizability kind 'per_volume' needs a periodic cell")
-            a = a * volume
-        return a
-    raise KeyError(quantity)
+    """One label from its file convention (``spec.kind``, ``spec.scale``) to internal units (see labels.KINDS)."""
+    return convert(quantity, raw, atoms, spec.kind, spec.scale)
 
 
 def split_indices(n: int, span, max_frames: Optional[int] = None) -> List[int]:

@@ -1,0 +1,89 @@
+"""``macefield eval`` (issue 17): errors against the file's reference labels, with the model card's numbers.
+
+Run torch-free against the embedded default model served on loopback, on the held-out validation frames of
+both DFT data sets: the reported errors equal the card's (which the trainer computed in-process), the
+conventions it chose are the ones the data README documents, and the output file keeps every input key.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import ase.io
+import numpy as np
+import pytest
+from serving import run_torch_free, torch_free_env
+
+from macefield_server.background import BackgroundServer
+from macefield_server.config import ServerConfig
+from macefield_server.registry import load_default_model
+
+pytestmark = pytest.mark.usefixtures("shared_data")
+
+#: card metrics compared (all of them the card lists per data set)
+METRICS = ("energy_mae_meV_per_atom", "forces_mae_meV_per_A", "forces_rmse_meV_per_A", "stress_mae_meV_per_A3",
+           "born_charges_mae_e", "born_charges_rmse_e", "polarizability_rel_error", "eps_inf_rel_error_max",
+           "polarization_folded_mae_e_per_A2")
+
+
+@pytest.fixture(scope="module")
+def served():
+    served = load_default_model()
+    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1)
+    with BackgroundServer(config, [served]) as srv:
+        yield f"127.0.0.1:{srv.port}", json.loads(served.card_json)
+
+
+@pytest.mark.parametrize("dataset, file, head, first, expect", [
+    ("sio2-quartz", "sio2-quartz-md.xyz", "sio2", 129,
+     {"energy": ("total_energy", "total"), "polarization": ("polarization", "dipole"),
+      "born_charges": ("born_charge", None), "polarizability": ("polarizability", "extensive")}),
+    ("batio3", "batio3-md.xyz", "batio3", 38,
+     {"energy": ("REF_energy", "total"), "polarization": ("REF_polarisation", "P"),
+      "born_charges": ("REF_becs", None), "polarizability": ("REF_polarisability", "per_volume")}),
+])
+def test_eval_reproduces_the_card(served, shared_data, tmp_path, dataset, file, head, first, expect):
+    target, card = served
+    frames = ase.io.read(shared_data / file, index=f"{first}:")
+    src, out = tmp_path / "valid.xyz", tmp_path / "out.xyz"
+    ase.io.write(src, frames, format="extxyz")
+    # BaTiO3's REF_electric_field (0.3 V/A) is a placeholder: the data were computed at zero field
+    args = [sys.executable, "-m", "macefield_client.cli", "eval", str(src), "--server", target, "--head", head,
+            "--json", "-o", str(out), "--field", "0", "0", "0"]
+    report = json.loads(run_torch_free(args, torch_free_env(tmp_path), timeout=600).stdout)
+    assert report["frames"] == len(frames) and report["head"] == head and report["model"] == "macefield-default"
+    for quantity, (key, kind) in expect.items():
+        assert (report["references"][quantity]["key"], report["references"][quantity]["kind"]) == (key, kind)
+    errors, reference = report["errors"], card["validation"][dataset]
+    for metric in METRICS:
+        assert errors[metric] == pytest.approx(reference[metric], rel=2e-3, abs=1e-6), metric
+    np.testing.assert_allclose(errors["eps_inf_pred_diag"], reference["eps_inf_pred_diag"], rtol=1e-4)
+    np.testing.assert_allclose(errors["eps_inf_dft_diag"], reference["eps_inf_dft_diag"], rtol=1e-7)  # card: float32 volume
+    written = ase.io.read(out, index=":")
+    assert len(written) == len(frames)
+    for key in list(frames[0].info) + list(frames[0].arrays):  # every input key kept
+        assert key in written[0].info or key in written[0].arrays, key
+    assert "MACE_becs" in written[0].arrays and "MACE_eps_inf" in written[0].info
+
+
+def test_eval_text_table_and_conventions(served, shared_data, tmp_path):
+    target, _ = served
+    src = tmp_path / "two.xyz"
+    ase.io.write(src, ase.io.read(shared_data / "batio3-md.xyz", index="40:42"), format="extxyz")
+    env = torch_free_env(tmp_path)
+    base = [sys.executable, "-m", "macefield_client.cli", "eval", str(src), "--server", target, "--head", "batio3"]
+    text = run_torch_free(base, env).stdout
+    assert "electric field: info REF_electric_field = [0.3, 0.3, 0.3] V/A in 2 frame(s)" in text  # shown, not hidden
+    assert "reference polarizability: 'REF_polarisability' as per_volume" in text
+    assert "forces MAE" in text and "Z* MAE" in text and "eps_inf diag (model | reference)" in text
+    # a convention given on the command line is used as given: the wrong one makes the alpha error ~100%
+    wrong = json.loads(run_torch_free(base + ["--json", "--field", "0", "0", "0", "--polarizability-unit", "extensive",
+                                              "--energy-key", "none"], env).stdout)
+    assert wrong["references"]["polarizability"]["kind"] == "extensive" and "energy" not in wrong["references"]
+    assert wrong["errors"]["polarizability_rel_error"] > 100.0
+    # an unknown key is a one-line input error
+    import subprocess
+
+    bad = subprocess.run(base + ["--forces-key", "nope"], env=env[0], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"macefield: --forces-key 'nope': no frame of {src} has it"

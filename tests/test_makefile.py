@@ -1,0 +1,34 @@
+"""The quickstart's ``make`` targets install once and then only start or test (issue 17: ``make serve`` reinstalled
+three packages on every run)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from conftest import REPO
+
+
+def dry_run(workdir, target, **variables):
+    args = ["make", "-n", target, f"PYTHON={sys.executable}"] + [f"{k}={v}" for k, v in variables.items()]
+    return subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def test_make_installs_once_per_interpreter_and_again_after_a_pyproject_change(tmp_path):
+    for name in ("Makefile", "client/pyproject.toml", "server/pyproject.toml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / name)
+    assert "pip install" in dry_run(tmp_path, "serve")  # a fresh clone installs first
+    # install with a pip that does nothing: the stamp records it
+    subprocess.run(["make", "install", f"PYTHON={sys.executable}", "PIP=true"], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=60)
+    again = dry_run(tmp_path, "serve")
+    assert "pip" not in again and "macefield_server.serve_cli" in again  # the second run only starts the server
+    assert "pip install" in dry_run(tmp_path, "test")  # the test extras are another install
+    time.sleep(0.01)
+    later = time.time() + 2
+    os.utime(tmp_path / "server" / "pyproject.toml", (later, later))
+    assert "pip install" in dry_run(tmp_path, "serve")  # a changed pyproject.toml installs again
