@@ -72,34 +72,45 @@ class FieldMACE(ScaleShiftMACE):
             graph: batched graph (see :mod:`.graph`): ``node_attrs``,
                 ``edge_index`` (sender, receiver), ``unit_shifts``, ``shifts``,
                 ``cell`` (G*3, 3), ``batch``, ``ptr``, ``head``.
-            positions: (N, 3) Angstrom; pass a leaf that requires grad to get forces.
-            electric_field: (G, 3) V/Angstrom, one field per structure.
+            positions: (N, 3) Angstrom; pass a leaf that requires grad to get forces
+                (float64 keeps forces and Born charges summed in float64).
+            electric_field: (G, 3) V/Angstrom, one field per structure (float64
+                likewise for the dipole and polarizability).
             strain: optional (G, 3, 3) strain leaf (symmetrised here) for stress.
 
+        Edge vectors are built in float64 and cast to the model's dtype; the
+        per-atom energies are summed in float64.
+
         Returns:
-            (F_total, F_interaction), both (G,) in eV; F_total includes the
-            atomic reference energies, which depend on neither R nor E.
+            (F_total, F_interaction), both (G,) float64 in eV; F_total includes
+            the atomic reference energies, which depend on neither R nor E.
         """
         batch = graph["batch"]
         num_graphs = graph["ptr"].numel() - 1
         sender, receiver = graph["edge_index"][0], graph["edge_index"][1]
         node_attrs = graph["node_attrs"]
+        dtype = node_attrs.dtype
         node_heads = graph["head"][batch]
         atom_index = torch.arange(positions.shape[0], device=positions.device)
 
+        # Geometry in float64: edge vectors are differences of (canonical) positions plus lattice shifts, and in
+        # float32 those differences would lose the digits of large coordinates.  Only the vectors are cast.
+        wide = torch.float64
+        positions = positions.to(wide)
         if strain is not None:
-            eps = 0.5 * (strain + strain.transpose(-1, -2))
+            eps = 0.5 * (strain + strain.transpose(-1, -2)).to(wide)
             positions = positions + torch.einsum("ni,nij->nj", positions, eps[batch])
-            cell = graph["cell"].view(-1, 3, 3)
+            cell = graph["cell"].to(wide).view(-1, 3, 3)
             cell = cell + cell @ eps
-            shifts = torch.einsum("ei,eij->ej", graph["unit_shifts"], cell[batch[sender]])
+            shifts = torch.einsum("ei,eij->ej", graph["unit_shifts"].to(wide), cell[batch[sender]])
         else:
-            shifts = graph["shifts"]
-        vectors = positions[receiver] - positions[sender] + shifts
-        lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
+            shifts = graph["shifts"].to(wide)
+        vectors_wide = positions[receiver] - positions[sender] + shifts
+        lengths = torch.linalg.norm(vectors_wide, dim=-1, keepdim=True).to(dtype)
+        vectors = vectors_wide.to(dtype)
 
         node_e0 = self.atomic_energies_fn(node_attrs)[atom_index, node_heads]
-        e0 = scatter_sum(node_e0, batch, dim=0, dim_size=num_graphs).to(vectors.dtype)
+        e0 = scatter_sum(node_e0.to(wide), batch, dim=0, dim_size=num_graphs)
 
         node_feats = self.node_embedding(node_attrs)
         edge_attrs = self.spherical_harmonics(vectors)
@@ -113,7 +124,7 @@ class FieldMACE(ScaleShiftMACE):
         else:
             node_energies = [torch.zeros_like(node_e0)]
 
-        atom_field = electric_field[batch]
+        atom_field = electric_field[batch].to(dtype)  # a float64 field leaf sums the dipole in float64
         n_coupled = len(self.field_feats)
         layer_feats = []
         for i, (interaction, product) in enumerate(zip(self.interactions, self.products)):
@@ -139,7 +150,8 @@ class FieldMACE(ScaleShiftMACE):
             node_energies.append(readout(feats, node_heads)[atom_index, node_heads])
 
         node_inter = self.scale_shift(torch.stack(node_energies, dim=0).sum(dim=0), node_heads)
-        inter = scatter_sum(node_inter, batch, dim=-1, dim_size=num_graphs)
+        # per-atom energies summed in float64: a large cell's energy per atom equals its unit cell's
+        inter = scatter_sum(node_inter.to(wide), batch, dim=-1, dim_size=num_graphs)
         return e0 + inter, inter
 
     # -------------------------------------------------- mace-style entry point

@@ -114,12 +114,17 @@ def element_symbol(z: int) -> str:
 
 @dataclass
 class NeighbourGraph:
-    """Directed radius graph: edge (sender, receiver) with receiver image shift."""
+    """Directed radius graph: edge (sender, receiver) with receiver image shift.
+
+    ``positions`` are the structure's positions as the model sees them
+    (:func:`canonical_positions`, float64); the shifts refer to them.
+    """
 
     edge_index: np.ndarray  # (2, E) int64
     unit_shifts: np.ndarray  # (E, 3) float64, integer multiples of cell vectors
     cell: np.ndarray  # (3, 3) cell used for shifts (padded for non-periodic directions)
     closest: Optional[ClosestPair] = None  #: the shortest edge (None: no edges)
+    positions: Optional[np.ndarray] = None  #: (N, 3) float64 canonical positions (None: the structure's own)
 
 
 def _padded_cell(structure: Structure, cutoff: float) -> np.ndarray:
@@ -147,15 +152,38 @@ def _padded_cell(structure: Structure, cutoff: float) -> np.ndarray:
     return cell
 
 
+def canonical_positions(structure: Structure, cell: Optional[np.ndarray] = None) -> np.ndarray:
+    """The positions the model sees: near the origin, every interatomic vector kept (modulo the lattice).
+
+    In float64: periodic directions wrapped into the cell (fractional
+    coordinates in [0, 1)), non-periodic ones translated so that the atoms
+    start at 0.  A structure far from the origin (|x| ~ 1e6 A) then gives the
+    same numbers as at the origin: nothing of the translation reaches the
+    model's (float32) arithmetic.  ``cell``: the padded cell (default: built here).
+    """
+    positions = structure.positions
+    if structure.n_atoms == 0:
+        return positions.copy()
+    if not structure.pbc.any():
+        return positions - positions.min(axis=0)
+    cell = _padded_cell(structure, 1.0) if cell is None else cell
+    frac = np.linalg.solve(cell.T, positions.T).T
+    periodic = structure.pbc
+    frac[:, periodic] -= np.floor(frac[:, periodic])
+    frac[:, ~periodic] -= frac[:, ~periodic].min(axis=0)
+    return frac @ cell
+
+
 def neighbour_list(structure: Structure, cutoff: float) -> NeighbourGraph:
-    """All ordered pairs closer than ``cutoff`` (Angstrom), excluding self-pairs at zero shift."""
+    """All ordered pairs closer than ``cutoff`` (Angstrom), excluding self-pairs at zero shift.
+
+    Built on :func:`canonical_positions` (returned with the graph), so that the
+    shifts and the positions the model sees belong together.
+    """
     cell = _padded_cell(structure, cutoff)
     if structure.n_atoms == 0:
-        return NeighbourGraph(np.zeros((2, 0), np.int64), np.zeros((0, 3)), cell)
-    # a pure translation keeps every pair vector; it puts finite systems inside the box
-    positions = structure.positions
-    if not structure.periodic:
-        positions = positions - positions.min(axis=0)
+        return NeighbourGraph(np.zeros((2, 0), np.int64), np.zeros((0, 3)), cell, positions=np.zeros((0, 3)))
+    positions = canonical_positions(structure, cell)
     i, j, shifts, d = _matscipy_neighbour_list(
         "ijSd", positions=positions, cell=cell, pbc=structure.pbc, cutoff=float(cutoff)
     )
@@ -170,6 +198,7 @@ def neighbour_list(structure: Structure, cutoff: float) -> NeighbourGraph:
         unit_shifts=shifts.astype(np.float64),
         cell=cell,
         closest=closest,
+        positions=positions,
     )
 
 
@@ -286,10 +315,11 @@ def estimate_edges(structure: Structure, cutoff: float, limit: int = 100_000) ->
 class GraphBatch:
     """Tensors for one model pass plus the bookkeeping to split results.
 
-    ``tensors`` keys: node_attrs (N, n_elements) one-hot, positions (N, 3),
-    edge_index (2, E), unit_shifts (E, 3), shifts (E, 3) Angstrom, cell (G*3, 3),
-    batch (N,), ptr (G+1,), head (G,), electric_field (G, 3), volume (G,)
-    Angstrom^3 (0 where not periodic), periodic (G,) bool.
+    ``tensors`` keys: node_attrs (N, n_elements) one-hot (model dtype);
+    float64: positions (N, 3) (canonical: see :func:`canonical_positions`),
+    unit_shifts (E, 3), shifts (E, 3) Angstrom, cell (G*3, 3), electric_field
+    (G, 3) V/A, volume (G,) Angstrom^3 (0 where not periodic); edge_index (2,
+    E), batch (N,), ptr (G+1,), head (G,), periodic (G,) bool.
     """
 
     tensors: Dict[str, torch.Tensor]
@@ -333,7 +363,7 @@ def collate(
             missing = sorted(set(int(z) for z in s.numbers[idx < 0]))
             raise ValueError(f"atomic_numbers: element(s) {missing} not in the model (has {list(atomic_numbers)})")
         species.append(idx)
-        positions.append(s.positions)
+        positions.append(ng.positions if ng.positions is not None else canonical_positions(s, ng.cell))
         edges.append(ng.edge_index + offset)
         unit_shifts.append(ng.unit_shifts)
         shifts.append(ng.unit_shifts @ ng.cell)
@@ -349,19 +379,21 @@ def collate(
     def t(a, dt=dtype):
         return torch.as_tensor(np.asarray(a), dtype=dt).to(device)
 
+    # geometry stays float64: edge vectors are built in float64 (FieldMACE.enthalpy) and only then cast
+    geometry = torch.float64
     tensors = {
         "node_attrs": t(node_attrs),
-        "positions": t(np.concatenate(positions)),
+        "positions": t(np.concatenate(positions), geometry),
         "edge_index": t(np.concatenate(edges, axis=1), torch.int64),
-        "unit_shifts": t(np.concatenate(unit_shifts)),
-        "shifts": t(np.concatenate(shifts)),
-        "cell": t(np.concatenate(cells)),
+        "unit_shifts": t(np.concatenate(unit_shifts), geometry),
+        "shifts": t(np.concatenate(shifts), geometry),
+        "cell": t(np.concatenate(cells), geometry),
         "batch": t(np.concatenate(batch), torch.int64),
         "ptr": t(ptr, torch.int64),
         "head": t(np.asarray(head_index, dtype=np.int64), torch.int64),
-        "electric_field": t(np.stack([s.electric_field for s in structures])),
+        "electric_field": t(np.stack([s.electric_field for s in structures]), geometry),
         # Omega for fully periodic structures, 0 otherwise (never divided by: see response)
-        "volume": t([s.volume or 0.0 for s in structures]),
+        "volume": t([s.volume or 0.0 for s in structures], geometry),
         "periodic": t([s.periodic for s in structures], torch.bool),
     }
     return GraphBatch(

@@ -126,7 +126,8 @@ def respond(
         electric_field = graph.get("electric_field")
     if electric_field is None:
         electric_field = torch.zeros(num_graphs, 3, dtype=dtype, device=device)
-    field = electric_field.to(device=device, dtype=dtype).reshape(-1, 3)
+    wide = torch.float64  # geometry, field and strain leaves: derivatives are summed in float64
+    field = electric_field.to(device=device, dtype=wide).reshape(-1, 3)
     if field.shape[0] == 1 and num_graphs > 1:
         field = field.expand(num_graphs, 3)
     if field.shape[0] != num_graphs:
@@ -144,9 +145,9 @@ def respond(
     want_becs = "born_charges" in outputs
     want_alpha = "polarizability" in outputs
 
-    positions = graph["positions"].detach().clone().to(dtype)
+    positions = graph["positions"].detach().clone().to(wide)
     field = field.detach().clone()
-    strain = torch.zeros(num_graphs, 3, 3, dtype=dtype, device=device) if want_stress else None
+    strain = torch.zeros(num_graphs, 3, 3, dtype=wide, device=device) if want_stress else None
 
     positions.requires_grad_(want_forces or want_becs)
     field.requires_grad_(want_dipole)
@@ -197,7 +198,7 @@ def respond(
 
         if second:
             second_inputs = ([positions] if want_becs else []) + ([field] if want_alpha else [])
-            eye = torch.eye(3, dtype=dtype, device=device)
+            eye = torch.eye(3, dtype=dipole.dtype, device=device)
             seeds = eye.view(3, 1, 3).expand(3, num_graphs, 3)
             if not dipole.requires_grad:  # dipole independent of everything (no field layers)
                 d2 = [None] * len(second_inputs)
@@ -228,7 +229,7 @@ def respond(
                     for n in range(len(second_inputs))
                 ]
             d2 = [
-                torch.zeros((3,) + x.shape, dtype=dtype, device=device) if g is None else g
+                torch.zeros((3,) + x.shape, dtype=x.dtype, device=device) if g is None else g
                 for g, x in zip(d2, second_inputs)
             ]
             # d2[.][i, ...] holds the derivative of dipole component i

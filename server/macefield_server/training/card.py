@@ -68,19 +68,25 @@ def time_full_response(model, sample, repeats: int = 3) -> float:
     return best
 
 
-def build_card(model, trainer, *, fit_summary: Dict, command: str) -> Dict:
-    cfg = trainer.cfg
-    arch = describe_architecture(model)
+def validate(model, cfg, valid: Dict[str, List]) -> tuple:
+    """(validation summary per data set, the card's per-frame rows) of ``model`` on the validation samples."""
     validation = {}
     frames: List[Dict] = []
     for ds in cfg.datasets:
-        samples = trainer.valid.get(ds.name) or []
+        samples = valid.get(ds.name) or []
         rows = frame_errors(model, samples)
         summary = summarise(rows)
         summary["head"] = ds.head
         summary["frames_in_file"] = [s.index for s in samples[:1]] + [s.index for s in samples[-1:]]
         validation[ds.name] = summary
         frames += [compact_frame(r) for r in rows[: cfg.export.card_frames]]
+    return validation, frames
+
+
+def build_card(model, trainer, *, fit_summary: Dict, command: str) -> Dict:
+    cfg = trainer.cfg
+    arch = describe_architecture(model)
+    validation, frames = validate(model, cfg, trainer.valid)
     n_params = sum(p.numel() for p in model.parameters())
     card = dict(cfg.export.card_info)
     goals = card.pop("goals", None)
@@ -292,3 +298,40 @@ def export(model, trainer, path, *, fit_summary: Dict, command: str, write_card:
         Path(f"{stem}.card.json").write_text(json.dumps(card, indent=1) + "\n")
         Path(f"{stem}.card.md").write_text(card_markdown(card))
     return card
+
+
+def refresh_card(path, cfg) -> Dict:
+    """Recompute the validation numbers of an exported model's card with the current engine; weights unchanged.
+
+    For when the engine's arithmetic changes (e.g. float64 sums of per-atom
+    energies): the card's validation block, per-frame rows and goals are
+    recomputed on the config's validation frames, its free text (card_info) is
+    taken from the config, and the checkpoint and its ``.card.json``/``.card.md``
+    are rewritten.  Training facts (epochs, times, command) are kept.
+    """
+    from ..model.checkpoint import load_model
+    from .data import build_graphs, load_all
+
+    path = Path(path)
+    model = load_model(path)
+    card = dict(model.metadata.get("card") or {})
+    if not card:
+        raise ValueError(f"{path}: no model card in the checkpoint's metadata")
+    data = load_all(cfg)
+    valid = {name: d["valid"] for name, d in data.items()}
+    for samples in valid.values():
+        build_graphs(samples, float(model.r_max))
+    validation, frames = validate(model, cfg, valid)
+    info = dict(cfg.export.card_info)
+    goals = info.pop("goals", None)
+    card.update(info)
+    card.update({"validation": validation, "validation_frames": frames, "goals": check_goals(goals, validation)})
+    ordered = {k: card[k] for k in card if k != "validation_frames"}
+    ordered["validation_frames"] = frames  # last, as export writes it
+    metadata = dict(model.metadata, card=ordered)
+    model.metadata = metadata
+    save_model(model, path)
+    stem = path.with_suffix("")
+    Path(f"{stem}.card.json").write_text(json.dumps(ordered, indent=1) + "\n")
+    Path(f"{stem}.card.md").write_text(card_markdown(ordered))
+    return ordered

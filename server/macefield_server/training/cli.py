@@ -26,6 +26,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, help="override optim.max_minutes")
     p.add_argument("--restart", action="store_true", help="ignore an existing state.pt and start from scratch")
     p.add_argument("--export-only", action="store_true", help="do not train; export best.pt of the run with its card")
+    p.add_argument("--refresh-card", metavar="MODEL.pt",
+                   help="do not train: recompute the validation numbers of MODEL.pt's card (and its .card.json/.md) "
+                        "with the current engine and the config's card text; weights unchanged")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -55,8 +58,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         torch.set_num_threads(int(cfg.run.threads))
     from ..model.checkpoint import load_model
-    from .card import export
+    from .card import export, refresh_card
     from .trainer import Trainer, log
+
+    if args.refresh_card:
+        card = refresh_card(args.refresh_card, cfg)
+        log(f"refreshed the card of {args.refresh_card}")
+        for name, d in card["validation"].items():
+            log(f"  {name}: " + json.dumps({k: v for k, v in d.items() if not isinstance(v, list)}))
+        return 0
 
     trainer = Trainer(cfg, resume=not args.restart)
     # the command that started the run (kept across resumes) is the one the card reports

@@ -24,6 +24,7 @@ def fold_dipole(diff: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
     Returns ``diff - n @ cell`` with integer ``n`` chosen so that the
     fractional coordinates ``diff @ inv(cell)`` of the result lie in [-1/2, 1/2).
     """
+    cell = cell.to(diff.dtype)
     frac = torch.linalg.solve(cell.transpose(-1, -2), diff.unsqueeze(-1)).squeeze(-1)  # diff = frac @ cell
     shift = torch.floor(frac.detach() + 0.5)
     return torch.einsum("gk,gkj->gj", frac - shift, cell)
