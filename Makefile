@@ -5,8 +5,11 @@
 # changes need no reinstall; an install is redone only when a pyproject.toml changes or for another PYTHON.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-# one stamp per interpreter prefix (a new virtual environment installs afresh)
-STAMP := .make/$(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])")
+# one stamp per interpreter: its prefix and, for a virtual environment, when it was created (a venv made again
+# at the same path installs afresh)
+STAMP := .make/$(shell $(PYTHON) -c "import hashlib, os, sys; cfg = os.path.join(sys.prefix, 'pyvenv.cfg'); \
+	made = os.stat(cfg).st_mtime_ns if os.path.exists(cfg) else 0; \
+	print(hashlib.sha1(f'{sys.prefix} {made}'.encode()).hexdigest()[:12])")
 
 .PHONY: serve test install install-test
 

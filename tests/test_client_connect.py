@@ -30,14 +30,24 @@ def free_port() -> int:
     ("[::1]:7000", "[::1]:7000"),
     ("node12:7000", "node12:7000"),
     ("grpc://node12", "node12:50051"),
-    ("dns:///macefield.svc:50051", "dns:///macefield.svc:50051"),
-    ("ipv4:10.0.0.1:50051,10.0.0.2:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051"),
+    ("dns:///macefield.svc:7000", "dns:///macefield.svc:7000"),
+    ("dns:///macefield.svc", "dns:///macefield.svc:50051"),
+    ("ipv4:10.0.0.1:7000,10.0.0.2", "ipv4:10.0.0.1:7000,10.0.0.2:50051"),
     ("unix:/tmp/macefield.sock", "unix:/tmp/macefield.sock"),
 ])
 def test_target_without_port_gets_the_server_default(given, expected):
     assert resolve_target(given) == expected
     with Client(given) as client:
         assert client.target == expected
+
+
+@pytest.mark.parametrize("target", ["grpcs://node12:50051", "https://node12", "node12:"])
+def test_targets_that_cannot_mean_what_they_say_are_refused(target):
+    with pytest.raises(ValueError, match="target: "):
+        resolve_target(target)
+    proc = subprocess.run([sys.executable, "-m", "macefield_client.cli", "info", "--server", target],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("macefield: target: ") and "Traceback" not in proc.stderr
 
 
 def test_wait_ready_and_info_wait_for_a_server_that_starts_later(tmp_path):

@@ -8,6 +8,7 @@ conventions it chose are the ones the data README documents, and the output file
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import ase.io
@@ -35,22 +36,23 @@ def served():
         yield f"127.0.0.1:{srv.port}", json.loads(served.card_json)
 
 
-@pytest.mark.parametrize("dataset, file, head, first, expect", [
-    ("sio2-quartz", "sio2-quartz-md.xyz", "sio2", 129,
+@pytest.mark.parametrize("dataset, file, head, first, options, expect", [
+    # 'polarizability' holds extensive alpha here, but its values would pass as chi or eps_inf too: say it
+    ("sio2-quartz", "sio2-quartz-md.xyz", "sio2", 129, ["--polarizability-unit", "extensive"],
      {"energy": ("total_energy", "total"), "polarization": ("polarization", "dipole"),
       "born_charges": ("born_charge", None), "polarizability": ("polarizability", "extensive")}),
-    ("batio3", "batio3-md.xyz", "batio3", 38,
+    ("batio3", "batio3-md.xyz", "batio3", 38, [],
      {"energy": ("REF_energy", "total"), "polarization": ("REF_polarisation", "P"),
       "born_charges": ("REF_becs", None), "polarizability": ("REF_polarisability", "per_volume")}),
 ])
-def test_eval_reproduces_the_card(served, shared_data, tmp_path, dataset, file, head, first, expect):
+def test_eval_reproduces_the_card(served, shared_data, tmp_path, dataset, file, head, first, options, expect):
     target, card = served
     frames = ase.io.read(shared_data / file, index=f"{first}:")
     src, out = tmp_path / "valid.xyz", tmp_path / "out.xyz"
     ase.io.write(src, frames, format="extxyz")
     # BaTiO3's REF_electric_field (0.3 V/A) is a placeholder: the data were computed at zero field
     args = [sys.executable, "-m", "macefield_client.cli", "eval", str(src), "--server", target, "--head", head,
-            "--json", "-o", str(out), "--field", "0", "0", "0"]
+            "--json", "-o", str(out), "--field", "0", "0", "0", *options]
     report = json.loads(run_torch_free(args, torch_free_env(tmp_path), timeout=600).stdout)
     assert report["frames"] == len(frames) and report["head"] == head and report["model"] == "macefield-default"
     for quantity, (key, kind) in expect.items():
@@ -82,8 +84,40 @@ def test_eval_text_table_and_conventions(served, shared_data, tmp_path):
                                               "--energy-key", "none"], env).stdout)
     assert wrong["references"]["polarizability"]["kind"] == "extensive" and "energy" not in wrong["references"]
     assert wrong["errors"]["polarizability_rel_error"] > 100.0
-    # an unknown key is a one-line input error
-    import subprocess
+    # an unknown key, an output folder that does not exist, an ambiguous convention: one line, exit 2, nothing computed
+    sio2 = tmp_path / "sio2.xyz"
+    ase.io.write(sio2, ase.io.read(shared_data / "sio2-quartz-md.xyz", index="140:142"), format="extxyz")
+    cases = [
+        (base + ["--forces-key", "nope"], f"macefield: --forces-key 'nope': no frame of {src} has it"),
+        (base + ["-o", str(tmp_path / "no" / "such" / "out.xyz")], "macefield: output folder not found"),
+        ([sys.executable, "-m", "macefield_client.cli", "eval", str(sio2), "--server", target],
+         "macefield: polarizability: cannot tell the convention of 'polarizability' from its values"),
+        (base + ["--tls-ca", str(tmp_path / "missing.pem")], "macefield: --tls-ca: file not found"),
+    ]
+    for args, message in cases:
+        bad = subprocess.run(args, env=env[0], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.strip().startswith(message), bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+    assert "--polarizability-unit" in subprocess.run(cases[2][0], env=env[0], capture_output=True, text=True).stderr
 
-    bad = subprocess.run(base + ["--forces-key", "nope"], env=env[0], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip() == f"macefield: --forces-key 'nope': no frame of {src} has it"
+
+def test_eval_of_molecules_reports_the_dipole(served, tmp_path):
+    """Molecules have no volume: their dipole reference is compared directly (no folding), alpha as extensive."""
+    from macefield_client.structures import sio_molecule
+
+    target, _ = served
+    frames = [sio_molecule(direction=d) for d in ((0, 0, 1), (1, 0, 0), (0.3, 0.5, 0.81))]
+    for a, d in zip(frames, (0.5, -0.2, 0.1)):
+        a.info["REF_dipole"] = np.array([d, 0.0, 0.0])
+    src = tmp_path / "mol.xyz"
+    ase.io.write(src, frames, format="extxyz")
+    report = json.loads(run_torch_free([sys.executable, "-m", "macefield_client.cli", "eval", str(src), "--server",
+                                        target, "--json"], torch_free_env(tmp_path)).stdout)
+    assert report["references"]["polarization"]["kind"] == "dipole"
+    # the reported MAE is the mean |model dipole - reference| over components and frames
+    out = tmp_path / "check.xyz"
+    run_torch_free([sys.executable, "-m", "macefield_client.cli", "predict", str(src), "--server", target, "-o",
+                    str(out)], torch_free_env(tmp_path))
+    model = np.array([a.info["MACE_dipole"] for a in ase.io.read(out, index=":")])
+    reference = np.array([a.info["REF_dipole"] for a in frames])
+    assert report["errors"]["dipole_mae_e_A"] == pytest.approx(np.abs(model - reference).mean(), rel=1e-6)

@@ -101,8 +101,8 @@ def test_drain_finishes_in_flight_work_and_logs_what_it_waits_for(tmp_path):
         stream = OpenStream(stub)
         stream.requests.put(request_for(atoms, outputs=["forces"], request_id="streamed"))
         wait_for(lambda: metric(proc.metrics_port, "macefield_in_flight", method="Predict") == 1
-                 and metric(proc.metrics_port, "macefield_queue_depth") == 0, what="in flight")
-        time.sleep(0.3)  # the stream's message has been read
+                 and metric(proc.metrics_port, "macefield_stream_messages_total", event="read") == 1,
+                 what="the Predict in flight and the stream's message read")
         proc.proc.send_signal(signal.SIGINT)
         ref = predict(load_model(path), [atoms], outputs=["forces"])[0]
         assert_matches(call.result(), ref)  # in-flight work finished and answered
@@ -113,6 +113,7 @@ def test_drain_finishes_in_flight_work_and_logs_what_it_waits_for(tmp_path):
         assert isinstance(end, grpc.RpcError) and end.code() == grpc.StatusCode.UNAVAILABLE
         assert proc.wait(timeout=60) == 0
         log = proc.stderr()
+        assert "Task exception was never retrieved" not in log and "Traceback" not in log
         assert "SIGINT received: draining" in log
         assert "waiting for " in log and "Predict 1" in log  # what the drain waited for
     finally:
@@ -140,3 +141,36 @@ def test_second_signal_stops_at_once(tmp_path):
         assert "second signal (SIGTERM): stopping now" in log and "stopped (forced)" in log
     finally:
         proc.kill()
+
+
+def test_second_signal_is_heard_after_the_grace_period_ran_out(tmp_path):
+    """The grace ends while a pass is computing: the server waits for it off its event loop, so a second
+    signal still stops it at once."""
+    path = save_tiny_model(tmp_path / "tiny.pt")
+    proc = ServerProcess(["--model", str(path), "--grace", "1"], env={"MACEFIELD_TEST_FAULT": "compute_delay_s=60"})
+    try:
+        stub = rpc.MaceFieldStub(grpc.insecure_channel(f"127.0.0.1:{proc.port}"))
+        wait_for(lambda: _ready(stub), timeout=180, what="models loaded")
+        call = stub.Predict.future(request_for(quartz_like(seed=7), outputs=["forces"]), timeout=120)
+        wait_for(lambda: metric(proc.metrics_port, "macefield_in_flight", method="Predict") == 1, what="in flight")
+        time.sleep(0.5)
+        proc.terminate()
+        time.sleep(3.0)  # the 1 s grace is over; the 60 s pass is still computing
+        assert proc.proc.poll() is None
+        t0 = time.monotonic()
+        proc.terminate()
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+        assert time.monotonic() - t0 < 5.0
+        with pytest.raises(grpc.RpcError):
+            call.result(timeout=10)
+        assert "second signal (SIGTERM): stopping now" in proc.stderr()
+    finally:
+        proc.kill()
+
+
+def _ready(stub) -> bool:
+    try:
+        stub.ListModels(pb.ListModelsRequest(), timeout=5)
+        return True
+    except grpc.RpcError:
+        return False

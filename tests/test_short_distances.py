@@ -41,8 +41,9 @@ def overlapping(distance: float = 0.0, seed: int = 0):
     return atoms
 
 
-def serve(min_distance: float):
-    config = ServerConfig(port=0, metrics_port=0, batching=BatchingConfig(max_wait_ms=200, max_structures=8),
+def serve(min_distance: float, max_structures: int = 8, max_wait_ms: float = 5.0):
+    config = ServerConfig(port=0, metrics_port=0,
+                          batching=BatchingConfig(max_wait_ms=max_wait_ms, max_structures=max_structures),
                           limits=LimitsConfig(min_distance=min_distance))
     return BackgroundServer(config, [ServedModel("tiny", model(), "sio2")])
 
@@ -76,7 +77,8 @@ def test_close_atoms_are_refused_naming_them():
 
 
 def test_non_finite_result_fails_that_structure_alone():
-    with serve(0.0) as srv:
+    # a batch closes when it holds 3 structures (or after 30 s): the three calls below share one engine pass
+    with serve(0.0, max_structures=3, max_wait_ms=30_000) as srv:
         stub = rpc.MaceFieldStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
         good = [quartz_like(seed=s) for s in (2, 3)]
         calls = [stub.Predict.future(request_for(a, outputs=OUTPUTS, request_id=f"good{i}"), timeout=60)
@@ -95,7 +97,8 @@ def test_non_finite_result_fails_that_structure_alone():
         assert max(batched) == 3  # the bad structure was computed in the same pass as the good ones
         assert metric(srv.metrics_port, "macefield_non_finite_total", model="tiny") == 1
         # in a PredictBatch the whole call fails (all-or-nothing), saying which structure
-        batch = pb.PredictBatchRequest(structures=[request_for(good[0]), request_for(overlapping(0.0, seed=5))])
+        batch = pb.PredictBatchRequest(structures=[request_for(good[0]), request_for(overlapping(0.0, seed=5)),
+                                                   request_for(good[1])])
         with pytest.raises(grpc.RpcError) as info:
             stub.PredictBatch(batch, timeout=60)
         assert info.value.code() == grpc.StatusCode.INTERNAL and "non-finite" in info.value.details()

@@ -91,9 +91,19 @@ def resolve_target(target: Optional[str]) -> str:
     are passed through unchanged.
     """
     target = (target or os.environ.get("MACEFIELD_SERVER") or DEFAULT_TARGET).strip()
+    for prefix in ("grpcs://", "https://"):
+        if target.startswith(prefix):
+            raise ValueError(f"target: {target!r}: {prefix} means TLS; give host:port and tls=True "
+                             "(CLI: --tls or --tls-ca CA.pem)")
     for prefix in ("grpc://", "http://"):
         if target.startswith(prefix):
             target = target[len(prefix):].rstrip("/")
+    if target.startswith(("dns:", "ipv4:", "ipv6:")):
+        scheme, _, rest = target.partition(":")
+        if scheme == "dns":  # dns:[//authority/]host[:port]
+            authority, slash, host = rest.rpartition("/")
+            return f"dns:{authority}{slash}{with_default_port(host)}"
+        return f"{scheme}:" + ",".join(with_default_port(a) for a in rest.split(","))
     if target.startswith(URI_SCHEMES):
         return target
     return with_default_port(target)
@@ -101,6 +111,8 @@ def resolve_target(target: Optional[str]) -> str:
 
 def with_default_port(address: str, port: int = DEFAULT_PORT) -> str:
     """``host:port`` for ``address``, adding ``port`` when it has none (IPv6 literals bracketed)."""
+    if not address or address.endswith(":") and address.count(":") == 1:
+        raise ValueError(f"target: {address!r} has no host or an empty port")
     if address.startswith("["):  # [v6] or [v6]:port
         return address if "]:" in address else f"{address}:{port}"
     if address.count(":") > 1:  # a bare IPv6 literal has no port

@@ -10,7 +10,9 @@ polarizability relative error (|alpha_pred - alpha_ref|_F / |alpha_ref|_F per
 frame, averaged), eps_inf (diagonal of 1 + chi averaged over the periodic
 frames, predicted and reference, and the largest relative error of that
 average), polarization MAE/RMSE (e/A^2) after folding the difference by the
-quanta e*a_k/Omega (two values that differ by whole quanta are the same state).
+quanta e*a_k/Omega to its shortest equivalent (two values that differ by whole
+quanta are the same state), and the dipole MAE (e*A) of frames that are not
+periodic.
 """
 
 from __future__ import annotations
@@ -22,11 +24,20 @@ import numpy as np
 from .labels import EPS0
 
 
+#: integer lattice translations tried around the fractional fold (the shortest equivalent vector is among them)
+_NEAR = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], dtype=np.float64)
+
+
 def fold_dipole(diff: np.ndarray, cell: np.ndarray) -> np.ndarray:
-    """A dipole difference (3,) e*A folded by the quanta e*a_k (rows of ``cell``) into fractional [-1/2, 1/2)."""
+    """The shortest vector equal to a dipole difference (3,) e*A modulo the quanta e*a_k (rows of ``cell``).
+
+    Folded to fractional [-1/2, 1/2) first, then the shortest of that vector and
+    its 26 neighbours (they differ for skewed, e.g. hexagonal, cells).
+    """
     cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
     frac = np.linalg.solve(cell.T, np.asarray(diff, dtype=np.float64).reshape(3))
-    return (frac - np.floor(frac + 0.5)) @ cell
+    candidates = (frac - np.floor(frac + 0.5) + _NEAR) @ cell
+    return candidates[int(np.argmin(np.einsum("ij,ij->i", candidates, candidates)))]
 
 
 def frame_errors(pred: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], *, n_atoms: int,
@@ -57,9 +68,12 @@ def frame_errors(pred: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray
         if volume is not None:
             r["eps_inf_pred"] = (1.0 + np.diag(pa) / (volume * EPS0)).tolist()
             r["eps_inf_ref"] = (1.0 + np.diag(ra) / (volume * EPS0)).tolist()
-    if "polarization" in labels and "dipole" in pred and volume is not None:
-        folded = fold_dipole(np.asarray(pred["dipole"]) - np.asarray(labels["polarization"]), cell) / volume
-        r["polarization_folded_error_e_per_A2"] = folded.tolist()
+    if "polarization" in labels and "dipole" in pred:
+        diff = np.asarray(pred["dipole"]) - np.asarray(labels["polarization"])
+        if volume is not None:
+            r["polarization_folded_error_e_per_A2"] = (fold_dipole(diff, cell) / volume).tolist()
+        else:  # a molecule's dipole is not branch-ambiguous
+            r["dipole_error_e_A"] = diff.tolist()
     return r
 
 
@@ -98,6 +112,10 @@ def summarise(rows: Sequence[Mapping]) -> Dict[str, float]:
         per_frame = np.array([np.abs(np.array(r["eps_inf_pred"]) - r["eps_inf_ref"]) / np.array(r["eps_inf_ref"])
                               for r in rs])
         out["eps_inf_rel_error_per_frame_mean"] = float(per_frame.mean())
+    rs = have("dipole_error_e_A")
+    if rs:
+        d = np.array([r["dipole_error_e_A"] for r in rs])
+        out["dipole_mae_e_A"] = float(np.abs(d).mean())
     rs = have("polarization_folded_error_e_per_A2")
     if rs:
         d = np.array([r["polarization_folded_error_e_per_A2"] for r in rs])
@@ -116,7 +134,8 @@ def compact_frame(row: Mapping) -> Dict:
             r[f"{q}_mae_{unit}"] = row[f"{q}_abs_sum_{unit}"] / row[f"{q}_count"]
     if "born_charges_count" in row:
         r["born_charges_mae_e"] = row["born_charges_abs_sum"] / row["born_charges_count"]
-    for k in ("polarizability_rel_error", "eps_inf_pred", "eps_inf_ref", "polarization_folded_error_e_per_A2"):
+    for k in ("polarizability_rel_error", "eps_inf_pred", "eps_inf_ref", "polarization_folded_error_e_per_A2",
+              "dipole_error_e_A"):
         if k in row:
             r[k] = row[k]
     return r
@@ -134,6 +153,7 @@ TABLE_ROWS: List[tuple] = [
     ("polarizability_rel_error", "alpha rel. error", "%", 100.0),
     ("eps_inf_rel_error_max", "eps_inf rel. error (max of diag)", "%", 100.0),
     ("polarization_folded_mae_e_per_A2", "P MAE (folded)", "uC/cm^2", 1602.176634),
+    ("dipole_mae_e_A", "dipole MAE (not periodic)", "e*A", 1.0),
 ]
 
 

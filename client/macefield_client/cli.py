@@ -25,8 +25,9 @@ polarization quanta); ``--json`` prints it as JSON.  Reference keys are
 found by name (``REF_energy``, ``REF_forces``, ``born_charge``, ...; see
 ``macefield_client.labels.KNOWN_KEYS``) or given with ``--energy-key``
 etc.; unit conventions with ``--polarization-unit`` /
-``--polarizability-unit`` (default ``auto``, decided from the values and
-reported).
+``--polarizability-unit`` (default ``auto``: decided from the values when
+only one convention is plausible, reported with the reason; refused,
+asking for the option, when the values cannot tell).
 
 Without ``--field`` each frame's field is ``info["electric_field"]``, else
 ``info["REF_electric_field"]``, else zero (V/A).  The server is
@@ -59,6 +60,13 @@ class InputError(Exception):
     """Bad input on the command line (exit code 2)."""
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="server host[:port] (default $MACEFIELD_SERVER or 127.0.0.1:50051)")
     p.add_argument("--tls", nargs="?", const=True, default=None, metavar="CA.pem",
@@ -68,7 +76,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", metavar="KEY.pem", help="private key of --tls-cert")
     p.add_argument("--token", help="bearer token (default $MACEFIELD_TOKEN)")
     p.add_argument("--timeout", type=float, help="per-call deadline, s (default 120)")
-    p.add_argument("--retries", type=int, help="retries of a call answered UNAVAILABLE (default 5, with backoff)")
+    p.add_argument("--retries", type=int, help="retries of a call answered UNAVAILABLE (default 9, with backoff)")
     p.add_argument("--quiet", action="store_true", help="no 'waiting for server' messages")
 
 
@@ -78,7 +86,7 @@ def _frames_options(p: argparse.ArgumentParser) -> None:
                    help="uniform field for every frame, V/A (default: per-frame info, else zero)")
     p.add_argument("--model", help="served model (default: the server's default)")
     p.add_argument("--head", help="model head (default: the model's default head)")
-    p.add_argument("--batch-size", type=int, help="structures per request (default 16)")
+    p.add_argument("--batch-size", type=positive_int, help="structures per request (default 16)")
     p.add_argument("--info-prefix", default="MACE_", help="prefix of the written keys (default MACE_)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress")
@@ -128,6 +136,9 @@ def _tls(args):
     ca = args.tls_ca or os.environ.get("MACEFIELD_TLS_CA") or (args.tls if isinstance(args.tls, str) else None)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InputError("--tls-cert and --tls-key go together")
+    for option, path in (("--tls-ca", ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path is not None and not os.path.isfile(path):
+            raise InputError(f"{option}: file not found: {path}")
     if ca is None and not args.tls_cert:
         return args.tls
     return TLSConfig(ca=ca, cert=args.tls_cert, key=args.tls_key)
@@ -140,8 +151,11 @@ def _waiting(target: str, attempt: int, attempts: int, delay: float, details: st
 
 
 def _client(args) -> Client:
-    return Client(args.server, tls=_tls(args), token=args.token or os.environ.get("MACEFIELD_TOKEN"),
-                  timeout=args.timeout, retry=args.retries, on_retry=None if args.quiet else _waiting)
+    try:
+        return Client(args.server, tls=_tls(args), token=args.token or os.environ.get("MACEFIELD_TOKEN"),
+                      timeout=args.timeout, retry=args.retries, on_retry=None if args.quiet else _waiting)
+    except ValueError as exc:  # a target that cannot be used, a bad retry count
+        raise InputError(str(exc)) from None
 
 
 def _symbols(numbers) -> List[str]:
@@ -287,14 +301,29 @@ def annotate(atoms, result, field, prefix: str = "MACE_") -> None:
         atoms.info[p + "molecular_polarizability"] = result.polarizability.reshape(9)
 
 
+def _check_writable(path: Optional[str]) -> None:
+    """Refuse an output path that cannot be written before any frame is computed."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"output folder not found: {folder}")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise InputError(f"cannot write {path}")
+
+
 def _write(path: str, frames) -> None:
     import ase.io
 
-    ase.io.write(path, frames, format="extxyz")
+    try:
+        ase.io.write(path, frames, format="extxyz")
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc}") from None
     print(f"wrote {len(frames)} structure(s) to {path}", file=sys.stderr)
 
 
 def cmd_predict(args) -> int:
+    _check_writable(args.output)
     frames = _read_frames(args.input)
     outputs = "all" if "all" in args.outputs else args.outputs
     fields, results = _compute(args, frames, outputs)
@@ -306,8 +335,9 @@ def cmd_predict(args) -> int:
 
 # ------------------------------------------------------------------------------ eval
 #: reference quantity -> outputs the model must compute for it
-_NEEDS = {"energy": ("energy",), "forces": ("forces",), "stress": ("stress",), "polarization": ("dipole",),
-          "born_charges": ("born_charges",), "polarizability": ("polarizability",)}
+_NEEDS = {"energy": ("energy",), "forces": ("forces",), "stress": ("stress",),
+          "polarization": ("dipole", "polarization"), "born_charges": ("born_charges",),
+          "polarizability": ("polarizability",)}
 
 
 def references(frames, args) -> Dict[str, dict]:
@@ -354,6 +384,7 @@ def references(frames, args) -> Dict[str, dict]:
 def cmd_eval(args) -> int:
     from .accuracy import format_table, frame_errors, summarise
 
+    _check_writable(args.output)
     frames = _read_frames(args.input)
     refs = references(frames, args)
     if not refs:

@@ -66,10 +66,14 @@ KNOWN_KEYS: Dict[str, Tuple[str, ...]] = {
 NAMED_KINDS: Dict[str, str] = {"REF_polarisation": "P", "REF_polarization": "P", "REF_dipole": "dipole",
                                "DFT_dipole": "dipole", "dipole": "dipole"}
 
-#: plausible range of the electronic eps_inf of a real material (used to tell polarizability conventions apart)
-EPS_INF_PLAUSIBLE = (1.02, 60.0)
-#: |P| above this (e/A^2; 0.5 e/A^2 = 8000 uC/cm^2) cannot be a polarization: the value is a cell dipole
-P_IMPLAUSIBLE = 0.5
+#: plausible range of the electronic eps_inf of a solid (used to tell polarizability conventions apart)
+EPS_INF_PLAUSIBLE = (1.3, 60.0)
+#: a polarization value further than this many quanta (e*a_k/Omega) from zero is a cell dipole, not P
+P_QUANTA_IMPLAUSIBLE = 10.0
+
+#: keys whose polarizability convention the name fixes (this project's own CLI output)
+NAMED_POLARIZABILITY = {"MACE_polarizability": "chi", "MACE_alpha": "extensive", "MACE_eps_inf": "eps_inf",
+                        "MACE_molecular_polarizability": "extensive"}
 
 
 @dataclass
@@ -160,57 +164,61 @@ def convert(quantity: str, raw, atoms, kind: Optional[str] = None, scale: float 
 
 
 def find_key(frames: Sequence, quantity: str) -> Optional[str]:
-    """The first of :data:`KNOWN_KEYS` present in the first frame (None: no such label)."""
-    if not frames:
-        return None
+    """The first of :data:`KNOWN_KEYS` that some frame has (None: no such label)."""
     for key in KNOWN_KEYS[quantity]:
-        if has_key(frames[0], key):
+        if any(has_key(a, key) for a in frames):
             return key
     return None
 
 
 def detect_kind(frames: Sequence, quantity: str, key: str) -> Tuple[str, str]:
-    """(kind, reason) for a label whose convention was not given.
+    """(kind, reason) for a label whose convention was not given; ValueError when the values cannot tell.
 
-    * A key that names its convention (:data:`NAMED_KINDS`) uses it.
-    * polarization: the median |value| over periodic frames above
-      :data:`P_IMPLAUSIBLE` means a cell dipole (as P it would exceed
-      8000 uC/cm^2); otherwise P.
-    * polarizability: ``extensive`` and ``per_volume`` (the two conventions
-      of the common data sets, a factor Omega apart) are tried on every
-      periodic frame; the one whose median eps_inf (trace/3) falls in
-      :data:`EPS_INF_PLAUSIBLE` is used.  If neither or both do, ValueError
-      asks for the convention explicitly (``chi`` and ``eps_inf`` are never
-      guessed: their values look alike).
+    Never guesses between conventions that the values do not separate:
+
+    * a key that names its convention (:data:`NAMED_KINDS`,
+      :data:`NAMED_POLARIZABILITY`) uses it;
+    * polarization: a value more than :data:`P_QUANTA_IMPLAUSIBLE` quanta
+      (e*a_k/Omega) from zero cannot be any branch of P, so it is a cell dipole;
+      smaller values could be either (a small dipole, or P): refused;
+    * polarizability: every convention (extensive, per_volume, chi, eps_inf) is
+      tried on every periodic frame; exactly one may give a median eps_inf
+      (trace/3) within :data:`EPS_INF_PLAUSIBLE`, otherwise refused (the
+      values of extensive alpha, chi and eps_inf of a 72-atom cell all look
+      like a dielectric constant);
+    * with no periodic frame only the volume-free conventions exist (dipole,
+      extensive).
     Other quantities have one convention.
     """
     if quantity not in ("polarization", "polarizability"):
         return (KINDS[quantity][1] if len(KINDS[quantity]) > 1 else None), "the only convention"
-    if key in NAMED_KINDS and quantity == "polarization":
+    if quantity == "polarization" and key in NAMED_KINDS:
         return NAMED_KINDS[key], f"the key {key!r} names it"
-    periodic = [a for a in frames if a.pbc.all()]
+    if quantity == "polarizability" and key in NAMED_POLARIZABILITY:
+        return NAMED_POLARIZABILITY[key], f"the key {key!r} names it"
+    periodic = [a for a in frames if a.pbc.all() and has_key(a, key)]
     if not periodic:
-        return ("dipole" if quantity == "polarization" else "extensive"), "no periodic frame: only this convention applies"
+        return ("dipole" if quantity == "polarization" else "extensive"), "no periodic frame: the only convention"
+    option = "--polarization-unit dipole|P" if quantity == "polarization" else \
+        "--polarizability-unit extensive|per_volume|chi|eps_inf"
     if quantity == "polarization":
-        size = float(np.median([np.linalg.norm(as_array(lookup(a, key))) for a in periodic]))
-        if size > P_IMPLAUSIBLE:
-            return "dipole", f"median |value| {size:.3g} > {P_IMPLAUSIBLE}: not a polarization in e/A^2"
-        return "P", f"median |value| {size:.3g} <= {P_IMPLAUSIBLE}: read as P in e/A^2"
-    plausible = []
-    traces = {}
-    for kind in ("extensive", "per_volume"):
-        eps = []
-        for a in periodic:
-            alpha = convert("polarizability", lookup(a, key), a, kind)
-            eps.append(1.0 + np.trace(alpha) / 3.0 / (_volume(a) * EPS0))
-        traces[kind] = float(np.median(eps))
-        if EPS_INF_PLAUSIBLE[0] <= traces[kind] <= EPS_INF_PLAUSIBLE[1]:
-            plausible.append(kind)
-    shown = ", ".join(f"{k}: eps_inf {v:.4g}" for k, v in traces.items())
+        quanta = float(np.median([np.linalg.norm(as_array(lookup(a, key))) /
+                                  np.linalg.norm(np.asarray(a.get_cell()) / _volume(a), axis=1).max()
+                                  for a in periodic]))
+        if quanta > P_QUANTA_IMPLAUSIBLE:
+            return "dipole", f"as P it would lie {quanta:.3g} polarization quanta from zero: a cell dipole"
+        raise ValueError(f"polarization: cannot tell whether {key!r} is a cell dipole (e*A) or P (e/A^2) from its "
+                         f"values (median {quanta:.3g} quanta from zero); give {option}")
+    eps = {}
+    for kind in ("extensive", "per_volume", "chi", "eps_inf"):
+        values = [1.0 + np.trace(convert("polarizability", lookup(a, key), a, kind)) / 3.0 / (_volume(a) * EPS0)
+                  for a in periodic]
+        eps[kind] = float(np.median(values))
+    plausible = [k for k, v in eps.items() if EPS_INF_PLAUSIBLE[0] <= v <= EPS_INF_PLAUSIBLE[1]]
+    shown = ", ".join(f"{k}: eps_inf {v:.4g}" for k, v in eps.items())
     if len(plausible) != 1:
-        raise ValueError(
-            f"polarizability: cannot tell the convention of {key!r} from its values ({shown}); "
-            "give it with --polarizability-unit extensive|per_volume|chi|eps_inf")
+        raise ValueError(f"polarizability: cannot tell the convention of {key!r} from its values ({shown}); "
+                         f"give {option}")
     return plausible[0], f"the only convention giving a plausible eps_inf ({shown})"
 
 

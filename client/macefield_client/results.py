@@ -18,9 +18,6 @@ OUTPUTS: Tuple[str, ...] = ("energy", "forces", "stress", "dipole", "polarizatio
 #: second-derivative pass (about 3x the cost of energy + forces) and are computed only when asked for
 DEFAULT_OUTPUTS: Tuple[str, ...] = ("energy", "forces", "stress", "dipole", "polarization")
 
-#: outputs defined only for structures periodic in all three directions (they need a volume)
-PERIODIC_ONLY: Tuple[str, ...] = ("stress", "polarization", "polarization_quantum", "chi", "eps_inf", "volume")
-
 #: outputs returned together with another one that was asked for: P is meaningless without its
 #: quanta, chi and eps_inf come free with alpha, and every periodic result carries its volume
 COMPANIONS: Dict[str, Tuple[str, ...]] = {"polarization": ("polarization_quantum",),

@@ -17,9 +17,10 @@ alpha-quartz
     classic mistake: it leaves every Si 2-coordinated.)  Each Si has 4 O at
     1.605 and 1.614 A; each O bridges 2 Si.
 
-    :data:`PBE_QUARTZ_CELL` is the cell of the DFT (PBE) molecular dynamics of
-    arXiv:2508.17870 that the embedded default model was trained on
-    (2x2x2 = 72-atom frames, a = 9.9706/2, c = 10.9571/2 A): use it with
+    :data:`PBE_QUARTZ_CELL` has the lattice constants of the DFT (PBE)
+    molecular dynamics of arXiv:2508.17870 that the embedded default model
+    was trained on (its 72-atom frames are an orthohexagonal 2x1x2 cell,
+    9.9706 x 8.6348 x 10.9571 A, i.e. a = 4.9853, c = 5.4785 A): use it with
     PBE-trained models, whose equilibrium volume is about 5 % larger than
     experiment (the experimental cell is under ~7 GPa of model stress).
 
@@ -59,10 +60,12 @@ def alpha_quartz(cell: Optional[Sequence[float]] = None, repeat=(1, 1, 1), rattl
     """
     from ase.spacegroup import crystal
 
-    if cell is None or cell == "experiment":
+    if cell is None or (isinstance(cell, str) and cell == "experiment"):
         a, c = EXPERIMENT_QUARTZ_CELL
-    elif cell == "pbe":
+    elif isinstance(cell, str) and cell == "pbe":
         a, c = PBE_QUARTZ_CELL
+    elif isinstance(cell, str):
+        raise ValueError(f'cell: "pbe", "experiment" or (a, c) in Angstrom, got {cell!r}')
     else:
         a, c = (float(x) for x in cell)
     atoms = crystal(["Si", "O"], basis=[QUARTZ_SI, QUARTZ_O], spacegroup=152, cellpar=[a, a, c, 90, 90, 120])

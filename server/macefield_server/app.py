@@ -213,7 +213,7 @@ class MaceFieldServer:
         self._closed = True
         for batcher in self.batchers.values():
             await batcher.close(wait=wait)
-        self.prep_executor.shutdown(wait=wait, cancel_futures=not wait)
+        await asyncio.to_thread(self.prep_executor.shutdown, wait=wait, cancel_futures=not wait)
         self.metrics.close()
 
     def torch_threads(self) -> None:

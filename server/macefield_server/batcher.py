@@ -277,7 +277,8 @@ class Batcher:
             for item in dq:
                 if not item.future.done():
                     item.future.set_exception(Stopped("server stopped before this request was computed"))
-        self.compute_executor.shutdown(wait=wait, cancel_futures=not wait)
+        # waiting for a computing pass happens off the event loop: signals (a second SIGTERM) are still handled
+        await asyncio.to_thread(self.compute_executor.shutdown, wait=wait, cancel_futures=not wait)
 
     # ------------------------------------------------------------ internals
     def _left_queue(self, item: WorkItem) -> None:
@@ -449,7 +450,7 @@ class Batcher:
                 item.future.set_exception(outcome)
             else:
                 timing = Timing(start - item.enqueued, elapsed, done - item.enqueued, pass_structures, pass_atoms)
-                item.future.set_result((keep_requested(outcome, item.outputs), timing))
+                item.future.set_result((outcome, timing))  # already cut to the item's outputs
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 json.dumps(
@@ -496,7 +497,8 @@ class Batcher:
             if self.fault is not None and faults:  # warm-up (compute_items) never sees injected faults
                 self.fault.check(n_atoms, fail)
             results = self.evaluate_fn(self.served.model, batch, outputs)
-            return [(self._finite(r, it), len(items), n_atoms) for r, it in zip(results, items)]
+            return [(self._finite(keep_requested(r, it.outputs), it), len(items), n_atoms)
+                    for r, it in zip(results, items)]
         except Exception as exc:  # noqa: BLE001
             if not is_out_of_memory(exc):
                 raise

@@ -6,6 +6,7 @@ compute_seconds{model}, batch_structures{model}, batch_atoms{model},
 queue_depth{model}, in_flight{method}, oom_splits_total{model},
 dropped_total{model,reason} (deadline / cancelled: never computed),
 non_finite_total{model} (structures refused INTERNAL: the model gave NaN/inf),
+stream_messages_total{event} (PredictStream messages read / answered / failed / cancelled unanswered),
 model_info{name,...}, gpu_memory_bytes{device} (CUDA only).
 """
 
@@ -52,6 +53,9 @@ class Metrics:
         )
         self.non_finite = Counter(
             "macefield_non_finite", "Structures whose results held NaN or inf (answered INTERNAL)", ["model"], registry=r
+        )
+        self.stream_messages = Counter(
+            "macefield_stream_messages", "PredictStream messages by what became of them", ["event"], registry=r
         )
         self.model_info = Gauge(
             "macefield_model_info",

@@ -205,6 +205,9 @@ class ModelRegistry:
         except KeyError:
             raise ValueError(f"model: unknown model {name!r}; served: {sorted(self._models)}") from None
 
+    def names(self) -> List[str]:
+        return sorted(self._models)
+
     def __iter__(self):
         return iter(self._models.values())
 

@@ -25,6 +25,7 @@ from .dispatcher import Dispatcher
 from .metrics import Metrics
 from .model.predict import NonFiniteResult
 from .validation import InvalidRequest, ParsedRequest, parse_request
+from .validation import clip as _clip
 
 log = logging.getLogger("macefield.service")
 
@@ -84,7 +85,7 @@ def _error_for(exc: BaseException, request_ids: List[str]) -> ServiceError:
         return ServiceError(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, NonFiniteResult):  # logged by the batcher; not a server bug
         return ServiceError(grpc.StatusCode.INTERNAL, f"non-finite result: {exc}")
-    log.warning("internal error for request(s) %s: %r", request_ids[:16], exc, exc_info=exc)
+    log.warning("internal error for request(s) %s: %r", [_clip(r) for r in request_ids[:16]], exc, exc_info=exc)
     return ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
@@ -188,7 +189,8 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         except Exception as exc:  # noqa: BLE001
             error = _error_for(exc, request_ids)
             code = error.code
-            log.warning("%s request_id=%s: %s %s", method, ",".join(request_ids[:16]), code.name, error)
+            ids = ",".join(_clip(r) for r in request_ids[:16])
+            log.warning("%s request_id=%s: %s %s", method, ids, code.name, error)
             await context.abort(code, str(error))
         finally:
             self._exit(method)
@@ -206,7 +208,8 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         start = time.monotonic()
         self._enter(method)
         deadline = self._deadline(context)
-        window: asyncio.Queue = asyncio.Queue(maxsize=self.config.batching.stream_window)
+        window: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(self.config.batching.stream_window)  # taken before a message's task exists
         code = grpc.StatusCode.OK
         model = "-"
         ids: List[str] = []
@@ -215,10 +218,12 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
 
         async def read():
             async for request in request_iterator:
+                await slots.acquire()  # cancelled here (a drain, the end of the call): no task was started
                 ids.append(request.request_id)
-                task = asyncio.ensure_future(self._one(request, deadline, opened_before_drain=serving))
-                await window.put((request, task))
-            await window.put(None)
+                self.metrics.stream_messages.labels(event="read").inc()
+                window.put_nowait((request, asyncio.ensure_future(self._one(request, deadline,
+                                                                            opened_before_drain=serving))))
+            window.put_nowait(None)
 
         async def stop_reading_after_drain():
             await drained.wait()
@@ -245,13 +250,18 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                 request, task = entry
                 model = self._model_label(request)
                 try:
-                    yield await task
+                    answer = await task
                 except Exception as exc:  # noqa: BLE001
+                    self.metrics.stream_messages.labels(event="failed").inc()
                     error = _error_for(exc, [request.request_id])
                     message = str(error)
                     if request.request_id:
-                        message = f"{message} (request_id {request.request_id!r})"
+                        message = f"{message} (request_id {_clip(request.request_id)!r})"
                     raise ServiceError(error.code, message) from exc
+                finally:
+                    slots.release()
+                self.metrics.stream_messages.labels(event="answered").inc()
+                yield answer
         except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: the client went away while we yielded
             code = grpc.StatusCode.CANCELLED
             raise
@@ -270,6 +280,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                 if entry is not None:
                     entry[1].cancel()
                     pending.append(entry[1])
+                    self.metrics.stream_messages.labels(event="cancelled").inc()
             await _settle(pending)
             self._exit(method)
             await self._finish(method, model, start, code)

@@ -21,7 +21,16 @@ from .registry import ModelRegistry, ServedModel
 #: outputs when a request names none (the API's default, the same in every client interface)
 DEFAULT_OUTPUTS: FrozenSet[str] = frozenset(API_DEFAULT_OUTPUTS)
 MAX_REQUEST_ID = 256
+MAX_NAME = 256  #: characters of a model or head name
+MAX_OUTPUTS = 32  #: entries of PredictRequest.outputs
+ECHO = 64  #: characters of a user value repeated in an error message
 MAX_COORDINATE = 1e7  #: Angstrom; beyond it wrapping and distances lose all precision
+
+
+def clip(value, limit: int = ECHO) -> str:
+    """``value`` as text of at most ``limit`` characters (an ellipsis marks the cut): what error messages echo."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class InvalidRequest(ValueError):
@@ -90,15 +99,19 @@ def _elements(numbers, most: int = 12) -> str:
 
 def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> ParsedRequest:
     """Validate one PredictRequest against the served models and the limits."""
-    if len(request.request_id) > MAX_REQUEST_ID:
-        raise InvalidRequest("request_id", f"longer than {MAX_REQUEST_ID} characters")
+    for field, value, limit in (("request_id", request.request_id, MAX_REQUEST_ID), ("model", request.model, MAX_NAME),
+                                ("head", request.head, MAX_NAME)):
+        if len(value) > limit:
+            raise InvalidRequest(field, f"{len(value)} characters, more than {limit} ({clip(value)!r})")
+    if len(request.outputs) > MAX_OUTPUTS:
+        raise InvalidRequest("outputs", f"{len(request.outputs)} entries, more than {MAX_OUTPUTS}")
     try:
         served = registry.get(request.model)
-    except ValueError as exc:
-        raise InvalidRequest("model", str(exc).partition(": ")[2]) from None
+    except ValueError:
+        raise InvalidRequest("model", f"unknown model {clip(request.model)!r}; served: {registry.names()}") from None
     head = request.head or served.default_head
     if head not in served.heads:
-        raise InvalidRequest("head", f"unknown head {head!r} for model {served.name!r}; heads: {served.heads}")
+        raise InvalidRequest("head", f"unknown head {clip(head)!r} for model {served.name!r}; heads: {served.heads}")
 
     try:
         outputs = normalise_outputs(list(request.outputs)) if len(request.outputs) else DEFAULT_OUTPUTS

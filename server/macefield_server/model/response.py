@@ -62,7 +62,7 @@ def normalise_outputs(outputs: Optional[Iterable[str]]) -> FrozenSet[str]:
     wanted = frozenset([outputs] if isinstance(outputs, str) else outputs)
     unknown = sorted(wanted - REQUESTABLE)
     if unknown:
-        shown = [name if len(name) <= 64 else name[:61] + "..." for name in unknown[:8]]
+        shown = [name if len(name) <= 64 else name[:61] + "..." for name in unknown[:8]]  # never echo 1 MB
         raise ValueError(f"outputs: unknown output(s) {shown}; known: {sorted(REQUESTABLE)}")
     return wanted | {"energy"}
 
