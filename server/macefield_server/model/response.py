@@ -85,6 +85,7 @@ def respond(
         second_order: how the Z*/alpha pass runs over the three dipole components:
             "vmap" (one ``is_grads_batched`` pass) or "loop" (three batch-wide
             passes); None picks :data:`SECOND_ORDER_DEFAULT` for the device.
+            cuEquivariance models (``model.backend == "cueq"``) take "loop" only.
             Known limit: "vmap" with ``keep_graph=True`` can fail with "Batching
             rule not implemented for aten::detach" inside e3nn's TorchScript
             modules once the TorchScript graph optimiser has specialised them
@@ -111,10 +112,16 @@ def respond(
     if field.shape[0] != num_graphs:
         raise ValueError(f"electric_field: {field.shape[0]} fields for {num_graphs} structures")
 
+    cueq = getattr(model, "backend", "e3nn") == "cueq"
     if second_order is None:
-        second_order = SECOND_ORDER_DEFAULT[device.type == "cuda"]
+        second_order = "loop" if cueq else SECOND_ORDER_DEFAULT[device.type == "cuda"]
     if second_order not in ("vmap", "loop"):
         raise ValueError(f"second_order: expected 'vmap' or 'loop', got {second_order!r}")
+    if second_order == "vmap" and cueq:
+        raise ValueError(
+            "second_order: 'vmap' is not available on the cueq backend (cuEquivariance's operations have no "
+            "vmap batching rule); use 'loop' (three batch-wide passes), its default"
+        )
     tier = response_tier(outputs)
     want_forces = "forces" in outputs
     want_stress = "stress" in outputs
