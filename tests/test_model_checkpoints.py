@@ -89,7 +89,9 @@ def test_fieldmace_reproduces_mace_forward_energy_when_field_weights_zero():
         for p in model.field_linear.parameters():
             p.zero_()
     base = plain_mace(ScaleShiftMACE, seed=9)
-    base.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("field_")})
+    # the base's weights into the FieldMACE (it takes their contraction basis, whatever is installed)
+    field = {k: v for k, v in model.state_dict().items() if k.startswith("field_")}
+    model.load_state_dict({**base.state_dict(), **field}, strict=True)
     from macefield_server.model import Structure
 
     atoms = quartz_like(seed=3)
@@ -149,9 +151,8 @@ def test_pickle_needs_trust_flag(tmp_path):
     assert_same_model(upgrade_to_field(base), upgraded, quartz_like(seed=6))
 
 
-def test_reference_macefield_pickle_loads_without_the_fork(tmp_path, monkeypatch):
-    """A pickle whose class path is mace.modules.extensions.MACEField maps onto FieldMACE."""
-    source = random_field_model(seed=21)
+def save_reference_pickle(source, path, monkeypatch):
+    """Pickle ``source`` as the reference fork's ``mace.modules.extensions.MACEField`` object."""
 
     class MACEField(FieldMACE):  # stands in for the fork's class, same parameter names
         pass
@@ -162,9 +163,15 @@ def test_reference_macefield_pickle_loads_without_the_fork(tmp_path, monkeypatch
     fake = source.__class__.__new__(MACEField)
     fake.__dict__.update(source.__dict__)
     del fake.__dict__["arch_config"]  # a reference object carries no description of ours
-    path = tmp_path / "reference.model"
     torch.save(fake, path)
     monkeypatch.delattr(mace_extensions, "MACEField")  # the fork is not installed
+    return path
+
+
+def test_reference_macefield_pickle_loads_without_the_fork(tmp_path, monkeypatch):
+    """A pickle whose class path is mace.modules.extensions.MACEField maps onto FieldMACE."""
+    source = random_field_model(seed=21)
+    path = save_reference_pickle(source, tmp_path / "reference.model", monkeypatch)
     with zipfile.ZipFile(path) as archive:
         pickled = b"".join(archive.read(n) for n in archive.namelist() if n.endswith("data.pkl"))
     assert b"mace.modules.extensions" in pickled and b"MACEField" in pickled

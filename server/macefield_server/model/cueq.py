@@ -171,27 +171,26 @@ def _e3nn_basis(symmetric_contractions, x: torch.Tensor) -> torch.Tensor:
 
 
 def _cueq_basis(target, x: torch.Tensor) -> torch.Tensor:
-    """Each basis polynomial of cuEquivariance's SymmetricContraction ``target`` at ``x``: (samples, channels, out, basis)."""
-    import cuequivariance as cue
-    import cuequivariance_torch as cuet
+    """Each basis polynomial of cuEquivariance's SymmetricContraction ``target`` at ``x``: (samples, channels, out, basis).
 
+    Evaluates ``target``'s own polynomial (on its device, by its method) with
+    one weight row per basis vector: that unit vector in every channel.
+    Inputs and outputs are in ``ir_mul`` layout, as in the converted model.
+    """
     samples, channels, _ = x.shape
     n_basis = target.weight_shape[0]
-    # one "element" per basis vector, whose weights are that unit vector in every channel
-    probe = cuet.SymmetricContraction(
-        target.irreps_in, target.irreps_out, target.contraction_degree, n_basis,
-        layout_in=cue.mul_ir, layout_out=cue.mul_ir, dtype=torch.float64, math_dtype=torch.float64, method="naive",
-    ).to(x.device)
+    dtype = target.weight.dtype
+    unit = torch.eye(n_basis, dtype=dtype, device=x.device)[:, :, None].expand(-1, -1, channels).reshape(n_basis, -1)
+    flat = torch.cat([x[:, :, sl].transpose(1, 2).reshape(samples, -1) for sl in _irrep_slices(target.irreps_in)], 1)
+    indices = torch.arange(n_basis, device=x.device).repeat_interleave(samples)
     with torch.no_grad():
-        probe.weight.copy_(torch.eye(n_basis, dtype=torch.float64, device=x.device)[:, :, None].expand(-1, -1, channels))
-        flat = torch.cat([x[:, :, sl].reshape(samples, -1) for sl in _irrep_slices(target.irreps_in)], dim=1)
-        indices = torch.arange(n_basis, device=x.device).repeat_interleave(samples)
-        out = probe(flat.repeat(n_basis, 1), indices)  # (basis * samples, mul_ir)
+        [out] = target.f([unit, flat.to(dtype).repeat(n_basis, 1)], input_indices={0: indices})
     blocks, start = [], 0
     for mul, ir in target.irreps_out:
-        blocks.append(out[:, start : start + mul * ir.dim].reshape(n_basis, samples, mul, ir.dim))
+        block = out[:, start : start + mul * ir.dim].reshape(n_basis, samples, ir.dim, mul)
+        blocks.append(block.transpose(2, 3))
         start += mul * ir.dim
-    return torch.cat(blocks, dim=-1).permute(1, 2, 3, 0)
+    return torch.cat(blocks, dim=-1).permute(1, 2, 3, 0).to(torch.float64)
 
 
 def _irrep_slices(irreps) -> List[slice]:
@@ -219,15 +218,15 @@ def _projection(source, target, *, seed: int = 0) -> torch.Tensor:
     n_basis = target.weight_shape[0]
     samples = max(4, -(-32 * n_basis // (channels * n_out)))  # >= 32 equations per unknown
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, channels, coupling_dim, dtype=torch.float64, generator=generator)
-    e3nn_values = _e3nn_basis(source, x).reshape(-1, _e3nn_count(source))
-    cueq_values = _cueq_basis(target, x).reshape(-1, n_basis)
+    x = torch.randn(samples, channels, coupling_dim, dtype=torch.float64, generator=generator).to(target.weight.device)
+    e3nn_values = _e3nn_basis(source, x).reshape(-1, _e3nn_count(source)).cpu()
+    cueq_values = _cueq_basis(target, x).reshape(-1, n_basis).cpu()  # CUDA's lstsq has no rank-revealing driver
     fit = torch.linalg.lstsq(cueq_values, e3nn_values, driver="gelsd").solution  # (cueq basis, e3nn basis)
     residual = float((cueq_values @ fit - e3nn_values).abs().max())
     scale = float(e3nn_values.abs().max())
-    # the stored U matrices carry the round-off of their dtype (float32 models: ~1e-7)
-    u_dtype = source.contractions[0].U_matrix_1.dtype
-    if residual > 1e3 * torch.finfo(u_dtype).eps * max(scale, 1.0):
+    # float32 models: their U matrices and cuEquivariance's float32 polynomial carry ~1e-7 round-off
+    dtype = source.contractions[0].U_matrix_1.dtype
+    if residual > 1e3 * torch.finfo(dtype).eps * max(scale, 1.0):
         raise ValueError(
             f"symmetric contraction: e3nn basis not representable in cuEquivariance's "
             f"(residual {residual:.1e} of {scale:.1e})"
@@ -321,9 +320,9 @@ def to_cueq(model: FieldMACE, *, conv_fusion: Optional[bool] = None) -> FieldMAC
             target = FieldMACE(**kwargs)
     finally:
         torch.set_default_dtype(previous)
-    target = target.to(dtype)
-    _transfer(model, target)  # load_state_dict copies across devices
+    target = target.to(dtype=dtype, device=device)  # the contraction basis is probed on the device
+    _transfer(model, target)
     target.arch_config = copy.deepcopy(arch)
     target.backend = "cueq"
     target.metadata = dict(getattr(model, "metadata", None) or {})
-    return target.to(device).eval()
+    return target.eval()
