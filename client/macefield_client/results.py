@@ -209,6 +209,7 @@ class ModelInfo:
     num_parameters: int
     card_json: str
     source: str
+    backend: str = ""  #: "e3nn" or "cueq" (empty from servers older than this field)
 
 
 @dataclass
@@ -235,7 +236,7 @@ def server_info_from_response(target: str, response: pb.ListModelsResponse) -> S
             name=m.name, is_default=m.is_default, heads=[h.name for h in m.heads], default_head=m.default_head,
             atomic_numbers=list(m.atomic_numbers), cutoff=m.cutoff, dtype=m.dtype, device=m.device,
             outputs=list(m.outputs), units=dict(m.units), trained=m.trained, description=m.description,
-            num_parameters=m.num_parameters, card_json=m.card_json, source=m.source,
+            num_parameters=m.num_parameters, card_json=m.card_json, source=m.source, backend=m.backend,
         )
         for m in response.models
     ]

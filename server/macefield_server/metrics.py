@@ -5,7 +5,7 @@ request_seconds{method} (total latency), queue_wait_seconds{model},
 compute_seconds{model}, batch_structures{model}, batch_atoms{model},
 queue_depth{model}, in_flight{method}, oom_splits_total{model},
 dropped_total{model,reason} (deadline / cancelled: never computed),
-model_info{name,...}, gpu_memory_bytes{device} (CUDA only).
+model_info{name,...,backend,...}, gpu_memory_bytes{device} (CUDA only).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Metrics:
         self.model_info = Gauge(
             "macefield_model_info",
             "Served models (value 1)",
-            ["name", "heads", "dtype", "device", "cutoff", "trained", "source"],
+            ["name", "heads", "dtype", "device", "backend", "cutoff", "trained", "source"],
             registry=r,
         )
         self.gpu_memory = Gauge("macefield_gpu_memory_bytes", "CUDA memory allocated by torch", ["device"], registry=r)
@@ -65,6 +65,7 @@ class Metrics:
             heads=",".join(info["heads"]),
             dtype=info["dtype"],
             device=info["device"],
+            backend=info["backend"],
             cutoff=f"{info['cutoff']:g}",
             trained=str(info["trained"]).lower(),
             source=info["source"],

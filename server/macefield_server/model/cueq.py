@@ -39,7 +39,6 @@ passes (``second_order="loop"``).
 from __future__ import annotations
 
 import copy
-import logging
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -47,8 +46,6 @@ import torch
 
 from .architecture import describe_architecture, mace_kwargs
 from .field_mace import FieldMACE
-
-log = logging.getLogger("macefield.cueq")
 
 BACKENDS = ("e3nn", "cueq", "auto")
 #: irreps layout of the converted model (mace-torch's choice: cuEquivariance kernels want ir_mul)
@@ -113,15 +110,6 @@ def resolve_backend(requested: Optional[str], device) -> Tuple[str, str]:
     if not cueq_kernels_available():
         return "e3nn", "auto: cuequivariance_ops_torch (CUDA kernels) not importable"
     return "cueq", "auto: CUDA with cuEquivariance kernels"
-
-
-def apply_backend(model: FieldMACE, requested: Optional[str]) -> Tuple[FieldMACE, str]:
-    """The model on the backend that ``requested`` resolves to for its device, and the reason."""
-    device = next(model.parameters()).device
-    backend, reason = resolve_backend(requested, device)
-    if backend == "cueq" and model_backend(model) != "cueq":
-        model = to_cueq(model)
-    return model, reason
 
 
 # --------------------------------------------------------------- conversion
