@@ -5,7 +5,8 @@ PIP := $(PYTHON) -m pip
 .PHONY: serve test install install-test
 
 # torch==2.13.0 first: on CPU-only build machines this picks the local CPU wheel;
-# anything looser pulls the newest CUDA build (several GB).
+# anything looser pulls the newest CUDA build (several GB).  The tests install the cueq extra
+# (cuEquivariance, pure Python; its fallback runs on CPU) so that the conversion tests run.
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ./client
@@ -14,7 +15,7 @@ install:
 install-test:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ./client
-	$(PIP) install -q -e "./server[test]"
+	$(PIP) install -q -e "./server[test,cueq]"
 
 serve: install
 	macefield-serve

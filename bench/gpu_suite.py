@@ -253,7 +253,7 @@ def correctness(models, device, args, record, deadline):
         cuda = predict(on(default, torch.float64, device, "e3nn"), atoms, electric_fields=fields, heads=heads)
         out["cuda_vs_cpu_float64_default"] = rel_errors(cpu, cuda)
     comparisons = {}
-    if record["environment"]["cueq"]:
+    if record["environment"]["cueq_measured"]:
         for name, model in models.items():
             hs = [model.heads[i % len(model.heads)] for i in range(len(atoms))]
             for dtype in (torch.float64, torch.float32):
@@ -277,7 +277,7 @@ def engine(models, device, args, record, deadline):
 
     frames = [alpha_quartz((1, 1, 1) if args.smoke else (2, 2, 2), rattle=0.02, seed=s) for s in range(8)]
     n_atoms = len(frames[0])
-    backends = ["e3nn"] + (["cueq"] if record["environment"]["cueq"] else [])
+    backends = ["e3nn"] + (["cueq"] if record["environment"]["cueq_measured"] else [])
     dtypes = [torch.float32, torch.float64]
     series = []
     for name in ("mh0",) if args.smoke else ("mh0", "default"):  # smoke: the code paths once
@@ -611,6 +611,8 @@ def main(argv=None) -> int:
                    choices=["correctness", "engine", "server"], help="server includes md_step")
     args = p.parse_args(argv)
 
+    # the server child processes import the project from the same (absolute) paths
+    os.environ["PYTHONPATH"] = os.pathsep.join(str(Path(x).resolve()) for x in sys.path if x)
     import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
@@ -631,12 +633,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(1 if args.smoke else min(8, os.cpu_count() or 1))
     record["environment"] = environment(args, device)
     env = record["environment"]
+    # on a GPU cueq is measured only with its kernels (the pure-PyTorch fallback would only spend the budget)
+    env["cueq_measured"] = env["cueq"] and (device.type != "cuda" or env["cueq_kernels"])
     if not env["cueq"]:
         record["notes"].append(f"cuequivariance-torch not importable ({env['cuequivariance_torch_version']}): "
                                "e3nn only")
-    elif device.type == "cuda" and not env["cueq_kernels"]:
-        record["notes"].append("cuequivariance_ops_torch (CUDA kernels) not importable: cueq runs its "
-                               "pure-PyTorch fallback; its timings are not the kernels'")
+    elif not env["cueq_measured"]:
+        record["notes"].append("cuequivariance_ops_torch (CUDA kernels) not importable "
+                               f"({env['cuequivariance_ops_torch_version']}): e3nn only; was /tmp/site-ops installed "
+                               "by the first call on this machine? (bench/gpu_wheels.sh)")
     if device.type != "cuda":
         record["notes"].append(f"device {device}: not a GPU measurement")
     record["structures"] = check_structures()
