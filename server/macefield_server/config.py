@@ -81,7 +81,8 @@ class ModelConfig:
 #: machine: a 72-atom quartz cell, ~3000 edges, costs 0.23 s alone or in pairs,
 #: 0.41 s in batches of 8 and 0.77 s in one batch of 64; 9-atom cells, ~380 edges,
 #: 56 ms alone and 33-36 ms in batches of 4-8), so CPU batches stop at ~4000 edges:
-#: small structures are batched, 72-atom cells are not.  GPUs want big batches.
+#: small structures are batched, 72-atom cells are not.  GPUs want big batches; the CUDA limits
+#: are not measured yet (bench/gpu_suite.py's engine section gives throughput against batch size).
 AUTO_LIMITS = {"cpu": (1024, 4000), "cuda": (8192, 400_000)}
 
 

@@ -41,7 +41,8 @@ ALL_OUTPUTS = OUTPUTS
 #: 72-atom quartz, 64 channels, max_ell 3: 3.2 s vs 7.1 s before the
 #: tensor-product rewrite, 1.33 s vs 1.27 s after it): vmapping the backward
 #: materialises three times larger edge intermediates.  No GPU measurement
-#: exists yet, so CUDA uses the same default until one says otherwise.
+#: exists yet, so CUDA uses the same default until one says otherwise (bench/gpu_suite.py's
+#: engine section times loop against vmap on the GPU; cueq models always take loop).
 SECOND_ORDER_DEFAULT = {False: "loop", True: "loop"}
 
 
