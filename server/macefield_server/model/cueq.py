@@ -310,6 +310,9 @@ def to_cueq(model: FieldMACE, *, conv_fusion: Optional[bool] = None) -> FieldMAC
         torch.set_default_dtype(previous)
     target = target.to(dtype=dtype, device=device)  # the contraction basis is probed on the device
     _transfer(model, target)
+    trainable = any(p.requires_grad for p in model.parameters())
+    for p in target.parameters():  # a frozen (served) model stays frozen: no parameter graphs in autograd
+        p.requires_grad_(trainable)
     target.arch_config = copy.deepcopy(arch)
     target.backend = "cueq"
     target.metadata = dict(getattr(model, "metadata", None) or {})
