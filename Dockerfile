@@ -3,6 +3,8 @@
 #   docker build -t macefield-serve .                                   # torch from PyPI (CUDA build, for GPU hosts)
 #   docker build -t macefield-serve --build-arg TORCH_WHEEL_DIR=docker/wheels .
 #                       # torch from wheel files in that build-context directory (e.g. a CPU wheel: no GPU, no large download)
+#   docker build -t macefield-serve:gpu --build-arg CUEQ_OPS=cuequivariance-ops-torch-cu12==0.13.0 .
+#                       # GPU image with cuEquivariance and its CUDA kernels (the ops package must match torch's CUDA major)
 #   docker run --rm -p 127.0.0.1:50051:50051 -p 127.0.0.1:9100:9100 macefield-serve
 #
 # Serves the embedded default model on 0.0.0.0:50051 (gRPC) and :9100 (/metrics), plaintext: the CMD
@@ -44,6 +46,14 @@ RUN if [ -n "$TORCH_WHEEL_DIR" ]; then \
 # every other dependency at the exact version the test suite passed with
 COPY docker/requirements.txt /tmp/requirements.txt
 RUN pip install -r /tmp/requirements.txt
+
+# GPU images: NVIDIA cuEquivariance (server[cueq], the `cueq` backend) and its CUDA kernels for torch's
+# CUDA major version, e.g. --build-arg CUEQ_OPS=cuequivariance-ops-torch-cu12==0.13.0 (or -cu13);
+# empty (default): no cuEquivariance, every model runs on e3nn
+ARG CUEQ_OPS=
+RUN if [ -n "$CUEQ_OPS" ]; then \
+        pip install "cuequivariance==0.13.0" "cuequivariance-torch==0.13.0" "$CUEQ_OPS"; \
+    fi
 
 COPY client /src/client
 COPY server /src/server

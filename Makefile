@@ -14,7 +14,8 @@ STAMP := .make/$(shell $(PYTHON) -c "import hashlib, os, sys; cfg = os.path.join
 .PHONY: serve test install install-test
 
 # torch==2.13.0 first: on CPU-only build machines this picks the local CPU wheel;
-# anything looser pulls the newest CUDA build (several GB).
+# anything looser pulls the newest CUDA build (several GB).  The tests install the cueq extra
+# (cuEquivariance, pure Python; its fallback runs on CPU) so that the conversion tests run.
 $(STAMP).installed: client/pyproject.toml server/pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ./client
@@ -24,7 +25,7 @@ $(STAMP).installed: client/pyproject.toml server/pyproject.toml
 $(STAMP).test-installed: client/pyproject.toml server/pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e "./client[ase,progress]"
-	$(PIP) install -q -e "./server[test]"
+	$(PIP) install -q -e "./server[test,cueq]"
 	@mkdir -p .make && touch $@
 
 install: $(STAMP).installed

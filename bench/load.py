@@ -147,7 +147,9 @@ def run_direct(model, atoms, clients: int, args, batch_limits):
 
 # ------------------------------------------------------------------ served
 class Server:
-    def __init__(self, checkpoint: Path, max_structures: int, args, workdir: Path):
+    """``macefield-serve`` as a child process; ``extra_args`` go to its command line (e.g. --device cuda)."""
+
+    def __init__(self, checkpoint: Path, max_structures: int, args, workdir: Path, extra_args=()):
         config = workdir / f"serve-{max_structures}.yaml"
         config.write_text(
             f"batching: {{max_structures: {max_structures}, max_wait_ms: {args.max_wait_ms}}}\nwarmup_passes: 2\n"
@@ -156,7 +158,8 @@ class Server:
         self.log = open(workdir / f"server-{max_structures}.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "macefield_server.serve_cli", "--config", str(config), "--model", f"bench={checkpoint}",
-             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--threads", str(args.threads)],
+             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--threads", str(args.threads),
+             *extra_args],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
         )
         while True:

@@ -174,6 +174,7 @@ def test_async_client(served, model):
 
     info, results = asyncio.run(main())
     assert [m.name for m in info.models] == ["tiny"] and info.models[0].heads == ["sio2", "other"]
+    assert info.models[0].backend == "e3nn"
     for r in results:
         assert_result_matches(r, ref)
 

@@ -89,7 +89,9 @@ def test_fieldmace_reproduces_mace_forward_energy_when_field_weights_zero():
         for p in model.field_linear.parameters():
             p.zero_()
     base = plain_mace(ScaleShiftMACE, seed=9)
-    base.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("field_")})
+    # the base's weights into the FieldMACE (it takes their contraction basis, whatever is installed)
+    field = {k: v for k, v in model.state_dict().items() if k.startswith("field_")}
+    model.load_state_dict({**base.state_dict(), **field}, strict=True)
     from macefield_server.model import Structure
 
     atoms = quartz_like(seed=3)
@@ -168,6 +170,11 @@ def _pickle_under(source, module, class_name, path, monkeypatch, extra_module: b
         pickled = b"".join(archive.read(n) for n in archive.namelist() if n.endswith("data.pkl"))
     assert module.__name__.encode() in pickled and class_name.encode() in pickled
     return path
+
+
+def save_reference_pickle(source, path, monkeypatch):
+    """Pickle ``source`` as the reference fork's ``mace.modules.extensions.MACEField`` object."""
+    return _pickle_under(source, mace_extensions, "MACEField", path, monkeypatch)
 
 
 def test_reference_macefield_pickle_loads_without_the_fork(tmp_path, monkeypatch):

@@ -84,6 +84,8 @@ def test_yaml_and_toml_give_the_same_config(tmp_path, suffix, text):
         ("limits: {max_field: -1}", "limits.max_field"),
         ("models: [{name: x}]", "models[0].path"),
         ("models: [{path: a.pt, dtype: float16}]", "models[0].dtype"),
+        ("models: [{path: a.pt, backend: jax}]", "models[0].backend"),
+        ("backend: tensorflow", "backend"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, key):

@@ -200,11 +200,11 @@ def test_list_models(model, server, stub):
     assert [h.is_default for h in info.heads] == [True, False]
     assert list(info.atomic_numbers) == [8, 14]
     assert info.cutoff == pytest.approx(float(model.r_max))
-    assert info.dtype == "float64" and info.device == "cpu"
+    assert info.dtype == "float64" and info.device == "cpu" and info.backend == "e3nn"
     assert set(info.outputs) == {"energy", "forces", "stress", "dipole", "polarization", "polarization_quantum",
                                  "born_charges", "polarizability", "chi", "eps_inf", "volume"}
     assert info.units["forces"] == "eV/A" and info.units["electric_field"] == "V/A"
     assert info.units["polarizability"] == "e*A^2/V" and info.units["chi"] == "dimensionless"
     assert info.num_parameters == sum(p.numel() for p in model.parameters())
     assert json.loads(info.card_json) == {"name": "tiny"}
-    assert metric(server.metrics_port, "macefield_model_info", name="tiny", trained="true") == 1
+    assert metric(server.metrics_port, "macefield_model_info", name="tiny", trained="true", backend="e3nn") == 1

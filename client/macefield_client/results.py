@@ -220,6 +220,7 @@ class ModelInfo:
     card_json: str
     source: str
     pair_repulsion: bool = False  #: F includes a ZBL short-range repulsion
+    backend: str = ""  #: "e3nn" or "cueq" (empty from servers older than this field)
 
 
 @dataclass
@@ -248,6 +249,7 @@ def server_info_from_response(target: str, response: pb.ListModelsResponse) -> S
             atomic_numbers=list(m.atomic_numbers), cutoff=m.cutoff, dtype=m.dtype, device=m.device,
             outputs=list(m.outputs), units=dict(m.units), trained=m.trained, description=m.description,
             num_parameters=m.num_parameters, card_json=m.card_json, source=m.source, pair_repulsion=m.pair_repulsion,
+            backend=m.backend,
         )
         for m in response.models
     ]

@@ -129,8 +129,12 @@ class MaceFieldServer:
         if self._given_models is not None:
             self.registry = ModelRegistry(list(self._given_models))
         else:
-            self.registry = await loop.run_in_executor(None, ModelRegistry.from_configs, self.config.models)
+            self.registry = await loop.run_in_executor(
+                None, ModelRegistry.from_configs, self.config.models, self.config.backend
+            )
         for served in self.registry:
+            log.info("model %s on %s: backend %s (%s)", served.name, served.device, served.backend,
+                     served.backend_reason or "as given")
             self.metrics.describe_model(served.info())
             batcher = Batcher(served, self.config.batching, self.metrics, self.prep_executor, evaluate_fn=self.evaluate_fn,
                               fault=self.fault)

@@ -6,11 +6,13 @@ Example (YAML; the TOML layout is the same)::
     port: 50051
     metrics_port: 9100          # 0: pick a free port, -1: no metrics endpoint
     grace_s: 30                 # SIGTERM: finish in-flight work within this many seconds
+    backend: auto               # backend of models that name none (and of the embedded default model)
     models:
       - name: sio2
         path: models/sio2.pt
         dtype: float64          # float64 | float32 (default: as stored)
         device: cpu             # cpu | cuda | cuda:1
+        backend: auto           # e3nn | cueq | auto (cueq on CUDA when cuEquivariance's kernels import)
         default_head: sio2
         trust_pickle: false     # pickled .model files run code when loaded
     batching:
@@ -52,6 +54,10 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 
+#: model backends (macefield_server.model.cueq.BACKENDS; not imported here: config loads without torch)
+BACKENDS = ("e3nn", "cueq", "auto")
+
+
 class ConfigError(ValueError):
     """The configuration file or options are invalid (the message names the key)."""
 
@@ -66,6 +72,8 @@ class ModelConfig:
     device: str = "cpu"  #: torch device
     default_head: Optional[str] = None  #: head used when a request names none (None: first head)
     trust_pickle: bool = False  #: allow pickled checkpoints (runs code from the file)
+    #: "e3nn" | "cueq" | "auto" (None: the server's ``backend``); see macefield_server.model.cueq
+    backend: Optional[str] = None
 
 
 #: per-device batch sizes used when max_atoms / max_edges are "auto" (None).  On CPU a
@@ -74,7 +82,8 @@ class ModelConfig:
 #: machine: a 72-atom quartz cell, ~3000 edges, costs 0.23 s alone or in pairs,
 #: 0.41 s in batches of 8 and 0.77 s in one batch of 64; 9-atom cells, ~380 edges,
 #: 56 ms alone and 33-36 ms in batches of 4-8), so CPU batches stop at ~4000 edges:
-#: small structures are batched, 72-atom cells are not.  GPUs want big batches.
+#: small structures are batched, 72-atom cells are not.  GPUs want big batches; the CUDA limits
+#: are not measured yet (bench/gpu_suite.py's engine section gives throughput against batch size).
 AUTO_LIMITS = {"cpu": (1024, 4000), "cuda": (8192, 400_000)}
 
 
@@ -135,6 +144,7 @@ class ServerConfig:
     threads: int = 0  #: torch intra-op threads for compute (0: torch default)
     warmup_passes: int = 1  #: warm-up batches per model before health says SERVING
     log_level: str = "INFO"
+    backend: str = "auto"  #: backend of models that name none: "e3nn" | "cueq" | "auto"
     models: List[ModelConfig] = field(default_factory=list)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -174,9 +184,13 @@ class ServerConfig:
         names = [m.name for m in self.models if m.name]
         if len(names) != len(set(names)):
             raise ConfigError(f"models: duplicate model names {names}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
         for i, m in enumerate(self.models):
             if not m.path:
                 raise ConfigError(f"models[{i}].path: required")
+            if m.backend not in (None,) + BACKENDS:
+                raise ConfigError(f"models[{i}].backend: expected one of {list(BACKENDS)}, got {m.backend!r}")
             if m.dtype not in (None, "float32", "float64"):
                 raise ConfigError(f"models[{i}].dtype: expected float32 or float64, got {m.dtype!r}")
         self._validate_security()

@@ -7,7 +7,7 @@ queue_depth{model}, in_flight{method}, oom_splits_total{model},
 dropped_total{model,reason} (deadline / cancelled: never computed),
 non_finite_total{model} (structures refused INTERNAL: the model gave NaN/inf),
 stream_messages_total{event} (PredictStream messages read / answered / failed / cancelled unanswered),
-model_info{name,...}, gpu_memory_bytes{device} (CUDA only).
+model_info{name,...,backend,...}, gpu_memory_bytes{device} (CUDA only).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Metrics:
         self.model_info = Gauge(
             "macefield_model_info",
             "Served models (value 1)",
-            ["name", "heads", "dtype", "device", "cutoff", "trained", "source"],
+            ["name", "heads", "dtype", "device", "backend", "cutoff", "trained", "source"],
             registry=r,
         )
         self.gpu_memory = Gauge("macefield_gpu_memory_bytes", "CUDA memory allocated by torch", ["device"], registry=r)
@@ -73,6 +73,7 @@ class Metrics:
             heads=",".join(info["heads"]),
             dtype=info["dtype"],
             device=info["device"],
+            backend=info["backend"],
             cutoff=f"{info['cutoff']:g}",
             trained=str(info["trained"]).lower(),
             source=info["source"],

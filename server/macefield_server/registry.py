@@ -19,8 +19,9 @@ from typing import Dict, FrozenSet, List, Optional
 
 import torch
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .model import build_field_mace, default_architecture, load_model
+from .model.cueq import model_backend, resolve_backend, to_cueq
 from .model.response import REQUESTABLE
 from .model.units import UNITS
 
@@ -47,6 +48,7 @@ class ServedModel:
     description: str = ""
     card_json: str = ""
     is_default: bool = False
+    backend_reason: str = ""  #: why the model runs on its backend (logged at load)
     heads: List[str] = field(init=False)
     atomic_numbers: FrozenSet[int] = field(init=False)
 
@@ -80,6 +82,11 @@ class ServedModel:
         return hasattr(self.model, "pair_repulsion_fn")
 
     @property
+    def backend(self) -> str:
+        """``"e3nn"`` or ``"cueq"`` (macefield_server.model.cueq)."""
+        return model_backend(self.model)
+
+    @property
     def num_parameters(self) -> int:
         return int(sum(p.numel() for p in self.model.parameters()))
 
@@ -94,6 +101,7 @@ class ServedModel:
             "cutoff": self.cutoff,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
+            "backend": self.backend,
             "outputs": sorted(REQUESTABLE),
             "units": dict(UNITS),
             "trained": self.trained,
@@ -129,10 +137,25 @@ def _read_card(path: Path) -> tuple[str, Dict]:
     return text, card if isinstance(card, dict) else {}
 
 
-def load_default_model(device: str = "cpu", dtype: Optional[str] = None) -> ServedModel:
+def _on_backend(model, backend: Optional[str], where: str = ""):
+    """(model on the backend ``backend`` resolves to for its device, reason).
+
+    ConfigError (prefixed by ``where``, e.g. ``models[0].``) when the backend cannot be had.
+    """
+    try:
+        resolved, reason = resolve_backend(backend, next(model.parameters()).device)
+    except ValueError as exc:
+        raise ConfigError(f"{where}{exc}") from exc
+    if resolved == "cueq":
+        model = to_cueq(model)
+    return model, reason
+
+
+def load_default_model(device: str = "cpu", dtype: Optional[str] = None, backend: Optional[str] = None) -> ServedModel:
     """The embedded default model if it is shipped, else the untrained built-in one."""
     if DEFAULT_CHECKPOINT.is_file():
         model = load_model(DEFAULT_CHECKPOINT, dtype=dtype, device=device)
+        model, reason = _on_backend(model, backend)
         card_text, card = _read_card(DEFAULT_CARD)
         return ServedModel(
             name=str(card.get("name") or "default"),
@@ -143,9 +166,10 @@ def load_default_model(device: str = "cpu", dtype: Optional[str] = None) -> Serv
             description=str(card.get("description") or "embedded default MACE-Field model"),
             card_json=card_text,
             is_default=True,
+            backend_reason=reason,
         )
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype or "float64"]
-    model = builtin_default_model(torch_dtype).to(device)
+    model, reason = _on_backend(builtin_default_model(torch_dtype).to(device), backend)
     return ServedModel(
         name="default",
         model=model,
@@ -155,13 +179,19 @@ def load_default_model(device: str = "cpu", dtype: Optional[str] = None) -> Serv
         description="UNTRAINED built-in placeholder (random weights, zero field coupling): "
         "numbers are not physical; ship models/default.pt or pass --model",
         is_default=True,
+        backend_reason=reason,
     )
 
 
-def load_configured_model(cfg: ModelConfig) -> ServedModel:
-    """Load one configured checkpoint (its card ``<stem>.card.json`` is read when present)."""
+def load_configured_model(cfg: ModelConfig, backend: Optional[str] = None, where: str = "") -> ServedModel:
+    """Load one configured checkpoint (its card ``<stem>.card.json`` is read when present).
+
+    ``cfg.backend`` (else ``backend``, else auto) picks e3nn or cuEquivariance;
+    ``where`` prefixes configuration errors (e.g. ``models[0].``).
+    """
     path = Path(cfg.path)
     model = load_model(path, trust_pickle=cfg.trust_pickle, dtype=cfg.dtype, device=cfg.device)
+    model, reason = _on_backend(model, cfg.backend or backend, where)
     card_text, card = _read_card(path.with_name(path.stem + ".card.json"))
     metadata = getattr(model, "metadata", None) or {}
     return ServedModel(
@@ -172,6 +202,7 @@ def load_configured_model(cfg: ModelConfig) -> ServedModel:
         source=str(path),
         description=str(card.get("description") or metadata.get("description") or ""),
         card_json=card_text,
+        backend_reason=reason,
     )
 
 
@@ -191,10 +222,11 @@ class ModelRegistry:
         self.default = next(m for m in models if m.is_default)
 
     @classmethod
-    def from_configs(cls, configs: List[ModelConfig]) -> "ModelRegistry":
+    def from_configs(cls, configs: List[ModelConfig], backend: Optional[str] = None) -> "ModelRegistry":
+        """Load ``configs`` (none: the embedded default model); ``backend`` for models that name none."""
         if not configs:
-            return cls([load_default_model()])
-        return cls([load_configured_model(c) for c in configs])
+            return cls([load_default_model(backend=backend)])
+        return cls([load_configured_model(c, backend, f"models[{i}].") for i, c in enumerate(configs)])
 
     def get(self, name: Optional[str]) -> ServedModel:
         """The named model (empty: the default); ValueError naming 'model' if unknown."""

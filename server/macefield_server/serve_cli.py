@@ -3,6 +3,7 @@
     macefield-serve                                  # embedded default model, 127.0.0.1:50051
     macefield-serve --host 0.0.0.0 --port 50051 --metrics-port 9100 --config serve.yaml
     macefield-serve --model sio2.pt --model batio3.pt --trust-pickle
+    macefield-serve --model mh0.model --trust-pickle --device cuda --dtype float32 --backend cueq
     macefield-serve --host 0.0.0.0 --tls-cert server.pem --tls-key server.key --auth-token-file tokens
 
 Plaintext is only allowed on loopback hosts: binding 0.0.0.0, :: or a LAN
@@ -57,6 +58,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--trust-pickle", action="store_true", help="allow pickled checkpoints (runs code from the file)")
     p.add_argument("--device", help="device for --model models (cpu, cuda, cuda:1)")
     p.add_argument("--dtype", choices=["float32", "float64"], help="dtype for --model models")
+    p.add_argument("--backend", choices=["e3nn", "cueq", "auto"],
+                   help="tensor-product backend of every model (auto: cueq on CUDA when cuEquivariance's "
+                        "kernels import, else e3nn; default: the config file's, else auto)")
     p.add_argument("--threads", type=int, help="torch threads for compute (0: torch default)")
     p.add_argument("--grace", type=float, dest="grace_s", help="SIGTERM drain period, s")
     p.add_argument("--log-level", help="DEBUG logs one line per batch")
@@ -73,6 +77,7 @@ def build_config(args: argparse.Namespace):
         "threads": args.threads,
         "grace_s": args.grace_s,
         "log_level": args.log_level,
+        "backend": args.backend,
     }
     config = load_config(args.config, overrides)
     if args.model:
@@ -87,6 +92,9 @@ def build_config(args: argparse.Namespace):
     elif args.trust_pickle:
         for m in config.models:
             m.trust_pickle = True
+    if args.backend:  # on the command line: for every model, also those that name their own
+        for m in config.models:
+            m.backend = args.backend
     for key in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "insecure"):
         value = getattr(args, key)
         if value is not None:

@@ -310,6 +310,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                     cutoff=info["cutoff"],
                     dtype=info["dtype"],
                     device=info["device"],
+                    backend=info["backend"],
                     outputs=info["outputs"],
                     units=info["units"],
                     trained=info["trained"],

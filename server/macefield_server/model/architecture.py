@@ -76,6 +76,8 @@ def _buffer_values(model) -> Dict[str, Any]:
 
 def describe_architecture(model: torch.nn.Module) -> Dict[str, Any]:
     """Return the JSON-able constructor description of a (Field)MACE module."""
+    if getattr(model, "backend", "e3nn") != "e3nn":  # a model converted by .cueq.to_cueq
+        raise ValueError("describe (and save) the e3nn model a cuEquivariance model was converted from")
     if getattr(model, "arch_config", None) is not None:
         arch = copy.deepcopy(model.arch_config)
         arch.update(_buffer_values(model))
@@ -255,10 +257,15 @@ def build_field_mace(
     time for the full response on CPU.  ``False`` keeps e3nn's TorchScript
     modules as mace-torch builds them (used by the benchmark's reference).
     """
+    kwargs = mace_kwargs(arch)
+    # MACE's original contraction basis in every environment (mace-torch would switch to
+    # cuequivariance's reduced basis whenever that package is importable); a checkpoint in
+    # the reduced basis still loads: see .contraction_basis
+    kwargs["use_reduced_cg"] = False
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        model = FieldMACE(**mace_kwargs(arch))
+        model = FieldMACE(**kwargs)
     finally:
         torch.set_default_dtype(previous)
     if rewrite_products:

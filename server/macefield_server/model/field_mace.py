@@ -29,6 +29,8 @@ from mace.modules.models import ScaleShiftMACE
 from mace.modules.wrapper_ops import FullyConnectedTensorProduct, Linear
 from mace.tools.scatter import scatter_sum
 
+from .contraction_basis import install_basis_hooks
+
 FIELD_IRREPS = o3.Irreps("1o")
 
 
@@ -57,6 +59,9 @@ class FieldMACE(ScaleShiftMACE):
             Linear(irreps_in=hidden_irreps, irreps_out=hidden_irreps, cueq_config=cueq_config)
             for _ in range(n_coupled)
         )
+        # U matrices and weights load in whatever symmetric-contraction basis the
+        # checkpoint holds (see .contraction_basis): loading never depends on what is installed
+        install_basis_hooks(self)
 
     # ------------------------------------------------------------------ energy
     def enthalpy(

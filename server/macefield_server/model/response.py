@@ -48,7 +48,8 @@ DERIVED_FROM = {"chi": "polarizability", "eps_inf": "polarizability", "polarizat
 #: 72-atom quartz, 64 channels, max_ell 3: 3.2 s vs 7.1 s before the
 #: tensor-product rewrite, 1.33 s vs 1.27 s after it): vmapping the backward
 #: materialises three times larger edge intermediates.  No GPU measurement
-#: exists yet, so CUDA uses the same default until one says otherwise.
+#: exists yet, so CUDA uses the same default until one says otherwise (bench/gpu_suite.py's
+#: engine section times loop against vmap on the GPU; cueq models always take loop).
 SECOND_ORDER_DEFAULT = {False: "loop", True: "loop"}
 
 
@@ -106,6 +107,7 @@ def respond(
         second_order: how the Z*/alpha pass runs over the three dipole components:
             "vmap" (one ``is_grads_batched`` pass) or "loop" (three batch-wide
             passes); None picks :data:`SECOND_ORDER_DEFAULT` for the device.
+            cuEquivariance models (``model.backend == "cueq"``) take "loop" only.
             Known limit: "vmap" with ``keep_graph=True`` can fail with "Batching
             rule not implemented for aten::detach" inside e3nn's TorchScript
             modules once the TorchScript graph optimiser has specialised them
@@ -133,11 +135,17 @@ def respond(
     if field.shape[0] != num_graphs:
         raise ValueError(f"electric_field: {field.shape[0]} fields for {num_graphs} structures")
 
+    cueq = getattr(model, "backend", "e3nn") == "cueq"
     if second_order is None:
-        second_order = SECOND_ORDER_DEFAULT[device.type == "cuda"]
+        second_order = "loop" if cueq else SECOND_ORDER_DEFAULT[device.type == "cuda"]
     if second_order not in ("vmap", "loop"):
         raise ValueError(f"second_order: expected 'vmap' or 'loop', got {second_order!r}")
     outputs = engine_outputs(frozenset(outputs))
+    if second_order == "vmap" and cueq:
+        raise ValueError(
+            "second_order: 'vmap' is not available on the cueq backend (cuEquivariance's operations have no "
+            "vmap batching rule); use 'loop' (three batch-wide passes), its default"
+        )
     tier = response_tier(outputs)
     want_forces = "forces" in outputs
     want_stress = "stress" in outputs

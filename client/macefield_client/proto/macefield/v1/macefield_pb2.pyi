@@ -105,7 +105,7 @@ class HeadInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "is_default", "heads", "default_head", "atomic_numbers", "cutoff", "dtype", "device", "outputs", "units", "trained", "description", "num_parameters", "card_json", "source", "pair_repulsion")
+    __slots__ = ("name", "is_default", "heads", "default_head", "atomic_numbers", "cutoff", "dtype", "device", "outputs", "units", "trained", "description", "num_parameters", "card_json", "source", "pair_repulsion", "backend")
     class UnitsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class ModelInfo(_message.Message):
     CARD_JSON_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     PAIR_REPULSION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     name: str
     is_default: bool
     heads: _containers.RepeatedCompositeFieldContainer[HeadInfo]
@@ -145,7 +146,8 @@ class ModelInfo(_message.Message):
     card_json: str
     source: str
     pair_repulsion: bool
-    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ..., heads: _Optional[_Iterable[_Union[HeadInfo, _Mapping]]] = ..., default_head: _Optional[str] = ..., atomic_numbers: _Optional[_Iterable[int]] = ..., cutoff: _Optional[float] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., units: _Optional[_Mapping[str, str]] = ..., trained: _Optional[bool] = ..., description: _Optional[str] = ..., num_parameters: _Optional[int] = ..., card_json: _Optional[str] = ..., source: _Optional[str] = ..., pair_repulsion: _Optional[bool] = ...) -> None: ...
+    backend: str
+    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ..., heads: _Optional[_Iterable[_Union[HeadInfo, _Mapping]]] = ..., default_head: _Optional[str] = ..., atomic_numbers: _Optional[_Iterable[int]] = ..., cutoff: _Optional[float] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., units: _Optional[_Mapping[str, str]] = ..., trained: _Optional[bool] = ..., description: _Optional[str] = ..., num_parameters: _Optional[int] = ..., card_json: _Optional[str] = ..., source: _Optional[str] = ..., pair_repulsion: _Optional[bool] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "max_atoms_per_structure", "max_field_magnitude", "max_structures_per_request", "min_distance")

@@ -1,0 +1,678 @@
+#!/usr/bin/env python3
+"""One-call GPU suite: correctness, engine throughput, served load and the cost of one MD step.
+
+Runs on a bare GPU machine in well under 8 minutes (``--budget-s``, default
+420 s: every section stops starting new points when its share is spent and
+the JSON is rewritten after each section, so a killed run still leaves
+results).  Sections:
+
+1. ``correctness``: CUDA float64 against CPU float64 on a mixed batch (two
+   heads, three fields, a SiO2 molecule, 72-atom alpha-quartz, 135-atom cubic
+   BaTiO3) for every output, and cueq against e3nn on CUDA (float64 and
+   float32) for the embedded default model and an MH-0-size random model;
+   relative error = max |a - b| / max |a| per output over the batch.
+2. ``engine``: structures/s, microseconds per atom and peak GPU memory of one
+   engine pass (``respond``) against batch size (1, 4, 16, 64, 256 rattled
+   72-atom quartz cells) for energy+forces and the full response, float32 and
+   float64, e3nn and cueq, second order by loop and (e3nn only) vmap; for the
+   64-channel default model and a random model of MACEField-MH-0's size
+   (128x0e+128x1o, max_ell 3, correlation 3, 2 layers, r_max 6 A, 79 elements,
+   3 heads).
+3. ``server``: ``macefield-serve`` on the device (MH-0-size model, float32,
+   backend auto) under closed-loop load from 1, 8, 64 and 256 clients over
+   Predict and PredictStream, against batching off (``max_structures: 1``) and
+   direct in-process batched evaluation (bench/load.py's machinery).
+4. ``md_step``: where one MD step of a single PredictStream client goes:
+   decode, validation, neighbour list, collate, host-to-device, compute,
+   device-to-host, split, encode (in-process, the server's own functions), and
+   the end-to-end stream round trip; the rest is gRPC and scheduling.
+
+Without cuEquivariance's CUDA kernels (``cuequivariance_ops_torch``) the
+suite runs e3nn only and says so in ``notes``.  ``--smoke`` runs every code
+path on CPU with tiny models and structures in about a minute on two busy
+cores (tests/test_gpu_suite.py); its numbers mean nothing.
+
+On the device (see bench/gpu_wheels.sh for the two calls)::
+
+    PYTHONPATH=/tmp/site:/tmp/site-ops:client:server python3 bench/gpu_suite.py --out $OUT
+
+Writes ``gpu_suite-<device>-<UTC>.json`` and a short ``.txt`` summary in ``--out``
+(default: $OUT if set, else bench/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+FULL = ("energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability")
+EF = ("energy", "forces")
+#: MACEField-MH-0 (arXiv 2508.17870; checkpoint MACEField-MH-0-omat-dielectric.model)
+MH0_HEADS = ["pt_head", "mp-dielectric", "mp-ferroelectric"]
+TARGETS = {
+    "cueq_vs_e3nn_float64": 1e-10,
+    "cueq_vs_e3nn_float32": 1e-5,
+    "cuda_vs_cpu_float64": 1e-8,
+    "batching_gain_full": 10.0,
+    "full_over_energy_forces": 4.0,
+    "cueq_over_e3nn_mh0": 2.0,
+    "served_over_direct_64_clients": 0.8,
+    "anchor_us_per_atom_energy_forces": 3.0,  # published: large MACE on an H100, energy+forces
+}
+
+
+# ------------------------------------------------------------------ structures
+def alpha_quartz(repeat=(2, 2, 2), rattle=0.0, seed=0):
+    """alpha-quartz at the experimental cell (macefield_client.structures, checked by tests/test_structures.py)."""
+    from macefield_client.structures import alpha_quartz as build
+
+    return build(repeat=repeat, rattle=rattle, seed=seed)
+
+
+def cubic_batio3(repeat=(3, 3, 3), a=4.00):
+    """Cubic perovskite BaTiO3 (Pm-3m, a = 4.00 A): Ti-O 2.00 A, Ba-O 2.83 A."""
+    from ase import Atoms
+
+    cell = Atoms("BaTiO3", cell=[a, a, a], pbc=True,
+                 scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)])
+    return cell * repeat
+
+
+def sio2_molecule(bond=1.52):
+    """Linear O=Si=O (gas-phase SiO2, Si-O about 1.52 A)."""
+    from ase import Atoms
+
+    return Atoms("OSiO", positions=[(-bond, 0, 0), (0, 0, 0), (bond, 0, 0)], pbc=False)
+
+
+def check_structures():
+    """Coordination and bond lengths of the suite's structures (AssertionError if wrong)."""
+    from ase.neighborlist import neighbor_list
+
+    q = alpha_quartz((1, 1, 1))
+    i, j, d = neighbor_list("ijd", q, 2.0)
+    si = [k for k, z in enumerate(q.numbers) if z == 14]
+    assert all(sum(i == k) == 4 for k in si), "quartz: every Si must have 4 O within 2 A"
+    assert np.all(q.numbers[j[np.isin(i, si)]] == 8)
+    bonds = np.unique(np.round(d[np.isin(i, si)], 3))
+    assert np.allclose(bonds, [1.605, 1.614], atol=0.003), bonds
+    b = cubic_batio3((1, 1, 1))
+    i, j, d = neighbor_list("ijd", b, 2.1)
+    ti = int(np.flatnonzero(b.numbers == 22)[0])
+    assert sum(i == ti) == 6 and np.allclose(d[i == ti], 2.0)
+    assert len(alpha_quartz()) == 72 and len(cubic_batio3()) == 135
+    return {"quartz_si_o_A": bonds.tolist(), "batio3_ti_o_A": 2.0, "sio2_molecule_si_o_A": 1.52}
+
+
+# ------------------------------------------------------------------ helpers
+class Budget:
+    def __init__(self, total_s: float):
+        self.start = time.monotonic()
+        self.total = total_s
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def until(self, fraction_end: float) -> float:
+        """Monotonic deadline at ``fraction_end`` of the whole budget."""
+        return self.start + self.total * fraction_end
+
+
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rel_errors(a_list, b_list, keys=FULL):
+    out = {}
+    for key in keys:
+        a = [r[key] for r in a_list if key in r]
+        b = [r[key] for r in b_list if key in r]
+        if not a:
+            continue
+        scale = max(float(np.abs(x).max()) for x in a)
+        out[key] = max(float(np.abs(x - y).max()) for x, y in zip(a, b)) / max(scale, 1e-300)
+    return out
+
+
+def is_oom(exc: BaseException) -> bool:
+    from macefield_server.batcher import is_out_of_memory
+
+    return is_out_of_memory(exc)
+
+
+def mh0_architecture(smoke: bool):
+    from macefield_server.model import default_architecture
+
+    if smoke:
+        return default_architecture([8, 14, 22, 56], heads=MH0_HEADS, channels=8, max_L=1, max_ell=2, correlation=3,
+                                    r_max=4.5, radial_MLP=(16, 16), mlp_channels=8)
+    return default_architecture(list(range(1, 80)), heads=MH0_HEADS, channels=128, max_L=1, max_ell=3,
+                                correlation=3, r_max=6.0, num_interactions=2, radial_MLP=(64, 64, 64),
+                                mlp_channels=16, avg_num_neighbors=40.0)
+
+
+def build_models(smoke: bool):
+    """{name: e3nn float64 model on CPU}: the embedded default model (64 channels) and an MH-0-size random one."""
+    import torch
+
+    from macefield_server.model import build_field_mace, default_architecture
+    from macefield_server.registry import load_default_model
+
+    if smoke:
+        arch = default_architecture([8, 14, 22, 56], heads=["sio2", "batio3"], channels=8, max_L=1, max_ell=2,
+                                    correlation=2, r_max=4.5, radial_MLP=(16, 16), mlp_channels=8)
+        torch.manual_seed(0)
+        default = build_field_mace(arch, dtype=torch.float64)
+    else:
+        default = load_default_model(dtype="float64").model
+    torch.manual_seed(1)
+    mh0 = build_field_mace(mh0_architecture(smoke), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # non-zero field coupling, like a trained model
+        for model in (default, mh0):
+            for p in model.field_linear.parameters():
+                if not p.abs().sum():
+                    p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.05)
+    return {"default": default.eval(), "mh0": mh0.eval()}
+
+
+def on(model, dtype, device, backend):
+    """A copy of the e3nn float64 CPU ``model`` in ``dtype`` on ``device`` and ``backend``."""
+    import copy
+
+    from macefield_server.model.cueq import to_cueq
+
+    m = copy.deepcopy(model).to(dtype=dtype, device=device)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return to_cueq(m) if backend == "cueq" else m
+
+
+def environment(args, device):
+    import torch
+
+    from macefield_server.model.cueq import cueq_import_error, cueq_kernels_available
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+           "machine": platform.machine(), "device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda, sm_count=props.multi_processor_count)
+    for name in ("mace", "e3nn", "cuequivariance", "cuequivariance_torch", "cuequivariance_ops_torch", "grpc", "ase"):
+        try:
+            module = __import__(name)
+            env[f"{name}_version"] = getattr(module, "__version__", "?")
+        except Exception as exc:  # noqa: BLE001
+            env[f"{name}_version"] = f"not importable: {type(exc).__name__}: {exc}"[:200]
+    missing = cueq_import_error()
+    env["cueq"] = missing is None
+    env["cueq_kernels"] = cueq_kernels_available()
+    return env
+
+
+# ------------------------------------------------------------------ 1. correctness
+def correctness(models, device, args, record, deadline):
+    import torch
+
+    from macefield_server.model import predict
+
+    q = alpha_quartz((1, 1, 1) if args.smoke else (2, 2, 2), rattle=0.02, seed=1)
+    b = cubic_batio3((2, 2, 1) if args.smoke else (3, 3, 3))
+    b.rattle(0.02, seed=2)
+    atoms = [q, sio2_molecule(), b]
+    fields = [[0.05, -0.02, 0.03], [0.0, 0.04, -0.01], [-0.03, 0.0, 0.05]]
+    out = {"structures": {"n_atoms": [len(a) for a in atoms], "heads": None}}
+    default = models["default"]
+    heads = [default.heads[0], default.heads[-1], default.heads[-1]]
+    out["structures"]["heads"] = heads
+    cpu = predict(default, atoms, electric_fields=fields, heads=heads)
+    if device.type == "cuda":
+        cuda = predict(on(default, torch.float64, device, "e3nn"), atoms, electric_fields=fields, heads=heads)
+        out["cuda_vs_cpu_float64_default"] = rel_errors(cpu, cuda)
+    comparisons = {}
+    if record["environment"]["cueq_measured"]:
+        for name, model in models.items():
+            hs = [model.heads[i % len(model.heads)] for i in range(len(atoms))]
+            for dtype in (torch.float64, torch.float32):
+                if time.monotonic() > deadline:
+                    record["notes"].append("correctness: budget spent before every cueq comparison")
+                    break
+                ref = predict(on(model, dtype, device, "e3nn"), atoms, electric_fields=fields, heads=hs)
+                got = predict(on(model, dtype, device, "cueq"), atoms, electric_fields=fields, heads=hs)
+                comparisons[f"{name}_{str(dtype)[6:]}"] = rel_errors(ref, got)
+    out["cueq_vs_e3nn"] = comparisons
+    return out
+
+
+# ------------------------------------------------------------------ 2. engine throughput
+def engine(models, device, args, record, deadline):
+    import torch
+
+    from macefield_server.model import Structure, prepare_batch
+    from macefield_server.model.graph import neighbour_list
+    from macefield_server.model.response import respond
+
+    frames = [alpha_quartz((1, 1, 1) if args.smoke else (2, 2, 2), rattle=0.02, seed=s) for s in range(8)]
+    n_atoms = len(frames[0])
+    backends = ["e3nn"] + (["cueq"] if record["environment"]["cueq_measured"] else [])
+    dtypes = [torch.float32, torch.float64]
+    series = []
+    for name in ("mh0",) if args.smoke else ("mh0", "default"):  # smoke: the code paths once
+        for dtype in dtypes:
+            for backend in backends:
+                for tier, outputs in (("energy_forces", EF), ("full", FULL)):
+                    strategies = ["loop"] + (["vmap"] if backend == "e3nn" and tier == "full" else [])
+                    for strategy in strategies:
+                        series.append((name, dtype, backend, tier, outputs, strategy))
+    results = []
+    per_series = max(1.0, (deadline - time.monotonic()) / max(len(series), 1))
+    built = {}
+    for name, dtype, backend, tier, outputs, strategy in series:
+        if time.monotonic() > deadline:
+            record["notes"].append("engine: budget spent; later series not measured")
+            break
+        key = (name, dtype, backend)
+        if key not in built:
+            built.clear()  # one model on the device at a time
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+            built[key] = on(models[name], dtype, device, backend)
+        model = built[key]
+        graphs = [neighbour_list(Structure.from_atoms(a), float(model.r_max)) for a in frames]
+        row = {"model": name, "dtype": str(dtype)[6:], "backend": backend, "outputs": tier, "second_order": strategy,
+               "n_atoms": n_atoms, "edges_per_structure": int(np.mean([g.edge_index.shape[1] for g in graphs])),
+               "points": []}
+        series_end = min(deadline, time.monotonic() + per_series)
+        for size in args.batch_sizes:
+            structures = [Structure.from_atoms(frames[i % 8], electric_field=[0.01 * (i % 3), 0.0, 0.02],
+                                               head=model.heads[i % len(model.heads)]) for i in range(size)]
+            try:
+                batch = prepare_batch(model, structures, graphs=[graphs[i % 8] for i in range(size)])
+                wanted = frozenset(outputs)
+
+                def call():
+                    respond(model, batch.tensors, None, wanted, second_order=strategy)
+
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                samples = timed(call, device, until=min(series_end, time.monotonic() + args.point_s))
+                seconds = statistics.median(samples)
+                point = {"structures": size, "seconds": seconds, "repeats": len(samples),
+                         "structures_per_s": size / seconds, "us_per_atom": 1e6 * seconds / (size * n_atoms)}
+                if device.type == "cuda":
+                    point["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                del batch
+            except Exception as exc:  # noqa: BLE001
+                if not is_oom(exc):
+                    point = {"structures": size, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                else:
+                    point = {"structures": size, "oom": True}
+                row["points"].append(point)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                break
+            row["points"].append(point)
+            # stop growing when the next batch (about 4x the time) would not fit this series' share
+            if time.monotonic() + 4 * seconds * 2 > series_end:
+                break
+        results.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "points"} | {"points": len(row["points"])}), flush=True)
+    built.clear()
+    return {"series": results}
+
+
+def timed(fn, device, until: float, min_repeats: int = 2, max_repeats: int = 10):
+    fn()  # warm-up (allocator, kernel selection)
+    sync(device)
+    samples = []
+    while len(samples) < min_repeats or (len(samples) < max_repeats and time.monotonic() < until):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+# ------------------------------------------------------------------ 3. served throughput
+async def closed_loop_stream(port: int, atoms, clients: int, duration: float):
+    """Each client: one PredictStream, one request in flight (an MD code stepping)."""
+    import grpc
+    from load import summarise
+    from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
+    from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
+
+    base = dict(atomic_numbers=[int(z) for z in atoms.numbers], positions=np.asarray(atoms.positions).ravel().tolist(),
+                cell=np.asarray(atoms.cell).ravel().tolist(), pbc=[bool(p) for p in atoms.pbc], outputs=list(FULL))
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(min(clients, 16))]
+    latencies, batch_sizes, counts = [], [], [0] * clients
+    start = time.perf_counter()
+
+    async def client(k: int):
+        rng = np.random.default_rng(k)
+        call = rpc.MaceFieldStub(channels[k % len(channels)]).PredictStream(timeout=3600)
+        while time.perf_counter() - start < duration or counts[k] < 1:
+            t0 = time.perf_counter()
+            await call.write(pb.PredictRequest(request_id=f"s{k}-{counts[k]}",
+                                               electric_field=rng.normal(0, 0.01, 3).tolist(), **base))
+            response = await call.read()
+            latencies.append(time.perf_counter() - t0)
+            batch_sizes.append(response.timing.batch_structures)
+            counts[k] += 1
+        await call.done_writing()
+
+    await asyncio.gather(*(client(k) for k in range(clients)))
+    wall = time.perf_counter() - start
+    for c in channels:
+        await c.close()
+    return summarise(latencies, sum(counts), wall, batch_sizes)
+
+
+def served(models, device, args, record, deadline, workdir: Path):
+    import torch
+    from load import Server, closed_loop, run_direct
+
+    from macefield_server.config import BatchingConfig
+    from macefield_server.model import Structure, prepare_batch, save_model
+
+    atoms = alpha_quartz((1, 1, 1) if args.smoke else (2, 2, 2), rattle=0.02, seed=3)
+    dtype = "float32"
+    backend = "auto"
+    checkpoint = save_model(models["mh0"].float(), workdir / "mh0.pt")
+    models["mh0"].double()
+    extra = ["--device", str(device), "--dtype", dtype, "--backend", backend]
+    threads = 1 if args.smoke else min(8, os.cpu_count() or 1)
+    opts = argparse.Namespace(threads=threads, max_wait_ms=5.0, duration=args.load_s, min_per_client=1)
+    top = max(args.clients)
+    servers = {"batching": Server(checkpoint, top, opts, workdir, extra),
+               "no-batching": Server(checkpoint, 1, opts, workdir, extra)}
+    out = {"model": "mh0", "dtype": dtype, "backend": backend, "n_atoms": len(atoms), "clients": args.clients,
+           "duration_s": args.load_s, "results": {}}
+    try:
+        for server in servers.values():
+            server.wait_serving(timeout=max(60.0, deadline - time.monotonic()))
+        from macefield_server.model.cueq import resolve_backend
+
+        out["backend_resolved"] = resolve_backend(backend, device)[0]
+        direct_model = on(models["mh0"], torch.float32, device, out["backend_resolved"])
+        edges = prepare_batch(direct_model, [Structure.from_atoms(atoms)]).num_edges
+        limits = BatchingConfig().limits_for(device.type)
+        warm = argparse.Namespace(duration=0.5, min_per_client=1)
+        for server in servers.values():
+            asyncio.run(closed_loop(server.port, atoms, 8, warm))
+        run_direct(direct_model, atoms, 8, argparse.Namespace(duration=0.5, min_per_client=1, edges=edges), (top, *limits))
+        for clients in args.clients:
+            if time.monotonic() > deadline:
+                record["notes"].append(f"server: budget spent before {clients} clients")
+                break
+            row = {}
+            row["predict_batching"] = asyncio.run(closed_loop(servers["batching"].port, atoms, clients, opts))
+            row["stream_batching"] = asyncio.run(
+                closed_loop_stream(servers["batching"].port, atoms, clients, args.load_s))
+            row["predict_no_batching"] = asyncio.run(closed_loop(servers["no-batching"].port, atoms, clients, opts))
+            row["direct"] = run_direct(direct_model, atoms, clients,
+                                       argparse.Namespace(duration=args.load_s, min_per_client=1, edges=edges),
+                                       (top, *limits))
+            for v in row.values():
+                v.pop("_latencies"), v.pop("_batch_sizes")
+            out["results"][str(clients)] = row
+            print(json.dumps({"clients": clients, **{k: v["throughput_sps"] for k, v in row.items()}}), flush=True)
+        out["md_stream_port"] = servers["batching"].port
+        md = md_step(direct_model, atoms, device, args, servers["batching"].port)
+    finally:
+        out["exit_codes"] = {k: s.stop() for k, s in servers.items()}
+        out.pop("md_stream_port", None)
+    return out, md
+
+
+# ------------------------------------------------------------------ 4. one MD step
+def md_step(model, atoms, device, args, port):
+    """Stage costs of one single-client step (in-process, the server's functions) and the stream round trip."""
+    import grpc
+    import torch
+    from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
+    from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
+
+    from macefield_server.batcher import Timing
+    from macefield_server.config import LimitsConfig
+    from macefield_server.model.graph import collate, neighbour_list
+    from macefield_server.model.predict import split_results
+    from macefield_server.model.response import respond
+    from macefield_server.registry import ModelRegistry, ServedModel
+    from macefield_server.service import result_to_proto
+    from macefield_server.validation import parse_request
+
+    served_model = ServedModel("bench", model, "")
+    registry = ModelRegistry([served_model])
+    limits = LimitsConfig()
+    request = pb.PredictRequest(atomic_numbers=[int(z) for z in atoms.numbers],
+                                positions=np.asarray(atoms.positions).ravel().tolist(),
+                                cell=np.asarray(atoms.cell).ravel().tolist(), pbc=[True] * 3,
+                                electric_field=[0.0, 0.0, 0.01], outputs=list(FULL))
+    wire = request.SerializeToString()
+    stages = {k: [] for k in ("decode", "validation", "neighbour_list", "collate_cpu", "host_to_device", "compute",
+                              "device_to_host", "split", "encode")}
+    zs = [int(z) for z in model.atomic_numbers]
+    for _ in range(args.md_steps + 1):
+        t = [time.perf_counter()]
+        req = pb.PredictRequest.FromString(wire)
+        t.append(time.perf_counter())
+        parsed = parse_request(req, registry, limits)
+        t.append(time.perf_counter())
+        graph = neighbour_list(parsed.structure, served_model.cutoff)
+        t.append(time.perf_counter())
+        batch = collate([parsed.structure], [graph], atomic_numbers=zs, head_index=[parsed.head_index],
+                        dtype=served_model.dtype, device=torch.device("cpu"))
+        t.append(time.perf_counter())
+        batch.tensors = {k: v.to(device, non_blocking=False) if isinstance(v, torch.Tensor) else v
+                         for k, v in batch.tensors.items()}
+        sync(device)
+        t.append(time.perf_counter())
+        raw = respond(model, batch.tensors, None, parsed.outputs)
+        sync(device)
+        t.append(time.perf_counter())
+        host = {k: v.cpu() for k, v in raw.items() if isinstance(v, torch.Tensor)}
+        t.append(time.perf_counter())
+        values = split_results(batch, host, parsed.outputs)[0]
+        t.append(time.perf_counter())
+        result_to_proto(parsed, values, Timing(0, 0, 0, 1, parsed.n_atoms)).SerializeToString()
+        t.append(time.perf_counter())
+        if _ == 0:
+            continue  # warm-up
+        for name, a, b in zip(stages, t[:-1], t[1:]):
+            stages[name].append(b - a)
+    out = {"n_atoms": len(atoms), "steps": args.md_steps,
+           "stage_ms": {k: 1e3 * statistics.median(v) for k, v in stages.items()}}
+    out["stages_total_ms"] = sum(out["stage_ms"].values())
+    out["overhead_ms_excluding_compute"] = out["stages_total_ms"] - out["stage_ms"]["compute"]
+
+    async def stream():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = rpc.MaceFieldStub(channel).PredictStream(timeout=3600)
+            latencies, server_ms = [], []
+            for i in range(args.md_steps + 1):
+                t0 = time.perf_counter()
+                await call.write(pb.PredictRequest.FromString(wire))
+                response = await call.read()
+                if i:
+                    latencies.append(time.perf_counter() - t0)
+                    server_ms.append((response.timing.queue_ms, response.timing.compute_ms, response.timing.total_ms))
+            await call.done_writing()
+            return latencies, server_ms
+
+    latencies, server_ms = asyncio.run(stream())
+    out["stream_round_trip_ms"] = 1e3 * statistics.median(latencies)
+    out["server_timing_ms"] = {k: statistics.median(x[i] for x in server_ms)
+                               for i, k in enumerate(("queue", "compute", "total"))}
+    out["unaccounted_ms"] = out["stream_round_trip_ms"] - out["stages_total_ms"]
+    return out
+
+
+# ------------------------------------------------------------------ summary
+def summarise_record(record):
+    """Targets of issue 16 that this run can judge: {name: {value, target, pass}}."""
+    checks = {}
+    corr = record["sections"].get("correctness", {})
+    for label, errs in (corr.get("cueq_vs_e3nn") or {}).items():
+        target = TARGETS["cueq_vs_e3nn_float64" if label.endswith("float64") else "cueq_vs_e3nn_float32"]
+        worst = max(errs.values())
+        checks[f"cueq_vs_e3nn_{label}"] = {"value": worst, "target": f"<= {target}", "pass": worst <= target}
+    if "cuda_vs_cpu_float64_default" in corr:
+        worst = max(corr["cuda_vs_cpu_float64_default"].values())
+        checks["cuda_vs_cpu_float64"] = {"value": worst, "target": "<= 1e-8", "pass": worst <= TARGETS["cuda_vs_cpu_float64"]}
+    series = (record["sections"].get("engine") or {}).get("series", [])
+
+    def best(name, dtype, backend, outputs, strategy="loop"):
+        for row in series:
+            if (row["model"], row["dtype"], row["backend"], row["outputs"], row["second_order"]) == (
+                    name, dtype, backend, outputs, strategy):
+                points = [p for p in row["points"] if "seconds" in p]
+                return points
+        return []
+
+    for name in ("default", "mh0"):
+        for backend in ("e3nn", "cueq"):
+            full = best(name, "float32", backend, "full")
+            ef = best(name, "float32", backend, "energy_forces")
+            if len(full) > 1:
+                top = max(full, key=lambda p: p["structures_per_s"])
+                gain = top["structures_per_s"] / full[0]["structures_per_s"]
+                checks[f"batching_gain_full_{name}_{backend}_float32"] = {
+                    "value": gain, "target": ">= 10", "pass": gain >= TARGETS["batching_gain_full"],
+                    "best_batch": top["structures"]}
+                same = {p["structures"]: p for p in ef}
+                if top["structures"] in same:
+                    ratio = top["seconds"] / same[top["structures"]]["seconds"]
+                    checks[f"full_over_ef_{name}_{backend}_float32"] = {
+                        "value": ratio, "target": "<= 4", "pass": ratio <= TARGETS["full_over_energy_forces"]}
+    for outputs in ("energy_forces", "full"):
+        e3nn, cueq = best("mh0", "float32", "e3nn", outputs), best("mh0", "float32", "cueq", outputs)
+        if e3nn and cueq:
+            speedup = max(p["structures_per_s"] for p in cueq) / max(p["structures_per_s"] for p in e3nn)
+            checks[f"cueq_over_e3nn_mh0_float32_{outputs}"] = {"value": speedup, "target": ">= 2",
+                                                                "pass": speedup >= TARGETS["cueq_over_e3nn_mh0"]}
+        if cueq:
+            checks[f"us_per_atom_mh0_cueq_float32_{outputs}"] = {
+                "value": min(p["us_per_atom"] for p in cueq), "target": "report (anchor ~3 us/atom E+F, H100)",
+                "pass": None}
+    srv = (record["sections"].get("server") or {}).get("results", {})
+    if "64" in srv:
+        ratio = srv["64"]["predict_batching"]["throughput_sps"] / srv["64"]["direct"]["throughput_sps"]
+        checks["served_over_direct_64_clients"] = {"value": ratio, "target": ">= 0.8",
+                                                   "pass": ratio >= TARGETS["served_over_direct_64_clients"]}
+    return checks
+
+
+def write(record, out_dir: Path, stem: str):
+    record["checks"] = summarise_record(record)
+    record["elapsed_s"] = round(time.monotonic() - record["_start"], 1)
+    clean = {k: v for k, v in record.items() if not k.startswith("_")}
+    (out_dir / f"{stem}.json").write_text(json.dumps(clean, indent=1, default=float) + "\n")
+    lines = [f"gpu_suite on {record['environment'].get('gpu', record['environment']['device'])} "
+             f"({'smoke' if record['smoke'] else 'full'}), {clean['elapsed_s']} s"]
+    lines += [f"note: {n}" for n in record["notes"]]
+    for name, section in record["sections"].items():
+        if isinstance(section, dict) and "error" in section:
+            lines.append(f"{name}: ERROR {section['error']}")
+    for name, c in record["checks"].items():
+        verdict = "" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
+        lines.append(f"{name}: {c['value']:.3g} (target {c['target']}) {verdict}".rstrip())
+    (out_dir / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="every code path on CPU in seconds (tiny sizes)")
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--out", type=Path, default=None, help="folder for the JSON and text summary")
+    p.add_argument("--budget-s", type=float, default=None, help="whole run, seconds (default 420; smoke 600)")
+    p.add_argument("--sections", nargs="+", default=["correctness", "engine", "server"],
+                   choices=["correctness", "engine", "server"], help="server includes md_step")
+    args = p.parse_args(argv)
+
+    # the server child processes import the project from the same (absolute) paths
+    os.environ["PYTHONPATH"] = os.pathsep.join(str(Path(x).resolve()) for x in sys.path if x)
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
+    args.budget_s = args.budget_s or (600.0 if args.smoke else 420.0)  # smoke: small work, never cut
+    args.batch_sizes = [1, 2] if args.smoke else [1, 4, 16, 64, 256]
+    args.clients = [1, 2] if args.smoke else [1, 8, 64, 256]
+    args.load_s = 0.3 if args.smoke else 3.0
+    args.point_s = 0.05 if args.smoke else 1.0
+    args.md_steps = 3 if args.smoke else 20
+    out_dir = args.out or Path(os.environ.get("OUT") or REPO / "bench" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    utc = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stem = f"gpu_suite-{'smoke' if args.smoke else device.type}-{utc}"
+    budget = Budget(args.budget_s)
+    record = {"benchmark": "bench/gpu_suite.py", "command": " ".join(["python", "bench/gpu_suite.py", *sys.argv[1:]]),
+              "utc": utc, "smoke": args.smoke, "notes": [], "targets": TARGETS, "sections": {},
+              "_start": budget.start}
+    torch.set_num_threads(1 if args.smoke else min(8, os.cpu_count() or 1))
+    record["environment"] = environment(args, device)
+    env = record["environment"]
+    # on a GPU cueq is measured only with its kernels (the pure-PyTorch fallback would only spend the budget)
+    env["cueq_measured"] = env["cueq"] and (device.type != "cuda" or env["cueq_kernels"])
+    if not env["cueq"]:
+        record["notes"].append(f"cuequivariance-torch not importable ({env['cuequivariance_torch_version']}): "
+                               "e3nn only")
+    elif not env["cueq_measured"]:
+        record["notes"].append("cuequivariance_ops_torch (CUDA kernels) not importable "
+                               f"({env['cuequivariance_ops_torch_version']}): e3nn only; was /tmp/site-ops installed "
+                               "by the first call on this machine? (bench/gpu_wheels.sh)")
+    if device.type != "cuda":
+        record["notes"].append(f"device {device}: not a GPU measurement")
+    record["structures"] = check_structures()
+    models = build_models(args.smoke)
+    record["models"] = {name: {"parameters": int(sum(p.numel() for p in m.parameters())),
+                               "hidden_irreps": m.arch_config["hidden_irreps"], "max_ell": m.arch_config["max_ell"],
+                               "correlation": m.arch_config["correlation"], "r_max": m.arch_config["r_max"],
+                               "elements": len(m.arch_config["atomic_numbers"]), "heads": list(m.heads)}
+                        for name, m in models.items()}
+    write(record, out_dir, stem)
+    plan = [("correctness", 0.2), ("engine", 0.7), ("server", 0.97)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, end in plan:
+            if name not in args.sections:
+                continue
+            t0 = time.monotonic()
+            try:
+                if name == "correctness":
+                    record["sections"][name] = correctness(models, device, args, record, budget.until(end))
+                elif name == "engine":
+                    record["sections"][name] = engine(models, device, args, record, budget.until(end))
+                else:
+                    record["sections"]["server"], record["sections"]["md_step"] = served(
+                        models, device, args, record, budget.until(end), Path(tmp))
+            except Exception as exc:  # noqa: BLE001 - record and go on with the next section
+                record["sections"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500],
+                                            "traceback": traceback.format_exc()[-3000:]}
+            record["sections"].setdefault(name, {})["seconds"] = round(time.monotonic() - t0, 1)
+            write(record, out_dir, stem)
+            print(f"{name}: {record['sections'][name]['seconds']} s", flush=True)
+    write(record, out_dir, stem)
+    print((out_dir / f"{stem}.txt").read_text(), flush=True)
+    failed = [n for n, s in record["sections"].items() if isinstance(s, dict) and "error" in s]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The cuEquivariance backend equals the e3nn one: F and every derivative up to Z* and alpha.
+
+Runs on CPU through cuequivariance-torch's pure-PyTorch fallback (double
+backward included), whenever ``cuequivariance_torch`` is installed (CI
+installs it: server[cueq]).  The CUDA kernels are checked by
+bench/gpu_suite.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import quartz_like, random_field_model, sio_molecule
+
+from macefield_server.model import build_field_mace, default_architecture, predict, prepare_batch, upgrade_to_field
+from macefield_server.model.cueq import cueq_import_error, model_backend, resolve_backend, to_cueq
+from macefield_server.model.graph import Structure
+from macefield_server.model.response import respond
+
+pytestmark = pytest.mark.skipif(
+    cueq_import_error() is not None, reason=f"cuequivariance-torch not usable: {cueq_import_error()}"
+)
+
+OUTPUTS = ("energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability")
+
+
+def mixed_batch():
+    """Two heads, three different fields, a crystal, a doubled cell and a molecule."""
+    atoms = [quartz_like(seed=1), sio_molecule(), quartz_like(repeat=(1, 1, 2), seed=2)]
+    fields = [[0.1, -0.2, 0.3], [0.0, 0.25, -0.1], [0.3, 0.0, 0.05]]
+    return atoms, fields
+
+
+def max_relative_errors(model_a, model_b, heads):
+    """Per output: max |a - b| over the batch / max |a| over the batch."""
+    atoms, fields = mixed_batch()
+    ra = predict(model_a, atoms, electric_fields=fields, heads=heads)
+    rb = predict(model_b, atoms, electric_fields=fields, heads=heads)
+    errors = {}
+    for key in OUTPUTS:
+        a = [r[key] for r in ra if key in r]
+        b = [r[key] for r in rb if key in r]
+        scale = max(np.abs(x).max() for x in a)
+        assert scale > 1e-6, f"{key} is (almost) zero: the comparison would be vacuous"
+        errors[key] = max(np.abs(x - y).max() for x, y in zip(a, b)) / scale
+    return errors
+
+
+def with_random_field_weights(model, seed=0, scale=0.3):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in list(model.field_linear.parameters()) + list(model.field_feats.parameters()):
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
+    return model
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_cueq_equals_e3nn_on_every_output(dtype, tolerance):
+    e3nn = random_field_model(heads=("sio2", "other"), seed=3, dtype=dtype)
+    cueq = to_cueq(e3nn)
+    assert model_backend(cueq) == "cueq" and model_backend(e3nn) == "e3nn"
+    assert next(cueq.parameters()).dtype == dtype
+    assert cueq.heads == e3nn.heads
+    # the field coupling is converted too, not left on e3nn
+    assert type(cueq.field_feats[0]).__module__.startswith("cuequivariance_torch")
+    errors = max_relative_errors(e3nn, cueq, heads=["sio2", "other", "other"])
+    assert max(errors.values()) <= tolerance, errors
+
+
+def test_cueq_equals_e3nn_for_a_foundation_shaped_model():
+    """MACEField-MH-0's layout at small width (L=1 hidden irreps, correlation 3, r_max 6, three
+    heads; max_ell 2 instead of 3: cuEquivariance's pure-PyTorch fallback takes a minute to build
+    the l=3 contraction) from a checkpoint in cuequivariance's reduced contraction basis, as
+    mace-torch writes it when cuequivariance is installed."""
+    from mace.modules.models import ScaleShiftMACE
+
+    from macefield_server.model.architecture import mace_kwargs
+
+    arch = default_architecture([8, 14], heads=["pt_head", "mp-dielectric", "mp-ferroelectric"], channels=4,
+                                max_L=1, max_ell=2, correlation=3, r_max=6.0, radial_MLP=(8, 8), mlp_channels=4)
+    torch.manual_seed(4)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        base = ScaleShiftMACE(**mace_kwargs(arch))  # use_reduced_cg=True: reduced basis (cuequivariance importable)
+    finally:
+        torch.set_default_dtype(previous)
+    u3 = base.products[0].symmetric_contractions.contractions[0].U_matrix_3
+    reference_shape = build_field_mace(arch).products[0].symmetric_contractions.contractions[0].U_matrix_3.shape
+    assert u3.shape != reference_shape  # really the other basis
+    e3nn = with_random_field_weights(upgrade_to_field(base.double().eval()), seed=1)
+    cueq = to_cueq(e3nn)
+    errors = max_relative_errors(e3nn, cueq, heads=["pt_head", "mp-dielectric", "mp-ferroelectric"])
+    assert max(errors.values()) <= 1e-10, errors
+
+
+def test_cueq_refuses_vmap_and_keeps_three_pass_default(two_head_model):
+    cueq = to_cueq(two_head_model)
+    batch = prepare_batch(cueq, [Structure.from_atoms(sio_molecule(), electric_field=[0.1, 0.0, 0.0], head="sio2")])
+    wanted = frozenset({"energy", "born_charges", "polarizability"})
+    with pytest.raises(ValueError, match="second_order: 'vmap' is not available on the cueq backend"):
+        respond(cueq, batch.tensors, None, wanted, second_order="vmap")
+    out = respond(cueq, batch.tensors, None, wanted)  # default: loop
+    assert torch.isfinite(out["born_charges"]).all() and out["born_charges"].abs().max() > 0
+
+
+def test_cueq_model_is_not_saved_as_e3nn(tmp_path, field_model):
+    from macefield_server.model import save_model
+
+    with pytest.raises(ValueError, match="e3nn model"):
+        save_model(to_cueq(field_model), tmp_path / "m.pt")
+
+
+def test_backend_resolution():
+    assert resolve_backend("e3nn", "cpu")[0] == "e3nn"
+    assert resolve_backend("auto", "cpu") == ("e3nn", "auto: not on CUDA")
+    assert resolve_backend(None, "cpu")[0] == "e3nn"
+    backend, reason = resolve_backend("cueq", "cpu")
+    assert backend == "cueq" and "fallback" in reason
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        resolve_backend("jax", "cpu")

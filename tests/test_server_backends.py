@@ -1,0 +1,77 @@
+"""Backends as served: configuration, --backend, ListModels and /metrics, and a cueq model over real gRPC."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+from conftest import REPO, quartz_like, random_field_model, sio_molecule
+from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
+from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
+from serving import assert_matches, metric, request_for
+
+from macefield_server.background import BackgroundServer
+from macefield_server.config import BACKENDS, BatchingConfig, ModelConfig, ServerConfig
+from macefield_server.model import OUTPUTS, predict, save_model
+from macefield_server.model import cueq as cueq_module
+from macefield_server.serve_cli import build_config, parse_args
+
+
+def test_backend_names_agree():
+    assert BACKENDS == cueq_module.BACKENDS
+
+
+def test_command_line_backend_applies_to_every_model(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("models: [{path: a.pt, backend: cueq}, {path: b.pt}]\n")
+    config = build_config(parse_args(["--config", str(path)]))
+    assert config.backend == "auto" and [m.backend for m in config.models] == ["cueq", None]
+    config = build_config(parse_args(["--config", str(path), "--backend", "e3nn"]))
+    assert config.backend == "e3nn" and [m.backend for m in config.models] == ["e3nn", "e3nn"]
+    config = build_config(parse_args(["--model", "x.pt", "--backend", "cueq"]))
+    assert config.models == [ModelConfig(path="x.pt", backend="cueq")]
+
+
+def test_cueq_without_cuequivariance_fails_at_load_naming_the_key(tmp_path):
+    """A server asked for cueq where cuequivariance is not installed exits 1 with the reason."""
+    path = save_model(random_field_model(), tmp_path / "m.pt")
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import checkpoint_worker as w; "
+        "sys.meta_path.insert(0, w._BlockCueq()); "
+        "from macefield_server.serve_cli import main; "
+        f"sys.exit(main(['--port', '0', '--metrics-port', '-1', '--model', {str(path)!r}, '--backend', 'cueq']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "models[0].backend: cueq needs cuequivariance" in done.stderr
+    assert "pip install 'macefield-server[cueq]'" in done.stderr
+
+
+@pytest.mark.skipif(cueq_module.cueq_import_error() is not None, reason="cuequivariance-torch not installed")
+def test_cueq_model_served_over_grpc_equals_e3nn(tmp_path):
+    """backend: cueq in the config: ListModels and /metrics say so, and the full response equals e3nn's
+    (cuEquivariance's pure-PyTorch fallback on CPU; a mixed batch of two structures)."""
+    model = random_field_model(heads=("sio2", "other"), seed=5)
+    path = save_model(model, tmp_path / "quartz.pt")
+    config = ServerConfig(port=0, metrics_port=0, batching=BatchingConfig(max_wait_ms=30_000, max_structures=2),
+                          models=[ModelConfig(path=str(path), name="q", backend="cueq"),
+                                  ModelConfig(path=str(path), name="plain")])
+    cases = [(quartz_like(seed=2), (0.1, 0.0, -0.2), "other"), (sio_molecule(), (0.0, 0.2, 0.1), "sio2")]
+    with BackgroundServer(config) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        stub = rpc.MaceFieldStub(channel)
+        infos = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models}
+        assert infos["q"].backend == "cueq" and infos["plain"].backend == "e3nn"  # auto on CPU: e3nn
+        assert metric(srv.metrics_port, "macefield_model_info", name="q", backend="cueq") == 1
+        assert metric(srv.metrics_port, "macefield_model_info", name="plain", backend="e3nn") == 1
+        calls = [stub.Predict.future(request_for(a, field=f, head=h, model="q", request_id=str(i), outputs=sorted(OUTPUTS)),
+                                     timeout=120)
+                 for i, (a, f, h) in enumerate(cases)]
+        responses = [c.result() for c in calls]
+    assert max(r.timing.batch_structures for r in responses) == 2  # computed together
+    for (atoms, field, head), response in zip(cases, responses):
+        reference = predict(model, atoms, electric_fields=field, heads=head)[0]
+        assert np.abs(reference["born_charges"]).max() > 1e-4  # non-zero: the comparison means something
+        assert_matches(response, reference, rtol=1e-10, atol=1e-12)
