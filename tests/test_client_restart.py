@@ -127,3 +127,53 @@ def test_session_reconnects_after_restart_and_raises_clear_error_when_gone(check
     finally:
         for proc in procs:
             proc.kill()
+
+
+def test_default_retry_policy_rides_out_a_measured_restart(tmp_path):
+    """kill -9 of a server on the embedded default model and an immediate restart on the same port: a session
+    step sent meanwhile, with the *default* retry policy, is answered by the restarted server; the policy's
+    shortest budget is at least twice the restart time measured here (issue 14: it used to be shorter)."""
+    import time
+
+    import grpc
+    from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
+    from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
+    from macefield_client.structures import alpha_quartz
+    from serving import wait_for
+
+    procs = [ServerProcess([])]
+    port = procs[0].port
+    target = f"127.0.0.1:{port}"
+    stub = rpc.MaceFieldStub(grpc.insecure_channel(target))
+
+    def serving():
+        try:
+            stub.ListModels(pb.ListModelsRequest(), timeout=2)
+            return True
+        except grpc.RpcError:
+            return False
+
+    try:
+        wait_for(serving, timeout=240, interval=0.1, what="first start")
+        atoms = alpha_quartz(cell="pbe", rattle=0.02)
+        with Client(target) as client, client.session(outputs=["forces"]) as session:
+            first = session.predict(atoms)
+            procs[0].proc.kill()
+            t0 = time.monotonic()
+            box = {}
+            thread = threading.Thread(target=lambda: box.update(result=bounded(lambda: session.predict(atoms))),
+                                      daemon=True)
+            thread.start()  # the step goes out while nothing listens
+            procs.append(ServerProcess(["--port", str(port)]))
+            wait_for(serving, timeout=240, interval=0.05, what="restart")
+            restart_s = time.monotonic() - t0
+            thread.join(HANG_GUARD_S)
+            assert "result" in box, box  # answered, no ServerUnavailable
+            np.testing.assert_allclose(box["result"].forces, first.forces, rtol=1e-6, atol=1e-6)
+            assert session.reconnects >= 1
+        shortest, _ = RetryPolicy().budget()
+        assert shortest >= 2.0 * restart_s, f"default retry budget {shortest:.1f} s, restart took {restart_s:.1f} s"
+        print(f"restart of the default-model server: {restart_s:.1f} s; default retry budget {shortest:.1f} s")
+    finally:
+        for proc in procs:
+            proc.kill()
