@@ -121,41 +121,32 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
 _MESSAGE = "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')"
 
-#: seconds a refused request stream is given to deliver its first message
-FIRST_MESSAGE_WAIT_S = 2.0
-
-
-async def _first_message(requests) -> None:
-    """Wait (briefly) for a refused stream's first message before ending the call.
-
-    A grpc.aio client that is still writing its first message when the
-    refusal's trailers arrive can see ``INTERNAL: Internal error from Core``
-    instead of UNAUTHENTICATED; once the server has read that message, the
-    client's write has completed and it reads the real status.  The message
-    is discarded unparsed.
-    """
-    try:
-        await asyncio.wait_for(requests.__anext__(), FIRST_MESSAGE_WAIT_S)
-    except (asyncio.TimeoutError, StopAsyncIteration, grpc.RpcError):
-        pass
+#: seconds a refused call waits (reading nothing) before its UNAUTHENTICATED status is sent
+REFUSAL_DELAY_S = 0.05
 
 
 def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that ends the call UNAUTHENTICATED without reading it."""
+    """A handler that ends the call UNAUTHENTICATED without reading (or parsing) its request.
 
-    async def deny(request_or_iterator, context):
-        if handler.request_streaming:
-            await _first_message(request_or_iterator)
+    Always request-streaming, whatever the method's shape: gRPC then hands the
+    handler a request iterator instead of a message it has already received
+    and deserialized, so a refused request body is never read past the
+    transport's flow-control window (an unauthenticated flood of 56 MB calls
+    costs transport buffers, not 56 MB each).  The response side keeps the
+    method's shape.
+    """
+
+    async def deny(request_iterator, context):
+        # Without reading, a short wait lets a small request finish arriving (it sits in the HTTP/2 window):
+        # a grpc.aio client still writing its message when the refusal's trailers come sees "INTERNAL:
+        # Internal error from Core" instead of UNAUTHENTICATED.  A message larger than the window is never read.
+        await asyncio.sleep(REFUSAL_DELAY_S)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, _MESSAGE)
 
-    async def deny_streaming(request_or_iterator, context):
-        await deny(request_or_iterator, context)
+    async def deny_streaming(request_iterator, context):
+        await deny(request_iterator, context)
         yield  # pragma: no cover - never reached; makes this an async generator
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny_streaming)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny_streaming)
-    return grpc.unary_unary_rpc_method_handler(deny)
+        return grpc.stream_stream_rpc_method_handler(deny_streaming)
+    return grpc.stream_unary_rpc_method_handler(deny)
