@@ -72,14 +72,17 @@ class FieldSchedule:
         return scale * np.asarray(self.amplitude, dtype=float)
 
 
-def field_of_step(field: FieldSpec, timestep_fs: float) -> Callable[[int], np.ndarray]:
-    """A function step -> (3,) V/A from any :data:`FieldSpec`; step n is at t = n * timestep_fs."""
+def field_function(field: FieldSpec) -> Callable[[int, float], np.ndarray]:
+    """A function (step, time in fs) -> (3,) V/A from any :data:`FieldSpec`.
+
+    A :class:`FieldSchedule` is a function of time, a callable one of the MD step.
+    """
     if field is None:
         zero = np.zeros(3)
-        return lambda step: zero
+        return lambda step, time_fs: zero
     if isinstance(field, FieldSchedule):
-        return lambda step: field.at(step * timestep_fs)
+        return lambda step, time_fs: field.at(time_fs)
     if callable(field):
-        return lambda step: as_field_vector(field(step), f"field({step})")
+        return lambda step, time_fs: as_field_vector(field(step), f"field({step})")
     constant = as_field_vector(field, "field")
-    return lambda step: constant
+    return lambda step, time_fs: constant
