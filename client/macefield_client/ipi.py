@@ -300,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         how = connection.serve(driver.compute)
         said = "sent EXIT" if how == "exit" else "closed the connection"
         print(f"macefield-ipi: i-PI {said} after {driver.exchanges} exchanges ({driver.structures} structures, "
-              f"{driver.computed} computed)", file=sys.stderr)
+              f"{driver.computed} computed; {driver.session.reconnects} stream reconnects)", file=sys.stderr)
         return 0
     except (MACEFieldError, DriverInputError, IPIProtocolError, ConnectionError) as exc:
         print(f"macefield-ipi: {exc}", file=sys.stderr)

@@ -219,8 +219,20 @@ class DriverConnection:
             except (IPIClosed, BrokenPipeError, ConnectionResetError):
                 return "closed"
 
-    def close(self) -> None:
+    def close(self, drain_s: float = 2.0) -> None:
+        """Close without a reset: stop sending, read what i-PI still sends until it closes too, then close.
+
+        Closing a socket with unread input (a GETFORCE after a refused POSDATA)
+        sends a TCP reset, which i-PI 3.3's poll thread does not survive; a
+        plain end of stream makes i-PI drop this driver and hand its structure
+        to the next one.
+        """
         try:
-            self.sock.close()
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(drain_s)
+            while self.sock.recv(65536):
+                pass
         except OSError:
             pass
+        finally:
+            self.sock.close()
