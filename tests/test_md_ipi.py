@@ -9,6 +9,7 @@ is the reference.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import socket
@@ -82,7 +83,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_server(tiny_checkpoint):
     """A small random float64 model, with batch limits wide enough for a ring polymer (the PIMD example config)."""
-    proc = ServerProcess(["--model", str(tiny_checkpoint), "--config", str(EXAMPLES / "ipi" / "serve-pimd.yaml")])
+    proc = ServerProcess(["--model", str(tiny_checkpoint), "--config", str(EXAMPLES / "ipi" / "serve-md.yaml")])
     yield proc
     proc.kill()
 
@@ -128,6 +129,39 @@ def test_units_field_schedule_and_init_string():
         parse_init("batch_size:x")
 
 
+def test_every_extra_in_atomic_units_and_duplicates_computed_once(tiny_server):
+    """The driver's answer for i-PI's input (atomic units, h with lattice vectors as columns) is the server's."""
+    from macefield_client.ipi import IPIDriver
+
+    atoms = quartz_frame(3)
+    rattled = atoms.copy()
+    rattled.positions[0] += 0.05
+    h = np.asarray(atoms.cell).T / BOHR
+    cells = np.stack([h, h, h])
+    positions = np.stack([atoms.positions, rattled.positions, atoms.positions]) / BOHR
+    field = FieldSchedule((0.0, 0.1, 0.05))
+    with Client(target(tiny_server), timeout=120) as client:
+        driver = IPIDriver(client, atoms.numbers, extras=("dipole", "BEC", "polarization", "polarizability"),
+                           field=field)
+        answers = driver.compute(cells, positions)
+        assert driver.structures == 3 and driver.computed == 2  # the repeated structure went once
+        for answer, a in zip(answers, [atoms, rattled, atoms]):
+            r = client.predict(a, electric_field=field.at(0.0), outputs="all")
+            extras = json.loads(answer.extras)
+            n = len(a)
+            assert answer.energy * HARTREE == pytest.approx(float(r.energy), rel=1e-12)
+            assert_close(answer.forces * HARTREE / BOHR, r.forces, 1e-10)
+            assert_close(answer.virial * HARTREE, -r.stress * a.get_volume(), 1e-10)
+            assert_close(np.array(extras["dipole"]) * BOHR, r.dipole, 1e-10)
+            bec = np.array(extras["BEC"])
+            assert bec.shape == (3 * n, 3)
+            assert_close(bec.reshape(n, 3, 3).transpose(0, 2, 1), r.born_charges, 1e-10)
+            assert_close(bec[3 * 5 + 1], r.born_charges[5, :, 1], 1e-10)  # row 3k+j: d dipole / d R_kj
+            assert_close(np.array(extras["polarization"]) / BOHR**2, r.polarization, 1e-10)
+            assert_close(np.array(extras["polarizability"]) * BOHR**2 / HARTREE, r.polarizability, 1e-10)
+        driver.close()
+
+
 # ------------------------------------------------------------------ NVE, driven dynamics (the default model)
 
 
@@ -167,7 +201,7 @@ def test_nve_quartz_conserves_energy_and_ipi_records_the_servers_forces(default_
             assert unit_to_internal("energy", "electronvolt", props[step, 5]) == pytest.approx(
                 float(r.energy) / HARTREE, rel=1e-8)
     log = np.loadtxt(tmp_path / "driver.log")
-    assert log.shape == (201, 12) and np.array_equal(log[:, 2], np.arange(201))
+    assert log.shape == (201, 13) and np.array_equal(log[:, 2], np.arange(201)) and np.all(log[:, 12] > 0)
 
 
 def test_driven_dynamics_gets_the_servers_born_charges(default_server, tmp_path):

@@ -29,7 +29,7 @@ Extras (``--outputs``; i-PI reads them from ``forces.extras``):
                                  (Z*[k, i, j] = d dipole_i / d R_kj transposed to i-PI's layout)
 ``polarization``    (3,)         dipole / volume, e/Bohr^2 (periodic only; modulo e*a_k/volume)
 ``polarizability``  (3, 3)       d dipole / dE, atomic units e^2*Bohr^2/Hartree
-                                 (1 a.u. = 0.0102896 e*A^2/V)
+                                 (1 a.u. = 0.0102909 e*A^2/V)
 =================== ============ =================================================================
 
 ``BEC`` (``--bec``) and ``polarizability`` need the second-derivative pass,
@@ -107,7 +107,8 @@ class IPIDriver:
         timestep_fs: MD timestep (a time-dependent ``field`` needs it).
         beads: structures per MD step (the field's clock, see the module doc).
         first_step: MD step of the first exchange.
-        log: path of a per-structure log (step, time, field, energy, dipole), or None.
+        log: path of a per-structure log (step, time, field, energy, dipole, wall clock, the server's
+            time for the request: queue + compute, ms), or None.
     """
 
     def __init__(self, client, numbers: Sequence[int], *, pbc: bool = True, extras: Sequence[str] = ("dipole",),
@@ -148,7 +149,8 @@ class IPIDriver:
         if log is not None:
             self._log = StepLog(log, [("exchange", ""), ("structure", ""), ("step", ""), ("time", "fs"),
                                       ("Ex", "V/A"), ("Ey", "V/A"), ("Ez", "V/A"), ("energy", "eV"),
-                                      ("dipole_x", "e*A"), ("dipole_y", "e*A"), ("dipole_z", "e*A"), ("wall", "s")],
+                                      ("dipole_x", "e*A"), ("dipole_y", "e*A"), ("dipole_z", "e*A"), ("wall", "s"),
+                                      ("server", "ms")],
                                 title="macefield-ipi: one row per structure i-PI sent")
 
     # -------------------------------------------------------------- field
@@ -212,7 +214,7 @@ class IPIDriver:
             answers.append(self._evaluation(r, structure))
             if self._log is not None:
                 self._log.write([self.exchanges, b, step, step * self.timestep_fs, *field, float(r.energy),
-                                 *r.dipole, wall])
+                                 *r.dipole, wall, r.timing.get("total_ms", math.nan)])
         self.exchanges += 1
         self.structures += batch
         self.computed += len(unique)
