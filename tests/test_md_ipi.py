@@ -302,13 +302,16 @@ def free_port() -> int:
 
 
 def test_time_dependent_field_inside_the_model_over_inet(tiny_server, tmp_path):
-    """--field with a frequency: step n of i-PI's NVE is computed at E(n dt), F(R, E) by the model itself."""
+    """--field with a frequency: step n of i-PI's NVE is computed at E(n dt), F(R, E) by the model itself
+    (over TCP, with i-PI's unconsolidated message order)."""
     port = free_port()
     write_quartz(tmp_path)
     example_input("nve.xml", tmp_path, "127.0.0.1", [
         ("<total_steps> 200 </total_steps>", "<total_steps> 6 </total_steps>"),
         ("stride='50'", "stride='1'"),  # both trajectories
-        ("<ffsocket name='macefield' mode='unix'>", f"<ffsocket name='macefield' mode='inet'><port> {port} </port>"),
+        # i-PI's older message order too: STATUS between POSDATA and GETFORCE, answered HAVEDATA
+        ("<ffsocket name='macefield' mode='unix'>", f"<ffsocket name='macefield' mode='inet'><port> {port} </port>"
+                                                    "<consolidate_messages> false </consolidate_messages>"),
     ])
     schedule = FieldSchedule((0.0, 0.2, 0.3), frequency_thz=40.0, phase=0.3)  # changes a lot from step to step
     ipi = IPIProcess(tmp_path)
