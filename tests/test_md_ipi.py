@@ -30,8 +30,7 @@ from md_engines import (
     quartz_frame,
     unique_name,
 )
-from serving import ServerProcess, metric, save_tiny_model, wait_for
-from torch_free import assert_torch_free, torch_free_env
+from serving import ServerProcess, assert_torch_free, metric, save_tiny_model, torch_free_env, wait_for
 
 from macefield_client import Client
 from macefield_client.fields import FieldSchedule, field_function
@@ -40,6 +39,8 @@ from macefield_client.ipi_socket import IPIProtocolError, parse_init
 
 pytest.importorskip("ipi", reason="i-PI is not installed (pip install ipi): the i-PI driver tests need the real i-PI")
 from ipi.utils.units import unit_to_internal  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("shared_data")  # the quartz frames of ../shared/data
 
 N_QUARTZ = 72
 DRIVER_TIMEOUT = 600

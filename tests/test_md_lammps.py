@@ -13,8 +13,7 @@ import sys
 import numpy as np
 import pytest
 from md_engines import DEFAULT_MODEL, EXAMPLES, quartz_frame
-from serving import ServerProcess
-from torch_free import run_torch_free, torch_free_env
+from serving import ServerProcess, run_torch_free, torch_free_env
 
 from macefield_client import Client, RetryPolicy, ServerUnavailable
 from macefield_client.fields import FieldSchedule
@@ -26,6 +25,8 @@ try:
 except Exception as exc:  # noqa: BLE001 - any reason LAMMPS cannot start is a reason to skip
     print(f"LAMMPS cannot start here, its tests skip: {exc}", file=sys.stderr)
     pytest.skip(f"LAMMPS cannot start: {exc}", allow_module_level=True)
+
+pytestmark = pytest.mark.usefixtures("shared_data")  # the quartz frames of ../shared/data
 
 N_QUARTZ = 72
 EV_PER_A3_IN_BAR = 1.6021765e6  # LAMMPS' nktv2p for units metal

@@ -75,7 +75,7 @@ import numpy as np
 
 from . import __version__
 from ._steplog import StepLog
-from .cli import _client, _common
+from .cli import InputError, _client, _common
 from .errors import MACEFieldError
 from .fields import FieldSchedule
 from .ipi_socket import SOCKETS_PREFIX, DriverConnection, Evaluation, IPIProtocolError, connect
@@ -292,7 +292,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         client = _client(args)
         driver = IPIDriver(client, numbers, pbc=pbc, extras=extras, model=args.model, head=args.head, field=field,
                            timestep_fs=args.timestep, beads=args.beads, first_step=args.first_step, log=args.log)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, InputError) as exc:
         print(f"macefield-ipi: {exc}", file=sys.stderr)
         return 2
     connection = None
