@@ -166,20 +166,29 @@ BLOCKER = textwrap.dedent(
 
 
 def torch_free_env(tmp_path: Path):
-    """(environment, report path) for a subprocess in which torch (and the server package) cannot be imported."""
+    """(environment, report path) for a subprocess in which torch (and the server package) cannot be imported.
+
+    The guard goes first on PYTHONPATH; what was there stays after it (a checkout tested without installing it).
+    """
     guard = tmp_path / "guard"
     guard.mkdir(exist_ok=True)
     (guard / "sitecustomize.py").write_text(BLOCKER)
     report = tmp_path / "torchfree.txt"
-    env = dict(os.environ, PYTHONPATH=str(guard), TORCHFREE_REPORT=str(report), MACEFIELD_SERVER="")
+    path = os.pathsep.join(p for p in (str(guard), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, TORCHFREE_REPORT=str(report), MACEFIELD_SERVER="")
     return env, report
 
 
-def run_torch_free(args, env_report, timeout=180):
-    """Run ``args`` torch-free; assert exit 0 and that the guard was active and nothing blocked got loaded."""
-    env, report = env_report
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+def assert_torch_free(report: Path) -> None:
+    """Every guarded process ran with the guard active and loaded nothing blocked."""
     lines = report.read_text().splitlines()
     assert lines and all(line.startswith("active") and "loaded=[]" in line for line in lines), lines
+
+
+def run_torch_free(args, env_report, timeout=180, **kwargs):
+    """Run ``args`` torch-free (``kwargs``: e.g. ``cwd``); assert exit 0 and :func:`assert_torch_free`."""
+    env, report = env_report
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert proc.returncode == 0, f"{args}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert_torch_free(report)
     return proc
