@@ -31,6 +31,8 @@ from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from .batcher import Batcher, EvaluateFn, InjectedFault, WorkItem, default_evaluate
 from .config import ServerConfig
 from .dispatcher import Dispatcher
+from .memory import Budget, default_budget, fmt, parse_bytes
+from .memory import measure as measure_memory
 from .metrics import Metrics
 from .model.graph import Structure, neighbour_list
 from .model.response import OUTPUTS, response_tier
@@ -142,7 +144,9 @@ class MaceFieldServer:
             batcher.start()
         for served in self.registry:
             await self._warm_up(served)
-        self.service.dispatcher = Dispatcher(self.registry, self.batchers, self.config.limits, self.prep_executor)
+        graph_budget = self._assign_budgets()
+        self.service.dispatcher = Dispatcher(self.registry, self.batchers, self.config.limits, self.prep_executor,
+                                             graph_budget=graph_budget)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
         log.info("serving models %s", [m.name for m in self.registry])
@@ -169,6 +173,27 @@ class MaceFieldServer:
             if isinstance(outcome, BaseException):
                 raise RuntimeError(f"warm-up of model {served.name!r} failed: {outcome}") from outcome
         log.info("model %s warm (%.2f s)", served.name, time.monotonic() - start)
+        start = time.monotonic()
+        served.memory = await loop.run_in_executor(batcher.compute_executor, measure_memory, served)
+        log.info("model %s memory per pass: %s; measured in %.2f s", served.name, served.memory.describe(),
+                 time.monotonic() - start)
+
+    def _assign_budgets(self) -> int:
+        """Each model's share of its device's memory budget; returns the bytes for admitted neighbour lists."""
+        configured = parse_bytes(self.config.limits.memory_budget)
+        devices: Dict[str, List[ServedModel]] = {}
+        for served in self.registry:
+            devices.setdefault(str(served.device), []).append(served)
+        for device, models in devices.items():
+            total = configured or default_budget(models[0].device)
+            budget = Budget.split(total, len(models))
+            for served in models:
+                served.budget = budget
+            log.info("memory budget on %s: %s (%s per pass of each of %d model(s), %s for admitted neighbour "
+                     "lists)%s", device, fmt(total), fmt(budget.per_pass), len(models), fmt(budget.graphs),
+                     "" if configured else " (limits.memory_budget: auto)")
+        host = configured if all(m.device.type == "cpu" for m in self.registry) and configured else None
+        return Budget.split(host or default_budget(torch.device("cpu")), 1).graphs
 
     async def stop(self, grace: Optional[float] = None) -> None:
         """Drain: NOT_SERVING, refuse new RPCs, flush queues, end idle streams, finish in-flight RPCs within ``grace`` s.

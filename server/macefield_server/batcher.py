@@ -305,11 +305,15 @@ class Batcher:
         """(number of items the next batch takes from ``dq``, whether a limit closes it)."""
         cfg = self.config
         count = atoms = edges = 0
+        memory, budget = self.served.memory, self.served.budget
         for item in dq:
             if item.state != QUEUED:
                 continue
             if count and (atoms + item.n_atoms > self.max_atoms or edges + item.n_edges > self.max_edges):
                 return count, True
+            if count and memory is not None and budget is not None and memory.estimate(
+                    item.tier, edges + item.n_edges, atoms + item.n_atoms) > budget.per_pass:
+                return count, True  # the batch's pass would not fit the memory budget
             count += 1
             atoms += item.n_atoms
             edges += item.n_edges

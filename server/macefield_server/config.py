@@ -31,6 +31,7 @@ Example (YAML; the TOML layout is the same)::
       max_concurrent_streams: 100        # concurrent RPCs per client connection (HTTP/2 streams)
       max_extent: 1000                   # Angstrom: longest cell vector / widest spread of a molecule
       min_distance: 0.5                  # Angstrom: atoms closer than this are refused (0: no check)
+      memory_budget: auto                # bytes per device (e.g. 12GiB); auto: half the RAM / 80 % of the GPU
     security:                   # see docs/serving.md, "Security"
       tls_cert: server.pem      # PEM certificate chain; with tls_key: TLS on the gRPC port
       tls_key: server.key
@@ -46,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 try:  # Python >= 3.11
     import tomllib
@@ -117,6 +118,9 @@ class LimitsConfig:
     max_concurrent_streams: int = 100  #: concurrent RPCs per connection (grpc.max_concurrent_streams)
     max_extent: float = 1000.0  #: Angstrom: longest periodic cell vector, widest spread along non-periodic directions
     min_distance: float = 0.5  #: Angstrom: refuse atoms closer than this (0: no check); far below any bond
+    #: bytes per device ("12GiB", "500MB", a number) or "auto"/None: half the machine's memory (CPU), 80 % of
+    #: the GPU's; 75 % for engine passes, 25 % for the neighbour lists of admitted structures (memory.py)
+    memory_budget: Optional[Union[int, float, str]] = None
 
 
 @dataclass
@@ -171,6 +175,12 @@ class ServerConfig:
         for key, value in positive.items():
             if int(value) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
+        from .memory import parse_bytes
+
+        try:
+            parse_bytes(lim.memory_budget)
+        except ValueError as exc:
+            raise ConfigError(f"limits.memory_budget: {exc}") from None
         if lim.min_distance < 0:
             raise ConfigError(f"limits.min_distance: must be >= 0 (0: no check), got {lim.min_distance}")
         if b.max_wait_ms < 0:

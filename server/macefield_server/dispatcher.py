@@ -16,6 +16,7 @@ import numpy as np
 
 from .batcher import Batcher, DeadlinePassed, QueueFull, Timing, WorkItem
 from .config import LimitsConfig
+from .memory import PASS_SHARE, fmt, graph_bytes
 from .model.graph import NeighbourGraph, neighbour_list
 from .registry import ModelRegistry
 from .validation import InvalidRequest, ParsedRequest, too_close, too_dense
@@ -30,11 +31,14 @@ class Dispatcher:
         batchers: Dict[str, Batcher],
         limits: LimitsConfig,
         prep_executor: ThreadPoolExecutor,
+        graph_budget: Optional[int] = None,
     ):
         self.registry = registry
         self.batchers = batchers
         self.limits = limits
         self.prep_executor = prep_executor
+        self.graph_budget = graph_budget  #: bytes for the neighbour lists of admitted structures (None: no bound)
+        self.graph_bytes = 0  #: what the admitted, not yet answered structures hold now (estimated)
 
     def _graphs(self, parsed: List[ParsedRequest]) -> List[NeighbourGraph]:
         return [neighbour_list(p.structure, p.served.cutoff) for p in parsed]
@@ -64,6 +68,19 @@ class Dispatcher:
         engine's exception; asyncio.CancelledError if the caller goes away.
         """
         self._check_room(parsed)  # refuse at once, before any work
+        held = sum(graph_bytes(p.edges, p.n_atoms) for p in parsed)
+        if self.graph_budget is not None and self.graph_bytes + held > self.graph_budget:
+            raise QueueFull(
+                f"the neighbour lists of this call ({fmt(held)}) and of the {fmt(self.graph_bytes)} already admitted "
+                f"would pass {fmt(self.graph_budget)} ({1 - PASS_SHARE:.0%} of limits.memory_budget); retry later"
+                + ("" if self.graph_bytes else " or split the call"))
+        self.graph_bytes += held
+        try:
+            return await self._run(parsed, deadline, prefixes)
+        finally:
+            self.graph_bytes -= held
+
+    async def _run(self, parsed, deadline, prefixes) -> List[Result]:
         loop = asyncio.get_running_loop()
         graphs = await loop.run_in_executor(self.prep_executor, self._graphs, parsed)
         for i, g in enumerate(graphs):

@@ -20,6 +20,7 @@ from typing import Dict, FrozenSet, List, Optional
 import torch
 
 from .config import ConfigError, ModelConfig
+from .memory import Budget, MemoryModel
 from .model import build_field_mace, default_architecture, load_model
 from .model.cueq import model_backend, resolve_backend, to_cueq
 from .model.response import REQUESTABLE
@@ -51,6 +52,9 @@ class ServedModel:
     backend_reason: str = ""  #: why the model runs on its backend (logged at load)
     heads: List[str] = field(init=False)
     atomic_numbers: FrozenSet[int] = field(init=False)
+    #: peak bytes of an engine pass (measured at warm-up) and the budget they must fit (set by the server)
+    memory: Optional["MemoryModel"] = field(default=None, init=False)
+    budget: Optional["Budget"] = field(default=None, init=False)
 
     def __post_init__(self):
         self.model.eval()

@@ -24,7 +24,7 @@ from .config import ServerConfig
 from .dispatcher import Dispatcher
 from .metrics import Metrics
 from .model.predict import NonFiniteResult
-from .validation import InvalidRequest, ParsedRequest, parse_request
+from .validation import InvalidRequest, ParsedRequest, TooLarge, parse_request
 from .validation import clip as _clip
 
 log = logging.getLogger("macefield.service")
@@ -75,6 +75,8 @@ def result_to_proto(parsed: ParsedRequest, values: Dict[str, np.ndarray], timing
 def _error_for(exc: BaseException, request_ids: List[str]) -> ServiceError:
     if isinstance(exc, ServiceError):
         return exc
+    if isinstance(exc, TooLarge):
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, InvalidRequest):
         return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, (QueueFull, DoesNotFit)):

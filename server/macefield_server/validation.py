@@ -14,6 +14,7 @@ import numpy as np
 from macefield_client.results import DEFAULT_OUTPUTS as API_DEFAULT_OUTPUTS
 
 from .config import LimitsConfig
+from .memory import fmt
 from .model.graph import MIN_VOLUME, ClosestPair, Structure, element_symbol, estimate_edges
 from .model.response import normalise_outputs, response_tier
 from .registry import ModelRegistry, ServedModel
@@ -43,7 +44,11 @@ class InvalidRequest(ValueError):
     def prefixed(self, prefix: str) -> "InvalidRequest":
         """Same error for a structure inside a batch (``structures[3].positions: ...``)."""
         field, _, message = str(self).partition(": ")
-        return InvalidRequest(f"{prefix}{field}", message)
+        return type(self)(f"{prefix}{field}", message)
+
+
+class TooLarge(InvalidRequest):
+    """A valid structure whose estimated memory does not fit the budget (RESOURCE_EXHAUSTED, not INVALID_ARGUMENT)."""
 
 
 @dataclass
@@ -56,6 +61,7 @@ class ParsedRequest:
     head_index: int
     structure: Structure
     outputs: FrozenSet[str]
+    edges: int = 0  #: directed edges, an upper bound (exact when it mattered), counted before any neighbour list
 
     @property
     def tier(self) -> int:
@@ -177,10 +183,19 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
         )
 
     structure = Structure(numbers, positions.reshape(n, 3), cell, pbc, field, head)
-    # counted (exactly once the cheap bound passes the limit) before any neighbour list is built
-    edges = estimate_edges(structure, served.cutoff, limits.max_edges_per_structure)
+    # counted (exactly once the cheap bound passes the limit) before any neighbour list is built; the limit is
+    # also what the memory budget allows, so that a structure near it is counted, not refused on a bound
+    tier = response_tier(outputs)
+    limit = limits.max_edges_per_structure
+    if served.memory is not None and served.budget is not None:
+        limit = max(1, min(limit, served.memory.max_edges(tier, n, served.budget.per_pass)))
+    edges = estimate_edges(structure, served.cutoff, limit)
     if edges > limits.max_edges_per_structure:
         raise too_dense(edges, served.cutoff, limits, "at most ")
+    if served.memory is not None and served.budget is not None:
+        needed = served.memory.estimate(tier, edges, n)
+        if needed > served.budget.per_pass:
+            raise too_large(needed, tier, edges, n, served)
     return ParsedRequest(
         request_id=request.request_id,
         served=served,
@@ -188,4 +203,21 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
         head_index=served.heads.index(head),
         structure=structure,
         outputs=outputs,
+        edges=int(edges),
+    )
+
+
+#: what each output tier computes, for messages
+TIER_NAMES = {0: "the energy", 1: "first derivatives (forces, stress, dipole)", 2: "Born charges / polarizability"}
+
+
+def too_large(needed: int, tier: int, edges: int, atoms: int, served: ServedModel) -> TooLarge:
+    cheaper = ""
+    if tier > 0:
+        cheaper = f"; {TIER_NAMES[tier - 1]} alone would need about {fmt(served.memory.estimate(tier - 1, edges, atoms))}"
+    return TooLarge(
+        "positions",
+        f"computing {TIER_NAMES[tier]} for {edges} neighbour pairs needs about {fmt(needed)} of memory "
+        f"(measured at warm-up on {served.device}), more than one pass may use here: {fmt(served.budget.per_pass)} "
+        f"of limits.memory_budget = {fmt(served.budget.total)}{cheaper}",
     )

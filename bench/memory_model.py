@@ -1,0 +1,93 @@
+"""Calibrate the CPU memory estimate: peak resident growth of one engine pass against the estimate's inputs.
+
+    python bench/memory_model.py [--repeat 4] [--out bench/results/memory_model_cpu.json]
+
+For 16-, 64- and 128-channel FieldMACE models (max_ell 2, 1, 3) and each output tier (0 energy, 1 forces,
+2 full response), one pass over alpha-quartz (PBE cell, ``--repeat``^3 hexagonal cells) runs in a fresh
+process; it reports the peak resident growth (ru_maxrss over the pass, with the server's allocator tuning),
+the bytes autograd keeps for the pass (unique storages), their ratio, and what
+``macefield_server.memory.measure`` estimates for that structure.  The CPU factors of
+``macefield_server/memory.py`` come from these ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHS = {"16ch-l1-ell2": dict(channels=16, max_L=1, max_ell=2), "64ch-l1-ell1": dict(channels=64, max_L=1, max_ell=1),
+         "128ch-l1-ell3": dict(channels=128, max_L=1, max_ell=3)}
+
+CHILD = r'''
+import json, resource, sys, torch
+torch.set_num_threads(1)
+from macefield_server.runtime import tune_cpu_allocator
+tune_cpu_allocator()
+from macefield_client.structures import alpha_quartz
+from macefield_server.memory import measure
+from macefield_server.model import build_field_mace, default_architecture
+from macefield_server.model.graph import Structure
+from macefield_server.model.predict import prepare_batch
+from macefield_server.model.response import engine_outputs, respond
+from macefield_server.registry import ServedModel
+kw, tier, rep = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+model = build_field_mace(default_architecture([8, 14], r_max=5.0, correlation=3, **kw), dtype=torch.float32).eval()
+served = ServedModel("m", model, "")
+atoms = alpha_quartz(cell="pbe", repeat=(rep, rep, rep), rattle=0.05)
+batch = prepare_batch(model, [Structure.from_atoms(atoms)])
+outputs = {0: {"energy"}, 1: {"forces", "stress", "dipole"}, 2: {"forces", "stress", "dipole", "born_charges",
+                                                                   "polarizability"}}[tier]
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+seen = {}
+def pack(t):
+    st = t.untyped_storage(); seen[st.data_ptr()] = st.nbytes(); return t
+base = rss()
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    respond(model, batch.tensors, None, engine_outputs(frozenset(outputs)))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+saved = sum(seen.values())
+estimate = measure(served).estimate(tier, batch.num_edges, len(atoms))
+print(json.dumps({"edges": batch.num_edges, "atoms": len(atoms), "peak_bytes": peak, "saved_bytes": saved,
+                  "estimate_bytes": estimate}))
+'''
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=4, help="hexagonal cells per side (default 4: 576 atoms)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_model_cpu.json"))
+    args = ap.parse_args(argv)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'client'}:{REPO / 'server'}", "PATH": "/usr/bin:/bin"}
+    rows = []
+    for name, kw in ARCHS.items():
+        for tier in (0, 1, 2):
+            out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(kw), str(tier), str(args.repeat)],
+                                 capture_output=True, text=True, env=env, check=True).stdout.strip().splitlines()[-1]
+            row = dict(json.loads(out), model=name, tier=tier)
+            row["peak_per_saved"] = row["peak_bytes"] / row["saved_bytes"] if row["saved_bytes"] else None
+            row["estimate_over_peak"] = row["estimate_bytes"] / row["peak_bytes"]
+            rows.append(row)
+            print(f"{name:14s} tier {tier}: {row['edges']} edges, peak {row['peak_bytes'] / row['edges']:.0f} B/edge, "
+                  f"estimate/peak {row['estimate_over_peak']:.2f}", flush=True)
+    for name in ARCHS:
+        by_tier = {r["tier"]: r for r in rows if r["model"] == name}
+        by_tier[0]["tier0_over_tier1_peak"] = by_tier[0]["peak_bytes"] / by_tier[1]["peak_bytes"]
+    result = {"bench": "memory_model", "device": "cpu", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "structure": f"alpha-quartz PBE cell x{args.repeat}^3", "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
