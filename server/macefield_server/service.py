@@ -28,7 +28,7 @@ from .validation import InvalidRequest, ParsedRequest, parse_request
 
 log = logging.getLogger("macefield.service")
 
-_SCALARS = ("energy", "volume")
+_SCALARS = ("energy", "volume", "extrapolation_max")
 
 #: seconds after a drain begins during which open streams still read messages (those already sent)
 DRAIN_SETTLE_S = 0.1
@@ -293,7 +293,8 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                 pb.ModelInfo(
                     name=info["name"],
                     is_default=info["is_default"],
-                    heads=[pb.HeadInfo(name=h, is_default=h == info["default_head"]) for h in info["heads"]],
+                    heads=[pb.HeadInfo(name=h, is_default=h == info["default_head"],
+                                       extrapolation=h in info["extrapolation_heads"]) for h in info["heads"]],
                     default_head=info["default_head"],
                     atomic_numbers=info["atomic_numbers"],
                     cutoff=info["cutoff"],
@@ -307,6 +308,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                     card_json=info["card_json"],
                     source=info["source"],
                     pair_repulsion=info["pair_repulsion"],
+                    extrapolation_threshold=info["extrapolation_threshold"],
                 )
             )
         await self._finish("ListModels", "-", start, grpc.StatusCode.OK)
