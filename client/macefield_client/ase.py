@@ -204,11 +204,11 @@ class MACEFieldCalculator(Calculator):
         if r.extrapolation is not None:
             results["extrapolation"] = r.extrapolation
             results["extrapolation_max"] = float(r.extrapolation_max)
-        self._check_extrapolation(r, atoms)
+        self._check_extrapolation(r, atoms, field)
         self.results = results
         self.field_used = field
 
-    def _check_extrapolation(self, r, atoms) -> None:
+    def _check_extrapolation(self, r, atoms, field) -> None:
         """Warn once / raise / stay silent when the structure's grade passes the threshold (see module doc)."""
         if self.extrapolation == "ignore":
             return
@@ -232,6 +232,9 @@ class MACEFieldCalculator(Calculator):
         message = (f"extrapolation grade {grade:.3g} > {self.extrapolation_threshold:g} at atom {atom} ({symbol}); "
                    f"{n_over} of {len(atoms)} atoms above: this structure is unlike the model's training data "
                    f"({where}) and its results are extrapolation")
+        if np.any(field):
+            message += (f"; at a field of {np.linalg.norm(field):.3g} V/A, which raises the grade by itself where "
+                        "the model's reference set has no field (model card)")
         if self.extrapolation == "raise":
             raise ExtrapolationError(message, grade=grade, atom=atom)
         if not self._warned:
