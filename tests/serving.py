@@ -171,7 +171,9 @@ def torch_free_env(tmp_path: Path):
     guard.mkdir(exist_ok=True)
     (guard / "sitecustomize.py").write_text(BLOCKER)
     report = tmp_path / "torchfree.txt"
-    env = dict(os.environ, PYTHONPATH=str(guard), TORCHFREE_REPORT=str(report), MACEFIELD_SERVER="")
+    # the guard first; a PYTHONPATH already set (a checkout run without installing it) stays after it
+    path = os.pathsep.join(p for p in (str(guard), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, TORCHFREE_REPORT=str(report), MACEFIELD_SERVER="")
     return env, report
 
 
