@@ -16,14 +16,17 @@ reference (training) atom is above it, the issue's requirement:
   neighbouring frame is nearly the same);
 * ``maxvol_readout``: ``maxvol`` on another feature choice, the features the
   energy is linear in (layer-0 invariants and the head's readout-MLP hidden
-  activations), as pacemaker uses for ACE.
+  activations), as pacemaker uses for ACE;
+* ``maxvol_fields_0.05``: ``maxvol`` with every reference frame also taken at
+  +-0.05 V/A along x, y and z (``macefield-calibrate --fields 0.05``).
 
 Reported per method: the grade's largest value and the fraction of atoms
 above 1 on the held-out frames (last 20%), the largest grade in each
 structure that must be flagged (tests/extrapolation_cases.py) and in two
 real quartz controls, the geometric-mean grade of rattled quartz, Spearman's
 rank correlation of per-atom grade and per-atom force error on the held-out
-frames, and the time to grade one 72-atom structure.
+frames, the grade of perfect quartz in a field, and the time to grade one
+72-atom structure.
 
 Usage (from the repository root, data in ../shared/data)::
 
@@ -62,14 +65,18 @@ SEEDS = range(8)
 
 
 # ------------------------------------------------------------------ features
-def features(model, frames, head, kind: str):
-    """(features (n, d) float64, atomic numbers (n,), frame of each atom (n,)) of ``frames`` on ``head``."""
+def features(model, frames, head, kind: str, fields=((0.0, 0.0, 0.0),)):
+    """(features (n, d) float64, atomic numbers (n,), frame of each atom (n,)) of ``frames`` on ``head``.
+
+    Each frame is taken at every field of ``fields`` (V/A).
+    """
+    frames = [(a, np.asarray(f, dtype=float)) for a in frames for f in fields]
     heads = list(model.heads)
     layout = feature_layout(model)
     out, numbers, frame_of = [], [], []
     for start in range(0, len(frames), 8):
         chunk = frames[start:start + 8]
-        batch = prepare_batch(model, [Structure.from_atoms(a, head=head) for a in chunk])
+        batch = prepare_batch(model, [Structure.from_atoms(a, electric_field=f, head=head) for a, f in chunk])
         layers = []
         with torch.no_grad():
             t = batch.tensors
@@ -83,9 +90,9 @@ def features(model, frames, head, kind: str):
                 h = heads.index(head)
                 f = torch.cat([invariant_features(layers[:1], layout[:1]), hidden[:, h * width:(h + 1) * width]], 1)
         out.append(f.double().numpy())
-        for k, a in enumerate(chunk):
+        for k, (a, _) in enumerate(chunk):
             numbers.append(a.numbers)
-            frame_of.append(np.full(len(a), start + k))
+            frame_of.append(np.full(len(a), (start + k) // len(fields)))
     return np.concatenate(out), np.concatenate(numbers), np.concatenate(frame_of)
 
 
@@ -146,7 +153,13 @@ class Nearest(_Whitened):
 
 
 METHODS = {"maxvol": (MaxVol, "invariants"), "mahalanobis": (Mahalanobis, "invariants"),
-           "nearest": (Nearest, "invariants"), "maxvol_readout": (MaxVol, "readout")}
+           "nearest": (Nearest, "invariants"), "maxvol_readout": (MaxVol, "readout"),
+           "maxvol_fields_0.05": (MaxVol, "invariants")}
+#: reference frames of the last variant also at +-0.05 V/A along x, y, z (macefield-calibrate --fields 0.05)
+CALIBRATION_FIELDS = {"maxvol_fields_0.05": [(0.0, 0.0, 0.0)] + [tuple(s * 0.05 * np.eye(3)[k]) for k in range(3)
+                                                                   for s in (1, -1)]}
+#: fields (V/A, along z) at which perfect PBE quartz is graded
+PROBE_FIELDS = (0.01, 0.05, 0.1, 0.2)
 
 
 def fit(method, x, numbers, frames):
@@ -202,7 +215,7 @@ def main(argv=None) -> int:
     for name, (method, kind) in METHODS.items():
         feats = {}
         for head, (train, valid) in split.items():
-            feats[head, "train"] = features(model, train, head, kind)
+            feats[head, "train"] = features(model, train, head, kind, CALIBRATION_FIELDS.get(name, [(0, 0, 0)]))
             feats[head, "valid"] = features(model, valid, head, kind)
         graders = {head: fit(method, *feats[head, "train"]) for head in split}
         row = {"features": int(feats["sio2", "train"][0].shape[1])}
@@ -227,6 +240,10 @@ def main(argv=None) -> int:
         for amp, frames in rattled.items():
             x, z, _ = features(model, frames, "sio2", kind)
             row["rattle_geometric_mean"][str(amp)] = float(np.exp(np.mean(np.log(grade(graders["sio2"], x, z)))))
+        row["quartz_pbe_cell_in_field_z"] = {}
+        for e in PROBE_FIELDS:
+            x, z, _ = features(model, cases["control_quartz_pbe_cell"][0], "sio2", kind, [(0.0, 0.0, e)])
+            row["quartz_pbe_cell_in_field_z"][str(e)] = float(grade(graders["sio2"], x, z).max())
         x, z, _ = features(model, cases["control_quartz_pbe_cell"][0], "sio2", kind)
         times = []
         for _ in range(args.repeats):
