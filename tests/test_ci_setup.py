@@ -22,7 +22,8 @@ from packaging.requirements import Requirement
 
 def third_party_imports(paths):
     """Top-level third-party modules imported by the files under ``paths`` (first-party and stdlib left out)."""
-    first_party = {"macefield_client", "macefield_server", "conftest", "serving"}
+    # the packages, and the tests' own helper modules (conftest, serving, ...) that tests import by name
+    first_party = {"macefield_client", "macefield_server"} | {p.stem for p in (REPO / "tests").glob("*.py")}
     names = set()
     for root in paths:
         for path in sorted((REPO / root).rglob("*.py")):
