@@ -18,7 +18,8 @@ import numpy as np
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
-#: (key, shape for N atoms) of every array field of PredictResponse: the client's own table
+#: (key, shape for N atoms) of every array field of PredictResponse, and its scalar fields: the client's own tables
+from macefield_client.results import _SCALARS as SCALARS  # noqa: E402
 from macefield_client.results import _SHAPES as SHAPES  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def arrays(response: pb.PredictResponse) -> Dict[str, np.ndarray]:
     n = response.n_atoms
     out = {}
     for key in response.outputs:
-        if key in ("energy", "volume"):
+        if key in SCALARS:
             out[key] = np.asarray(getattr(response, key))
         else:
             out[key] = np.asarray(getattr(response, key)).reshape(SHAPES[key](n))

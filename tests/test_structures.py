@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ase.neighborlist import neighbor_list
-from ase.spacegroup import crystal
 from conftest import quartz_like
+from extrapolation_cases import wrong_quartz  # the structure that was in the README (O at z = 0.7858)
 
 from macefield_client.structures import EXPERIMENT_QUARTZ_CELL, PBE_QUARTZ_CELL, SIO_BOND, alpha_quartz, sio_molecule
 
@@ -27,12 +27,6 @@ def coordination(atoms, cutoff: float = 2.0):
     n = len(atoms)
     return (np.bincount(i[si_o], minlength=n)[atoms.numbers == 14], np.bincount(i[o_si], minlength=n)[atoms.numbers == 8],
             d[si_o])
-
-
-def wrong_quartz():
-    """The structure that was in the README: O at z = 0.7858 (Si ends up 2-coordinated)."""
-    return crystal(["Si", "O"], basis=[(0.4697, 0.0, 1 / 3), (0.4135, 0.2669, 0.7858)], spacegroup=152,
-                   cellpar=[4.916, 4.916, 5.405, 90, 90, 120])
 
 
 @pytest.mark.parametrize("cell", ["experiment", "pbe"])

@@ -16,7 +16,9 @@
 * Errors: :class:`ServerUnavailable` (a ``ConnectionError`` naming the
   target, after retries), :class:`InvalidRequest` (a ``ValueError`` naming
   the bad field), :class:`RequestTimeout`, :class:`ResourceExhausted`,
-  :class:`AuthenticationError` (token refused).
+  :class:`AuthenticationError` (token refused); :class:`ExtrapolationWarning`
+  / :class:`ExtrapolationError` (the ASE calculator, a structure's
+  extrapolation grade above :data:`EXTRAPOLATION_THRESHOLD`).
 * TLS: ``Client(target, tls="ca.pem")`` or, for mutual TLS,
   ``tls=TLSConfig(ca="ca.pem", cert="client.pem", key="client.key")``;
   tokens: ``token="..."``.
@@ -33,13 +35,15 @@ from .aio import AsyncClient, AsyncSession
 from .client import Client, Session
 from .errors import (
     AuthenticationError,
+    ExtrapolationError,
+    ExtrapolationWarning,
     InvalidRequest,
     MACEFieldError,
     RequestTimeout,
     ResourceExhausted,
     ServerUnavailable,
 )
-from .results import OUTPUTS, UNITS, ModelInfo, Result, ServerInfo
+from .results import EXTRAPOLATION_THRESHOLD, OUTPUTS, UNITS, ModelInfo, Result, ServerInfo
 
 __all__ = [
     "AsyncClient",
@@ -48,6 +52,9 @@ __all__ = [
     "Client",
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
+    "EXTRAPOLATION_THRESHOLD",
+    "ExtrapolationError",
+    "ExtrapolationWarning",
     "InvalidRequest",
     "MACEFieldError",
     "ModelInfo",

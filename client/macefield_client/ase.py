@@ -27,7 +27,25 @@ unambiguous names for the same quantities, the ones the server API uses:
 ``born_charges``             (N, 3, 3)  Z*[k, i, j] = d dipole_i / d R_kj, e
 ``alpha``                    (3, 3)     alpha = d dipole/dE (extensive), e*A^2/V (always)
 ``eps_inf``                  (3, 3)     1 + chi, dimensionless (periodic only)
+``extrapolation``            (N,)       extrapolation grade per atom, dimensionless (models
+                                        with statistics; > 1: extrapolating)
+``extrapolation_max``        ()         its largest value in the structure
 ============================ ========== ======================================================
+
+Extrapolation.  Where the model has reference statistics
+(``macefield-calibrate``; the embedded default model has them for both
+heads) every result carries the per-atom extrapolation grade, at almost no
+cost.  When a structure's largest grade passes ``extrapolation_threshold``
+(default 1: outside everything the training set showed the model) the
+calculator, by default (``extrapolation="warn"``), emits one
+:class:`~macefield_client.errors.ExtrapolationWarning` per calculator (one
+per MD run: later ones are only counted in ``calc.extrapolation_flagged``);
+``extrapolation="raise"`` raises
+:class:`~macefield_client.errors.ExtrapolationError` at every such structure
+(and at the first call if the model has no statistics);
+``extrapolation="ignore"`` stays silent.  A model without statistics gives
+no grade (``extrapolation`` is then not implemented) and, with "warn", one
+warning saying so.
 
 Structures that are not periodic in all three directions have no volume:
 they get no ``polarization``, ``polarizability``, ``eps_inf`` or ``stress``
@@ -55,8 +73,11 @@ import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
+import warnings
+
 from .client import Client
-from .results import DEFAULT_OUTPUTS
+from .errors import ExtrapolationError, ExtrapolationWarning
+from .results import DEFAULT_OUTPUTS, EXTRAPOLATION_THRESHOLD
 
 _FIRST = DEFAULT_OUTPUTS
 _SECOND = _FIRST + ("born_charges", "polarizability")
@@ -89,16 +110,27 @@ class MACEFieldCalculator(Calculator):
         tls, token, timeout, retry: passed to :class:`~macefield_client.Client`.
         use_session: keep one PredictStream open across calls (MD); False: one Predict per call.
         outputs: None (what ASE asks for, see module doc) or "all" (second derivatives at every call).
+        extrapolation: "warn" (one warning per calculator when a structure's grade passes the
+            threshold), "raise" (ExtrapolationError at every such structure) or "ignore".
+        extrapolation_threshold: grade above which a structure counts as extrapolating (default 1).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "dipole", "polarization", "becs",
-                              "polarizability", "molecular_polarizability", "born_charges", "alpha", "eps_inf"]
+                              "polarizability", "molecular_polarizability", "born_charges", "alpha", "eps_inf",
+                              "extrapolation", "extrapolation_max"]
 
     def __init__(self, server: Optional[str] = None, *, electric_field: Optional[Sequence[float]] = None,
                  model: Optional[str] = None, head: Optional[str] = None, client: Optional[Client] = None,
                  tls=None, token: Optional[str] = None, timeout: Optional[float] = None, retry=None,
-                 use_session: bool = True, outputs=None, **kwargs):
+                 use_session: bool = True, outputs=None, extrapolation: str = "warn",
+                 extrapolation_threshold: float = EXTRAPOLATION_THRESHOLD, **kwargs):
+        if extrapolation not in ("warn", "raise", "ignore"):
+            raise ValueError(f'extrapolation: "warn", "raise" or "ignore", got {extrapolation!r}')
         Calculator.__init__(self, **kwargs)
+        self.extrapolation = extrapolation
+        self.extrapolation_threshold = float(extrapolation_threshold)
+        self.extrapolation_flagged = 0  #: calculations whose structure passed the threshold
+        self._warned = False
         self._owns_client = client is None
         self.client = client if client is not None else Client(server, tls=tls, token=token, timeout=timeout,
                                                                retry=retry)
@@ -168,9 +200,51 @@ class MACEFieldCalculator(Calculator):
             results["eps_inf"] = r.eps_inf
         elif r.polarizability is not None:
             results["molecular_polarizability"] = r.polarizability
+        self.last_result = r
+        if r.extrapolation is not None:
+            results["extrapolation"] = r.extrapolation
+            results["extrapolation_max"] = float(r.extrapolation_max)
+        self._check_extrapolation(r, atoms, field)
         self.results = results
         self.field_used = field
-        self.last_result = r
+
+    def _check_extrapolation(self, r, atoms, field) -> None:
+        """Warn once / raise / stay silent when the structure's grade passes the threshold (see module doc)."""
+        if self.extrapolation == "ignore":
+            return
+        where = f"model {r.model!r}, head {r.head!r}"
+        if r.extrapolation is None:
+            message = (f"no extrapolation grade: {where} has no extrapolation statistics "
+                       "(macefield-calibrate adds them); results cannot say when they are extrapolation")
+            if self.extrapolation == "raise":
+                raise ExtrapolationError(message)
+            if not self._warned:
+                self._warned = True
+                warnings.warn(message, ExtrapolationWarning, stacklevel=4)
+            return
+        grade = float(r.extrapolation_max)
+        if not grade > self.extrapolation_threshold:
+            return
+        self.extrapolation_flagged += 1
+        atom = int(np.argmax(r.extrapolation))
+        symbol = atoms.get_chemical_symbols()[atom]
+        n_over = int(np.sum(r.extrapolation > self.extrapolation_threshold))
+        message = (f"extrapolation grade {grade:.3g} > {self.extrapolation_threshold:g} at atom {atom} ({symbol}); "
+                   f"{n_over} of {len(atoms)} atoms above: this structure is unlike the model's training data "
+                   f"({where}) and its results are extrapolation")
+        if np.any(field):
+            message += (f"; at a field of {np.linalg.norm(field):.3g} V/A, which raises the grade by itself where "
+                        "the model's reference set has no field (model card)")
+        if self.extrapolation == "raise":
+            raise ExtrapolationError(message, grade=grade, atom=atom)
+        if not self._warned:
+            self._warned = True
+            warnings.warn(message + " (shown once per calculator; see calc.extrapolation_flagged)",
+                          ExtrapolationWarning, stacklevel=4)
+
+    def get_extrapolation(self, atoms=None):
+        """Extrapolation grade per atom (N,), dimensionless; > 1: extrapolating (models with statistics)."""
+        return self.get_property("extrapolation", atoms)
 
     def get_polarization(self, atoms=None):
         return self.get_property("polarization", atoms)

@@ -13,8 +13,13 @@ periodic), ``MACE_polarizability`` (9, chi = alpha/(Omega eps0), the
 reference convention, periodic) or ``MACE_molecular_polarizability`` (9,
 alpha, e*A^2/V, not periodic), ``MACE_alpha`` (9, alpha, e*A^2/V, always),
 ``MACE_eps_inf`` (9, 1 + chi, periodic), ``MACE_electric_field`` (V/A, the
-field used); arrays ``MACE_forces`` (eV/A) and ``MACE_becs`` (N x 9, e,
-row-major d dipole_i / d R_kj).
+field used), ``MACE_extrapolation_max`` (the largest grade); arrays
+``MACE_forces`` (eV/A), ``MACE_becs`` (N x 9, e, row-major d dipole_i / d
+R_kj) and ``MACE_extrapolation`` (per-atom extrapolation grade,
+dimensionless, > 1: extrapolating).  The grade is written when asked for:
+``predict --outputs ... extrapolation`` or ``eval --extrapolation`` (which
+also reports how many atoms and frames are above the threshold); the model
+must have extrapolation statistics for the head (``macefield info`` says).
 
 ``predict`` computes energy, forces, stress, dipole and polarization unless
 ``--outputs`` says otherwise (the same default as the Python client: Z* and
@@ -53,7 +58,7 @@ from . import __version__
 from ._channel import TLSConfig
 from .client import Client
 from .errors import MACEFieldError
-from .results import DEFAULT_OUTPUTS, OUTPUTS
+from .results import DEFAULT_OUTPUTS, EXTRAPOLATION_THRESHOLD, OUTPUTS
 
 
 class InputError(Exception):
@@ -111,13 +116,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     pred.add_argument("-o", "--output", required=True, help="output extended XYZ")
     pred.add_argument("--outputs", nargs="+", choices=list(OUTPUTS) + ["all"], default=list(DEFAULT_OUTPUTS),
                       help="outputs to compute (default: energy forces stress dipole polarization; "
-                           "'all' adds Z*, alpha, chi, eps_inf at about 3x the cost)")
+                           "'all' adds Z*, alpha, chi, eps_inf at about 3x the cost; 'extrapolation' writes the "
+                           "per-atom extrapolation grade)")
 
     ev = sub.add_parser("eval", help="evaluate frames with reference labels: write results, print a table of errors")
     _common(ev)
     _frames_options(ev)
     ev.add_argument("-o", "--output", help="also write the frames with MACE_* keys (extended XYZ)")
     ev.add_argument("--json", action="store_true", help="print the errors (and what was compared) as JSON")
+    ev.add_argument("--extrapolation", action="store_true",
+                    help="also compute the extrapolation grade: per atom into -o, a summary of atoms/frames above "
+                         "the threshold in the table (the model needs statistics for the head)")
     for q in ("energy", "forces", "stress", "polarization", "born_charges", "polarizability"):
         ev.add_argument(f"--{q.replace('_', '-')}-key", metavar="KEY",
                         help=f"key of the reference {q.replace('_', ' ')} (default: found by name; 'none': skip)")
@@ -216,6 +225,11 @@ def cmd_info(args) -> int:
               f"ZBL repulsion: {'yes' if m.pair_repulsion else 'no'}")
         print(f"  source:      {m.source}")
         print(f"  outputs:     {', '.join(m.outputs)}")
+        if m.extrapolation_heads:
+            print(f"  extrapolation grade: heads {', '.join(m.extrapolation_heads)} "
+                  f"(> {m.extrapolation_threshold:g}: extrapolating)")
+        else:
+            print("  extrapolation grade: none (no statistics; macefield-calibrate adds them)")
         print("  units:       " + ", ".join(f"{k} {v}" for k, v in sorted(m.units.items())))
         for line in card_summary(m.card_json):
             print(line)
@@ -276,8 +290,11 @@ def _compute(args, frames, outputs):
     return fields, results
 
 
-def annotate(atoms, result, field, prefix: str = "MACE_") -> None:
-    """Add one result to ``atoms`` under ``prefix`` keys; everything the frame carried stays (see module doc)."""
+def annotate(atoms, result, field, prefix: str = "MACE_", extrapolation: bool = False) -> None:
+    """Add one result to ``atoms`` under ``prefix`` keys; everything the frame carried stays (see module doc).
+
+    ``extrapolation``: also write the grade (``prefix + "extrapolation"`` per atom, ``..._max`` in info).
+    """
     n = len(atoms)
     p = prefix
     atoms.info[p + "energy"] = float(result.energy)
@@ -299,6 +316,9 @@ def annotate(atoms, result, field, prefix: str = "MACE_") -> None:
         atoms.info[p + "eps_inf"] = result.eps_inf.reshape(9)
     elif result.polarizability is not None:
         atoms.info[p + "molecular_polarizability"] = result.polarizability.reshape(9)
+    if extrapolation and result.extrapolation is not None:
+        atoms.arrays[p + "extrapolation"] = np.asarray(result.extrapolation, dtype=float)
+        atoms.info[p + "extrapolation_max"] = float(result.extrapolation_max)
 
 
 def _check_writable(path: Optional[str]) -> None:
@@ -327,10 +347,28 @@ def cmd_predict(args) -> int:
     frames = _read_frames(args.input)
     outputs = "all" if "all" in args.outputs else args.outputs
     fields, results = _compute(args, frames, outputs)
+    grade = "extrapolation" in args.outputs or "extrapolation_max" in args.outputs
     for atoms, field, r in zip(frames, fields, results):
-        annotate(atoms, r, field, args.info_prefix)
+        annotate(atoms, r, field, args.info_prefix, extrapolation=grade)
     _write(args.output, frames)
     return 0
+
+
+def extrapolation_summary(results, threshold: float) -> Dict:
+    """How many atoms and frames of ``results`` have a grade above ``threshold``, and the largest grade."""
+    grades = [np.asarray(r.extrapolation, dtype=float) for r in results]
+    flat = np.concatenate(grades)
+    worst = int(np.argmax([g.max() for g in grades]))
+    return {"threshold": threshold, "atoms": int(flat.size), "atoms_above": int(np.sum(flat > threshold)),
+            "fraction_above": float(np.mean(flat > threshold)), "frames": len(grades),
+            "frames_above": int(sum(bool(np.any(g > threshold)) for g in grades)), "max": float(flat.max()),
+            "max_frame": worst}
+
+
+def format_extrapolation(summary: Dict) -> str:
+    return (f"  extrapolation grade: max {summary['max']:.3g} (frame {summary['max_frame']}); "
+            f"{summary['atoms_above']} of {summary['atoms']} atoms ({100 * summary['fraction_above']:.2f}%) in "
+            f"{summary['frames_above']} of {summary['frames']} frames above {summary['threshold']:g} (extrapolating)")
 
 
 # ------------------------------------------------------------------------------ eval
@@ -389,8 +427,9 @@ def cmd_eval(args) -> int:
     refs = references(frames, args)
     if not refs:
         raise InputError(f"no reference labels found in {args.input} (give their keys with --energy-key etc.)")
-    outputs = sorted({o for q in refs for o in _NEEDS[q]} | {"energy"})
+    outputs = sorted({o for q in refs for o in _NEEDS[q]} | {"energy"} | ({"extrapolation"} if args.extrapolation else set()))
     fields, results = _compute(args, frames, outputs)
+    grades = extrapolation_summary(results, EXTRAPOLATION_THRESHOLD) if args.extrapolation else None
     rows = []
     for i, (atoms, r) in enumerate(zip(frames, results)):
         labels = {q: spec["labels"][i] for q, spec in refs.items() if spec["labels"][i] is not None}
@@ -400,14 +439,14 @@ def cmd_eval(args) -> int:
     summary = summarise(rows)
     if args.output:
         for atoms, field, r in zip(frames, fields, results):
-            annotate(atoms, r, field, args.info_prefix)
+            annotate(atoms, r, field, args.info_prefix, extrapolation=args.extrapolation)
         _write(args.output, frames)
     compared = {q: {k: spec[k] for k in ("key", "kind", "reason")} for q, spec in refs.items()}
     used = fields_used(frames, args.field)
     if args.json:
         print(json.dumps({"file": args.input, "frames": len(frames), "head": results[0].head,
                           "model": results[0].model, "electric_field": used, "references": compared,
-                          "errors": summary}, indent=2))
+                          "errors": summary} | ({"extrapolation": grades} if grades else {}), indent=2))
         return 0
     print(f"{args.input}: {len(frames)} frame(s), model {results[0].model}, head {results[0].head}")
     for line in used:
@@ -415,6 +454,8 @@ def cmd_eval(args) -> int:
     for q, spec in compared.items():
         kind = f" as {spec['kind']}" if spec["kind"] else ""
         print(f"  reference {q}: {spec['key']!r}{kind} ({spec['reason']})")
+    if grades:
+        print(format_extrapolation(grades))
     print(format_table(summary))
     return 0
 

@@ -41,6 +41,23 @@ class AuthenticationError(MACEFieldError, PermissionError):
     """The server refused the call's credentials (no or a wrong bearer token: UNAUTHENTICATED)."""
 
 
+class ExtrapolationWarning(UserWarning):
+    """A structure's extrapolation grade passed the threshold: its results are extrapolation (ASE calculator)."""
+
+
+class ExtrapolationError(RuntimeError):
+    """Raised instead of :class:`ExtrapolationWarning` by a calculator told ``extrapolation="raise"``.
+
+    Attributes: ``grade`` (the structure's largest grade, dimensionless) and
+    ``atom`` (the index of the atom that has it; -1 when no grade was served).
+    """
+
+    def __init__(self, message: str, *, grade: float = float("nan"), atom: int = -1):
+        super().__init__(message)
+        self.grade = grade
+        self.atom = atom
+
+
 #: status codes :meth:`Client.wait_ready` keeps waiting through (the server is not up or not warm yet)
 NOT_READY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 

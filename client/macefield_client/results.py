@@ -11,17 +11,30 @@ from .proto.macefield.v1 import macefield_pb2 as pb
 
 #: every output a request may ask for (PredictRequest.outputs): the one table of names (README, docs/outputs)
 OUTPUTS: Tuple[str, ...] = ("energy", "forces", "stress", "dipole", "polarization", "polarization_quantum",
-                            "born_charges", "polarizability", "chi", "eps_inf", "volume")
+                            "born_charges", "polarizability", "chi", "eps_inf", "volume", "extrapolation",
+                            "extrapolation_max")
+
+#: the extrapolation grade (per atom) and its per-structure maximum: they need the model's reference
+#: statistics (``macefield-calibrate``) and come with every result of a head that has them (asking
+#: for them where there are none is INVALID_ARGUMENT); dimensionless, above
+#: :data:`EXTRAPOLATION_THRESHOLD` the atom is extrapolating
+GRADE_OUTPUTS: Tuple[str, ...] = ("extrapolation", "extrapolation_max")
+
+#: grade above which an atom's environment lies outside everything the reference (training) set
+#: showed the model: its results there are extrapolation (ListModels reports it per model)
+EXTRAPOLATION_THRESHOLD = 1.0
 
 #: what a request that names no outputs gets, in every interface (server, Client, ASE, CLI): all of
 #: the first derivatives, which one backward pass gives together; Z*, alpha, chi and eps_inf need the
-#: second-derivative pass (about 3x the cost of energy + forces) and are computed only when asked for
+#: second-derivative pass (about 3x the cost of energy + forces) and are computed only when asked for.
+#: Every result of a head with statistics also carries the grade (:data:`GRADE_OUTPUTS`), asked for or not
 DEFAULT_OUTPUTS: Tuple[str, ...] = ("energy", "forces", "stress", "dipole", "polarization")
 
 #: outputs returned together with another one that was asked for: P is meaningless without its
 #: quanta, chi and eps_inf come free with alpha, and every periodic result carries its volume
 COMPANIONS: Dict[str, Tuple[str, ...]] = {"polarization": ("polarization_quantum",),
-                                          "polarizability": ("chi", "eps_inf")}
+                                          "polarizability": ("chi", "eps_inf"),
+                                          "extrapolation": ("extrapolation_max",)}
 
 #: unit of every result array (the same as the server engine's)
 UNITS: Dict[str, str] = {
@@ -37,6 +50,8 @@ UNITS: Dict[str, str] = {
     "eps_inf": "dimensionless",
     "electric_field": "V/A",
     "volume": "A^3",
+    "extrapolation": "dimensionless",
+    "extrapolation_max": "dimensionless",
 }
 
 _SHAPES = {
@@ -49,8 +64,9 @@ _SHAPES = {
     "polarizability": lambda n: (3, 3),
     "chi": lambda n: (3, 3),
     "eps_inf": lambda n: (3, 3),
+    "extrapolation": lambda n: (n,),
 }
-_SCALARS = ("energy", "volume")
+_SCALARS = ("energy", "volume", "extrapolation_max")
 
 #: an ASE Atoms, or a mapping with "numbers" (or "atomic_numbers"), "positions"
 #: and optionally "cell" and "pbc"
@@ -58,11 +74,12 @@ StructureLike = Union[Any, Mapping[str, Any]]
 
 
 def normalise_outputs(outputs) -> List[str]:
-    """None: the server default (:data:`DEFAULT_OUTPUTS`); "all": every output; a name or a list of names."""
+    """None: the server default (:data:`DEFAULT_OUTPUTS`); "all": every output (the grade comes by itself
+    where the model has statistics, see :data:`GRADE_OUTPUTS`); a name or a list of names."""
     if outputs is None:
         return []
     if isinstance(outputs, str):
-        return list(OUTPUTS) if outputs == "all" else [outputs]
+        return [o for o in OUTPUTS if o not in GRADE_OUTPUTS] if outputs == "all" else [outputs]
     return [str(o) for o in outputs]
 
 
@@ -138,7 +155,9 @@ class Result(Mapping):
     ``dipole`` (3,) e*A, ``polarization`` (3,) e/A^2 [periodic] with
     ``polarization_quantum`` (3, 3), ``born_charges`` (N, 3, 3) e,
     ``polarizability`` (3, 3) e*A^2/V, ``chi`` and ``eps_inf`` (3, 3) [periodic],
-    ``volume`` () A^3 [periodic].  Outputs not asked for (or not defined for
+    ``volume`` () A^3 [periodic], ``extrapolation`` (N,) and ``extrapolation_max``
+    () dimensionless [heads with statistics; > 1: extrapolating; +inf for an
+    element the statistics have no atoms of].  Outputs not asked for (or not defined for
     the structure) are ``None`` as attributes and absent as mapping keys.
     ``units`` maps each present key to its unit.
     """
@@ -154,6 +173,8 @@ class Result(Mapping):
     chi: Optional[np.ndarray]
     eps_inf: Optional[np.ndarray]
     volume: Optional[np.ndarray]
+    extrapolation: Optional[np.ndarray]
+    extrapolation_max: Optional[np.ndarray]
 
     FIELDS = OUTPUTS
 
@@ -221,6 +242,10 @@ class ModelInfo:
     source: str
     pair_repulsion: bool = False  #: F includes a ZBL short-range repulsion
     backend: str = ""  #: "e3nn" or "cueq" (empty from servers older than this field)
+    #: heads with extrapolation statistics (their results carry the grade); empty: none
+    extrapolation_heads: List[str] = field(default_factory=list)
+    #: grade above which an atom is extrapolating (0 when the model has no statistics)
+    extrapolation_threshold: float = 0.0
 
 
 @dataclass
@@ -250,6 +275,8 @@ def server_info_from_response(target: str, response: pb.ListModelsResponse) -> S
             outputs=list(m.outputs), units=dict(m.units), trained=m.trained, description=m.description,
             num_parameters=m.num_parameters, card_json=m.card_json, source=m.source, pair_repulsion=m.pair_repulsion,
             backend=m.backend,
+            extrapolation_heads=[h.name for h in m.heads if h.extrapolation],
+            extrapolation_threshold=m.extrapolation_threshold,
         )
         for m in response.models
     ]

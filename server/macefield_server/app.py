@@ -35,7 +35,7 @@ from .memory import Budget, default_budget, fmt, parse_bytes
 from .memory import measure as measure_memory
 from .metrics import Metrics
 from .model.graph import Structure, neighbour_list
-from .model.response import OUTPUTS, response_tier
+from .model.response import EXTRAPOLATION_OUTPUTS, OUTPUTS, response_tier
 from .registry import ModelRegistry, ServedModel
 from .service import MaceFieldService
 from .wire import add_servicer
@@ -158,12 +158,13 @@ class MaceFieldServer:
         structure = warmup_structure(served)
         graph = await loop.run_in_executor(self.prep_executor, neighbour_list, structure, served.cutoff)
         start = time.monotonic()
+        outputs = OUTPUTS if served.default_head in served.extrapolation_heads else OUTPUTS - EXTRAPOLATION_OUTPUTS
         item = WorkItem(
             structure=structure,
             graph=graph,
             head_index=served.heads.index(served.default_head),
-            outputs=OUTPUTS,
-            tier=response_tier(OUTPUTS),
+            outputs=outputs,
+            tier=response_tier(outputs),
             request_id="warm-up",
             future=loop.create_future(),
         )

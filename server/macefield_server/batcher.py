@@ -38,7 +38,7 @@ import torch
 from .config import BatchingConfig
 from .metrics import Metrics
 from .model.graph import GraphBatch, NeighbourGraph, Structure, collate
-from .model.predict import NonFiniteResult, check_finite, keep_requested, split_results
+from .model.predict import NonFiniteResult, check_finite, graded_head_indices, keep_requested, split_results
 from .model.response import engine_outputs, respond
 from .registry import ServedModel
 
@@ -177,7 +177,7 @@ def default_evaluate(model, batch: GraphBatch, outputs: FrozenSet[str]) -> List[
     caller's result is cut to its own request afterwards (:func:`keep_requested`).
     """
     needed = engine_outputs(outputs)
-    return split_results(batch, respond(model, batch.tensors, None, needed), needed)
+    return split_results(batch, respond(model, batch.tensors, None, needed), needed, graded_head_indices(model))
 
 
 class Batcher:
@@ -454,7 +454,10 @@ class Batcher:
                 item.future.set_exception(outcome)
             else:
                 timing = Timing(start - item.enqueued, elapsed, done - item.enqueued, pass_structures, pass_atoms)
-                item.future.set_result((outcome, timing))  # already cut to the item's outputs
+                if "extrapolation_max" in outcome:  # already cut to the item's outputs
+                    self.metrics.observe_extrapolation(name, self.served.heads[item.head_index],
+                                                       float(outcome["extrapolation_max"]))
+                item.future.set_result((outcome, timing))
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 json.dumps(

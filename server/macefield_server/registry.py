@@ -23,7 +23,8 @@ from .config import ConfigError, ModelConfig
 from .memory import Budget, MemoryModel
 from .model import build_field_mace, default_architecture, load_model
 from .model.cueq import model_backend, resolve_backend, to_cueq
-from .model.response import REQUESTABLE
+from .model.extrapolation import calibrated_heads, statistics_of
+from .model.response import EXTRAPOLATION_OUTPUTS, REQUESTABLE
 from .model.units import UNITS
 
 log = logging.getLogger("macefield.registry")
@@ -91,6 +92,23 @@ class ServedModel:
         return model_backend(self.model)
 
     @property
+    def extrapolation_heads(self) -> List[str]:
+        """Heads with extrapolation statistics: their results carry the grade."""
+        return calibrated_heads(self.model)
+
+    @property
+    def extrapolation_threshold(self) -> float:
+        """Grade above which an atom is extrapolating; 0.0 without statistics."""
+        stats = statistics_of(self.model)
+        return float(stats.threshold) if stats is not None and self.extrapolation_heads else 0.0
+
+    @property
+    def outputs(self) -> List[str]:
+        """Output names a request may use for this model (the grade only with statistics)."""
+        names = REQUESTABLE if self.extrapolation_heads else REQUESTABLE - EXTRAPOLATION_OUTPUTS
+        return sorted(names)
+
+    @property
     def num_parameters(self) -> int:
         return int(sum(p.numel() for p in self.model.parameters()))
 
@@ -106,7 +124,7 @@ class ServedModel:
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
             "backend": self.backend,
-            "outputs": sorted(REQUESTABLE),
+            "outputs": self.outputs,
             "units": dict(UNITS),
             "trained": self.trained,
             "description": self.description,
@@ -114,6 +132,8 @@ class ServedModel:
             "card_json": self.card_json,
             "source": self.source,
             "pair_repulsion": self.pair_repulsion,
+            "extrapolation_heads": self.extrapolation_heads,
+            "extrapolation_threshold": self.extrapolation_threshold,
         }
 
 

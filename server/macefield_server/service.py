@@ -29,7 +29,7 @@ from .validation import clip as _clip
 
 log = logging.getLogger("macefield.service")
 
-_SCALARS = ("energy", "volume")
+_SCALARS = ("energy", "volume", "extrapolation_max")
 
 #: seconds after a drain begins during which open streams still read messages (those already sent)
 DRAIN_SETTLE_S = 0.1
@@ -306,7 +306,8 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                 pb.ModelInfo(
                     name=info["name"],
                     is_default=info["is_default"],
-                    heads=[pb.HeadInfo(name=h, is_default=h == info["default_head"]) for h in info["heads"]],
+                    heads=[pb.HeadInfo(name=h, is_default=h == info["default_head"],
+                                       extrapolation=h in info["extrapolation_heads"]) for h in info["heads"]],
                     default_head=info["default_head"],
                     atomic_numbers=info["atomic_numbers"],
                     cutoff=info["cutoff"],
@@ -321,6 +322,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                     card_json=info["card_json"],
                     source=info["source"],
                     pair_repulsion=info["pair_repulsion"],
+                    extrapolation_threshold=info["extrapolation_threshold"],
                 )
             )
         await self._finish("ListModels", "-", start, grpc.StatusCode.OK)

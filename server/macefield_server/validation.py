@@ -16,7 +16,7 @@ from macefield_client.results import DEFAULT_OUTPUTS as API_DEFAULT_OUTPUTS
 from .config import LimitsConfig
 from .memory import fmt
 from .model.graph import MIN_VOLUME, ClosestPair, Structure, element_symbol, estimate_edges
-from .model.response import normalise_outputs, response_tier
+from .model.response import EXTRAPOLATION_OUTPUTS, normalise_outputs, response_tier
 from .registry import ModelRegistry, ServedModel
 
 #: outputs when a request names none (the API's default, the same in every client interface)
@@ -123,6 +123,14 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
         outputs = normalise_outputs(list(request.outputs)) if len(request.outputs) else DEFAULT_OUTPUTS
     except ValueError as exc:
         raise InvalidRequest("outputs", str(exc).partition(": ")[2]) from None
+    if head in served.extrapolation_heads:  # the grade comes with every result of a calibrated head
+        outputs = outputs | EXTRAPOLATION_OUTPUTS
+    elif outputs & EXTRAPOLATION_OUTPUTS:
+        raise InvalidRequest(
+            "outputs",
+            f"extrapolation: model {served.name!r} has no extrapolation statistics for head {head!r} "
+            f"(heads with statistics: {served.extrapolation_heads or 'none'}); add them with macefield-calibrate",
+        )
 
     numbers = np.asarray(request.atomic_numbers, dtype=np.int64)
     n = int(numbers.size)

@@ -3,9 +3,12 @@
 Two kinds of files are read:
 
 * the **native format** (written by :func:`save_model`): a ``torch.save``
-  archive holding only a JSON architecture description, JSON metadata and a
-  state dict of tensors.  It is read with ``torch.load(weights_only=True)``,
-  which cannot execute code, so files from strangers are safe to open.
+  archive holding only a JSON architecture description, JSON metadata, a
+  state dict of tensors and, when the model is calibrated, its extrapolation
+  statistics (``"extrapolation"``: JSON text + float64 tensors, see
+  :mod:`.extrapolation`; files without them load as before).  It is read with
+  ``torch.load(weights_only=True)``, which cannot execute code, so files from
+  strangers are safe to open.
 * **pickled models**: mace-torch ``.model`` files (whole ``ScaleShiftMACE`` /
   ``MACE`` objects, e.g. foundation models) and the reference MACE-Field
   pickles whose class path is ``mace.modules.extensions.MACEField``.
@@ -25,6 +28,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from .architecture import build_field_mace, describe_architecture
+from .extrapolation import ExtrapolationStatistics, attach, statistics_of
 from .field_mace import FieldMACE
 
 NATIVE_FORMAT = "macefield-native"
@@ -79,6 +83,9 @@ def save_model(model: torch.nn.Module, path: Union[str, Path], *, metadata: Opti
         "dtype": dtype_name(dtype),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
+    statistics = statistics_of(model)
+    if statistics is not None:
+        payload["extrapolation"] = statistics.to_payload()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -148,6 +155,11 @@ def _model_from_native(payload: Dict[str, Any], path: Path) -> FieldMACE:
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise CheckpointError(f"{path}: inconsistent native checkpoint ({exc})") from exc
     model.metadata = metadata
+    if payload.get("extrapolation") is not None:
+        try:
+            attach(model, ExtrapolationStatistics.from_payload(payload["extrapolation"]))
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: unreadable extrapolation statistics ({exc})") from exc
     return model
 
 

@@ -20,7 +20,7 @@ taken by :mod:`macefield_server.model.response`; this module only defines F.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mace  # noqa: F401  (must be imported before e3nn on torch >= 2.6)
 import torch
@@ -70,6 +70,7 @@ class FieldMACE(ScaleShiftMACE):
         positions: torch.Tensor,
         electric_field: torch.Tensor,
         strain: Optional[torch.Tensor] = None,
+        layer_features: Optional[List[torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Electric enthalpy per structure.
 
@@ -82,6 +83,11 @@ class FieldMACE(ScaleShiftMACE):
             electric_field: (G, 3) V/Angstrom, one field per structure (float64
                 likewise for the dipole and polarizability).
             strain: optional (G, 3, 3) strain leaf (symmetrised here) for stress.
+            layer_features: optional list; when given, the node features of
+                every interaction layer (N, irreps of that layer, the inputs of
+                the readouts) are appended to it, in layer order, so that
+                callers can read them from the same pass (the extrapolation
+                grade does).  None (the default) changes nothing.
 
         Edge vectors are built in float64 and cast to the model's dtype; the
         per-atom energies are summed in float64.
@@ -149,6 +155,8 @@ class FieldMACE(ScaleShiftMACE):
                 coupling = self.field_feats[i](node_feats, atom_field)
                 node_feats = node_feats - self.field_linear[i](coupling)
             layer_feats.append(node_feats)
+        if layer_features is not None:
+            layer_features.extend(layer_feats)
 
         for i, readout in enumerate(self.readouts):
             feats = layer_feats[-1] if len(self.readouts) == 1 else layer_feats[i]

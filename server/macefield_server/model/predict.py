@@ -16,7 +16,8 @@ import torch
 from .graph import GraphBatch, Structure, collate, neighbour_list
 from macefield_client.results import COMPANIONS
 
-from .response import engine_outputs, normalise_outputs, respond, response_tier, susceptibility
+from .extrapolation import calibrated_heads
+from .response import EXTRAPOLATION_OUTPUTS, engine_outputs, normalise_outputs, respond, response_tier, susceptibility
 
 
 def model_dtype(model) -> torch.dtype:
@@ -25,6 +26,11 @@ def model_dtype(model) -> torch.dtype:
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def head_name(model, head: Optional[str], default: Optional[str] = None) -> str:
+    """The name of the head :func:`head_index` resolves ``head`` to."""
+    return list(getattr(model, "heads", None) or ["Default"])[head_index(model, head, default)]
 
 
 def head_index(model, head: Optional[str], default: Optional[str] = None) -> int:
@@ -80,10 +86,19 @@ def evaluate(model, batch: GraphBatch, outputs: FrozenSet[str]) -> List[Dict[str
     (3, 3) e/A^2 (row k = e*a_k/Omega: P is defined modulo integer
     combinations of these rows), born_charges (N, 3, 3) e, polarizability
     (3, 3) e*A^2/V, chi (3, 3) and eps_inf (3, 3) [periodic, with
-    polarizability], volume () A^3 [periodic, always].
+    polarizability], volume () A^3 [periodic, always], extrapolation (N,) and
+    extrapolation_max () dimensionless [when asked for; structures on heads
+    with statistics only].
     """
     raw = respond(model, batch.tensors, None, engine_outputs(outputs))
-    return [keep_requested(r, outputs) for r in split_results(batch, raw, engine_outputs(outputs))]
+    graded = graded_head_indices(model)
+    return [keep_requested(r, outputs) for r in split_results(batch, raw, engine_outputs(outputs), graded)]
+
+
+def graded_head_indices(model) -> FrozenSet[int]:
+    """Indices of the heads whose results carry the extrapolation grade (those with statistics)."""
+    heads = list(getattr(model, "heads", None) or ["Default"])
+    return frozenset(heads.index(h) for h in calibrated_heads(model))
 
 
 class NonFiniteResult(ArithmeticError):
@@ -91,8 +106,11 @@ class NonFiniteResult(ArithmeticError):
 
 
 def non_finite(result: Dict[str, np.ndarray]) -> List[str]:
-    """Names of the outputs in ``result`` that hold a NaN or an infinity."""
-    return sorted(k for k, v in result.items() if not np.all(np.isfinite(v)))
+    """Names of the outputs in ``result`` that hold a NaN or an infinity (the grade may be +inf: no reference atoms)."""
+    return sorted(
+        k for k, v in result.items()
+        if (np.any(np.isnan(v)) or np.any(v == -np.inf) if k in EXTRAPOLATION_OUTPUTS else not np.all(np.isfinite(v)))
+    )
 
 
 def check_finite(result: Dict[str, np.ndarray], graph=None, numbers=None) -> Dict[str, np.ndarray]:
@@ -120,12 +138,17 @@ def keep_requested(result: Dict[str, np.ndarray], outputs: FrozenSet[str]) -> Di
     return {k: v for k, v in result.items() if k in keep}
 
 
-def split_results(batch: GraphBatch, raw: Dict[str, torch.Tensor], outputs: FrozenSet[str]):
-    """Cut batched engine output into one numpy dict per structure (every key the engine outputs define)."""
+def split_results(batch: GraphBatch, raw: Dict[str, torch.Tensor], outputs: FrozenSet[str],
+                  graded_heads: Optional[FrozenSet[int]] = None):
+    """Cut batched engine output into one numpy dict per structure (every key the engine outputs define).
+
+    ``graded_heads``: head indices whose structures get the extrapolation grade when it was computed (None: all).
+    """
     host = {k: v.detach().cpu().double().numpy() for k, v in raw.items() if isinstance(v, torch.Tensor)}
     chi = None
     if "polarizability" in outputs:  # tier 2 always reports volume (NaN when not periodic)
         chi = susceptibility(raw["polarizability"], raw["volume"]).detach().cpu().double().numpy()
+    heads = batch.tensors["head"].tolist()
     results = []
     start = 0
     for g, n in enumerate(batch.n_atoms):
@@ -140,6 +163,9 @@ def split_results(batch: GraphBatch, raw: Dict[str, torch.Tensor], outputs: Froz
             r["born_charges"] = host["born_charges"][start:stop]
         if "polarizability" in outputs:
             r["polarizability"] = host["polarizability"][g]
+        if "extrapolation" in host and (graded_heads is None or heads[g] in graded_heads):
+            r["extrapolation"] = host["extrapolation"][start:stop]
+            r["extrapolation_max"] = np.asarray(r["extrapolation"].max())
         if periodic:
             volume = batch.volumes[g]
             r["volume"] = np.asarray(volume)
@@ -175,9 +201,11 @@ def predict(
         heads: None (default head), one head name for all, or one per structure.
         outputs: names from the output table (energy, forces, stress, dipole,
             polarization, polarization_quantum, born_charges, polarizability,
-            chi, eps_inf, volume; None: all).  chi and eps_inf also come with
-            polarizability, polarization_quantum with polarization, for
-            periodic structures.
+            chi, eps_inf, volume, extrapolation, extrapolation_max; None:
+            all).  chi and eps_inf also come with polarizability,
+            polarization_quantum with polarization, for periodic structures.
+            The extrapolation grade comes with every structure whose head
+            has statistics (asking for it on another head: ValueError).
         batch_size: at most this many structures per engine pass (None: no count limit).
         max_edges: at most this many graph edges per engine pass (a larger
             structure gets a pass of its own); "auto": :data:`CPU_EDGES_PER_PASS`
@@ -208,6 +236,14 @@ def predict(
             structures.append(Structure(item.numbers, item.positions, item.cell, item.pbc, f, h or item.head))
         else:
             structures.append(Structure.from_atoms(item, electric_field=f, head=h))
+    graded = calibrated_heads(model)
+    if wanted & EXTRAPOLATION_OUTPUTS:
+        missing = sorted({head_name(model, s.head) for s in structures} - set(graded))
+        if missing:
+            raise ValueError(f"outputs: extrapolation needs statistics, and head(s) {missing} have none "
+                             "(run macefield-calibrate)")
+    if graded:
+        wanted = wanted | EXTRAPOLATION_OUTPUTS
 
     if max_edges == "auto":
         max_edges = None if model_device(model).type == "cuda" else CPU_EDGES_PER_PASS[response_tier(wanted)]

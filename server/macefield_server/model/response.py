@@ -15,6 +15,10 @@ runs one forward pass of F(R, E, strain) and then
 Because structures in a batch share no edges, d(sum_g dipole_g,i)/dR_k only
 sees atom k's own structure, so the batched pass is exact per structure.
 
+The extrapolation grade (``extrapolation``, dimensionless, per atom) comes
+from the node features of the same forward pass (:mod:`.extrapolation`); it
+needs no derivative.
+
 Units: F eV, forces eV/A, stress eV/A^3, dipole e*A, polarization e/A^2,
 Z* e, alpha e*A^2/V, chi dimensionless.  Graphs are kept only as long as the
 requested order of derivatives needs them (``keep_graph`` for training).
@@ -28,19 +32,23 @@ import torch
 
 from macefield_client.results import OUTPUTS as API_OUTPUTS
 
+from .extrapolation import grade_from_layers, statistics_of
 from .units import EPS0
 
 #: the outputs the engine computes; the others a request may name (the wire API's table,
 #: :data:`macefield_client.results.OUTPUTS`) are derived from these and the cell
 OUTPUTS: FrozenSet[str] = frozenset(
-    {"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"}
+    {"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability", "extrapolation"}
 )
 #: the default request: everything
 ALL_OUTPUTS = OUTPUTS
 #: every name a request may use (engine outputs and derived ones)
 REQUESTABLE: FrozenSet[str] = frozenset(API_OUTPUTS)
 #: derived output -> the engine output it needs (None: only the cell)
-DERIVED_FROM = {"chi": "polarizability", "eps_inf": "polarizability", "polarization_quantum": None, "volume": None}
+DERIVED_FROM = {"chi": "polarizability", "eps_inf": "polarizability", "polarization_quantum": None, "volume": None,
+                "extrapolation_max": "extrapolation"}
+#: outputs that need the model's extrapolation statistics (:mod:`.extrapolation`)
+EXTRAPOLATION_OUTPUTS: FrozenSet[str] = frozenset({"extrapolation", "extrapolation_max"})
 
 
 #: second-derivative strategy by device (is CUDA?).  On CPU three batch-wide
@@ -54,12 +62,15 @@ SECOND_ORDER_DEFAULT = {False: "loop", True: "loop"}
 
 
 def normalise_outputs(outputs: Optional[Iterable[str]]) -> FrozenSet[str]:
-    """Validate requested output names (any of :data:`REQUESTABLE`, or one name); None or "all" means every one.
+    """Validate requested output names (any of :data:`REQUESTABLE`, or one name).
 
-    Returns the requested names plus "energy".  Raises ValueError naming the unknown ones.
+    None or "all" means every output any model gives (not the extrapolation
+    grade, which needs statistics; it comes with every result of a head that
+    has them).  Returns the requested names plus "energy".  Raises ValueError
+    naming the unknown ones.
     """
     if outputs is None or outputs == "all":
-        return REQUESTABLE
+        return REQUESTABLE - EXTRAPOLATION_OUTPUTS
     wanted = frozenset([outputs] if isinstance(outputs, str) else outputs)
     unknown = sorted(wanted - REQUESTABLE)
     if unknown:
@@ -78,7 +89,7 @@ def engine_outputs(requested: FrozenSet[str]) -> FrozenSet[str]:
 
 
 def response_tier(outputs: FrozenSet[str]) -> int:
-    """Derivative order a request needs: 0 energy, 1 first derivatives, 2 Z*/alpha (and chi, eps_inf)."""
+    """Derivative order a request needs: 0 energy (and the extrapolation grade), 1 first derivatives, 2 Z*/alpha (and chi, eps_inf)."""
     outputs = engine_outputs(frozenset(outputs))
     if outputs & {"born_charges", "polarizability"}:
         return 2
@@ -116,7 +127,8 @@ def respond(
 
     Returns batched tensors: ``energy`` (G,), ``forces`` (N, 3), ``stress``
     (G, 3, 3), ``dipole`` (G, 3), ``polarization`` (G, 3), ``born_charges``
-    (N, 3, 3), ``polarizability`` (G, 3, 3), and ``volume`` (G,) with any
+    (N, 3, 3), ``polarizability`` (G, 3, 3), ``extrapolation`` (N,) float64
+    (needs the model's statistics, else ValueError), and ``volume`` (G,) with any
     first-order request.  Structures that are not periodic in all three
     directions have no volume: their volume, stress and polarization rows are
     NaN (nothing is divided by zero) and callers drop them.
@@ -146,6 +158,8 @@ def respond(
             "second_order: 'vmap' is not available on the cueq backend (cuEquivariance's operations have no "
             "vmap batching rule); use 'loop' (three batch-wide passes), its default"
         )
+    if "extrapolation" in outputs and statistics_of(model) is None:
+        raise ValueError("outputs: extrapolation needs statistics: this model has none (run macefield-calibrate)")
     tier = response_tier(outputs)
     want_forces = "forces" in outputs
     want_stress = "stress" in outputs
@@ -165,7 +179,13 @@ def respond(
     result: Dict[str, Optional[torch.Tensor]] = {}
     grad_enabled = keep_graph or tier > 0
     with torch.set_grad_enabled(grad_enabled):
-        energy, _ = model.enthalpy(graph, positions, field, strain)
+        if "extrapolation" in outputs:  # the grade reads the node features of this very pass
+            layers: list = []
+            energy, _ = model.enthalpy(graph, positions, field, strain, layer_features=layers)
+            result["extrapolation"] = grade_from_layers(model, graph, layers)
+            del layers
+        else:
+            energy, _ = model.enthalpy(graph, positions, field, strain)
         result["energy"] = energy
         if tier == 0:
             return _finish(result, keep_graph)

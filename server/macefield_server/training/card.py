@@ -222,6 +222,8 @@ def card_markdown(card: Dict) -> str:
             + f" ({timing['note']}).",
             "",
         ]
+    if card.get("extrapolation"):
+        lines += extrapolation_markdown(card["extrapolation"])
     if card.get("notes"):
         lines += ["## Notes and limitations", ""] + [f"- {g}" for g in card["notes"]] + [""]
     lines += [
@@ -286,6 +288,35 @@ def card_markdown(card: Dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def extrapolation_markdown(section: Dict) -> List[str]:
+    """The card's "Extrapolation grade" section (written by ``macefield-calibrate --card``)."""
+    lines = ["## Extrapolation grade", ""]
+    if section.get("meaning"):
+        lines += [section["meaning"], ""]
+    lines += [
+        f"Method `{section['method']}`, threshold {section['threshold']:g} (grade > {section['threshold']:g}: "
+        f"extrapolating), margin {section['margin']:g}, {section['features']} invariant features per atom.",
+        "",
+        "| head | reference frames | reference atoms per element (rank) | max grade, reference | held-out frames: atoms above threshold, max grade |",
+        "|---|---|---|---|---|",
+    ]
+    for head, h in section["heads"].items():
+        refs = "; ".join(f"`{r['file']}` {r['frames'][0]}:{r['frames'][1]}" for r in h["reference"]["files"])
+        counts = ", ".join(f"Z={z}: {e['n_reference']} ({e['rank']})" for z, e in h["elements"].items())
+        held = h.get("holdout")
+        held_text = (f"{held['atoms_above']} of {held['atoms']} ({100 * held['fraction_above']:.1f}%), max "
+                     f"{held['max']:.3g} (frames " + "; ".join(f"{r['frames'][0]}:{r['frames'][1]}" for r in held["files"])
+                     + ")") if held else "-"
+        lines.append(f"| `{head}` | {refs} | {counts} | {h['reference_max_grade']:.3f} | {held_text} |")
+    lines.append("")
+    if section.get("commands"):
+        lines += ["Calibrated with (from the repository root):", ""] + [f"    {c}" for c in section["commands"]] + [""]
+    if section.get("flags"):
+        lines += ["What it flags (measured on this model; tests/test_extrapolation.py):", ""]
+        lines += [f"- {f}" for f in section["flags"]] + [""]
+    return lines
 
 
 def export(model, trainer, path, *, fit_summary: Dict, command: str, write_card: bool = True) -> Dict:

@@ -55,7 +55,7 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_structures: _Optional[int] = ..., batch_atoms: _Optional[int] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("request_id", "model", "head", "n_atoms", "outputs", "energy", "forces", "stress", "dipole", "polarization", "polarization_quantum", "born_charges", "polarizability", "chi", "eps_inf", "volume", "timing")
+    __slots__ = ("request_id", "model", "head", "n_atoms", "outputs", "energy", "forces", "stress", "dipole", "polarization", "polarization_quantum", "born_charges", "polarizability", "chi", "eps_inf", "volume", "timing", "extrapolation", "extrapolation_max")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,8 @@ class PredictResponse(_message.Message):
     EPS_INF_FIELD_NUMBER: _ClassVar[int]
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    EXTRAPOLATION_FIELD_NUMBER: _ClassVar[int]
+    EXTRAPOLATION_MAX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     head: str
@@ -90,22 +92,26 @@ class PredictResponse(_message.Message):
     eps_inf: _containers.RepeatedScalarFieldContainer[float]
     volume: float
     timing: Timing
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., head: _Optional[str] = ..., n_atoms: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., energy: _Optional[float] = ..., forces: _Optional[_Iterable[float]] = ..., stress: _Optional[_Iterable[float]] = ..., dipole: _Optional[_Iterable[float]] = ..., polarization: _Optional[_Iterable[float]] = ..., polarization_quantum: _Optional[_Iterable[float]] = ..., born_charges: _Optional[_Iterable[float]] = ..., polarizability: _Optional[_Iterable[float]] = ..., chi: _Optional[_Iterable[float]] = ..., eps_inf: _Optional[_Iterable[float]] = ..., volume: _Optional[float] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    extrapolation: _containers.RepeatedScalarFieldContainer[float]
+    extrapolation_max: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., head: _Optional[str] = ..., n_atoms: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., energy: _Optional[float] = ..., forces: _Optional[_Iterable[float]] = ..., stress: _Optional[_Iterable[float]] = ..., dipole: _Optional[_Iterable[float]] = ..., polarization: _Optional[_Iterable[float]] = ..., polarization_quantum: _Optional[_Iterable[float]] = ..., born_charges: _Optional[_Iterable[float]] = ..., polarizability: _Optional[_Iterable[float]] = ..., chi: _Optional[_Iterable[float]] = ..., eps_inf: _Optional[_Iterable[float]] = ..., volume: _Optional[float] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., extrapolation: _Optional[_Iterable[float]] = ..., extrapolation_max: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class HeadInfo(_message.Message):
-    __slots__ = ("name", "is_default")
+    __slots__ = ("name", "is_default", "extrapolation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    EXTRAPOLATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    extrapolation: bool
+    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ..., extrapolation: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "is_default", "heads", "default_head", "atomic_numbers", "cutoff", "dtype", "device", "outputs", "units", "trained", "description", "num_parameters", "card_json", "source", "pair_repulsion", "backend")
+    __slots__ = ("name", "is_default", "heads", "default_head", "atomic_numbers", "cutoff", "dtype", "device", "outputs", "units", "trained", "description", "num_parameters", "card_json", "source", "pair_repulsion", "backend", "extrapolation_threshold")
     class UnitsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +136,7 @@ class ModelInfo(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     PAIR_REPULSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    EXTRAPOLATION_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     name: str
     is_default: bool
     heads: _containers.RepeatedCompositeFieldContainer[HeadInfo]
@@ -147,7 +154,8 @@ class ModelInfo(_message.Message):
     source: str
     pair_repulsion: bool
     backend: str
-    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ..., heads: _Optional[_Iterable[_Union[HeadInfo, _Mapping]]] = ..., default_head: _Optional[str] = ..., atomic_numbers: _Optional[_Iterable[int]] = ..., cutoff: _Optional[float] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., units: _Optional[_Mapping[str, str]] = ..., trained: _Optional[bool] = ..., description: _Optional[str] = ..., num_parameters: _Optional[int] = ..., card_json: _Optional[str] = ..., source: _Optional[str] = ..., pair_repulsion: _Optional[bool] = ..., backend: _Optional[str] = ...) -> None: ...
+    extrapolation_threshold: float
+    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ..., heads: _Optional[_Iterable[_Union[HeadInfo, _Mapping]]] = ..., default_head: _Optional[str] = ..., atomic_numbers: _Optional[_Iterable[int]] = ..., cutoff: _Optional[float] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., units: _Optional[_Mapping[str, str]] = ..., trained: _Optional[bool] = ..., description: _Optional[str] = ..., num_parameters: _Optional[int] = ..., card_json: _Optional[str] = ..., source: _Optional[str] = ..., pair_repulsion: _Optional[bool] = ..., backend: _Optional[str] = ..., extrapolation_threshold: _Optional[float] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "max_atoms_per_structure", "max_field_magnitude", "max_structures_per_request", "min_distance")

@@ -1,0 +1,489 @@
+"""Per-atom extrapolation grade: how far an atom's latent features lie outside a reference set's.
+
+The grade is read from the same forward pass that gives F: the invariant
+(``0e``) channels of every interaction layer's node features, the inputs of
+the readouts (:func:`invariant_features`).  For each head and element, the
+reference atoms (normally the training frames) define a region of that
+feature space; the grade says where a new atom lies relative to it:
+
+* **D-optimal active set** (MaxVol, the method of pacemaker's gamma for ACE:
+  Lysogorskiy et al., Phys. Rev. Materials 7, 043801 (2023)).  Among the
+  reference atoms of one element, the r atoms whose feature rows A (r x r)
+  have the largest |det A| are found (:func:`maxvol`).  Every reference atom
+  x then has coefficients c = x A^-1 with all |c_j| <= 1, and
+  ``gamma(x) = max_j |(x A^-1)_j|`` is at most 1 inside that hull and grows
+  linearly with the distance outside it.  gamma is unchanged by any invertible
+  linear map of the features (no scaling choices).
+* **Thin directions.**  The active set lives in the span of the directions
+  whose singular values are above ``truncation`` (1e-5) of the largest: the
+  others vary by less than 1e-5 of the features' size across the whole
+  reference set, close enough to float32 rounding that an inverse along them
+  would amplify noise.  Their component, the residual
+  ``|x - V V^T x|`` (V: the kept directions), is measured against the largest
+  residual of a reference atom, ``rho``, and enters as a second term:
+  ``grade = max(gamma, |residual| / rho) / (1 + margin)``.
+* **Margin.**  The stored region is enlarged by ``margin`` (1%), so that the
+  reference atoms themselves stay at or below 1 / 1.01 when they are
+  evaluated again in another batch or dtype (measured: float32 batch
+  composition changes gamma by ~2e-5, float32 -> float64 by ~2e-4).
+
+Threshold: ``grade > 1`` means *extrapolating*: the atom's environment, as the
+model sees it, lies outside every environment of the reference set.  The
+grade of an atom whose element has no reference atoms in the head is +inf.
+The choice of method and the measured alternatives (Mahalanobis distance,
+nearest-neighbour distance) are in docs/extrapolation.md.
+
+Cost: one (N, d) x (d, r) product and one (N, d) x (d, d) product per
+pass (d = 128, r <= d for the default model), in float64 on the model's
+device; bench/extrapolation_cost.py measures it against energy + forces.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+METHOD = "maxvol-active-set"
+STATISTICS_VERSION = 1
+#: grade above which an atom is extrapolating (the enlarged reference hull's boundary)
+THRESHOLD = 1.0
+#: relative enlargement of the reference region (float rounding of reference atoms stays inside)
+MARGIN = 0.01
+#: feature directions with singular values below this fraction of the largest are "thin" (residual term)
+TRUNCATION = 1e-5
+#: MaxVol stops when no reference atom has a coefficient above this
+MAXVOL_TOLERANCE = 1.0 + 1e-6
+
+
+# ------------------------------------------------------------------ features
+def feature_layout(model) -> List[Tuple[int, int, int]]:
+    """(layer, start, stop) of every ``0e`` block of each interaction layer's node features."""
+    from e3nn import o3
+
+    layout = []
+    for layer, interaction in enumerate(model.interactions):
+        offset = 0
+        for mul, ir in o3.Irreps(str(interaction.hidden_irreps)):
+            size = mul * ir.dim
+            if ir.l == 0 and ir.p == 1:
+                layout.append((layer, offset, offset + size))
+            offset += size
+    return layout
+
+
+def invariant_features(layer_features: Sequence[torch.Tensor], layout: Sequence[Tuple[int, int, int]]) -> torch.Tensor:
+    """(N, d) invariant channels of every layer (concatenated in layer order), detached."""
+    return torch.cat([layer_features[i][:, a:b] for i, a, b in layout], dim=1).detach()
+
+
+def latent_features(model, graph: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N, d) invariant features of a prepared batch (energy-only forward pass, no gradients)."""
+    layers: List[torch.Tensor] = []
+    field = graph.get("electric_field")
+    if field is None:
+        field = torch.zeros(graph["ptr"].numel() - 1, 3, dtype=graph["positions"].dtype, device=graph["positions"].device)
+    with torch.no_grad():
+        model.enthalpy(graph, graph["positions"], field, None, layer_features=layers)
+    return invariant_features(layers, feature_layout(model))
+
+
+# ------------------------------------------------------------------- MaxVol
+def maxvol(x: np.ndarray, tolerance: float = MAXVOL_TOLERANCE, max_swaps: Optional[int] = None) -> np.ndarray:
+    """Row indices of an r x r submatrix of ``x`` (n x r, rank r) with locally maximal |det|.
+
+    On return every row of ``x @ inv(x[rows])`` has all entries within
+    ``tolerance`` in absolute value (Goreinov et al., "How to find a good
+    submatrix", 2010): a start from a pivoted QR of x^T, then swaps of the
+    row with the largest coefficient into the set, each multiplying |det| by
+    that coefficient (> tolerance), so the loop ends.
+    """
+    import scipy.linalg
+
+    n, r = x.shape
+    if n < r:
+        raise ValueError(f"maxvol: {n} rows cannot span {r} dimensions")
+    _, _, pivots = scipy.linalg.qr(x.T, mode="economic", pivoting=True)
+    rows = np.array(pivots[:r], dtype=np.int64)
+    max_swaps = 100 * r if max_swaps is None else max_swaps
+
+    def coefficients():
+        return np.linalg.solve(x[rows].T, x.T).T  # x @ inv(x[rows])
+
+    b = coefficients()
+    for swap in range(max_swaps):
+        i, j = np.unravel_index(int(np.argmax(np.abs(b))), b.shape)
+        if abs(b[i, j]) <= tolerance:
+            return rows
+        # Sherman-Morrison update of x @ inv(A) when row i replaces active row j
+        column = b[:, j].copy()
+        update = b[i, :].copy()
+        update[j] -= 1.0
+        b -= np.outer(column / b[i, j], update)
+        rows[j] = i
+        if swap % 32 == 31:  # keep the rank-1 updates honest
+            b = coefficients()
+    b = coefficients()
+    if np.abs(b).max() > tolerance:
+        raise RuntimeError(f"maxvol: no convergence after {max_swaps} swaps (max coefficient {np.abs(b).max():.6g})")
+    return rows
+
+
+# --------------------------------------------------------------- statistics
+@dataclass
+class ElementStatistics:
+    """The reference region of one element in one head.
+
+    ``basis`` (d, r): the kept feature directions V; ``coefficients`` (d, r):
+    V @ inv(A) with A the active set's rows in that basis; ``residual_radius``:
+    rho (features' units), the largest residual of a reference atom (floored
+    at ``truncation`` times their RMS norm).
+    """
+
+    atomic_number: int
+    basis: torch.Tensor
+    coefficients: torch.Tensor
+    residual_radius: torch.Tensor
+    n_reference: int
+    active_set: List[Tuple[int, int]] = field(default_factory=list)  #: (structure, atom) of the active atoms
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[1])
+
+    def describe(self) -> Dict:
+        return {
+            "n_reference": self.n_reference,
+            "rank": self.rank,
+            "features": int(self.basis.shape[0]),
+            "active_set": [list(a) for a in self.active_set],
+        }
+
+
+class ExtrapolationStatistics:
+    """Reference statistics of one model, per head and element, and the grade computed from them.
+
+    Attach to a model with :func:`attach` (the native checkpoint stores them,
+    see :mod:`.checkpoint`); :func:`calibrate` computes them.
+    """
+
+    def __init__(
+        self,
+        layout: Sequence[Tuple[int, int, int]],
+        heads: Dict[str, Dict[int, ElementStatistics]],
+        *,
+        references: Optional[Dict[str, Dict]] = None,
+        threshold: float = THRESHOLD,
+        margin: float = MARGIN,
+        truncation: float = TRUNCATION,
+        method: str = METHOD,
+    ):
+        if method != METHOD:
+            raise ValueError(f"extrapolation statistics: unknown method {method!r} (this server knows {METHOD!r})")
+        self.layout = [tuple(int(v) for v in entry) for entry in layout]
+        self.heads = heads
+        self.references = dict(references or {})
+        self.threshold = float(threshold)
+        self.margin = float(margin)
+        self.truncation = float(truncation)
+        self.method = method
+        self._bound: Dict = {}
+
+    @property
+    def n_features(self) -> int:
+        return sum(b - a for _, a, b in self.layout)
+
+    def merged(self, other: "ExtrapolationStatistics") -> "ExtrapolationStatistics":
+        """These statistics with ``other``'s heads added (``other`` wins for a head both have)."""
+        if other.layout != self.layout:
+            raise ValueError("extrapolation statistics: feature layouts differ (statistics of another architecture)")
+        heads = dict(self.heads)
+        heads.update(other.heads)
+        references = dict(self.references)
+        references.update(other.references)
+        return ExtrapolationStatistics(self.layout, heads, references=references, threshold=other.threshold,
+                                       margin=other.margin, truncation=other.truncation)
+
+    # ------------------------------------------------------------- grade
+    def _tables(self, model, device: torch.device):
+        """{(head index, element index): (coefficients, basis or None, 1/rho)} on ``device``, built once per device."""
+        key = (id(model), str(device))
+        if key not in self._bound:
+            heads = list(getattr(model, "heads", None) or ["Default"])
+            elements = [int(z) for z in model.atomic_numbers]
+            tables = {}
+            for head, per_element in self.heads.items():
+                if head not in heads:
+                    continue
+                for z, s in per_element.items():
+                    if z not in elements:
+                        continue
+                    thin = s.basis.shape[1] < s.basis.shape[0]
+                    tables[(heads.index(head), elements.index(z))] = (
+                        s.coefficients.to(device=device, dtype=torch.float64),
+                        s.basis.to(device=device, dtype=torch.float64) if thin else None,
+                        (1.0 / s.residual_radius).to(device=device, dtype=torch.float64),
+                    )
+            self._bound = {key: (tables, len(elements))}
+        return self._bound[key]
+
+    def grade(self, model, features: torch.Tensor, node_attrs: torch.Tensor, node_heads: torch.Tensor) -> torch.Tensor:
+        """(N,) float64 grades of atoms with ``features`` (N, d); +inf where the head/element has no statistics."""
+        if features.shape[1] != self.n_features:
+            raise ValueError(f"extrapolation statistics: {self.n_features} features, the model gives {features.shape[1]}")
+        tables, n_elements = self._tables(model, features.device)
+        x = features.to(torch.float64)
+        species = torch.argmax(node_attrs, dim=1)
+        keys = node_heads * n_elements + species
+        grade = torch.full((x.shape[0],), math.inf, dtype=torch.float64, device=x.device)
+        for k in torch.unique(keys).tolist():
+            table = tables.get(divmod(int(k), n_elements))
+            if table is None:
+                continue
+            mask = keys == k
+            grade[mask] = element_grade(x[mask], *table) / (1.0 + self.margin)
+        return grade
+
+    # ------------------------------------------------------ serialisation
+    def to_payload(self) -> Dict:
+        """``{"statistics": JSON text, "tensors": {head: {Z: {name: tensor}}}}`` (safe to torch.save/load)."""
+        meta = {
+            "method": self.method,
+            "version": STATISTICS_VERSION,
+            "threshold": self.threshold,
+            "margin": self.margin,
+            "truncation": self.truncation,
+            "features": {
+                "what": "invariant (0e) channels of every interaction layer's node features (the readouts' inputs)",
+                "layout": [list(entry) for entry in self.layout],
+                "dim": self.n_features,
+            },
+            "heads": {
+                head: {str(z): s.describe() for z, s in sorted(per_element.items())}
+                for head, per_element in self.heads.items()
+            },
+            "references": self.references,
+        }
+        tensors = {
+            head: {
+                str(z): {
+                    "basis": s.basis.detach().cpu().to(torch.float64).clone(),
+                    "coefficients": s.coefficients.detach().cpu().to(torch.float64).clone(),
+                    "residual_radius": s.residual_radius.detach().cpu().to(torch.float64).clone(),
+                }
+                for z, s in per_element.items()
+            }
+            for head, per_element in self.heads.items()
+        }
+        return {"statistics": json.dumps(meta, sort_keys=True), "tensors": tensors}
+
+    @classmethod
+    def from_payload(cls, payload: Dict) -> "ExtrapolationStatistics":
+        meta = json.loads(payload["statistics"])
+        if int(meta.get("version", 0)) > STATISTICS_VERSION:
+            raise ValueError(f"extrapolation statistics version {meta['version']} is newer than this server's")
+        tensors = payload["tensors"]
+        heads: Dict[str, Dict[int, ElementStatistics]] = {}
+        for head, per_element in meta["heads"].items():
+            heads[head] = {}
+            for z, info in per_element.items():
+                t = tensors[head][z]
+                heads[head][int(z)] = ElementStatistics(
+                    atomic_number=int(z),
+                    basis=t["basis"],
+                    coefficients=t["coefficients"],
+                    residual_radius=t["residual_radius"],
+                    n_reference=int(info["n_reference"]),
+                    active_set=[tuple(a) for a in info.get("active_set", [])],
+                )
+        return cls(meta["features"]["layout"], heads, references=meta.get("references"), threshold=meta["threshold"],
+                   margin=meta["margin"], truncation=meta["truncation"], method=meta["method"])
+
+    def summary(self) -> Dict:
+        """What ListModels and the CLI show: method, threshold, per head the elements and reference atom counts."""
+        return {
+            "method": self.method,
+            "threshold": self.threshold,
+            "heads": {h: {str(z): s.n_reference for z, s in sorted(e.items())} for h, e in self.heads.items()},
+        }
+
+
+def element_grade(x: torch.Tensor, coefficients: torch.Tensor, basis: Optional[torch.Tensor],
+                  inverse_radius: torch.Tensor) -> torch.Tensor:
+    """max(max_j |(x V A^-1)_j|, |x - V V^T x| / rho) of feature rows ``x`` (n, d), before the margin.
+
+    ``basis`` None: no thin directions (the kept basis spans all d), no residual term.
+    """
+    g = (x @ coefficients).abs().amax(dim=1)
+    if basis is not None:
+        residual = torch.linalg.vector_norm(x - (x @ basis) @ basis.T, dim=1) * inverse_radius
+        g = torch.maximum(g, residual)
+    return g
+
+
+# ---------------------------------------------------------- model binding
+def statistics_of(model) -> Optional[ExtrapolationStatistics]:
+    """The model's extrapolation statistics, or None (not calibrated)."""
+    return getattr(model, "extrapolation_statistics", None)
+
+
+def calibrated_heads(model) -> List[str]:
+    """Heads of ``model`` that have statistics, in the model's head order."""
+    stats = statistics_of(model)
+    if stats is None:
+        return []
+    return [h for h in (getattr(model, "heads", None) or ["Default"]) if h in stats.heads]
+
+
+def attach(model, statistics: Optional[ExtrapolationStatistics]):
+    """Set (or with None remove) ``model``'s statistics after checking they fit it; returns the model."""
+    if statistics is not None:
+        layout = feature_layout(model)
+        if [tuple(e) for e in layout] != statistics.layout:
+            raise ValueError(
+                f"extrapolation statistics: feature layout {statistics.layout} does not match the model's {layout} "
+                "(statistics of another architecture)"
+            )
+        heads = list(getattr(model, "heads", None) or ["Default"])
+        unknown = sorted(set(statistics.heads) - set(heads))
+        if unknown:
+            raise ValueError(f"extrapolation statistics: head(s) {unknown} not in the model (heads {heads})")
+    model.extrapolation_statistics = statistics
+    return model
+
+
+def grade_from_layers(model, graph: Dict[str, torch.Tensor], layer_features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N,) grades of a batch from the node features its forward pass collected (see ``FieldMACE.enthalpy``)."""
+    stats = statistics_of(model)
+    if stats is None:
+        raise ValueError("outputs: extrapolation needs statistics: this model has none (run macefield-calibrate)")
+    with torch.no_grad():
+        features = invariant_features(layer_features, stats.layout)
+        node_heads = graph["head"][graph["batch"]]
+        return stats.grade(model, features, graph["node_attrs"], node_heads)
+
+
+# --------------------------------------------------------------- calibrate
+def element_statistics(x: np.ndarray, z: int, truncation: float = TRUNCATION,
+                       origin: Optional[Sequence[Tuple[int, int]]] = None) -> ElementStatistics:
+    """The reference region of one element from its reference atoms' features ``x`` (n, d)."""
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape
+    if n == 0:
+        raise ValueError(f"element {z}: no reference atoms")
+    gram = x.T @ x
+    eigenvalues, vectors = np.linalg.eigh(gram)  # ascending
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, vectors = eigenvalues[order], vectors[:, order]
+    largest = max(float(eigenvalues[0]), 0.0)
+    if largest == 0.0:
+        raise ValueError(f"element {z}: all reference features are zero")
+    # singular values s_k = sqrt(lambda_k): keep s_k > truncation * s_0
+    keep = eigenvalues > (truncation ** 2) * largest
+    basis = vectors[:, keep]
+    projected = x @ basis
+    rows = maxvol(projected)
+    coefficients = basis @ np.linalg.inv(projected[rows])
+    residual = np.linalg.norm(x - projected @ basis.T, axis=1)
+    rms = float(np.sqrt(np.mean(np.sum(x * x, axis=1))))
+    radius = max(float(residual.max()), truncation * rms)
+    active = [tuple(int(v) for v in origin[r]) for r in rows] if origin is not None else []
+    return ElementStatistics(
+        atomic_number=int(z),
+        basis=torch.from_numpy(basis.copy()),
+        coefficients=torch.from_numpy(coefficients),
+        residual_radius=torch.tensor(radius, dtype=torch.float64),
+        n_reference=int(n),
+        active_set=active,
+    )
+
+
+def reference_features(model, structures: Sequence, head: str, max_edges: int = 12_000, progress=None):
+    """(features (n, d) float64, atomic numbers (n,), origin (n, 2) = (structure, atom)) of ``structures`` on ``head``."""
+    from .graph import Structure, neighbour_list
+    from .predict import _passes, prepare_batch
+
+    r_max = float(model.r_max)
+    structures = [s if isinstance(s, Structure) else Structure.from_atoms(s) for s in structures]
+    structures = [Structure(s.numbers, s.positions, s.cell, s.pbc, s.electric_field, head) for s in structures]
+    graphs = [neighbour_list(s, r_max) for s in structures]
+    feats, numbers, origin = [], [], []
+    for chunk in _passes(graphs, None, max_edges):
+        batch = prepare_batch(model, [structures[i] for i in chunk], graphs=[graphs[i] for i in chunk])
+        feats.append(latent_features(model, batch.tensors).to(torch.float64).cpu().numpy())
+        for i in chunk:
+            numbers.append(structures[i].numbers)
+            origin.append(np.stack([np.full(structures[i].n_atoms, i), np.arange(structures[i].n_atoms)], axis=1))
+        if progress is not None:
+            progress(len(chunk))
+    return np.concatenate(feats), np.concatenate(numbers), np.concatenate(origin)
+
+
+def with_fields(structures: Sequence, magnitude: float) -> List:
+    """Each structure at zero field and at +-``magnitude`` (V/A) along x, y and z (7 copies, zero field first)."""
+    from .graph import Structure
+
+    out = []
+    for s in structures:
+        s = s if isinstance(s, Structure) else Structure.from_atoms(s)
+        out.append(Structure(s.numbers, s.positions, s.cell, s.pbc, np.zeros(3), s.head))
+        for axis in range(3):
+            for sign in (1.0, -1.0):
+                field = np.zeros(3)
+                field[axis] = sign * magnitude
+                out.append(Structure(s.numbers, s.positions, s.cell, s.pbc, field, s.head))
+    return out
+
+
+def calibrate(model, structures: Sequence, head: Optional[str] = None, *, reference: Optional[Dict] = None,
+              truncation: float = TRUNCATION, fields: float = 0.0, progress=None) -> ExtrapolationStatistics:
+    """Statistics of ``head`` (None: the model's first head) from reference ``structures`` (ase.Atoms or Structure).
+
+    Returns the model's existing statistics with this head's replaced (or new
+    ones); attach them with :func:`attach`.  ``reference``: JSON-able
+    description of the reference set (files, frames), stored with them.
+
+    ``fields`` (V/A): 0 takes every structure at the field it carries
+    (``Structure.electric_field``; ase.Atoms: zero).  A magnitude E > 0 takes
+    each at zero field and at +-E along x, y and z instead, declaring fields of
+    that size part of the reference: the field enters the features, and a
+    model trained at zero field otherwise grades any finite field as
+    extrapolation (default model: E = 0.01 V/A raises perfect quartz from
+    0.64 to 1.5).  Only for fields the model has been checked at.
+    """
+    heads = list(getattr(model, "heads", None) or ["Default"])
+    head = heads[0] if head in (None, "") else head
+    if head not in heads:
+        raise ValueError(f"head: unknown head {head!r}; the model has {heads}")
+    if not structures:
+        raise ValueError("calibration needs at least one reference structure")
+    if fields < 0 or not math.isfinite(fields):
+        raise ValueError(f"fields: expected a magnitude >= 0 (V/A), got {fields}")
+    n_structures = len(structures)
+    if fields > 0:
+        structures = with_fields(structures, fields)
+    x, numbers, origin = reference_features(model, structures, head, progress=progress)
+    if fields > 0:
+        origin[:, 0] //= 7  # the structure the field copy came from
+    per_element = {}
+    for z in sorted(set(int(v) for v in numbers)):
+        mask = numbers == z
+        per_element[z] = element_statistics(x[mask], z, truncation, origin[mask])
+    new = ExtrapolationStatistics(feature_layout(model), {head: per_element},
+                                  references={head: dict(reference or {}, structures=n_structures,
+                                                          atoms=int(len(numbers)), fields_V_per_A=fields)},
+                                  truncation=truncation)
+    existing = statistics_of(model)
+    return existing.merged(new) if existing is not None else new
+
+
+def reference_grades(model, structures: Iterable, head: str) -> np.ndarray:
+    """Grades of every atom of ``structures`` on ``head`` (concatenated), e.g. to check a calibration."""
+    from .predict import predict
+
+    return np.concatenate([r["extrapolation"] for r in predict(model, list(structures), heads=head,
+                                                                 outputs=["extrapolation"])])
