@@ -9,8 +9,8 @@
 3. Soak: ``--duration-s`` seconds of open-loop (Poisson) arrivals at
    ``--load`` x capacity: Predict (several output sets, heads, fields,
    molecules and cells), PredictBatch of 2-4, and a ``--malformed`` share
-   of bad requests (half raw bytes that are not a protobuf message, half NaN
-   positions) that must be answered INVALID_ARGUMENT.
+   of bad requests (raw bytes that are not a protobuf message, NaN
+   positions, overlapping atoms) that must be answered INVALID_ARGUMENT.
 4. Every valid answer is compared with the in-process engine
    (``macefield_server.model.predict``; references computed once per pool
    entry), every request must be answered (any status; the run waits for
@@ -91,10 +91,15 @@ def matches(response, ref) -> bool:
 
 
 def malformed(rng: random.Random):
-    if rng.random() < 0.5:
+    """A request the server must refuse INVALID_ARGUMENT: not a message, a NaN position, or overlapping atoms."""
+    kind = rng.random()
+    if kind < 0.4:
         return bytes(rng.getrandbits(8) for _ in range(rng.randint(3, 60))) + b"\xff\xff\xff"  # not a message
     bad = request_for(quartz_like(seed=1))
-    bad.positions[rng.randrange(len(bad.positions))] = float("nan")
+    if kind < 0.7:
+        bad.positions[rng.randrange(len(bad.positions))] = float("nan")
+    else:  # two atoms at one point (closer than limits.min_distance)
+        bad.positions[3:6] = bad.positions[0:3]
     return bad.SerializeToString()
 
 
