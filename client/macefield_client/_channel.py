@@ -46,7 +46,7 @@ class RetryPolicy:
     defaults wait 22 to 28 s in all before giving up (:meth:`budget`): a
     restart of the server with the default model (kill -9, start, load, warm
     up) measured 6-8 s on a 2-core machine, and tests/test_client_restart.py
-    checks that the budget stays at least twice a restart measured there.
+    measures such a restart and rides it out with these defaults.
     """
 
     attempts: int = 10
