@@ -1,10 +1,11 @@
 """Calibrate the CPU memory estimate: peak resident growth of one engine pass against the estimate's inputs.
 
-    python bench/memory_model.py [--repeat 4] [--out bench/results/memory_model_cpu.json]
+    python bench/memory_model.py [--repeat 4 6] [--largest 8] [--out bench/results/memory_model_cpu.json]
 
 For 16-, 64- and 128-channel FieldMACE models (max_ell 2, 1, 3) and each output tier (0 energy, 1 forces,
-2 full response), one pass over alpha-quartz (PBE cell, ``--repeat``^3 hexagonal cells) runs in a fresh
-process; it reports the peak resident growth (ru_maxrss over the pass, with the server's allocator tuning),
+2 full response), one pass over alpha-quartz (PBE cell, ``--repeat``^3 hexagonal cells for each size given,
+and ``--largest``^3 = 4608 atoms with the 64-channel model, the default model's size) runs in a fresh process;
+it reports the peak resident growth (ru_maxrss over the pass, with the server's allocator tuning),
 the bytes autograd keeps for the pass (unique storages), their ratio, and what
 ``macefield_server.memory.measure`` estimates for that structure.  The CPU factors of
 ``macefield_server/memory.py`` come from these ratios.
@@ -63,26 +64,33 @@ print(json.dumps({"edges": batch.num_edges, "atoms": len(atoms), "peak_bytes": p
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=4, help="hexagonal cells per side (default 4: 576 atoms)")
+    ap.add_argument("--repeat", type=int, nargs="+", default=[4, 6],
+                    help="hexagonal cells per side (default 4 6: 576 and 1944 atoms)")
+    ap.add_argument("--largest", type=int, default=8,
+                    help="also this size with the 64-channel model (default 8: 4608 atoms; 0: no)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_model_cpu.json"))
     args = ap.parse_args(argv)
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'client'}:{REPO / 'server'}", "PATH": "/usr/bin:/bin"}
     rows = []
-    for name, kw in ARCHS.items():
+    cases = [(name, kw, rep) for rep in args.repeat for name, kw in ARCHS.items()]
+    if args.largest:
+        cases.append(("64ch-l1-ell1", ARCHS["64ch-l1-ell1"], args.largest))
+    for name, kw, rep in cases:
         for tier in (0, 1, 2):
-            out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(kw), str(tier), str(args.repeat)],
+            out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(kw), str(tier), str(rep)],
                                  capture_output=True, text=True, env=env, check=True).stdout.strip().splitlines()[-1]
-            row = dict(json.loads(out), model=name, tier=tier)
+            row = dict(json.loads(out), model=name, tier=tier, repeat=rep)
             row["peak_per_saved"] = row["peak_bytes"] / row["saved_bytes"] if row["saved_bytes"] else None
             row["estimate_over_peak"] = row["estimate_bytes"] / row["peak_bytes"]
             rows.append(row)
-            print(f"{name:14s} tier {tier}: {row['edges']} edges, peak {row['peak_bytes'] / row['edges']:.0f} B/edge, "
+            print(f"{name:14s} x{rep} tier {tier}: {row['edges']} edges, peak {row['peak_bytes'] / row['edges']:.0f} B/edge, "
                   f"estimate/peak {row['estimate_over_peak']:.2f}", flush=True)
-    for name in ARCHS:
-        by_tier = {r["tier"]: r for r in rows if r["model"] == name}
+    for name, _, rep in cases:
+        by_tier = {r["tier"]: r for r in rows if r["model"] == name and r["repeat"] == rep}
         by_tier[0]["tier0_over_tier1_peak"] = by_tier[0]["peak_bytes"] / by_tier[1]["peak_bytes"]
     result = {"bench": "memory_model", "device": "cpu", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "structure": f"alpha-quartz PBE cell x{args.repeat}^3", "rows": rows}
+              "structure": "alpha-quartz PBE cell, repeat^3 hexagonal cells", "rows": rows,
+              "estimate_over_peak_min": min(r["estimate_over_peak"] for r in rows)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

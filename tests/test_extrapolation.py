@@ -365,3 +365,25 @@ def test_cli_writes_the_grade_per_atom_when_asked(server, tmp_path, default):
     assert summary["atoms_above"] == int(sum(np.sum(g > THRESHOLD) for g in ref))
     plain = run_torch_free(cli + ["predict", str(src), "--server", target, "-o", str(tmp_path / "q.xyz")], env)
     assert plain.returncode == 0 and "MACE_extrapolation" not in ase.io.read(tmp_path / "q.xyz").arrays
+
+
+def test_statistics_of_other_weights_are_not_served(tmp_path, default):
+    """A checkpoint whose weights changed after calibration (fine-tuning) loads without its statistics, says why,
+    and serves no grade; the trainer drops them when it fine-tunes a calibrated model."""
+    import torch
+
+    from macefield_server.model import load_model, save_model
+    from macefield_server.model.extrapolation import statistics_of, weights_fingerprint
+
+    assert statistics_of(default).weights == weights_fingerprint(default)
+    tuned = load_model(DEFAULT_MODEL)
+    with torch.no_grad():
+        next(tuned.parameters()).add_(1e-3)  # one training step, as it were
+    path = save_model(tuned, tmp_path / "tuned.pt")  # still carries the old statistics
+    loaded = load_model(path)
+    assert statistics_of(loaded) is None
+    assert "computed for other weights" in loaded.metadata["extrapolation_dropped"]
+    with pytest.raises(ValueError, match="extrapolation"):
+        predict(loaded, [quartz_like()], heads="sio2", outputs=["energy", "extrapolation"])
+    same = load_model(save_model(load_model(DEFAULT_MODEL), tmp_path / "same.pt"))
+    assert statistics_of(same) is not None  # unchanged weights keep them

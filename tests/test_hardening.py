@@ -168,3 +168,47 @@ def _ready(stub) -> bool:
         return True
     except grpc.RpcError:
         return False
+
+
+def test_validating_large_structures_does_not_stall_other_clients():
+    """A PredictBatch of 30 cells of 4608 atoms is validated (neighbour pairs counted exactly: the small memory
+    budget asks for it) on the prep thread: ListModels stays quick meanwhile.  The batch is then refused."""
+    from macefield_client.structures import alpha_quartz
+    from macefield_server.config import LimitsConfig
+
+    config = ServerConfig(port=0, metrics_port=0, batching=BatchingConfig(max_wait_ms=2),
+                          limits=LimitsConfig(max_message_bytes=4 * 2**20, memory_budget="300MB",
+                                              max_structures_per_request=64))
+    with BackgroundServer(config, [ServedModel("tiny", random_field_model(heads=("sio2", "other")), "sio2")]) as srv:
+        channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+        stub = rpc.MaceFieldStub(channel)
+        big = request_for(alpha_quartz(cell="pbe", repeat=(8, 8, 8)), outputs=["forces"])
+        assert len(big.atomic_numbers) == 4608
+        batch = pb.PredictBatchRequest(structures=[big] * 30)
+        assert batch.ByteSize() < 4 * 2**20
+        call = stub.PredictBatch.future(batch, timeout=120)
+        worst, t_end = 0.0, time.monotonic() + 60
+        while not call.done() and time.monotonic() < t_end:
+            t0 = time.monotonic()
+            stub.ListModels(pb.ListModelsRequest(), timeout=30)
+            worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.02)
+        with pytest.raises(grpc.RpcError) as info:
+            call.result()
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # over the memory budget
+        assert worst < 0.5, f"ListModels took {worst:.2f} s while the batch was validated"
+
+
+def test_an_answer_over_the_message_limit_is_refused_before_computing():
+    from macefield_server.config import LimitsConfig
+
+    config = ServerConfig(port=0, metrics_port=0, limits=LimitsConfig(max_message_bytes=64 * 1024))
+    with BackgroundServer(config, [ServedModel("tiny", random_field_model(heads=("sio2", "other")), "sio2")]) as srv:
+        stub = rpc.MaceFieldStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
+        batch = pb.PredictBatchRequest(structures=[request_for(quartz_like(repeat=(2, 2, 2)), outputs=["forces"])] * 20)
+        assert batch.ByteSize() < 64 * 1024
+        with pytest.raises(grpc.RpcError) as info:
+            stub.PredictBatch(batch, timeout=60)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.details().startswith("structures: the answer would be about")
+        assert metric(srv.metrics_port, "macefield_batch_structures_count") == 0  # nothing was computed (warm-up is not counted)

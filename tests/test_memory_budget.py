@@ -144,3 +144,17 @@ def test_admitted_neighbour_lists_are_bounded(small_budget):
     assert "neighbour lists of this call" in info.value.details() and "limits.memory_budget" in info.value.details()
     few = pb.PredictBatchRequest(structures=list(many.structures)[: count // 2])
     assert len(stub.PredictBatch(few, timeout=120).results) == count // 2
+
+
+def test_a_realistic_batch_is_admitted_with_the_default_budget():
+    """The neighbour-list share is charged with a density guess, then the real lists (a bound of N^2 images
+    charged 41 MB to each 72-atom frame and refused a batch of 77 of them)."""
+    model = random_field_model(heads=("sio2", "other"), seed=8)
+    config = ServerConfig(port=0, metrics_port=0, batching=BatchingConfig(max_wait_ms=5))
+    with BackgroundServer(config, [ServedModel("tiny", model, "sio2")]) as srv:
+        stub = rpc.MaceFieldStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
+        frames = [alpha_quartz(cell="pbe", repeat=(2, 2, 2), rattle=0.05, seed=i) for i in range(100)]
+        request = pb.PredictBatchRequest(structures=[request_for(a, outputs=["energy"]) for a in frames])
+        response = stub.PredictBatch(request, timeout=300)
+        assert len(response.results) == 100
+        assert srv.server.service.dispatcher.graph_bytes == 0  # everything released

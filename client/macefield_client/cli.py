@@ -444,9 +444,9 @@ def cmd_eval(args) -> int:
     compared = {q: {k: spec[k] for k in ("key", "kind", "reason")} for q, spec in refs.items()}
     used = fields_used(frames, args.field)
     if args.json:
-        print(json.dumps({"file": args.input, "frames": len(frames), "head": results[0].head,
-                          "model": results[0].model, "electric_field": used, "references": compared,
-                          "errors": summary} | ({"extrapolation": grades} if grades else {}), indent=2))
+        print(json_text({"file": args.input, "frames": len(frames), "head": results[0].head,
+                         "model": results[0].model, "electric_field": used, "references": compared,
+                         "errors": summary} | ({"extrapolation": grades} if grades else {})))
         return 0
     print(f"{args.input}: {len(frames)} frame(s), model {results[0].model}, head {results[0].head}")
     for line in used:
@@ -458,6 +458,21 @@ def cmd_eval(args) -> int:
         print(format_extrapolation(grades))
     print(format_table(summary))
     return 0
+
+
+def json_text(data) -> str:
+    """Indented JSON that stays valid JSON: a non-finite number (an element without reference atoms has grade
+    +inf) is written as the string "inf", "-inf" or "nan"."""
+    def clean(value):
+        if isinstance(value, float) and not np.isfinite(value):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), indent=2, allow_nan=False)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 from .batcher import Batcher, DeadlinePassed, QueueFull, Timing, WorkItem
 from .config import LimitsConfig
 from .memory import PASS_SHARE, fmt, graph_bytes
-from .model.graph import NeighbourGraph, neighbour_list
+from .model.graph import NeighbourGraph, expected_edges, neighbour_list
 from .registry import ModelRegistry
 from .validation import InvalidRequest, ParsedRequest, too_close, too_dense
 
@@ -68,21 +68,34 @@ class Dispatcher:
         engine's exception; asyncio.CancelledError if the caller goes away.
         """
         self._check_room(parsed)  # refuse at once, before any work
-        held = sum(graph_bytes(p.edges, p.n_atoms) for p in parsed)
-        if self.graph_budget is not None and self.graph_bytes + held > self.graph_budget:
-            raise QueueFull(
-                f"the neighbour lists of this call ({fmt(held)}) and of the {fmt(self.graph_bytes)} already admitted "
-                f"would pass {fmt(self.graph_budget)} ({1 - PASS_SHARE:.0%} of limits.memory_budget); retry later"
-                + ("" if self.graph_bytes else " or split the call"))
-        self.graph_bytes += held
+        # reserve what the neighbour lists will likely hold; once built, their real size replaces the guess
+        reserved = [graph_bytes(min(p.edges, expected_edges(p.structure, p.served.cutoff)), p.n_atoms)
+                    for p in parsed]
+        self._hold(sum(reserved))
+        held = sum(reserved)
         try:
-            return await self._run(parsed, deadline, prefixes)
+            loop = asyncio.get_running_loop()
+            graphs = await loop.run_in_executor(self.prep_executor, self._graphs, parsed)
+            actual = sum(g.nbytes for g in graphs) + sum(graph_bytes(0, p.n_atoms) for p in parsed)
+            self.graph_bytes -= held
+            held = 0
+            self._hold(actual)
+            held = actual
+            return await self._run(parsed, graphs, deadline, prefixes)
         finally:
             self.graph_bytes -= held
 
-    async def _run(self, parsed, deadline, prefixes) -> List[Result]:
+    def _hold(self, nbytes: int) -> None:
+        """Count ``nbytes`` of neighbour lists as admitted, or QueueFull if they would pass their budget."""
+        if self.graph_budget is not None and self.graph_bytes + nbytes > self.graph_budget:
+            raise QueueFull(
+                f"the neighbour lists of this call ({fmt(nbytes)}) and the {fmt(self.graph_bytes)} already admitted "
+                f"would pass {fmt(self.graph_budget)} ({1 - PASS_SHARE:.0%} of limits.memory_budget); retry later"
+                + ("" if self.graph_bytes else " or split the call"))
+        self.graph_bytes += nbytes
+
+    async def _run(self, parsed, graphs, deadline, prefixes) -> List[Result]:
         loop = asyncio.get_running_loop()
-        graphs = await loop.run_in_executor(self.prep_executor, self._graphs, parsed)
         for i, g in enumerate(graphs):
             error = None
             if g.edge_index.shape[1] > self.limits.max_edges_per_structure:

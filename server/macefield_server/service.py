@@ -10,9 +10,10 @@ OK -- or a bug: logged at warning level with the request ids).
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import logging
 import time
-from typing import Dict, List, Optional
+from typing import Deque, Dict, List, Optional
 
 import grpc
 import numpy as np
@@ -24,12 +25,16 @@ from .config import ServerConfig
 from .dispatcher import Dispatcher
 from .metrics import Metrics
 from .model.predict import NonFiniteResult
-from .validation import InvalidRequest, ParsedRequest, TooLarge, parse_request
+from .memory import fmt
+from .validation import InvalidRequest, ParsedRequest, TooLarge, parse_request, response_bytes
 from .validation import clip as _clip
 
 log = logging.getLogger("macefield.service")
 
 _SCALARS = ("energy", "volume", "extrapolation_max")
+
+#: requests with at most this many atoms in all are validated on the event loop; larger ones on the prep thread
+INLINE_PARSE_ATOMS = 1000
 
 #: seconds after a drain begins during which open streams still read messages (those already sent)
 DRAIN_SETTLE_S = 0.1
@@ -139,8 +144,8 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
             raise exc.prefixed(prefix) if prefix else exc
 
     def _model_label(self, request) -> str:
-        if self.dispatcher is None:
-            return request.model or "-"
+        if self.dispatcher is None:  # models still loading: no name to check against (never a raw user value)
+            return "-"
         try:
             return self.dispatcher.registry.get(request.model).name
         except ValueError:
@@ -150,9 +155,20 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         self.metrics.requests.labels(method=method, model=model, code=code.name).inc()
         self.metrics.request_seconds.labels(method=method).observe(time.monotonic() - start)
 
+    async def _parsed(self, requests, prefixes, opened_before_drain: bool = False) -> List[ParsedRequest]:
+        """Validate ``requests``; large ones on the prep thread (counting a big cell's neighbour pairs takes
+        ~0.1 s per 5000 atoms: that must not stall the event loop, health checks and every other client)."""
+        atoms = sum(len(r.atomic_numbers) for r in requests)
+        if atoms <= INLINE_PARSE_ATOMS:
+            return [self._parse(r, p, opened_before_drain) for r, p in zip(requests, prefixes)]
+        dispatcher = self._dispatcher(opened_before_drain)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            dispatcher.prep_executor, lambda: [self._parse(r, p, opened_before_drain) for r, p in zip(requests, prefixes)])
+
     async def _one(self, request, deadline: Optional[float], prefix: str = "",
                    opened_before_drain: bool = False) -> pb.PredictResponse:
-        parsed = self._parse(request, prefix, opened_before_drain)
+        (parsed,) = await self._parsed([request], [prefix], opened_before_drain)
         ((values, timing),) = await self._dispatcher(opened_before_drain).run(
             [parsed], deadline, [prefix] if prefix else None)
         return result_to_proto(parsed, values, timing)
@@ -175,7 +191,11 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                 "structures", f"{n} structures exceed the limit of {self.config.limits.max_structures_per_request} per request"
             )
         prefixes = [f"structures[{i}]." for i in range(n)]
-        parsed = [self._parse(s, p) for s, p in zip(request.structures, prefixes)]
+        parsed = await self._parsed(list(request.structures), prefixes)
+        answer = sum(response_bytes(p) for p in parsed)
+        if answer > self.config.limits.max_message_bytes:
+            raise TooLarge("structures", f"the answer would be about {fmt(answer)}, more than "
+                           f"limits.max_message_bytes = {fmt(self.config.limits.max_message_bytes)}; split the call")
         results = await self._dispatcher().run(parsed, deadline, prefixes)
         return pb.PredictBatchResponse(results=[result_to_proto(p, v, t) for p, (v, t) in zip(parsed, results)])
 
@@ -214,7 +234,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         slots = asyncio.Semaphore(self.config.batching.stream_window)  # taken before a message's task exists
         code = grpc.StatusCode.OK
         model = "-"
-        ids: List[str] = []
+        ids: Deque[str] = deque(maxlen=16)  # the last request ids, for error messages (an MD run sends millions)
         serving = self.dispatcher is not None and not self.draining
         drained = self._drain_event()
 
@@ -268,7 +288,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:  # noqa: BLE001
-            error = _error_for(exc, ids[-16:])
+            error = _error_for(exc, list(ids))
             code = error.code
             if code != grpc.StatusCode.UNAVAILABLE:
                 log.warning("%s: %s %s", method, code.name, error)  # the message names the request_id

@@ -229,3 +229,13 @@ def too_large(needed: int, tier: int, edges: int, atoms: int, served: ServedMode
         f"(measured at warm-up on {served.device}), more than one pass may use here: {fmt(served.budget.per_pass)} "
         f"of limits.memory_budget = {fmt(served.budget.total)}{cheaper}",
     )
+
+
+#: doubles per atom of each per-atom output in an answer
+_PER_ATOM = {"forces": 3, "born_charges": 9, "extrapolation": 1}
+
+
+def response_bytes(parsed: ParsedRequest) -> int:
+    """An upper estimate of the bytes of this request's answer (packed doubles, 8 bytes each, plus framing)."""
+    per_atom = sum(k for name, k in _PER_ATOM.items() if name in parsed.outputs) + 1  # +1: the grade, when served
+    return 8 * (parsed.n_atoms * per_atom + 64) + 512

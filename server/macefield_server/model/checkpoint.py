@@ -21,6 +21,7 @@ Two kinds of files are read:
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -28,8 +29,10 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from .architecture import build_field_mace, describe_architecture
-from .extrapolation import ExtrapolationStatistics, attach, statistics_of
+from .extrapolation import ExtrapolationStatistics, attach, statistics_of, weights_fingerprint
 from .field_mace import FieldMACE
+
+log = logging.getLogger("macefield.checkpoint")
 
 NATIVE_FORMAT = "macefield-native"
 NATIVE_VERSION = 1
@@ -157,9 +160,19 @@ def _model_from_native(payload: Dict[str, Any], path: Path) -> FieldMACE:
     model.metadata = metadata
     if payload.get("extrapolation") is not None:
         try:
-            attach(model, ExtrapolationStatistics.from_payload(payload["extrapolation"]))
+            statistics = ExtrapolationStatistics.from_payload(payload["extrapolation"])
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{path}: unreadable extrapolation statistics ({exc})") from exc
+        if statistics.weights is not None and statistics.weights != weights_fingerprint(model):
+            # e.g. a checkpoint fine-tuned from a calibrated one: its grade would measure other weights' features
+            reason = "its extrapolation statistics were computed for other weights; run macefield-calibrate"
+            log.warning("%s: %s (the grade is off for this model)", path, reason)
+            model.metadata = dict(metadata, extrapolation_dropped=reason)
+        else:
+            try:
+                attach(model, statistics)
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: extrapolation statistics do not fit the model ({exc})") from exc
     return model
 
 

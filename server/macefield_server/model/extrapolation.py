@@ -19,9 +19,15 @@ feature space; the grade says where a new atom lies relative to it:
   others vary by less than 1e-5 of the features' size across the whole
   reference set, close enough to float32 rounding that an inverse along them
   would amplify noise.  Their component, the residual
-  ``|x - V V^T x|`` (V: the kept directions), is measured against the largest
-  residual of a reference atom, ``rho``, and enters as a second term:
-  ``grade = max(gamma, |residual| / rho) / (1 + margin)``.
+  ``|x - V V^T x|`` (V: the kept directions), is measured against ``rho``, the
+  largest residual of a reference atom but at least ``residual_floor`` (1e-3)
+  of the reference features' RMS norm, and enters as a second term:
+  ``grade = max(gamma, |residual| / rho) / (1 + margin)``.  The floor keeps
+  the residual term to departures well above rounding: without it (rho at the
+  1e-5 noise level of the thin directions) a uniform field of 0.01 V/A, which
+  moves the features a little along such a direction, graded perfect quartz
+  1.5 for the default model; with it 0.91, while every structure the tests
+  flag stays flagged (bench/extrapolation_methods.py, docs/extrapolation.md).
 * **Margin.**  The stored region is enlarged by ``margin`` (1%), so that the
   reference atoms themselves stay at or below 1 / 1.01 when they are
   evaluated again in another batch or dtype (measured: float32 batch
@@ -56,6 +62,8 @@ THRESHOLD = 1.0
 MARGIN = 0.01
 #: feature directions with singular values below this fraction of the largest are "thin" (residual term)
 TRUNCATION = 1e-5
+#: the residual term's scale rho is at least this fraction of the reference features' RMS norm
+RESIDUAL_FLOOR = 1e-3
 #: MaxVol stops when no reference atom has a coefficient above this
 MAXVOL_TOLERANCE = 1.0 + 1e-6
 
@@ -141,7 +149,7 @@ class ElementStatistics:
     ``basis`` (d, r): the kept feature directions V; ``coefficients`` (d, r):
     V @ inv(A) with A the active set's rows in that basis; ``residual_radius``:
     rho (features' units), the largest residual of a reference atom (floored
-    at ``truncation`` times their RMS norm).
+    at :data:`RESIDUAL_FLOOR` times their RMS norm).
     """
 
     atomic_number: int
@@ -181,6 +189,7 @@ class ExtrapolationStatistics:
         margin: float = MARGIN,
         truncation: float = TRUNCATION,
         method: str = METHOD,
+        weights: Optional[str] = None,
     ):
         if method != METHOD:
             raise ValueError(f"extrapolation statistics: unknown method {method!r} (this server knows {METHOD!r})")
@@ -191,6 +200,7 @@ class ExtrapolationStatistics:
         self.margin = float(margin)
         self.truncation = float(truncation)
         self.method = method
+        self.weights = weights  #: fingerprint of the model parameters they were computed with (None: unknown)
         self._bound: Dict = {}
 
     @property
@@ -205,8 +215,11 @@ class ExtrapolationStatistics:
         heads.update(other.heads)
         references = dict(self.references)
         references.update(other.references)
+        if self.weights is not None and other.weights is not None and self.weights != other.weights:
+            raise ValueError("extrapolation statistics: the heads were calibrated on different weights")
         return ExtrapolationStatistics(self.layout, heads, references=references, threshold=other.threshold,
-                                       margin=other.margin, truncation=other.truncation)
+                                       margin=other.margin, truncation=other.truncation,
+                                       weights=other.weights or self.weights)
 
     # ------------------------------------------------------------- grade
     def _tables(self, model, device: torch.device):
@@ -228,7 +241,7 @@ class ExtrapolationStatistics:
                         s.basis.to(device=device, dtype=torch.float64) if thin else None,
                         (1.0 / s.residual_radius).to(device=device, dtype=torch.float64),
                     )
-            self._bound = {key: (tables, len(elements))}
+            self._bound[key] = (tables, len(elements))  # added, never replaced: safe for several threads
         return self._bound[key]
 
     def grade(self, model, features: torch.Tensor, node_attrs: torch.Tensor, node_heads: torch.Tensor) -> torch.Tensor:
@@ -240,12 +253,11 @@ class ExtrapolationStatistics:
         species = torch.argmax(node_attrs, dim=1)
         keys = node_heads * n_elements + species
         grade = torch.full((x.shape[0],), math.inf, dtype=torch.float64, device=x.device)
-        for k in torch.unique(keys).tolist():
-            table = tables.get(divmod(int(k), n_elements))
-            if table is None:
-                continue
-            mask = keys == k
-            grade[mask] = element_grade(x[mask], *table) / (1.0 + self.margin)
+        # every table on every atom, kept where the atom's (head, element) matches: no host synchronisation
+        # (torch.unique / boolean indexing would stall a GPU stream), a few small products per table
+        for (head, element), table in tables.items():
+            mine = keys == head * n_elements + element
+            grade = torch.where(mine, element_grade(x, *table) / (1.0 + self.margin), grade)
         return grade
 
     # ------------------------------------------------------ serialisation
@@ -257,6 +269,8 @@ class ExtrapolationStatistics:
             "threshold": self.threshold,
             "margin": self.margin,
             "truncation": self.truncation,
+            "residual_floor": RESIDUAL_FLOOR,
+            "weights_sha256": self.weights,
             "features": {
                 "what": "invariant (0e) channels of every interaction layer's node features (the readouts' inputs)",
                 "layout": [list(entry) for entry in self.layout],
@@ -301,7 +315,8 @@ class ExtrapolationStatistics:
                     active_set=[tuple(a) for a in info.get("active_set", [])],
                 )
         return cls(meta["features"]["layout"], heads, references=meta.get("references"), threshold=meta["threshold"],
-                   margin=meta["margin"], truncation=meta["truncation"], method=meta["method"])
+                   margin=meta["margin"], truncation=meta["truncation"], method=meta["method"],
+                   weights=meta.get("weights_sha256"))
 
     def summary(self) -> Dict:
         """What ListModels and the CLI show: method, threshold, per head the elements and reference atom counts."""
@@ -337,6 +352,17 @@ def calibrated_heads(model) -> List[str]:
     if stats is None:
         return []
     return [h for h in (getattr(model, "heads", None) or ["Default"]) if h in stats.heads]
+
+
+def weights_fingerprint(model) -> str:
+    """SHA-256 of the model's parameters (names and values as float64): statistics belong to these weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def attach(model, statistics: Optional[ExtrapolationStatistics]):
@@ -390,7 +416,7 @@ def element_statistics(x: np.ndarray, z: int, truncation: float = TRUNCATION,
     coefficients = basis @ np.linalg.inv(projected[rows])
     residual = np.linalg.norm(x - projected @ basis.T, axis=1)
     rms = float(np.sqrt(np.mean(np.sum(x * x, axis=1))))
-    radius = max(float(residual.max()), truncation * rms)
+    radius = max(float(residual.max()), RESIDUAL_FLOOR * rms)
     active = [tuple(int(v) for v in origin[r]) for r in rows] if origin is not None else []
     return ElementStatistics(
         atomic_number=int(z),
@@ -476,7 +502,7 @@ def calibrate(model, structures: Sequence, head: Optional[str] = None, *, refere
     new = ExtrapolationStatistics(feature_layout(model), {head: per_element},
                                   references={head: dict(reference or {}, structures=n_structures,
                                                           atoms=int(len(numbers)), fields_V_per_A=fields)},
-                                  truncation=truncation)
+                                  truncation=truncation, weights=weights_fingerprint(model))
     existing = statistics_of(model)
     return existing.merged(new) if existing is not None else new
 

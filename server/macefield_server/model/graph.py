@@ -126,6 +126,12 @@ class NeighbourGraph:
     closest: Optional[ClosestPair] = None  #: the shortest edge (None: no edges)
     positions: Optional[np.ndarray] = None  #: (N, 3) float64 canonical positions (None: the structure's own)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the graph holds (edges, shifts, positions)."""
+        pos = 0 if self.positions is None else self.positions.nbytes
+        return int(self.edge_index.nbytes + self.unit_shifts.nbytes + self.cell.nbytes + pos)
+
 
 def _padded_cell(structure: Structure, cutoff: float) -> np.ndarray:
     """The cell with every non-periodic vector replaced by a wide orthogonal one.
@@ -251,6 +257,24 @@ def _binned_bound(heights: np.ndarray, periodic, spacing: np.ndarray, cutoff: fl
     for axis in range(3):  # separable: sum of the 3 neighbours along each axis in turn
         around = sum(_shifted(around, axis, step, bool(periodic[axis])) for step in (-1, 0, 1))
     return int((counts * around).sum()) - n
+
+
+#: atoms per A^3 assumed for a structure without a volume when guessing its edges (denser than any solid)
+DENSE = 0.2
+
+
+def expected_edges(structure: Structure, cutoff: float) -> int:
+    """A guess (not a bound) of the directed edges: each atom sees the structure's density within the cutoff.
+
+    For reserving memory before a neighbour list exists; the real count replaces
+    it once the list is built.  Periodic structures use their own density (times
+    1.5 for clustering), others :data:`DENSE`.
+    """
+    n = structure.n_atoms
+    density = n / structure.volume if structure.periodic and structure.volume else DENSE
+    sphere = 4.0 / 3.0 * np.pi * float(cutoff) ** 3
+    per_atom = 1.5 * density * sphere if structure.periodic else min(n - 1, density * sphere)
+    return int(n * per_atom) + n
 
 
 def estimate_edges(structure: Structure, cutoff: float, limit: int = 100_000) -> int:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..model.architecture import build_field_mace, default_architecture
+from ..model.extrapolation import attach, statistics_of
 from ..model.checkpoint import load_model, save_model, upgrade_to_field
 from ..model.response import respond
 from .config import QUANTITIES, TrainConfig
@@ -176,6 +177,9 @@ class Trainer:
             log(f"fine-tuning {path}")
             model = load_model(path, trust_pickle=m.trust_pickle, dtype=self.dtype)
             model = upgrade_to_field(model).to(self.dtype)
+            if statistics_of(model) is not None:  # they describe the weights before fine-tuning
+                attach(model, None)
+                log(f"  dropped the extrapolation statistics of {path.name}: calibrate the result with macefield-calibrate")
             missing = [h for h in heads if h not in list(model.heads)]
             if missing:
                 raise ValueError(f"model.init_from: the model has heads {list(model.heads)}, datasets need {missing}")
