@@ -558,17 +558,12 @@ def run_volume(client) -> None:
         shutil.rmtree(models, ignore_errors=True)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_compose(client) -> None:
     """``compose up -d server`` as docker-compose.yml says (config mount, volume, healthcheck), stop."""
     from macefield_client import Client
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from serving import free_port  # the tests' helper
 
     base = compose_commands()[0]
     volumes_before = {v.name for v in client.volumes.list()}

@@ -172,9 +172,10 @@ def ipi_run(args, atoms, target, workdir: Path, example: str, replace, driver_ar
     finally:
         if ipi.poll() is None:
             ipi.kill()
-    # exchange, structure, step, time, E (3), energy, dipole (3), wall (s), server (ms)
     log = np.loadtxt(run / "driver.log", ndmin=2)
-    exchange, steps, wall, server_ms = log[:, 0], log[:, 2], log[:, 11], log[:, 12]
+    header = [line for line in (run / "driver.log").read_text().splitlines() if line.startswith("#")][-1]
+    column = {name.split("[")[0]: i for i, name in enumerate(header[1:].split())}
+    exchange, steps, wall, server_ms = (log[:, column[name]] for name in ("exchange", "step", "wall", "server"))
     last = int(steps.max())
     first = args.warmup  # steady state: the server has seen this batch shape a few times
     assert last > first, "too few steps for the warm-up"

@@ -1,4 +1,5 @@
-"""Helpers for the MD-engine tests: the real quartz frame, the documented example inputs, i-PI processes."""
+"""Helpers for the MD-engine tests: the real quartz frame, the documented example inputs, i-PI processes,
+i-PI's own socket forcefield driven by a test, the served default model."""
 
 from __future__ import annotations
 
@@ -9,16 +10,37 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import time
 import uuid
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import pytest
 from conftest import REPO, SHARED_DATA
+from serving import ServerProcess
 
 QUARTZ_MD = SHARED_DATA / "sio2-quartz-md.xyz"  #: real 72-atom alpha-quartz frames (DFT MD at 300 K)
 EXAMPLES = REPO / "docs" / "examples"
 DEFAULT_MODEL = REPO / "server" / "macefield_server" / "models" / "default.pt"
+
+
+@pytest.fixture(scope="module")
+def default_server():
+    """The embedded default model (trained on this quartz, with extrapolation statistics) served in float64."""
+    proc = ServerProcess(["--model", str(DEFAULT_MODEL), "--dtype", "float64"])
+    yield proc
+    proc.kill()
+
+
+def target(server) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+def assert_close(got, want, rel, what=""):
+    """|got - want| <= rel * (|want| + max |want|): relative to each value and to the array's scale."""
+    want = np.asarray(want, dtype=float)
+    np.testing.assert_allclose(got, want, rtol=rel, atol=rel * np.abs(want).max(), err_msg=what)
 
 
 def quartz_frame(index: int = 0):
@@ -28,6 +50,24 @@ def quartz_frame(index: int = 0):
 
     a = ase.io.read(QUARTZ_MD, index)
     return ase.Atoms(numbers=a.numbers, positions=a.positions, cell=a.cell, pbc=True)
+
+
+def triclinic_quartz():
+    """(the quartz frame, the same crystal in a triclinic cell of its lattice: a, a + b, b + c; atoms wrapped)."""
+    atoms = quartz_frame(0)
+    a, b, c = np.asarray(atoms.cell)
+    tri = atoms.copy()
+    tri.set_cell([a, a + b, b + c], scale_atoms=False)
+    tri.wrap()
+    return atoms, tri
+
+
+def rotated_triclinic_quartz():
+    """The triclinic quartz turned away from every axis (i-PI turns such a cell upright when it reads it)."""
+    _, tri = triclinic_quartz()
+    tri.rotate(35.0, "z", rotate_cell=True)
+    tri.rotate(-20.0, (1.0, 1.0, 0.0), rotate_cell=True)
+    return tri
 
 
 def unique_name(prefix: str = "mf") -> str:
@@ -127,3 +167,52 @@ def ipi_arrays(path: Path) -> Dict[int, np.ndarray]:
         else:
             frames[step] = np.asarray(atoms.arrays[name])
     return frames
+
+
+class IPIForceQueue:
+    """i-PI's own socket forcefield (``FFSocket`` on an ``InterfaceSocket``), its requests queued and polled here.
+
+    In a simulation i-PI queues the beads of a step one by one while its poll thread dispatches whatever
+    is queued, so a batched exchange may hold part of a step padded with copies; :meth:`compute` makes
+    that happen on purpose: the structures given to one call go out together, padded by i-PI's code.
+    """
+
+    def __init__(self, address: str, batch_size: int):
+        from ipi.engine.forcefields import FFSocket
+        from ipi.interfaces.sockets import InterfaceSocket
+
+        self.address = address
+        # as an <ffsocket mode="unix"> with <batch_size> and the input's default timeout (0: none)
+        self.ff = FFSocket(interface=InterfaceSocket(address=address, mode="unix", timeout=0.0, batch_size=batch_size),
+                           dopbc=False, threaded=True)  # threaded: queue() leaves polling to us
+        self.ff.socket.open()
+
+    def compute(self, cell: np.ndarray, positions: Sequence[np.ndarray], alive=lambda: True, timeout=120.0) -> List:
+        """[energy (Hartree), forces, virial, extras] of each structure (ASE cell and positions in Angstrom)."""
+        from ipi.engine.atoms import Atoms as IPIAtoms
+        from ipi.engine.cell import Cell
+
+        from macefield_client.ipi import BOHR
+
+        requests = []
+        for x in positions:
+            atoms = IPIAtoms(len(x))
+            atoms.q[:] = (np.asarray(x) / BOHR).reshape(-1)
+            requests.append(self.ff.queue(atoms, Cell(np.asarray(cell).T / BOHR), reqid=len(requests)))
+        end = time.monotonic() + timeout
+        while any(r["status"] != "Done" for r in requests):
+            if not alive() or time.monotonic() > end:
+                raise RuntimeError("the driver left (or timed out) before answering")
+            self.ff.poll()
+            time.sleep(0.001)
+        results = [r["result"] for r in requests]
+        for r in requests:
+            self.ff.release(r)
+        return results
+
+    def close(self) -> None:
+        self.ff.socket.close()
+        try:
+            os.unlink(f"/tmp/ipi_{self.address}")
+        except FileNotFoundError:
+            pass

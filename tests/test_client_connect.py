@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 from conftest import quartz_like
-from serving import ServerProcess, save_tiny_model
+from serving import ServerProcess, free_port, save_tiny_model
 
 from macefield_client import AsyncClient, Client, ServerUnavailable
 from macefield_client._channel import resolve_target
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("given, expected", [

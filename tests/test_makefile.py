@@ -32,3 +32,10 @@ def test_make_installs_once_per_interpreter_and_again_after_a_pyproject_change(t
     later = time.time() + 2
     os.utime(tmp_path / "server" / "pyproject.toml", (later, later))
     assert "pip install" in dry_run(tmp_path, "serve")  # a changed pyproject.toml installs again
+
+
+def test_lammps_install_message_says_tests_skip_here_but_ci_requires_them():
+    """.ci/run makes a LAMMPS that cannot start a failure; the Makefile's message must not promise a skip there."""
+    assert "MACEFIELD_REQUIRE_LAMMPS=1" in (REPO / ".ci" / "run").read_text()
+    (line,) = [x for x in (REPO / "Makefile").read_text().splitlines() if "LAMMPS could not be installed" in x]
+    assert "skip here" in line and "MACEFIELD_REQUIRE_LAMMPS=1" in line and "fail" in line, line

@@ -49,3 +49,22 @@ def test_preparation_snippet_writes_the_quartz_frame(tmp_path, shared_data):
         assert atoms.get_chemical_formula() == "O48Si24"
     data = (tmp_path / "quartz.data").read_text()
     assert re.search(r"^\s*1\s+28\.08", data, re.M) and re.search(r"^\s*2\s+15\.99", data, re.M)  # type 1 Si, 2 O
+
+
+def test_stated_retry_budget_and_ipi_sum_rule_threshold_are_the_real_ones():
+    """The page's numbers for the driver's default patience and i-PI's acoustic-sum-rule check."""
+    import pytest
+
+    from macefield_client import RetryPolicy
+
+    text = " ".join(DOC.read_text().split())
+    retries, low, high = map(int, re.search(r"the default, (\d+) retries with backoff, waits (\d+)-(\d+) s in all",
+                                            text).groups())
+    policy = RetryPolicy()
+    shortest, longest = policy.budget()
+    assert retries == policy.attempts - 1 and low == round(shortest) and high == round(longest), policy.budget()
+
+    driven = pytest.importorskip("ipi.inputs.motion.driven_dynamics", reason="i-PI is not installed")
+    default = driven.InputDrivenDynamics.fields["asr_threshold"][1]["default"]
+    stated = float(re.search(r"`<asr_threshold>` in `<driven_dynamics>`, default ([0-9.e-]+)\)", text).group(1))
+    assert stated == default

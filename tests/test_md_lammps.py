@@ -13,8 +13,15 @@ import sys
 
 import numpy as np
 import pytest
-from md_engines import DEFAULT_MODEL, EXAMPLES, quartz_frame
-from serving import ServerProcess, run_torch_free, torch_free_env
+from md_engines import (  # noqa: F401 - default_server is a fixture
+    EXAMPLES,
+    assert_close,
+    default_server,
+    quartz_frame,
+    target,
+    triclinic_quartz,
+)
+from serving import run_torch_free, torch_free_env
 
 from macefield_client import Client, RetryPolicy, ServerUnavailable
 from macefield_client.fields import FieldSchedule
@@ -38,23 +45,6 @@ pytestmark = pytest.mark.usefixtures("shared_data")  # the quartz frames of ../s
 
 N_QUARTZ = 72
 EV_PER_A3_IN_BAR = 1.6021765e6  # LAMMPS' nktv2p for units metal
-
-
-def assert_close(got, want, rel, what=""):
-    want = np.asarray(want, dtype=float)
-    np.testing.assert_allclose(got, want, rtol=rel, atol=rel * np.abs(want).max(), err_msg=what)
-
-
-@pytest.fixture(scope="module")
-def default_server():
-    """The embedded default model (trained on this quartz) served in float64."""
-    proc = ServerProcess(["--model", str(DEFAULT_MODEL), "--dtype", "float64"])
-    yield proc
-    proc.kill()
-
-
-def target(server) -> str:
-    return f"127.0.0.1:{server.port}"
 
 
 def thermo_rows(log_text: str):
@@ -112,7 +102,7 @@ def test_example_nve_quartz_conserves_energy_and_gets_the_servers_forces(default
     numbers = np.where(frames[0][2] == 1, 14, 8)
     np.testing.assert_array_equal(numbers, frame.numbers)  # type 1 = Si, 2 = O, in atom-ID order
     log = np.loadtxt(tmp_path / "dipole.log")
-    assert log.shape == (201, 12) and np.array_equal(log[:, 0], np.arange(201))
+    assert log.shape == (201, 14) and np.array_equal(log[:, 0], np.arange(201))
     with Client(target(default_server), timeout=120) as client:
         for step, (cell, ids, types, positions, forces) in frames.items():
             r = client.predict({"numbers": numbers, "positions": positions, "cell": cell, "pbc": True},
@@ -121,20 +111,14 @@ def test_example_nve_quartz_conserves_energy_and_gets_the_servers_forces(default
             assert_close(log[step, 6:9], r.dipole, 1e-6, f"dipole at step {step}")
             assert_close(log[step, 9:12], r.polarization, 1e-6, f"polarization at step {step}")
             assert log[step, 5] == pytest.approx(float(r.energy), rel=1e-9)
+            # the extrapolation grade (the default model has statistics): its maximum, atoms above 1
+            assert log[step, 12] == pytest.approx(float(r.extrapolation_max), rel=1e-5)
+            assert log[step, 13] == int((r.extrapolation > 1.0).sum())
 
 
-def triclinic_quartz():
-    """The quartz frame in a triclinic cell of the same lattice: a, a + b, b + c (atoms wrapped into it)."""
-    atoms = quartz_frame(0)
-    a, b, c = np.asarray(atoms.cell)
-    tri = atoms.copy()
-    tri.set_cell([a, a + b, b + c], scale_atoms=False)
-    tri.wrap()
-    return atoms, tri
-
-
-def lammps_with(atoms, *, units="metal", dynamics=False):
-    """A LAMMPS instance holding ``atoms`` (lower-triangular cell: LAMMPS' own convention) and fix mf."""
+def lammps_with(atoms, *, units="metal", dynamics=False, fix_modify="energy yes virial yes"):
+    """A LAMMPS instance holding ``atoms`` (lower-triangular cell: LAMMPS' own convention) and fix mf, modified
+    by ``fix_modify mf FIX_MODIFY``."""
     cell = np.asarray(atoms.cell)
     assert np.allclose(cell[np.triu_indices(3, 1)], 0.0), "LAMMPS wants a along x, b in the xy plane"
     def num(x):
@@ -154,9 +138,9 @@ def lammps_with(atoms, *, units="metal", dynamics=False):
         lmp.command(f"create_atoms {1 if z == 14 else 2} single {num(position[0])} {num(position[1])} {num(position[2])}"
                     " units box remap yes")
     assert lmp.get_natoms() == len(atoms)
-    lmp.commands_string("""
+    lmp.commands_string(f"""
         fix mf all external pf/callback 1 1
-        fix_modify mf energy yes virial yes
+        fix_modify mf {fix_modify}
         thermo_style custom step pe press pxx pyy pzz pxy pxz pyz
         thermo_modify format float %.15g
         thermo 1
@@ -168,9 +152,10 @@ def lammps_with(atoms, *, units="metal", dynamics=False):
 def test_triclinic_box_per_step_field_virial_and_forces(default_server, tmp_path):
     """Fixed atoms, a field that changes every step: energy, dipole and P follow the model step by step;
     the triclinic box gives the numbers of the same crystal in its orthorhombic cell; LAMMPS' pressure
-    tensor is the server's stress."""
+    tensor is the server's stress (the input leaves the fix out of pe and the pressure, as LAMMPS versions whose
+    fix external defaults to that do: attach() puts it back)."""
     ortho, tri = triclinic_quartz()
-    lmp = lammps_with(tri)
+    lmp = lammps_with(tri, fix_modify="energy no virial no")
 
     def field(step):
         return (0.0, 0.05 * step, -0.03 * step)
@@ -182,7 +167,7 @@ def test_triclinic_box_per_step_field_virial_and_forces(default_server, tmp_path
             bridge.run(3)
             assert bridge.calls == 4  # setup (step 0) and steps 1-3
         rows = np.loadtxt(log)
-        assert rows.shape == (4, 12 + 9 * N_QUARTZ)
+        assert rows.shape == (4, 14 + 9 * N_QUARTZ)
         polarizations = []
         for step in range(4):
             e = np.array(field(step))
@@ -191,7 +176,7 @@ def test_triclinic_box_per_step_field_virial_and_forces(default_server, tmp_path
             assert rows[step, 5] == pytest.approx(float(r.energy), rel=1e-10)
             assert_close(rows[step, 6:9], r.dipole, 1e-8, f"dipole at step {step}")
             assert_close(rows[step, 9:12], r.polarization, 1e-8, f"P at step {step}")
-            assert_close(rows[step, 12:].reshape(N_QUARTZ, 3, 3), r.born_charges, 1e-8, f"Z* at step {step}")
+            assert_close(rows[step, 14:].reshape(N_QUARTZ, 3, 3), r.born_charges, 1e-8, f"Z* at step {step}")
             polarizations.append(rows[step, 9:12])
         # the field changes P as the model says: steps differ, and the change is first order in E
         d_p = polarizations[1] - polarizations[0]
@@ -252,4 +237,8 @@ def test_errors_stop_the_run_with_a_clear_message(default_server, capfd):
         bridge.run(1)
         assert bridge.calls == 2 and lmp.extract_global("ntimestep") == step + 1
         assert np.isfinite(np.asarray(lmp.numpy.extract_atom("f"))[:N_QUARTZ]).all()
+    # a type map that swaps the elements: LAMMPS' masses say so
+    with attach(lmp, "mf", server=target(default_server), type_map={1: "O", 2: "Si"}) as bridge:
+        with pytest.warns(UserWarning, match=r"type 1 has mass 28.0855 amu, but is mapped to O \(15.9990 amu\)"):
+            bridge.run(0)
     lmp.close()

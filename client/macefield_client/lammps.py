@@ -14,25 +14,38 @@
 Each step (``pf/callback 1 1``) LAMMPS hands the positions to the bridge,
 which sends them with the box and the step's field over one PredictStream
 session and puts back forces (eV/A), the energy F(R, E) (eV, counted in
-``pe`` with ``fix_modify ... energy yes``) and the virial W = -stress x
-volume (eV, ``xx yy zz xy xz yz``, counted in the pressure with
-``fix_modify ... virial yes``).  LAMMPS ``units metal`` (eV, A, ps, bar) is
+``pe``) and the virial W = -stress x volume (eV, ``xx yy zz xy xz yz``,
+counted in the pressure).  :func:`attach` issues ``fix_modify ID energy yes
+virial yes`` itself: LAMMPS versions differ in what ``fix external`` counts
+by default, and without it ``pe``, the pressure and any barostat could
+silently leave the model out.  LAMMPS ``units metal`` (eV, A, ps, bar) is
 required: it is the server's own units.
 
 * Box: orthogonal or triclinic (``a = (lx, 0, 0)``, ``b = (xy, ly, 0)``,
   ``c = (xz, yz, lz)``); periodic where LAMMPS' boundary is ``p``.  Stress,
   virial and polarization exist only for boxes periodic in all three
   directions.
+* Frame: LAMMPS' own (restricted triclinic: a along x, b in the xy plane;
+  ``ase.io.write(..., format="lammps-data")`` rotates a general cell into
+  it).  The field, the dipole, P and Z* are all in that frame: rotate a
+  field meant for the original crystal axes with the same rotation.
 * Species: ``type_map`` maps every LAMMPS atom type to an element (symbol or
-  atomic number); an unmapped type is an error.
+  atomic number); an unmapped type is an error.  At the first force call
+  each mapped type's LAMMPS mass is compared with the element's (ASE's
+  table): more than 0.5 amu apart gives a :class:`UserWarning` (a type map
+  that swaps elements, or isotopes on purpose).
 * Field (V/A), applied inside F(R, E) (the full non-linear response):
   ``None`` (zero), a constant ``(Ex, Ey, Ez)``, a
   :class:`~macefield_client.fields.FieldSchedule` (a function of the
   simulation time), or any ``f(step) -> (Ex, Ey, Ez)``.
 * Log (``log=PATH``): one row per force call: step, time (fs), field (V/A),
-  energy (eV), dipole (e*A), polarization (e/A^2, periodic boxes) and with
-  ``log_born_charges=True`` the Born charges Z*[k, i, j] = d dipole_i / d
-  R_kj (e; 9 columns per atom in atom-ID order; costs about 3x a force call).
+  energy (eV), dipole (e*A), polarization (e/A^2, periodic boxes), the
+  largest extrapolation grade and the number of atoms above 1 (NaN and -1
+  for a head without statistics) and with ``log_born_charges=True`` the
+  Born charges Z*[k, i, j] = d dipole_i / d R_kj (e; 9 columns per atom in
+  atom-ID order; costs about 3x a force call).  The first structure whose
+  grade passes 1 also prints one line (later ones are counted in
+  :attr:`LAMMPSBridge.extrapolating`).
 
 Serial LAMMPS only (one MPI rank: the bridge needs every atom).  A failed
 step (server unreachable after the retries, a structure it refuses) prints
@@ -51,6 +64,7 @@ import ctypes
 import math
 import os
 import sys
+import warnings
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -58,6 +72,10 @@ import numpy as np
 from ._steplog import StepLog
 from .client import Client
 from .fields import FieldSpec, field_function
+from .results import EXTRAPOLATION_THRESHOLD
+
+#: amu: a LAMMPS mass further than this from the mapped element's is warned about
+MASS_TOLERANCE = 0.5
 
 
 def create_lammps(cmdargs: Sequence[str] = ("-log", "none", "-screen", "none", "-nocite")):
@@ -126,6 +144,7 @@ class LAMMPSBridge:
         self.log_path = log
         self._log: Optional[StepLog] = None
         self.calls = 0  #: force calls answered
+        self.extrapolating = 0  #: force calls whose structure had an atom's extrapolation grade above 1
         self.error: Optional[BaseException] = None  #: the first failure; the run was stopped
         self.last_result = None  #: the server's Result of the latest call (atoms in LAMMPS' local order)
         self.last_field: Optional[np.ndarray] = None  #: the field of that call, V/A
@@ -134,6 +153,8 @@ class LAMMPSBridge:
             lmp.command("timer timeout off")
             lmp._macefield_stopped = False
         lmp.set_fix_external_callback(fix_id, self._callback, None)
+        # the model's energy and virial belong in pe and the pressure (and a barostat's): never leave them out
+        lmp.command(f"fix_modify {fix_id} energy yes virial yes")
 
     # ----------------------------------------------------------- geometry
     def _box(self):
@@ -147,10 +168,31 @@ class LAMMPSBridge:
         g = self.lmp.extract_global
         return (g("atime") + (step - g("atimestep")) * g("dt")) * 1000.0  # metal: ps
 
+    def _check_masses(self, types: np.ndarray) -> None:
+        """Warn when a type's LAMMPS mass is not its mapped element's (a swapped type_map)."""
+        try:
+            from ase.data import atomic_masses, chemical_symbols
+        except ImportError:
+            return
+        if self.lmp.extract_setting("rmass_flag"):
+            masses = np.asarray(self.lmp.numpy.extract_atom("rmass"))[:len(types)]
+            pairs = {(int(t), float(m)) for t, m in zip(types, masses)}
+        else:
+            per_type = np.asarray(self.lmp.numpy.extract_atom("mass"))
+            pairs = {(int(t), float(per_type[t])) for t in np.unique(types)}
+        for t, mass in sorted(pairs):
+            z = self.type_map[t]
+            if abs(mass - atomic_masses[z]) > MASS_TOLERANCE:
+                warnings.warn(f"type_map: LAMMPS type {t} has mass {mass:g} amu, but is mapped to "
+                              f"{chemical_symbols[z]} ({atomic_masses[z]:.4f} amu): is the type map right?",
+                              UserWarning, stacklevel=2)
+                return
+
     def _open_log(self, natoms: int) -> StepLog:
         cols = [("step", ""), ("time", "fs"), ("Ex", "V/A"), ("Ey", "V/A"), ("Ez", "V/A"), ("energy", "eV"),
                 ("dipole_x", "e*A"), ("dipole_y", "e*A"), ("dipole_z", "e*A"),
-                ("P_x", "e/A^2"), ("P_y", "e/A^2"), ("P_z", "e/A^2")]
+                ("P_x", "e/A^2"), ("P_y", "e/A^2"), ("P_z", "e/A^2"), ("extrapolation_max", ""),
+                ("extrapolating_atoms", "")]
         if self.log_born_charges:
             cols += [(f"Z{k + 1}_{i}{j}", "e") for k in range(natoms) for i in "xyz" for j in "xyz"]
         return StepLog(self.log_path, cols, title="macefield LAMMPS bridge: one row per force call "
@@ -183,6 +225,8 @@ class LAMMPSBridge:
             missing = sorted(set(types.tolist()) - set(self.type_map))
             raise ValueError(f"type_map: LAMMPS atom type(s) {missing} have no element "
                              f"(type_map covers {sorted(self.type_map)})")
+        if self.calls == 0:
+            self._check_masses(types)
         lo, cell, pbc = self._box()
         field = self._field(step, self._time_fs(step))
         structure = {"numbers": self._numbers[types], "positions": np.asarray(x)[:nlocal] - lo, "cell": cell,
@@ -197,11 +241,20 @@ class LAMMPSBridge:
         self.lmp.fix_external_set_virial_global(self.fix_id, virial)
         self.calls += 1
         self.last_result, self.last_field = r, field
+        grade, above = math.nan, -1
+        if r.extrapolation is not None:
+            grade, above = float(r.extrapolation_max), int((r.extrapolation > EXTRAPOLATION_THRESHOLD).sum())
+        if above > 0:
+            if self.extrapolating == 0:
+                print(f"macefield LAMMPS bridge: step {step}: extrapolation grade {grade:.3g} > "
+                      f"{EXTRAPOLATION_THRESHOLD:g} ({above} atoms): the model is outside its training data there "
+                      "(later ones are counted)", file=sys.stderr, flush=True)
+            self.extrapolating += 1
         if self.log_path is not None:
             if self._log is None:
                 self._log = self._open_log(natoms)
             p = r.polarization if r.polarization is not None else np.full(3, math.nan)
-            row = [step, self._time_fs(step), *field, float(r.energy), *r.dipole, *p]
+            row = [step, self._time_fs(step), *field, float(r.energy), *r.dipole, *p, grade, above]
             if self.log_born_charges:
                 order = np.argsort(np.asarray(tag)[:nlocal])
                 row += r.born_charges[order].reshape(-1).tolist()
@@ -242,7 +295,7 @@ def attach(lmp, fix_id: str, *, server: Optional[str] = None, type_map: Mapping[
 
     Args:
         lmp: a ``lammps.lammps`` instance (``units metal``; its input declares ``fix ID all external
-            pf/callback 1 1`` and ``fix_modify ID energy yes virial yes``).
+            pf/callback 1 1``; ``fix_modify ID energy yes virial yes`` is issued here).
         fix_id: the fix's ID.
         server: ``host:port`` (default ``$MACEFIELD_SERVER`` or 127.0.0.1:50051).
         type_map: LAMMPS atom type -> element symbol or atomic number, e.g. ``{1: "Si", 2: "O"}``.
