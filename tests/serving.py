@@ -89,6 +89,24 @@ def wait_for(condition, timeout: float = 60.0, interval: float = 0.05, what: str
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def common_free_port(hosts: Sequence[str]) -> int:
+    """A TCP port free on every address of ``hosts`` (replicas reached by one DNS name, or listed with one port)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((hosts[0], 0))
+            port = s.getsockname()[1]
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as s:
+                    s.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no port free on all of {list(hosts)}")
+
+
 class ServerProcess:
     """``macefield-serve`` in a child process (module entry point, same interpreter) on ``host``; ``port`` 0 and
     /metrics on an ephemeral port unless given."""

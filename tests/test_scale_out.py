@@ -26,7 +26,7 @@ from ase.md.verlet import VelocityVerlet
 from ase.units import fs
 from conftest import REPO, quartz_like
 from proxy import EnvoyProcess, require_envoy
-from serving import ServerProcess, save_tiny_model, wait_for
+from serving import ServerProcess, common_free_port, save_tiny_model, wait_for
 
 from macefield_client import Client
 from macefield_client._channel import REPLICAS_SERVICE_CONFIG, SERVICE_CONFIG, resolve_target, service_config
@@ -39,28 +39,12 @@ OUTPUTS = ["energy", "forces"]
 MAX_AGE_S, MAX_AGE_GRACE_S = 6, 4
 
 
-def common_free_port() -> int:
-    """A port free on all three loopback addresses (replicas reachable by one DNS name need one port)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind((HOSTS[0], 0))
-            port = s.getsockname()[1]
-        try:
-            for host in HOSTS[1:]:
-                with socket.socket() as s:
-                    s.bind((host, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no port free on all replica addresses")
-
-
 class Replicas:
     """Three ``macefield-serve`` processes, one per loopback address, all on one port."""
 
     def __init__(self, model_path):
         self.model_path = model_path
-        self.port = common_free_port()
+        self.port = common_free_port(HOSTS)
         self.procs: Dict[str, ServerProcess] = {}
         with concurrent.futures.ThreadPoolExecutor(len(HOSTS)) as pool:
             list(pool.map(self.start, HOSTS))

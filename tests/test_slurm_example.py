@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from conftest import REPO
-from serving import metric, run_torch_free, save_tiny_model, torch_free_env
+from serving import common_free_port, metric, save_tiny_model, torch_free_env
 
 SLURM = REPO / "deploy" / "slurm"
 HOSTS = ("127.0.0.2", "127.0.0.3")
@@ -42,26 +42,10 @@ def test_sbatch_file_is_valid_bash_with_known_directives_and_existing_commands()
         assert option in help_text, f"{md[0]} has no {option}"
 
 
-def common_port() -> int:
-    import socket
-
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind((HOSTS[0], 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind((HOSTS[1], port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no common free port")
-
-
 def test_replicas_started_by_the_node_script_serve_md_clients_given_the_list(tmp_path):
     model = save_tiny_model(tmp_path / "tiny.pt")
     replica_dir = tmp_path / "replicas"
-    port = common_port()
+    port = common_free_port(HOSTS)
     bindir = str(Path(sys.executable).parent)  # macefield-serve / macefield-health of this environment
     procs, outputs = [], []
     for host in HOSTS:
