@@ -4,11 +4,13 @@ No Slurm here: ``start-replica.sh`` (what ``srun`` starts on every GPU node) run
 127.0.0.2 and 127.0.0.3, ``replica-list.sh`` waits for both and prints the list, and the MD example of the
 sbatch file runs against that list, torch-free; SIGTERM (what the end of the job sends) drains every
 replica and removes its address file.  The sbatch file itself is checked for syntax, its ``#SBATCH``
-directives and the commands it names.
+directives and the commands it names.  SIGTERM goes to each script's process group, as Slurm signals
+every process of a step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -54,7 +56,7 @@ def test_replicas_started_by_the_node_script_serve_md_clients_given_the_list(tmp
                    MACEFIELD_BIND=host, MACEFIELD_ADVERTISE=host,
                    MACEFIELD_SERVE_ARGS=f"--model {model} --threads 1 --grace 30")
         proc = subprocess.Popen([str(SLURM / "start-replica.sh")], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)  # its own group
         lines: list = []
         threading.Thread(target=lambda p=proc, out=lines: out.extend(p.stdout), daemon=True).start()
         procs.append(proc)
@@ -82,12 +84,12 @@ def test_replicas_started_by_the_node_script_serve_md_clients_given_the_list(tmp
         answered = [metric(p, "macefield_stream_messages_total", host=h, event="answered")
                     for h, p in zip(HOSTS, metrics_ports)]
         assert sum(answered) >= 2 * 4, answered  # every MD step of both runs was answered by a replica
-        for proc in procs:  # the end of the job: SIGTERM, each replica drains and exits 0
-            proc.send_signal(signal.SIGTERM)
+        for proc in procs:  # the end of the job: Slurm sends SIGTERM to every process of the step
+            os.killpg(proc.pid, signal.SIGTERM)
         assert [p.wait(60) for p in procs] == [0] * len(HOSTS), "".join(sum(outputs, []))[-3000:]
         assert not list(replica_dir.glob("*.addr"))
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-        subprocess.run(["pkill", "-KILL", "-P", ",".join(str(p.pid) for p in procs)], check=False)
+        for proc in procs:  # the script and the server it started, whatever state the test left them in
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

@@ -2,7 +2,10 @@
 # One MACE-Field server on this node (run by srun, one task per GPU node; see macefield.sbatch):
 # start it, wait until its health says SERVING, then write "ADDRESS:PORT" to REPLICA_DIR/<node>.addr
 # (one file per replica: safe on a shared file system) and stay in the foreground until it exits.
-# SIGTERM (scancel, the end of the job) is passed on: the server drains (finishes its calls) and exits 0.
+# Slurm signals every process of a step (scancel, the job's end, srun's --signal), so SIGTERM reaches the
+# server itself: it drains (finishes its calls) and exits 0, and this script waits for that and removes
+# the address file.  Signal the process group (kill -TERM -PGID), not this script alone: the script does
+# not pass the signal on, since a server that gets SIGTERM twice stops at once instead of draining.
 #
 # Environment (all optional):
 #   REPLICA_DIR            where the address files go (default: $SLURM_SUBMIT_DIR/replicas-$SLURM_JOB_ID)
@@ -25,7 +28,7 @@ fi
 "${run[@]}" macefield-serve --host "$bind" --port "$port" --metrics-port "${MACEFIELD_METRICS_PORT:-9100}" \
     --insecure ${MACEFIELD_SERVE_ARGS:-} &
 server=$!
-trap 'kill -TERM "$server" 2>/dev/null' TERM INT
+trap 'echo "start-replica: signal received; waiting for the server to drain" >&2' TERM INT
 probe=$bind
 case "$bind" in 0.0.0.0) probe=127.0.0.1 ;; "::" | "[::]") probe="[::1]" ;; esac
 until "${run[@]}" macefield-health --address "$probe:$port" --service macefield.v1.MaceField --timeout 5 \
@@ -39,7 +42,7 @@ until "${run[@]}" macefield-health --address "$probe:$port" --service macefield.
 done
 echo "$advertise:$port" > "$dir/.$advertise.addr.tmp" && mv "$dir/.$advertise.addr.tmp" "$dir/$advertise.addr"
 echo "start-replica: $advertise:$port ready" >&2
-# wait for the server; a wait interrupted by our SIGTERM trap returns > 128 while the drain goes on
+# wait for the server; a wait interrupted by the trap returns > 128 while the drain goes on
 while :; do
     status=0
     wait "$server" || status=$?
