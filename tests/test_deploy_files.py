@@ -135,15 +135,38 @@ def test_compose_scale_profile():
     assert "COPY envoy.yaml /etc/envoy/envoy.yaml" in dockerfile
 
 
+def envoy_validates(binary: str, config: Path) -> None:
+    done = subprocess.run([binary, "--mode", "validate", "-c", str(config), "--disable-hot-restart",
+                           "--log-level", "warn"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "OK" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
 def test_envoy_accepts_the_compose_proxy_configuration():
     """Envoy's own validation mode (no network, no upstream needed) on deploy/envoy/envoy.yaml."""
     from proxy import require_envoy
 
+    envoy_validates(require_envoy(), REPO / "deploy" / "envoy" / "envoy.yaml")
+
+
+def test_docs_render_command_for_a_replica_list_gives_a_valid_envoy_configuration(tmp_path):
+    """docs/scaling.md's render_config.py command, as written (output redirected here), then envoy --mode validate."""
+    from proxy import require_envoy
+
     binary = require_envoy()
-    done = subprocess.run([binary, "--mode", "validate", "-c", str(REPO / "deploy" / "envoy" / "envoy.yaml"),
-                           "--disable-hot-restart", "--log-level", "warn"], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0 and "OK" in done.stdout + done.stderr, done.stdout + done.stderr
+    text = (REPO / "docs" / "scaling.md").read_text().replace("\\\n", " ")
+    (command,) = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("python deploy/envoy/render_config.py")]
+    args = command.split()[2:]
+    assert args[-2] == "-o"
+    args[-1] = str(tmp_path / "envoy.yaml")
+    done = subprocess.run([sys.executable, str(REPO / "deploy" / "envoy" / "render_config.py"), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    config = yaml.safe_load((tmp_path / "envoy.yaml").read_text())
+    (cluster,) = config["static_resources"]["clusters"]
+    hosts = [e["endpoint"]["address"]["socket_address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert hosts == [{"address": "gpu017", "port_value": 50051}, {"address": "gpu018", "port_value": 50051}]
+    assert cluster["type"] == "STRICT_DNS"  # host names: re-resolved
+    envoy_validates(binary, tmp_path / "envoy.yaml")
 
 
 def test_package_data_ships_the_default_model_and_card():
@@ -218,3 +241,18 @@ def test_container_smoke_skips_loudly_when_the_engine_cannot_start(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     loud = [ln for ln in out.stdout.splitlines() if "CONTAINER SMOKE TEST NOT RUN" in ln]
     assert len(loud) == 1 and "dockerd did not start" in loud[0]
+
+
+def test_every_deploy_path_the_scaling_docs_name_exists():
+    for doc in ("README.md", "docs/scaling.md"):
+        text = (REPO / doc).read_text()
+        paths = set(re.findall(r"\b((?:deploy|docker|bench|client/examples)/[\w./-]*[\w/])(?![\w*.-])", text))
+        assert paths, doc
+        missing = sorted(p for p in paths if not (REPO / p).exists())
+        assert not missing, f"{doc} names {missing}"
+    readme = (REPO / "README.md").read_text()
+    scaling = (REPO / "docs" / "scaling.md").read_text()
+    for command in re.findall(r"`(docker compose --profile scale up [^`]+)`", readme):
+        assert command in scaling  # the README's compose command is the one docs/scaling.md explains
+    for target in re.findall(r'"(dns:///[^"]+)"', readme):
+        assert target in scaling

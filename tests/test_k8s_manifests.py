@@ -219,6 +219,17 @@ def test_labels_selectors_and_references_agree(rendered):
     assert config["security"]["auth_token_file"] == f"{mounts['tokens']}/tokens"
 
 
+def test_docs_in_cluster_target_names_the_headless_service_and_is_balanced_with_health_checks():
+    from macefield_client._channel import REPLICAS_SERVICE_CONFIG, resolve_target, service_config
+
+    (target,) = re.findall(r'Client\("(dns:///[^"]+)"', (REPO / "docs" / "scaling.md").read_text())
+    service = yaml.safe_load((K8S / "base" / "service-headless.yaml").read_text())
+    namespace = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())["namespace"]
+    (port,) = service["spec"]["ports"]
+    assert target == f"dns:///{service['metadata']['name']}.{namespace}.svc.cluster.local:{port['port']}"
+    assert service_config(resolve_target(target)) == REPLICAS_SERVICE_CONFIG
+
+
 def test_cpu_overlay_config_differs_from_the_base_only_in_the_device():
     base = yaml.safe_load((K8S / "base" / "serve.yaml").read_text())
     cpu = yaml.safe_load((K8S / "overlays" / "cpu" / "serve.yaml").read_text())

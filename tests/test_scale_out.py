@@ -236,6 +236,38 @@ def test_comma_separated_string_and_the_cli_reach_every_replica(replicas, refere
         np.testing.assert_allclose(frame.info["MACE_energy"], reference["energy"], rtol=1e-10)
 
 
+def test_docs_client_side_example_runs_against_three_replicas(replicas, model_path, tmp_path):
+    """docs/scaling.md's client-side example, torch-free, with the test replicas' addresses."""
+    import re
+    import sys
+
+    from serving import run_torch_free, torch_free_env
+
+    from macefield_client.structures import alpha_quartz
+
+    replicas.ensure_all_up()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", (REPO / "docs" / "scaling.md").read_text(), re.S)
+                if "scaling example: client-side" in b]
+    for host in HOSTS:
+        assert block.count(f"{host}:50051") == 2  # the list and the comma-separated form in its comment
+        block = block.replace(f"{host}:50051", f"{host}:{replicas.port}")
+    script = tmp_path / "client_side.py"
+    script.write_text(block)
+    env_report = torch_free_env(tmp_path)
+    env_report[0]["PYTHONPATH"] = os.pathsep.join(filter(None, [env_report[0]["PYTHONPATH"],
+                                                                 os.environ.get("PYTHONPATH")]))
+    before = replicas.served("PredictBatch")
+    out = run_torch_free([sys.executable, str(script)], env_report, timeout=300).stdout
+    after = replicas.served("PredictBatch")
+    assert all(after[h] > before[h] for h in HOSTS), (before, after)  # predict_many went to all three
+    model = load_model(model_path)
+    expected = [float(predict(model, [alpha_quartz(rattle=0.05, seed=i)], electric_fields=[[0, 0, 0.02]],
+                              outputs=["energy"])[0]["energy"]) for i in range(3)]
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("energies:")]
+    assert [float(x) for x in re.findall(r"-?\d+\.\d+", line)] == [round(e, 4) for e in expected]
+    assert "MD energy:" in out
+
+
 def test_kill_9_of_a_replica_under_load_loses_no_request(replicas, references):
     replicas.ensure_all_up()
     victim = replicas.procs[HOSTS[1]]
