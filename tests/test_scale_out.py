@@ -213,6 +213,38 @@ def test_client_spreads_requests_over_three_replicas(replicas, references):
         assert_spread(replicas, client, references)
 
 
+def test_async_client_spreads_requests_over_three_replicas(replicas, references):
+    import asyncio
+
+    from macefield_client import AsyncClient
+
+    async def run():
+        async with AsyncClient(",".join(replicas.addresses)) as client:
+            await client.wait_ready(60)
+            before = replicas.served()
+            for i in range(30):
+                atoms, field, reference = references[i % len(references)]
+                check_answer(await client.predict(atoms, electric_field=field, outputs=OUTPUTS), reference)
+            return before
+
+    before = asyncio.run(run())
+    after = replicas.served()
+    assert all(after[h] - before[h] >= 6 for h in HOSTS), (before, after)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-connection-age", "-1", "max_connection_age_s: must be >= 0"),
+    ("--max-connection-age-grace", "nan", "max_connection_age_grace_s: must be >= 0"),
+    ("--health-port", "-2", "health_port: -1 (off)"),
+])
+def test_scale_out_server_options_are_checked(option, value, message):
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "macefield_server.serve_cli", option, value], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_comma_separated_string_and_the_cli_reach_every_replica(replicas, references, tmp_path):
     import sys
 
