@@ -18,8 +18,10 @@ is SERVING from start to exit (a probe that must not fail during a drain).
 Stopping sends every client connection an HTTP/2 GOAWAY at once (grpc's
 server shutdown) and closes the listening socket: clients move to other
 replicas while in-flight calls finish.  ``max_connection_age_s`` sends GOAWAY
-periodically so that clients re-resolve and spread over new replicas.  TLS, mutual TLS and bearer
-tokens: ``config.security`` (security.py); health answers without a token.
+periodically so that clients re-resolve and spread over new replicas.
+
+TLS, mutual TLS and bearer tokens: ``config.security`` (security.py); health
+answers without a token.
 """
 
 from __future__ import annotations
