@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="JSON path (default bench/results/scale-cpu-<UTC>.json)")
     args = ap.parse_args(argv)
 
-    from proxy import EnvoyProcess, envoy_binary
+    from envoy_proxy import EnvoyProcess, envoy_binary
     from serving import ServerProcess, common_free_port
 
     from macefield_client.structures import alpha_quartz

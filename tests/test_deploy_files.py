@@ -143,14 +143,14 @@ def envoy_validates(binary: str, config: Path) -> None:
 
 def test_envoy_accepts_the_compose_proxy_configuration():
     """Envoy's own validation mode (no network, no upstream needed) on deploy/envoy/envoy.yaml."""
-    from proxy import require_envoy
+    from envoy_proxy import require_envoy
 
     envoy_validates(require_envoy(), REPO / "deploy" / "envoy" / "envoy.yaml")
 
 
 def test_docs_render_command_for_a_replica_list_gives_a_valid_envoy_configuration(tmp_path):
     """docs/scaling.md's render_config.py command, as written (output redirected here), then envoy --mode validate."""
-    from proxy import require_envoy
+    from envoy_proxy import require_envoy
 
     binary = require_envoy()
     text = (REPO / "docs" / "scaling.md").read_text().replace("\\\n", " ")

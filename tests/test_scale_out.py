@@ -25,7 +25,7 @@ import pytest
 from ase.md.verlet import VelocityVerlet
 from ase.units import fs
 from conftest import REPO, quartz_like
-from proxy import EnvoyProcess, require_envoy
+from envoy_proxy import EnvoyProcess, require_envoy
 from serving import ServerProcess, common_free_port, save_tiny_model, wait_for
 
 from macefield_client import Client
