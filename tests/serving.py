@@ -58,9 +58,9 @@ def assert_matches(response: pb.PredictResponse, reference: Dict[str, np.ndarray
         np.testing.assert_allclose(got[key], value, rtol=rtol, atol=atol, err_msg=f"{key} of {response.request_id}")
 
 
-def scrape(port: int) -> Dict[str, float]:
+def scrape(port: int, host: str = "127.0.0.1") -> Dict[str, float]:
     """Every sample of the /metrics page as {'name{label="v",...}': value}."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
     samples = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -69,10 +69,10 @@ def scrape(port: int) -> Dict[str, float]:
     return samples
 
 
-def metric(port: int, metric_name: str, **labels) -> float:
-    """Sum of the samples of ``metric_name`` whose labels include ``labels``."""
+def metric(port: int, metric_name: str, host: str = "127.0.0.1", **labels) -> float:
+    """Sum of the samples of ``metric_name`` whose labels include ``labels`` (the /metrics page on ``host``)."""
     total = 0.0
-    for key, value in scrape(port).items():
+    for key, value in scrape(port, host).items():
         base, _, rest = key.partition("{")
         if base != metric_name:
             continue
@@ -98,16 +98,37 @@ def wait_for(condition, timeout: float = 60.0, interval: float = 0.05, what: str
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-class ServerProcess:
-    """``macefield-serve`` in a child process on ephemeral ports (module entry point, same interpreter)."""
+def common_free_port(hosts: Sequence[str]) -> int:
+    """A TCP port free on every address of ``hosts`` (replicas reached by one DNS name, or listed with one port)."""
+    import socket
 
-    def __init__(self, args: Sequence[str], env: Optional[dict] = None):
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((hosts[0], 0))
+            port = s.getsockname()[1]
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as s:
+                    s.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no port free on all of {list(hosts)}")
+
+
+class ServerProcess:
+    """``macefield-serve`` in a child process (module entry point, same interpreter) on ``host``; ``port`` 0 and
+    /metrics on an ephemeral port unless given."""
+
+    def __init__(self, args: Sequence[str], env: Optional[dict] = None, host: str = "127.0.0.1", port: int = 0,
+                 metrics_port: int = 0):
         full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         full_env.update(env or {})
+        self.host = host
         self._log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads could fill and block the server
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "macefield_server.serve_cli", "--host", "127.0.0.1", "--port", "0",
-             "--metrics-port", "0", "--threads", "1", *args],
+            [sys.executable, "-m", "macefield_server.serve_cli", "--host", host, "--port", str(port),
+             "--metrics-port", str(metrics_port), "--threads", "1", *args],
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
@@ -120,7 +141,12 @@ class ServerProcess:
             if line.startswith("{") and '"listening"' in line:
                 break
         info = json.loads(line)
-        self.port, self.metrics_port = info["port"], info["metrics_port"]
+        self.port, self.metrics_port, self.health_port = info["port"], info["metrics_port"], info.get("health_port")
+        self.address = f"{host}:{self.port}"
+
+    def metric(self, name: str, **labels) -> float:
+        """``name`` summed over the samples with ``labels`` on this server's /metrics."""
+        return metric(self.metrics_port, name, host=self.host, **labels)
 
     def terminate(self):
         self.proc.send_signal(signal.SIGTERM)

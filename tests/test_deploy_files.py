@@ -59,7 +59,7 @@ def test_grace_periods_agree():
     stop_timeout = float(re.search(r'org\.macefield\.stop-timeout-seconds="(\d+)"', DOCKERFILE).group(1))
     assert stop_timeout > grace
     assert f"grace_s ({grace:g} s" in DOCKERFILE  # the header comment tells users the same
-    for name in ("server", "server-gpu"):
+    for name in ("server", "server-gpu", "replica"):
         service = COMPOSE["services"][name]
         assert service["stop_signal"] == "SIGTERM"
         (config_mount,) = [v for v in service["volumes"] if v.endswith(":/etc/macefield/serve.yaml:ro")]
@@ -94,13 +94,79 @@ def test_compose_services():
     assert set(COMPOSE["volumes"]) >= {"models", "prometheus-data"}
 
 
-def test_prometheus_scrapes_the_metrics_port():
+def test_prometheus_finds_every_server_and_replica_by_dns():
     prom = COMPOSE["services"]["prometheus"]
     (mount,) = [v for v in prom["volumes"] if v.endswith(":/etc/prometheus/prometheus.yml:ro")]
     config = yaml.safe_load((REPO / mount.split(":")[0]).read_text())
-    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     served = load_config(REPO / "docker" / "serve.yaml")
-    assert targets == [f"server:{served.metrics_port}"]
+    (sd,) = jobs["macefield-serve"]["dns_sd_configs"]
+    assert sd["type"] == "A" and sd["port"] == served.metrics_port and jobs["macefield-serve"]["metrics_path"] == "/metrics"
+    assert set(sd["names"]) == {"server", "replica"}  # the one-server services and every scale-profile replica
+    assert "server" in COMPOSE["services"]["server-gpu"]["networks"]["default"]["aliases"]
+    assert "replica" in COMPOSE["services"]
+    (proxy_sd,) = jobs["macefield-proxy"]["dns_sd_configs"]
+    assert proxy_sd["names"] == ["proxy"] and proxy_sd["port"] == 9901
+    assert jobs["macefield-proxy"]["metrics_path"] == "/stats/prometheus"
+
+
+def test_compose_scale_profile():
+    services = COMPOSE["services"]
+    replica, proxy = services["replica"], services["proxy"]
+    assert replica["profiles"] == proxy["profiles"] == ["scale"]
+    assert replica["image"] == services["server"]["image"] and replica["ports"] == []  # only via the proxy
+    assert replica["stop_signal"] == "SIGTERM"
+    served = load_config(REPO / replica["volumes"][1].split(":")[0])
+    assert seconds(replica["stop_grace_period"]) > served.grace_s
+    assert proxy["build"]["context"] == "deploy/envoy" and proxy["image"].startswith("macefield-envoy:")
+    assert any(p.endswith(":50051") and p.startswith("127.0.0.1:") for p in proxy["ports"])
+    assert proxy["healthcheck"]["test"][0] == "CMD-SHELL" and "envoy-ready" in proxy["healthcheck"]["test"][1]
+    envoy = yaml.safe_load((REPO / "deploy" / "envoy" / "envoy.yaml").read_text())
+    (cluster,) = envoy["static_resources"]["clusters"]
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert cluster["type"] == "STRICT_DNS"  # every replica container's A record
+    assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "replica", "port_value": served.port}
+    (check,) = cluster["health_checks"]
+    assert check["grpc_health_check"]["service_name"] == "macefield.v1.MaceField"
+    (listener,) = envoy["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"]["port_value"] == 50051
+    dockerfile = (REPO / "deploy" / "envoy" / "Dockerfile").read_text()
+    assert re.search(r"^FROM debian:bookworm-slim", dockerfile, re.M) and re.search(r"^USER envoy$", dockerfile, re.M)
+    assert "COPY envoy.yaml /etc/envoy/envoy.yaml" in dockerfile
+
+
+def envoy_validates(binary: str, config: Path) -> None:
+    done = subprocess.run([binary, "--mode", "validate", "-c", str(config), "--disable-hot-restart",
+                           "--log-level", "warn"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "OK" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_envoy_accepts_the_compose_proxy_configuration():
+    """Envoy's own validation mode (no network, no upstream needed) on deploy/envoy/envoy.yaml."""
+    from envoy_proxy import require_envoy
+
+    envoy_validates(require_envoy(), REPO / "deploy" / "envoy" / "envoy.yaml")
+
+
+def test_docs_render_command_for_a_replica_list_gives_a_valid_envoy_configuration(tmp_path):
+    """docs/scaling.md's render_config.py command, as written (output redirected here), then envoy --mode validate."""
+    from envoy_proxy import require_envoy
+
+    binary = require_envoy()
+    text = (REPO / "docs" / "scaling.md").read_text().replace("\\\n", " ")
+    (command,) = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("python deploy/envoy/render_config.py")]
+    args = command.split()[2:]
+    assert args[-2] == "-o"
+    args[-1] = str(tmp_path / "envoy.yaml")
+    done = subprocess.run([sys.executable, str(REPO / "deploy" / "envoy" / "render_config.py"), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    config = yaml.safe_load((tmp_path / "envoy.yaml").read_text())
+    (cluster,) = config["static_resources"]["clusters"]
+    hosts = [e["endpoint"]["address"]["socket_address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert hosts == [{"address": "gpu017", "port_value": 50051}, {"address": "gpu018", "port_value": 50051}]
+    assert cluster["type"] == "STRICT_DNS"  # host names: re-resolved
+    envoy_validates(binary, tmp_path / "envoy.yaml")
 
 
 def test_package_data_ships_the_default_model_and_card():
@@ -175,3 +241,18 @@ def test_container_smoke_skips_loudly_when_the_engine_cannot_start(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     loud = [ln for ln in out.stdout.splitlines() if "CONTAINER SMOKE TEST NOT RUN" in ln]
     assert len(loud) == 1 and "dockerd did not start" in loud[0]
+
+
+def test_every_deploy_path_the_scaling_docs_name_exists():
+    for doc in ("README.md", "docs/scaling.md"):
+        text = (REPO / doc).read_text()
+        paths = set(re.findall(r"\b((?:deploy|docker|bench|client/examples)/[\w./-]*[\w/])(?![\w*.-])", text))
+        assert paths, doc
+        missing = sorted(p for p in paths if not (REPO / p).exists())
+        assert not missing, f"{doc} names {missing}"
+    readme = (REPO / "README.md").read_text()
+    scaling = (REPO / "docs" / "scaling.md").read_text()
+    for command in re.findall(r"`(docker compose --profile scale up [^`]+)`", readme):
+        assert command in scaling  # the README's compose command is the one docs/scaling.md explains
+    for target in re.findall(r'"(dns:///[^"]+)"', readme):
+        assert target in scaling

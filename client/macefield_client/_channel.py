@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import math
 import os
 import random
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -20,15 +23,43 @@ DEFAULT_TIMEOUT = 120.0
 
 MAX_MESSAGE = 256 * 1024 * 1024
 
-#: gRPC channel options: large messages (Born charges of big cells) and quick
-#: reconnects after a server restart (gRPC's own reconnect backoff grows to 120 s)
-CHANNEL_OPTIONS: List[Tuple[str, int]] = [
+#: the health service name a replica reports SERVING once its models are loaded and warm, NOT_SERVING
+#: while it loads or drains (grpc.health.v1; the server's ``macefield.v1.MaceField``)
+HEALTH_SERVICE = "macefield.v1.MaceField"
+
+#: gRPC service config of a channel to one address: gRPC's own ``round_robin`` policy (one connection per
+#: address the target resolves to, each call to the next)
+SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+#: gRPC service config of a channel to several replicas (an address list, a ``dns:`` name): ``round_robin``
+#: plus client-side health checking: gRPC watches each replica's grpc.health.v1 status and only picks
+#: replicas that say SERVING, so one that is loading or draining gets no new calls (a server without the
+#: health service counts as healthy).  Not for a proxy's address: its health answer would be one random
+#: replica's (give a proxy as ``host:port``, which gets :data:`SERVICE_CONFIG`).
+REPLICAS_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": HEALTH_SERVICE},
+})
+
+#: gRPC channel options: large messages (Born charges of big cells) and quick reconnects after a
+#: server restart (gRPC's own reconnect backoff grows to 120 s); the service config is added per target
+CHANNEL_OPTIONS: List[Tuple[str, object]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+
+
+def names_replicas(target: str) -> bool:
+    """True for a resolved target that names several replicas: an address list or a ``dns:`` name."""
+    return target.startswith("dns:") or (target.startswith(("ipv4:", "ipv6:")) and "," in target)
+
+
+def service_config(target: str) -> str:
+    """The service config for a resolved target: health-checked round_robin for replicas, else round_robin."""
+    return REPLICAS_SERVICE_CONFIG if names_replicas(target) else SERVICE_CONFIG
 
 
 #: ``on_retry(target, attempt, attempts, delay_s, details)``: told before each retry sleep
@@ -88,7 +119,10 @@ class RetryPolicy:
 URI_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 
 
-def resolve_target(target: Optional[str]) -> str:
+Target = Union[str, Sequence[str]]
+
+
+def resolve_target(target: Optional[Target]) -> str:
     """The gRPC target for ``target`` (None: ``$MACEFIELD_SERVER``, else :data:`DEFAULT_TARGET`).
 
     ``grpc://`` / ``http://`` prefixes are dropped; a host without a port gets
@@ -96,7 +130,22 @@ def resolve_target(target: Optional[str]) -> str:
     ``localhost`` -> ``localhost:50051``, ``::1`` or ``[::1]`` -> ``[::1]:50051``.
     Targets with a gRPC resolver scheme (``dns:``, ``ipv4:``, ``unix:``, ...)
     are passed through unchanged.
+
+    Several replicas: a list of ``host[:port]`` or one comma-separated string
+    (``"10.0.0.1,10.0.0.2:7000"``) becomes gRPC's static address list
+    ``ipv4:10.0.0.1:50051,10.0.0.2:7000`` (``ipv6:`` for IPv6 literals).  Host
+    names in a list are resolved here, once (every address of each name); for
+    a name whose addresses change (a Kubernetes headless Service, a DNS name
+    with one record per replica) give ``dns:///name:port``, which gRPC
+    re-resolves when connections close.
     """
+    if target is not None and not isinstance(target, str):
+        addresses = [str(a).strip() for a in target]
+        if not addresses:
+            raise ValueError("target: an empty list of servers")
+        if len(addresses) == 1:
+            return resolve_target(addresses[0])
+        return address_list_target(addresses)
     target = (target or os.environ.get("MACEFIELD_SERVER") or DEFAULT_TARGET).strip()
     for prefix in ("grpcs://", "https://"):
         if target.startswith(prefix):
@@ -113,7 +162,40 @@ def resolve_target(target: Optional[str]) -> str:
         return f"{scheme}:" + ",".join(with_default_port(a) for a in rest.split(","))
     if target.startswith(URI_SCHEMES):
         return target
+    if "," in target:
+        return address_list_target([a.strip() for a in target.split(",")])
     return with_default_port(target)
+
+
+def address_list_target(addresses: Sequence[str]) -> str:
+    """gRPC's ``ipv4:``/``ipv6:`` address-list target for several ``host[:port]`` (names resolved now)."""
+    resolved: List[Tuple[int, str]] = []  # (family, "ip:port" / "[ip]:port")
+    for address in addresses:
+        for prefix in ("grpc://", "http://"):
+            if address.startswith(prefix):
+                address = address[len(prefix):].rstrip("/")
+        hostport = with_default_port(address)
+        host, _, port = hostport.rpartition(":")
+        host = host.strip("[]")
+        try:
+            ip = ipaddress.ip_address(host)
+            ips = [ip]
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except (socket.gaierror, UnicodeError) as exc:
+                raise ValueError(f"target: cannot resolve {host!r} (in a list of servers): {exc}") from None
+            ips = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
+            if any(i.version == 4 for i in ips):  # a name with both families (localhost): its IPv4 addresses
+                ips = [i for i in ips if i.version == 4]
+        for ip in ips:
+            resolved.append((ip.version, f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"))
+    families = {f for f, _ in resolved}
+    if len(families) > 1:
+        raise ValueError("target: a list of servers mixes IPv4 and IPv6 addresses; gRPC's address lists take one "
+                         "family (give a dns:///name:port target instead)")
+    scheme = "ipv4" if families == {4} else "ipv6"
+    return f"{scheme}:" + ",".join(dict.fromkeys(a for _, a in resolved))
 
 
 def with_default_port(address: str, port: int = DEFAULT_PORT) -> str:
@@ -197,7 +279,12 @@ def call_metadata(token: Optional[str]) -> Optional[Sequence[Tuple[str, str]]]:
 
 
 def make_channel(target: str, tls, options=None, *, aio: bool = False):
-    opts = list(CHANNEL_OPTIONS) + list(options or [])
+    """A channel with :data:`CHANNEL_OPTIONS` and :func:`service_config`; ``options`` add to them or replace
+    them (same name: ``("grpc.service_config", ...)`` replaces the balancing and health-check config)."""
+    given = list(options or [])
+    names = {name for name, _ in given}
+    ours = CHANNEL_OPTIONS + [("grpc.service_config", service_config(target))]
+    opts = [(k, v) for k, v in ours if k not in names] + given
     creds = channel_credentials(tls)
     mod = grpc.aio if aio else grpc
     if creds is None:

@@ -8,7 +8,7 @@ from typing import Iterable, List, Optional
 
 import grpc
 
-from ._channel import RetryHook, RetryPolicy, call_metadata, make_channel, resolve_target, resolve_timeout
+from ._channel import RetryHook, RetryPolicy, Target, call_metadata, make_channel, resolve_target, resolve_timeout
 from ._progress import progress_bar
 from .client import DEFAULT_BATCH_SIZE, STALE_STREAM_CODES
 from .errors import NOT_READY_CODES, MACEFieldError, RequestTimeout, ServerUnavailable, error_from_rpc, not_ready
@@ -28,10 +28,11 @@ from .results import (
 class AsyncClient:
     """Like :class:`macefield_client.Client`, with coroutine methods.  Create it inside the event loop.
 
-    ``async with AsyncClient("host:port") as client: r = await client.predict(atoms)``
+    ``async with AsyncClient("host:port") as client: r = await client.predict(atoms)``; several replicas:
+    ``AsyncClient(["10.0.0.1:50051", "10.0.0.2:50051"])`` or ``AsyncClient("dns:///macefield.svc:50051")``.
     """
 
-    def __init__(self, target: Optional[str] = None, *, tls=None, token: Optional[str] = None,
+    def __init__(self, target: Optional[Target] = None, *, tls=None, token: Optional[str] = None,
                  timeout: Optional[float] = None, retry=None, options=None, on_retry: Optional[RetryHook] = None):
         self.target = resolve_target(target)
         self.timeout = resolve_timeout(timeout)

@@ -67,14 +67,14 @@ everything at every step).
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-import warnings
-
+from ._channel import Target
 from .client import Client
 from .errors import ExtrapolationError, ExtrapolationWarning
 from .results import DEFAULT_OUTPUTS, EXTRAPOLATION_THRESHOLD
@@ -103,7 +103,10 @@ class MACEFieldCalculator(Calculator):
     """ASE calculator for a MACE-Field server.
 
     Args:
-        server: ``host:port`` of the server (default ``$MACEFIELD_SERVER`` or 127.0.0.1:50051).
+        server: ``host:port`` of the server (default ``$MACEFIELD_SERVER`` or 127.0.0.1:50051), or
+            several replicas (a list of ``host:port``, a comma-separated string, ``dns:///name:port``):
+            the session stays on one replica and moves to another, resending the step, if that one
+            dies or drains.
         electric_field: (3,) V/A for every calculation; None: from ``atoms.info`` (see module doc).
         model, head: served model and head (None: the server's defaults).
         client: an existing :class:`~macefield_client.Client` to use instead of ``server``.
@@ -119,7 +122,7 @@ class MACEFieldCalculator(Calculator):
                               "polarizability", "molecular_polarizability", "born_charges", "alpha", "eps_inf",
                               "extrapolation", "extrapolation_max"]
 
-    def __init__(self, server: Optional[str] = None, *, electric_field: Optional[Sequence[float]] = None,
+    def __init__(self, server: Optional[Target] = None, *, electric_field: Optional[Sequence[float]] = None,
                  model: Optional[str] = None, head: Optional[str] = None, client: Optional[Client] = None,
                  tls=None, token: Optional[str] = None, timeout: Optional[float] = None, retry=None,
                  use_session: bool = True, outputs=None, extrapolation: str = "warn",

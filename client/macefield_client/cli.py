@@ -37,7 +37,8 @@ asking for the option, when the values cannot tell).
 Without ``--field`` each frame's field is ``info["electric_field"]``, else
 ``info["REF_electric_field"]``, else zero (V/A).  The server is
 ``--server``, else ``$MACEFIELD_SERVER``, else 127.0.0.1:50051 (a host
-without a port gets 50051).  TLS: ``--tls-ca CA.pem`` (or
+without a port gets 50051); several replicas: ``host1:port,host2:port`` or
+``dns:///name:port`` (requests spread round-robin over the healthy ones).  TLS: ``--tls-ca CA.pem`` (or
 ``$MACEFIELD_TLS_CA``; ``--tls`` alone trusts the system roots), mutual TLS
 adds ``--tls-cert``/``--tls-key``; a bearer token: ``--token`` or
 ``$MACEFIELD_TOKEN``.  Exit codes: 0 done, 1 the server failed or refused,
@@ -73,7 +74,8 @@ def positive_int(text: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", help="server host[:port] (default $MACEFIELD_SERVER or 127.0.0.1:50051)")
+    p.add_argument("--server", help="server host[:port] (default $MACEFIELD_SERVER or 127.0.0.1:50051); several "
+                                    "replicas: host1:port,host2:port or dns:///name:port (round-robin)")
     p.add_argument("--tls", nargs="?", const=True, default=None, metavar="CA.pem",
                    help="use TLS (optionally trusting this CA file; default: the system roots)")
     p.add_argument("--tls-ca", metavar="CA.pem", help="use TLS trusting this CA file (default $MACEFIELD_TLS_CA)")

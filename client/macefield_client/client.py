@@ -10,7 +10,7 @@ from typing import Iterable, List, Optional
 
 import grpc
 
-from ._channel import RetryHook, RetryPolicy, call_metadata, make_channel, resolve_target, resolve_timeout
+from ._channel import RetryHook, RetryPolicy, Target, call_metadata, make_channel, resolve_target, resolve_timeout
 from ._progress import progress_bar
 from .errors import NOT_READY_CODES, MACEFieldError, RequestTimeout, ServerUnavailable, error_from_rpc, not_ready
 from .proto.macefield.v1 import macefield_pb2 as pb
@@ -37,7 +37,11 @@ class Client:
     """Blocking client for a MACE-Field server.
 
     Args:
-        target: ``host:port`` (default ``$MACEFIELD_SERVER`` or ``127.0.0.1:50051``).
+        target: ``host:port`` (default ``$MACEFIELD_SERVER`` or ``127.0.0.1:50051``), or
+            several replicas: a list of ``host:port``, a comma-separated string of
+            them, or a gRPC target (``dns:///name:port``, ``ipv4:a:port,b:port``).
+            Calls are spread over the replicas by gRPC's ``round_robin`` policy,
+            only to replicas whose health says SERVING (docs/scaling.md).
         tls: None (plaintext), True (TLS, system roots), a CA file path or PEM
             bytes, a :class:`TLSConfig` (CA plus client certificate and key for
             mutual TLS), or a ``grpc.ChannelCredentials``.
@@ -45,7 +49,8 @@ class Client:
             refused token raises :class:`~macefield_client.AuthenticationError`.
         timeout: per-call deadline in seconds (None: 120 s; ``float("inf")``: none).
         retry: :class:`RetryPolicy`, or an int number of retries (0: none).
-            Only UNAVAILABLE is retried (these calls are idempotent).
+            Only UNAVAILABLE is retried (these calls are idempotent); with
+            several replicas a retry goes to another one.
         options: extra gRPC channel options.
         on_retry: called before each retry as ``on_retry(target, attempt,
             attempts, delay_s, details)`` (the CLI prints "waiting for server").
@@ -55,7 +60,7 @@ class Client:
     or call :meth:`close`.
     """
 
-    def __init__(self, target: Optional[str] = None, *, tls=None, token: Optional[str] = None,
+    def __init__(self, target: Optional[Target] = None, *, tls=None, token: Optional[str] = None,
                  timeout: Optional[float] = None, retry=None, options=None, on_retry: Optional[RetryHook] = None):
         self.target = resolve_target(target)
         self.timeout = resolve_timeout(timeout)
@@ -253,9 +258,12 @@ class _Stream:
 class Session:
     """One bidirectional PredictStream kept open across :meth:`predict` calls (an MD loop).
 
-    If the stream breaks (server restarted, connection lost) the request is
-    resent on a new stream, with the client's retry policy; once the retries
-    are spent :class:`~macefield_client.ServerUnavailable` is raised.  Each
+    The stream is one HTTP/2 stream, so with several replicas a session stays
+    on one replica.  If the stream breaks (the replica died, drains or
+    restarted, connection lost) the request is resent on a new stream, which
+    gRPC opens on a healthy replica, with the client's retry policy: no step is
+    lost and its numbers are the same.  Once the retries are spent
+    :class:`~macefield_client.ServerUnavailable` is raised.  Each
     step has the client's per-call timeout.  Use as a context manager or call
     :meth:`close`.
     """

@@ -9,8 +9,19 @@
     await server.stop()                       # health NOT_SERVING, refuse new work, finish in-flight
 
 Health (grpc.health.v1) is reported for the overall server ("") and for
-``macefield.v1.MaceField``.  Server reflection is on.  TLS, mutual TLS and bearer
-tokens: ``config.security`` (security.py); health answers without a token.
+``macefield.v1.MaceField``: NOT_SERVING while models load and while draining
+(clients and proxies stop sending new calls), SERVING otherwise; ``liveness``
+is SERVING from start to exit (a probe that must not fail during a drain).
+``health_port`` adds a plaintext listener with only the health service
+(Kubernetes gRPC probes cannot speak TLS).  Server reflection is on.
+
+Stopping sends every client connection an HTTP/2 GOAWAY at once (grpc's
+server shutdown) and closes the listening socket: clients move to other
+replicas while in-flight calls finish.  ``max_connection_age_s`` sends GOAWAY
+periodically so that clients re-resolve and spread over new replicas.
+
+TLS, mutual TLS and bearer tokens: ``config.security`` (security.py); health
+answers without a token.
 """
 
 from __future__ import annotations
@@ -44,6 +55,8 @@ from .security import TokenAuthInterceptor, load_tokens, server_credentials
 log = logging.getLogger("macefield.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MaceField"].full_name
+#: health service name that is SERVING from start to exit (liveness probes: a drain is not a failure)
+LIVENESS_SERVICE = "liveness"
 
 
 def warmup_structure(served: ServedModel) -> Structure:
@@ -76,7 +89,9 @@ class MaceFieldServer:
         self.batchers: Dict[str, Batcher] = {}
         self.registry: Optional[ModelRegistry] = None
         self.server: Optional[grpc.aio.Server] = None
+        self.health_server: Optional[grpc.aio.Server] = None
         self.port: Optional[int] = None
+        self.health_port: Optional[int] = None
         self.metrics_port: Optional[int] = None
         self.ready = asyncio.Event()
         self._closed = False
@@ -97,14 +112,16 @@ class MaceFieldServer:
         credentials = server_credentials(sec.tls_cert, sec.tls_key, sec.tls_client_ca) if sec.tls else None
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port)
-        self.server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
-                ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
-                ("grpc.max_concurrent_streams", cfg.limits.max_concurrent_streams),
-            ],
-            interceptors=interceptors,
-        )
+        options = [
+            ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
+            ("grpc.max_concurrent_streams", cfg.limits.max_concurrent_streams),
+        ]
+        if cfg.max_connection_age_s > 0:
+            options.append(("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)))
+        if cfg.max_connection_age_grace_s > 0:
+            options.append(("grpc.max_connection_age_grace_ms", int(cfg.max_connection_age_grace_s * 1000)))
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         add_servicer(self.service, self.server)  # malformed request bytes: INVALID_ARGUMENT, not UNKNOWN
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -112,6 +129,15 @@ class MaceFieldServer:
             self.server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.health_port >= 0:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+            if not self.health_port:
+                raise OSError(f"could not bind the health port {cfg.host}:{cfg.health_port}")
+            await self.health_server.start()
+            log.info("grpc.health.v1 (plaintext, health only) on %s:%s", cfg.host, self.health_port)
         address = f"{cfg.host}:{cfg.port}"
         if credentials is not None:
             self.port = self.server.add_secure_port(address, credentials)
@@ -210,16 +236,23 @@ class MaceFieldServer:
         if self.server is not None:
             reporter = asyncio.create_task(self._report_drain())
             try:
-                await self.server.stop(grace)
+                await self.server.stop(grace)  # GOAWAY to every connection at once, listener closed
             finally:
                 reporter.cancel()
+        await self._stop_health_server()
         await self._close_batchers()
+
+    async def _stop_health_server(self) -> None:
+        if self.health_server is not None:
+            await self.health_server.stop(None)
+            self.health_server = None
 
     async def stop_now(self) -> None:
         """Abort every RPC at once (UNAVAILABLE/CANCELLED for its client) and stop; queued work is dropped."""
         self.service.begin_drain()
         if self.server is not None:
             await self.server.stop(None)
+        await self._stop_health_server()
         await self._close_batchers(wait=False)
 
     def waiting_for(self) -> str:

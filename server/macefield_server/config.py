@@ -5,7 +5,10 @@ Example (YAML; the TOML layout is the same)::
     host: 0.0.0.0
     port: 50051
     metrics_port: 9100          # 0: pick a free port, -1: no metrics endpoint
+    health_port: -1             # plaintext grpc.health.v1 only (Kubernetes gRPC probes on a TLS server); -1: off
     grace_s: 30                 # SIGTERM: finish in-flight work within this many seconds
+    max_connection_age_s: 0     # GOAWAY to each client connection after this long (clients reconnect and
+    max_connection_age_grace_s: 0   # re-resolve, spreading over new replicas); then calls get this long; 0: never
     backend: auto               # backend of models that name none (and of the embedded default model)
     models:
       - name: sio2
@@ -144,7 +147,16 @@ class ServerConfig:
     port: int = 50051  #: 0: any free port (the chosen one is logged)
     metrics_port: int = 9100  #: 0: any free port, -1: no metrics endpoint
     metrics_host: Optional[str] = None  #: address of /metrics (None: the same as host)
+    #: plaintext port serving only grpc.health.v1, on ``host`` (-1: none; 0: any free port): for
+    #: Kubernetes gRPC probes, which cannot speak TLS, when the gRPC port has TLS
+    health_port: int = -1
     grace_s: float = 30.0  #: SIGTERM drain period, seconds
+    #: seconds after which the server sends each client connection GOAWAY (0: never), so that clients
+    #: reconnect and re-resolve a DNS name (and spread over replicas added since); +-10 % jitter (gRPC's)
+    max_connection_age_s: float = 0.0
+    #: seconds calls still open on such a connection may run before it is closed (0: no limit); an
+    #: MD session cut then resends its step on a new connection
+    max_connection_age_grace_s: float = 0.0
     threads: int = 0  #: torch intra-op threads for compute (0: torch default)
     warmup_passes: int = 1  #: warm-up batches per model before health says SERVING
     log_level: str = "INFO"
@@ -191,6 +203,11 @@ class ServerConfig:
             raise ConfigError(f"limits.max_field: must be > 0 V/A, got {lim.max_field}")
         if self.grace_s < 0:
             raise ConfigError(f"grace_s: must be >= 0, got {self.grace_s}")
+        for key in ("max_connection_age_s", "max_connection_age_grace_s"):
+            if not float(getattr(self, key)) >= 0:
+                raise ConfigError(f"{key}: must be >= 0 seconds (0: no limit), got {getattr(self, key)}")
+        if self.health_port < -1:
+            raise ConfigError(f"health_port: -1 (off), 0 (any free port) or a port, got {self.health_port}")
         names = [m.name for m in self.models if m.name]
         if len(names) != len(set(names)):
             raise ConfigError(f"models: duplicate model names {names}")

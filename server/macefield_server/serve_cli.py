@@ -10,7 +10,7 @@ Plaintext is only allowed on loopback hosts: binding 0.0.0.0, :: or a LAN
 address needs --tls-cert/--tls-key or an explicit --insecure (exit code 2 otherwise).
 
 On start it prints one JSON line to stdout, ``{"event": "listening", "port":
-..., "metrics_port": ...}`` (useful with ``--port 0``), and a second one,
+..., "metrics_port": ..., "health_port": ...}`` (useful with ``--port 0``), and a second one,
 ``{"event": "ready", ...}``, with a log line "ready: serving ..." once every
 model is loaded and warm (health SERVING from then on).  SIGTERM/SIGINT:
 NOT_SERVING, refuse new calls, finish in-flight work within ``grace_s``,
@@ -63,6 +63,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "kernels import, else e3nn; default: the config file's, else auto)")
     p.add_argument("--threads", type=int, help="torch threads for compute (0: torch default)")
     p.add_argument("--grace", type=float, dest="grace_s", help="SIGTERM drain period, s")
+    p.add_argument("--health-port", type=int,
+                   help="plaintext port with only grpc.health.v1 (Kubernetes gRPC probes; default -1: none)")
+    p.add_argument("--max-connection-age", type=float, dest="max_connection_age_s", metavar="SECONDS",
+                   help="send each client connection GOAWAY after this long so clients re-resolve (default 0: never)")
+    p.add_argument("--max-connection-age-grace", type=float, dest="max_connection_age_grace_s", metavar="SECONDS",
+                   help="then let its calls run this long before closing it (default 0: no limit)")
     p.add_argument("--log-level", help="DEBUG logs one line per batch")
     p.add_argument("--version", action="version", version=_version_string())
     return p.parse_args(argv)
@@ -76,6 +82,9 @@ def build_config(args: argparse.Namespace):
         "metrics_host": args.metrics_host,
         "threads": args.threads,
         "grace_s": args.grace_s,
+        "health_port": args.health_port,
+        "max_connection_age_s": args.max_connection_age_s,
+        "max_connection_age_grace_s": args.max_connection_age_grace_s,
         "log_level": args.log_level,
         "backend": args.backend,
     }
@@ -112,7 +121,8 @@ async def serve(config) -> int:
     server.torch_threads()
     await server.start()
     print(json.dumps({"event": "listening", "host": config.host, "port": server.port,
-                      "metrics_port": server.metrics_port, "pid": os.getpid()}), flush=True)
+                      "metrics_port": server.metrics_port, "health_port": server.health_port,
+                      "pid": os.getpid()}), flush=True)
     loop = asyncio.get_running_loop()
     signals: asyncio.Queue = asyncio.Queue()
     for sig in (signal.SIGTERM, signal.SIGINT):
