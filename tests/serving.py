@@ -227,3 +227,11 @@ def run_torch_free(args, env_report, timeout=180, **kwargs):
     assert proc.returncode == 0, f"{args}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert_torch_free(report)
     return proc
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` (VmRSS), MB."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")

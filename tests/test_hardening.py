@@ -16,20 +16,13 @@ import pytest
 from conftest import quartz_like, random_field_model
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
-from serving import ServerProcess, metric, request_for, save_tiny_model, wait_for
+from serving import ServerProcess, metric, request_for, rss_mb, save_tiny_model, wait_for
 
 from macefield_server.background import BackgroundServer
 from macefield_server.config import BatchingConfig, ServerConfig
 from macefield_server.registry import ServedModel
 
 TOKEN = "hardening-token-0123456789"
-
-
-def rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_unauthenticated_flood_reads_no_request_bodies(tmp_path):

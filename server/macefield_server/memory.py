@@ -14,12 +14,14 @@ served (channels, irreps, dtype, backend, device):
 * CUDA: the peak of ``torch.cuda.max_memory_allocated`` over the pass;
 * CPU: the bytes of the tensors autograd keeps for the backward passes
   (counted once per storage through ``saved_tensors_hooks``) times a factor
-  for the temporaries: the peak resident growth of a pass was 2.45-2.89x those
-  bytes for tier 1 and 1.74-2.15x for tier 2, and tier 0 (which keeps nothing)
-  peaked at 0.40-0.57x tier 1's peak, over 16-, 64- and 128-channel models
-  (max_ell 1-3) on 576-atom quartz (``bench/memory_model.py``,
-  ``bench/results/memory_model_cpu.json``).  Unlike resident memory these
-  counts do not depend on what the allocator kept from earlier work.
+  for the temporaries: the peak resident growth of a pass was 2.19-3.01x those
+  bytes for tier 1 and 1.62-2.25x for tier 2, and tier 0 (which keeps nothing)
+  peaked at 0.44-0.56x tier 1's peak, over 16-, 64- and 128-channel models
+  (max_ell 1-3) on 576- and 1944-atom quartz and 4608 atoms for the 64-channel
+  model (``bench/memory_model.py``, ``bench/results/memory_model_cpu.json``);
+  with :data:`SAFETY` the estimate was 1.24-2.02x the measured peak, never
+  below it.  Unlike resident memory these counts do not depend on what the
+  allocator kept from earlier work.
 
 ``limits.memory_budget`` (default: half of the machine's memory, cgroup limit
 included, on CPU; 80 % of the GPU's) is shared: 75 % for the passes of the
@@ -45,7 +47,7 @@ log = logging.getLogger("macefield.memory")
 
 #: multiplies every estimate (allocator slack, temporaries the measurement does not see)
 SAFETY = 1.25
-#: CPU: peak of a pass per byte autograd keeps for it, by tier (the largest measured ratio, rounded up)
+#: CPU: peak of a pass per byte autograd keeps for it, by tier (about the largest measured ratio, 3.01 and 2.25)
 CPU_PEAK_PER_SAVED = {1: 3.0, 2: 2.2}
 #: CPU: tier 0 (no graph kept) peaks at this fraction of tier 1's peak
 CPU_TIER0_OF_TIER1 = 0.6
