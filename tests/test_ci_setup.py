@@ -21,7 +21,7 @@ from packaging.requirements import Requirement
 
 
 #: imported when present but deliberately not declared: the CUDA build of cuEquivariance's kernels
-#: (cuequivariance-ops-torch-cu12 / -cu13) is chosen by the GPU image (Dockerfile build argument CUEQ_OPS)
+#: (cuequivariance-ops-torch-cu12 / -cu13) is chosen by the GPU image (Dockerfile target gpu: torch's CUDA major)
 NOT_DECLARED = {"cuequivariance_ops_torch"}
 
 
