@@ -58,6 +58,9 @@ def test_gpu_suite_smoke(tmp_path):
         assert set(sections["correctness"]["cueq_vs_e3nn"]) == {"default_float64", "default_float32", "mh0_float64",
                                                                 "mh0_float32"}
         assert all(c["pass"] for n, c in record["checks"].items() if n.startswith("cueq_vs_e3nn"))
+        # smoke models are built in float64: the strict float64 target applies (a float32 checkpoint gets 1e-8)
+        assert sections["correctness"]["coupling_tensor_precision"] == {"default": "float64", "mh0": "float64"}
+        assert record["checks"]["cueq_vs_e3nn_default_float64"]["target"] == "<= 1e-10"
     # engine: every backend, tier and second-order strategy at two batch sizes
     kinds = {(r["dtype"], r["backend"], r["outputs"], r["second_order"]) for r in sections["engine"]["series"]}
     expected = {(d, "e3nn", "energy_forces", "loop") for d in ("float32", "float64")}
