@@ -29,6 +29,7 @@ def third_party_imports(paths):
     """Top-level third-party modules imported by the files under ``paths`` (first-party and stdlib left out)."""
     first_party = {"macefield_client", "macefield_server"}
     first_party |= {path.stem for root in paths for path in (REPO / root).glob("*.py")}  # tests' helper modules
+    first_party |= {path.stem for path in (REPO / "bench").glob("*.py")}  # the repo's benchmark scripts
     names = set()
     for root in paths:
         for path in sorted((REPO / root).rglob("*.py")):
