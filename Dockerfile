@@ -1,10 +1,13 @@
-# MACE-Field Serve container image.
+# MACE-Field Serve container image.  Two targets:
 #
-#   docker build -t macefield-serve .                                   # torch from PyPI (CUDA build, for GPU hosts)
+#   runtime (the default, last stage): the server on e3nn (CPU, or CUDA through torch)
+#   gpu     (--target gpu): the same plus NVIDIA cuEquivariance (server[cueq]) and its CUDA kernels for
+#           torch's CUDA major version: backend auto serves every model on CUDA with cuEquivariance
+#
+#   docker build -t macefield-serve .                                   # torch from PyPI (CUDA build), e3nn
+#   docker build -t macefield-serve:gpu --target gpu .                  # GPU hosts: + cuEquivariance kernels
 #   docker build -t macefield-serve --build-arg TORCH_WHEEL_DIR=docker/wheels .
 #                       # torch from wheel files in that build-context directory (e.g. a CPU wheel: no GPU, no large download)
-#   docker build -t macefield-serve:gpu --build-arg CUEQ_OPS=cuequivariance-ops-torch-cu12==0.13.0 .
-#                       # GPU image with cuEquivariance and its CUDA kernels (the ops package must match torch's CUDA major)
 #   docker run --rm -p 127.0.0.1:50051:50051 -p 127.0.0.1:9100:9100 macefield-serve
 #
 # Serves the embedded default model on 0.0.0.0:50051 (gRPC) and :9100 (/metrics), plaintext: the CMD
@@ -47,40 +50,48 @@ RUN if [ -n "$TORCH_WHEEL_DIR" ]; then \
 COPY docker/requirements.txt /tmp/requirements.txt
 RUN pip install -r /tmp/requirements.txt
 
-# GPU images: NVIDIA cuEquivariance (server[cueq], the `cueq` backend) and its CUDA kernels for torch's
-# CUDA major version, e.g. --build-arg CUEQ_OPS=cuequivariance-ops-torch-cu12==0.13.0 (or -cu13);
-# empty (default): no cuEquivariance, every model runs on e3nn
-ARG CUEQ_OPS=
-RUN if [ -n "$CUEQ_OPS" ]; then \
-        pip install "cuequivariance==0.13.0" "cuequivariance-torch==0.13.0" "$CUEQ_OPS"; \
-    fi
-
 COPY client /src/client
 COPY server /src/server
 RUN pip install --no-deps /src/client /src/server \
  && pip check \
- && python -c "import macefield_server.registry as r; print('embedded default checkpoint:', r.DEFAULT_CHECKPOINT.exists())"
+ && python -c "import macefield_server.registry as r; print('embedded default checkpoint:', r.DEFAULT_CHECKPOINT.exists())" \
+ && ln -s "$(python -c 'import macefield_server, os; print(os.path.dirname(macefield_server.__file__))')/models" \
+        /opt/venv/embedded-models
 
-# ---------------------------------------------------------------- runtime
-FROM debian:bookworm-slim
+# ---------------------------------------------------------------- builder-gpu: + cuEquivariance and its kernels
+FROM builder AS builder-gpu
+# the kernel package; empty (default): cuequivariance-ops-torch-cu<torch's CUDA major> at cuequivariance-torch's
+# version (the server[cueq] extra pins cuEquivariance's minor version; docker/requirements.txt pins the rest)
+ARG CUEQ_OPS=
+RUN cuda="$(python -c 'import torch; print((torch.version.cuda or "").split(".")[0])')" \
+ && if [ -z "$cuda" ]; then \
+        echo "target gpu needs a CUDA build of torch (leave TORCH_WHEEL_DIR empty, or give it a CUDA wheel)" >&2; exit 1; \
+    fi \
+ && pip install -c /tmp/requirements.txt "/src/server[cueq]" \
+ && version="$(python -c 'import importlib.metadata as m; print(m.version("cuequivariance-torch"))')" \
+ && ops="${CUEQ_OPS:-cuequivariance-ops-torch-cu${cuda}==${version}}" \
+ && echo "cuEquivariance kernels: $ops" \
+ && pip install -c /tmp/requirements.txt "$ops" \
+ && pip check \
+ && python -c "from macefield_server.model.cueq import cueq_import_error as e; assert e() is None, e(); print('cuEquivariance: ok')"
+
+# ---------------------------------------------------------------- runtime-base: everything but the venv
+FROM debian:bookworm-slim AS runtime-base
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 macefield \
  && useradd --system --uid 10001 --gid macefield --home-dir /home/macefield --create-home --shell /usr/sbin/nologin macefield \
- && mkdir -p /models /etc/macefield \
- && chown macefield:macefield /models
+ && mkdir -p /models /etc/macefield /opt/macefield \
+ && chown macefield:macefield /models \
+ && ln -s /opt/venv/embedded-models /opt/macefield/embedded-models
+# (a stable path to the embedded models, docker/serve.gpu.yaml names default.pt there; /opt/venv comes next)
 
-COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MACEFIELD_HEALTH_ADDRESS=127.0.0.1:50051
-# a stable path to the embedded models (docker/serve.gpu.yaml names default.pt there)
-RUN mkdir -p /opt/macefield \
- && ln -s "$(python3 -c 'import macefield_server, os; print(os.path.dirname(macefield_server.__file__))')/models" \
-        /opt/macefield/embedded-models
 
 USER macefield
 WORKDIR /home/macefield
@@ -99,3 +110,11 @@ LABEL org.opencontainers.image.title="MACE-Field Serve" \
       org.opencontainers.image.description="gRPC server for field-aware MACE interatomic potentials" \
       org.macefield.grace-seconds="30" \
       org.macefield.stop-timeout-seconds="40"
+
+# ---------------------------------------------------------------- gpu: docker build --target gpu
+FROM runtime-base AS gpu
+COPY --from=builder-gpu /opt/venv /opt/venv
+
+# ---------------------------------------------------------------- runtime: the default image
+FROM runtime-base AS runtime
+COPY --from=builder /opt/venv /opt/venv

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """One-call GPU suite: correctness, engine throughput, served load and the cost of one MD step.
 
-Runs on a bare GPU machine in well under 8 minutes (``--budget-s``, default
-420 s: every section stops starting new points when its share is spent and
-the JSON is rewritten after each section, so a killed run still leaves
-results).  Sections:
+Runs on a bare GPU machine in about five minutes (``--budget-s``, default
+240 s for the sections, plus imports and installs: every section stops
+starting new points when its share is spent and the JSON is rewritten after
+each section, so a killed run still leaves results).  Sections:
 
 1. ``correctness``: CUDA float64 against CPU float64 on a mixed batch (two
    heads, three fields, a SiO2 molecule, 72-atom alpha-quartz, 135-atom cubic
@@ -20,24 +20,32 @@ results).  Sections:
    3 heads).
 3. ``server``: ``macefield-serve`` on the device (MH-0-size model, float32,
    backend auto) under closed-loop load from 1, 8, 64 and 256 clients over
-   Predict and PredictStream, against batching off (``max_structures: 1``) and
-   direct in-process batched evaluation (bench/load.py's machinery).
+   Predict and PredictStream, against batching off (``max_structures: 1``,
+   same backend: only batching differs) and direct in-process batched
+   evaluation (bench/load.py's machinery).  Both servers are started before
+   the correctness section, so that they load (and convert) their model while
+   it runs, and are SERVING before the engine section starts timing.
 4. ``md_step``: where one MD step of a single PredictStream client goes:
    decode, validation, neighbour list, collate, host-to-device, compute,
    device-to-host, split, encode (in-process, the server's own functions), and
    the end-to-end stream round trip; the rest is gRPC and scheduling.
 
-Without cuEquivariance's CUDA kernels (``cuequivariance_ops_torch``) the
-suite runs e3nn only and says so in ``notes``.  ``--smoke`` runs every code
-path on CPU with tiny models and structures in about a minute on two busy
-cores (tests/test_gpu_suite.py); its numbers mean nothing.
+Every model is made once per (model, dtype, device, backend) and kept
+(:class:`ModelCache`; ``conversions`` in the JSON says what each took):
+converting the MH-0-size model to cueq is the slowest step of the suite on
+cuEquivariance's CPU fallback.  Without cuEquivariance's CUDA kernels
+(``cuequivariance_ops_torch``) the suite runs e3nn only and says so in
+``notes``.  ``--smoke`` runs every code path on CPU with tiny models and
+structures (tests/test_gpu_suite.py; its numbers mean nothing).
 
 On the device (see bench/gpu_wheels.sh for the two calls)::
 
     PYTHONPATH=/tmp/site:/tmp/site-ops:client:server python3 bench/gpu_suite.py --out $OUT
 
-Writes ``gpu_suite-<device>-<UTC>.json`` and a short ``.txt`` summary in ``--out``
-(default: $OUT if set, else bench/results).
+Writes ``gpu_suite-<device>-<UTC>.json``, a short ``.txt`` summary and the two
+servers' logs (``...-server-batching.log``, ``...-server-no-batching.log``,
+the last 2 MiB of each) in ``--out`` (default: $OUT if set, else
+bench/results): four files, within what the device tool brings back.
 """
 
 from __future__ import annotations
@@ -66,6 +74,9 @@ EF = ("energy", "forces")
 MH0_HEADS = ["pt_head", "mp-dielectric", "mp-ferroelectric"]
 TARGETS = {
     "cueq_vs_e3nn_float64": 1e-10,
+    # a float32-trained checkpoint in float64 (the embedded default model): its coupling tensors are float32
+    # numbers, so the two backends agree to their precision (4e-9 measured on CPU), see docs/serving.md
+    "cueq_vs_e3nn_float64_float32_coupling": 1e-8,
     "cueq_vs_e3nn_float32": 1e-5,
     "cuda_vs_cpu_float64": 1e-8,
     "batching_gain_full": 10.0,
@@ -161,8 +172,8 @@ def is_oom(exc: BaseException) -> bool:
 def mh0_architecture(smoke: bool):
     from macefield_server.model import default_architecture
 
-    if smoke:
-        return default_architecture([8, 14, 22, 56], heads=MH0_HEADS, channels=8, max_L=1, max_ell=2, correlation=3,
+    if smoke:  # MH-0's layout (L=1, correlation 3, three heads) at the cheapest width and max_ell (conversion ~2 s)
+        return default_architecture([8, 14, 22, 56], heads=MH0_HEADS, channels=8, max_L=1, max_ell=1, correlation=3,
                                     r_max=4.5, radial_MLP=(16, 16), mlp_channels=8)
     return default_architecture(list(range(1, 80)), heads=MH0_HEADS, channels=128, max_L=1, max_ell=3,
                                 correlation=3, r_max=6.0, num_interactions=2, radial_MLP=(64, 64, 64),
@@ -194,16 +205,41 @@ def build_models(smoke: bool):
     return {"default": default.eval(), "mh0": mh0.eval()}
 
 
-def on(model, dtype, device, backend):
-    """A copy of the e3nn float64 CPU ``model`` in ``dtype`` on ``device`` and ``backend``."""
-    import copy
+class ModelCache:
+    """The suite's models in every (dtype, device, backend) it uses, each made once and kept.
 
-    from macefield_server.model.cueq import to_cueq
+    ``base``: {name: e3nn float64 model on CPU}, never modified (every model
+    is a copy).  A cueq model is converted from the cached e3nn model of the
+    same dtype and device.  ``log``: one entry per model made, with seconds.
+    """
 
-    m = copy.deepcopy(model).to(dtype=dtype, device=device)
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return to_cueq(m) if backend == "cueq" else m
+    def __init__(self, base):
+        self.base = base
+        self._made = {}
+        self.log = []
+
+    def get(self, name, dtype, device, backend):
+        import copy
+
+        import torch
+
+        from macefield_server.model.cueq import to_cueq
+
+        device = torch.device(device)
+        key = (name, dtype, device, backend)
+        if key not in self._made:
+            source = self.get(name, dtype, device, "e3nn") if backend == "cueq" else self.base[name]
+            t0 = time.monotonic()
+            if backend == "cueq":
+                model = to_cueq(source)
+            else:
+                model = copy.deepcopy(source).to(dtype=dtype, device=device)
+                for p in model.parameters():
+                    p.requires_grad_(False)
+            self._made[key] = model
+            self.log.append({"model": name, "dtype": str(dtype)[6:], "device": str(device), "backend": backend,
+                             "seconds": round(time.monotonic() - t0, 2)})
+        return self._made[key]
 
 
 def environment(args, device):
@@ -230,10 +266,11 @@ def environment(args, device):
 
 
 # ------------------------------------------------------------------ 1. correctness
-def correctness(models, device, args, record, deadline):
+def correctness(cache, device, args, record, deadline):
     import torch
 
     from macefield_server.model import predict
+    from macefield_server.model.contraction_basis import basis_precision
 
     q = alpha_quartz((1, 1, 1) if args.smoke else (2, 2, 2), rattle=0.02, seed=1)
     b = cubic_batio3((2, 2, 1) if args.smoke else (3, 3, 3))
@@ -241,30 +278,33 @@ def correctness(models, device, args, record, deadline):
     atoms = [q, sio2_molecule(), b]
     fields = [[0.05, -0.02, 0.03], [0.0, 0.04, -0.01], [-0.03, 0.0, 0.05]]
     out = {"structures": {"n_atoms": [len(a) for a in atoms], "heads": None}}
-    default = models["default"]
+    default = cache.base["default"]
     heads = [default.heads[0], default.heads[-1], default.heads[-1]]
     out["structures"]["heads"] = heads
     cpu = predict(default, atoms, electric_fields=fields, heads=heads)
     if device.type == "cuda":
-        cuda = predict(on(default, torch.float64, device, "e3nn"), atoms, electric_fields=fields, heads=heads)
+        cuda = predict(cache.get("default", torch.float64, device, "e3nn"), atoms, electric_fields=fields, heads=heads)
         out["cuda_vs_cpu_float64_default"] = rel_errors(cpu, cuda)
     comparisons = {}
     if record["environment"]["cueq_measured"]:
-        for name, model in models.items():
+        for name, model in cache.base.items():
             hs = [model.heads[i % len(model.heads)] for i in range(len(atoms))]
             for dtype in (torch.float64, torch.float32):
                 if time.monotonic() > deadline:
                     record["notes"].append("correctness: budget spent before every cueq comparison")
                     break
-                ref = predict(on(model, dtype, device, "e3nn"), atoms, electric_fields=fields, heads=hs)
-                got = predict(on(model, dtype, device, "cueq"), atoms, electric_fields=fields, heads=hs)
+                ref = predict(cache.get(name, dtype, device, "e3nn"), atoms, electric_fields=fields, heads=hs)
+                got = predict(cache.get(name, dtype, device, "cueq"), atoms, electric_fields=fields, heads=hs)
                 comparisons[f"{name}_{str(dtype)[6:]}"] = rel_errors(ref, got)
     out["cueq_vs_e3nn"] = comparisons
+    out["coupling_tensor_precision"] = {name: str(basis_precision(u for n, u in model.named_buffers()
+                                                                  if ".U_matrix_" in n))[6:]
+                                        for name, model in cache.base.items()}
     return out
 
 
 # ------------------------------------------------------------------ 2. engine throughput
-def engine(models, device, args, record, deadline):
+def engine(cache, device, args, record, deadline):
     import torch
 
     from macefield_server.model import Structure, prepare_batch
@@ -285,17 +325,11 @@ def engine(models, device, args, record, deadline):
                         series.append((name, dtype, backend, tier, outputs, strategy))
     results = []
     per_series = max(1.0, (deadline - time.monotonic()) / max(len(series), 1))
-    built = {}
     for name, dtype, backend, tier, outputs, strategy in series:
         if time.monotonic() > deadline:
             record["notes"].append("engine: budget spent; later series not measured")
             break
-        key = (name, dtype, backend)
-        if key not in built:
-            built.clear()  # one model on the device at a time
-            torch.cuda.empty_cache() if device.type == "cuda" else None
-            built[key] = on(models[name], dtype, device, backend)
-        model = built[key]
+        model = cache.get(name, dtype, device, backend)  # made once: the correctness section made most
         graphs = [neighbour_list(Structure.from_atoms(a), float(model.r_max)) for a in frames]
         row = {"model": name, "dtype": str(dtype)[6:], "backend": backend, "outputs": tier, "second_order": strategy,
                "n_atoms": n_atoms, "edges_per_structure": int(np.mean([g.edge_index.shape[1] for g in graphs])),
@@ -313,7 +347,8 @@ def engine(models, device, args, record, deadline):
 
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                samples = timed(call, device, until=min(series_end, time.monotonic() + args.point_s))
+                samples = timed(call, device, until=min(series_end, time.monotonic() + args.point_s),
+                                min_repeats=args.min_repeats)
                 seconds = statistics.median(samples)
                 point = {"structures": size, "seconds": seconds, "repeats": len(samples),
                          "structures_per_s": size / seconds, "us_per_atom": 1e6 * seconds / (size * n_atoms)}
@@ -335,7 +370,8 @@ def engine(models, device, args, record, deadline):
                 break
         results.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "points"} | {"points": len(row["points"])}), flush=True)
-    built.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next series starts from the same allocator state
     return {"series": results}
 
 
@@ -385,33 +421,67 @@ async def closed_loop_stream(port: int, atoms, clients: int, duration: float):
     return summarise(latencies, sum(counts), wall, batch_sizes)
 
 
-def served(models, device, args, record, deadline, workdir: Path):
+#: the served model: MH-0 size in float32 on the device, backend auto (cueq where its kernels import)
+SERVED_DTYPE, SERVED_BACKEND = "float32", "auto"
+#: the end of a server log that is kept in the output folder
+LOG_TAIL_BYTES = 2 * 2**20
+
+
+def server_options(args):
+    threads = 1 if args.smoke else min(8, os.cpu_count() or 1)
+    return argparse.Namespace(threads=threads, max_wait_ms=5.0, duration=args.load_s, min_per_client=1)
+
+
+def start_servers(cache, device, args, workdir: Path, out_dir: Path, stem: str):
+    """{label: Server} for the served section, started at once (they load while other sections run).
+
+    The checkpoint is written from a float32 copy (the cache's): the float64
+    model every other section uses is never touched.  Each server's log goes to
+    ``out_dir`` (the device tool brings it back when a server fails).
+    """
     import torch
-    from load import Server, closed_loop, run_direct
+    from load import Server
+
+    from macefield_server.model import save_model
+
+    checkpoint = save_model(cache.get("mh0", torch.float32, "cpu", "e3nn"), workdir / "mh0.pt")
+    extra = ["--device", str(device), "--dtype", SERVED_DTYPE, "--backend", SERVED_BACKEND]
+    opts = server_options(args)
+    return {label: Server(checkpoint, size, opts, workdir, extra, log_path=out_dir / f"{stem}-server-{label}.log")
+            for label, size in (("batching", max(args.clients)), ("no-batching", 1))}
+
+
+def stop_servers(servers) -> dict:
+    """Exit codes; each log cut to its last LOG_TAIL_BYTES (idempotent)."""
+    codes = {label: server.stop() for label, server in servers.items()}
+    for server in servers.values():
+        size = server.log_path.stat().st_size
+        if size > LOG_TAIL_BYTES:
+            with server.log_path.open("rb") as f:
+                f.seek(size - LOG_TAIL_BYTES)
+                tail = f.read()
+            server.log_path.write_bytes(b"[... first %d bytes cut ...]\n" % (size - LOG_TAIL_BYTES) + tail)
+    return codes
+
+
+def served(cache, servers, device, args, record, deadline):
+    import torch
+    from load import closed_loop, run_direct
 
     from macefield_server.config import BatchingConfig
-    from macefield_server.model import Structure, prepare_batch, save_model
+    from macefield_server.model import Structure, prepare_batch
+    from macefield_server.model.cueq import resolve_backend
 
     atoms = alpha_quartz((1, 1, 1) if args.smoke else (2, 2, 2), rattle=0.02, seed=3)
-    dtype = "float32"
-    backend = "auto"
-    checkpoint = save_model(models["mh0"].float(), workdir / "mh0.pt")
-    models["mh0"].double()
-    extra = ["--device", str(device), "--dtype", dtype, "--backend", backend]
-    threads = 1 if args.smoke else min(8, os.cpu_count() or 1)
-    opts = argparse.Namespace(threads=threads, max_wait_ms=5.0, duration=args.load_s, min_per_client=1)
+    opts = server_options(args)
     top = max(args.clients)
-    servers = {"batching": Server(checkpoint, top, opts, workdir, extra),
-               "no-batching": Server(checkpoint, 1, opts, workdir, extra)}
-    out = {"model": "mh0", "dtype": dtype, "backend": backend, "n_atoms": len(atoms), "clients": args.clients,
-           "duration_s": args.load_s, "results": {}}
+    out = {"model": "mh0", "dtype": SERVED_DTYPE, "backend": SERVED_BACKEND, "n_atoms": len(atoms),
+           "clients": args.clients, "duration_s": args.load_s, "results": {}}
     try:
         for server in servers.values():
             server.wait_serving(timeout=max(60.0, deadline - time.monotonic()))
-        from macefield_server.model.cueq import resolve_backend
-
-        out["backend_resolved"] = resolve_backend(backend, device)[0]
-        direct_model = on(models["mh0"], torch.float32, device, out["backend_resolved"])
+        out["backend_resolved"] = resolve_backend(SERVED_BACKEND, device)[0]
+        direct_model = cache.get("mh0", getattr(torch, SERVED_DTYPE), device, out["backend_resolved"])
         edges = prepare_batch(direct_model, [Structure.from_atoms(atoms)]).num_edges
         limits = BatchingConfig().limits_for(device.type)
         warm = argparse.Namespace(duration=0.5, min_per_client=1)
@@ -434,11 +504,10 @@ def served(models, device, args, record, deadline, workdir: Path):
                 v.pop("_latencies"), v.pop("_batch_sizes")
             out["results"][str(clients)] = row
             print(json.dumps({"clients": clients, **{k: v["throughput_sps"] for k, v in row.items()}}), flush=True)
-        out["md_stream_port"] = servers["batching"].port
         md = md_step(direct_model, atoms, device, args, servers["batching"].port)
     finally:
-        out["exit_codes"] = {k: s.stop() for k, s in servers.items()}
-        out.pop("md_stream_port", None)
+        out["exit_codes"] = stop_servers(servers)
+        out["logs"] = [server.log_path.name for server in servers.values()]
     return out, md
 
 
@@ -530,8 +599,15 @@ def summarise_record(record):
     """Targets of issue 16 that this run can judge: {name: {value, target, pass}}."""
     checks = {}
     corr = record["sections"].get("correctness", {})
+    precision = corr.get("coupling_tensor_precision") or {}
     for label, errs in (corr.get("cueq_vs_e3nn") or {}).items():
-        target = TARGETS["cueq_vs_e3nn_float64" if label.endswith("float64") else "cueq_vs_e3nn_float32"]
+        name, dtype = label.rsplit("_", 1)
+        if dtype == "float32":
+            target = TARGETS["cueq_vs_e3nn_float32"]
+        elif precision.get(name) == "float32":
+            target = TARGETS["cueq_vs_e3nn_float64_float32_coupling"]
+        else:
+            target = TARGETS["cueq_vs_e3nn_float64"]
         worst = max(errs.values())
         checks[f"cueq_vs_e3nn_{label}"] = {"value": worst, "target": f"<= {target}", "pass": worst <= target}
     if "cuda_vs_cpu_float64_default" in corr:
@@ -601,8 +677,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="every code path on CPU in seconds (tiny sizes)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--out", type=Path, default=None, help="folder for the JSON and text summary")
-    p.add_argument("--budget-s", type=float, default=None, help="whole run, seconds (default 420; smoke 600)")
+    p.add_argument("--out", type=Path, default=None, help="folder for the JSON, the text summary and the server logs")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="the sections and model building, seconds (default 240; smoke 600: never cut)")
     p.add_argument("--sections", nargs="+", default=["correctness", "engine", "server"],
                    choices=["correctness", "engine", "server"], help="server includes md_step")
     args = p.parse_args(argv)
@@ -612,12 +689,13 @@ def main(argv=None) -> int:
     import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
-    args.budget_s = args.budget_s or (600.0 if args.smoke else 420.0)  # smoke: small work, never cut
+    args.budget_s = args.budget_s or (600.0 if args.smoke else 240.0)  # smoke: small work, never cut
     args.batch_sizes = [1, 2] if args.smoke else [1, 4, 16, 64, 256]
     args.clients = [1, 2] if args.smoke else [1, 8, 64, 256]
     args.load_s = 0.3 if args.smoke else 3.0
     args.point_s = 0.05 if args.smoke else 1.0
     args.md_steps = 3 if args.smoke else 20
+    args.min_repeats = 1 if args.smoke else 2  # timed passes per engine point after the warm-up
     out_dir = args.out or Path(os.environ.get("OUT") or REPO / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     utc = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -647,27 +725,47 @@ def main(argv=None) -> int:
                                "correlation": m.arch_config["correlation"], "r_max": m.arch_config["r_max"],
                                "elements": len(m.arch_config["atomic_numbers"]), "heads": list(m.heads)}
                         for name, m in models.items()}
+    cache = ModelCache(models)
+    record["conversions"] = cache.log
     write(record, out_dir, stem)
     plan = [("correctness", 0.2), ("engine", 0.7), ("server", 0.97)]
     with tempfile.TemporaryDirectory() as tmp:
-        for name, end in plan:
-            if name not in args.sections:
-                continue
-            t0 = time.monotonic()
-            try:
-                if name == "correctness":
-                    record["sections"][name] = correctness(models, device, args, record, budget.until(end))
-                elif name == "engine":
-                    record["sections"][name] = engine(models, device, args, record, budget.until(end))
-                else:
-                    record["sections"]["server"], record["sections"]["md_step"] = served(
-                        models, device, args, record, budget.until(end), Path(tmp))
-            except Exception as exc:  # noqa: BLE001 - record and go on with the next section
-                record["sections"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500],
-                                            "traceback": traceback.format_exc()[-3000:]}
-            record["sections"].setdefault(name, {})["seconds"] = round(time.monotonic() - t0, 1)
-            write(record, out_dir, stem)
-            print(f"{name}: {record['sections'][name]['seconds']} s", flush=True)
+        servers = {}
+        try:
+            if "server" in args.sections:  # they load their model while the correctness section runs
+                try:
+                    servers = start_servers(cache, device, args, Path(tmp), out_dir, stem)
+                except Exception as exc:  # noqa: BLE001
+                    record["sections"]["server"] = {"error": f"servers did not start: {type(exc).__name__}: {exc}"[:500],
+                                                    "traceback": traceback.format_exc()[-3000:]}
+            for name, end in plan:
+                if name not in args.sections or (name == "server" and not servers):
+                    continue
+                if name == "engine" and servers:  # nothing else on the device while the engine is timed
+                    waited = time.monotonic()
+                    try:
+                        for server in servers.values():
+                            server.wait_serving(timeout=max(60.0, budget.until(0.7) - time.monotonic()))
+                    except Exception as exc:  # noqa: BLE001 - the server section reports it
+                        record["notes"].append(f"a server did not become SERVING before the engine section: {exc}")
+                    record["server_start_wait_s"] = round(time.monotonic() - waited, 1)
+                t0 = time.monotonic()
+                try:
+                    if name == "correctness":
+                        record["sections"][name] = correctness(cache, device, args, record, budget.until(end))
+                    elif name == "engine":
+                        record["sections"][name] = engine(cache, device, args, record, budget.until(end))
+                    else:
+                        record["sections"]["server"], record["sections"]["md_step"] = served(
+                            cache, servers, device, args, record, budget.until(end))
+                except Exception as exc:  # noqa: BLE001 - record and go on with the next section
+                    record["sections"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500],
+                                                "traceback": traceback.format_exc()[-3000:]}
+                record["sections"].setdefault(name, {})["seconds"] = round(time.monotonic() - t0, 1)
+                write(record, out_dir, stem)
+                print(f"{name}: {record['sections'][name]['seconds']} s", flush=True)
+        finally:
+            stop_servers(servers)
     write(record, out_dir, stem)
     print((out_dir / f"{stem}.txt").read_text(), flush=True)
     failed = [n for n, s in record["sections"].items() if isinstance(s, dict) and "error" in s]

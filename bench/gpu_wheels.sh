@@ -12,8 +12,10 @@
 #
 # Call 1 (device tool `run`, carry [".whl-ops"], timeout_s 120):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-ops .whl-ops/*.whl && ls /tmp/site-ops
-# Call 2 (at once, carry [".whl"], timeout_s 540):
+# Call 2 (at once, carry [".whl"], timeout_s 330: the suite's 240 s budget plus installs, imports and
+# stopping the servers; a cold start, call 1 and call 2 leave about 6 of the 15 device minutes for a rerun):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:/tmp/site-ops:client:server PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py --out $OUT
+# $OUT then holds the JSON, the text summary and both servers' logs (4 files).
 # If call 2 lands on a fresh machine (/tmp/site-ops gone), the suite still runs e3nn-only and says so.
 #
 # Usage: bash bench/gpu_wheels.sh        (from the repository root; needs pip and the package registry)

@@ -147,28 +147,40 @@ def run_direct(model, atoms, clients: int, args, batch_limits):
 
 # ------------------------------------------------------------------ served
 class Server:
-    """``macefield-serve`` as a child process; ``extra_args`` go to its command line (e.g. --device cuda)."""
+    """``macefield-serve`` as a child process; ``extra_args`` go to its command line (e.g. --device cuda).
 
-    def __init__(self, checkpoint: Path, max_structures: int, args, workdir: Path, extra_args=()):
+    Starting does not wait: the process imports and loads its model while the
+    caller works on; :attr:`port` waits for its "listening" line,
+    :meth:`wait_serving` for its models.  Its stderr goes to ``log_path``
+    (default ``workdir/server-<max_structures>.log``).
+    """
+
+    def __init__(self, checkpoint: Path, max_structures: int, args, workdir: Path, extra_args=(), log_path=None):
         config = workdir / f"serve-{max_structures}.yaml"
         config.write_text(
             f"batching: {{max_structures: {max_structures}, max_wait_ms: {args.max_wait_ms}}}\nwarmup_passes: 2\n"
         )
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        self.log = open(workdir / f"server-{max_structures}.log", "w")
+        self.log_path = Path(log_path or workdir / f"server-{max_structures}.log")
+        self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "macefield_server.serve_cli", "--config", str(config), "--model", f"bench={checkpoint}",
              "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--threads", str(args.threads),
              *extra_args],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
         )
-        while True:
+        self._port = None
+
+    @property
+    def port(self) -> int:
+        """The gRPC port (waits for the server's "listening" line; RuntimeError if it exits first)."""
+        while self._port is None:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"server failed to start, see {self.log.name}")
+                raise RuntimeError(f"server failed to start, see {self.log_path}")
             if line.startswith("{") and '"listening"' in line:
-                self.port = json.loads(line)["port"]
-                break
+                self._port = json.loads(line)["port"]
+        return self._port
 
     def wait_serving(self, timeout=600):
         import grpc
@@ -187,9 +199,12 @@ class Server:
         raise RuntimeError("server never became SERVING")
 
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
+        """SIGTERM (once) and the exit code; idempotent."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(120)
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()
         return code
 
 

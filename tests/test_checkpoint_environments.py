@@ -2,7 +2,8 @@
 
 mace-torch 0.3.16 builds the symmetric-contraction U matrices in another
 basis as soon as cuequivariance is importable (model/contraction_basis.py).
-Checkpoints are written and evaluated in this process (whatever is installed:
+A stored basis is adopted only if it is a basis of the architecture's own
+polynomials (tests at the end).  Checkpoints are written and evaluated in this process (whatever is installed:
 CI installs cuequivariance) and evaluated again in a child process where every
 ``cuequivariance*`` import fails (tests/checkpoint_worker.py --block-cueq).
 With cuequivariance installed here, the mace-torch pickle is written in the
@@ -19,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 from checkpoint_worker import cueq_importable, evaluate_checkpoints
-from conftest import REPO, random_field_model
+from conftest import REPO, quartz_like, random_field_model
 from test_model_checkpoints import plain_mace, save_reference_pickle
 
-from macefield_server.model import build_field_mace, save_model
+from macefield_server.model import CheckpointError, build_field_mace, load_model, predict, save_model
 from macefield_server.model.architecture import describe_architecture
 
 WORKER = REPO / "tests" / "checkpoint_worker.py"
@@ -66,3 +67,65 @@ def test_checkpoints_give_the_same_numbers_without_cuequivariance(checkpoints, t
 
 def u_shapes(model):
     return [tuple(b.shape) for name, b in model.named_buffers() if ".U_matrix_" in name]
+
+
+# ---------------------------------------------------------------- a stored basis must fit its architecture
+#: the contraction of the first product onto 1o: its U_matrix_2 is (3, features, features, basis vectors)
+CONTRACTION = "products.0.symmetric_contractions.contractions.1"
+
+
+def rewritten(tmp_path, edit):
+    """A native checkpoint of a small model whose state dict ``edit`` changed; (model, path)."""
+    model = random_field_model(seed=7)
+    path = save_model(model, tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    edit(payload["state_dict"])
+    torch.save(payload, path)
+    return model, path
+
+
+def test_another_basis_of_the_same_polynomials_loads_and_gives_the_same_numbers(tmp_path):
+    """U M (one more, dependent basis vector) with weights pinv(M) w: another basis, the same function."""
+    generator = torch.Generator().manual_seed(1)
+
+    def edit(state):
+        u, w = state[f"{CONTRACTION}.U_matrix_2"], state[f"{CONTRACTION}.weights_max"]
+        mix = torch.randn(u.shape[-1], u.shape[-1] + 1, generator=generator, dtype=u.dtype)
+        state[f"{CONTRACTION}.U_matrix_2"] = u @ mix
+        state[f"{CONTRACTION}.weights_max"] = torch.einsum("jk,ekc->ejc", torch.linalg.pinv(mix), w)
+
+    model, path = rewritten(tmp_path, edit)
+    loaded = load_model(path)
+    assert loaded.get_buffer(f"{CONTRACTION}.U_matrix_2").shape[-1] == model.get_buffer(
+        f"{CONTRACTION}.U_matrix_2").shape[-1] + 1
+    atoms = [quartz_like(seed=4)]
+    outputs = ["energy", "forces", "born_charges"]
+    (a,), (b,) = (predict(m, atoms, electric_fields=[0.1, 0.0, -0.1], outputs=outputs) for m in (model, loaded))
+    for key in outputs:
+        assert np.allclose(b[key], a[key], rtol=1e-10, atol=1e-12), key
+
+
+def _wider_features(state):
+    u = state[f"{CONTRACTION}.U_matrix_2"]
+    state[f"{CONTRACTION}.U_matrix_2"] = torch.zeros(u.shape[0], u.shape[1], u.shape[2] + 1, u.shape[3], dtype=u.dtype)
+
+
+def _more_weights_than_basis_vectors(state):
+    w = state[f"{CONTRACTION}.weights_max"]
+    state[f"{CONTRACTION}.weights_max"] = torch.cat([w, w[:, :1]], dim=1)
+
+
+def _other_polynomials(state):
+    u = state[f"{CONTRACTION}.U_matrix_2"]
+    state[f"{CONTRACTION}.U_matrix_2"] = torch.randn(u.shape, generator=torch.Generator().manual_seed(2), dtype=u.dtype)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_wider_features, r"U_matrix_2: shape .* does not fit the architecture's .*only the number of basis vectors"),
+    (_more_weights_than_basis_vectors, r"weights_max: shape .* does not fit the architecture and U_matrix_2"),
+    (_other_polynomials, r"U_matrix_2: the stored coupling tensor spans other polynomials .* contradicts its architecture"),
+])
+def test_a_checkpoint_contradicting_its_architecture_fails_to_load(tmp_path, edit, message):
+    _, path = rewritten(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path)

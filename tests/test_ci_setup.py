@@ -21,7 +21,7 @@ from packaging.requirements import Requirement
 
 
 #: imported when present but deliberately not declared: the CUDA build of cuEquivariance's kernels
-#: (cuequivariance-ops-torch-cu12 / -cu13) is chosen by the GPU image (Dockerfile build argument CUEQ_OPS)
+#: (cuequivariance-ops-torch-cu12 / -cu13) is chosen by the GPU image (Dockerfile target gpu: torch's CUDA major)
 NOT_DECLARED = {"cuequivariance_ops_torch"}
 
 
@@ -29,6 +29,7 @@ def third_party_imports(paths):
     """Top-level third-party modules imported by the files under ``paths`` (first-party and stdlib left out)."""
     first_party = {"macefield_client", "macefield_server"}
     first_party |= {path.stem for root in paths for path in (REPO / root).glob("*.py")}  # tests' helper modules
+    first_party |= {path.stem for path in (REPO / "bench").glob("*.py")}  # the repo's benchmark scripts
     names = set()
     for root in paths:
         for path in sorted((REPO / root).rglob("*.py")):

@@ -8,15 +8,20 @@ bench/gpu_suite.py on a GPU.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from conftest import quartz_like, random_field_model, sio_molecule
 
-from macefield_server.model import build_field_mace, default_architecture, predict, prepare_batch, upgrade_to_field
-from macefield_server.model.cueq import cueq_import_error, model_backend, resolve_backend, to_cueq
+from macefield_server.model import (build_field_mace, default_architecture, load_model, predict, prepare_batch,
+                                    upgrade_to_field)
+from macefield_server.model.cueq import _transfer, cueq_import_error, model_backend, resolve_backend, to_cueq
+from macefield_server.model.extrapolation import calibrated_heads, statistics_of
 from macefield_server.model.graph import Structure
 from macefield_server.model.response import respond
+from macefield_server.registry import DEFAULT_CHECKPOINT, load_default_model
 
 pytestmark = pytest.mark.skipif(
     cueq_import_error() is not None, reason=f"cuequivariance-torch not usable: {cueq_import_error()}"
@@ -32,18 +37,22 @@ def mixed_batch():
     return atoms, fields
 
 
-def max_relative_errors(model_a, model_b, heads):
+def max_relative_errors(model_a, model_b, heads, outputs=OUTPUTS):
     """Per output: max |a - b| over the batch / max |a| over the batch."""
     atoms, fields = mixed_batch()
-    ra = predict(model_a, atoms, electric_fields=fields, heads=heads)
-    rb = predict(model_b, atoms, electric_fields=fields, heads=heads)
+    ra = predict(model_a, atoms, electric_fields=fields, heads=heads, outputs=list(outputs))
+    rb = predict(model_b, atoms, electric_fields=fields, heads=heads, outputs=list(outputs))
     errors = {}
-    for key in OUTPUTS:
-        a = [r[key] for r in ra if key in r]
-        b = [r[key] for r in rb if key in r]
-        scale = max(np.abs(x).max() for x in a)
+    for key in outputs:
+        a = [np.asarray(r[key]) for r in ra if key in r]
+        b = [np.asarray(r[key]) for r in rb if key in r]
+        for x, y in zip(a, b):  # a grade is +inf where its head has no statistics for the element: on both
+            assert np.array_equal(np.isfinite(x), np.isfinite(y)), key
+        a = [x[np.isfinite(x)] for x in a]
+        b = [y[np.isfinite(y)] for y in b]
+        scale = max(np.abs(x).max() for x in a if x.size)
         assert scale > 1e-6, f"{key} is (almost) zero: the comparison would be vacuous"
-        errors[key] = max(np.abs(x - y).max() for x, y in zip(a, b)) / scale
+        errors[key] = max(np.abs(x - y).max() for x, y in zip(a, b) if x.size) / scale
     return errors
 
 
@@ -95,6 +104,70 @@ def test_cueq_equals_e3nn_for_a_foundation_shaped_model():
     assert max(errors.values()) <= 1e-10, errors
 
 
+def test_float64_conversion_after_a_float32_one_is_exact():
+    """cuEquivariance memoises descriptors built from Clebsch-Gordan coefficients at torch's default dtype: a
+    float64 model converted after a float32 one must not inherit float32-rounded entries (it did: 3e-9)."""
+    to_cueq(random_field_model(heads=("sio2", "other"), seed=3, dtype=torch.float32))
+    e3nn = random_field_model(heads=("sio2", "other"), seed=3, dtype=torch.float64)
+    errors = max_relative_errors(e3nn, to_cueq(e3nn), heads=["sio2", "other", "other"],
+                                 outputs=("energy", "forces", "dipole"))
+    assert max(errors.values()) <= 1e-10, errors
+
+
+def test_cueq_model_keeps_the_extrapolation_grade():
+    """The calibrated default model (float32) on cueq: statistics carried over, the same grade as on e3nn."""
+    e3nn = load_model(DEFAULT_CHECKPOINT)
+    assert next(e3nn.parameters()).dtype == torch.float32 and statistics_of(e3nn) is not None
+    cueq = to_cueq(e3nn)
+    assert calibrated_heads(cueq) == calibrated_heads(e3nn) == ["sio2", "batio3"]
+    assert cueq.metadata == e3nn.metadata
+    assert statistics_of(cueq) is not statistics_of(e3nn)  # a copy: the two models never share state
+    errors = max_relative_errors(e3nn, cueq, heads=["sio2", "sio2", "sio2"], outputs=("energy", "extrapolation"))
+    assert errors["extrapolation"] <= 1e-4, errors  # float32 features: round-off
+
+
+def test_default_model_served_as_float64_on_cueq():
+    """A float32-trained checkpoint loaded as float64 converts (its coupling tensors are float32 numbers:
+    the fit allows their round-off) and equals e3nn to that precision on every output and the grade."""
+    served = load_default_model(dtype="float64", backend="cueq")
+    assert served.backend == "cueq" and served.dtype == torch.float64
+    assert served.extrapolation_heads == ["sio2", "batio3"]
+    e3nn = load_model(DEFAULT_CHECKPOINT, dtype="float64")
+    errors = max_relative_errors(e3nn, served.model, heads=["sio2", "sio2", "batio3"],
+                                 outputs=OUTPUTS + ("extrapolation",))
+    assert max(errors.values()) <= 1e-8, errors  # measured <= 4e-9: float32 coupling tensors, float64 arithmetic
+
+
+def test_conversion_refuses_a_basis_off_by_more_than_round_off():
+    """float32: a contraction whose polynomials are 2e-5 (relative) outside the equivariant space is refused
+    (the old tolerance, 1e3 float32 units of the scale, let it through)."""
+    model = random_field_model(dtype=torch.float32)
+    u = model.products[0].symmetric_contractions.contractions[0].U_matrix_2
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        u.add_(torch.randn(u.shape, generator=generator) * 2e-5 * u.abs().max())
+    with pytest.raises(ValueError, match="not representable in cuEquivariance's"):
+        to_cueq(model)
+
+
+@pytest.fixture(scope="module")
+def cueq_field_model(field_model):
+    return to_cueq(field_model)
+
+
+def test_conversion_accounts_for_every_buffer(field_model, cueq_field_model):
+    """A persistent buffer of the e3nn model that has no place in the cuEquivariance one (data, not an e3nn
+    constant) is an error, and so is a buffer of the cuEquivariance model that nothing fills."""
+    source = copy.deepcopy(field_model)
+    source.interactions[0].register_buffer("extra_scale", torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"e3nn tensors not carried over: \['interactions.0.extra_scale \(buffer\)'\]"):
+        _transfer(source, copy.deepcopy(cueq_field_model))
+    source = copy.deepcopy(field_model)
+    del source.radial_embedding.bessel_fn._buffers["prefactor"]  # a buffer the cuEquivariance model holds
+    with pytest.raises(ValueError, match=r"no e3nn counterpart: \['radial_embedding.bessel_fn.prefactor \(buffer\)'\]"):
+        _transfer(source, copy.deepcopy(cueq_field_model))
+
+
 def test_cueq_refuses_vmap_and_keeps_three_pass_default(two_head_model):
     cueq = to_cueq(two_head_model)
     batch = prepare_batch(cueq, [Structure.from_atoms(sio_molecule(), electric_field=[0.1, 0.0, 0.0], head="sio2")])
@@ -105,11 +178,11 @@ def test_cueq_refuses_vmap_and_keeps_three_pass_default(two_head_model):
     assert torch.isfinite(out["born_charges"]).all() and out["born_charges"].abs().max() > 0
 
 
-def test_cueq_model_is_not_saved_as_e3nn(tmp_path, field_model):
+def test_cueq_model_is_not_saved_as_e3nn(tmp_path, cueq_field_model):
     from macefield_server.model import save_model
 
     with pytest.raises(ValueError, match="e3nn model"):
-        save_model(to_cueq(field_model), tmp_path / "m.pt")
+        save_model(cueq_field_model, tmp_path / "m.pt")
 
 
 def test_backend_resolution():

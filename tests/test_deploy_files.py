@@ -36,11 +36,31 @@ def seconds(text: str) -> float:
     return float(m.group(1)) * (60 if m.group(2) == "m" else 1)
 
 
+def stages():
+    """{stage name: (base, its instructions)} of the Dockerfile, in order."""
+    out, name = {}, None
+    for line in re.sub(r"\\\n", " ", DOCKERFILE).splitlines():
+        m = re.match(r"FROM (\S+) AS (\S+)$", line.strip())
+        if m:
+            name = m.group(2)
+            out[name] = (m.group(1), [])
+        elif name and line.strip() and not line.startswith("#"):
+            out[name][1].append(line.strip())
+    return out
+
+
 def test_dockerfile_shape():
-    froms = instructions("FROM")
-    assert len(froms) == 2 and all("debian:bookworm-slim" in f for f in froms)
-    assert "AS builder" in froms[0]
-    assert "COPY --from=builder /opt/venv /opt/venv" in DOCKERFILE
+    built = stages()
+    assert {name: base for name, (base, _) in built.items()} == {
+        "builder": "debian:bookworm-slim", "builder-gpu": "builder", "runtime-base": "debian:bookworm-slim",
+        "gpu": "runtime-base", "runtime": "runtime-base"}
+    assert list(built)[-1] == "runtime"  # a plain `docker build` (CI's container smoke) makes the CPU/e3nn image
+    assert built["runtime"][1] == ["COPY --from=builder /opt/venv /opt/venv"]
+    assert built["gpu"][1] == ["COPY --from=builder-gpu /opt/venv /opt/venv"]
+    # the GPU target installs cuEquivariance through the server[cueq] extra, its pins are not repeated here
+    gpu_build = " ".join(built["builder-gpu"][1])
+    assert '"/src/server[cueq]"' in gpu_build and "cuequivariance-ops-torch-cu" in gpu_build
+    assert not re.search(r"cuequivariance(-torch)?==", DOCKERFILE)
     (user,) = instructions("USER")
     assert user.split()[1] not in ("root", "0")
     exposed = {p for e in instructions("EXPOSE") for p in e.split()[1:]}
@@ -83,6 +103,8 @@ def test_compose_services():
     assert "profiles" not in services["server"]  # the default (CPU) service
     gpu = services["server-gpu"]
     assert gpu["profiles"] == ["gpu"]
+    assert gpu["build"]["target"] == "gpu" and "target" not in services["server"]["build"]
+    assert gpu["image"] != services["server"]["image"]  # building one never overwrites the other
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert "server" in gpu["networks"]["default"]["aliases"]

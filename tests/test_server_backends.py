@@ -8,20 +8,72 @@ import sys
 import grpc
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, quartz_like, random_field_model, sio_molecule
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 from serving import assert_matches, metric, request_for
 
 from macefield_server.background import BackgroundServer
-from macefield_server.config import BACKENDS, BatchingConfig, ModelConfig, ServerConfig
+from macefield_server.config import BACKENDS, BatchingConfig, ConfigError, ModelConfig, ServerConfig
 from macefield_server.model import OUTPUTS, predict, save_model
+from macefield_server.model.response import EXTRAPOLATION_OUTPUTS
 from macefield_server.model import cueq as cueq_module
+from macefield_server.registry import load_configured_model, load_default_model
 from macefield_server.serve_cli import build_config, parse_args
 
 
 def test_backend_names_agree():
     assert BACKENDS == cueq_module.BACKENDS
+
+
+def test_auto_on_cpu_is_decided_by_the_device_alone(monkeypatch):
+    def no_import():
+        raise AssertionError("resolve_backend('auto', cpu) must not import cuequivariance")
+
+    monkeypatch.setattr(cueq_module, "cueq_import_error", no_import)
+    monkeypatch.setattr(cueq_module, "cueq_kernels_available", no_import)
+    assert cueq_module.resolve_backend("auto", torch.device("cpu")) == ("e3nn", "auto: not on CUDA")
+    assert cueq_module.resolve_backend(None, "cpu") == ("e3nn", "auto: not on CUDA")
+    assert cueq_module.resolve_backend("e3nn", "cuda") == ("e3nn", "asked for")
+
+
+@pytest.mark.parametrize("import_error,kernels,expected", [
+    (None, True, ("cueq", "auto: CUDA with cuEquivariance kernels")),
+    (None, False, ("e3nn", "auto: cuequivariance_ops_torch (CUDA kernels) not importable")),
+    ("ImportError: no cuequivariance", False, ("e3nn", "auto: cuequivariance-torch not importable "
+                                                       "(ImportError: no cuequivariance)")),
+])
+def test_auto_on_cuda(monkeypatch, import_error, kernels, expected):
+    """The CUDA branches of auto and cueq (no GPU needed: only the device's type is read)."""
+    monkeypatch.setattr(cueq_module, "cueq_import_error", lambda: import_error)
+    monkeypatch.setattr(cueq_module, "cueq_kernels_available", lambda: kernels)
+    cuda = torch.device("cuda")
+    assert cueq_module.resolve_backend("auto", cuda) == expected
+    if import_error is not None:
+        with pytest.raises(ValueError, match="backend: cueq needs cuequivariance"):
+            cueq_module.resolve_backend("cueq", cuda)
+    elif kernels:
+        assert cueq_module.resolve_backend("cueq", cuda) == ("cueq", "asked for")
+    else:
+        backend, reason = cueq_module.resolve_backend("cueq", cuda)
+        assert backend == "cueq" and "pure-PyTorch fallback on the GPU" in reason
+
+
+def test_backend_error_names_the_setting_that_asked(monkeypatch, tmp_path):
+    """A configured model: models[i].backend; the embedded default model (no models list): the top-level backend
+    (docs/serving.md quotes both)."""
+    monkeypatch.setattr(cueq_module, "cueq_import_error", lambda: "ImportError: blocked")
+    with pytest.raises(ConfigError) as default:
+        load_default_model(backend="cueq")
+    assert str(default.value).startswith("backend: cueq needs cuequivariance and cuequivariance-torch")
+    path = save_model(random_field_model(), tmp_path / "m.pt")
+    with pytest.raises(ConfigError) as configured:
+        load_configured_model(ModelConfig(path=str(path), backend="cueq"), where="models[0].")
+    assert str(configured.value).startswith("models[0].backend: cueq needs cuequivariance and cuequivariance-torch")
+    docs = (REPO / "docs" / "serving.md").read_text()
+    assert "`" + str(default.value).split(" (pip install")[0] in docs
+    assert "`" + str(configured.value).split(" (pip install")[0].replace("[0]", "[i]") in docs
 
 
 def test_command_line_backend_applies_to_every_model(tmp_path):
@@ -66,7 +118,8 @@ def test_cueq_model_served_over_grpc_equals_e3nn(tmp_path):
         assert infos["q"].backend == "cueq" and infos["plain"].backend == "e3nn"  # auto on CPU: e3nn
         assert metric(srv.metrics_port, "macefield_model_info", name="q", backend="cueq") == 1
         assert metric(srv.metrics_port, "macefield_model_info", name="plain", backend="e3nn") == 1
-        calls = [stub.Predict.future(request_for(a, field=f, head=h, model="q", request_id=str(i), outputs=sorted(set(OUTPUTS) - {"extrapolation", "extrapolation_max"})),
+        calls = [stub.Predict.future(request_for(a, field=f, head=h, model="q", request_id=str(i),
+                                                 outputs=sorted(OUTPUTS - EXTRAPOLATION_OUTPUTS)),  # not calibrated
                                      timeout=120)
                  for i, (a, f, h) in enumerate(cases)]
         responses = [c.result() for c in calls]

@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from .architecture import build_field_mace, describe_architecture
+from .errors import CheckpointError, UntrustedPickleError
 from .extrapolation import ExtrapolationStatistics, attach, statistics_of, weights_fingerprint
 from .field_mace import FieldMACE
 
@@ -46,14 +47,6 @@ REFERENCE_CLASS_PATHS = {
 }
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be read (corrupt, truncated, wrong kind)."""
-
-
-class UntrustedPickleError(CheckpointError):
-    """A pickled checkpoint was offered without ``trust_pickle=True``."""
 
 
 def _parse_dtype(dtype) -> Optional[torch.dtype]:
@@ -203,7 +196,10 @@ def _model_from_pickle(path: Path) -> FieldMACE:
         if legacy:
             model.metadata = {"legacy_class": LegacyFieldMACE.legacy_path}
         return model
-    return upgrade_to_field(obj)
+    try:
+        return upgrade_to_field(obj)
+    except CheckpointError as exc:  # its contraction basis contradicts its architecture (.contraction_basis)
+        raise CheckpointError(f"{path}: {exc}") from exc
 
 
 def _few(names, most: int = 6) -> str:

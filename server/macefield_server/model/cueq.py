@@ -23,12 +23,19 @@ does not say which basis a model actually holds (see
    skip and field-coupling weights differ only by a leading axis of one);
 3. it maps the symmetric-contraction weights of each product block onto
    cuEquivariance's own linearly independent basis by an exact least-squares
-   fit of the two bases' polynomials (:func:`_projection`): the same code for
-   MACE's original basis and cuequivariance's reduced one (see
-   :mod:`.contraction_basis`), with a residual check;
-4. it checks that every parameter of the new model was filled and every
-   non-empty parameter of the old one was used (a missed weight is an error,
-   never a silent random value).
+   fit of the two bases' polynomials, both evaluated in float64 arithmetic
+   (:func:`_projection`): the same code for MACE's original basis and
+   cuequivariance's reduced one (see :mod:`.contraction_basis`), with a
+   residual check at the precision the e3nn coupling tensors were computed
+   in; a float64 model is built from float64 descriptors even after a float32
+   one (:func:`_prepare_descriptor_caches`);
+4. it checks that every parameter and persistent buffer of the new model was
+   filled (cuEquivariance's own descriptor constants aside) and every
+   non-empty parameter and buffer of the old one was used (e3nn's
+   architecture-derived masks and Wigner constants aside): a missed tensor is
+   an error, never a silent random value;
+5. it carries what was attached to the model after building: metadata and
+   the extrapolation statistics (the grade is served on cueq too).
 
 The converted model is evaluated by the same response engine: F and every
 derivative up to Z* and alpha.  cuEquivariance's operations have no vmap
@@ -39,12 +46,18 @@ passes (``second_order="loop"``).
 from __future__ import annotations
 
 import copy
+import inspect
+import re
+import sys
 import warnings
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .architecture import describe_architecture, mace_kwargs
+from .contraction_basis import residual_tolerance
+from .extrapolation import attach, statistics_of
 from .field_mace import FieldMACE
 
 BACKENDS = ("e3nn", "cueq", "auto")
@@ -91,6 +104,8 @@ def resolve_backend(requested: Optional[str], device) -> Tuple[str, str]:
     device = torch.device(device)
     if requested == "e3nn":
         return "e3nn", "asked for"
+    if requested == "auto" and device.type != "cuda":  # decided by the device alone: nothing is imported
+        return "e3nn", "auto: not on CUDA"
     missing = cueq_import_error()
     if requested == "cueq":
         if missing is not None:
@@ -103,8 +118,6 @@ def resolve_backend(requested: Optional[str], device) -> Tuple[str, str]:
         if not cueq_kernels_available():
             return "cueq", "asked for; cuequivariance_ops_torch missing: pure-PyTorch fallback on the GPU (slow)"
         return "cueq", "asked for"
-    if device.type != "cuda":
-        return "e3nn", "auto: not on CUDA"
     if missing is not None:
         return "e3nn", f"auto: cuequivariance-torch not importable ({missing})"
     if not cueq_kernels_available():
@@ -126,11 +139,18 @@ def _contraction_weights(symmetric_contractions) -> torch.Tensor:
     blocks = []
     for contraction in symmetric_contractions.contractions:
         blocks += [contraction.weights_max.detach()] + [w.detach() for w in contraction.weights]
-    return torch.cat(blocks, dim=1).to(torch.float64)
+    return torch.cat(blocks, dim=1).to(device="cpu", dtype=torch.float64)
+
+
+def _coupling_tensors(symmetric_contractions) -> List[torch.Tensor]:
+    """Every ``U_matrix_nu`` of the e3nn contractions (what the e3nn basis polynomials are built from)."""
+    return [
+        getattr(c, f"U_matrix_{nu}") for c in symmetric_contractions.contractions for nu in range(1, int(c.correlation) + 1)
+    ]
 
 
 def _e3nn_basis(symmetric_contractions, x: torch.Tensor) -> torch.Tensor:
-    """Each e3nn basis polynomial at ``x``: (samples, channels, output dim, basis vectors), float64.
+    """Each e3nn basis polynomial at ``x`` (CPU, float64): (samples, channels, output dim, basis vectors).
 
     e3nn's contraction is ``sum_nu sum_k w_nu[element, k, c] U_nu[..., k] . x_c^nu``
     (mace.modules.symmetric_contraction); basis vector k of order nu is
@@ -145,7 +165,7 @@ def _e3nn_basis(symmetric_contractions, x: torch.Tensor) -> torch.Tensor:
     for contraction, dim in zip(symmetric_contractions.contractions, out_dims):
         correlation = int(contraction.correlation)
         for nu in range(correlation, 0, -1):
-            u = getattr(contraction, f"U_matrix_{nu}").detach().to(device=x.device, dtype=torch.float64)
+            u = getattr(contraction, f"U_matrix_{nu}").detach().to(device="cpu", dtype=torch.float64)
             if dim == 1:
                 u = u.unsqueeze(0)
             idx = letters[:nu]
@@ -161,24 +181,29 @@ def _e3nn_basis(symmetric_contractions, x: torch.Tensor) -> torch.Tensor:
 def _cueq_basis(target, x: torch.Tensor) -> torch.Tensor:
     """Each basis polynomial of cuEquivariance's SymmetricContraction ``target`` at ``x``: (samples, channels, out, basis).
 
-    Evaluates ``target``'s own polynomial (on its device, by its method) with
-    one weight row per basis vector: that unit vector in every channel.
+    Evaluates the contraction's polynomial descriptor (``target.etp``) with
+    cuequivariance's NumPy reference evaluator in float64 on the CPU, one
+    weight row per basis vector: that unit vector in every channel.  The
+    module's own ``f`` would compute in the model's dtype, on its device.  The
+    descriptor's coefficients are float64-exact for a float64 model
+    (:func:`_prepare_descriptor_caches`); a float32 model's may carry float32
+    round-off, as its e3nn coupling tensors do.
     Inputs and outputs are in ``ir_mul`` layout, as in the converted model.
     """
     samples, channels, _ = x.shape
     n_basis = target.weight_shape[0]
-    dtype = target.weight.dtype
-    unit = torch.eye(n_basis, dtype=dtype, device=x.device)[:, :, None].expand(-1, -1, channels).reshape(n_basis, -1)
+    unit = np.repeat(np.eye(n_basis)[:, :, None], channels, axis=2).reshape(n_basis, -1)
     flat = torch.cat([x[:, :, sl].transpose(1, 2).reshape(samples, -1) for sl in _irrep_slices(target.irreps_in)], 1)
-    indices = torch.arange(n_basis, device=x.device).repeat_interleave(samples)
-    with torch.no_grad():
-        [out] = target.f([unit, flat.to(dtype).repeat(n_basis, 1)], input_indices={0: indices})
+    weights = np.repeat(unit, samples, axis=0)  # row (k, s): basis vector k at sample s
+    features = np.tile(flat.numpy(), (n_basis, 1))
+    [out] = target.etp.polynomial(weights, features)
+    out = torch.from_numpy(np.asarray(out, dtype=np.float64))
     blocks, start = [], 0
     for mul, ir in target.irreps_out:
         block = out[:, start : start + mul * ir.dim].reshape(n_basis, samples, ir.dim, mul)
         blocks.append(block.transpose(2, 3))
         start += mul * ir.dim
-    return torch.cat(blocks, dim=-1).permute(1, 2, 3, 0).to(torch.float64)
+    return torch.cat(blocks, dim=-1).permute(1, 2, 3, 0)
 
 
 def _irrep_slices(irreps) -> List[slice]:
@@ -191,14 +216,17 @@ def _irrep_slices(irreps) -> List[slice]:
 
 
 def _projection(source, target, *, seed: int = 0) -> torch.Tensor:
-    """Matrix P (cuEquivariance basis, e3nn basis) with cueq_weights = P @ e3nn_weights, float64.
+    """Matrix P (cuEquivariance basis, e3nn basis) with cueq_weights = P @ e3nn_weights, float64 on CPU.
 
     Both contractions are linear in their weights and act channel by channel,
     so P is fitted exactly by least squares on random features: each e3nn
-    basis polynomial written in cuEquivariance's (linearly independent) basis.
-    This works for MACE's original basis (with its dependent vectors) and for
-    cuequivariance's reduced basis alike, and the fit residual proves the
-    map: ValueError if an e3nn polynomial is not in cuEquivariance's span.
+    basis polynomial written in cuEquivariance's (linearly independent) basis,
+    both evaluated in float64.  This works for MACE's original basis (with its
+    dependent vectors) and for cuequivariance's reduced one alike, and the fit
+    residual proves the map: ValueError if an e3nn polynomial is not in
+    cuEquivariance's span.  The residual allowed is round-off at the precision
+    the e3nn coupling tensors were computed in (float32 for a float32-trained
+    checkpoint, even when it is served in float64: :func:`.basis_precision`).
     """
     channels = target.irreps_in.muls[0]
     coupling_dim = sum(ir.dim for _, ir in target.irreps_in)
@@ -206,15 +234,13 @@ def _projection(source, target, *, seed: int = 0) -> torch.Tensor:
     n_basis = target.weight_shape[0]
     samples = max(4, -(-32 * n_basis // (channels * n_out)))  # >= 32 equations per unknown
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, channels, coupling_dim, dtype=torch.float64, generator=generator).to(target.weight.device)
-    e3nn_values = _e3nn_basis(source, x).reshape(-1, _e3nn_count(source)).cpu()
-    cueq_values = _cueq_basis(target, x).reshape(-1, n_basis).cpu()  # CUDA's lstsq has no rank-revealing driver
+    x = torch.randn(samples, channels, coupling_dim, dtype=torch.float64, generator=generator)
+    e3nn_values = _e3nn_basis(source, x).reshape(-1, _e3nn_count(source))
+    cueq_values = _cueq_basis(target, x).reshape(-1, n_basis)
     fit = torch.linalg.lstsq(cueq_values, e3nn_values, driver="gelsd").solution  # (cueq basis, e3nn basis)
     residual = float((cueq_values @ fit - e3nn_values).abs().max())
     scale = float(e3nn_values.abs().max())
-    # float32 models: their U matrices and cuEquivariance's float32 polynomial carry ~1e-7 round-off
-    dtype = source.contractions[0].U_matrix_1.dtype
-    if residual > 1e3 * torch.finfo(dtype).eps * max(scale, 1.0):
+    if residual > residual_tolerance(_coupling_tensors(source), scale):
         raise ValueError(
             f"symmetric contraction: e3nn basis not representable in cuEquivariance's "
             f"(residual {residual:.1e} of {scale:.1e})"
@@ -232,8 +258,37 @@ def _same_up_to_unit_axes(a: torch.Size, b: torch.Size) -> bool:
     return tuple(d for d in a if d != 1) == tuple(d for d in b if d != 1)
 
 
+#: e3nn buffers fixed by the architecture, not data: which outputs have paths, compiled Wigner 3j constants
+_E3NN_DERIVED_BUFFERS = re.compile(r"(^|\.)(output_mask|_w3j_\w+)$")
+
+
+def _tensor_names(module: torch.nn.Module) -> Dict[str, str]:
+    """{state-dict key: "parameter" or "buffer"} of ``module`` (persistent buffers only: what a state dict holds)."""
+    kinds = {name: "parameter" for name, _ in module.named_parameters()}
+    state = module.state_dict(keep_vars=True)
+    kinds.update({name: "buffer" for name in state if name not in kinds})
+    return kinds
+
+
+def _owned_by_cuequivariance(module: torch.nn.Module, key: str) -> bool:
+    """Whether the tensor ``key`` belongs to a cuEquivariance module (its constants: descriptor coefficients)."""
+    path = key.rsplit(".", 1)[0] if "." in key else ""
+    parts = path.split(".") if path else []
+    owner = module
+    for part in parts:
+        owner = getattr(owner, part)
+        if type(owner).__module__.startswith("cuequivariance"):
+            return True
+    return False
+
+
 def _transfer(source: FieldMACE, target: FieldMACE) -> None:
-    """Fill every parameter and data buffer of ``target`` from ``source`` (errors name the key)."""
+    """Fill every parameter and persistent buffer of ``target`` from ``source`` (errors name the key).
+
+    Every tensor of ``target`` is filled from ``source`` except the constants
+    of cuEquivariance's own modules; every non-empty tensor of ``source`` is
+    used except e3nn's architecture-derived buffers (:data:`_E3NN_DERIVED_BUFFERS`).
+    """
     src = source.state_dict()
     tgt = target.state_dict()
     new: Dict[str, torch.Tensor] = {}
@@ -242,7 +297,7 @@ def _transfer(source: FieldMACE, target: FieldMACE) -> None:
         sc_src, sc_tgt = p_src.symmetric_contractions, p_tgt.symmetric_contractions
         key = f"products.{i}.symmetric_contractions.weight"
         projection = _projection(sc_src, sc_tgt)
-        weights = _contraction_weights(sc_src).cpu()
+        weights = _contraction_weights(sc_src)
         new[key] = torch.einsum("zkc,bk->zbc", weights, projection)
         if new[key].shape != tgt[key].shape:
             raise ValueError(f"{key}: mapped to {tuple(new[key].shape)}, cuEquivariance has {tuple(tgt[key].shape)}")
@@ -258,17 +313,67 @@ def _transfer(source: FieldMACE, target: FieldMACE) -> None:
         else:
             raise ValueError(f"{key}: shape {tuple(stored.shape)} in e3nn, {tuple(value.shape)} in cuEquivariance")
         used.add(key)
-    missing = sorted(name for name, _ in target.named_parameters() if name not in new)
+    target_kinds, source_kinds = _tensor_names(target), _tensor_names(source)
+    missing = sorted(
+        f"{key} ({kind})" for key, kind in target_kinds.items()
+        if key not in new and not (kind == "buffer" and _owned_by_cuequivariance(target, key))
+    )
     if missing:
-        raise ValueError(f"cuEquivariance parameters with no e3nn counterpart: {missing}")
+        raise ValueError(f"cuEquivariance tensors with no e3nn counterpart: {missing}")
     unused = sorted(
-        name for name, p in source.named_parameters() if p.numel() > 0 and name not in used
+        f"{key} ({kind})" for key, kind in source_kinds.items()
+        if key not in used and src[key].numel() > 0 and not (kind == "buffer" and _E3NN_DERIVED_BUFFERS.search(key))
     )
     if unused:
-        raise ValueError(f"e3nn parameters not carried over: {unused}")
+        raise ValueError(f"e3nn tensors not carried over: {unused}")
     merged = dict(tgt)
-    merged.update({k: v.to(dtype=tgt[k].dtype) for k, v in new.items()})
+    merged.update({k: v.to(device=tgt[k].device, dtype=tgt[k].dtype) for k, v in new.items()})
     target.load_state_dict(merged, strict=True)
+
+
+#: the lowest precision cuEquivariance's descriptor caches may hold entries of (None: not known)
+_cache_precision: Optional[torch.dtype] = None
+
+
+def _descriptor_caches() -> List:
+    """How to clear every memo of the loaded cuequivariance modules: ``functools`` caches (classes' too), ``_cache*`` dicts."""
+    caches, seen = [], set()
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("cuequivariance"):
+            continue
+        for attr, obj in list(vars(module).items()):
+            if attr.startswith("_cache") and isinstance(obj, dict):  # hand-made memo tables
+                caches.append(obj.clear)
+                continue
+            candidates = [obj]
+            if inspect.isclass(obj) and obj.__module__ == name:
+                candidates += [getattr(v, "__func__", v) for v in vars(obj).values()]
+            for c in candidates:
+                if callable(getattr(c, "cache_clear", None)) and id(c) not in seen:
+                    seen.add(id(c))
+                    caches.append(c.cache_clear)
+    return caches
+
+
+def _prepare_descriptor_caches(dtype: torch.dtype) -> None:
+    """Make sure a ``dtype`` model is built from descriptors computed at (at least) ``dtype``'s precision.
+
+    cuEquivariance builds its descriptors from Clebsch-Gordan coefficients
+    that mace computes at torch's default dtype (``mace.tools.cg.O3_e3nn``
+    calls ``e3nn.o3.wigner_3j``), and memoises them (reduced tensor-product
+    bases, symmetric-contraction descriptors).  Entries made while a float32
+    model was built are float32-rounded, and a float64 model built later in
+    the same process would inherit them (~1e-9 relative error, measured).  So
+    before a float64 build the caches are cleared unless only float64 builds
+    filled them; float32 builds need nothing (float64 entries round exactly).
+    """
+    global _cache_precision
+    if dtype == torch.float64 and _cache_precision != torch.float64:
+        for clear in _descriptor_caches():
+            clear()
+        _cache_precision = torch.float64
+    elif dtype != torch.float64:
+        _cache_precision = dtype
 
 
 def to_cueq(model: FieldMACE, *, conv_fusion: Optional[bool] = None) -> FieldMACE:
@@ -279,7 +384,7 @@ def to_cueq(model: FieldMACE, *, conv_fusion: Optional[bool] = None) -> FieldMAC
         conv_fusion: fuse the convolution tensor product with its gather/scatter
             (None: on CUDA with cuEquivariance's kernels).
 
-    Same dtype, device, heads, metadata; ``model.backend == "cueq"``.
+    Same dtype, device, heads, metadata and extrapolation statistics; ``model.backend == "cueq"``.
     Raises ValueError if cuequivariance-torch is missing or a weight cannot be mapped.
     """
     if model_backend(model) == "cueq":
@@ -297,6 +402,7 @@ def to_cueq(model: FieldMACE, *, conv_fusion: Optional[bool] = None) -> FieldMAC
     kwargs = mace_kwargs(arch)
     kwargs["use_reduced_cg"] = True  # cuEquivariance's own (independent) weight basis; _transfer maps onto it
     kwargs["cueq_config"] = _cueq_config(conv_fusion)
+    _prepare_descriptor_caches(dtype)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -308,12 +414,30 @@ def to_cueq(model: FieldMACE, *, conv_fusion: Optional[bool] = None) -> FieldMAC
             target = FieldMACE(**kwargs)
     finally:
         torch.set_default_dtype(previous)
-    target = target.to(dtype=dtype, device=device)  # the contraction basis is probed on the device
+    target = target.to(dtype=dtype, device=device)
     _transfer(model, target)
     trainable = any(p.requires_grad for p in model.parameters())
     for p in target.parameters():  # a frozen (served) model stays frozen: no parameter graphs in autograd
         p.requires_grad_(trainable)
+    _carry_attributes(model, target)
     target.arch_config = copy.deepcopy(arch)
     target.backend = "cueq"
-    target.metadata = dict(getattr(model, "metadata", None) or {})
     return target.eval()
+
+
+def _carry_attributes(model: FieldMACE, target: FieldMACE) -> None:
+    """Give ``target`` every public attribute ``model`` has beyond a freshly built model's (copies).
+
+    That is what was attached after building: ``metadata``, ``arch_config``
+    and the extrapolation statistics (the grade reads the invariant channels
+    of each layer's features, which are the same in ``ir_mul`` layout; they are
+    checked against ``target`` by :func:`.attach`), and whatever is attached
+    in future, so nothing is dropped silently.
+    """
+    fresh = vars(target)
+    for name, value in vars(model).items():
+        if not name.startswith("_") and name not in fresh:
+            setattr(target, name, copy.deepcopy(value))
+    statistics = statistics_of(target)
+    if statistics is not None:
+        attach(target, statistics)
