@@ -53,6 +53,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -620,8 +621,17 @@ def run_compose(client) -> None:
                     volume.remove()
 
 
-def envoy_healthy_upstreams(admin_port: int) -> int:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=10).read().decode()
+def envoy_admin(proxy, path: str) -> str:
+    """GET ``path`` from Envoy's admin interface, which listens on 127.0.0.1 inside the proxy container only."""
+    script = (f'exec 3<>/dev/tcp/127.0.0.1/9901 && printf "GET {path} HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n" >&3 '
+              '&& cat <&3')
+    rc, out = proxy.exec_run(["bash", "-c", script])
+    check(rc == 0, f"Envoy admin {path}: exit {rc}: {out[-500:]!r}")
+    return out.decode(errors="replace")
+
+
+def envoy_healthy_upstreams(proxy) -> int:
+    text = envoy_admin(proxy, "/clusters")
     return sum(1 for ln in text.splitlines() if ln.startswith("macefield::") and ln.endswith("::health_flags::healthy"))
 
 
@@ -643,10 +653,13 @@ def run_compose_scale(client) -> None:
 
     from macefield_server.registry import load_default_model
 
+    sys.path.insert(0, str(REPO / "tests"))
+    from serving import free_port  # the tests' helper
+
     base = compose_commands()[0]
-    grpc_port, admin_port = free_port(), free_port()
+    grpc_port, proxy_metrics_port = free_port(), free_port()
     env = compose_env(MACEFIELD_TAG="ci", MACEFIELD_GRPC_PORT=str(grpc_port),
-                      MACEFIELD_PROXY_ADMIN_PORT=str(admin_port))
+                      MACEFIELD_PROXY_METRICS_PORT=str(proxy_metrics_port))
     volumes_before = {v.name for v in client.volumes.list()}
     try:
         compose(base, "--profile", "scale", "up", "-d", "--no-build", "--scale", "replica=3", "replica", "proxy",
@@ -658,10 +671,18 @@ def run_compose_scale(client) -> None:
         for container in replicas + [proxy]:
             wait_healthy(container)
         end = time.monotonic() + 60
-        while envoy_healthy_upstreams(admin_port) < 3:
-            check(time.monotonic() < end, f"Envoy sees {envoy_healthy_upstreams(admin_port)} healthy replicas, not 3")
+        while envoy_healthy_upstreams(proxy) < 3:
+            check(time.monotonic() < end, f"Envoy sees {envoy_healthy_upstreams(proxy)} healthy replicas, not 3")
             time.sleep(1)
         log(f"3 replicas healthy and in Envoy's pool; gRPC through the proxy on 127.0.0.1:{grpc_port}")
+        # Prometheus' port of the proxy serves its statistics and nothing else of the admin interface
+        stats = urllib.request.urlopen(f"http://127.0.0.1:{proxy_metrics_port}/stats/prometheus", timeout=10)
+        check("envoy_cluster_upstream_rq" in stats.read().decode(), "no Envoy statistics on the metrics port")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{proxy_metrics_port}/clusters", timeout=10)
+            check(False, "the proxy's metrics port answers /clusters (the admin interface is exposed)")
+        except urllib.error.HTTPError as exc:
+            check(exc.code == 404, f"/clusters on the metrics port: HTTP {exc.code}, expected 404")
         served = load_default_model()
         head = "batio3" if "batio3" in served.heads else served.default_head
         atoms = perovskite()

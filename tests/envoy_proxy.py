@@ -77,8 +77,9 @@ class EnvoyProcess:
             time.sleep(0.05)
         self.admin = admin_file.read_text().strip()
         while True:
-            listeners = json.loads(self.get("/listeners?format=json"))["listener_statuses"]
-            address = listeners[0].get("local_address", {}).get("socket_address", {}) if listeners else {}
+            listeners = {item.get("name"): item for item in
+                         json.loads(self.get("/listeners?format=json"))["listener_statuses"]}
+            address = listeners.get("grpc", {}).get("local_address", {}).get("socket_address", {})
             if address.get("port_value"):
                 self.port = int(address["port_value"])
                 break

@@ -128,7 +128,12 @@ def test_prometheus_finds_every_server_and_replica_by_dns():
     assert "server" in COMPOSE["services"]["server-gpu"]["networks"]["default"]["aliases"]
     assert "replica" in COMPOSE["services"]
     (proxy_sd,) = jobs["macefield-proxy"]["dns_sd_configs"]
-    assert proxy_sd["names"] == ["proxy"] and proxy_sd["port"] == 9901
+    envoy = yaml.safe_load((REPO / "deploy" / "envoy" / "envoy.yaml").read_text())
+    listeners = {item["name"]: item for item in envoy["static_resources"]["listeners"]}
+    # Prometheus scrapes Envoy's `metrics` listener (only /stats/prometheus); the admin port stays private
+    assert proxy_sd["names"] == ["proxy"] and proxy_sd["port"] == listeners["metrics"]["address"]["socket_address"][
+        "port_value"] != envoy["admin"]["address"]["socket_address"]["port_value"]
+    assert envoy["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     assert jobs["macefield-proxy"]["metrics_path"] == "/stats/prometheus"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -198,3 +199,32 @@ def test_md_rides_out_a_kill_9_mid_run(tmp_path):
     finally:
         for proc in procs:
             proc.kill()
+
+
+def test_liveness_goes_not_serving_while_the_compute_hangs_and_comes_back(monkeypatch, model):
+    """liveness_timeout_s: a compute thread stuck in one batch (a 3 s injected delay standing in for a hung CUDA
+    kernel) turns the ``liveness`` health NOT_SERVING once queued work has seen no batch finish for 1 s, while
+    the event loop (and readiness) still answer; the batch finishing turns it SERVING again.  An idle server
+    stays SERVING however long it waits."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from macefield_server.app import LIVENESS_SERVICE, SERVICE_NAME
+
+    monkeypatch.setenv("MACEFIELD_TEST_FAULT", "compute_delay_s=3")
+    config = ServerConfig(port=0, metrics_port=-1, liveness_timeout_s=1.0)
+    with BackgroundServer(config, [ServedModel("tiny", model, "sio2")]) as srv:
+        channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status(service=LIVENESS_SERVICE):
+            return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        time.sleep(1.6)
+        assert status() == serving  # idle for longer than the timeout: nothing is stuck
+        call = rpc.MaceFieldStub(channel).Predict.future(request_for(quartz_like(), field=FIELD, outputs=["forces"]),
+                                                         timeout=60)
+        wait_for(lambda: status() == not_serving, timeout=3, interval=0.1, what="liveness NOT_SERVING")
+        assert not call.done() and status(SERVICE_NAME) == serving  # still computing; still ready
+        assert_matches(call.result(), reference(model, quartz_like()))
+        wait_for(lambda: status() == serving, timeout=3, interval=0.1, what="liveness SERVING again")

@@ -119,8 +119,9 @@ class ClosedLoop:
     """``n`` clients (threads, a Client each), each sending its next request when the last is answered; clients
     with an odd index use a Session (one PredictStream), the others Predict.  Every answer is checked."""
 
-    def __init__(self, target, references, n: int = 8):
+    def __init__(self, target, references, n: int = 8, unary_retry=None):
         self.references = references
+        self.unary_retry = unary_retry  #: the Predict clients' RetryPolicy (0: every failure is an error)
         self.stop = threading.Event()
         self.errors: List[str] = []
         self.answered = [0] * n
@@ -134,7 +135,8 @@ class ClosedLoop:
         def retried(*_):
             self.retries += 1
 
-        with Client(target, timeout=60, on_retry=retried) as client:
+        retry = self.unary_retry if k % 2 == 0 else None
+        with Client(target, timeout=60, on_retry=retried, retry=retry) as client:
             session = client.session(outputs=OUTPUTS) if k % 2 else None
             i = k
             while not self.stop.is_set():
@@ -232,17 +234,49 @@ def test_async_client_spreads_requests_over_three_replicas(replicas, references)
     assert all(after[h] - before[h] >= 6 for h in HOSTS), (before, after)
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--max-connection-age", "-1", "max_connection_age_s: must be >= 0"),
-    ("--max-connection-age-grace", "nan", "max_connection_age_grace_s: must be >= 0"),
-    ("--health-port", "-2", "health_port: -1 (off)"),
+@pytest.mark.parametrize("args, message", [
+    (["--max-connection-age", "-1"], "max_connection_age_s: must be between 0 (off) and 2147483 seconds"),
+    (["--max-connection-age-grace", "nan"], "max_connection_age_grace_s: must be between 0"),
+    # gRPC takes int32 milliseconds: these overflowed when the server started (a traceback, exit 1)
+    (["--max-connection-age", "inf"], "max_connection_age_s: must be between 0 (off) and 2147483 seconds, got inf"),
+    (["--max-connection-age", "3e6"], "max_connection_age_s: must be between 0 (off) and 2147483 seconds"),
+    (["--liveness-timeout", "-5"], "liveness_timeout_s: must be between 0"),
+    (["--health-port", "-2"], "health_port: -1 (off)"),
+    (["--port", "7000", "--health-port", "7000"], "health_port: 7000 is also port"),
+    (["--metrics-port", "7001", "--health-port", "7001"], "health_port: 7001 is also metrics_port"),
 ])
-def test_scale_out_server_options_are_checked(option, value, message):
-    import sys
+def test_scale_out_server_options_are_checked(args, message, capsys):
+    """``macefield-serve``'s own entry point (in this process: it stops at the configuration, exit code 2)."""
+    from macefield_server.serve_cli import main
 
-    done = subprocess.run([sys.executable, "-m", "macefield_server.serve_cli", option, value], capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_port_another_server_holds_is_refused_not_shared(replicas):
+    """gRPC's default SO_REUSEPORT would let a second server bind a replica's port (or a health port on it) and
+    the kernel would split new connections between the two: both listeners bind without it, so the second
+    server fails to start, saying which address, with exit code 2."""
+    import asyncio
+
+    from macefield_server.app import MaceFieldServer
+    from macefield_server.config import ServerConfig
+    from macefield_server.serve_cli import main
+
+    replicas.ensure_all_up()
+
+    async def start(**ports):
+        server = MaceFieldServer(ServerConfig(host=HOSTS[0], metrics_port=-1, **ports))
+        try:
+            await server.start()
+        finally:
+            await server.stop_now()
+
+    with pytest.raises(OSError, match=f"could not bind the gRPC port {HOSTS[0]}:{replicas.port}"):
+        asyncio.run(start(port=replicas.port))
+    with pytest.raises(OSError, match=f"could not bind the health port {HOSTS[0]}:{replicas.port}"):
+        asyncio.run(start(port=0, health_port=replicas.port))
+    assert main(["--host", HOSTS[0], "--port", str(replicas.port), "--metrics-port", "-1"]) == 2
 
 
 def test_comma_separated_string_and_the_cli_reach_every_replica(replicas, references, tmp_path):
@@ -523,7 +557,9 @@ def test_proxy_kill_9_of_a_replica_under_load_loses_no_request(replicas, envoy, 
     replicas.ensure_all_up()
     wait_for(lambda: envoy.healthy_upstreams() == len(HOSTS), timeout=30, what="Envoy: 3 healthy replicas")
     victim = replicas.procs[HOSTS[2]]
-    load = ClosedLoop(envoy.address, references)
+    # the Predict clients do not retry at all: Envoy's own retries must cover the calls the kill cuts (and those
+    # sent to the dead replica before its health checks take it out); MD sessions resend their step themselves
+    load = ClosedLoop(envoy.address, references, unary_retry=0)
     try:
         load.wait_for_answers(40)
         assert victim.metric("macefield_requests_total", code="OK") > 0
@@ -539,9 +575,61 @@ def test_proxy_kill_9_of_a_replica_under_load_loses_no_request(replicas, envoy, 
         resent = envoy.stat("cluster.macefield.upstream_rq_retry")  # calls Envoy resent to another replica
     finally:
         load.finish()
-    assert resent + load.retries + sum(load.reconnects) >= 1, "calls cut by the kill should have been resent"
+    assert resent >= 1, "Envoy should have resent the calls cut by the kill to another replica"
     assert not load.errors, load.errors[:5]
     assert load.total() >= after_kill + 60 and all(n > 0 for n in load.answered), load.answered
     assert all(others[h] > served_before[h] for h in others), (served_before, others)
     replicas.restart(HOSTS[2])
     wait_for(lambda: envoy.healthy_upstreams() == len(HOSTS), timeout=30, what="Envoy: the replica is back")
+
+
+def test_tls_with_a_list_of_replicas_checks_the_one_name_their_certificates_share(model_path, references, tmp_path):
+    """TLS to an address list: gRPC would check the whole list as the host name, so the client refuses to start
+    without ``tls_server_name``; with it every replica's certificate is checked against that one name (a
+    wrong name fails the handshake) and calls spread over both replicas."""
+    from serving import self_signed_tls
+
+    from macefield_client import ServerUnavailable
+
+    tls = self_signed_tls(tmp_path, ("macefield-replicas",))
+    hosts = HOSTS[:2]
+    port = common_free_port(hosts)
+    procs = [ServerProcess(["--model", str(model_path), "--tls-cert", str(tls["crt"]), "--tls-key", str(tls["key"])],
+                           host=h, port=port) for h in hosts]
+    try:
+        addresses = [f"{h}:{port}" for h in hosts]
+        with pytest.raises(ValueError, match="tls_server_name: a TLS channel to a list of servers"):
+            Client(addresses, tls=str(tls["crt"]))
+        with Client(addresses, tls=str(tls["crt"]), tls_server_name="macefield-replicas") as client:
+            client.wait_ready(180)
+            for i in range(10):
+                atoms, field, reference = references[i % len(references)]
+                check_answer(client.predict(atoms, electric_field=field, outputs=OUTPUTS), reference)
+        served = [p.metric("macefield_requests_total", method="Predict", code="OK") for p in procs]
+        assert sum(served) == 10 and min(served) >= 2, served
+        with Client(addresses, tls=str(tls["crt"]), tls_server_name="not-the-name", retry=0, timeout=10) as wrong:
+            with pytest.raises(ServerUnavailable):
+                wrong.predict(references[0][0], electric_field=references[0][1], outputs=OUTPUTS)
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
+def test_client_side_health_checking_keeps_calls_off_a_replica_that_is_not_serving(replicas, model_path, references):
+    """A third replica that is still loading (NOT_SERVING for 60 s, held by a test fault) in the list: with
+    health checking (the default for a list) no call goes to it, so none is refused and retried; with
+    ``health_check=False`` round_robin sends it its share, refused UNAVAILABLE and retried elsewhere."""
+    replicas.ensure_all_up()
+    loading = ServerProcess(["--model", str(model_path)], host=HOSTS[2], env={"MACEFIELD_TEST_FAULT": "load_delay_s=60"})
+    try:
+        addresses = replicas.addresses[:2] + [loading.address]
+        for health_check, expect_retries in ((None, False), (False, True)):
+            retries = []
+            with Client(addresses, health_check=health_check, on_retry=lambda *a: retries.append(a)) as client:
+                client.wait_ready(60)
+                for i in range(12):
+                    atoms, field, reference = references[i % len(references)]
+                    check_answer(client.predict(atoms, electric_field=field, outputs=OUTPUTS), reference)
+            assert bool(retries) == expect_retries, (health_check, retries[:3])
+    finally:
+        loading.kill()

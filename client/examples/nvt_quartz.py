@@ -15,6 +15,7 @@ Needs: pip install 'macefield-client[ase]'.  Options: --help.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -60,10 +61,18 @@ def main(argv=None) -> int:
     ap.add_argument("--log-every", type=int, default=10, help="print every N steps (default 10)")
     ap.add_argument("--trajectory", help="write frames (extxyz) with energy, forces and polarization here")
     ap.add_argument("--seed", type=int, default=0)
+    env = os.environ.get
+    ap.add_argument("--tls-ca", default=env("MACEFIELD_TLS_CA") or None, metavar="CA.pem",
+                    help="TLS, trusting this CA (default $MACEFIELD_TLS_CA; none: plaintext)")
+    ap.add_argument("--tls-server-name", default=env("MACEFIELD_TLS_SERVER_NAME") or None, metavar="NAME",
+                    help="the name in the servers' certificates: TLS with a list of replicas "
+                         "(default $MACEFIELD_TLS_SERVER_NAME)")
+    ap.add_argument("--token", default=env("MACEFIELD_TOKEN") or None, help="bearer token (default $MACEFIELD_TOKEN)")
     args = ap.parse_args(argv)
 
     atoms = alpha_quartz(cell=args.cell, repeat=args.repeat)
-    calc = MACEFieldCalculator(args.server, electric_field=args.field, model=args.model, head=args.head)
+    calc = MACEFieldCalculator(args.server, electric_field=args.field, model=args.model, head=args.head,
+                               tls=args.tls_ca, tls_server_name=args.tls_server_name, token=args.token)
     atoms.calc = calc
     rng = np.random.default_rng(args.seed)
     thermalize_momenta(atoms, args.temperature, rng=rng)

@@ -54,12 +54,23 @@ CHANNEL_OPTIONS: List[Tuple[str, object]] = [
 
 def names_replicas(target: str) -> bool:
     """True for a resolved target that names several replicas: an address list or a ``dns:`` name."""
-    return target.startswith("dns:") or (target.startswith(("ipv4:", "ipv6:")) and "," in target)
+    return target.startswith("dns:") or is_address_list(target)
 
 
-def service_config(target: str) -> str:
-    """The service config for a resolved target: health-checked round_robin for replicas, else round_robin."""
-    return REPLICAS_SERVICE_CONFIG if names_replicas(target) else SERVICE_CONFIG
+def is_address_list(target: str) -> bool:
+    """True for gRPC's static list of several addresses (``ipv4:a:port,b:port``, ``ipv6:...``)."""
+    return target.startswith(("ipv4:", "ipv6:")) and "," in target
+
+
+def service_config(target: str, health_check: Optional[bool] = None) -> str:
+    """The service config for a resolved target: round_robin, with client-side health checking when
+    ``health_check`` is True, or when it is None and the target names several replicas
+    (:func:`names_replicas`).  Give ``health_check=False`` for a proxy reached by a ``dns:`` name (its health
+    answer is one replica's), ``True`` for replicas behind one plain ``host:port`` name that resolves to all
+    of them (a headless Service given without ``dns:///``)."""
+    if health_check is None:
+        health_check = names_replicas(target)
+    return REPLICAS_SERVICE_CONFIG if health_check else SERVICE_CONFIG
 
 
 #: ``on_retry(target, attempt, attempts, delay_s, details)``: told before each retry sleep
@@ -181,10 +192,7 @@ def address_list_target(addresses: Sequence[str]) -> str:
             ip = ipaddress.ip_address(host)
             ips = [ip]
         except ValueError:
-            try:
-                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-            except (socket.gaierror, UnicodeError) as exc:
-                raise ValueError(f"target: cannot resolve {host!r} (in a list of servers): {exc}") from None
+            infos = _lookup(host, int(port))
             ips = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
             if any(i.version == 4 for i in ips):  # a name with both families (localhost): its IPv4 addresses
                 ips = [i for i in ips if i.version == 4]
@@ -196,6 +204,33 @@ def address_list_target(addresses: Sequence[str]) -> str:
                          "family (give a dns:///name:port target instead)")
     scheme = "ipv4" if families == {4} else "ipv6"
     return f"{scheme}:" + ",".join(dict.fromkeys(a for _, a in resolved))
+
+
+#: seconds a host name in a list of servers may take to resolve (a firewalled DNS would hang the client)
+LOOKUP_TIMEOUT = 10.0
+
+
+def _lookup(host: str, port: int, timeout: float = LOOKUP_TIMEOUT):
+    """``socket.getaddrinfo`` for ``host``, bounded by ``timeout`` s (the lookup runs on a daemon thread);
+    ValueError naming the host when it fails or takes longer."""
+    import threading
+
+    answer: list = []
+
+    def run():
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except (OSError, UnicodeError) as exc:
+            answer.append(exc)
+
+    thread = threading.Thread(target=run, name=f"resolve-{host}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not answer:
+        raise ValueError(f"target: cannot resolve {host!r} (in a list of servers): no answer within {timeout:g} s")
+    if isinstance(answer[0], BaseException):
+        raise ValueError(f"target: cannot resolve {host!r} (in a list of servers): {answer[0]}")
+    return answer[0]
 
 
 def with_default_port(address: str, port: int = DEFAULT_PORT) -> str:
@@ -278,14 +313,29 @@ def call_metadata(token: Optional[str]) -> Optional[Sequence[Tuple[str, str]]]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def make_channel(target: str, tls, options=None, *, aio: bool = False):
+def make_channel(target: str, tls, options=None, *, aio: bool = False, tls_server_name: Optional[str] = None,
+                 health_check: Optional[bool] = None):
     """A channel with :data:`CHANNEL_OPTIONS` and :func:`service_config`; ``options`` add to them or replace
-    them (same name: ``("grpc.service_config", ...)`` replaces the balancing and health-check config)."""
+    them (same name: ``("grpc.service_config", ...)`` replaces the balancing and health-check config).
+
+    ``tls_server_name``: the name every replica's certificate is checked against (and the ``:authority`` of
+    each call), given as ``grpc.default_authority``.  A TLS channel to an address list needs it: gRPC would
+    check the whole list (``10.0.0.1:50051,10.0.0.2:50051``) as the host name, which no certificate matches.
+    """
     given = list(options or [])
     names = {name for name, _ in given}
-    ours = CHANNEL_OPTIONS + [("grpc.service_config", service_config(target))]
-    opts = [(k, v) for k, v in ours if k not in names] + given
+    ours = CHANNEL_OPTIONS + [("grpc.service_config", service_config(target, health_check))]
     creds = channel_credentials(tls)
+    if tls_server_name:
+        ours.append(("grpc.default_authority", tls_server_name))
+    elif creds is not None and is_address_list(target) and not names & {"grpc.default_authority",
+                                                                        "grpc.ssl_target_name_override"}:
+        raise ValueError(
+            f"tls_server_name: a TLS channel to a list of servers ({target}) needs the name their certificates "
+            "carry (tls_server_name=..., CLI --tls-server-name, $MACEFIELD_TLS_SERVER_NAME): gRPC would check "
+            "the whole list as the host name.  Or give one dns:///name:port target whose certificates carry "
+            "that name (docs/scaling.md, TLS with several replicas)")
+    opts = [(k, v) for k, v in ours if k not in names] + given
     mod = grpc.aio if aio else grpc
     if creds is None:
         return mod.insecure_channel(target, options=opts)

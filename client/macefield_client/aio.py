@@ -30,16 +30,19 @@ class AsyncClient:
 
     ``async with AsyncClient("host:port") as client: r = await client.predict(atoms)``; several replicas:
     ``AsyncClient(["10.0.0.1:50051", "10.0.0.2:50051"])`` or ``AsyncClient("dns:///macefield.svc:50051")``.
+    Every argument (``tls_server_name``, ``health_check``, ...) as for the sync client.
     """
 
     def __init__(self, target: Optional[Target] = None, *, tls=None, token: Optional[str] = None,
-                 timeout: Optional[float] = None, retry=None, options=None, on_retry: Optional[RetryHook] = None):
+                 timeout: Optional[float] = None, retry=None, options=None, on_retry: Optional[RetryHook] = None,
+                 tls_server_name: Optional[str] = None, health_check: Optional[bool] = None):
         self.target = resolve_target(target)
         self.timeout = resolve_timeout(timeout)
         self.retry = RetryPolicy.coerce(retry)
         self.on_retry = on_retry
         self._metadata = call_metadata(token)
-        self._channel = make_channel(self.target, tls, options, aio=True)
+        self._channel = make_channel(self.target, tls, options, aio=True, tls_server_name=tls_server_name,
+                                     health_check=health_check)
         self._stub = pb_grpc.MaceFieldStub(self._channel)
         self._info: Optional[ServerInfo] = None
 

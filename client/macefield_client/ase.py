@@ -110,7 +110,8 @@ class MACEFieldCalculator(Calculator):
         electric_field: (3,) V/A for every calculation; None: from ``atoms.info`` (see module doc).
         model, head: served model and head (None: the server's defaults).
         client: an existing :class:`~macefield_client.Client` to use instead of ``server``.
-        tls, token, timeout, retry: passed to :class:`~macefield_client.Client`.
+        tls, token, timeout, retry, tls_server_name, health_check: passed to
+            :class:`~macefield_client.Client` (``tls_server_name``: TLS with a list of replicas).
         use_session: keep one PredictStream open across calls (MD); False: one Predict per call.
         outputs: None (what ASE asks for, see module doc) or "all" (second derivatives at every call).
         extrapolation: "warn" (one warning per calculator when a structure's grade passes the
@@ -125,6 +126,7 @@ class MACEFieldCalculator(Calculator):
     def __init__(self, server: Optional[Target] = None, *, electric_field: Optional[Sequence[float]] = None,
                  model: Optional[str] = None, head: Optional[str] = None, client: Optional[Client] = None,
                  tls=None, token: Optional[str] = None, timeout: Optional[float] = None, retry=None,
+                 tls_server_name: Optional[str] = None, health_check: Optional[bool] = None,
                  use_session: bool = True, outputs=None, extrapolation: str = "warn",
                  extrapolation_threshold: float = EXTRAPOLATION_THRESHOLD, **kwargs):
         if extrapolation not in ("warn", "raise", "ignore"):
@@ -136,7 +138,8 @@ class MACEFieldCalculator(Calculator):
         self._warned = False
         self._owns_client = client is None
         self.client = client if client is not None else Client(server, tls=tls, token=token, timeout=timeout,
-                                                               retry=retry)
+                                                               retry=retry, tls_server_name=tls_server_name,
+                                                               health_check=health_check)
         self.model = model
         self.head = head
         self.always_all = outputs == "all"

@@ -38,9 +38,12 @@ Without ``--field`` each frame's field is ``info["electric_field"]``, else
 ``info["REF_electric_field"]``, else zero (V/A).  The server is
 ``--server``, else ``$MACEFIELD_SERVER``, else 127.0.0.1:50051 (a host
 without a port gets 50051); several replicas: ``host1:port,host2:port`` or
-``dns:///name:port`` (requests spread round-robin over the healthy ones).  TLS: ``--tls-ca CA.pem`` (or
+``dns:///name:port`` (requests spread round-robin over the healthy ones;
+``--no-health-check`` for a proxy given as ``dns:``).  TLS: ``--tls-ca CA.pem`` (or
 ``$MACEFIELD_TLS_CA``; ``--tls`` alone trusts the system roots), mutual TLS
-adds ``--tls-cert``/``--tls-key``; a bearer token: ``--token`` or
+adds ``--tls-cert``/``--tls-key``; TLS with a list of replicas needs
+``--tls-server-name NAME`` (``$MACEFIELD_TLS_SERVER_NAME``), the name all
+their certificates carry; a bearer token: ``--token`` or
 ``$MACEFIELD_TOKEN``.  Exit codes: 0 done, 1 the server failed or refused,
 2 bad input (missing file, unknown option value).
 """
@@ -81,6 +84,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", metavar="CA.pem", help="use TLS trusting this CA file (default $MACEFIELD_TLS_CA)")
     p.add_argument("--tls-cert", metavar="CERT.pem", help="client certificate for mutual TLS (with --tls-key)")
     p.add_argument("--tls-key", metavar="KEY.pem", help="private key of --tls-cert")
+    p.add_argument("--tls-server-name", metavar="NAME",
+                   help="host name the servers' certificates are checked against (default "
+                        "$MACEFIELD_TLS_SERVER_NAME); needed for TLS with a list of replicas")
+    health = p.add_mutually_exclusive_group()
+    health.add_argument("--health-check", dest="health_check", action="store_true", default=None,
+                        help="client-side health checking: only replicas reporting SERVING get calls (default: on "
+                             "for a list of replicas or a dns: name, off for one host:port)")
+    health.add_argument("--no-health-check", dest="health_check", action="store_false",
+                        help="no client-side health checking (a proxy reached by a dns: name)")
     p.add_argument("--token", help="bearer token (default $MACEFIELD_TOKEN)")
     p.add_argument("--timeout", type=float, help="per-call deadline, s (default 120)")
     p.add_argument("--retries", type=int, help="retries of a call answered UNAVAILABLE (default 9, with backoff)")
@@ -164,7 +176,9 @@ def _waiting(target: str, attempt: int, attempts: int, delay: float, details: st
 def _client(args) -> Client:
     try:
         return Client(args.server, tls=_tls(args), token=args.token or os.environ.get("MACEFIELD_TOKEN"),
-                      timeout=args.timeout, retry=args.retries, on_retry=None if args.quiet else _waiting)
+                      timeout=args.timeout, retry=args.retries, on_retry=None if args.quiet else _waiting,
+                      tls_server_name=args.tls_server_name or os.environ.get("MACEFIELD_TLS_SERVER_NAME") or None,
+                      health_check=args.health_check)
     except ValueError as exc:  # a target that cannot be used, a bad retry count
         raise InputError(str(exc)) from None
 

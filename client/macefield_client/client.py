@@ -54,6 +54,16 @@ class Client:
         options: extra gRPC channel options.
         on_retry: called before each retry as ``on_retry(target, attempt,
             attempts, delay_s, details)`` (the CLI prints "waiting for server").
+        tls_server_name: the host name the server certificates are checked
+            against (sent as the calls' authority); needed for TLS with a
+            list of replicas, whose certificates must all carry this one name
+            (docs/scaling.md).
+        health_check: gRPC client-side health checking (only replicas whose
+            ``macefield.v1.MaceField`` health says SERVING get calls).  None:
+            on for a target naming several replicas (an address list, a
+            ``dns:`` name), off for one ``host:port``; False for a proxy
+            reached by a ``dns:`` name, True for replicas behind one plain
+            name that resolves to all of them.
 
     Connection failures raise :class:`~macefield_client.ServerUnavailable`
     naming the target once the retries are spent.  Use as a context manager
@@ -61,13 +71,15 @@ class Client:
     """
 
     def __init__(self, target: Optional[Target] = None, *, tls=None, token: Optional[str] = None,
-                 timeout: Optional[float] = None, retry=None, options=None, on_retry: Optional[RetryHook] = None):
+                 timeout: Optional[float] = None, retry=None, options=None, on_retry: Optional[RetryHook] = None,
+                 tls_server_name: Optional[str] = None, health_check: Optional[bool] = None):
         self.target = resolve_target(target)
         self.timeout = resolve_timeout(timeout)
         self.retry = RetryPolicy.coerce(retry)
         self.on_retry = on_retry
         self._metadata = call_metadata(token)
-        self._channel = make_channel(self.target, tls, options)
+        self._channel = make_channel(self.target, tls, options, tls_server_name=tls_server_name,
+                                     health_check=health_check)
         self._stub = pb_grpc.MaceFieldStub(self._channel)
         self._info: Optional[ServerInfo] = None
 

@@ -10,12 +10,15 @@
 # Environment (all optional):
 #   REPLICA_DIR            where the address files go (default: $SLURM_SUBMIT_DIR/replicas-$SLURM_JOB_ID)
 #   MACEFIELD_PORT         gRPC port (default 50051); metrics on MACEFIELD_METRICS_PORT (default 9100)
+#   MACEFIELD_HEALTH_PORT  plaintext grpc.health.v1-only port this script probes for readiness (default
+#                          MACEFIELD_PORT + 1): the probe works whether the gRPC port has TLS or not
 #   MACEFIELD_BIND         address to bind (default 0.0.0.0)
 #   MACEFIELD_ADVERTISE    address clients use (default: this node's host name)
 #   MACEFIELD_SIF          an Apptainer image of the server: run it with `apptainer exec --nv`
 #   MACEFIELD_SERVE_ARGS   more macefield-serve options (a config file, TLS, tokens, models)
 set -euo pipefail
 port=${MACEFIELD_PORT:-50051}
+health_port=${MACEFIELD_HEALTH_PORT:-$((port + 1))}
 bind=${MACEFIELD_BIND:-0.0.0.0}
 advertise=${MACEFIELD_ADVERTISE:-$(hostname)}
 dir=${REPLICA_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/replicas-${SLURM_JOB_ID:-local}}
@@ -24,15 +27,16 @@ run=()
 if [ -n "${MACEFIELD_SIF:-}" ]; then
     run=(apptainer exec --nv "$MACEFIELD_SIF")
 fi
+# ${run[@]+"${run[@]}"}: an empty array under `set -u` is an error in bash <= 4.3
 # shellcheck disable=SC2086  # MACEFIELD_SERVE_ARGS is a list of options
-"${run[@]}" macefield-serve --host "$bind" --port "$port" --metrics-port "${MACEFIELD_METRICS_PORT:-9100}" \
-    --insecure ${MACEFIELD_SERVE_ARGS:-} &
+${run[@]+"${run[@]}"} macefield-serve --host "$bind" --port "$port" --health-port "$health_port" \
+    --metrics-port "${MACEFIELD_METRICS_PORT:-9100}" --insecure ${MACEFIELD_SERVE_ARGS:-} &
 server=$!
 trap 'echo "start-replica: signal received; waiting for the server to drain" >&2' TERM INT
 probe=$bind
 case "$bind" in 0.0.0.0) probe=127.0.0.1 ;; "::" | "[::]") probe="[::1]" ;; esac
-until "${run[@]}" macefield-health --address "$probe:$port" --service macefield.v1.MaceField --timeout 5 \
-        >/dev/null 2>&1; do
+until ${run[@]+"${run[@]}"} macefield-health --address "$probe:$health_port" --service macefield.v1.MaceField \
+        --timeout 5 >/dev/null 2>&1; do
     if ! kill -0 "$server" 2>/dev/null; then
         echo "start-replica: macefield-serve on $advertise exited before it was ready" >&2
         wait "$server"

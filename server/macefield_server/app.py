@@ -11,7 +11,9 @@
 Health (grpc.health.v1) is reported for the overall server ("") and for
 ``macefield.v1.MaceField``: NOT_SERVING while models load and while draining
 (clients and proxies stop sending new calls), SERVING otherwise; ``liveness``
-is SERVING from start to exit (a probe that must not fail during a drain).
+is SERVING from start to exit (a probe that must not fail during a drain),
+except, with ``liveness_timeout_s``, while work has waited that long without
+a batch finishing (a hung compute thread).
 ``health_port`` adds a plaintext listener with only the health service
 (Kubernetes gRPC probes cannot speak TLS).  Server reflection is on.
 
@@ -55,8 +57,12 @@ from .security import TokenAuthInterceptor, load_tokens, server_credentials
 log = logging.getLogger("macefield.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MaceField"].full_name
-#: health service name that is SERVING from start to exit (liveness probes: a drain is not a failure)
+#: health service name that is SERVING from start to exit (liveness probes: a drain is not a failure), and
+#: NOT_SERVING while the compute is stuck (``liveness_timeout_s``)
 LIVENESS_SERVICE = "liveness"
+#: gRPC sets SO_REUSEPORT by default: a second server on the same port would bind too and the kernel would
+#: split new connections between the two (a replica started while the old one drains, health_port == port)
+NO_REUSEPORT = ("grpc.so_reuseport", 0)
 
 
 def warmup_structure(served: ServedModel) -> Structure:
@@ -95,6 +101,7 @@ class MaceFieldServer:
         self.metrics_port: Optional[int] = None
         self.ready = asyncio.Event()
         self._closed = False
+        self._watchdog: Optional[asyncio.Task] = None
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -113,6 +120,7 @@ class MaceFieldServer:
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port)
         options = [
+            NO_REUSEPORT,
             ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
             ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
             ("grpc.max_concurrent_streams", cfg.limits.max_concurrent_streams),
@@ -131,29 +139,37 @@ class MaceFieldServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if cfg.health_port >= 0:
-            self.health_server = grpc.aio.server()
+            self.health_server = grpc.aio.server(options=[NO_REUSEPORT])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            self.health_port = self.health_server.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
-            if not self.health_port:
-                raise OSError(f"could not bind the health port {cfg.host}:{cfg.health_port}")
+            self.health_port = self._bind(self.health_server, cfg.health_port, None, "the health port")
             await self.health_server.start()
             log.info("grpc.health.v1 (plaintext, health only) on %s:%s", cfg.host, self.health_port)
-        address = f"{cfg.host}:{cfg.port}"
-        if credentials is not None:
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        self.port = self._bind(self.server, cfg.port, credentials, "the gRPC port")
         log.info("gRPC on %s:%s (%s%s; %s)", cfg.host, self.port, "TLS" if credentials else "plaintext",
                  ", client certificates required" if sec.tls_client_ca else "",
                  f"{len(tokens)} bearer token(s) required" if tokens else "no token required")
-        if not self.port:
-            raise OSError(f"could not bind {cfg.host}:{cfg.port}")
         await self.server.start()
         return self.port
+
+    def _bind(self, server: grpc.aio.Server, port: int, credentials, what: str) -> int:
+        """Bind ``server`` to ``host:port``; OSError naming the address when that fails (in use: no
+        SO_REUSEPORT, so a second server on the same port fails here instead of sharing its connections)."""
+        address = f"{self.config.host}:{port}"
+        try:
+            bound = (server.add_secure_port(address, credentials) if credentials is not None
+                     else server.add_insecure_port(address))
+        except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
+            bound = 0
+        if not bound:
+            raise OSError(f"could not bind {what} {address} (in use by another process, or not an address of "
+                          "this machine)")
+        return bound
 
     async def load(self) -> None:
         """Load every model, run warm-up batches, then report SERVING."""
         loop = asyncio.get_running_loop()
+        if self.fault is not None and self.fault.load_delay_s:
+            await asyncio.sleep(self.fault.load_delay_s)  # test only: a replica that takes long to load
         if self._given_models is not None:
             self.registry = ModelRegistry(list(self._given_models))
         else:
@@ -174,6 +190,9 @@ class MaceFieldServer:
         self.service.dispatcher = Dispatcher(self.registry, self.batchers, self.config.limits, self.prep_executor,
                                              graph_budget=graph_budget)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.config.liveness_timeout_s > 0:
+            self._watchdog = asyncio.create_task(self._watch_liveness(self.config.liveness_timeout_s),
+                                                 name="liveness-watchdog")
         self.ready.set()
         log.info("serving models %s", [m.name for m in self.registry])
 
@@ -204,6 +223,27 @@ class MaceFieldServer:
         served.memory = await loop.run_in_executor(batcher.compute_executor, measure_memory, served)
         log.info("model %s memory per pass: %s; measured in %.2f s", served.name, served.memory.describe(),
                  time.monotonic() - start)
+
+    async def _watch_liveness(self, timeout: float) -> None:
+        """``liveness`` NOT_SERVING while some model's work has waited ``timeout`` s without a batch finishing
+        (a hung compute thread: the event loop still answers, the model does not); SERVING once one finishes."""
+        alive = True
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            stalled = {name: b.stalled_for() for name, b in self.batchers.items()}
+            worst = max(stalled, key=stalled.get, default=None)
+            now_alive = worst is None or stalled[worst] <= timeout
+            if now_alive == alive:
+                continue
+            alive = now_alive
+            if alive:
+                log.warning("liveness: model %s finished a batch again: liveness SERVING", worst)
+            else:
+                log.error("liveness: model %s has had work queued or computing for %.0f s without a batch "
+                          "finishing (liveness_timeout_s %g): liveness NOT_SERVING (%s)", worst, stalled[worst],
+                          timeout, self.waiting_for())
+            await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING if alive
+                                  else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _assign_budgets(self) -> int:
         """Each model's share of its device's memory budget; returns the bytes for admitted neighbour lists."""
@@ -274,6 +314,8 @@ class MaceFieldServer:
         if self._closed:
             return
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for batcher in self.batchers.values():
             await batcher.close(wait=wait)
         await asyncio.to_thread(self.prep_executor.shutdown, wait=wait, cancel_futures=not wait)

@@ -120,18 +120,21 @@ class InjectedFault:
       are served.
     * ``compute_delay_s=S``: every batch after warm-up takes S more seconds
       (a slow model: drain and shutdown tests).
+    * ``load_delay_s=S``: the server waits S seconds before loading its models
+      (health NOT_SERVING meanwhile: probe tests see a replica that is loading).
 
     For fault tests only; never set it in production.
     """
 
     ENV = "MACEFIELD_TEST_FAULT"
-    KEYS = ("oom_above_atoms", "error_on_batch", "compute_delay_s")
+    KEYS = ("oom_above_atoms", "error_on_batch", "compute_delay_s", "load_delay_s")
 
     def __init__(self, oom_above_atoms: Optional[int] = None, error_on_batch: Optional[int] = None,
-                 compute_delay_s: Optional[int] = None):
+                 compute_delay_s: Optional[int] = None, load_delay_s: Optional[int] = None):
         self.oom_above_atoms = oom_above_atoms
         self.error_on_batch = error_on_batch
         self.compute_delay_s = compute_delay_s
+        self.load_delay_s = load_delay_s
         self.batches = 0
 
     @classmethod
@@ -209,6 +212,8 @@ class Batcher:
         self._draining = False
         self._tasks: List[asyncio.Task] = []
         self._busy = 0  # batches formed and not yet scattered
+        #: time.monotonic() of the last sign of progress: a batch finished, or work arrived at an idle batcher
+        self._progress_at = time.monotonic()
         self._idle = asyncio.Event()
         self._idle.set()
         self._atomic_numbers = [int(z) for z in served.model.atomic_numbers]
@@ -244,6 +249,8 @@ class Batcher:
         """Queue all of ``items`` or none (QueueFull)."""
         if not self.has_room(len(items), sum(it.n_atoms for it in items)):
             raise QueueFull(self.full_message())
+        if not self._queued and not self._busy:
+            self._progress_at = time.monotonic()  # idle until now: the stall clock starts with this work
         for item in items:
             item.future.add_done_callback(lambda _f, it=item: self._left_queue(it))
             self._pending[item.tier].append(item)
@@ -267,6 +274,13 @@ class Batcher:
     def busy(self) -> int:
         """Batches formed and not yet answered (preparing or computing)."""
         return self._busy
+
+    def stalled_for(self, now: Optional[float] = None) -> float:
+        """Seconds that work has been queued or computing without a batch finishing (0 when idle): the
+        liveness watchdog's measure of a hung compute thread."""
+        if not self._queued and not self._busy:
+            return 0.0
+        return max(0.0, (time.monotonic() if now is None else now) - self._progress_at)
 
     async def close(self, wait: bool = True) -> None:
         """Stop forming batches; fail what is still queued; ``wait``: let a pass that is computing finish."""
@@ -432,7 +446,10 @@ class Batcher:
     async def _compute(self, loop, items: List[WorkItem], batch: Optional[GraphBatch]) -> None:
         start = time.monotonic()
         fail = self.fault.next_batch() if self.fault is not None else False
-        outcomes = await loop.run_in_executor(self.compute_executor, self._compute_with_split, items, batch, fail)
+        try:
+            outcomes = await loop.run_in_executor(self.compute_executor, self._compute_with_split, items, batch, fail)
+        finally:
+            self._progress_at = time.monotonic()  # a batch finished (answered or failed): the compute is alive
         elapsed = time.monotonic() - start
         name = self.served.name
         n_atoms = sum(it.n_atoms for it in items)

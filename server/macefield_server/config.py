@@ -9,6 +9,7 @@ Example (YAML; the TOML layout is the same)::
     grace_s: 30                 # SIGTERM: finish in-flight work within this many seconds
     max_connection_age_s: 0     # GOAWAY to each client connection after this long (clients reconnect and
     max_connection_age_grace_s: 0   # re-resolve, spreading over new replicas); then calls get this long; 0: never
+    liveness_timeout_s: 0       # health "liveness" NOT_SERVING when queued work sees no batch finish this long; 0: off
     backend: auto               # backend of models that name none (and of the embedded default model)
     models:
       - name: sio2
@@ -90,6 +91,9 @@ class ModelConfig:
 #: are not measured yet (bench/gpu_suite.py's engine section gives throughput against batch size).
 AUTO_LIMITS = {"cpu": (1024, 4000), "cuda": (8192, 400_000)}
 
+#: the longest duration option in seconds (max_connection_age_s, ...): gRPC takes int32 milliseconds
+MAX_DURATION_S = 2_147_483
+
 
 @dataclass
 class BatchingConfig:
@@ -157,6 +161,11 @@ class ServerConfig:
     #: seconds calls still open on such a connection may run before it is closed (0: no limit); an
     #: MD session cut then resends its step on a new connection
     max_connection_age_grace_s: float = 0.0
+    #: seconds without a finished batch, while work is queued or computing, after which the health service
+    #: ``liveness`` says NOT_SERVING (a hung compute thread, e.g. a stuck CUDA kernel: a liveness probe then
+    #: restarts the replica); SERVING again when a batch finishes.  0: off (the default: on a CPU one large
+    #: structure may legitimately compute for minutes); set it well above the longest batch you expect
+    liveness_timeout_s: float = 0.0
     threads: int = 0  #: torch intra-op threads for compute (0: torch default)
     warmup_passes: int = 1  #: warm-up batches per model before health says SERVING
     log_level: str = "INFO"
@@ -203,11 +212,31 @@ class ServerConfig:
             raise ConfigError(f"limits.max_field: must be > 0 V/A, got {lim.max_field}")
         if self.grace_s < 0:
             raise ConfigError(f"grace_s: must be >= 0, got {self.grace_s}")
-        for key in ("max_connection_age_s", "max_connection_age_grace_s"):
-            if not float(getattr(self, key)) >= 0:
-                raise ConfigError(f"{key}: must be >= 0 seconds (0: no limit), got {getattr(self, key)}")
-        if self.health_port < -1:
-            raise ConfigError(f"health_port: -1 (off), 0 (any free port) or a port, got {self.health_port}")
+        for key in ("max_connection_age_s", "max_connection_age_grace_s", "liveness_timeout_s"):
+            value = getattr(self, key)
+            try:
+                seconds = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key}: expected a number of seconds, got {value!r}") from None
+            # gRPC takes the ages as int32 milliseconds: at most 2147483 s (24.8 days)
+            if not 0 <= seconds <= MAX_DURATION_S:
+                raise ConfigError(f"{key}: must be between 0 (off) and {MAX_DURATION_S} seconds, got {value}")
+        for key in ("port", "metrics_port", "health_port"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value > 65535:
+                raise ConfigError(f"{key}: expected a port number (0-65535), got {value!r}")
+        if self.port < 0:
+            raise ConfigError(f"port: 0 (any free port) or a port, got {self.port}")
+        for key in ("metrics_port", "health_port"):
+            if getattr(self, key) < -1:
+                raise ConfigError(f"{key}: -1 (off), 0 (any free port) or a port, got {getattr(self, key)}")
+        if self.health_port > 0:
+            for key in ("port", "metrics_port"):
+                if getattr(self, key) == self.health_port and (key == "port" or self._metrics_shares_host()):
+                    raise ConfigError(f"health_port: {self.health_port} is also {key}; give the health listener "
+                                      "a port of its own")
+        if self.metrics_port > 0 and self.metrics_port == self.port and self._metrics_shares_host():
+            raise ConfigError(f"metrics_port: {self.metrics_port} is also port; give /metrics a port of its own")
         names = [m.name for m in self.models if m.name]
         if len(names) != len(set(names)):
             raise ConfigError(f"models: duplicate model names {names}")
@@ -222,6 +251,9 @@ class ServerConfig:
                 raise ConfigError(f"models[{i}].dtype: expected float32 or float64, got {m.dtype!r}")
         self._validate_security()
         return self
+
+    def _metrics_shares_host(self) -> bool:
+        return not self.metrics_host or self.metrics_host == self.host
 
     def _validate_security(self) -> None:
         sec = self.security

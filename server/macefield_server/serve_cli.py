@@ -8,6 +8,8 @@
 
 Plaintext is only allowed on loopback hosts: binding 0.0.0.0, :: or a LAN
 address needs --tls-cert/--tls-key or an explicit --insecure (exit code 2 otherwise).
+A port that another process holds (another server, a replica still draining)
+is refused with exit code 2: ports are never shared (no SO_REUSEPORT).
 
 On start it prints one JSON line to stdout, ``{"event": "listening", "port":
 ..., "metrics_port": ..., "health_port": ...}`` (useful with ``--port 0``), and a second one,
@@ -69,6 +71,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="send each client connection GOAWAY after this long so clients re-resolve (default 0: never)")
     p.add_argument("--max-connection-age-grace", type=float, dest="max_connection_age_grace_s", metavar="SECONDS",
                    help="then let its calls run this long before closing it (default 0: no limit)")
+    p.add_argument("--liveness-timeout", type=float, dest="liveness_timeout_s", metavar="SECONDS",
+                   help="health 'liveness' NOT_SERVING when queued work sees no batch finish for this long "
+                        "(a hung compute; default 0: off)")
     p.add_argument("--log-level", help="DEBUG logs one line per batch")
     p.add_argument("--version", action="version", version=_version_string())
     return p.parse_args(argv)
@@ -85,6 +90,7 @@ def build_config(args: argparse.Namespace):
         "health_port": args.health_port,
         "max_connection_age_s": args.max_connection_age_s,
         "max_connection_age_grace_s": args.max_connection_age_grace_s,
+        "liveness_timeout_s": args.liveness_timeout_s,
         "log_level": args.log_level,
         "backend": args.backend,
     }
@@ -119,7 +125,12 @@ async def serve(config) -> int:
     log = logging.getLogger("macefield.serve")
     server = MaceFieldServer(config)
     server.torch_threads()
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # a port in use (no SO_REUSEPORT: never shared with another server)
+        print(f"macefield-serve: {exc}", file=sys.stderr)
+        await server.stop_now()
+        return 2
     print(json.dumps({"event": "listening", "host": config.host, "port": server.port,
                       "metrics_port": server.metrics_port, "health_port": server.health_port,
                       "pid": os.getpid()}), flush=True)
