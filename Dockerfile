@@ -63,9 +63,14 @@ FROM builder AS builder-gpu
 # the kernel package; empty (default): cuequivariance-ops-torch-cu<torch's CUDA major> at cuequivariance-torch's
 # version (the server[cueq] extra pins cuEquivariance's minor version; docker/requirements.txt pins the rest)
 ARG CUEQ_OPS=
+# A builder without BuildKit (docker.io 20.10, docker-compose 1.x) runs this stage for the default target
+# too, so a CPU torch skips it with a notice instead of failing the CPU image; an image built that way
+# for --target gpu has no cuEquivariance, and docker/serve.gpu.yaml (backend: cueq) refuses to start on it.
 RUN cuda="$(python -c 'import torch; print((torch.version.cuda or "").split(".")[0])')" \
  && if [ -z "$cuda" ]; then \
-        echo "target gpu needs a CUDA build of torch (leave TORCH_WHEEL_DIR empty, or give it a CUDA wheel)" >&2; exit 1; \
+        echo "NOTICE: torch is a CPU build: cuEquivariance not installed (only --target gpu needs it, and it" \
+             "needs a CUDA build of torch: leave TORCH_WHEEL_DIR empty, or give it a CUDA wheel)" >&2; \
+        exit 0; \
     fi \
  && pip install -c /tmp/requirements.txt "/src/server[cueq]" \
  && version="$(python -c 'import importlib.metadata as m; print(m.version("cuequivariance-torch"))')" \

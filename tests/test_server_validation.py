@@ -208,3 +208,12 @@ def test_list_models(model, server, stub):
     assert info.num_parameters == sum(p.numel() for p in model.parameters())
     assert json.loads(info.card_json) == {"name": "tiny"}
     assert metric(server.metrics_port, "macefield_model_info", name="tiny", trained="true", backend="e3nn") == 1
+
+
+def test_unknown_elements_are_named_by_symbol_and_number(stub):
+    request = valid()
+    _set("atomic_numbers", [8] * 8 + [26])(request)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(request, timeout=30)
+    assert info.value.details() == ("atomic_numbers: element(s) Fe (26) not in model 'tiny' "
+                                    "(it has O (8), Si (14))")

@@ -253,11 +253,12 @@ class ExtrapolationStatistics:
         species = torch.argmax(node_attrs, dim=1)
         keys = node_heads * n_elements + species
         grade = torch.full((x.shape[0],), math.inf, dtype=torch.float64, device=x.device)
-        # every table on every atom, kept where the atom's (head, element) matches: no host synchronisation
-        # (torch.unique / boolean indexing would stall a GPU stream), a few small products per table
         for (head, element), table in tables.items():
             mine = keys == head * n_elements + element
-            grade = torch.where(mine, element_grade(x, *table) / (1.0 + self.margin), grade)
+            if x.device.type == "cpu":  # only the atoms of this table (boolean indexing: cheap on the host)
+                grade[mine] = element_grade(x[mine], *table) / (1.0 + self.margin)
+            else:  # every atom, kept where it matches: no host synchronisation to stall a GPU stream
+                grade = torch.where(mine, element_grade(x, *table) / (1.0 + self.margin), grade)
         return grade
 
     # ------------------------------------------------------ serialisation
