@@ -149,14 +149,16 @@ def test_compose_scale_profile():
     assert any(p.endswith(":50051") and p.startswith("127.0.0.1:") for p in proxy["ports"])
     assert proxy["healthcheck"]["test"][0] == "CMD-SHELL" and "envoy-ready" in proxy["healthcheck"]["test"][1]
     envoy = yaml.safe_load((REPO / "deploy" / "envoy" / "envoy.yaml").read_text())
-    (cluster,) = envoy["static_resources"]["clusters"]
+    clusters = {item["name"]: item for item in envoy["static_resources"]["clusters"]}
+    assert set(clusters) == {"macefield", "admin"}  # the replicas; the admin interface for the metrics listener
+    cluster = clusters["macefield"]
     (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert cluster["type"] == "STRICT_DNS"  # every replica container's A record
     assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "replica", "port_value": served.port}
     (check,) = cluster["health_checks"]
     assert check["grpc_health_check"]["service_name"] == "macefield.v1.MaceField"
-    (listener,) = envoy["static_resources"]["listeners"]
-    assert listener["address"]["socket_address"]["port_value"] == 50051
+    listeners = {item["name"]: item for item in envoy["static_resources"]["listeners"]}
+    assert listeners["grpc"]["address"]["socket_address"]["port_value"] == 50051
     dockerfile = (REPO / "deploy" / "envoy" / "Dockerfile").read_text()
     assert re.search(r"^FROM debian:bookworm-slim", dockerfile, re.M) and re.search(r"^USER envoy$", dockerfile, re.M)
     assert "COPY envoy.yaml /etc/envoy/envoy.yaml" in dockerfile

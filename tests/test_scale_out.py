@@ -598,6 +598,9 @@ def test_tls_with_a_list_of_replicas_checks_the_one_name_their_certificates_shar
                            host=h, port=port) for h in hosts]
     try:
         addresses = [f"{h}:{port}" for h in hosts]
+        for address in addresses:  # each one loaded (a list is ready as soon as one replica is)
+            with Client(address, tls=str(tls["crt"]), tls_server_name="macefield-replicas", retry=0) as one:
+                one.wait_ready(180)
         with pytest.raises(ValueError, match="tls_server_name: a TLS channel to a list of servers"):
             Client(addresses, tls=str(tls["crt"]))
         with Client(addresses, tls=str(tls["crt"]), tls_server_name="macefield-replicas") as client:
