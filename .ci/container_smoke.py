@@ -621,18 +621,13 @@ def run_compose(client) -> None:
                     volume.remove()
 
 
-def envoy_admin(proxy, path: str) -> str:
-    """GET ``path`` from Envoy's admin interface, which listens on 127.0.0.1 inside the proxy container only."""
-    script = (f'exec 3<>/dev/tcp/127.0.0.1/9901 && printf "GET {path} HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n" >&3 '
-              '&& cat <&3')
-    rc, out = proxy.exec_run(["bash", "-c", script])
-    check(rc == 0, f"Envoy admin {path}: exit {rc}: {out[-500:]!r}")
-    return out.decode(errors="replace")
-
-
-def envoy_healthy_upstreams(proxy) -> int:
-    text = envoy_admin(proxy, "/clusters")
-    return sum(1 for ln in text.splitlines() if ln.startswith("macefield::") and ln.endswith("::health_flags::healthy"))
+def envoy_healthy_upstreams(metrics_port: int) -> int:
+    """Replicas Envoy's active health checks pass, from its ``metrics`` listener (what Prometheus scrapes;
+    the admin interface itself listens on 127.0.0.1 inside the proxy container only)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/stats/prometheus", timeout=10).read().decode()
+    found = re.search(r'^envoy_cluster_membership_healthy\{envoy_cluster_name="macefield"\} (\d+)', text, re.M)
+    check(found is not None, "Envoy's statistics have no envoy_cluster_membership_healthy for the replicas")
+    return int(found.group(1))
 
 
 def predict_answers(container) -> float:
@@ -671,8 +666,9 @@ def run_compose_scale(client) -> None:
         for container in replicas + [proxy]:
             wait_healthy(container)
         end = time.monotonic() + 60
-        while envoy_healthy_upstreams(proxy) < 3:
-            check(time.monotonic() < end, f"Envoy sees {envoy_healthy_upstreams(proxy)} healthy replicas, not 3")
+        while envoy_healthy_upstreams(proxy_metrics_port) < 3:
+            check(time.monotonic() < end,
+                  f"Envoy sees {envoy_healthy_upstreams(proxy_metrics_port)} healthy replicas, not 3")
             time.sleep(1)
         log(f"3 replicas healthy and in Envoy's pool; gRPC through the proxy on 127.0.0.1:{grpc_port}")
         # Prometheus' port of the proxy serves its statistics and nothing else of the admin interface
