@@ -13,6 +13,7 @@ from serving import ServerProcess, free_port, save_tiny_model
 
 from macefield_client import AsyncClient, Client, ServerUnavailable
 from macefield_client._channel import resolve_target
+from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as pb_grpc
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -94,3 +95,53 @@ def test_retries_are_announced(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.count(f"waiting for server at {target} (attempt") == 2
     assert "(attempt 1/3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class CancelsFirst(pb_grpc.MaceFieldServicer):
+    """A MaceField service whose ListModels is CANCELLED by the server the first ``n`` times (what a real
+    server shutting down answers for calls it had received but not yet handled, grpc/grpc#41785), then
+    answered; the real part under test is the client's retry of it."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def ListModels(self, request, context):
+        import grpc
+
+        from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
+
+        self.calls += 1
+        if self.calls <= self.n:
+            context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+        return pb.ListModelsResponse()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_unary_call_the_server_cancels_is_sent_again(asynchronous):
+    from concurrent import futures
+
+    import grpc
+
+    from macefield_client import MACEFieldError
+
+    servicer = CancelsFirst(2)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_MaceFieldServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        if asynchronous:
+            async def call():
+                async with AsyncClient(f"127.0.0.1:{port}") as client:
+                    return await client.list_models()
+            info = asyncio.run(call())
+        else:
+            with Client(f"127.0.0.1:{port}") as client:
+                info = client.list_models()
+        assert servicer.calls == 3 and info.models == []
+        servicer.calls = 0
+        with Client(f"127.0.0.1:{port}", retry=1) as client, pytest.raises(MACEFieldError, match="CANCELLED"):
+            client.list_models()  # the retries are bounded by the policy: 2 attempts, both cancelled
+        assert servicer.calls == 2
+    finally:
+        server.stop(None)

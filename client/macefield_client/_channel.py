@@ -80,7 +80,8 @@ RetryHook = Callable[[str, int, int, float, str], None]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries with exponential backoff for idempotent calls answered UNAVAILABLE.
+    """Retries with exponential backoff for idempotent calls answered UNAVAILABLE (and when the server
+    cancelled them, see :meth:`retries`).
 
     ``attempts`` counts the first try; ``attempts=1`` never retries.  The
     delay before retry k (k = 1, 2, ...) is ``min(max_backoff, initial_backoff
@@ -101,6 +102,14 @@ class RetryPolicy:
     def __post_init__(self):
         if self.attempts < 1:
             raise ValueError("retry.attempts must be >= 1")
+
+    def retries(self, code: grpc.StatusCode) -> bool:
+        """True when a call (a unary call or a session step) that ended with ``code`` is sent again:
+        ``retry_codes``, and CANCELLED, which this client's calls only get from the server side (their own
+        deadline ends them DEADLINE_EXCEEDED): a server shutting down cancels the calls it had received but
+        not yet handed to a handler (grpc/grpc#41785), so a replica stopping gracefully would otherwise fail
+        them.  The calls are idempotent, so sending one again is safe."""
+        return code in self.retry_codes or code == grpc.StatusCode.CANCELLED
 
     def budget(self) -> Tuple[float, float]:
         """(shortest, longest) total wait in seconds before the last attempt (jitter at its extremes)."""

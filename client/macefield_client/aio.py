@@ -59,7 +59,7 @@ class AsyncClient:
                 return await rpc(request, timeout=self._deadline(timeout), metadata=self._metadata,
                                  wait_for_ready=False)
             except grpc.RpcError as err:
-                if err.code() in self.retry.retry_codes:
+                if self.retry.retries(err.code()):
                     delay = next(delays, None)
                     if delay is not None:
                         self._notify(attempt, delay, err)
@@ -200,7 +200,7 @@ class AsyncSession:
                     stale_retried = True  # a stream that worked before broke oddly: resend once on a new one
                     self.reconnects += 1
                     continue
-                if exc.code() not in self.client.retry.retry_codes:
+                if not self.client.retry.retries(exc.code()):
                     raise error_from_rpc(exc, self.client.target, attempts=attempt) from None
                 err = exc
             except asyncio.InvalidStateError:  # writing to a call that already ended
@@ -233,7 +233,7 @@ class AsyncSession:
             details = await call.details()
         except Exception:  # noqa: BLE001
             return None
-        if code == grpc.StatusCode.OK or code in self.client.retry.retry_codes:
+        if code == grpc.StatusCode.OK or self.client.retry.retries(code):
             return None
         raise MACEFieldError(f"MACE-Field server at {self.client.target}: {code.name}: {details}",
                              target=self.client.target, code=code, details=details)

@@ -49,8 +49,9 @@ class Client:
             refused token raises :class:`~macefield_client.AuthenticationError`.
         timeout: per-call deadline in seconds (None: 120 s; ``float("inf")``: none).
         retry: :class:`RetryPolicy`, or an int number of retries (0: none).
-            Only UNAVAILABLE is retried (these calls are idempotent); with
-            several replicas a retry goes to another one.
+            Only UNAVAILABLE is retried (these calls are idempotent), and
+            CANCELLED from a server shutting down; with several replicas a
+            retry goes to another one.
         options: extra gRPC channel options.
         on_retry: called before each retry as ``on_retry(target, attempt,
             attempts, delay_s, details)`` (the CLI prints "waiting for server").
@@ -97,7 +98,7 @@ class Client:
             try:
                 return rpc(request, timeout=self._deadline(timeout), metadata=self._metadata, wait_for_ready=False)
             except grpc.RpcError as err:
-                if err.code() in self.retry.retry_codes:
+                if self.retry.retries(err.code()):
                     delay = next(delays, None)
                     if delay is not None:
                         self._notify(attempt, delay, err)
@@ -200,7 +201,7 @@ class Client:
                 try:
                     response = future.result()
                 except grpc.RpcError as err:
-                    if err.code() not in self.retry.retry_codes:
+                    if not self.retry.retries(err.code()):
                         for _, f in pending:
                             f.cancel()
                         raise error_from_rpc(err, self.target) from None
@@ -324,7 +325,7 @@ class Session:
                     stale_retried = True  # a stream that worked before broke oddly: resend once on a new one
                     self.reconnects += 1
                     continue
-                if exc.code() not in self.client.retry.retry_codes:
+                if not self.client.retry.retries(exc.code()):
                     raise error_from_rpc(exc, self.client.target, attempts=attempt) from None
                 err = exc
             else:
