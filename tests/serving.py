@@ -81,6 +81,18 @@ def metric(port: int, metric_name: str, host: str = "127.0.0.1", **labels) -> fl
     return total
 
 
+def lists_models(stub, metadata=None) -> bool:
+    """True once the server behind ``stub`` (a MaceFieldStub) answers ListModels (sent with ``metadata``, e.g.
+    a token): its models are loaded."""
+    import grpc
+
+    try:
+        stub.ListModels(pb.ListModelsRequest(), timeout=5, metadata=metadata)
+        return True
+    except grpc.RpcError:
+        return False
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
@@ -162,43 +174,6 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-def self_signed_tls(directory: Path, dns_names: Sequence[str] = (), ips: Sequence[str] = (),
-                    stem: str = "tls") -> Dict[str, Path]:
-    """A self-signed server certificate (it is its own CA: clients trust ``crt``) for ``dns_names`` and ``ips``,
-    written as ``<stem>.crt`` / ``<stem>.key`` in ``directory``; returns {"crt": path, "key": path}."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (list(dns_names) + ["macefield"])[0])])
-    now = dt.datetime.now(dt.timezone.utc)
-    sans = [x509.DNSName(n) for n in dns_names] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    paths = {"crt": directory / f"{stem}.crt", "key": directory / f"{stem}.key"}
-    paths["crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    return paths
-
-
-def assert_served_by_all(before: Dict[str, float], after: Dict[str, float], n: int, share: float = 0.2) -> None:
-    """``n`` calls between two readings of {replica: answers}: all of them answered, each replica at least
-    ``share`` of them."""
-    got = {h: after[h] - before[h] for h in after}
-    assert sum(got.values()) == n, got
-    assert all(k >= share * n for k in got.values()), f"each replica should serve >= {share:.0%} of {n} calls: {got}"
 
 
 def save_tiny_model(path: Path, seed: int = 3) -> Path:

@@ -13,7 +13,7 @@ import pytest
 from conftest import quartz_like, random_field_model
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
-from serving import ServerProcess, assert_matches, metric, request_for, save_tiny_model, wait_for
+from serving import ServerProcess, assert_matches, lists_models, metric, request_for, save_tiny_model, wait_for
 
 from macefield_client import Client, RetryPolicy
 from macefield_client.ase import MACEFieldCalculator
@@ -114,7 +114,7 @@ batching:
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{proc.port}")
         stub = rpc.MaceFieldStub(channel)
-        wait_for(lambda: _serving(stub), timeout=180, what="SERVING")
+        wait_for(lambda: lists_models(stub), timeout=180, what="SERVING")
         cases = [quartz_like(seed=20 + i) for i in range(6)]
         unary = [stub.Predict.future(request_for(a, field=FIELD, outputs=["forces"], request_id=f"u{i}"), timeout=120)
                  for i, a in enumerate(cases)]
@@ -147,14 +147,6 @@ batching:
         assert "Traceback" not in proc.stderr()
     finally:
         proc.kill()
-
-
-def _serving(stub) -> bool:
-    try:
-        stub.ListModels(pb.ListModelsRequest(), timeout=5)
-        return True
-    except grpc.RpcError:
-        return False
 
 
 def test_md_rides_out_a_kill_9_mid_run(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 from conftest import quartz_like, random_field_model
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
-from serving import ServerProcess, metric, request_for, rss_mb, save_tiny_model, wait_for
+from serving import ServerProcess, lists_models, metric, request_for, rss_mb, save_tiny_model, wait_for
 
 from macefield_server.background import BackgroundServer
 from macefield_server.config import BatchingConfig, ServerConfig
@@ -36,13 +36,7 @@ def test_unauthenticated_flood_reads_no_request_bodies(tmp_path):
         good = (("authorization", f"Bearer {TOKEN}"),)
         stub = rpc.MaceFieldStub(channel)
 
-        def ready():
-            try:
-                return stub.ListModels(pb.ListModelsRequest(), timeout=5, metadata=good)
-            except grpc.RpcError:
-                return None
-
-        wait_for(ready, timeout=180, what="models loaded")
+        wait_for(lambda: lists_models(stub, metadata=good), timeout=180, what="models loaded")
         n = 2_300_000  # atoms: 6.9 M position doubles, a 55 MB message (under the 64 MiB receive limit)
         body = pb.PredictRequest(atomic_numbers=[14] * n, positions=np.zeros(3 * n).tolist()).SerializeToString()
         assert 50 * 2**20 < len(body) < 64 * 2**20
@@ -129,7 +123,7 @@ batching:
         stubs = [rpc.MaceFieldStub(grpc.insecure_channel(f"127.0.0.1:{proc.port}",
                                                          options=[("grpc.use_local_subchannel_pool", 1)]))
                  for _ in range(5)]
-        wait_for(lambda: all(_ready(stub) for stub in stubs), timeout=180, what="models loaded")
+        wait_for(lambda: all(lists_models(stub) for stub in stubs), timeout=180, what="models loaded")
         requests = [request_for(quartz_like(seed=i % 5), outputs=["forces"], request_id=f"m{i}") for i in range(6)]
         calls = [stubs[k % 5].PredictStream(iter(requests), timeout=120) for k in range(500)]
         codes = []
@@ -153,14 +147,6 @@ batching:
         assert "Task exception was never retrieved" not in log and "Traceback" not in log
     finally:
         proc.kill()
-
-
-def _ready(stub) -> bool:
-    try:
-        stub.ListModels(pb.ListModelsRequest(), timeout=5)
-        return True
-    except grpc.RpcError:
-        return False
 
 
 def test_validating_large_structures_does_not_stall_other_clients():

@@ -28,7 +28,8 @@ import pytest
 import yaml
 from conftest import REPO, quartz_like
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving import ServerProcess, save_tiny_model, self_signed_tls, wait_for
+from pki import self_signed_tls
+from serving import ServerProcess, save_tiny_model, wait_for
 
 from macefield_server.config import ServerConfig, load_config
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import quartz_like, random_field_model
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
-from serving import ServerProcess, assert_matches, request_for, rss_mb, wait_for
+from serving import ServerProcess, assert_matches, lists_models, request_for, rss_mb, wait_for
 
 from macefield_client.structures import alpha_quartz
 from macefield_server.background import BackgroundServer
@@ -59,13 +59,7 @@ def test_a_request_that_cannot_fit_is_refused_at_once_and_the_server_stays_up(tm
         stub = rpc.MaceFieldStub(grpc.insecure_channel(f"127.0.0.1:{proc.port}",
                                                        options=[("grpc.max_send_message_length", 2**27)]))
 
-        def ready():
-            try:
-                return stub.ListModels(pb.ListModelsRequest(), timeout=5)
-            except grpc.RpcError:
-                return None
-
-        wait_for(ready, timeout=240, what="default model loaded")
+        wait_for(lambda: lists_models(stub), timeout=240, what="default model loaded")
         request = request_for(dense_quartz(), outputs=FULL)
         before = rss_mb(proc.proc.pid)
         for outputs in (FULL, []):  # the full response and the default (first-derivative) outputs

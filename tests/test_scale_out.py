@@ -587,7 +587,7 @@ def test_tls_with_a_list_of_replicas_checks_the_one_name_their_certificates_shar
     """TLS to an address list: gRPC would check the whole list as the host name, so the client refuses to start
     without ``tls_server_name``; with it every replica's certificate is checked against that one name (a
     wrong name fails the handshake) and calls spread over both replicas."""
-    from serving import self_signed_tls
+    from pki import self_signed_tls
 
     from macefield_client import ServerUnavailable
 
@@ -623,7 +623,8 @@ def test_client_side_health_checking_keeps_calls_off_a_replica_that_is_not_servi
     health checking (the default for a list) no call goes to it, so none is refused and retried; with
     ``health_check=False`` round_robin sends it its share, refused UNAVAILABLE and retried elsewhere."""
     replicas.ensure_all_up()
-    loading = ServerProcess(["--model", str(model_path)], host=HOSTS[2], env={"MACEFIELD_TEST_FAULT": "load_delay_s=60"})
+    loading = ServerProcess(["--model", str(model_path)], host=HOSTS[2],
+                            env={"MACEFIELD_TEST_FAULT": "load_delay_s=60"})
     try:
         addresses = replicas.addresses[:2] + [loading.address]
         for health_check, expect_retries in ((None, False), (False, True)):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import ipaddress
 import json
 import os
@@ -17,14 +16,12 @@ import grpc
 import pytest
 from conftest import REPO, quartz_like, random_field_model
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from macefield_client import AsyncClient, AuthenticationError, Client, ServerUnavailable, TLSConfig
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as pb_grpc
+from pki import make_cert, new_key, pem_cert, pem_key
 from serving import ServerProcess, request_for, save_tiny_model
 
 from macefield_server.background import BackgroundServer
@@ -41,46 +38,6 @@ OTHER_TOKEN = "second-token-B"
 # --------------------------------------------------------------------------- certificates
 
 
-def _key():
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _cert(subject: str, key, issuer=None, issuer_key=None, *, ca=False, san=None, client=False):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer.subject if issuer is not None else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False), critical=True)
-    else:
-        usage = x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH if client else x509.oid.ExtendedKeyUsageOID.SERVER_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    cert = builder.sign(issuer_key if issuer_key is not None else key, hashes.SHA256())
-    return cert
-
-
-def _pem_cert(cert) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     """A CA with a server certificate (127.0.0.1 / localhost) and a client certificate, plus an unrelated CA
@@ -93,24 +50,24 @@ def pki(tmp_path_factory):
         path.write_bytes(data)
         files[name] = path
 
-    ca_key, other_key = _key(), _key()
-    ca = _cert("MACE-Field test CA", ca_key, ca=True)
-    other = _cert("Unrelated CA", other_key, ca=True)
-    write("ca.pem", _pem_cert(ca))
-    write("other-ca.pem", _pem_cert(other))
+    ca_key, other_key = new_key(), new_key()
+    ca = make_cert("MACE-Field test CA", ca_key, ca=True)
+    other = make_cert("Unrelated CA", other_key, ca=True)
+    write("ca.pem", pem_cert(ca))
+    write("other-ca.pem", pem_cert(other))
 
-    server_key = _key()
+    server_key = new_key()
     san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-    write("server.pem", _pem_cert(_cert("localhost", server_key, ca, ca_key, san=san)))
-    write("server.key", _pem_key(server_key))
+    write("server.pem", pem_cert(make_cert("localhost", server_key, ca, ca_key, san=san)))
+    write("server.key", pem_key(server_key))
 
-    client_key = _key()
-    write("client.pem", _pem_cert(_cert("client-1", client_key, ca, ca_key, client=True)))
-    write("client.key", _pem_key(client_key))
+    client_key = new_key()
+    write("client.pem", pem_cert(make_cert("client-1", client_key, ca, ca_key, client=True)))
+    write("client.key", pem_key(client_key))
 
-    rogue_key = _key()
-    write("rogue.pem", _pem_cert(_cert("rogue", rogue_key, other, other_key, client=True)))
-    write("rogue.key", _pem_key(rogue_key))
+    rogue_key = new_key()
+    write("rogue.pem", pem_cert(make_cert("rogue", rogue_key, other, other_key, client=True)))
+    write("rogue.key", pem_key(rogue_key))
 
     write("tokens", f"# bearer tokens of the test\n\n  {TOKEN}  \n# {'commented-out'}\n{OTHER_TOKEN}\n".encode())
     return files

@@ -14,9 +14,8 @@ import time
 import grpc
 import pytest
 from conftest import quartz_like
-from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
-from serving import ServerProcess, assert_matches, metric, request_for, save_tiny_model, wait_for
+from serving import ServerProcess, assert_matches, lists_models, metric, request_for, save_tiny_model, wait_for
 
 from macefield_server.model import load_model, predict
 
@@ -29,13 +28,7 @@ def start(tmp_path, delay_s: int = 0):
     proc = ServerProcess(["--model", str(path), "--grace", str(GRACE_S)], env=env)
     stub = rpc.MaceFieldStub(grpc.insecure_channel(f"127.0.0.1:{proc.port}"))
 
-    def ready():
-        try:
-            return stub.ListModels(pb.ListModelsRequest(), timeout=5)
-        except grpc.RpcError:
-            return None
-
-    wait_for(ready, timeout=180, what="models loaded")
+    wait_for(lambda: lists_models(stub), timeout=180, what="models loaded")
     return proc, stub, path
 
 
@@ -150,7 +143,7 @@ def test_second_signal_is_heard_after_the_grace_period_ran_out(tmp_path):
     proc = ServerProcess(["--model", str(path), "--grace", "1"], env={"MACEFIELD_TEST_FAULT": "compute_delay_s=60"})
     try:
         stub = rpc.MaceFieldStub(grpc.insecure_channel(f"127.0.0.1:{proc.port}"))
-        wait_for(lambda: _ready(stub), timeout=180, what="models loaded")
+        wait_for(lambda: lists_models(stub), timeout=180, what="models loaded")
         call = stub.Predict.future(request_for(quartz_like(seed=7), outputs=["forces"]), timeout=120)
         wait_for(lambda: metric(proc.metrics_port, "macefield_in_flight", method="Predict") == 1, what="in flight")
         time.sleep(0.5)
@@ -166,11 +159,3 @@ def test_second_signal_is_heard_after_the_grace_period_ran_out(tmp_path):
         assert "second signal (SIGTERM): stopping now" in proc.stderr()
     finally:
         proc.kill()
-
-
-def _ready(stub) -> bool:
-    try:
-        stub.ListModels(pb.ListModelsRequest(), timeout=5)
-        return True
-    except grpc.RpcError:
-        return False
