@@ -54,8 +54,8 @@ COPY client /src/client
 COPY server /src/server
 RUN pip install --no-deps /src/client /src/server \
  && pip check \
- && python -c "import macefield_server.registry as r; print('embedded default checkpoint:', r.DEFAULT_CHECKPOINT.exists())" \
- && ln -s "$(python -c 'import macefield_server, os; print(os.path.dirname(macefield_server.__file__))')/models" \
+ && python -c "import macefield_server.weights as w; print('embedded default checkpoint:', w.DEFAULT_MODEL.exists())" \
+ && ln -s "$(python -c 'import macefield_server, os; print(os.path.dirname(macefield_server.__file__))')/weights" \
         /opt/venv/embedded-models
 
 # ---------------------------------------------------------------- builder-gpu: + cuEquivariance and its kernels
@@ -78,7 +78,7 @@ RUN cuda="$(python -c 'import torch; print((torch.version.cuda or "").split(".")
  && echo "cuEquivariance kernels: $ops" \
  && pip install -c /tmp/requirements.txt "$ops" \
  && pip check \
- && python -c "from macefield_server.model.cueq import cueq_import_error as e; assert e() is None, e(); print('cuEquivariance: ok')"
+ && python -c "from macefield_server.engine.cueq import cueq_import_error as e; assert e() is None, e(); print('cuEquivariance: ok')"
 
 # ---------------------------------------------------------------- runtime-base: everything but the venv
 FROM debian:bookworm-slim AS runtime-base

@@ -36,7 +36,7 @@ install: $(STAMP).installed
 install-test: $(STAMP).test-installed
 
 serve: $(STAMP).installed
-	$(PYTHON) -m macefield_server.serve_cli
+	$(PYTHON) -m macefield_server.cli.serve
 
 test: $(STAMP).test-installed
 	$(PYTHON) -m pytest -q -rs tests

@@ -460,7 +460,7 @@ def perovskite():
 
 
 def reference(model, atoms, field, head):
-    from macefield_server.model import predict
+    from macefield_server.engine import predict
 
     return predict(model, [atoms], electric_fields=[field], heads=head, outputs=["energy", "forces"])[0]
 
@@ -493,7 +493,7 @@ def stop_and_check(container, how: str, started: float) -> None:
 def run_default(client) -> None:
     from macefield_client import Client
 
-    from macefield_server.registry import load_default_model
+    from macefield_server.serving.registry import load_default_model
 
     started = time.monotonic()
     container = client.containers.run(TAG, detach=True, name=f"macefield-smoke-default-{os.getpid()}",
@@ -535,8 +535,8 @@ def in_flight(metrics_port: int) -> float:
 def run_volume(client) -> None:
     from macefield_client import Client
 
-    from macefield_server.model import save_model
-    from macefield_server.registry import builtin_default_model
+    from macefield_server.engine import save_model
+    from macefield_server.serving.registry import builtin_default_model
 
     models = Path(tempfile.mkdtemp(prefix="models-", dir=CACHE))
     try:
@@ -646,7 +646,7 @@ def run_compose_scale(client) -> None:
 
     from macefield_client import Client
 
-    from macefield_server.registry import load_default_model
+    from macefield_server.serving.registry import load_default_model
 
     sys.path.insert(0, str(REPO / "tests"))
     from serving import free_port  # the tests' helper

@@ -1,7 +1,7 @@
 """Cost of the extrapolation grade: energy + forces with and without it (target: at most +10%).
 
 Times what the server runs for one batch (``respond`` + ``split_results``,
-the batcher's ``default_evaluate``) on the shipped default model (calibrated,
+the served path's ``EngineBackend``) on the shipped default model (calibrated,
 float32 as stored unless ``--dtype``), for 72-atom alpha-quartz frames
 (../shared/data/sio2-quartz-md.xyz, else a 2x2x2 PBE alpha-quartz cell),
 alone and in batches.  The two variants alternate call by call, so that load
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from macefield_server.model import load_model, prepare_batch
-from macefield_server.model.extrapolation import grade_from_layers
-from macefield_server.model.graph import Structure
-from macefield_server.model.predict import graded_head_indices, split_results
-from macefield_server.model.response import respond
-from macefield_server.models import DEFAULT_MODEL
+from macefield_server.engine import load_model, prepare_batch
+from macefield_server.engine.extrapolation import grade_from_layers
+from macefield_server.engine.graph import Structure
+from macefield_server.engine.predict import graded_head_indices, split_results
+from macefield_server.engine.response import respond
+from macefield_server.weights import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "sio2-quartz-md.xyz"

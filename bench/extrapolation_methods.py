@@ -4,7 +4,7 @@ Every method grades an atom from the same latent features of the default
 model's forward pass and is normalised so that its threshold is 1 and no
 reference (training) atom is above it, the issue's requirement:
 
-* ``maxvol``: the served grade (:mod:`macefield_server.model.extrapolation`):
+* ``maxvol``: the served grade (:mod:`macefield_server.engine.extrapolation`):
   D-optimal active set per head and element, pacemaker's gamma, with the
   residual term for thin directions and the 1% margin;
 * ``mahalanobis``: distance to the mean of the element's reference atoms in
@@ -54,11 +54,11 @@ from extrapolation_cases import (  # noqa: E402
     chain_structure, close_pair_quartz, compressed_quartz, swapped_batio3, wrong_quartz)
 from macefield_client.structures import alpha_quartz  # noqa: E402
 
-from macefield_server.model import load_model, predict, prepare_batch  # noqa: E402
-from macefield_server.model.extrapolation import (  # noqa: E402
+from macefield_server.engine import load_model, predict, prepare_batch  # noqa: E402
+from macefield_server.engine.extrapolation import (  # noqa: E402
     MARGIN, TRUNCATION, element_grade, element_statistics, feature_layout, invariant_features)
-from macefield_server.model.graph import Structure  # noqa: E402
-from macefield_server.models import DEFAULT_MODEL  # noqa: E402
+from macefield_server.engine.graph import Structure  # noqa: E402
+from macefield_server.weights import DEFAULT_MODEL  # noqa: E402
 
 RATTLE = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 SEEDS = range(8)

@@ -164,13 +164,13 @@ def rel_errors(a_list, b_list, keys=FULL):
 
 
 def is_oom(exc: BaseException) -> bool:
-    from macefield_server.batcher import is_out_of_memory
+    from macefield_server.serving.engine_backend import is_out_of_memory
 
     return is_out_of_memory(exc)
 
 
 def mh0_architecture(smoke: bool):
-    from macefield_server.model import default_architecture
+    from macefield_server.engine import default_architecture
 
     if smoke:  # MH-0's layout (L=1, correlation 3, three heads) at the cheapest width and max_ell (conversion ~2 s)
         return default_architecture([8, 14, 22, 56], heads=MH0_HEADS, channels=8, max_L=1, max_ell=1, correlation=3,
@@ -184,8 +184,8 @@ def build_models(smoke: bool):
     """{name: e3nn float64 model on CPU}: the embedded default model (64 channels) and an MH-0-size random one."""
     import torch
 
-    from macefield_server.model import build_field_mace, default_architecture
-    from macefield_server.registry import load_default_model
+    from macefield_server.engine import build_field_mace, default_architecture
+    from macefield_server.serving.registry import load_default_model
 
     if smoke:
         arch = default_architecture([8, 14, 22, 56], heads=["sio2", "batio3"], channels=8, max_L=1, max_ell=2,
@@ -223,7 +223,7 @@ class ModelCache:
 
         import torch
 
-        from macefield_server.model.cueq import to_cueq
+        from macefield_server.engine.cueq import to_cueq
 
         device = torch.device(device)
         key = (name, dtype, device, backend)
@@ -245,7 +245,7 @@ class ModelCache:
 def environment(args, device):
     import torch
 
-    from macefield_server.model.cueq import cueq_import_error, cueq_kernels_available
+    from macefield_server.engine.cueq import cueq_import_error, cueq_kernels_available
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
            "machine": platform.machine(), "device": str(device)}
@@ -269,8 +269,8 @@ def environment(args, device):
 def correctness(cache, device, args, record, deadline):
     import torch
 
-    from macefield_server.model import predict
-    from macefield_server.model.contraction_basis import basis_precision
+    from macefield_server.engine import predict
+    from macefield_server.engine.contraction_basis import basis_precision
 
     q = alpha_quartz((1, 1, 1) if args.smoke else (2, 2, 2), rattle=0.02, seed=1)
     b = cubic_batio3((2, 2, 1) if args.smoke else (3, 3, 3))
@@ -307,9 +307,9 @@ def correctness(cache, device, args, record, deadline):
 def engine(cache, device, args, record, deadline):
     import torch
 
-    from macefield_server.model import Structure, prepare_batch
-    from macefield_server.model.graph import neighbour_list
-    from macefield_server.model.response import respond
+    from macefield_server.engine import Structure, prepare_batch
+    from macefield_server.engine.graph import neighbour_list
+    from macefield_server.engine.response import respond
 
     frames = [alpha_quartz((1, 1, 1) if args.smoke else (2, 2, 2), rattle=0.02, seed=s) for s in range(8)]
     n_atoms = len(frames[0])
@@ -442,7 +442,7 @@ def start_servers(cache, device, args, workdir: Path, out_dir: Path, stem: str):
     import torch
     from load import Server
 
-    from macefield_server.model import save_model
+    from macefield_server.engine import save_model
 
     checkpoint = save_model(cache.get("mh0", torch.float32, "cpu", "e3nn"), workdir / "mh0.pt")
     extra = ["--device", str(device), "--dtype", SERVED_DTYPE, "--backend", SERVED_BACKEND]
@@ -468,9 +468,9 @@ def served(cache, servers, device, args, record, deadline):
     import torch
     from load import closed_loop, run_direct
 
-    from macefield_server.config import BatchingConfig
-    from macefield_server.model import Structure, prepare_batch
-    from macefield_server.model.cueq import resolve_backend
+    from macefield_server.serving.config import BatchingConfig
+    from macefield_server.engine import Structure, prepare_batch
+    from macefield_server.engine.cueq import resolve_backend
 
     atoms = alpha_quartz((1, 1, 1) if args.smoke else (2, 2, 2), rattle=0.02, seed=3)
     opts = server_options(args)
@@ -519,14 +519,14 @@ def md_step(model, atoms, device, args, port):
     from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
     from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 
-    from macefield_server.batcher import Timing
-    from macefield_server.config import LimitsConfig
-    from macefield_server.model.graph import collate, neighbour_list
-    from macefield_server.model.predict import split_results
-    from macefield_server.model.response import respond
-    from macefield_server.registry import ModelRegistry, ServedModel
-    from macefield_server.service import result_to_proto
-    from macefield_server.validation import parse_request
+    from macefield_server.serving.batcher import Timing
+    from macefield_server.serving.config import LimitsConfig
+    from macefield_server.engine.graph import collate, neighbour_list
+    from macefield_server.engine.predict import split_results
+    from macefield_server.engine.response import respond
+    from macefield_server.serving.registry import ModelRegistry, ServedModel
+    from macefield_server.serving.service import result_to_proto
+    from macefield_server.serving.validation import parse_request
 
     served_model = ServedModel("bench", model, "")
     registry = ModelRegistry([served_model])

@@ -14,7 +14,7 @@ latency in three modes, all in the same run:
   its batch is done);
 * ``direct-one-batch``: the same, all of a round's structures in one pass
   (on CPU this is slower per structure than small batches, see
-  ``macefield_server.config.AUTO_LIMITS``).
+  ``macefield_server.serving.config.AUTO_LIMITS``).
 
 Every request asks for everything: energy, forces, stress, dipole,
 polarization, Born charges, polarizability.  The structure is the first frame
@@ -70,7 +70,7 @@ def load_structure():
 def build_model(args):
     import torch
 
-    from macefield_server.model import build_field_mace, default_architecture
+    from macefield_server.engine import build_field_mace, default_architecture
 
     arch = default_architecture([8, 14], heads=["sio2"], channels=args.channels, max_L=1, num_interactions=2,
                                 max_ell=args.max_ell, correlation=args.correlation, radial_MLP=(32, 32),
@@ -121,10 +121,10 @@ def chunks(n_structures: int, n_atoms: int, n_edges: int, max_structures: int, m
 
 def run_direct(model, atoms, clients: int, args, batch_limits):
     """All clients' structures of one round, evaluated in batches of the server's limits (or one batch)."""
-    from macefield_server.model import Structure, evaluate, prepare_batch
-    from macefield_server.model.response import normalise_outputs
+    from macefield_server.engine import Structure, evaluate, prepare_batch
+    from macefield_client.contract import resolve_outputs
 
-    outputs = normalise_outputs(OUTPUTS)
+    outputs = resolve_outputs(OUTPUTS)
     rng = np.random.default_rng(1)
     latencies, completed, sizes = [], 0, []
     start = time.perf_counter()
@@ -164,7 +164,7 @@ class Server:
         self.log_path = Path(log_path or workdir / f"server-{max_structures}.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "macefield_server.serve_cli", "--config", str(config), "--model", f"bench={checkpoint}",
+            [sys.executable, "-m", "macefield_server.cli.serve", "--config", str(config), "--model", f"bench={checkpoint}",
              "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--threads", str(args.threads),
              *extra_args],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
@@ -268,9 +268,9 @@ def main(argv=None) -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    from macefield_server.config import BatchingConfig
-    from macefield_server.model import Structure, evaluate, prepare_batch, save_model
-    from macefield_server.model.response import normalise_outputs
+    from macefield_server.serving.config import BatchingConfig
+    from macefield_server.engine import Structure, evaluate, prepare_batch, save_model
+    from macefield_client.contract import resolve_outputs
 
     torch.set_num_threads(args.threads)
     atoms, source = load_structure()
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     print(json.dumps({k: record[k] for k in ("structure", "model", "settings")}), flush=True)
 
     # warm the direct path (first-call costs) like the server's warm-up does
-    evaluate(model, prepare_batch(model, [Structure.from_atoms(atoms)]), normalise_outputs(OUTPUTS))
+    evaluate(model, prepare_batch(model, [Structure.from_atoms(atoms)]), resolve_outputs(OUTPUTS))
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

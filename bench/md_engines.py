@@ -8,7 +8,7 @@ Paths, each against one ``macefield-serve`` child process (``--threads``
 torch threads, docs/examples/ipi/serve-md.yaml: no batching window, a ring
 polymer in one engine pass):
 
-* ``engine``: ``macefield_server.model.predict`` in this process (no service):
+* ``engine``: ``macefield_server.engine.predict`` in this process (no service):
   one structure, and B structures as one pass (what the server computes for a
   batched ring polymer) or as B single passes;
 * ``ase_session``: ``MACEFieldCalculator`` (one PredictStream) under ASE's
@@ -68,7 +68,7 @@ def quartz():
 def start_server(args, workdir: Path):
     """``macefield-serve`` on a free port; returns (process, port)."""
     log = open(workdir / "server.log", "w")
-    cmd = [sys.executable, "-m", "macefield_server.serve_cli", "--config", str(EXAMPLES / "ipi" / "serve-md.yaml"),
+    cmd = [sys.executable, "-m", "macefield_server.cli.serve", "--config", str(EXAMPLES / "ipi" / "serve-md.yaml"),
            "--model", str(MODEL), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
            "--threads", str(args.threads)]
     if args.dtype:
@@ -88,7 +88,7 @@ class Engine:
     def __init__(self, args, atoms):
         import torch
 
-        from macefield_server.model import load_model, predict
+        from macefield_server.engine import load_model, predict
 
         torch.set_num_threads(args.threads)
         self.model = load_model(MODEL, dtype=args.dtype)

@@ -7,8 +7,8 @@ For 16-, 64- and 128-channel FieldMACE models (max_ell 2, 1, 3) and each output 
 and ``--largest``^3 = 4608 atoms with the 64-channel model, the default model's size) runs in a fresh process;
 it reports the peak resident growth (ru_maxrss over the pass, with the server's allocator tuning),
 the bytes autograd keeps for the pass (unique storages), their ratio, and what
-``macefield_server.memory.measure`` estimates for that structure.  The CPU factors of
-``macefield_server/memory.py`` come from these ratios.
+``macefield_server.serving.memory.measure`` estimates for that structure.  The CPU factors of
+``macefield_server/serving/memory.py`` come from these ratios.
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ ARCHS = {"16ch-l1-ell2": dict(channels=16, max_L=1, max_ell=2), "64ch-l1-ell1": 
 CHILD = r'''
 import json, resource, sys, torch
 torch.set_num_threads(1)
-from macefield_server.runtime import tune_cpu_allocator
+from macefield_server.serving.runtime import tune_cpu_allocator
 tune_cpu_allocator()
 from macefield_client.structures import alpha_quartz
-from macefield_server.memory import measure
-from macefield_server.model import build_field_mace, default_architecture
-from macefield_server.model.graph import Structure
-from macefield_server.model.predict import prepare_batch
-from macefield_server.model.response import engine_outputs, respond
-from macefield_server.registry import ServedModel
+from macefield_server.serving.memory import measure
+from macefield_server.engine import build_field_mace, default_architecture
+from macefield_server.engine.graph import Structure
+from macefield_server.engine.predict import prepare_batch
+from macefield_server.engine.response import engine_outputs, respond
+from macefield_server.serving.registry import ServedModel
 kw, tier, rep = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
 model = build_field_mace(default_architecture([8, 14], r_max=5.0, correlation=3, **kw), dtype=torch.float32).eval()

@@ -16,7 +16,7 @@ pass.  ``one_pass_*`` columns time the whole batch as a single pass (up to
   code runs it: on mace-torch's modules as built (e3nn's TorchScript tensor
   products).  ``reference_recipe_same_modules`` runs the same recipe on the
   engine's model (tensor products rewritten by
-  ``macefield_server.model.tp_rewrite``), which isolates the gain of the
+  ``macefield_server.engine.tp_rewrite``), which isolates the gain of the
   batched recipe alone.  ``engine_stock_modules`` times the engine on the
   stock modules (batch 1), which isolates the gain of the rewrite.
 
@@ -41,11 +41,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from macefield_server.model import build_field_mace, default_architecture, prepare_batch
-from macefield_server.model.graph import Structure, neighbour_list
-from macefield_server.model.predict import CPU_EDGES_PER_PASS, _passes
-from macefield_server.model.response import SECOND_ORDER_DEFAULT, respond
-from macefield_server.runtime import tune_cpu_allocator
+from macefield_server.engine import build_field_mace, default_architecture, prepare_batch
+from macefield_server.engine.graph import Structure, neighbour_list
+from macefield_server.engine.predict import CPU_EDGES_PER_PASS, _passes
+from macefield_server.engine.response import SECOND_ORDER_DEFAULT, respond
+from macefield_server.serving.runtime import tune_cpu_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "sio2-quartz-md.xyz"

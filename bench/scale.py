@@ -50,7 +50,7 @@ OUTPUTS = ["energy", "forces"]
 def build_checkpoint(path: Path, channels: int) -> Path:
     import torch
 
-    from macefield_server.model import build_field_mace, default_architecture, save_model
+    from macefield_server.engine import build_field_mace, default_architecture, save_model
 
     arch = default_architecture([8, 14], heads=["sio2"], channels=channels, max_L=1, num_interactions=2,
                                 max_ell=2, correlation=2, radial_MLP=(32, 32), r_max=5.0)

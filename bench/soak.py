@@ -12,7 +12,7 @@
    of bad requests (raw bytes that are not a protobuf message, NaN
    positions, overlapping atoms) that must be answered INVALID_ARGUMENT.
 4. Every valid answer is compared with the in-process engine
-   (``macefield_server.model.predict``; references computed once per pool
+   (``macefield_server.engine.predict``; references computed once per pool
    entry), every request must be answered (any status; the run waits for
    stragglers), and the server's VmRSS (/proc/<pid>/status) is sampled every
    ``--rss-every-s``; growth = last sample vs the first sample after
@@ -55,7 +55,7 @@ from macefield_client.proto.macefield.v1 import macefield_pb2 as pb  # noqa: E40
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc  # noqa: E402
 from serving import arrays, request_for  # noqa: E402
 
-from macefield_server.model import load_model, predict, save_model  # noqa: E402
+from macefield_server.engine import load_model, predict, save_model  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -237,7 +237,7 @@ def main() -> int:
     entries = pool(model, args.pool, seed=0)
     log = open(Path(tmp.name) / "server.log", "w+")
     server = subprocess.Popen(
-        [sys.executable, "-m", "macefield_server.serve_cli", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+        [sys.executable, "-m", "macefield_server.cli.serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
          "--threads", "1", "--model", f"soak={path}"],
         stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:

@@ -17,7 +17,7 @@ training frames per dataset and ``response_every`` (validation excluded).
 
 Usage (from the repository root, data in ../shared/data)::
 
-    python bench/train_step_cost.py --config server/macefield_server/models/default.stage3.yaml \\
+    python bench/train_step_cost.py --config server/macefield_server/weights/default.stage3.yaml \\
         --threads 1 2 --out bench/results/train_step_cost_cpu.json
 """
 

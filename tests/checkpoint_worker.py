@@ -36,8 +36,8 @@ def evaluate_checkpoints(specs):
     import numpy as np
     from conftest import quartz_like, sio_molecule
 
-    from macefield_server.model import load_model, predict
-    from macefield_server.registry import load_default_model
+    from macefield_server.engine import load_model, predict
+    from macefield_server.serving.registry import load_default_model
 
     results = {}
     for name, path in specs:

@@ -48,7 +48,7 @@ def random_field_model(
     max_ell: int = 2,
 ):
     """A small FieldMACE with non-zero random field weights and per-head E0s."""
-    from macefield_server.model import build_field_mace, default_architecture
+    from macefield_server.engine import build_field_mace, default_architecture
 
     rng = np.random.default_rng(seed)
     energies = rng.normal(-5.0, 2.0, size=(len(heads), len(atomic_numbers))).tolist()

@@ -71,7 +71,7 @@ class EngineCalculator(Calculator):
         self.model, self.head = model, head
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
-        from macefield_server.model import predict
+        from macefield_server.engine import predict
 
         super().calculate(atoms, properties, system_changes)
         [r] = predict(self.model, [self.atoms], heads=self.head, outputs=["forces", "stress"])

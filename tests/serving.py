@@ -20,8 +20,7 @@ from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
 #: (key, shape for N atoms) of every array field of PredictResponse, and its scalar fields: the client's own tables
-from macefield_client.results import _SCALARS as SCALARS  # noqa: E402
-from macefield_client.results import _SHAPES as SHAPES  # noqa: E402
+from macefield_client.contract import arrays_from_response  # noqa: E402
 
 
 def request_for(atoms, field=(0.0, 0.0, 0.0), head: str = "", outputs: Sequence[str] = (), request_id: str = "",
@@ -40,15 +39,8 @@ def request_for(atoms, field=(0.0, 0.0, 0.0), head: str = "", outputs: Sequence[
 
 
 def arrays(response: pb.PredictResponse) -> Dict[str, np.ndarray]:
-    """The response's outputs as numpy arrays shaped like the engine's."""
-    n = response.n_atoms
-    out = {}
-    for key in response.outputs:
-        if key in SCALARS:
-            out[key] = np.asarray(getattr(response, key))
-        else:
-            out[key] = np.asarray(getattr(response, key)).reshape(SHAPES[key](n))
-    return out
+    """The response's outputs as numpy arrays shaped like the engine's (the contract's mapping)."""
+    return arrays_from_response(response)
 
 
 def assert_matches(response: pb.PredictResponse, reference: Dict[str, np.ndarray], rtol=1e-9, atol=1e-10):
@@ -139,7 +131,7 @@ class ServerProcess:
         self.host = host
         self._log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads could fill and block the server
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "macefield_server.serve_cli", "--host", host, "--port", str(port),
+            [sys.executable, "-m", "macefield_server.cli.serve", "--host", host, "--port", str(port),
              "--metrics-port", str(metrics_port), "--threads", "1", *args],
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -179,7 +171,7 @@ class ServerProcess:
 def save_tiny_model(path: Path, seed: int = 3) -> Path:
     from conftest import random_field_model
 
-    from macefield_server.model import save_model
+    from macefield_server.engine import save_model
 
     return save_model(random_field_model(heads=("sio2", "other"), seed=seed), path)
 

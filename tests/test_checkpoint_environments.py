@@ -23,8 +23,8 @@ from checkpoint_worker import cueq_importable, evaluate_checkpoints
 from conftest import REPO, quartz_like, random_field_model
 from test_model_checkpoints import plain_mace, save_reference_pickle
 
-from macefield_server.model import CheckpointError, build_field_mace, load_model, predict, save_model
-from macefield_server.model.architecture import describe_architecture
+from macefield_server.engine import CheckpointError, build_field_mace, load_model, predict, save_model
+from macefield_server.engine.architecture import describe_architecture
 
 WORKER = REPO / "tests" / "checkpoint_worker.py"
 

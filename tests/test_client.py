@@ -1,7 +1,7 @@
 """The thin client (issue 4) against a real server on loopback: Client, AsyncClient, ASE calculator, CLI, examples.
 
 Reference numbers come from direct in-process evaluation of an identical
-model (``macefield_server.model.predict``).  Every subprocess (the
+model (``macefield_server.engine.predict``).  Every subprocess (the
 ``macefield`` command, the examples, the torch-free check) runs with a
 ``sitecustomize`` that makes ``import torch`` (and macefield_server, e3nn,
 mace) fail, so they also prove the client needs no torch.
@@ -37,10 +37,10 @@ from macefield_client import (
 )
 from macefield_client.ase import MACEFieldCalculator
 from macefield_client.results import DEFAULT_OUTPUTS
-from macefield_server.background import BackgroundServer
-from macefield_server.config import ServerConfig
-from macefield_server.model import predict
-from macefield_server.registry import ServedModel
+from macefield_server.serving.background import BackgroundServer
+from macefield_server.serving.config import ServerConfig
+from macefield_server.engine import predict
+from macefield_server.serving.registry import ServedModel
 
 try:  # ASE >= 3.29
     from ase.md.velocitydistribution import thermalize_momenta

@@ -20,7 +20,7 @@ from serving import ServerProcess, save_tiny_model
 
 from macefield_client import AsyncClient, Client, RequestTimeout, RetryPolicy, ServerUnavailable
 from macefield_client.ase import MACEFieldCalculator
-from macefield_server.model import load_model, predict
+from macefield_server.engine import load_model, predict
 
 FIELD = np.array([0.0, 0.02, 0.04])
 HANG_GUARD_S = 240

@@ -15,13 +15,14 @@ import pytest
 import torch
 from conftest import quartz_like, random_field_model, sio_molecule
 
-from macefield_server.model import (build_field_mace, default_architecture, load_model, predict, prepare_batch,
+from macefield_server.engine import (build_field_mace, default_architecture, load_model, predict, prepare_batch,
                                     upgrade_to_field)
-from macefield_server.model.cueq import _transfer, cueq_import_error, model_backend, resolve_backend, to_cueq
-from macefield_server.model.extrapolation import calibrated_heads, statistics_of
-from macefield_server.model.graph import Structure
-from macefield_server.model.response import respond
-from macefield_server.registry import DEFAULT_CHECKPOINT, load_default_model
+from macefield_server.engine.cueq import _transfer, cueq_import_error, model_backend, resolve_backend, to_cueq
+from macefield_server.engine.extrapolation import calibrated_heads, statistics_of
+from macefield_server.engine.graph import Structure
+from macefield_server.engine.response import respond
+from macefield_server.serving.registry import load_default_model
+from macefield_server.weights import DEFAULT_MODEL as DEFAULT_CHECKPOINT
 
 pytestmark = pytest.mark.skipif(
     cueq_import_error() is not None, reason=f"cuequivariance-torch not usable: {cueq_import_error()}"
@@ -84,7 +85,7 @@ def test_cueq_equals_e3nn_for_a_foundation_shaped_model():
     mace-torch writes it when cuequivariance is installed."""
     from mace.modules.models import ScaleShiftMACE
 
-    from macefield_server.model.architecture import mace_kwargs
+    from macefield_server.engine.architecture import mace_kwargs
 
     arch = default_architecture([8, 14], heads=["pt_head", "mp-dielectric", "mp-ferroelectric"], channels=4,
                                 max_L=1, max_ell=2, correlation=3, r_max=6.0, radial_MLP=(8, 8), mlp_channels=4)
@@ -179,7 +180,7 @@ def test_cueq_refuses_vmap_and_keeps_three_pass_default(two_head_model):
 
 
 def test_cueq_model_is_not_saved_as_e3nn(tmp_path, cueq_field_model):
-    from macefield_server.model import save_model
+    from macefield_server.engine import save_model
 
     with pytest.raises(ValueError, match="e3nn model"):
         save_model(cueq_field_model, tmp_path / "m.pt")

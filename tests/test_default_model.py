@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import REPO, SHARED_DATA
 
-from macefield_server.model import load_model, predict
-from macefield_server.model.units import EPS0
-from macefield_server.models import DEFAULT_TRAINING_STAGES
+from macefield_server.engine import load_model, predict
+from macefield_client.contract import EPS0
+from macefield_server.weights import DEFAULT_TRAINING_STAGES
 
 MODELS = REPO / "server" / "macefield_server" / "models"
 MODEL = MODELS / "default.pt"
@@ -57,10 +57,10 @@ def test_default_model_files_and_card(model, card):
     assert model.metadata["card"] == card
     assert "2508.17870" in " ".join(card["citations"])
     # trained in three stages; the configs are in the repository (and the package) and the card names them in order
-    assert card["training"]["command"].startswith("macefield-train --config server/macefield_server/models/default.stage3.yaml")
+    assert card["training"]["command"].startswith("macefield-train --config server/macefield_server/weights/default.stage3.yaml")
     stages = card["previous_stages"]
     assert [s["command"].split()[2] for s in stages] == [
-        f"server/macefield_server/models/default.stage{i}.yaml" for i in (1, 2)
+        f"server/macefield_server/weights/default.stage{i}.yaml" for i in (1, 2)
     ]
     assert [p.name for p in DEFAULT_TRAINING_STAGES] == [f"default.stage{i}.yaml" for i in (1, 2, 3)]
     for config in DEFAULT_TRAINING_STAGES:

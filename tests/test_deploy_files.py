@@ -17,8 +17,8 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from macefield_server import __version__
-from macefield_server.config import ServerConfig, load_config
-from macefield_server.health_probe import main as probe_main
+from macefield_server.serving.config import ServerConfig, load_config
+from macefield_server.cli.health import main as probe_main
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = (REPO / "Dockerfile").read_text()
@@ -202,9 +202,9 @@ def test_package_data_ships_the_default_model_and_card():
     import tomllib
 
     project = tomllib.loads((REPO / "server" / "pyproject.toml").read_text())
-    patterns = project["tool"]["setuptools"]["package-data"]["macefield_server.models"]
+    patterns = project["tool"]["setuptools"]["package-data"]["macefield_server.weights"]
     assert {"*.pt", "*.card.json", "*.card.md"} <= set(patterns)
-    assert project["project"]["scripts"]["macefield-health"] == "macefield_server.health_probe:main"
+    assert project["project"]["scripts"]["macefield-health"] == "macefield_server.cli.health:main"
 
 
 def test_image_requirements_cover_and_satisfy_the_declared_dependencies():
@@ -258,7 +258,7 @@ def test_health_probe_unreachable(capsys, monkeypatch):
 
 
 def test_serve_version():
-    out = subprocess.run([sys.executable, "-m", "macefield_server.serve_cli", "--version"],
+    out = subprocess.run([sys.executable, "-m", "macefield_server.cli.serve", "--version"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith(f"macefield-serve {__version__} ")
 

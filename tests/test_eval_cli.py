@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from serving import run_torch_free, torch_free_env
 
-from macefield_server.background import BackgroundServer
-from macefield_server.config import ServerConfig
-from macefield_server.registry import load_default_model
+from macefield_server.serving.background import BackgroundServer
+from macefield_server.serving.config import ServerConfig
+from macefield_server.serving.registry import load_default_model
 
 pytestmark = pytest.mark.usefixtures("shared_data")
 

@@ -25,12 +25,13 @@ from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 from macefield_client.structures import alpha_quartz, sio_molecule
 from serving import metric, request_for, run_torch_free, torch_free_env
 
-from macefield_server.background import BackgroundServer
-from macefield_server.config import ServerConfig
-from macefield_server.model import load_model, predict, save_model
-from macefield_server.model.extrapolation import attach, calibrate, calibrated_heads, statistics_of
-from macefield_server.models import DEFAULT_CARD, DEFAULT_MODEL
-from macefield_server.registry import ServedModel
+from macefield_server.serving.background import BackgroundServer
+from macefield_server.serving.config import ServerConfig
+from macefield_server.engine import load_model, predict, save_model
+from macefield_server.engine.extrapolation import attach, calibrated_heads, statistics_of
+from macefield_server.training.calibration import calibrate
+from macefield_server.weights import DEFAULT_CARD, DEFAULT_MODEL
+from macefield_server.serving.registry import ServedModel
 
 THRESHOLD = 1.0
 
@@ -200,7 +201,7 @@ def test_macefield_calibrate_cli_on_pickles_and_a_second_head(tmp_path, monkeypa
     """Plain mace-torch pickle (--trust-pickle), head x then head y into the same file, with a model card."""
     from test_model_checkpoints import plain_mace
 
-    from macefield_server.model import calibrate_cli
+    from macefield_server.engine import calibrate_cli
 
     source = tmp_path / "foundation.model"
     torch.save(plain_mace(heads=("x", "y")), source)
@@ -209,7 +210,7 @@ def test_macefield_calibrate_cli_on_pickles_and_a_second_head(tmp_path, monkeypa
     card = tmp_path / "m.card.json"
     card.write_text(json.dumps({"name": "m"}))
     out = tmp_path / "m.pt"
-    cli = [sys.executable, "-m", "macefield_server.model.calibrate_cli"]
+    cli = [sys.executable, "-m", "macefield_server.cli.calibrate"]
     first = subprocess.run(cli + [str(source), str(frames), "--head", "x", "--frames", "0:8", "-o", str(out),
                                   "--trust-pickle"], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
@@ -372,8 +373,8 @@ def test_statistics_of_other_weights_are_not_served(tmp_path, default):
     and serves no grade; the trainer drops them when it fine-tunes a calibrated model."""
     import torch
 
-    from macefield_server.model import load_model, save_model
-    from macefield_server.model.extrapolation import statistics_of, weights_fingerprint
+    from macefield_server.engine import load_model, save_model
+    from macefield_server.engine.extrapolation import statistics_of, weights_fingerprint
 
     assert statistics_of(default).weights == weights_fingerprint(default)
     tuned = load_model(DEFAULT_MODEL)

@@ -17,10 +17,10 @@ from serving import ServerProcess, assert_matches, lists_models, metric, request
 
 from macefield_client import Client, RetryPolicy
 from macefield_client.ase import MACEFieldCalculator
-from macefield_server.background import BackgroundServer
-from macefield_server.config import BatchingConfig, ServerConfig
-from macefield_server.model import load_model, predict
-from macefield_server.registry import ServedModel
+from macefield_server.serving.background import BackgroundServer
+from macefield_server.serving.config import BatchingConfig, ServerConfig
+from macefield_server.engine import load_model, predict
+from macefield_server.serving.registry import ServedModel
 
 FIELD = (0.0, 0.01, -0.02)
 
@@ -200,7 +200,7 @@ def test_liveness_goes_not_serving_while_the_compute_hangs_and_comes_back(monkey
     stays SERVING however long it waits."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from macefield_server.app import LIVENESS_SERVICE, SERVICE_NAME
+    from macefield_server.serving.app import LIVENESS_SERVICE, SERVICE_NAME
 
     monkeypatch.setenv("MACEFIELD_TEST_FAULT", "compute_delay_s=3")
     config = ServerConfig(port=0, metrics_port=-1, liveness_timeout_s=1.0)

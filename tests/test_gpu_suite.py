@@ -10,7 +10,7 @@ import sys
 import torch
 from conftest import REPO, random_field_model
 
-from macefield_server.model.cueq import cueq_import_error
+from macefield_server.engine.cueq import cueq_import_error
 
 sys.path.insert(0, str(REPO / "bench"))
 import gpu_suite  # noqa: E402

@@ -18,9 +18,9 @@ from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 from serving import ServerProcess, lists_models, metric, request_for, rss_mb, save_tiny_model, wait_for
 
-from macefield_server.background import BackgroundServer
-from macefield_server.config import BatchingConfig, ServerConfig
-from macefield_server.registry import ServedModel
+from macefield_server.serving.background import BackgroundServer
+from macefield_server.serving.config import BatchingConfig, ServerConfig
+from macefield_server.serving.registry import ServedModel
 
 TOKEN = "hardening-token-0123456789"
 
@@ -153,7 +153,7 @@ def test_validating_large_structures_does_not_stall_other_clients():
     """A PredictBatch of 30 cells of 4608 atoms is validated (neighbour pairs counted exactly: the small memory
     budget asks for it) on the prep thread: ListModels stays quick meanwhile.  The batch is then refused."""
     from macefield_client.structures import alpha_quartz
-    from macefield_server.config import LimitsConfig
+    from macefield_server.serving.config import LimitsConfig
 
     config = ServerConfig(port=0, metrics_port=0, batching=BatchingConfig(max_wait_ms=2),
                           limits=LimitsConfig(max_message_bytes=4 * 2**20, memory_budget="300MB",
@@ -179,7 +179,7 @@ def test_validating_large_structures_does_not_stall_other_clients():
 
 
 def test_an_answer_over_the_message_limit_is_refused_before_computing():
-    from macefield_server.config import LimitsConfig
+    from macefield_server.serving.config import LimitsConfig
 
     config = ServerConfig(port=0, metrics_port=0, limits=LimitsConfig(max_message_bytes=64 * 1024))
     with BackgroundServer(config, [ServedModel("tiny", random_field_model(heads=("sio2", "other")), "sio2")]) as srv:

@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pki import self_signed_tls
 from serving import ServerProcess, save_tiny_model, wait_for
 
-from macefield_server.config import ServerConfig, load_config
+from macefield_server.serving.config import ServerConfig, load_config
 
 K8S = REPO / "deploy" / "k8s"
 REQUIRE_KUSTOMIZE_ENV = "MACEFIELD_REQUIRE_KUSTOMIZE"
@@ -166,7 +166,7 @@ def test_gpu_request_probes_grace_and_security(rendered):
     for probe, service in (("startupProbe", "macefield.v1.MaceField"), ("readinessProbe", "macefield.v1.MaceField"),
                            ("livenessProbe", "liveness")):
         assert container[probe]["grpc"] == {"port": config["health_port"], "service": service}, probe
-    from macefield_server.app import LIVENESS_SERVICE, SERVICE_NAME
+    from macefield_server.serving.app import LIVENESS_SERVICE, SERVICE_NAME
 
     assert {SERVICE_NAME, LIVENESS_SERVICE} == {"macefield.v1.MaceField", "liveness"}
     startup = container["startupProbe"]
@@ -209,7 +209,7 @@ def test_labels_selectors_and_references_agree(rendered):
     (metric,) = hpa["metrics"]
     assert metric["pods"]["metric"]["name"] == "macefield_queue_depth"
     assert hpa["minReplicas"] >= 2  # with the PDB's maxUnavailable 1, one replica always serves
-    from macefield_server.metrics import Metrics
+    from macefield_server.serving.metrics import Metrics
 
     assert "macefield_queue_depth" in {m.name for m in Metrics().registry.collect()}
     adapter = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())

@@ -19,12 +19,12 @@ from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 from serving import assert_matches, metric, request_for, wait_for
 
-from macefield_server.background import BackgroundServer
-from macefield_server.config import BatchingConfig, LimitsConfig, ServerConfig
-from macefield_server.model import predict
-from macefield_server.model.graph import Structure, estimate_edges, neighbour_list
-from macefield_server.model.response import OUTPUTS
-from macefield_server.registry import ServedModel
+from macefield_server.serving.background import BackgroundServer
+from macefield_server.serving.config import BatchingConfig, LimitsConfig, ServerConfig
+from macefield_server.engine import predict
+from macefield_server.engine.graph import Structure, estimate_edges, neighbour_list
+from macefield_server.engine.response import ENGINE_OUTPUTS as OUTPUTS
+from macefield_server.serving.registry import ServedModel
 
 MAX_MESSAGE = 256 * 1024
 MAX_STREAMS = 2

@@ -26,7 +26,7 @@ def test_make_installs_once_per_interpreter_and_again_after_a_pyproject_change(t
     subprocess.run(["make", "install", f"PYTHON={sys.executable}", "PIP=true"], cwd=tmp_path, check=True,
                    capture_output=True, timeout=60)
     again = dry_run(tmp_path, "serve")
-    assert "pip" not in again and "macefield_server.serve_cli" in again  # the second run only starts the server
+    assert "pip" not in again and "macefield_server.cli.serve" in again  # the second run only starts the server
     assert "pip install" in dry_run(tmp_path, "test")  # the test extras are another install
     time.sleep(0.01)
     later = time.time() + 2

@@ -20,11 +20,11 @@ from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 from serving import ServerProcess, assert_matches, lists_models, request_for, rss_mb, wait_for
 
 from macefield_client.structures import alpha_quartz
-from macefield_server.background import BackgroundServer
-from macefield_server.config import BatchingConfig, ConfigError, LimitsConfig, ServerConfig
-from macefield_server.memory import Budget, parse_bytes
-from macefield_server.model import predict
-from macefield_server.registry import ServedModel
+from macefield_server.serving.background import BackgroundServer
+from macefield_server.serving.config import BatchingConfig, ConfigError, LimitsConfig, ServerConfig
+from macefield_server.serving.memory import Budget, parse_bytes
+from macefield_server.engine import predict
+from macefield_server.serving.registry import ServedModel
 
 FULL = ["forces", "stress", "born_charges", "polarizability"]
 
@@ -98,7 +98,7 @@ def test_batches_close_at_the_memory_budget(small_budget):
     srv, served, model = small_budget
     assert served.budget.total == 120 * 10**6 and served.memory is not None
     atoms = [quartz_like(repeat=(2, 2, 2), seed=i) for i in range(12)]  # 72 atoms each
-    from macefield_server.model.graph import Structure, neighbour_list
+    from macefield_server.engine.graph import Structure, neighbour_list
 
     edges = neighbour_list(Structure.from_atoms(atoms[0]), served.cutoff).edge_index.shape[1]
     fit = [k for k in range(1, 13) if served.memory.estimate(2, k * edges, k * 72) <= served.budget.per_pass]
@@ -116,8 +116,8 @@ def test_batches_close_at_the_memory_budget(small_budget):
 def test_admitted_neighbour_lists_are_bounded(small_budget):
     """A PredictBatch of structures that each fit a pass, but whose neighbour lists together pass the share of
     the budget for admitted work, is refused before any list is built; fewer of them are served."""
-    from macefield_server.memory import graph_bytes
-    from macefield_server.model.graph import Structure, neighbour_list
+    from macefield_server.serving.memory import graph_bytes
+    from macefield_server.engine.graph import Structure, neighbour_list
 
     srv, served, _ = small_budget
     stub = rpc.MaceFieldStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))

@@ -13,7 +13,7 @@ import torch
 from conftest import quartz_like, random_field_model, sio_molecule
 from mace.modules.models import MACE, ScaleShiftMACE
 
-from macefield_server.model import (
+from macefield_server.engine import (
     CheckpointError,
     FieldMACE,
     UntrustedPickleError,
@@ -22,8 +22,8 @@ from macefield_server.model import (
     save_model,
     upgrade_to_field,
 )
-from macefield_server.model.architecture import describe_architecture, mace_kwargs
-from macefield_server.model.predict import prepare_batch
+from macefield_server.engine.architecture import describe_architecture, mace_kwargs
+from macefield_server.engine.predict import prepare_batch
 
 FIELDS = [np.zeros(3), np.array([0.2, -0.1, 0.05]), np.array([0.0, 0.0, 0.5])]
 
@@ -61,7 +61,7 @@ def mace_reference(base, structures, heads=None):
 
 @pytest.mark.parametrize("cls,heads", [(ScaleShiftMACE, ("Default",)), (ScaleShiftMACE, ("a", "b")), (MACE, ("Default",))])
 def test_upgraded_mace_equals_base_model_at_any_field(cls, heads):
-    from macefield_server.model import Structure
+    from macefield_server.engine import Structure
 
     base = plain_mace(cls, heads)
     upgraded = upgrade_to_field(base)
@@ -92,7 +92,7 @@ def test_fieldmace_reproduces_mace_forward_energy_when_field_weights_zero():
     # the base's weights into the FieldMACE (it takes their contraction basis, whatever is installed)
     field = {k: v for k, v in model.state_dict().items() if k.startswith("field_")}
     model.load_state_dict({**base.state_dict(), **field}, strict=True)
-    from macefield_server.model import Structure
+    from macefield_server.engine import Structure
 
     atoms = quartz_like(seed=3)
     e_ref, f_ref = mace_reference(base, [Structure.from_atoms(atoms)])
@@ -238,7 +238,7 @@ def test_convert_cli(tmp_path):
     src = tmp_path / "foundation.model"
     torch.save(base, src)
     dst = tmp_path / "out.pt"
-    cli = [sys.executable, "-m", "macefield_server.model.convert_cli"]
+    cli = [sys.executable, "-m", "macefield_server.cli.convert"]
     refused = subprocess.run(cli + [str(src), str(dst)], capture_output=True, text=True)
     assert refused.returncode == 2
     assert "--trust-pickle" in refused.stderr and not dst.exists()
@@ -251,8 +251,8 @@ def test_convert_cli(tmp_path):
 
 def test_zbl_pair_repulsion_of_a_checkpoint_is_kept_and_reported(tmp_path):
     """A checkpoint with mace-torch's ZBL pair repulsion keeps it (native round trip, served, reported)."""
-    from macefield_server.model import build_field_mace
-    from macefield_server.registry import ServedModel
+    from macefield_server.engine import build_field_mace
+    from macefield_server.serving.registry import ServedModel
 
     arch = describe_architecture(random_field_model(seed=31))
     arch["pair_repulsion"] = True

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import quartz_like, random_field_model, sio_molecule
 
-from macefield_server.model import predict
+from macefield_server.engine import predict
 
 H = 1e-4  # finite-difference step (Angstrom, V/A, strain)
 RTOL = 1e-5
@@ -121,7 +121,7 @@ def test_polarizability_matches_dipole_field_derivative(field_model, crystal, re
 
 
 def test_susceptibility_and_quanta(crystal, reference):
-    from macefield_server.model.units import EPS0
+    from macefield_client.contract import EPS0
 
     volume = crystal.get_volume()
     assert abs(EPS0 - 0.0055263494) < 1e-10
@@ -263,9 +263,9 @@ def test_float32_agrees_with_float64(crystal):
 
 def test_second_order_strategies_agree(two_head_model):
     """The vmapped and the three-pass second-derivative strategies give the same Z* and alpha."""
-    from macefield_server.model import prepare_batch
-    from macefield_server.model.graph import Structure
-    from macefield_server.model.response import respond
+    from macefield_server.engine import prepare_batch
+    from macefield_server.engine.graph import Structure
+    from macefield_server.engine.response import respond
 
     structures = [
         Structure.from_atoms(quartz_like(seed=9), electric_field=[0.1, 0.2, -0.1], head="sio2"),
@@ -284,8 +284,8 @@ def test_second_order_strategies_agree(two_head_model):
 
 def test_predict_splits_large_requests_into_passes_without_changing_numbers(field_model):
     """Edge- and count-limited passes give the same numbers as one pass (order kept)."""
-    from macefield_server.model.predict import _passes
-    from macefield_server.model.graph import neighbour_list, Structure
+    from macefield_server.engine.predict import _passes
+    from macefield_server.engine.graph import neighbour_list, Structure
 
     atoms = [quartz_like(seed=s, repeat=(1, 1, 1 + s % 2)) for s in range(5)] + [sio_molecule()]
     fields = np.random.default_rng(0).normal(0, 0.1, (len(atoms), 3))
@@ -323,11 +323,11 @@ def test_rewritten_tensor_products_match_e3nn_modules(two_head_model):
     import copy
     import pickle
 
-    from macefield_server.model import build_field_mace, prepare_batch
-    from macefield_server.model.architecture import describe_architecture
-    from macefield_server.model.graph import Structure
-    from macefield_server.model.response import respond
-    from macefield_server.model.tp_rewrite import rewrite_tensor_products
+    from macefield_server.engine import build_field_mace, prepare_batch
+    from macefield_server.engine.architecture import describe_architecture
+    from macefield_server.engine.graph import Structure
+    from macefield_server.engine.response import respond
+    from macefield_server.engine.tp_rewrite import rewrite_tensor_products
 
     stock = build_field_mace(describe_architecture(two_head_model), rewrite_products=False)
     stock.load_state_dict(two_head_model.state_dict(), strict=True)

@@ -13,8 +13,8 @@ import pytest
 from conftest import quartz_like
 
 from macefield_client.structures import alpha_quartz, sio_molecule
-from macefield_server.model import load_model, predict
-from macefield_server.models import DEFAULT_MODEL
+from macefield_server.engine import load_model, predict
+from macefield_server.weights import DEFAULT_MODEL
 
 ALL = ["energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"]
 FIELD = [0.01, -0.02, 0.03]

@@ -31,7 +31,7 @@ from serving import ServerProcess, common_free_port, save_tiny_model, wait_for
 from macefield_client import Client
 from macefield_client._channel import REPLICAS_SERVICE_CONFIG, SERVICE_CONFIG, resolve_target, service_config
 from macefield_client.ase import MACEFieldCalculator
-from macefield_server.model import load_model, predict
+from macefield_server.engine import load_model, predict
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 OUTPUTS = ["energy", "forces"]
@@ -247,7 +247,7 @@ def test_async_client_spreads_requests_over_three_replicas(replicas, references)
 ])
 def test_scale_out_server_options_are_checked(args, message, capsys):
     """``macefield-serve``'s own entry point (in this process: it stops at the configuration, exit code 2)."""
-    from macefield_server.serve_cli import main
+    from macefield_server.cli.serve import main
 
     assert main(args) == 2
     assert message in capsys.readouterr().err
@@ -259,9 +259,9 @@ def test_a_port_another_server_holds_is_refused_not_shared(replicas):
     server fails to start, saying which address, with exit code 2."""
     import asyncio
 
-    from macefield_server.app import MaceFieldServer
-    from macefield_server.config import ServerConfig
-    from macefield_server.serve_cli import main
+    from macefield_server.serving.app import MaceFieldServer
+    from macefield_server.serving.config import ServerConfig
+    from macefield_server.cli.serve import main
 
     replicas.ensure_all_up()
 

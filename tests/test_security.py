@@ -24,11 +24,11 @@ from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as pb_grpc
 from pki import make_cert, new_key, pem_cert, pem_key
 from serving import ServerProcess, request_for, save_tiny_model
 
-from macefield_server.background import BackgroundServer
-from macefield_server.config import ConfigError, SecurityConfig, ServerConfig, load_config
-from macefield_server.registry import ServedModel
-from macefield_server.security import TOKENS_ENV, TokenAuthInterceptor, is_loopback, load_tokens, parse_tokens
-from macefield_server.serve_cli import build_config, parse_args
+from macefield_server.serving.background import BackgroundServer
+from macefield_server.serving.config import ConfigError, SecurityConfig, ServerConfig, load_config
+from macefield_server.serving.registry import ServedModel
+from macefield_server.serving.security import TOKENS_ENV, TokenAuthInterceptor, is_loopback, load_tokens, parse_tokens
+from macefield_server.cli.serve import build_config, parse_args
 
 TOKEN = "s3cret-token-A"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -379,7 +379,7 @@ def test_client_cli_with_tls_ca_and_token(tls_server, pki, tmp_path):
 
 
 def _serve(args, **kw):
-    cmd = [sys.executable, "-m", "macefield_server.serve_cli", "--port", "0", "--metrics-port", "-1", *args]
+    cmd = [sys.executable, "-m", "macefield_server.cli.serve", "--port", "0", "--metrics-port", "-1", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"),
                           **kw)
 
@@ -424,7 +424,7 @@ def test_process_tls_and_token_file_from_the_command_line(tmp_path, pki):
 
 
 def test_health_probe_over_tls_and_mutual_tls(tls_server, mtls_server, pki, capsys):
-    from macefield_server.health_probe import main as probe
+    from macefield_server.cli.health import main as probe
 
     assert probe(["--address", tls_server, "--tls-ca", str(pki["ca.pem"])]) == 0  # no token needed
     assert "SERVING" in capsys.readouterr().out
@@ -435,7 +435,7 @@ def test_health_probe_over_tls_and_mutual_tls(tls_server, mtls_server, pki, caps
 
 
 def test_in_process_server_refuses_plaintext_on_all_interfaces():
-    from macefield_server.app import MaceFieldServer
+    from macefield_server.serving.app import MaceFieldServer
 
     async def start():
         server = MaceFieldServer(ServerConfig(host="0.0.0.0", port=0, metrics_port=-1), _served())

@@ -14,13 +14,13 @@ from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 from serving import assert_matches, metric, request_for
 
-from macefield_server.background import BackgroundServer
-from macefield_server.config import BACKENDS, BatchingConfig, ConfigError, ModelConfig, ServerConfig
-from macefield_server.model import OUTPUTS, predict, save_model
-from macefield_server.model.response import EXTRAPOLATION_OUTPUTS
-from macefield_server.model import cueq as cueq_module
-from macefield_server.registry import load_configured_model, load_default_model
-from macefield_server.serve_cli import build_config, parse_args
+from macefield_server.serving.background import BackgroundServer
+from macefield_server.serving.config import BACKENDS, BatchingConfig, ConfigError, ModelConfig, ServerConfig
+from macefield_server.engine import ENGINE_OUTPUTS as OUTPUTS, predict, save_model
+from macefield_client.contract import GRADE_OUTPUTS as EXTRAPOLATION_OUTPUTS
+from macefield_server.engine import cueq as cueq_module
+from macefield_server.serving.registry import load_configured_model, load_default_model
+from macefield_server.cli.serve import build_config, parse_args
 
 
 def test_backend_names_agree():
@@ -93,7 +93,7 @@ def test_cueq_without_cuequivariance_fails_at_load_naming_the_key(tmp_path):
     code = (
         "import sys; sys.path.insert(0, 'tests'); import checkpoint_worker as w; "
         "sys.meta_path.insert(0, w._BlockCueq()); "
-        "from macefield_server.serve_cli import main; "
+        "from macefield_server.cli.serve import main; "
         f"sys.exit(main(['--port', '0', '--metrics-port', '-1', '--model', {str(path)!r}, '--backend', 'cueq']))"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -12,10 +12,10 @@ from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 from serving import arrays, assert_matches, metric, request_for
 
-from macefield_server.background import BackgroundServer
-from macefield_server.config import BatchingConfig, ServerConfig
-from macefield_server.model import predict
-from macefield_server.registry import ServedModel
+from macefield_server.serving.background import BackgroundServer
+from macefield_server.serving.config import BatchingConfig, ServerConfig
+from macefield_server.engine import predict
+from macefield_server.serving.registry import ServedModel
 
 FULL = ["energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"]
 FIRST = ["forces", "stress", "dipole"]

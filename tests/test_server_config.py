@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import random_field_model
 
-from macefield_server import registry as registry_module
-from macefield_server.config import AUTO_LIMITS, BatchingConfig, ConfigError, LimitsConfig, ModelConfig, ServerConfig, load_config
-from macefield_server.model import save_model
-from macefield_server.serve_cli import build_config, parse_args
+from macefield_server.serving import registry as registry_module
+from macefield_server.serving.config import AUTO_LIMITS, BatchingConfig, ConfigError, LimitsConfig, ModelConfig, ServerConfig, load_config
+from macefield_server.engine import save_model
+from macefield_server.cli.serve import build_config, parse_args
 
 YAML = """
 host: 0.0.0.0
@@ -110,12 +110,12 @@ def test_command_line_overrides_the_file(tmp_path):
 
 
 def test_builtin_default_is_declared_untrained(monkeypatch, tmp_path):
-    monkeypatch.setattr(registry_module, "DEFAULT_CHECKPOINT", tmp_path / "absent.pt")
+    monkeypatch.setattr(registry_module, "DEFAULT_MODEL", tmp_path / "absent.pt")
     served = registry_module.load_default_model()
     info = served.info()
-    assert info["trained"] is False and info["source"] == "built-in" and "UNTRAINED" in info["description"]
-    assert info["heads"] == ["sio2", "batio3"] and info["is_default"]
-    assert set(info["atomic_numbers"]) >= {8, 14, 22, 56}
+    assert info.trained is False and info.source == "built-in" and "UNTRAINED" in info.description
+    assert info.heads == ["sio2", "batio3"] and info.is_default
+    assert set(info.atomic_numbers) >= {8, 14, 22, 56}
     again = registry_module.builtin_default_model()  # fixed seed: the same model every time
     for p, q in zip(served.model.parameters(), again.parameters()):
         assert torch.equal(p, q)
@@ -125,13 +125,13 @@ def test_shipped_default_checkpoint_and_card_are_picked_up(monkeypatch, tmp_path
     path = save_model(random_field_model(heads=("sio2", "batio3")), tmp_path / "default.pt")
     card = {"name": "macefield-default-v1", "description": "trained on quartz and BaTiO3", "default_head": "batio3"}
     (tmp_path / "default.card.json").write_text(json.dumps(card))
-    monkeypatch.setattr(registry_module, "DEFAULT_CHECKPOINT", path)
+    monkeypatch.setattr(registry_module, "DEFAULT_MODEL", path)
     monkeypatch.setattr(registry_module, "DEFAULT_CARD", tmp_path / "default.card.json")
     served = registry_module.load_default_model()
     info = served.info()
-    assert info["name"] == "macefield-default-v1" and info["trained"] is True
-    assert info["default_head"] == "batio3" and info["source"] == str(path)
-    assert json.loads(info["card_json"]) == card
+    assert info.name == "macefield-default-v1" and info.trained is True
+    assert info.default_head == "batio3" and info.source == str(path)
+    assert json.loads(info.card_json) == card
 
 
 def test_configured_model_card_and_name(tmp_path):

@@ -14,11 +14,11 @@ from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 from serving import assert_matches, metric, request_for, wait_for
 
-from macefield_server.background import BackgroundServer
-from macefield_server.batcher import default_evaluate
-from macefield_server.config import BatchingConfig, ServerConfig
-from macefield_server.model import predict
-from macefield_server.registry import ServedModel
+from macefield_server.serving.background import BackgroundServer
+from macefield_server.serving.engine_backend import EngineBackend
+from macefield_server.serving.config import BatchingConfig, ServerConfig
+from macefield_server.engine import predict
+from macefield_server.serving.registry import ServedModel
 
 WAIT_MS = 2500  # batches close only after this long unless full: requests stay queued meanwhile
 
@@ -110,14 +110,15 @@ def test_deadline_passed_in_queue_is_not_computed(slow_server, stub):
 
 
 def oom_above(max_atoms: int):
-    """Evaluate like the server does, but run out of (simulated CUDA) memory above ``max_atoms`` per batch."""
+    """The served engine, but running out of (simulated CUDA) memory above ``max_atoms`` per batch."""
 
-    def evaluate(model, batch, outputs):
-        if sum(batch.n_atoms) > max_atoms:
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected above {max_atoms} atoms)")
-        return default_evaluate(model, batch, outputs)
+    class OutOfMemoryAbove(EngineBackend):
+        def run(self, batch, outputs):
+            if sum(batch.n_atoms) > max_atoms:
+                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected above {max_atoms} atoms)")
+            return super().run(batch, outputs)
 
-    return evaluate
+    return OutOfMemoryAbove
 
 
 def test_out_of_memory_splits_the_batch_and_fails_only_what_does_not_fit(model, caplog):
@@ -125,7 +126,7 @@ def test_out_of_memory_splits_the_batch_and_fails_only_what_does_not_fit(model, 
     config = ServerConfig(port=0, metrics_port=0, batching=BatchingConfig(max_wait_ms=800))
     served = ServedModel("tiny", model, "sio2")
     # warm-up uses 8 atoms; quartz cells have 9 atoms: two fit (18), four do not (36)
-    with BackgroundServer(config, [served], evaluate_fn=oom_above(20)) as srv:
+    with BackgroundServer(config, [served], backend_factory=oom_above(20)) as srv:
         stub = rpc.MaceFieldStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
         calls = [stub.Predict.future(request(i, ["forces", "born_charges"]), timeout=60) for i in range(4)]
         results = [c.result() for c in calls]

@@ -11,7 +11,7 @@ from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 from serving import ServerProcess, metric, request_for, save_tiny_model, wait_for
 
-from macefield_server.model import load_model, predict
+from macefield_server.engine import load_model, predict
 
 GRACE_S = 20
 

@@ -17,7 +17,7 @@ from conftest import quartz_like
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 from serving import ServerProcess, assert_matches, lists_models, metric, request_for, save_tiny_model, wait_for
 
-from macefield_server.model import load_model, predict
+from macefield_server.engine import load_model, predict
 
 GRACE_S = 30
 

@@ -20,11 +20,11 @@ from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 from serving import assert_matches, metric, request_for
 
-from macefield_server.background import BackgroundServer
-from macefield_server.config import BatchingConfig, ConfigError, LimitsConfig, ServerConfig, load_config
-from macefield_server.model import predict
-from macefield_server.model.predict import NonFiniteResult
-from macefield_server.registry import ServedModel
+from macefield_server.serving.background import BackgroundServer
+from macefield_server.serving.config import BatchingConfig, ConfigError, LimitsConfig, ServerConfig, load_config
+from macefield_server.engine import predict
+from macefield_server.engine.predict import NonFiniteResult
+from macefield_server.serving.registry import ServedModel
 
 OUTPUTS = ["forces", "stress", "born_charges", "polarizability"]
 

@@ -71,15 +71,15 @@ def test_sio_molecule():
 
 @pytest.fixture(scope="module")
 def default_model():
-    from macefield_server.model import load_model
-    from macefield_server.models import DEFAULT_MODEL
+    from macefield_server.engine import load_model
+    from macefield_server.weights import DEFAULT_MODEL
 
     return load_model(DEFAULT_MODEL)
 
 
 def test_alpha_quartz_through_the_default_model(default_model):
     """At the PBE cell the published structure is close to the model's minimum and has quartz's response."""
-    from macefield_server.model import predict
+    from macefield_server.engine import predict
 
     atoms = alpha_quartz(cell="pbe")
     [r] = predict(default_model, [atoms], heads="sio2", outputs=["forces", "stress", "born_charges", "polarizability"])

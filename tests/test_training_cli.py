@@ -8,9 +8,9 @@ import torch
 import yaml
 from conftest import REPO, SHARED_DATA
 
-from macefield_server.model import load_model, predict
+from macefield_server.engine import load_model, predict
 from macefield_server.training import config_from_dict
-from macefield_server.training.cli import main
+from macefield_server.cli.train import main
 from macefield_server.training.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("shared_data")
@@ -104,7 +104,7 @@ def test_console_script_declared_and_help(capsys):
     import tomllib
 
     project = tomllib.loads((REPO / "server" / "pyproject.toml").read_text())["project"]
-    assert project["scripts"]["macefield-train"] == "macefield_server.training.cli:main"
+    assert project["scripts"]["macefield-train"] == "macefield_server.cli.train:main"
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0 and "--config" in capsys.readouterr().out

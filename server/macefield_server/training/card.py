@@ -17,8 +17,8 @@ from typing import Dict, List
 
 import torch
 
-from ..model.architecture import describe_architecture
-from ..model.checkpoint import save_model
+from ..engine.architecture import describe_architecture
+from ..engine.checkpoint import save_model
 from .metrics import compact_frame, frame_errors, summarise
 
 
@@ -58,7 +58,7 @@ def time_full_response(model, sample, repeats: int = 3) -> float:
     """Best-of-``repeats`` wall time (s) of one full-response evaluation (all outputs) of one frame."""
     import time
 
-    from ..model.predict import predict
+    from ..engine.predict import predict
 
     best = float("inf")
     for _ in range(repeats):
@@ -340,7 +340,7 @@ def refresh_card(path, cfg) -> Dict:
     taken from the config, and the checkpoint and its ``.card.json``/``.card.md``
     are rewritten.  Training facts (epochs, times, command) are kept.
     """
-    from ..model.checkpoint import load_model
+    from ..engine.checkpoint import load_model
     from .data import build_graphs, load_all
 
     path = Path(path)

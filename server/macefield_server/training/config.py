@@ -74,7 +74,7 @@ class ModelConfig:
     MACE-Field pickle; the latter two need ``trust_pickle``) to fine-tune;
     plain MACE models are upgraded with ``upgrade_to_field``.  Its heads must
     include every dataset head.  Otherwise a FieldMACE is built from the
-    remaining fields (see :func:`macefield_server.model.default_architecture`).
+    remaining fields (see :func:`macefield_server.engine.default_architecture`).
     ``e0s``: ``least_squares`` (per-element reference energies per head fitted
     to the training frames; the minimum-norm solution when the composition
     never varies), ``zero``, or ``keep`` (fine-tuning: keep the model's).

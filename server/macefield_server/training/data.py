@@ -19,7 +19,7 @@ from macefield_client.labels import as_array as _as_array
 from macefield_client.labels import convert
 from macefield_client.labels import lookup as _lookup
 
-from ..model.graph import NeighbourGraph, Structure, collate, neighbour_list
+from ..engine.graph import NeighbourGraph, Structure, collate, neighbour_list
 from .config import DatasetConfig, KeySpec, TrainConfig
 
 

@@ -15,7 +15,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..model.units import EPS0
+from macefield_client.contract import EPS0
 
 
 def fold_dipole(diff: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence
 import torch
 from macefield_client.accuracy import compact_frame, frame_errors as structure_errors, summarise  # noqa: F401
 
-from ..model.response import respond
+from ..engine.response import respond
 from .data import Sample, make_batch
 
 _OUTPUTS = frozenset({"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"})

@@ -26,10 +26,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..model.architecture import build_field_mace, default_architecture
-from ..model.extrapolation import attach, statistics_of
-from ..model.checkpoint import load_model, save_model, upgrade_to_field
-from ..model.response import respond
+from ..engine.architecture import build_field_mace, default_architecture
+from ..engine.extrapolation import attach, statistics_of
+from ..engine.checkpoint import load_model, save_model, upgrade_to_field
+from ..engine.response import respond
 from .config import QUANTITIES, TrainConfig
 from .data import Sample, average_neighbours, build_graphs, load_all, make_batch
 from .losses import residuals, total_loss
@@ -280,7 +280,7 @@ class Trainer:
         }
 
     def _architecture(self):
-        from ..model.architecture import describe_architecture
+        from ..engine.architecture import describe_architecture
 
         return describe_architecture(self.model)
 

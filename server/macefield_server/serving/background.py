@@ -1,0 +1,73 @@
+"""Run a :class:`MaceFieldServer` on a background thread with its own event loop.
+
+For tests, benchmarks and notebooks that need a real server (real sockets,
+real gRPC) inside the current process::
+
+    with BackgroundServer(config, models=[served]) as srv:
+        channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Callable, List, Optional
+
+from .app import MaceFieldServer
+from .backend import Backend
+from .config import ServerConfig
+from .engine_backend import EngineBackend
+from .metrics import Metrics
+from .registry import ServedModel
+
+
+class BackgroundServer:
+    def __init__(
+        self,
+        config: ServerConfig,
+        models: Optional[List[ServedModel]] = None,
+        *,
+        backend_factory: Callable[[ServedModel, Metrics], Backend] = EngineBackend,
+        timeout: float = 120.0,
+    ):
+        self.config = config
+        self.models = models
+        self.backend_factory = backend_factory
+        self.timeout = timeout
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="macefield-server", daemon=True)
+        self.server: Optional[MaceFieldServer] = None
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.timeout)
+
+    async def _make(self):
+        self.server = MaceFieldServer(self.config, self.models, backend_factory=self.backend_factory)
+        await self.server.start()
+        await self.server.load()
+
+    def start(self) -> "BackgroundServer":
+        self.thread.start()
+        self._call(self._make())
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def metrics_port(self) -> Optional[int]:
+        return self.server.metrics_port
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.server is not None:
+            self._call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(self.timeout)
+        self.loop.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""Test support that ships with the server: fault injection for fault-tolerance tests (never set in production)."""
