@@ -14,7 +14,7 @@ latency in three modes, all in the same run:
   its batch is done);
 * ``direct-one-batch``: the same, all of a round's structures in one pass
   (on CPU this is slower per structure than small batches, see
-  ``macefield_server.serving.config.AUTO_LIMITS``).
+  ``macefield_server.batch_limits.AUTO_LIMITS``).
 
 Every request asks for everything: energy, forces, stress, dipole,
 polarization, Born charges, polarizability.  The structure is the first frame

@@ -7,7 +7,7 @@ For 16-, 64- and 128-channel FieldMACE models (max_ell 2, 1, 3) and each output 
 and ``--largest``^3 = 4608 atoms with the 64-channel model, the default model's size) runs in a fresh process;
 it reports the peak resident growth (ru_maxrss over the pass, with the server's allocator tuning),
 the bytes autograd keeps for the pass (unique storages), their ratio, and what
-``macefield_server.serving.memory.measure`` estimates for that structure.  The CPU factors of
+``macefield_server.serving.memory_measure.measure`` estimates for that structure.  The CPU factors of
 ``macefield_server/serving/memory.py`` come from these ratios.
 """
 
@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 from macefield_server.serving.runtime import tune_cpu_allocator
 tune_cpu_allocator()
 from macefield_client.structures import alpha_quartz
-from macefield_server.serving.memory import measure
+from macefield_server.serving.memory_measure import measure
 from macefield_server.engine import build_field_mace, default_architecture
 from macefield_server.engine.graph import Structure
 from macefield_server.engine.predict import prepare_batch

@@ -7,7 +7,7 @@ Measures, in one run and on one device:
   backward, the batch-wide second-derivative pass);
 
 both as ``predict`` runs them: on CPU a call is cut into passes of at most
-``CPU_EDGES_PER_PASS`` edges (cache-sized; it also bounds memory), on GPU one
+``macefield_server.batch_limits.AUTO_LIMITS["cpu"]`` edges (cache-sized; it also bounds memory), on GPU one
 pass.  ``one_pass_*`` columns time the whole batch as a single pass (up to
 ``--one-pass-max`` structures), with each second-order strategy;
 * ``reference_recipe``: the recipe of the reference MACE-Field code, one
@@ -43,7 +43,8 @@ import torch
 
 from macefield_server.engine import build_field_mace, default_architecture, prepare_batch
 from macefield_server.engine.graph import Structure, neighbour_list
-from macefield_server.engine.predict import CPU_EDGES_PER_PASS, _passes
+from macefield_server.batch_limits import auto_limits
+from macefield_server.engine.predict import _passes
 from macefield_server.engine.response import SECOND_ORDER_DEFAULT, respond
 from macefield_server.serving.runtime import tune_cpu_allocator
 
@@ -146,7 +147,7 @@ def main():
 
     def engine_passes(bs, tier):
         """The passes predict() makes for bs structures (auto edge limit), prepared ahead."""
-        limit = None if device.type == "cuda" else CPU_EDGES_PER_PASS[tier]
+        limit = None if device.type == "cuda" else auto_limits("cpu")[1]
         return [
             prepare_batch(model, [structures[i] for i in grp], graphs=[graphs[i] for i in grp], device=device)
             for grp in _passes(graphs[:bs], None, limit)

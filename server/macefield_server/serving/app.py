@@ -49,7 +49,7 @@ from .engine_backend import EngineBackend
 from .config import ServerConfig
 from .dispatcher import Dispatcher
 from .memory import Budget, default_budget, fmt, parse_bytes
-from .memory import measure as measure_memory
+from .memory_measure import measure as measure_memory
 from .metrics import Metrics
 from ..engine.graph import Structure, neighbour_list
 from ..engine.response import ENGINE_OUTPUTS, response_tier

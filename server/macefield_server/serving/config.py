@@ -49,14 +49,13 @@ With no model listed the embedded default model is served.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from ..batch_limits import auto_limits
+
 
 
 #: model backends (macefield_server.engine.cueq.BACKENDS; not imported here: config loads without torch)
@@ -81,16 +80,6 @@ class ModelConfig:
     backend: Optional[str] = None
 
 
-#: per-device batch sizes used when max_atoms / max_edges are "auto" (None).  On CPU a
-#: larger batch is *slower per structure* once its working set leaves the caches
-#: (measured with bench/load.py's model, full response, 1 thread, on a shared 2-core
-#: machine: a 72-atom quartz cell, ~3000 edges, costs 0.23 s alone or in pairs,
-#: 0.41 s in batches of 8 and 0.77 s in one batch of 64; 9-atom cells, ~380 edges,
-#: 56 ms alone and 33-36 ms in batches of 4-8), so CPU batches stop at ~4000 edges:
-#: small structures are batched, 72-atom cells are not.  GPUs want big batches; the CUDA limits
-#: are not measured yet (bench/gpu_suite.py's engine section gives throughput against batch size).
-AUTO_LIMITS = {"cpu": (1024, 4000), "cuda": (8192, 400_000)}
-
 #: the longest duration option in seconds (max_connection_age_s, ...): gRPC takes int32 milliseconds
 MAX_DURATION_S = 2_147_483
 
@@ -100,8 +89,8 @@ class BatchingConfig:
     """Dynamic batching limits; a batch closes at whichever is reached first."""
 
     max_structures: int = 64
-    max_atoms: Optional[int] = None  #: None / "auto": see AUTO_LIMITS
-    max_edges: Optional[int] = None  #: None / "auto": see AUTO_LIMITS
+    max_atoms: Optional[int] = None  #: None / "auto": see :data:`macefield_server.batch_limits.AUTO_LIMITS`
+    max_edges: Optional[int] = None  #: None / "auto": see :data:`macefield_server.batch_limits.AUTO_LIMITS`
     max_wait_ms: float = 5.0  #: ms the oldest queued request waits for more to join
     max_queue: int = 1024  #: queued (not yet batched) structures per model
     max_queue_atoms: int = 1_000_000  #: queued atoms per model (bounds the memory of queued neighbour lists)
@@ -109,7 +98,7 @@ class BatchingConfig:
 
     def limits_for(self, device_type: str) -> Tuple[int, int]:
         """(max_atoms, max_edges) per batch for a model on ``device_type`` ("cpu", "cuda", ...)."""
-        auto_atoms, auto_edges = AUTO_LIMITS.get(device_type, AUTO_LIMITS["cuda"])
+        auto_atoms, auto_edges = auto_limits(device_type)
         return (int(self.max_atoms) if self.max_atoms else auto_atoms, int(self.max_edges) if self.max_edges else auto_edges)
 
 

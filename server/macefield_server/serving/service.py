@@ -136,7 +136,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         except ValueError:
             return "-"
 
-    async def _finish(self, method: str, model: str, start: float, code: grpc.StatusCode) -> None:
+    def _finish(self, method: str, model: str, start: float, code: grpc.StatusCode) -> None:
         self.metrics.requests.labels(method=method, model=model, code=code.name).inc()
         self.metrics.request_seconds.labels(method=method).observe(time.monotonic() - start)
 
@@ -201,7 +201,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
             await context.abort(code, str(error))
         finally:
             self._exit(method)
-            await self._finish(method, model, start, code)
+            self._finish(method, model, start, code)
 
     async def PredictStream(self, request_iterator, context):
         """Pipelined: up to ``batching.stream_window`` requests in flight, answered in order.
@@ -290,18 +290,18 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                     self.metrics.stream_messages.labels(event="cancelled").inc()
             await _settle(pending)
             self._exit(method)
-            await self._finish(method, model, start, code)
+            self._finish(method, model, start, code)
 
     async def ListModels(self, request, context):
         start = time.monotonic()
         dispatcher = self.dispatcher
         if dispatcher is None:
-            await self._finish("ListModels", "-", start, grpc.StatusCode.UNAVAILABLE)
+            self._finish("ListModels", "-", start, grpc.StatusCode.UNAVAILABLE)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is starting: models are loading")
         lim = self.config.limits
         response = list_models_response(
             [served.info() for served in dispatcher.registry],
             Limits(max_atoms_per_structure=lim.max_atoms_per_structure, max_field_magnitude=lim.max_field,
                    max_structures_per_request=lim.max_structures_per_request, min_distance=lim.min_distance))
-        await self._finish("ListModels", "-", start, grpc.StatusCode.OK)
+        self._finish("ListModels", "-", start, grpc.StatusCode.OK)
         return response

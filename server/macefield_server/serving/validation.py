@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import FrozenSet
 
 import numpy as np
-from macefield_client.contract import ECHO, GRADE_OUTPUTS, clip, resolve_outputs
+from macefield_client.contract import GRADE_OUTPUTS, clip, resolve_outputs
 
 from .config import LimitsConfig
 from .memory import fmt

@@ -15,9 +15,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from macefield_client.labels import as_array as _as_array
-from macefield_client.labels import convert
-from macefield_client.labels import lookup as _lookup
+from macefield_client.contract.labels import as_array as _as_array
+from macefield_client.contract.labels import convert
+from macefield_client.contract.labels import lookup as _lookup
 
 from ..engine.graph import NeighbourGraph, Structure, collate, neighbour_list
 from .config import DatasetConfig, KeySpec, TrainConfig

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 import torch
-from macefield_client.accuracy import compact_frame, frame_errors as structure_errors, summarise  # noqa: F401
+from macefield_client.contract.accuracy import compact_frame, frame_errors as structure_errors, summarise  # noqa: F401
 
 from ..engine.response import respond
 from .data import Sample, make_batch

@@ -20,8 +20,7 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
