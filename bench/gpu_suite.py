@@ -3,8 +3,9 @@
 
 Runs on a bare GPU machine in about five minutes (``--budget-s``, default
 240 s for the sections, plus imports and installs: every section stops
-starting new points when its share is spent and the JSON is rewritten after
-each section, so a killed run still leaves results).  Sections:
+starting new points when its share is spent and the JSON is rewritten,
+atomically, after each section, engine series and client level, so a killed
+run still leaves results).  Sections:
 
 1. ``correctness``: CUDA float64 against CPU float64 on a mixed batch (two
    heads, three fields, a SiO2 molecule, 72-atom alpha-quartz, 135-atom cubic
@@ -37,6 +38,19 @@ cuEquivariance's CPU fallback.  Without cuEquivariance's CUDA kernels
 (``cuequivariance_ops_torch``) the suite runs e3nn only and says so in
 ``notes``.  ``--smoke`` runs every code path on CPU with tiny models and
 structures (tests/test_gpu_suite.py; its numbers mean nothing).
+
+Before anything is built it checks the machine (a few seconds): without a
+visible CUDA device (the default device is cuda; ``--device cpu`` runs the
+full suite on the CPU, ``--smoke`` defaults to it) or with a required module
+that does not import (:data:`REQUIRED_MODULES`), it prints one line per
+problem ("no CUDA device visible: ..." with what torch reports; "missing
+packages: ..."), writes the environment report (torch, its CUDA build, the
+driver's error, every module's version) as the JSON and exits with code 2.
+SIGTERM, SIGINT or SIGHUP write what was measured (``terminated`` in the
+JSON), stop the servers (SIGKILL after 5 s) and exit with 128 + the signal
+number; a second signal ends the suite at once.  The servers run in their
+own session and get SIGKILL from the kernel when the suite dies, however it
+dies (Linux ``PR_SET_PDEATHSIG``): no server outlives it.
 
 On the device (see bench/gpu_wheels.sh for the two calls)::
 
