@@ -1033,8 +1033,10 @@ def main(argv=None) -> int:
             run_sections(record, cache, device, args, budget, Path(tmp), out_dir, stem)
         del record["running"]
     except Terminated as stop:
-        if "environment" in record:
-            save(record)  # with the servers' exit codes
+        if "environment" not in record:  # stopped during the preflight imports
+            print(f"stopped by {stop} before the machine was checked: nothing written", flush=True)
+            return 128 + stop.signum
+        save(record)  # with the servers' exit codes
         print(f"stopped by {stop}: what was measured is in {out_dir / stem}.json", flush=True)
         return 128 + stop.signum
     save(record)
