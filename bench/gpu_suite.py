@@ -3,8 +3,9 @@
 
 Runs on a bare GPU machine in about five minutes (``--budget-s``, default
 240 s for the sections, plus imports and installs: every section stops
-starting new points when its share is spent and the JSON is rewritten after
-each section, so a killed run still leaves results).  Sections:
+starting new points when its share is spent and the JSON is rewritten,
+atomically, after each section, engine series and client level, so a killed
+run still leaves results).  Sections:
 
 1. ``correctness``: CUDA float64 against CPU float64 on a mixed batch (two
    heads, three fields, a SiO2 molecule, 72-atom alpha-quartz, 135-atom cubic
@@ -38,6 +39,19 @@ cuEquivariance's CPU fallback.  Without cuEquivariance's CUDA kernels
 ``notes``.  ``--smoke`` runs every code path on CPU with tiny models and
 structures (tests/test_gpu_suite.py; its numbers mean nothing).
 
+Before anything is built it checks the machine (a few seconds): without a
+visible CUDA device (the default device is cuda; ``--device cpu`` runs the
+full suite on the CPU, ``--smoke`` defaults to it) or with a required module
+that does not import (:data:`REQUIRED_MODULES`), it prints one line per
+problem ("no CUDA device visible: ..." with what torch reports; "missing
+packages: ..."), writes the environment report (torch, its CUDA build, the
+driver's error, every module's version) as the JSON and exits with code 2.
+SIGTERM, SIGINT or SIGHUP write what was measured (``terminated`` in the
+JSON), stop the servers (SIGKILL after 5 s) and exit with 128 + the signal
+number; a second signal ends the suite at once.  The servers run in their
+own session and get SIGKILL from the kernel when the suite dies, however it
+dies (Linux ``PR_SET_PDEATHSIG``): no server outlives it.
+
 On the device (see bench/gpu_wheels.sh for the two calls)::
 
     PYTHONPATH=/tmp/site:/tmp/site-ops:client:server python3 bench/gpu_suite.py --out $OUT
@@ -52,21 +66,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import datetime as dt
+import importlib
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
+from load import Server  # bench/load.py: standard library and numpy only at import
 
 FULL = ("energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability")
 EF = ("energy", "forces")
@@ -242,27 +263,151 @@ class ModelCache:
         return self._made[key]
 
 
-def environment(args, device):
+#: modules the suite cannot run without, in import order (mace before e3nn: torch >= 2.6); mace.modules, as the
+#: server imports it, imports torchmetrics (mace.tools.train), which the device has preinstalled
+REQUIRED_MODULES = ("mace.modules", "e3nn", "torchmetrics", "ase", "grpc", "grpc_health", "macefield_server",
+                    "macefield_client")
+#: cuEquivariance: without it (or without its CUDA kernels, cuequivariance_ops_torch, whose libcue_ops needs the
+#: CUDA libraries) the suite runs e3nn only and says so
+OPTIONAL_MODULES = ("cuequivariance", "cuequivariance_torch", "cuequivariance_ops_torch")
+#: exit code when the machine cannot run the suite (no CUDA device, a required module missing)
+EXIT_UNUSABLE = 2
+
+
+def import_report(names: Sequence[str]) -> dict[str, str]:
+    """{package: its version ("?" when it has none), or "not importable: <why>"}, importing each module of
+    ``names`` in order (``mace.modules`` is reported as ``mace``)."""
+    report = {}
+    for name in names:
+        package = name.split(".")[0]
+        try:
+            importlib.import_module(name)
+            report[package] = str(getattr(sys.modules[package], "__version__", "?"))
+        except Exception as exc:  # noqa: BLE001 - any import failure (a missing shared library too) is reported
+            report[package] = f"not importable: {type(exc).__name__}: {exc}"[:300]
+    return report
+
+
+def missing_line(report: dict[str, str], required: Sequence[str] = REQUIRED_MODULES) -> str | None:
+    """One line naming every required module of ``report`` that does not import, or None."""
+    packages = [name.split(".")[0] for name in required]
+    missing = [f"{name} ({report[name][len('not importable: '):]})" for name in packages
+               if report.get(name, "").startswith("not importable")]
+    return "missing packages: " + "; ".join(missing) if missing else None
+
+
+def cuda_report() -> dict[str, object]:
+    """What torch says about CUDA: build, availability, device count, the driver's error when unusable."""
+    import torch
+
+    report: dict[str, object] = {"torch": torch.__version__, "torch_cuda_build": torch.version.cuda,
+                                 "cuda_available": torch.cuda.is_available(),
+                                 "cuda_device_count": torch.cuda.device_count(),
+                                 "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                 "dev_nvidia": sorted(str(p) for p in Path("/dev").glob("nvidia*"))}
+    driver = Path("/proc/driver/nvidia/version")
+    report["nvidia_driver"] = driver.read_text().splitlines()[0] if driver.is_file() else None
+    if not report["cuda_available"]:
+        try:
+            torch.cuda.init()
+            report["cuda_init_error"] = None
+        except Exception as exc:  # noqa: BLE001 - the reason CUDA is unusable, reported as is
+            report["cuda_init_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return report
+
+
+def cuda_line(device, cuda: dict[str, object]) -> str | None:
+    """None when ``device`` (a torch.device) is usable, else one line saying what torch reports."""
+    if device.type != "cuda":
+        return None
+    count = int(cuda["cuda_device_count"]) if cuda["cuda_available"] else 0
+    if count and (device.index or 0) < count:
+        return None
+    what = (f"torch {cuda['torch']} (CUDA build {cuda['torch_cuda_build']}), torch.cuda.is_available() "
+            f"{cuda['cuda_available']}, {count} device(s), CUDA_VISIBLE_DEVICES={cuda['CUDA_VISIBLE_DEVICES']}")
+    if cuda.get("cuda_init_error"):
+        what += f", torch.cuda.init(): {str(cuda['cuda_init_error']).splitlines()[0]}"
+    if count:
+        return f"no CUDA device {device} visible: {what}"
+    return f"no CUDA device visible: {what} (--device cpu runs the full suite on the CPU)"
+
+
+def preflight(device) -> dict[str, object]:
+    """The environment report (JSON-ready) and ``problems``: one line per reason the suite cannot run here.
+
+    Imports every required and optional module once (a few seconds: mace);
+    touches the GPU only through torch's CUDA queries, never allocating.
+    """
+    cuda = cuda_report()
+    modules = import_report(REQUIRED_MODULES + OPTIONAL_MODULES)
+    env: dict[str, object] = {"python": platform.python_version(), "cpus": os.cpu_count(),
+                              "machine": platform.machine(), "device": str(device), **cuda}
+    env.update({f"{name}_version": version for name, version in modules.items()})
+    env["problems"] = [line for line in (cuda_line(device, cuda), missing_line(modules)) if line]
+    return env
+
+
+def environment(env: dict[str, object], device) -> dict[str, object]:
+    """``env`` (from :func:`preflight`, the device usable) with the GPU's properties and cueq's availability."""
     import torch
 
     from macefield_server.engine.cueq import cueq_import_error, cueq_kernels_available
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-           "machine": platform.machine(), "device": str(device)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    cuda=torch.version.cuda, sm_count=props.multi_processor_count)
-    for name in ("mace", "e3nn", "cuequivariance", "cuequivariance_torch", "cuequivariance_ops_torch", "grpc", "ase"):
-        try:
-            module = __import__(name)
-            env[f"{name}_version"] = getattr(module, "__version__", "?")
-        except Exception as exc:  # noqa: BLE001
-            env[f"{name}_version"] = f"not importable: {type(exc).__name__}: {exc}"[:200]
     missing = cueq_import_error()
     env["cueq"] = missing is None
     env["cueq_kernels"] = cueq_kernels_available()
     return env
+
+
+# ------------------------------------------------------------------ signals and child processes
+#: signals that stop the suite in order: the sections measured so far are written first, then the servers stopped
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by a stop signal (not an Exception: no section's error handling catches it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signals(on_stop: Callable[[str], None]) -> None:
+    """Install handlers for :data:`STOP_SIGNALS`: ``on_stop(signal name)``, then :class:`Terminated`.
+
+    A second stop signal kills the suite at once (default action); its
+    servers die with it (:class:`TiedServer`).
+    """
+
+    def handler(signum: int, frame) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        on_stop(signal.Signals(signum).name)
+        raise Terminated(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGKILL when the thread that started it dies (Linux), and exits at once
+    if ``parent_pid`` is already gone.  Start children from the main thread (the kernel watches the thread)."""
+
+    def preexec() -> None:
+        if _LIBC is not None:
+            _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != parent_pid:  # the suite died between fork and prctl
+            os._exit(1)
+
+    return preexec
 
 
 # ------------------------------------------------------------------ 1. correctness
@@ -277,7 +422,7 @@ def correctness(cache, device, args, record, deadline):
     b.rattle(0.02, seed=2)
     atoms = [q, sio2_molecule(), b]
     fields = [[0.05, -0.02, 0.03], [0.0, 0.04, -0.01], [-0.03, 0.0, 0.05]]
-    out = {"structures": {"n_atoms": [len(a) for a in atoms], "heads": None}}
+    out = record["sections"]["correctness"] = {"structures": {"n_atoms": [len(a) for a in atoms], "heads": None}}
     default = cache.base["default"]
     heads = [default.heads[0], default.heads[-1], default.heads[-1]]
     out["structures"]["heads"] = heads
@@ -324,6 +469,7 @@ def engine(cache, device, args, record, deadline):
                     for strategy in strategies:
                         series.append((name, dtype, backend, tier, outputs, strategy))
     results = []
+    out = record["sections"]["engine"] = {"series": results}
     per_series = max(1.0, (deadline - time.monotonic()) / max(len(series), 1))
     for name, dtype, backend, tier, outputs, strategy in series:
         if time.monotonic() > deadline:
@@ -369,10 +515,11 @@ def engine(cache, device, args, record, deadline):
             if time.monotonic() + 4 * seconds * 2 > series_end:
                 break
         results.append(row)
+        save(record)  # a killed suite keeps the series measured
         print(json.dumps({k: v for k, v in row.items() if k != "points"} | {"points": len(row["points"])}), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the next series starts from the same allocator state
-    return {"series": results}
+    return out
 
 
 def timed(fn, device, until: float, min_repeats: int = 2, max_repeats: int = 10):
@@ -432,28 +579,73 @@ def server_options(args):
     return argparse.Namespace(threads=threads, max_wait_ms=5.0, duration=args.load_s, min_per_client=1)
 
 
+class TiedServer(Server):
+    """bench/load.py's ``Server`` in its own session (process group), killed by the kernel when the suite dies
+    (SIGKILL included, :func:`die_with_parent`) and stopped group-wide.  Start it from the main thread."""
+
+    def __init__(self, checkpoint: Path, max_structures: int, args, workdir: Path, extra_args=(),
+                 log_path: Path | None = None):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("start servers from the main thread: they die with the thread that made them")
+        config = workdir / f"serve-{max_structures}.yaml"
+        config.write_text(f"batching: {{max_structures: {max_structures}, max_wait_ms: {args.max_wait_ms}}}\n"
+                          "warmup_passes: 2\n")
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        self.log_path = Path(log_path or workdir / f"server-{max_structures}.log")
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - the server's stderr until stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "macefield_server.serve_cli", "--config", str(config), "--model",
+             f"bench={checkpoint}", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+             "--threads", str(args.threads), *extra_args],
+            stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent(os.getpid()))  # noqa: PLW1509 - prctl and getppid only, no allocation
+        self._port = None
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM to the group, SIGKILL after ``timeout_s`` seconds; the exit code (idempotent)."""
+        if self.proc.poll() is None:
+            signal_group(self.proc.pid, signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            signal_group(self.proc.pid, signal.SIGKILL)
+            code = self.proc.wait()
+        if not self.log.closed:
+            self.log.close()
+        return code
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """``sig`` to process group ``pgid`` (nothing if it is gone)."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def start_servers(cache, device, args, workdir: Path, out_dir: Path, stem: str):
-    """{label: Server} for the served section, started at once (they load while other sections run).
+    """{label: TiedServer} for the served section, started at once (they load while other sections run).
 
     The checkpoint is written from a float32 copy (the cache's): the float64
     model every other section uses is never touched.  Each server's log goes to
     ``out_dir`` (the device tool brings it back when a server fails).
     """
     import torch
-    from load import Server
 
     from macefield_server.engine import save_model
 
     checkpoint = save_model(cache.get("mh0", torch.float32, "cpu", "e3nn"), workdir / "mh0.pt")
     extra = ["--device", str(device), "--dtype", SERVED_DTYPE, "--backend", SERVED_BACKEND]
     opts = server_options(args)
-    return {label: Server(checkpoint, size, opts, workdir, extra, log_path=out_dir / f"{stem}-server-{label}.log")
+    return {label: TiedServer(checkpoint, size, opts, workdir, extra, log_path=out_dir / f"{stem}-server-{label}.log")
             for label, size in (("batching", max(args.clients)), ("no-batching", 1))}
 
 
-def stop_servers(servers) -> dict:
-    """Exit codes; each log cut to its last LOG_TAIL_BYTES (idempotent)."""
-    codes = {label: server.stop() for label, server in servers.items()}
+def stop_servers(servers, timeout_s: float = 60.0) -> dict:
+    """Exit codes (SIGKILL after ``timeout_s`` seconds each); each log cut to its last LOG_TAIL_BYTES
+    (idempotent)."""
+    codes = {label: server.stop(timeout_s) for label, server in servers.items()}
     for server in servers.values():
         size = server.log_path.stat().st_size
         if size > LOG_TAIL_BYTES:
@@ -465,6 +657,10 @@ def stop_servers(servers) -> dict:
 
 
 def served(cache, servers, device, args, record, deadline):
+    """The served section (``record["sections"]["server"]``, saved after each client level) and md_step.
+
+    Stops no server: :func:`main` does, after the section or on a stop signal.
+    """
     import torch
     from load import closed_loop, run_direct
 
@@ -475,39 +671,37 @@ def served(cache, servers, device, args, record, deadline):
     atoms = alpha_quartz((1, 1, 1) if args.smoke else (2, 2, 2), rattle=0.02, seed=3)
     opts = server_options(args)
     top = max(args.clients)
-    out = {"model": "mh0", "dtype": SERVED_DTYPE, "backend": SERVED_BACKEND, "n_atoms": len(atoms),
-           "clients": args.clients, "duration_s": args.load_s, "results": {}}
-    try:
-        for server in servers.values():
-            server.wait_serving(timeout=max(60.0, deadline - time.monotonic()))
-        out["backend_resolved"] = resolve_backend(SERVED_BACKEND, device)[0]
-        direct_model = cache.get("mh0", getattr(torch, SERVED_DTYPE), device, out["backend_resolved"])
-        edges = prepare_batch(direct_model, [Structure.from_atoms(atoms)]).num_edges
-        limits = BatchingConfig().limits_for(device.type)
-        warm = argparse.Namespace(duration=0.5, min_per_client=1)
-        for server in servers.values():
-            asyncio.run(closed_loop(server.port, atoms, 8, warm))
-        run_direct(direct_model, atoms, 8, argparse.Namespace(duration=0.5, min_per_client=1, edges=edges), (top, *limits))
-        for clients in args.clients:
-            if time.monotonic() > deadline:
-                record["notes"].append(f"server: budget spent before {clients} clients")
-                break
-            row = {}
-            row["predict_batching"] = asyncio.run(closed_loop(servers["batching"].port, atoms, clients, opts))
-            row["stream_batching"] = asyncio.run(
-                closed_loop_stream(servers["batching"].port, atoms, clients, args.load_s))
-            row["predict_no_batching"] = asyncio.run(closed_loop(servers["no-batching"].port, atoms, clients, opts))
-            row["direct"] = run_direct(direct_model, atoms, clients,
-                                       argparse.Namespace(duration=args.load_s, min_per_client=1, edges=edges),
-                                       (top, *limits))
-            for v in row.values():
-                v.pop("_latencies"), v.pop("_batch_sizes")
-            out["results"][str(clients)] = row
-            print(json.dumps({"clients": clients, **{k: v["throughput_sps"] for k, v in row.items()}}), flush=True)
-        md = md_step(direct_model, atoms, device, args, servers["batching"].port)
-    finally:
-        out["exit_codes"] = stop_servers(servers)
-        out["logs"] = [server.log_path.name for server in servers.values()]
+    out = record["sections"]["server"] = {"model": "mh0", "dtype": SERVED_DTYPE, "backend": SERVED_BACKEND,
+                                          "n_atoms": len(atoms), "clients": args.clients,
+                                          "duration_s": args.load_s, "results": {}}
+    for server in servers.values():
+        server.wait_serving(timeout=max(60.0, deadline - time.monotonic()))
+    out["backend_resolved"] = resolve_backend(SERVED_BACKEND, device)[0]
+    direct_model = cache.get("mh0", getattr(torch, SERVED_DTYPE), device, out["backend_resolved"])
+    edges = prepare_batch(direct_model, [Structure.from_atoms(atoms)]).num_edges
+    limits = BatchingConfig().limits_for(device.type)
+    warm = argparse.Namespace(duration=0.5, min_per_client=1)
+    for server in servers.values():
+        asyncio.run(closed_loop(server.port, atoms, 8, warm))
+    run_direct(direct_model, atoms, 8, argparse.Namespace(duration=0.5, min_per_client=1, edges=edges), (top, *limits))
+    for clients in args.clients:
+        if time.monotonic() > deadline:
+            record["notes"].append(f"server: budget spent before {clients} clients")
+            break
+        row = {}
+        row["predict_batching"] = asyncio.run(closed_loop(servers["batching"].port, atoms, clients, opts))
+        row["stream_batching"] = asyncio.run(
+            closed_loop_stream(servers["batching"].port, atoms, clients, args.load_s))
+        row["predict_no_batching"] = asyncio.run(closed_loop(servers["no-batching"].port, atoms, clients, opts))
+        row["direct"] = run_direct(direct_model, atoms, clients,
+                                   argparse.Namespace(duration=args.load_s, min_per_client=1, edges=edges),
+                                   (top, *limits))
+        for v in row.values():
+            v.pop("_latencies"), v.pop("_batch_sizes")
+        out["results"][str(clients)] = row
+        save(record)  # a killed suite keeps the levels measured
+        print(json.dumps({"clients": clients, **{k: v["throughput_sps"] for k, v in row.items()}}), flush=True)
+    md = md_step(direct_model, atoms, device, args, servers["batching"].port)
     return out, md
 
 
@@ -656,13 +850,25 @@ def summarise_record(record):
     return checks
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """``text`` to ``path`` through a temporary file and a rename: a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write(record, out_dir: Path, stem: str):
+    """The JSON and the text summary of ``record`` (rewritten after every section and every measured step)."""
     record["checks"] = summarise_record(record)
     record["elapsed_s"] = round(time.monotonic() - record["_start"], 1)
     clean = {k: v for k, v in record.items() if not k.startswith("_")}
-    (out_dir / f"{stem}.json").write_text(json.dumps(clean, indent=1, default=float) + "\n")
-    lines = [f"gpu_suite on {record['environment'].get('gpu', record['environment']['device'])} "
-             f"({'smoke' if record['smoke'] else 'full'}), {clean['elapsed_s']} s"]
+    write_atomically(out_dir / f"{stem}.json", json.dumps(clean, indent=1, default=float) + "\n")
+    env = record["environment"]
+    lines = [f"gpu_suite on {env.get('gpu', env['device'])} ({'smoke' if record['smoke'] else 'full'}), "
+             + f"{clean['elapsed_s']} s"]
+    lines += list(env.get("problems", []))
+    if "terminated" in record:
+        lines.append(f"stopped by {record['terminated']['signal']} during {record['terminated']['during']}")
     lines += [f"note: {n}" for n in record["notes"]]
     for name, section in record["sections"].items():
         if isinstance(section, dict) and "error" in section:
@@ -670,25 +876,27 @@ def write(record, out_dir: Path, stem: str):
     for name, c in record["checks"].items():
         verdict = "" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
         lines.append(f"{name}: {c['value']:.3g} (target {c['target']}) {verdict}".rstrip())
-    (out_dir / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+    write_atomically(out_dir / f"{stem}.txt", "\n".join(lines) + "\n")
 
 
-def main(argv=None) -> int:
+def save(record) -> None:
+    """:func:`write` to the record's own folder and stem (``record["_out"]``)."""
+    write(record, *record["_out"])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with the sizes that ``--smoke`` shrinks (seconds, structures, clients)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="every code path on CPU in seconds (tiny sizes)")
-    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--device", default=None,
+                   help="cuda (the default; without a visible CUDA device the suite exits at once, code 2) or cpu "
+                        "(the full suite on the CPU; the default with --smoke)")
     p.add_argument("--out", type=Path, default=None, help="folder for the JSON, the text summary and the server logs")
     p.add_argument("--budget-s", type=float, default=None,
                    help="the sections and model building, seconds (default 240; smoke 600: never cut)")
     p.add_argument("--sections", nargs="+", default=["correctness", "engine", "server"],
                    choices=["correctness", "engine", "server"], help="server includes md_step")
     args = p.parse_args(argv)
-
-    # the server child processes import the project from the same (absolute) paths
-    os.environ["PYTHONPATH"] = os.pathsep.join(str(Path(x).resolve()) for x in sys.path if x)
-    import torch
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
     args.budget_s = args.budget_s or (600.0 if args.smoke else 240.0)  # smoke: small work, never cut
     args.batch_sizes = [1, 2] if args.smoke else [1, 4, 16, 64, 256]
     args.clients = [1, 2] if args.smoke else [1, 8, 64, 256]
@@ -696,16 +904,11 @@ def main(argv=None) -> int:
     args.point_s = 0.05 if args.smoke else 1.0
     args.md_steps = 3 if args.smoke else 20
     args.min_repeats = 1 if args.smoke else 2  # timed passes per engine point after the warm-up
-    out_dir = args.out or Path(os.environ.get("OUT") or REPO / "bench" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    utc = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    stem = f"gpu_suite-{'smoke' if args.smoke else device.type}-{utc}"
-    budget = Budget(args.budget_s)
-    record = {"benchmark": "bench/gpu_suite.py", "command": " ".join(["python", "bench/gpu_suite.py", *sys.argv[1:]]),
-              "utc": utc, "smoke": args.smoke, "notes": [], "targets": TARGETS, "sections": {},
-              "_start": budget.start}
-    torch.set_num_threads(1 if args.smoke else min(8, os.cpu_count() or 1))
-    record["environment"] = environment(args, device)
+    return args
+
+
+def setup(record, args, device) -> ModelCache:
+    """Notes on cueq and the device, the structures' check, the models (kept in the returned cache)."""
     env = record["environment"]
     # on a GPU cueq is measured only with its kernels (the pure-PyTorch fallback would only spend the budget)
     env["cueq_measured"] = env["cueq"] and (device.type != "cuda" or env["cueq_kernels"])
@@ -727,46 +930,116 @@ def main(argv=None) -> int:
                         for name, m in models.items()}
     cache = ModelCache(models)
     record["conversions"] = cache.log
-    write(record, out_dir, stem)
+    return cache
+
+
+def run_sections(record, cache, device, args, budget: Budget, workdir: Path, out_dir: Path, stem: str):
+    """The sections in order; the servers (started first) are stopped on the way out, whatever ends the run:
+    within 60 s each after the last section, 5 s after a stop signal."""
     plan = [("correctness", 0.2), ("engine", 0.7), ("server", 0.97)]
-    with tempfile.TemporaryDirectory() as tmp:
-        servers = {}
-        try:
-            if "server" in args.sections:  # they load their model while the correctness section runs
-                try:
-                    servers = start_servers(cache, device, args, Path(tmp), out_dir, stem)
-                except Exception as exc:  # noqa: BLE001
-                    record["sections"]["server"] = {"error": f"servers did not start: {type(exc).__name__}: {exc}"[:500],
-                                                    "traceback": traceback.format_exc()[-3000:]}
-            for name, end in plan:
-                if name not in args.sections or (name == "server" and not servers):
-                    continue
-                if name == "engine" and servers:  # nothing else on the device while the engine is timed
-                    waited = time.monotonic()
-                    try:
-                        for server in servers.values():
-                            server.wait_serving(timeout=max(60.0, budget.until(0.7) - time.monotonic()))
-                    except Exception as exc:  # noqa: BLE001 - the server section reports it
-                        record["notes"].append(f"a server did not become SERVING before the engine section: {exc}")
-                    record["server_start_wait_s"] = round(time.monotonic() - waited, 1)
-                t0 = time.monotonic()
-                try:
-                    if name == "correctness":
-                        record["sections"][name] = correctness(cache, device, args, record, budget.until(end))
-                    elif name == "engine":
-                        record["sections"][name] = engine(cache, device, args, record, budget.until(end))
-                    else:
-                        record["sections"]["server"], record["sections"]["md_step"] = served(
-                            cache, servers, device, args, record, budget.until(end))
-                except Exception as exc:  # noqa: BLE001 - record and go on with the next section
-                    record["sections"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500],
+    servers = {}
+    stop_timeout_s = 5.0
+    try:
+        if "server" in args.sections:  # they load their model while the correctness section runs
+            try:
+                servers = start_servers(cache, device, args, workdir, out_dir, stem)
+                record["server_pids"] = {label: server.proc.pid for label, server in servers.items()}
+            except Exception as exc:  # noqa: BLE001
+                record["sections"]["server"] = {"error": f"servers did not start: {type(exc).__name__}: {exc}"[:500],
                                                 "traceback": traceback.format_exc()[-3000:]}
-                record["sections"].setdefault(name, {})["seconds"] = round(time.monotonic() - t0, 1)
-                write(record, out_dir, stem)
-                print(f"{name}: {record['sections'][name]['seconds']} s", flush=True)
-        finally:
-            stop_servers(servers)
-    write(record, out_dir, stem)
+            save(record)
+        for name, end in plan:
+            if name not in args.sections or (name == "server" and not servers):
+                continue
+            if name == "engine" and servers:  # nothing else on the device while the engine is timed
+                waited = time.monotonic()
+                try:
+                    for server in servers.values():
+                        server.wait_serving(timeout=max(60.0, budget.until(0.7) - time.monotonic()))
+                except Exception as exc:  # noqa: BLE001 - the server section reports it
+                    record["notes"].append(f"a server did not become SERVING before the engine section: {exc}")
+                record["server_start_wait_s"] = round(time.monotonic() - waited, 1)
+            record["running"] = name
+            t0 = time.monotonic()
+            try:
+                if name == "correctness":
+                    correctness(cache, device, args, record, budget.until(end))
+                elif name == "engine":
+                    engine(cache, device, args, record, budget.until(end))
+                else:
+                    record["sections"]["md_step"] = served(cache, servers, device, args, record,
+                                                           budget.until(end))[1]
+            except Exception as exc:  # noqa: BLE001 - record and go on with the next section
+                record["sections"].setdefault(name, {}).update(error=f"{type(exc).__name__}: {exc}"[:500],
+                                                               traceback=traceback.format_exc()[-3000:])
+            record["sections"].setdefault(name, {})["seconds"] = round(time.monotonic() - t0, 1)
+            record["running"] = "between sections"
+            save(record)
+            print(f"{name}: {record['sections'][name]['seconds']} s", flush=True)
+        stop_timeout_s = 60.0
+    finally:
+        if servers:
+            record["running"] = "stopping the servers"
+            codes = stop_servers(servers, stop_timeout_s)
+            record["sections"].setdefault("server", {}).update(
+                exit_codes=codes, logs=[server.log_path.name for server in servers.values()])
+
+
+def main(argv=None) -> int:
+    """Exit code: 0 every section ran, 1 a section failed, 2 the machine cannot run the suite (nothing measured),
+    128 + signal number when stopped by a signal (what was measured is written first)."""
+    args = parse_args(argv)
+    # the server child processes import the project from the same (absolute) paths
+    os.environ["PYTHONPATH"] = os.pathsep.join(str(Path(x).resolve()) for x in sys.path if x)
+    import torch
+
+    device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
+    out_dir = args.out or Path(os.environ.get("OUT") or REPO / "bench" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    utc = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stem = f"gpu_suite-{'smoke' if args.smoke else device.type}-{utc}"
+    budget = Budget(args.budget_s)
+    record = {"benchmark": "bench/gpu_suite.py", "command": " ".join(["python", "bench/gpu_suite.py", *sys.argv[1:]]),
+              "utc": utc, "smoke": args.smoke, "notes": [], "targets": TARGETS, "sections": {},
+              "_start": budget.start, "_out": (out_dir, stem)}
+
+    def on_stop(name: str) -> None:
+        record["terminated"] = {"signal": name, "during": record.get("running", "preflight"),
+                                "after_s": round(budget.elapsed(), 1)}
+        if "environment" in record:
+            save(record)
+
+    stop_on_signals(on_stop)
+    try:
+        record["environment"] = preflight(device)
+        if record["environment"]["problems"]:
+            save(record)
+            for line in record["environment"]["problems"]:
+                print(line, flush=True)
+            print(f"environment: {out_dir / stem}.json", flush=True)
+            return EXIT_UNUSABLE
+        record["running"] = "setup"
+        torch.set_num_threads(1 if args.smoke else min(8, os.cpu_count() or 1))
+        environment(record["environment"], device)
+        try:
+            cache = setup(record, args, device)
+        except Exception as exc:  # written, then the usual traceback
+            record["sections"]["setup"] = {"error": f"{type(exc).__name__}: {exc}"[:500],
+                                           "traceback": traceback.format_exc()[-3000:]}
+            save(record)
+            raise
+        save(record)
+        with tempfile.TemporaryDirectory() as tmp:
+            run_sections(record, cache, device, args, budget, Path(tmp), out_dir, stem)
+        del record["running"]
+    except Terminated as stop:
+        if "environment" not in record:  # stopped during the preflight imports
+            print(f"stopped by {stop} before the machine was checked: nothing written", flush=True)
+            return 128 + stop.signum
+        save(record)  # with the servers' exit codes
+        print(f"stopped by {stop}: what was measured is in {out_dir / stem}.json", flush=True)
+        return 128 + stop.signum
+    save(record)
     print((out_dir / f"{stem}.txt").read_text(), flush=True)
     failed = [n for n, s in record["sections"].items() if isinstance(s, dict) and "error" in s]
     return 1 if failed else 0

@@ -1,12 +1,17 @@
-"""bench/gpu_suite.py --smoke: every section of the GPU suite runs on CPU, so the suite cannot rot."""
+"""bench/gpu_suite.py: --smoke runs every section on CPU, so the suite cannot rot; without CUDA it stops at once
+with its environment written; killed, it leaves no server behind; stopped by SIGTERM, it writes what it measured."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO, random_field_model
 
@@ -30,10 +35,170 @@ def test_models_are_made_once_and_the_originals_never_change():
     assert [(e["model"], e["dtype"], e["backend"]) for e in cache.log] == [("m", "float32", "e3nn")]
 
 
+SUITE = REPO / "bench" / "gpu_suite.py"
+
+
+def suite_env(**extra: str) -> dict:
+    """The suite's environment: this interpreter's import path, ``OUT`` unset unless given."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OUT": "", **extra}
+
+
+def proc_stat(pid: int) -> dict | None:
+    """State, parent, session and start time (clock ticks) of ``pid`` from /proc, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+    return {"state": fields[0], "ppid": int(fields[1]), "session": int(fields[3]), "start": int(fields[19])}
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """{pid: start time} of every process below ``pid`` in the process table now."""
+    children: dict[int, list[int]] = {}
+    starts = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := proc_stat(int(entry.name))) is not None:
+            children.setdefault(stat["ppid"], []).append(int(entry.name))
+            starts[int(entry.name)] = stat["start"]
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = starts[child]
+            todo.append(child)
+    return found
+
+
+def running(processes: dict[int, int]) -> list[int]:
+    """Those of {pid: start time} still running (a zombie or a new process under a reused pid is not)."""
+    alive = []
+    for pid, start in processes.items():
+        stat = proc_stat(pid)
+        if stat is not None and stat["start"] == start and stat["state"] not in ("Z", "X"):
+            alive.append(pid)
+    return alive
+
+
+def wait_for_record(out: Path, ready, proc: subprocess.Popen, timeout_s: float) -> dict:
+    """The suite's JSON in ``out`` once ``ready(record)`` holds (polled every 0.1 s; fails if the suite exits)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.communicate()
+        for path in out.glob("gpu_suite-*.json"):
+            record = json.loads(path.read_text())
+            if ready(record):
+                return record
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"the suite's JSON never got there in {timeout_s} s")
+
+
+def wait_gone(processes: dict[int, int], timeout_s: float = 10.0) -> list[int]:
+    """Waits up to ``timeout_s`` seconds for every one of {pid: start time} to end; those still running."""
+    end = time.monotonic() + timeout_s
+    while running(processes) and time.monotonic() < end:
+        time.sleep(0.1)
+    return running(processes)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA path needs a machine without CUDA")
+@pytest.mark.parametrize("device", [[], ["--device", "cuda"]], ids=["default-device", "device-cuda"])
+def test_without_cuda_the_suite_stops_at_once_and_writes_its_environment(tmp_path, device):
+    """No CPU fallback for a GPU run: one line with what torch reports, exit code 2 within seconds, and the
+    environment (torch, CUDA build, the driver's error, every module's version) in $OUT."""
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, str(SUITE), *device], capture_output=True, text=True, timeout=120,
+                          env=suite_env(OUT=str(tmp_path)))
+    seconds = time.monotonic() - t0
+    assert done.returncode == 2, (done.stdout[-3000:], done.stderr[-3000:])
+    assert seconds < 60, seconds  # imports only (about 5 s on a quiet machine): no model is built
+    line = done.stdout.splitlines()[0]
+    assert line.startswith(f"no CUDA device visible: torch {torch.__version__} (CUDA build {torch.version.cuda})")
+    assert "torch.cuda.is_available() False" in line and "torch.cuda.init(): " in line
+    assert "Traceback" not in done.stderr
+    (path,) = tmp_path.glob("gpu_suite-cuda-*.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.with_suffix(".txt").name]
+    record = json.loads(path.read_text())
+    env = record["environment"]
+    assert env["problems"] == [line] and record["sections"] == {}
+    assert env["torch"] == torch.__version__ and env["torch_cuda_build"] == torch.version.cuda
+    assert env["cuda_available"] is False and env["cuda_init_error"]
+    assert all(not env[f"{m.split('.')[0]}_version"].startswith("not importable") for m in gpu_suite.REQUIRED_MODULES)
+    assert line in path.with_suffix(".txt").read_text()
+
+
+def test_a_missing_package_is_named_before_anything_runs(tmp_path):
+    """A required module that does not import (here torchmetrics, which mace imports when it loads) is named in
+    one line, exit code 2, even with --device cpu; nothing is built."""
+    shadow = tmp_path / "shadow" / "torchmetrics"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'torchmetrics\'")\n')
+    env = suite_env(OUT=str(tmp_path))
+    env["PYTHONPATH"] = os.pathsep.join([str(shadow.parent), env["PYTHONPATH"]])
+    done = subprocess.run([sys.executable, str(SUITE), "--device", "cpu"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 2, (done.stdout[-3000:], done.stderr[-3000:])
+    line = done.stdout.splitlines()[0]
+    assert line.startswith("missing packages: mace (") and "torchmetrics (ModuleNotFoundError" in line
+    (path,) = tmp_path.glob("gpu_suite-cpu-*.json")
+    env = json.loads(path.read_text())["environment"]
+    assert env["problems"] == [line] and env["torchmetrics_version"].startswith("not importable")
+
+
+def test_killed_suite_leaves_no_server_behind(tmp_path):
+    """SIGKILL (nothing of the suite runs after it) while its servers are serving: each in its own session, they
+    die with it."""
+    proc = subprocess.Popen([sys.executable, str(SUITE), "--smoke", "--sections", "server", "--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=suite_env())
+    try:
+        record = wait_for_record(tmp_path, lambda r: "server_pids" in r, proc, 300)
+        # serving: they have written all they write to the suite's pipe (a write to it after the kill would end them)
+        end = time.monotonic() + 300
+        while sum("ready: serving" in p.read_text() for p in tmp_path.glob("*-server-*.log")) < 2:
+            assert time.monotonic() < end and proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        tree = descendants(proc.pid)
+        servers = set(record["server_pids"].values())
+        assert servers <= set(tree) and len(servers) == 2
+        assert all(proc_stat(pid)["session"] == pid for pid in servers)  # own session and process group
+        proc.kill()
+        proc.wait(30)
+        assert wait_gone(tree) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_during_the_server_section_writes_what_was_measured(tmp_path):
+    """SIGTERM after the first client level: the finished correctness section and that level are in the JSON, the
+    summary says what stopped the run, the servers are stopped, exit code 128 + 15."""
+    proc = subprocess.Popen([sys.executable, str(SUITE), "--smoke", "--sections", "correctness", "server",
+                             "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=suite_env())
+    try:
+        wait_for_record(tmp_path, lambda r: "1" in r["sections"].get("server", {}).get("results", {}), proc, 300)
+        tree = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, (stdout[-3000:], stderr[-3000:])
+    assert wait_gone(tree) == []
+    (path,) = tmp_path.glob("gpu_suite-smoke-*.json")
+    record = json.loads(path.read_text())
+    assert record["terminated"]["signal"] == "SIGTERM" and record["terminated"]["during"] == "server"
+    sections = record["sections"]
+    assert "error" not in sections["correctness"] and sections["correctness"]["seconds"] > 0
+    assert "1" in sections["server"]["results"] and "md_step" not in sections
+    assert set(sections["server"]["exit_codes"]) == {"batching", "no-batching"}
+    assert "stopped by SIGTERM during server" in path.with_suffix(".txt").read_text()
+    assert f"stopped by SIGTERM: what was measured is in {path}" in stdout
+
+
 def test_gpu_suite_smoke(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OUT="")
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900, env=env)
+    done = subprocess.run([sys.executable, str(SUITE), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, env=suite_env())
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     (path,) = tmp_path.glob("gpu_suite-smoke-*.json")
     record = json.loads(path.read_text())
