@@ -488,8 +488,8 @@ def engine(cache, device, args, record, deadline):
                 batch = prepare_batch(model, structures, graphs=[graphs[i % 8] for i in range(size)])
                 wanted = frozenset(outputs)
 
-                def call():
-                    respond(model, batch.tensors, None, wanted, second_order=strategy)
+                def call(tensors=batch.tensors):
+                    respond(model, tensors, None, wanted, second_order=strategy)
 
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -500,7 +500,7 @@ def engine(cache, device, args, record, deadline):
                          "structures_per_s": size / seconds, "us_per_atom": 1e6 * seconds / (size * n_atoms)}
                 if device.type == "cuda":
                     point["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                del batch
+                del batch, call  # the next size's peak must not see this batch
             except Exception as exc:  # noqa: BLE001
                 if not is_oom(exc):
                     point = {"structures": size, "error": f"{type(exc).__name__}: {exc}"[:300]}
