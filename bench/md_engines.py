@@ -53,7 +53,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "sio2-quartz-md.xyz"
 EXAMPLES = REPO / "docs" / "examples"
-MODEL = REPO / "server" / "macefield_server" / "models" / "default.pt"
+MODEL = REPO / "server" / "macefield_server" / "weights" / "default.pt"
 OUTPUTS = ["energy", "forces", "stress", "dipole"]
 
 

@@ -22,7 +22,7 @@ from serving import ServerProcess
 
 QUARTZ_MD = SHARED_DATA / "sio2-quartz-md.xyz"  #: real 72-atom alpha-quartz frames (DFT MD at 300 K)
 EXAMPLES = REPO / "docs" / "examples"
-DEFAULT_MODEL = REPO / "server" / "macefield_server" / "models" / "default.pt"
+DEFAULT_MODEL = REPO / "server" / "macefield_server" / "weights" / "default.pt"
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from macefield_server.training.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("shared_data")
 
-DEFAULT_CONFIG = REPO / "server" / "macefield_server" / "models" / "default.stage1.yaml"
+DEFAULT_CONFIG = REPO / "server" / "macefield_server" / "weights" / "default.stage1.yaml"
 
 
 def tiny_config(tmp_path, **optim):

@@ -23,11 +23,13 @@ StructureLike = Union[Any, Mapping[str, Any]]
 
 def structure_arrays(structure: StructureLike) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray]:
     """(numbers (N,), positions (N, 3) A, cell (3, 3) A or None, pbc (3,)) of an Atoms or a mapping."""
+    cell: Optional[np.ndarray]
     if hasattr(structure, "get_atomic_numbers"):  # ase.Atoms without importing ase
-        numbers = structure.get_atomic_numbers()
-        positions = structure.get_positions()
-        pbc = np.asarray(structure.get_pbc(), dtype=bool)
-        cell = np.asarray(structure.get_cell()[:], dtype=float)
+        atoms: Any = structure
+        numbers = atoms.get_atomic_numbers()
+        positions = atoms.get_positions()
+        pbc = np.asarray(atoms.get_pbc(), dtype=bool)
+        cell = np.asarray(atoms.get_cell()[:], dtype=float)
         if not pbc.any() and not np.any(cell):
             cell = None
     elif isinstance(structure, Mapping):
@@ -38,10 +40,9 @@ def structure_arrays(structure: StructureLike) -> Tuple[np.ndarray, np.ndarray, 
         else:
             raise ValueError("structure: a mapping needs 'numbers' (atomic numbers) and 'positions'")
         positions = structure["positions"]
-        cell = structure.get("cell")
-        pbc = structure.get("pbc")
-        pbc = np.zeros(3, bool) if pbc is None else np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
-        cell = None if cell is None else np.asarray(cell, dtype=float)
+        given_cell, given_pbc = structure.get("cell"), structure.get("pbc")
+        pbc = np.zeros(3, bool) if given_pbc is None else np.broadcast_to(np.asarray(given_pbc, dtype=bool), (3,))
+        cell = None if given_cell is None else np.asarray(given_cell, dtype=float)
     else:
         raise TypeError(f"structure: expected ase.Atoms or a mapping of arrays, got {type(structure).__name__}")
     numbers = np.asarray(numbers).astype(np.int64).reshape(-1)
@@ -109,7 +110,7 @@ class Timing:
     batch_structures: int = 0
     batch_atoms: int = 0
 
-    def as_dict(self) -> Dict[str, float]:
+    def as_dict(self) -> Dict[str, Any]:
         return {"queue_ms": self.queue_ms, "compute_ms": self.compute_ms, "total_ms": self.total_ms,
                 "batch_structures": self.batch_structures, "batch_atoms": self.batch_atoms}
 
@@ -138,7 +139,7 @@ def arrays_from_response(response: pb.PredictResponse) -> Dict[str, np.ndarray]:
         except KeyError:  # a newer server's output this client does not know
             continue
         if key in SCALARS:
-            values[key] = np.float64(getattr(response, key))
+            values[key] = np.asarray(getattr(response, key), dtype=np.float64)[()]  # a numpy float64 scalar
         else:
             values[key] = np.asarray(getattr(response, key), dtype=np.float64).reshape(dims)
     return values

@@ -48,22 +48,17 @@ With no model listed the embedded default model is served.
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..batch_limits import auto_limits
+from ..config_files import ConfigError, build, read_mapping
 
 
 
 #: model backends (macefield_server.engine.cueq.BACKENDS; not imported here: config loads without torch)
 BACKENDS = ("e3nn", "cueq", "auto")
-
-
-class ConfigError(ValueError):
-    """The configuration file or options are invalid (the message names the key)."""
 
 
 @dataclass
@@ -278,51 +273,23 @@ class ServerConfig:
                 "tokens can be read by anyone on the network path")
 
 
-def _build(cls, data: Any, where: str):
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown key (known: {sorted(known)})")
-    kwargs = {}
-    for key, value in data.items():
-        if key == "models":
-            if not isinstance(value, list):
-                raise ConfigError("models: expected a list")
-            kwargs[key] = [_build(ModelConfig, v, f"models[{i}]") for i, v in enumerate(value)]
-        elif key == "batching":
-            kwargs[key] = _build(BatchingConfig, value, "batching")
-        elif key == "limits":
-            kwargs[key] = _build(LimitsConfig, value, "limits")
-        elif key == "security":
-            kwargs[key] = _build(SecurityConfig, value, "security")
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
+def _models(value: Any, where: str) -> List[ModelConfig]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list")
+    return [build(ModelConfig, v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+#: how the sections of a server config are built
+_SECTIONS = {"models": _models,
+             "batching": lambda v, w: build(BatchingConfig, v, w),
+             "limits": lambda v, w: build(LimitsConfig, v, w),
+             "security": lambda v, w: build(SecurityConfig, v, w)}
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] = None) -> ServerConfig:
     """Read a YAML (.yaml/.yml) or TOML (.toml) file, apply top-level ``overrides``, validate."""
-    data: Dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix == ".toml":
-            try:
-                data = tomllib.loads(text)
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{path}: invalid TOML ({exc})") from exc
-        else:
-            import yaml
-
-            try:
-                data = yaml.safe_load(text) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
-    config = _build(ServerConfig, data, "")
+    data = read_mapping(path) if path is not None else {}
+    config = build(ServerConfig, data, "", _SECTIONS)
     for key, value in (overrides or {}).items():
         if value is not None:
             setattr(config, key, value)

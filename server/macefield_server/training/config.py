@@ -11,10 +11,11 @@ and its parents (so ``../shared/data/...`` works from the repository root).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
+
+from ..config_files import ConfigError, build, read_mapping
 
 #: quantities a dataset can label, and the loss terms of the same names
 QUANTITIES = ("energy", "forces", "stress", "polarization", "born_charges", "polarizability")
@@ -239,18 +240,10 @@ class TrainConfig:
         raise FileNotFoundError(f"{path}: not found relative to {Path.cwd()} or the config file's directories")
 
 
-class ConfigError(ValueError):
-    """The config file is malformed (unknown key, wrong type, bad value)."""
-
-
 def _build(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    return cls(**data)
+    if data is None:
+        raise ConfigError(f"{where}: expected a mapping, got nothing")
+    return build(cls, data, where)
 
 
 def _keyspec(value: Any, where: str) -> KeySpec:
@@ -317,18 +310,4 @@ def config_from_dict(data: Dict[str, Any], source_dir: Optional[str] = None) -> 
 def load_config(path) -> TrainConfig:
     """Read a ``.yaml``/``.yml``/``.toml``/``.json`` config file."""
     path = Path(path)
-    text = path.read_text()
-    suffix = path.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    elif suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
-    elif suffix == ".json":
-        data = json.loads(text)
-    else:
-        raise ConfigError(f"{path}: unknown config format (use .yaml, .toml or .json)")
-    return config_from_dict(data, source_dir=str(path.resolve().parent))
+    return config_from_dict(read_mapping(path), source_dir=str(path.resolve().parent))
