@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_io import write_json
+
 import torch
 
 from macefield_server.engine import load_model, prepare_batch
@@ -129,8 +131,7 @@ def main(argv=None) -> int:
         "met": max(max(r["overhead"], r["grade_only_over_energy_forces"]) for r in rows) <= 0.10,
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.out, out, say=False)
     print(f"wrote {args.out}: overhead {100 * out['max_overhead']:.1f}% measured, "
           f"{100 * out['overhead_bound']:.1f}% bound")
     return 0

@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_io import write_json
+
 import numpy as np
 import torch
 
@@ -267,9 +269,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "methods": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
     return 0
 
 

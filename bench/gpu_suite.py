@@ -87,7 +87,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from load import Server  # bench/load.py: standard library and numpy only at import
+from load import Server  # noqa: E402  (bench/load.py: standard library and numpy only at import)
 
 FULL = ("energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability")
 EF = ("energy", "forces")

@@ -49,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_io import write_json
+
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -357,11 +359,9 @@ def main(argv=None) -> int:
         }
     record["checks"] = checks
     record["host"]["load_avg_end"] = os.getloadavg()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"load-{device}-{record['utc'].replace(':', '').replace('-', '')}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(checks), flush=True)
-    print(f"wrote {out}", flush=True)
+    write_json(out, record, indent=2)
     return 0
 
 

@@ -48,6 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_io import write_json
+
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -307,9 +309,7 @@ def main() -> int:
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_json(args.out, result, indent=2)
     return 0
 
 

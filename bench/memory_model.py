@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_io import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = {"16ch-l1-ell2": dict(channels=16, max_L=1, max_ell=2), "64ch-l1-ell1": dict(channels=64, max_L=1, max_ell=1),
          "128ch-l1-ell3": dict(channels=128, max_L=1, max_ell=3)}
@@ -91,9 +93,7 @@ def main(argv=None) -> int:
     result = {"bench": "memory_model", "device": "cpu", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "structure": "alpha-quartz PBE cell, repeat^3 hexagonal cells", "rows": rows,
               "estimate_over_peak_min": min(r["estimate_over_peak"] for r in rows)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 

@@ -38,6 +38,8 @@ import statistics
 import time
 from pathlib import Path
 
+from results_io import write_json
+
 import numpy as np
 import torch
 
@@ -234,8 +236,7 @@ def main():
         "targets": {"full_over_energy_forces_max": 4.0, "batched_over_reference_min": 1.5},
         "recipes_agree_max_abs_diff": agreement,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result, indent=2)
     print(json.dumps({k: result[k] for k in ("best_batched_over_reference", "best_batched_over_reference_same_modules",
                                              "max_full_over_energy_forces")}))
 

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_io import write_json
+
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,10 +194,8 @@ def main(argv=None) -> int:
         "points": points,
         "proxy_added_latency_1_client_1_replica": latency,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"scale-cpu-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(out, report, indent=2)
     return 0
 
 

@@ -41,6 +41,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from results_io import write_json
+
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,8 +285,7 @@ def main() -> int:
         "server_tracebacks": server_log.count("Traceback"), "pass": bool(ok and exit_code == 0),
     }
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"soak-{started}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_json(out, report, say=False)
     s = result
     print(json.dumps({"pass": report["pass"], "sent": s["sent"], "unanswered": s["unanswered"],
                       "wrong_answers": s["wrong_answers"], "unexpected_status": s["unexpected_status"],

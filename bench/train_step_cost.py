@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_io import write_json
+
 import torch
 
 from macefield_server.training.config import load_config
@@ -107,8 +109,7 @@ def main(argv=None) -> int:
         "rows": rows,
     }
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     return 0
 
 

@@ -11,28 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Callable, List, Optional
+from typing import Any, List, Optional
 
 from .app import MaceFieldServer
-from .backend import Backend
 from .config import ServerConfig
-from .engine_backend import EngineBackend
-from .metrics import Metrics
 from .registry import ServedModel
 
 
 class BackgroundServer:
-    def __init__(
-        self,
-        config: ServerConfig,
-        models: Optional[List[ServedModel]] = None,
-        *,
-        backend_factory: Callable[[ServedModel, Metrics], Backend] = EngineBackend,
-        timeout: float = 120.0,
-    ):
+    """A :class:`MaceFieldServer` (``config``, ``models`` and ``server_options`` as it takes them) on a thread."""
+
+    def __init__(self, config: ServerConfig, models: Optional[List[ServedModel]] = None, *, timeout: float = 120.0,
+                 **server_options: Any):
         self.config = config
         self.models = models
-        self.backend_factory = backend_factory
+        self.server_options = server_options
         self.timeout = timeout
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="macefield-server", daemon=True)
@@ -42,7 +35,7 @@ class BackgroundServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.timeout)
 
     async def _make(self):
-        self.server = MaceFieldServer(self.config, self.models, backend_factory=self.backend_factory)
+        self.server = MaceFieldServer(self.config, self.models, **self.server_options)
         await self.server.start()
         await self.server.load()
 

@@ -101,6 +101,11 @@ class ModelConfig:
     trust_pickle: bool = False
 
 
+#: the fields of :class:`ModelConfig` that are arguments of :func:`macefield_server.engine.default_architecture`
+ARCHITECTURE_KEYS = ("channels", "max_L", "num_interactions", "r_max", "max_ell", "correlation", "num_bessel",
+                     "num_polynomial_cutoff", "mlp_channels", "radial_MLP")
+
+
 @dataclass
 class LossConfig:
     """Weights of the loss terms (0 disables one) and the Huber threshold.

@@ -29,7 +29,7 @@ from ..engine.architecture import build_field_mace, default_architecture
 from ..engine.extrapolation import attach, statistics_of
 from ..engine.checkpoint import load_model, save_model, upgrade_to_field
 from ..engine.response import respond
-from .config import QUANTITIES, TrainConfig
+from .config import ARCHITECTURE_KEYS, QUANTITIES, TrainConfig
 from .data import Sample, average_neighbours, build_graphs, load_all, make_batch
 from .losses import residuals, total_loss
 from .metrics import frame_errors, summarise
@@ -193,20 +193,7 @@ class Trainer:
         build_graphs(self.train_samples, m.r_max)
         avg = m.avg_num_neighbors or average_neighbours(self.train_samples)
         arch = default_architecture(
-            zs,
-            heads=heads,
-            channels=m.channels,
-            max_L=m.max_L,
-            num_interactions=m.num_interactions,
-            r_max=m.r_max,
-            max_ell=m.max_ell,
-            correlation=m.correlation,
-            num_bessel=m.num_bessel,
-            num_polynomial_cutoff=m.num_polynomial_cutoff,
-            mlp_channels=m.mlp_channels,
-            radial_MLP=m.radial_MLP,
-            avg_num_neighbors=avg,
-        )
+            zs, heads=heads, avg_num_neighbors=avg, **{key: getattr(m, key) for key in ARCHITECTURE_KEYS})
         torch.manual_seed(int(self.cfg.run.seed))
         log(f"new FieldMACE: {len(heads)} heads {heads}, elements {zs}, avg_num_neighbors {avg:.2f}")
         return build_field_mace(arch, dtype=self.dtype).train()
