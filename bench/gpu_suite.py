@@ -38,14 +38,14 @@ cuEquivariance's CPU fallback.  Without cuEquivariance's CUDA kernels
 ``notes``.  ``--smoke`` runs every code path on CPU with tiny models and
 structures (tests/test_gpu_suite.py; its numbers mean nothing).
 
-On the device (see bench/gpu_wheels.sh for the two calls)::
+On a GPU host without a package registry (see bench/gpu_wheels.sh for the two steps)::
 
     PYTHONPATH=/tmp/site:/tmp/site-ops:client:server python3 bench/gpu_suite.py --out $OUT
 
 Writes ``gpu_suite-<device>-<UTC>.json``, a short ``.txt`` summary and the two
 servers' logs (``...-server-batching.log``, ``...-server-no-batching.log``,
 the last 2 MiB of each) in ``--out`` (default: $OUT if set, else
-bench/results): four files, within what the device tool brings back.
+bench/results): four files.
 """
 
 from __future__ import annotations
@@ -437,7 +437,7 @@ def start_servers(cache, device, args, workdir: Path, out_dir: Path, stem: str):
 
     The checkpoint is written from a float32 copy (the cache's): the float64
     model every other section uses is never touched.  Each server's log goes to
-    ``out_dir`` (the device tool brings it back when a server fails).
+    ``out_dir`` (so that a server that fails leaves its reason there).
     """
     import torch
     from load import Server
@@ -596,7 +596,7 @@ def md_step(model, atoms, device, args, port):
 
 # ------------------------------------------------------------------ summary
 def summarise_record(record):
-    """Targets of issue 16 that this run can judge: {name: {value, target, pass}}."""
+    """The GPU targets that this run can judge: {name: {value, target, pass}}."""
     checks = {}
     corr = record["sections"].get("correctness", {})
     precision = corr.get("coupling_tensor_precision") or {}

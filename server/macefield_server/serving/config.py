@@ -84,7 +84,7 @@ class ModelConfig:
 #: per-device batch sizes used when max_atoms / max_edges are "auto" (None).  On CPU a
 #: larger batch is *slower per structure* once its working set leaves the caches
 #: (measured with bench/load.py's model, full response, 1 thread, on a shared 2-core
-#: machine: a 72-atom quartz cell, ~3000 edges, costs 0.23 s alone or in pairs,
+#: CPU: a 72-atom quartz cell, ~3000 edges, costs 0.23 s alone or in pairs,
 #: 0.41 s in batches of 8 and 0.77 s in one batch of 64; 9-atom cells, ~380 edges,
 #: 56 ms alone and 33-36 ms in batches of 4-8), so CPU batches stop at ~4000 edges:
 #: small structures are batched, 72-atom cells are not.  GPUs want big batches; the CUDA limits
