@@ -11,7 +11,7 @@
 #   docker run --rm -p 127.0.0.1:50051:50051 -p 127.0.0.1:9100:9100 macefield-serve
 #
 # Serves the embedded default model on 0.0.0.0:50051 (gRPC) and :9100 (/metrics), plaintext: the CMD
-# passes --insecure (a config file binding 0.0.0.0 needs `security: {insecure: true}` or TLS; README "Security").
+# passes --insecure (a config file binding 0.0.0.0 needs `security: {insecure: true}` or TLS; docs/serving.md "Security").
 # Own models: mount them and a config file naming them, e.g.
 #   docker run -v macefield-models:/models:ro -v $PWD/docker/serve.models.yaml:/etc/macefield/serve.yaml:ro \
 #       macefield-serve --config /etc/macefield/serve.yaml

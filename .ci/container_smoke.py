@@ -338,7 +338,7 @@ def torch_wheel() -> Path:
 def build_context(wheel: Path) -> Path:
     """The repository filtered by .dockerignore, plus the torch wheel in docker/wheels/ (a tar file).
 
-    Same context as the README's ``cp torch-*.whl docker/wheels/ && docker build --build-arg
+    Same context as docs/docker.md's ``cp torch-*.whl docker/wheels/ && docker build --build-arg
     TORCH_WHEEL_DIR=docker/wheels .``, without putting the wheel into the working tree."""
     from docker.utils.build import exclude_paths
 

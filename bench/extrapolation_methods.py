@@ -2,7 +2,7 @@
 
 Every method grades an atom from the same latent features of the default
 model's forward pass and is normalised so that its threshold is 1 and no
-reference (training) atom is above it, the issue's requirement:
+reference (training) atom is above it (the requirement every method must meet):
 
 * ``maxvol``: the served grade (:mod:`macefield_server.engine.extrapolation`):
   D-optimal active set per head and element, pacemaker's gamma, with the

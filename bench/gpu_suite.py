@@ -52,14 +52,14 @@ number; a second signal ends the suite at once.  The servers run in their
 own session and get SIGKILL from the kernel when the suite dies, however it
 dies (Linux ``PR_SET_PDEATHSIG``): no server outlives it.
 
-On the device (see bench/gpu_wheels.sh for the two calls)::
+On a GPU host without a package registry (see bench/gpu_wheels.sh for the two steps)::
 
     PYTHONPATH=/tmp/site:/tmp/site-ops:client:server python3 bench/gpu_suite.py --out $OUT
 
 Writes ``gpu_suite-<device>-<UTC>.json``, a short ``.txt`` summary and the two
 servers' logs (``...-server-batching.log``, ``...-server-no-batching.log``,
 the last 2 MiB of each) in ``--out`` (default: $OUT if set, else
-bench/results): four files, within what the device tool brings back.
+bench/results): four files.
 """
 
 from __future__ import annotations
@@ -629,7 +629,7 @@ def start_servers(cache, device, args, workdir: Path, out_dir: Path, stem: str):
 
     The checkpoint is written from a float32 copy (the cache's): the float64
     model every other section uses is never touched.  Each server's log goes to
-    ``out_dir`` (the device tool brings it back when a server fails).
+    ``out_dir`` (so that a server that fails leaves its reason there).
     """
     import torch
 
@@ -790,7 +790,7 @@ def md_step(model, atoms, device, args, port):
 
 # ------------------------------------------------------------------ summary
 def summarise_record(record):
-    """Targets of issue 16 that this run can judge: {name: {value, target, pass}}."""
+    """The GPU targets that this run can judge: {name: {value, target, pass}}."""
     checks = {}
     corr = record["sections"].get("correctness", {})
     precision = corr.get("coupling_tensor_precision") or {}

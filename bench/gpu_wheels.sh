@@ -1,22 +1,21 @@
 #!/usr/bin/env bash
-# Download the cp312 manylinux wheels bench/gpu_suite.py needs on the GPU device machine.
+# Download the cp312 manylinux wheels bench/gpu_suite.py needs on a GPU host without a package registry.
 #
-# That machine (Python 3.12, torch 2.11 + CUDA 13, grpcio, protobuf, numpy, scipy, e3nn of another
-# version; no mace-torch, no ase) reaches no registry, so the wheels travel with the call, at most
-# 64 MiB per call with the working tree.  cuequivariance-ops-cu13 alone is 45 MB, so two folders,
-# both git-ignored, for two consecutive calls on the same warm machine (it stays warm ~30 s):
+# The target host (Python 3.12, torch 2.11 + CUDA 13, grpcio, protobuf, numpy, scipy, e3nn of another
+# version; no mace-torch, no ase) reaches no registry, so the wheels are copied there with the repository,
+# at most 64 MiB per copy.  cuequivariance-ops-cu13 alone is 45 MB, so two folders, both git-ignored,
+# installed by two consecutive steps on that host:
 #
-#   .whl-ops/  cuequivariance-ops-cu13 (the CUDA kernel library)      -> call 1: install, exit
+#   .whl-ops/  cuequivariance-ops-cu13 (the CUDA kernel library)      -> step 1: install, exit
 #   .whl/      everything else (mace-torch, e3nn 0.4.4, ase, matscipy,
-#              grpc, cuequivariance, cuequivariance-ops-torch-cu13, ...) -> call 2: install, run the suite
+#              grpc, cuequivariance, cuequivariance-ops-torch-cu13, ...) -> step 2: install, run the suite
 #
-# Call 1 (device tool `run`, carry [".whl-ops"], timeout_s 120):
+# Step 1 (with .whl-ops/):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-ops .whl-ops/*.whl && ls /tmp/site-ops
-# Call 2 (at once, carry [".whl"], timeout_s 330: the suite's 240 s budget plus installs, imports and
-# stopping the servers; a cold start, call 1 and call 2 leave about 6 of the 15 device minutes for a rerun):
+# Step 2 (with .whl/, about 330 s: the suite's 240 s budget plus installs, imports and stopping the servers):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:/tmp/site-ops:client:server PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py --out $OUT
 # $OUT then holds the JSON, the text summary and both servers' logs (4 files).
-# If call 2 lands on a fresh machine (/tmp/site-ops gone), the suite still runs e3nn-only and says so.
+# If /tmp/site-ops is missing on that host (step 1 not run), the suite still runs e3nn-only and says so.
 #
 # Usage: bash bench/gpu_wheels.sh        (from the repository root; needs pip and the package registry)
 # Checks that every requirement of every wheel is carried or on the device, and that each call fits.
@@ -52,7 +51,7 @@ import pathlib, re, subprocess, sys, zipfile
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-# on the device image already (the device tool's KINDS.md package list, 2026-11)
+# installed on the target host's image already (its package list, 2026-11)
 DEVICE = """accelerate aiohttp certifi charset-normalizer click colorama contourpy cycler e3nn filelock fonttools fsspec
 grpcio h5py idna jinja2 joblib kiwisolver lightning-utilities markupsafe matplotlib mpmath networkx numpy nvidia-cublas
 nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-ml-py opt-einsum opt-einsum-fx packaging

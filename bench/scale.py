@@ -14,8 +14,8 @@ Closed loop: each client sends its next Predict (energy and forces of a 9-atom a
 when the last is answered; ``--warmup`` s unrecorded, then ``--duration`` s measured.  Throughput =
 calls answered in the window / window; p50/p99 over the window's latencies.
 
-On a machine with fewer cores than replicas (this 2-core one) the replicas compete for the same cores, so
-throughput cannot grow with N here: the figure that carries over to a cluster is the proxy's added
+On a machine with fewer cores than replicas (e.g. a 2-core CPU) the replicas compete for the same cores, so
+throughput cannot grow with N there: the figure that carries over to a cluster is the proxy's added
 latency per call, measured at one client, with one replica, through the proxy and directly, for Predict
 and for ListModels (no compute: the RPC and proxy overhead alone).  Results and the load average before
 and after go to ``bench/results/scale-<device>-<UTC time>.json``::

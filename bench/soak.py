@@ -22,7 +22,7 @@ Pass criteria (``"pass"`` in the JSON): zero unanswered, zero wrong answers,
 zero unexpected status codes, RSS growth < 5 %.  Results:
 ``bench/results/soak-<UTC time>.json``::
 
-    python bench/soak.py --duration-s 600          # the issue's 10-minute soak
+    python bench/soak.py --duration-s 600          # the 10-minute soak
     python bench/soak.py --duration-s 180          # a quick validation run
 """
 

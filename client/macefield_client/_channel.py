@@ -88,7 +88,7 @@ class RetryPolicy:
     * multiplier**(k-1))`` times a random factor in ``[1 - jitter, 1]``.  The
     defaults wait 22 to 28 s in all before giving up (:meth:`budget`): a
     restart of the server with the default model (kill -9, start, load, warm
-    up) measured 6-8 s on a 2-core machine, and tests/test_client_restart.py
+    up) measured 6-8 s on a 2-core CPU, and tests/test_client_restart.py
     measures such a restart and rides it out with these defaults.
     """
 

@@ -209,7 +209,7 @@ def card_markdown(card: Dict) -> str:
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
     lines += ["", "1 meV/A^3 = 0.1602 GPa.", ""]
     if card.get("goals"):
-        lines += ["## Accuracy goals (issue 7) and what was reached", "", "| dataset | metric | goal (at most) | reached | met |", "|---|---|---|---|---|"]
+        lines += ["## Accuracy goals and what was reached", "", "| dataset | metric | goal (at most) | reached | met |", "|---|---|---|---|---|"]
         for g in card["goals"]:
             met = "n/a" if g["met"] is None else ("yes" if g["met"] else "**no**")
             lines.append(f"| {g['dataset']} | {g['metric']} | {g['target_max']} | {_fmt(g['value'], 3)} | {met} |")
