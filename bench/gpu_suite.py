@@ -426,9 +426,9 @@ def correctness(cache, device, args, record, deadline):
     default = cache.base["default"]
     heads = [default.heads[0], default.heads[-1], default.heads[-1]]
     out["structures"]["heads"] = heads
-    cpu = predict(default, atoms, electric_fields=fields, heads=heads)
+    cpu = predict(default, atoms, electric_fields=fields, heads=heads, outputs="all")
     if device.type == "cuda":
-        cuda = predict(cache.get("default", torch.float64, device, "e3nn"), atoms, electric_fields=fields, heads=heads)
+        cuda = predict(cache.get("default", torch.float64, device, "e3nn"), atoms, electric_fields=fields, heads=heads, outputs="all")
         out["cuda_vs_cpu_float64_default"] = rel_errors(cpu, cuda)
     comparisons = {}
     if record["environment"]["cueq_measured"]:
@@ -438,8 +438,8 @@ def correctness(cache, device, args, record, deadline):
                 if time.monotonic() > deadline:
                     record["notes"].append("correctness: budget spent before every cueq comparison")
                     break
-                ref = predict(cache.get(name, dtype, device, "e3nn"), atoms, electric_fields=fields, heads=hs)
-                got = predict(cache.get(name, dtype, device, "cueq"), atoms, electric_fields=fields, heads=hs)
+                ref = predict(cache.get(name, dtype, device, "e3nn"), atoms, electric_fields=fields, heads=hs, outputs="all")
+                got = predict(cache.get(name, dtype, device, "cueq"), atoms, electric_fields=fields, heads=hs, outputs="all")
                 comparisons[f"{name}_{str(dtype)[6:]}"] = rel_errors(ref, got)
     out["cueq_vs_e3nn"] = comparisons
     out["coupling_tensor_precision"] = {name: str(basis_precision(u for n, u in model.named_buffers()

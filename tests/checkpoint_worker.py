@@ -51,7 +51,7 @@ def evaluate_checkpoints(specs):
             assert set(a.numbers) <= set(zs), (name, zs)
         heads = list(model.heads)
         out = predict(model, atoms, electric_fields=[[0.1, -0.2, 0.05], [0.0, 0.3, -0.1]],
-                      heads=[heads[0], heads[-1]])
+                      heads=[heads[0], heads[-1]], outputs="all")
         for i, r in enumerate(out):
             for key, value in r.items():
                 results[f"{name}/{key}/{i}"] = np.asarray(value)

@@ -272,7 +272,7 @@ def test_served_grade_list_models_and_refusal(server, default):
         # no outputs named: the grade comes anyway (a head with statistics)
         response = stub.Predict(request_for(wrong), timeout=60)
         assert "extrapolation" in response.outputs and "extrapolation_max" in response.outputs
-        [ref] = predict(default, [wrong], heads="sio2")
+        [ref] = predict(default, [wrong], heads="sio2", outputs="all")
         np.testing.assert_allclose(response.extrapolation, ref["extrapolation"], rtol=1e-5)
         assert response.extrapolation_max == pytest.approx(float(ref["extrapolation_max"]), rel=1e-5)
         assert response.extrapolation_max > THRESHOLD
@@ -312,7 +312,7 @@ def test_ase_calculator_warns_once_per_run_raises_or_ignores(server, default):
     flagged = [w for w in caught if issubclass(w.category, ExtrapolationWarning)]
     assert len(flagged) == 1 and "extrapolation grade" in str(flagged[0].message)
     assert calc.extrapolation_flagged == 2
-    [ref] = predict(default, [atoms], heads="sio2")
+    [ref] = predict(default, [atoms], heads="sio2", outputs="all")
     np.testing.assert_allclose(calc.get_property("extrapolation", atoms), ref["extrapolation"], rtol=1e-5)
 
     quartz = alpha_quartz(cell="pbe")

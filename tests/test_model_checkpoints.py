@@ -71,7 +71,7 @@ def test_upgraded_mace_equals_base_model_at_any_field(cls, heads):
     e_ref, f_ref = mace_reference(base, [Structure.from_atoms(a) for a in atoms], list(head_names))
     sizes = np.cumsum([0] + [len(a) for a in atoms])
     for field in FIELDS:
-        out = predict(upgraded, atoms, electric_fields=field, heads=list(head_names))
+        out = predict(upgraded, atoms, electric_fields=field, heads=list(head_names), outputs="all")
         for g, r in enumerate(out):
             assert abs(r["energy"] - e_ref[g]) < 1e-12 * max(1.0, abs(e_ref[g]))
             assert np.abs(r["forces"] - f_ref[sizes[g] : sizes[g + 1]]).max() < 1e-12
@@ -96,7 +96,7 @@ def test_fieldmace_reproduces_mace_forward_energy_when_field_weights_zero():
 
     atoms = quartz_like(seed=3)
     e_ref, f_ref = mace_reference(base, [Structure.from_atoms(atoms)])
-    r = predict(model, atoms, electric_fields=[0.3, 0.3, 0.3])[0]
+    r = predict(model, atoms, electric_fields=[0.3, 0.3, 0.3], outputs="all")[0]
     assert abs(r["energy"] - e_ref[0]) < 1e-12 * abs(e_ref[0])
     assert np.abs(r["forces"] - f_ref).max() < 1e-12
 
@@ -104,8 +104,8 @@ def test_fieldmace_reproduces_mace_forward_energy_when_field_weights_zero():
 def assert_same_model(a, b, atoms, field=(0.1, -0.2, 0.3)):
     """Same numbers from both models (the batched second-derivative pass is not bitwise
     reproducible run to run, at the 1e-19 level, so outputs get a tiny tolerance)."""
-    ra = predict(a, atoms, electric_fields=field)[0]
-    rb = predict(b, atoms, electric_fields=field)[0]
+    ra = predict(a, atoms, electric_fields=field, outputs="all")[0]
+    rb = predict(b, atoms, electric_fields=field, outputs="all")[0]
     assert ra.keys() == rb.keys()
     for key in ra:
         assert np.allclose(ra[key], rb[key], rtol=1e-13, atol=1e-15), key
@@ -136,7 +136,7 @@ def test_load_casts_dtype(tmp_path, field_model):
     path = save_model(field_model, tmp_path / "m.pt")
     m32 = load_model(path, dtype="float32")
     assert next(m32.parameters()).dtype == torch.float32
-    r = predict(m32, quartz_like(seed=1), electric_fields=[0.1, 0, 0])[0]
+    r = predict(m32, quartz_like(seed=1), electric_fields=[0.1, 0, 0], outputs="all")[0]
     assert r["forces"].dtype == np.float64 and np.all(np.isfinite(r["forces"]))
 
 
@@ -264,7 +264,7 @@ def test_zbl_pair_repulsion_of_a_checkpoint_is_kept_and_reported(tmp_path):
     bare.load_state_dict({k: v for k, v in zbl.state_dict().items() if k in bare.state_dict()})
     loaded = load_model(save_model(zbl, tmp_path / "zbl.pt"))
     assert hasattr(loaded, "pair_repulsion_fn") and describe_architecture(loaded)["pair_repulsion"]
-    assert ServedModel("zbl", loaded, "").info()["pair_repulsion"] and not ServedModel("bare", bare, "").info()["pair_repulsion"]
+    assert ServedModel("zbl", loaded, "").info().pair_repulsion and not ServedModel("bare", bare, "").info().pair_repulsion
 
     def dimer(r):
         from ase import Atoms

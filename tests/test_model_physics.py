@@ -41,7 +41,7 @@ def crystal():
 
 @pytest.fixture(scope="module")
 def reference(field_model, crystal):
-    return predict(field_model, crystal, electric_fields=FIELD)[0]
+    return predict(field_model, crystal, electric_fields=FIELD, outputs="all")[0]
 
 
 COORDS = [(0, 0), (1, 2), (4, 1), (8, 0)]  # (atom, direction) pairs probed by finite differences
@@ -152,7 +152,7 @@ def test_corotating_structure_and_field_rotates_responses(field_model, crystal, 
     rotated = crystal.copy()
     rotated.set_cell(np.asarray(crystal.get_cell()) @ q.T, scale_atoms=False)
     rotated.set_positions(crystal.get_positions() @ q.T)
-    r = predict(field_model, rotated, electric_fields=q @ FIELD)[0]
+    r = predict(field_model, rotated, electric_fields=q @ FIELD, outputs="all")[0]
     assert abs(r["energy"] - reference["energy"]) < 1e-10
     assert np.allclose(r["forces"], reference["forces"] @ q.T, atol=1e-10)
     assert np.allclose(r["stress"], q @ reference["stress"] @ q.T, atol=1e-10)
@@ -164,7 +164,7 @@ def test_corotating_structure_and_field_rotates_responses(field_model, crystal, 
 
 def test_rotating_only_the_field_changes_the_answer(field_model, crystal, reference):
     """Guards the rotation test against a field that is silently ignored."""
-    r = predict(field_model, crystal, electric_fields=-FIELD)[0]
+    r = predict(field_model, crystal, electric_fields=-FIELD, outputs="all")[0]
     assert abs(r["energy"] - reference["energy"]) > 1e-8
     assert np.abs(r["dipole"] - reference["dipole"]).max() > 1e-8
 
@@ -172,7 +172,7 @@ def test_rotating_only_the_field_changes_the_answer(field_model, crystal, refere
 def test_translation_invariance(field_model, crystal, reference):
     moved = crystal.copy()
     moved.translate([0.37, -1.21, 2.9])
-    r = predict(field_model, moved, electric_fields=FIELD)[0]
+    r = predict(field_model, moved, electric_fields=FIELD, outputs="all")[0]
     for key in ("energy", "forces", "stress", "dipole", "born_charges", "polarizability"):
         assert np.allclose(r[key], reference[key], atol=1e-10), key
 
@@ -180,7 +180,7 @@ def test_translation_invariance(field_model, crystal, reference):
 def test_atom_permutation(field_model, crystal, reference):
     perm = np.random.default_rng(3).permutation(len(crystal))
     shuffled = crystal[perm]
-    r = predict(field_model, shuffled, electric_fields=FIELD)[0]
+    r = predict(field_model, shuffled, electric_fields=FIELD, outputs="all")[0]
     assert abs(r["energy"] - reference["energy"]) < 1e-10
     assert np.allclose(r["forces"], reference["forces"][perm], atol=1e-10)
     assert np.allclose(r["born_charges"], reference["born_charges"][perm], atol=1e-10)
@@ -192,24 +192,25 @@ def test_structure_alone_equals_structure_in_mixed_batch(two_head_model):
     a = quartz_like(seed=2)
     others = [quartz_like(repeat=(1, 1, 2), seed=4), sio_molecule(), quartz_like(seed=5)[:7]]
     others[2].pbc = False
-    alone = predict(two_head_model, a, electric_fields=[0.1, 0.0, -0.2], heads="other")[0]
+    alone = predict(two_head_model, a, electric_fields=[0.1, 0.0, -0.2], heads="other", outputs="all")[0]
     mixed = predict(
         two_head_model,
         [others[0], a, others[1], others[2]],
         electric_fields=[[0.0, 0.3, 0.0], [0.1, 0.0, -0.2], [-0.2, 0.1, 0.05], [0.0, 0.0, 0.0]],
         heads=["sio2", "other", "sio2", "other"],
+        outputs="all",
     )[1]
     assert alone.keys() == mixed.keys()
     for key in alone:
         assert np.allclose(alone[key], mixed[key], rtol=0, atol=1e-10), key
     # the head really matters, so the batch could have mixed them up
-    other_head = predict(two_head_model, a, electric_fields=[0.1, 0.0, -0.2], heads="sio2")[0]
+    other_head = predict(two_head_model, a, electric_fields=[0.1, 0.0, -0.2], heads="sio2", outputs="all")[0]
     assert abs(other_head["energy"] - alone["energy"]) > 1e-6
 
 
 def test_molecule_has_dipole_and_alpha_but_no_volume_quantities(field_model):
     mol = sio_molecule()
-    r = predict(field_model, mol, electric_fields=FIELD)[0]
+    r = predict(field_model, mol, electric_fields=FIELD, outputs="all")[0]
     assert set(r) == {"energy", "forces", "dipole", "born_charges", "polarizability"}
     for value in r.values():
         assert np.all(np.isfinite(value))
@@ -224,7 +225,7 @@ def test_molecule_has_dipole_and_alpha_but_no_volume_quantities(field_model):
 def test_slab_is_not_periodic(field_model, crystal):
     slab = crystal.copy()
     slab.pbc = [True, True, False]
-    r = predict(field_model, slab, electric_fields=FIELD)[0]
+    r = predict(field_model, slab, electric_fields=FIELD, outputs="all")[0]
     assert "polarization" not in r and "chi" not in r and "stress" not in r
     assert np.abs(r["born_charges"].sum(axis=0)).max() < 1e-10
 
@@ -244,17 +245,17 @@ def test_unknown_element_and_head_are_named(field_model, two_head_model, crystal
     bad = crystal.copy()
     bad.numbers[0] = 26
     with pytest.raises(ValueError, match="atomic_numbers"):
-        predict(field_model, bad)
+        predict(field_model, bad, outputs="all")
     with pytest.raises(ValueError, match="head"):
-        predict(two_head_model, crystal, heads="nope")
+        predict(two_head_model, crystal, heads="nope", outputs="all")
 
 
 def test_float32_agrees_with_float64(crystal):
     m64 = random_field_model(seed=11)
     m32 = random_field_model(seed=11)
     m32 = m32.float()
-    r64 = predict(m64, crystal, electric_fields=FIELD)[0]
-    r32 = predict(m32, crystal, electric_fields=FIELD)[0]
+    r64 = predict(m64, crystal, electric_fields=FIELD, outputs="all")[0]
+    r32 = predict(m32, crystal, electric_fields=FIELD, outputs="all")[0]
     assert m32.field_linear[0].weight.dtype.itemsize == 4
     for key in ("forces", "dipole", "born_charges", "polarizability", "stress"):
         scale = np.abs(r64[key]).max()
@@ -289,14 +290,14 @@ def test_predict_splits_large_requests_into_passes_without_changing_numbers(fiel
 
     atoms = [quartz_like(seed=s, repeat=(1, 1, 1 + s % 2)) for s in range(5)] + [sio_molecule()]
     fields = np.random.default_rng(0).normal(0, 0.1, (len(atoms), 3))
-    one = predict(field_model, atoms, electric_fields=fields, max_edges=None)
+    one = predict(field_model, atoms, electric_fields=fields, max_edges=None, outputs="all")
     graphs = [neighbour_list(Structure.from_atoms(a), float(field_model.r_max)) for a in atoms]
     limit = max(int(g.edge_index.shape[1]) for g in graphs) + 1
     groups = _passes(graphs, None, limit)
     assert len(groups) > 2 and sorted(sum(groups, [])) == list(range(len(atoms)))
     assert all(sum(graphs[i].edge_index.shape[1] for i in grp) <= limit for grp in groups)
-    many = predict(field_model, atoms, electric_fields=fields, max_edges=limit)
-    counted = predict(field_model, atoms, electric_fields=fields, batch_size=2, max_edges=None)
+    many = predict(field_model, atoms, electric_fields=fields, max_edges=limit, outputs="all")
+    counted = predict(field_model, atoms, electric_fields=fields, batch_size=2, max_edges=None, outputs="all")
     for a, b, c in zip(one, many, counted):
         for key in a:
             assert np.allclose(a[key], b[key], rtol=0, atol=1e-10), key

@@ -125,6 +125,6 @@ def test_cueq_model_served_over_grpc_equals_e3nn(tmp_path):
         responses = [c.result() for c in calls]
     assert max(r.timing.batch_structures for r in responses) == 2  # computed together
     for (atoms, field, head), response in zip(cases, responses):
-        reference = predict(model, atoms, electric_fields=field, heads=head)[0]
+        reference = predict(model, atoms, electric_fields=field, heads=head, outputs="all")[0]
         assert np.abs(reference["born_charges"]).max() > 1e-4  # non-zero: the comparison means something
         assert_matches(response, reference, rtol=1e-10, atol=1e-12)

@@ -74,4 +74,6 @@ class EngineBackend:
             torch.cuda.empty_cache()
 
     def record_memory(self) -> None:
-        self.metrics.record_gpu_memory(self.served.device)
+        device = self.served.device
+        if device.type == "cuda":
+            self.metrics.gpu_memory.labels(device=str(device)).set(torch.cuda.memory_allocated(device))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from macefield_client.contract import ModelInfo
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -98,10 +97,6 @@ class Metrics:
     def observe_extrapolation(self, model: str, head: str, grade: float) -> None:
         """One answered structure's maximum grade (capped at :data:`GRADE_CAP`)."""
         self.extrapolation.labels(model=model, head=head).observe(min(grade, GRADE_CAP))
-
-    def record_gpu_memory(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            self.gpu_memory.labels(device=str(device)).set(torch.cuda.memory_allocated(device))
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint (port 0: any free port); returns the port."""
