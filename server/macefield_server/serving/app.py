@@ -48,7 +48,8 @@ from .batcher import Batcher, WorkItem
 from .engine_backend import EngineBackend
 from .config import ServerConfig
 from .dispatcher import Dispatcher
-from .memory import Budget, default_budget, fmt, parse_bytes
+from .memory import Budget, fmt, parse_bytes
+from .memory_measure import default_budget
 from .memory_measure import measure as measure_memory
 from .metrics import Metrics
 from ..engine.graph import Structure, neighbour_list

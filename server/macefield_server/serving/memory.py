@@ -40,7 +40,6 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
-import torch
 
 log = logging.getLogger("macefield.memory")
 
@@ -88,13 +87,6 @@ def machine_memory() -> int:
         if text.isdigit():
             total = min(total, int(text))
     return int(total)
-
-
-def default_budget(device: torch.device) -> int:
-    """Half of the machine's memory on CPU, 80 % of the GPU's on CUDA."""
-    if device.type == "cuda":
-        return int(0.8 * torch.cuda.get_device_properties(device).total_memory)
-    return int(0.5 * machine_memory())
 
 
 def fmt(n: float) -> str:
@@ -147,4 +139,4 @@ def graph_bytes(edges: int, atoms: int) -> int:
     return int(GRAPH_BYTES_PER_EDGE * edges + GRAPH_BYTES_PER_ATOM * atoms)
 
 
-__all__ = ["MemoryModel", "Budget", "parse_bytes", "default_budget", "machine_memory", "graph_bytes", "fmt", "SAFETY"]
+__all__ = ["MemoryModel", "Budget", "parse_bytes", "machine_memory", "graph_bytes", "fmt", "SAFETY"]

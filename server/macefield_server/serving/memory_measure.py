@@ -17,7 +17,14 @@ import torch
 from ..engine.graph import Structure, neighbour_list
 from ..engine.predict import prepare_batch
 from ..engine.response import engine_outputs, respond
-from .memory import CPU_PEAK_PER_SAVED, CPU_TIER0_OF_TIER1, MemoryModel
+from .memory import CPU_PEAK_PER_SAVED, CPU_TIER0_OF_TIER1, MemoryModel, machine_memory
+
+
+def default_budget(device: torch.device) -> int:
+    """Bytes a device's passes and graphs may use: half of the machine's memory on CPU, 80 % of the GPU's."""
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.get_device_properties(device).total_memory)
+    return int(0.5 * machine_memory())
 
 
 def lattice(numbers: Sequence[int], spacing: float, n_side: int, seed: int = 0):
@@ -87,4 +94,4 @@ def measure(served, target_edges: int = 3000) -> MemoryModel:
     return MemoryModel(tuple(per_edge), tuple(per_atom), f"{source}, {rows[0][0]}/{rows[1][0]}-edge lattices")
 
 
-__all__ = ["lattice", "measure"]
+__all__ = ["default_budget", "lattice", "measure"]
