@@ -41,42 +41,9 @@ from ``proto/macefield/v1/*.proto`` by ``proto/generate_stubs.py``.
 __version__ = "0.1.0"
 
 from .contract import EXTRAPOLATION_THRESHOLD, OUTPUTS, UNITS, ModelInfo, ServerInfo
-from .core.aio import AsyncClient, AsyncSession
-from .core.channel import DEFAULT_TARGET, DEFAULT_TIMEOUT, RetryPolicy, TLSConfig
-from .core.client import Client, Session
-from .core.errors import (
-    AuthenticationError,
-    ExtrapolationError,
-    ExtrapolationWarning,
-    InvalidRequest,
-    MACEFieldError,
-    RequestTimeout,
-    ResourceExhausted,
-    ServerUnavailable,
-)
-from .core.results import Result
+from .core import *  # the clients and sessions, RetryPolicy, TLSConfig, the errors, Result
 
-__all__ = [
-    "DEFAULT_TARGET",
-    "DEFAULT_TIMEOUT",
-    "EXTRAPOLATION_THRESHOLD",
-    "OUTPUTS",
-    "UNITS",
-    "AsyncClient",
-    "AsyncSession",
-    "AuthenticationError",
-    "Client",
-    "ExtrapolationError",
-    "ExtrapolationWarning",
-    "InvalidRequest",
-    "MACEFieldError",
-    "ModelInfo",
-    "RequestTimeout",
-    "ResourceExhausted",
-    "Result",
-    "RetryPolicy",
-    "ServerInfo",
-    "ServerUnavailable",
-    "Session",
-    "TLSConfig",
-]
+__all__ = ["DEFAULT_TARGET", "DEFAULT_TIMEOUT", "EXTRAPOLATION_THRESHOLD", "OUTPUTS", "UNITS", "AsyncClient",
+           "AsyncSession", "AuthenticationError", "Client", "ExtrapolationError", "ExtrapolationWarning",
+           "InvalidRequest", "MACEFieldError", "ModelInfo", "RequestTimeout", "ResourceExhausted", "Result",
+           "RetryPolicy", "ServerInfo", "ServerUnavailable", "Session", "TLSConfig"]

@@ -30,23 +30,6 @@ from .errors import (
 )
 from .results import Result
 
-__all__ = [
-                     "DEFAULT_TARGET",
-                     "DEFAULT_TIMEOUT",
-                     "ENVIRONMENT",
-                     "AsyncClient",
-                     "AsyncSession",
-                     "AuthenticationError",
-                     "Client",
-                     "ExtrapolationError",
-                     "ExtrapolationWarning",
-                     "InvalidRequest",
-                     "MACEFieldError",
-                     "RequestTimeout",
-                     "ResourceExhausted",
-                     "Result",
-                     "RetryPolicy",
-                     "ServerUnavailable",
-                     "Session",
-                     "TLSConfig",
-]
+__all__ = ["DEFAULT_TARGET", "DEFAULT_TIMEOUT", "ENVIRONMENT", "AsyncClient", "AsyncSession", "AuthenticationError",
+           "Client", "ExtrapolationError", "ExtrapolationWarning", "InvalidRequest", "MACEFieldError", "RequestTimeout",
+           "ResourceExhausted", "Result", "RetryPolicy", "ServerUnavailable", "Session", "TLSConfig"]
