@@ -18,9 +18,13 @@ import grpc
 import numpy as np
 import pytest
 from conftest import quartz_like, random_field_model
-from serving import wait_for
-
-from macefield_client import AsyncClient, Client, ExtrapolationWarning, InvalidRequest, RetryPolicy
+from macefield_client import (
+    AsyncClient,
+    Client,
+    ExtrapolationWarning,
+    InvalidRequest,
+    RetryPolicy,
+)
 from macefield_client.md.ipi import BOHR, IPIDriver, Template
 from macefield_client.md.monitor import ExtrapolationMonitor
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
@@ -31,6 +35,7 @@ from macefield_server.serving.background import BackgroundServer
 from macefield_server.serving.config import ServerConfig
 from macefield_server.serving.registry import ServedModel
 from macefield_server.training.calibration import calibrate
+from serving import wait_for
 
 RETRY = RetryPolicy(attempts=3, initial_backoff=0.05, max_backoff=0.1)
 N = 5  # structures of predict_many, one per chunk (batch_size=1), two chunks in flight
@@ -94,8 +99,8 @@ def faulty_server(servicer):
 
 def predict_many(target: str, asynchronous: bool, structures, notices: list):
     """``predict_many`` over ``target`` with the sync or the asyncio client (same arguments)."""
-    kwargs = dict(electric_field=(0.0, 0.0, 0.01), outputs=["forces"], batch_size=1, in_flight=2)
-    hook = lambda *args: notices.append(args[1:3])  # noqa: E731 - (attempt, attempts)
+    kwargs = {"electric_field": (0.0, 0.0, 0.01), "outputs": ["forces"], "batch_size": 1, "in_flight": 2}
+    hook = lambda *args: notices.append(args[1:3])
     if not asynchronous:
         with Client(target, retry=RETRY, timeout=60, on_retry=hook) as client:
             return client.predict_many(structures, **kwargs)
