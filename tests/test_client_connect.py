@@ -12,7 +12,7 @@ from conftest import quartz_like
 from serving import ServerProcess, free_port, save_tiny_model
 
 from macefield_client import AsyncClient, Client, ServerUnavailable
-from macefield_client._channel import resolve_target
+from macefield_client.core.channel import resolve_target
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as pb_grpc
 
 

@@ -230,7 +230,7 @@ def test_labels_selectors_and_references_agree(rendered):
 
 
 def test_docs_in_cluster_target_names_the_headless_service_and_is_balanced_with_health_checks():
-    from macefield_client._channel import REPLICAS_SERVICE_CONFIG, resolve_target, service_config
+    from macefield_client.core.channel import REPLICAS_SERVICE_CONFIG, resolve_target, service_config
 
     (target,) = re.findall(r'Client\("(dns:///[^"]+)"', (REPO / "docs" / "scaling.md").read_text())
     service = yaml.safe_load((K8S / "base" / "service-headless.yaml").read_text())

@@ -29,7 +29,7 @@ from envoy_proxy import EnvoyProcess, require_envoy
 from serving import ServerProcess, common_free_port, save_tiny_model, wait_for
 
 from macefield_client import Client
-from macefield_client._channel import REPLICAS_SERVICE_CONFIG, SERVICE_CONFIG, resolve_target, service_config
+from macefield_client.core.channel import REPLICAS_SERVICE_CONFIG, SERVICE_CONFIG, resolve_target, service_config
 from macefield_client.ase import MACEFieldCalculator
 from macefield_server.engine import load_model, predict
 

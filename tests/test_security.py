@@ -123,6 +123,39 @@ def health(channel) -> int:
 # --------------------------------------------------------------------------- TLS
 
 
+def test_environment_fills_the_arguments_not_given_in_every_interface(tls_server, pki, monkeypatch):
+    """$MACEFIELD_TLS_CA, $MACEFIELD_TOKEN and $MACEFIELD_TLS_SERVER_NAME reach Client, AsyncClient and the ASE
+    calculator alike (not only the CLI); an explicit argument wins."""
+    from macefield_client.ase import MACEFieldCalculator
+
+    atoms = quartz_like()
+    monkeypatch.setenv("MACEFIELD_TLS_CA", str(pki["ca.pem"]))
+    monkeypatch.setenv("MACEFIELD_TOKEN", TOKEN)
+    monkeypatch.setenv("MACEFIELD_TLS_SERVER_NAME", "localhost")  # on the certificate, as 127.0.0.1 is
+    with Client(tls_server, timeout=60, retry=0) as c:
+        assert c.predict(atoms, outputs=["forces"]).forces.shape == (len(atoms), 3)
+        with pytest.raises(AuthenticationError):  # an explicit token wins over $MACEFIELD_TOKEN
+            Client(tls_server, token="wrong", timeout=60, retry=0).list_models()
+
+    async def run():
+        async with AsyncClient(tls_server, timeout=60, retry=0) as c:
+            return await c.predict(atoms, outputs=["forces"])
+
+    assert asyncio.run(run()).forces.shape == (len(atoms), 3)
+    calc = MACEFieldCalculator(tls_server, timeout=60)
+    atoms.calc = calc
+    assert atoms.get_forces().shape == (len(atoms), 3)
+    calc.close()
+    with pytest.raises(ServerUnavailable):  # an explicit tls=False wins over $MACEFIELD_TLS_CA: plaintext to TLS
+        Client(tls_server, tls=False, timeout=10, retry=0).list_models()
+    monkeypatch.setenv("MACEFIELD_TLS_SERVER_NAME", "not-on-the-certificate.example")
+    with pytest.raises(ServerUnavailable):
+        Client(tls_server, timeout=10, retry=0).list_models()
+    monkeypatch.setenv("MACEFIELD_TLS_CA", str(pki["ca.pem"]) + ".missing")
+    with pytest.raises(ValueError, match=r"\$MACEFIELD_TLS_CA: file not found"):
+        Client(tls_server)
+
+
 def test_tls_predict_end_to_end_with_ca_path_and_bytes(tls_server, pki):
     atoms = quartz_like()
     with Client(tls_server, tls=str(pki["ca.pem"]), token=TOKEN, timeout=60) as c:

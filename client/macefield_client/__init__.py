@@ -21,7 +21,17 @@
   extrapolation grade above :data:`EXTRAPOLATION_THRESHOLD`).
 * TLS: ``Client(target, tls="ca.pem")`` or, for mutual TLS,
   ``tls=TLSConfig(ca="ca.pem", cert="client.pem", key="client.key")``;
-  tokens: ``token="..."``.
+  tokens: ``token="..."``.  Arguments not given come from the environment
+  (``$MACEFIELD_SERVER``, ``$MACEFIELD_TOKEN``, ``$MACEFIELD_TLS_CA``,
+  ``$MACEFIELD_TLS_CERT``, ``$MACEFIELD_TLS_KEY``, ``$MACEFIELD_TLS_SERVER_NAME``),
+  the same in every interface.
+
+Layout: :mod:`.contract` (the wire contract, shared with the server),
+:mod:`.core` (channel, errors, results, the clients over one shared call
+logic), :mod:`.md` (ASE, i-PI, LAMMPS, fields), :mod:`.data` (reference
+structures), :mod:`.cli` (the commands).  The old module paths
+(``macefield_client.ase``, ``.lammps``, ``.ipi``, ``.structures``, ...)
+re-export their new homes.
 
 The generated gRPC stubs live in :mod:`macefield_client.proto.macefield.v1`
 (``macefield_pb2`` messages, ``macefield_pb2_grpc.MaceFieldStub``), generated
@@ -30,42 +40,10 @@ from ``proto/macefield/v1/*.proto`` by ``proto/generate_stubs.py``.
 
 __version__ = "0.1.0"
 
-from ._channel import DEFAULT_TARGET, DEFAULT_TIMEOUT, RetryPolicy, TLSConfig
-from .aio import AsyncClient, AsyncSession
-from .client import Client, Session
-from .errors import (
-    AuthenticationError,
-    ExtrapolationError,
-    ExtrapolationWarning,
-    InvalidRequest,
-    MACEFieldError,
-    RequestTimeout,
-    ResourceExhausted,
-    ServerUnavailable,
-)
-from .results import EXTRAPOLATION_THRESHOLD, OUTPUTS, UNITS, ModelInfo, Result, ServerInfo
+from .contract import EXTRAPOLATION_THRESHOLD, OUTPUTS, UNITS, ModelInfo, ServerInfo
+from .core import *  # the clients and sessions, RetryPolicy, TLSConfig, the errors, Result
 
-__all__ = [
-    "AsyncClient",
-    "AuthenticationError",
-    "AsyncSession",
-    "Client",
-    "DEFAULT_TARGET",
-    "DEFAULT_TIMEOUT",
-    "EXTRAPOLATION_THRESHOLD",
-    "ExtrapolationError",
-    "ExtrapolationWarning",
-    "InvalidRequest",
-    "MACEFieldError",
-    "ModelInfo",
-    "OUTPUTS",
-    "RequestTimeout",
-    "ResourceExhausted",
-    "Result",
-    "RetryPolicy",
-    "ServerInfo",
-    "ServerUnavailable",
-    "Session",
-    "TLSConfig",
-    "UNITS",
-]
+__all__ = ["DEFAULT_TARGET", "DEFAULT_TIMEOUT", "EXTRAPOLATION_THRESHOLD", "OUTPUTS", "UNITS", "AsyncClient",
+           "AsyncSession", "AuthenticationError", "Client", "ExtrapolationError", "ExtrapolationWarning",
+           "InvalidRequest", "MACEFieldError", "ModelInfo", "RequestTimeout", "ResourceExhausted", "Result",
+           "RetryPolicy", "ServerInfo", "ServerUnavailable", "Session", "TLSConfig"]

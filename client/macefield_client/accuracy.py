@@ -1,4 +1,4 @@
-"""Errors against reference labels: the wire contract's :mod:`macefield_client.contract.accuracy`, re-exported."""
+"""Moved to :mod:`macefield_client.contract.accuracy`; this module re-exports it for the old import path."""
 
-from .contract.accuracy import *  # noqa: F401,F403
+from .contract.accuracy import *
 from .contract.accuracy import __all__  # noqa: F401

@@ -1,4 +1,4 @@
-"""Reference labels in data files: the wire contract's :mod:`macefield_client.contract.labels`, re-exported."""
+"""Moved to :mod:`macefield_client.contract.labels`; this module re-exports it for the old import path."""
 
-from .contract.labels import *  # noqa: F401,F403
+from .contract.labels import *
 from .contract.labels import __all__  # noqa: F401

@@ -1,4 +1,18 @@
-"""Channel construction, credentials, retry policy: shared by the sync and asyncio clients."""
+"""Channel construction, credentials, retry policy and the environment: shared by the sync and asyncio clients.
+
+Environment variables (:data:`ENVIRONMENT`), read by :class:`~macefield_client.Client` and
+:class:`~macefield_client.AsyncClient` for every argument that is not given (so the CLI, the ASE
+calculator, the i-PI driver and the LAMMPS bridge all behave alike); an explicit argument wins:
+
+=============================== =====================================================================
+``MACEFIELD_SERVER``            target (``host:port``, a comma-separated list, ``dns:///name:port``)
+``MACEFIELD_TOKEN``             bearer token
+``MACEFIELD_TLS_CA``            TLS, trusting this CA file (PEM)
+``MACEFIELD_TLS_CERT``          client certificate for mutual TLS (PEM file, with the key)
+``MACEFIELD_TLS_KEY``           its private key (PEM file)
+``MACEFIELD_TLS_SERVER_NAME``   the name the servers' certificates carry (TLS with a list of replicas)
+=============================== =====================================================================
+"""
 
 from __future__ import annotations
 
@@ -8,9 +22,9 @@ import math
 import os
 import random
 import socket
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -43,7 +57,7 @@ REPLICAS_SERVICE_CONFIG = json.dumps({
 
 #: gRPC channel options: large messages (Born charges of big cells) and quick reconnects after a
 #: server restart (gRPC's own reconnect backoff grows to 120 s); the service config is added per target
-CHANNEL_OPTIONS: List[Tuple[str, object]] = [
+CHANNEL_OPTIONS: list[tuple[str, object]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -62,7 +76,7 @@ def is_address_list(target: str) -> bool:
     return target.startswith(("ipv4:", "ipv6:")) and "," in target
 
 
-def service_config(target: str, health_check: Optional[bool] = None) -> str:
+def service_config(target: str, health_check: bool | None = None) -> str:
     """The service config for a resolved target: round_robin, with client-side health checking when
     ``health_check`` is True, or when it is None and the target names several replicas
     (:func:`names_replicas`).  Give ``health_check=False`` for a proxy reached by a ``dns:`` name (its health
@@ -97,7 +111,7 @@ class RetryPolicy:
     multiplier: float = 2.0
     max_backoff: float = 5.0
     jitter: float = 0.2
-    retry_codes: Tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE,)
+    retry_codes: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE,)
 
     def __post_init__(self):
         if self.attempts < 1:
@@ -111,7 +125,7 @@ class RetryPolicy:
         them.  The calls are idempotent, so sending one again is safe."""
         return code in self.retry_codes or code == grpc.StatusCode.CANCELLED
 
-    def budget(self) -> Tuple[float, float]:
+    def budget(self) -> tuple[float, float]:
         """(shortest, longest) total wait in seconds before the last attempt (jitter at its extremes)."""
         base = sum(min(self.max_backoff, self.initial_backoff * self.multiplier ** k) for k in range(self.attempts - 1))
         return base * (1.0 - self.jitter), base
@@ -123,7 +137,7 @@ class RetryPolicy:
             yield base * (1.0 - self.jitter * random.random())
 
     @classmethod
-    def coerce(cls, retry) -> "RetryPolicy":
+    def coerce(cls, retry) -> RetryPolicy:
         if retry is None:
             return cls()
         if isinstance(retry, RetryPolicy):
@@ -139,10 +153,10 @@ class RetryPolicy:
 URI_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 
 
-Target = Union[str, Sequence[str]]
+Target = str | Sequence[str]
 
 
-def resolve_target(target: Optional[Target]) -> str:
+def resolve_target(target: Target | None) -> str:
     """The gRPC target for ``target`` (None: ``$MACEFIELD_SERVER``, else :data:`DEFAULT_TARGET`).
 
     ``grpc://`` / ``http://`` prefixes are dropped; a host without a port gets
@@ -189,7 +203,7 @@ def resolve_target(target: Optional[Target]) -> str:
 
 def address_list_target(addresses: Sequence[str]) -> str:
     """gRPC's ``ipv4:``/``ipv6:`` address-list target for several ``host[:port]`` (names resolved now)."""
-    resolved: List[Tuple[int, str]] = []  # (family, "ip:port" / "[ip]:port")
+    resolved: list[tuple[int, str]] = []  # (family, "ip:port" / "[ip]:port")
     for address in addresses:
         for prefix in ("grpc://", "http://"):
             if address.startswith(prefix):
@@ -237,8 +251,8 @@ def _lookup(host: str, port: int, timeout: float = LOOKUP_TIMEOUT):
     thread.join(timeout)
     if not answer:
         raise ValueError(f"target: cannot resolve {host!r} (in a list of servers): no answer within {timeout:g} s")
-    if isinstance(answer[0], BaseException):
-        raise ValueError(f"target: cannot resolve {host!r} (in a list of servers): {answer[0]}")
+    if isinstance(answer[0], BaseException):  # the lookup's error, reported as a bad target
+        raise ValueError(f"target: cannot resolve {host!r} (in a list of servers): {answer[0]}")  # noqa: TRY004
     return answer[0]
 
 
@@ -255,7 +269,7 @@ def with_default_port(address: str, port: int = DEFAULT_PORT) -> str:
     return f"{address}:{port}"
 
 
-def resolve_timeout(timeout: Optional[float], default: Optional[float] = None) -> Optional[float]:
+def resolve_timeout(timeout: float | None, default: float | None = None) -> float | None:
     """None: the default; inf or <= 0: no deadline (returned as None)."""
     if timeout is None:
         timeout = DEFAULT_TIMEOUT if default is None else default
@@ -264,10 +278,10 @@ def resolve_timeout(timeout: Optional[float], default: Optional[float] = None) -
     return float(timeout)
 
 
-PemSource = Union[str, os.PathLike, bytes, bytearray]
+PemSource = str | os.PathLike | bytes | bytearray
 
 
-def _pem(value: Optional[PemSource]) -> Optional[bytes]:
+def _pem(value: PemSource | None) -> bytes | None:
     """PEM bytes given as bytes or as a file path."""
     if value is None:
         return None
@@ -285,9 +299,9 @@ class TLSConfig:
     (servers started with ``--tls-client-ca`` require them).
     """
 
-    ca: Optional[PemSource] = None
-    cert: Optional[PemSource] = None
-    key: Optional[PemSource] = None
+    ca: PemSource | None = None
+    cert: PemSource | None = None
+    key: PemSource | None = None
 
     def __post_init__(self):
         if (self.cert is None) != (self.key is None):
@@ -298,7 +312,7 @@ class TLSConfig:
                                             certificate_chain=_pem(self.cert))
 
 
-def channel_credentials(tls) -> Optional[grpc.ChannelCredentials]:
+def channel_credentials(tls) -> grpc.ChannelCredentials | None:
     """None/False: plaintext.  True: TLS with the system roots.  A path or PEM bytes: TLS trusting that CA.
     A :class:`TLSConfig`: CA and client certificate (mutual TLS).  A ``grpc.ChannelCredentials``: used as is."""
     if tls is None or tls is False:
@@ -315,15 +329,60 @@ def channel_credentials(tls) -> Optional[grpc.ChannelCredentials]:
                     f"got {type(tls).__name__}")
 
 
-def call_metadata(token: Optional[str]) -> Optional[Sequence[Tuple[str, str]]]:
+#: the environment variables a client reads for the arguments it is not given (see the module doc)
+ENVIRONMENT = {
+    "MACEFIELD_SERVER": "target",
+    "MACEFIELD_TOKEN": "token",
+    "MACEFIELD_TLS_CA": "tls (CA file)",
+    "MACEFIELD_TLS_CERT": "tls (client certificate file)",
+    "MACEFIELD_TLS_KEY": "tls (client key file)",
+    "MACEFIELD_TLS_SERVER_NAME": "tls_server_name",
+}
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def env_tls() -> TLSConfig | None:
+    """The TLS settings of ``$MACEFIELD_TLS_CA`` / ``$MACEFIELD_TLS_CERT`` / ``$MACEFIELD_TLS_KEY``; None when
+    none is set.  A ValueError names the variable whose file is missing (or a certificate without its key)."""
+    paths = {name: _env(name) for name in ("MACEFIELD_TLS_CA", "MACEFIELD_TLS_CERT", "MACEFIELD_TLS_KEY")}
+    if not any(paths.values()):
+        return None
+    for name, path in paths.items():
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"${name}: file not found: {path}")
+    if (paths["MACEFIELD_TLS_CERT"] is None) != (paths["MACEFIELD_TLS_KEY"] is None):
+        raise ValueError("$MACEFIELD_TLS_CERT and $MACEFIELD_TLS_KEY go together (both or neither)")
+    return TLSConfig(ca=paths["MACEFIELD_TLS_CA"], cert=paths["MACEFIELD_TLS_CERT"], key=paths["MACEFIELD_TLS_KEY"])
+
+
+def resolve_tls(tls):
+    """``tls`` when given (False: plaintext), else :func:`env_tls` (None: plaintext)."""
+    return env_tls() if tls is None else tls
+
+
+def resolve_token(token: str | None) -> str | None:
+    """``token`` when given ("" : none), else ``$MACEFIELD_TOKEN``."""
+    return _env("MACEFIELD_TOKEN") if token is None else token
+
+
+def resolve_server_name(name: str | None) -> str | None:
+    """``name`` when given, else ``$MACEFIELD_TLS_SERVER_NAME``."""
+    return _env("MACEFIELD_TLS_SERVER_NAME") if name is None else name
+
+
+def call_metadata(token: str | None) -> Sequence[tuple[str, str]] | None:
     """The bearer token as ``authorization`` metadata (works on plaintext and TLS channels)."""
     if not token:
         return None
     return (("authorization", f"Bearer {token}"),)
 
 
-def make_channel(target: str, tls, options=None, *, aio: bool = False, tls_server_name: Optional[str] = None,
-                 health_check: Optional[bool] = None):
+def make_channel(target: str, tls, options=None, *, aio: bool = False, tls_server_name: str | None = None,
+                 health_check: bool | None = None):
     """A channel with :data:`CHANNEL_OPTIONS` and :func:`service_config`; ``options`` add to them or replace
     them (same name: ``("grpc.service_config", ...)`` replaces the balancing and health-check config).
 

@@ -28,7 +28,7 @@ whatever the file has references for and prints a table of errors (energy
 per atom, forces, stress, Z*, alpha and eps_inf, P folded by the
 polarization quanta); ``--json`` prints it as JSON.  Reference keys are
 found by name (``REF_energy``, ``REF_forces``, ``born_charge``, ...; see
-``macefield_client.labels.KNOWN_KEYS``) or given with ``--energy-key``
+``macefield_client.contract.labels.KNOWN_KEYS``) or given with ``--energy-key``
 etc.; unit conventions with ``--polarization-unit`` /
 ``--polarizability-unit`` (default ``auto``: decided from the values when
 only one convention is plausible, reported with the reason; refused,
@@ -54,49 +54,20 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import __version__
-from ._channel import TLSConfig
-from .client import Client
-from .errors import MACEFieldError
-from .results import DEFAULT_OUTPUTS, EXTRAPOLATION_THRESHOLD, OUTPUTS
-
-
-class InputError(Exception):
-    """Bad input on the command line (exit code 2)."""
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", help="server host[:port] (default $MACEFIELD_SERVER or 127.0.0.1:50051); several "
-                                    "replicas: host1:port,host2:port or dns:///name:port (round-robin)")
-    p.add_argument("--tls", nargs="?", const=True, default=None, metavar="CA.pem",
-                   help="use TLS (optionally trusting this CA file; default: the system roots)")
-    p.add_argument("--tls-ca", metavar="CA.pem", help="use TLS trusting this CA file (default $MACEFIELD_TLS_CA)")
-    p.add_argument("--tls-cert", metavar="CERT.pem", help="client certificate for mutual TLS (with --tls-key)")
-    p.add_argument("--tls-key", metavar="KEY.pem", help="private key of --tls-cert")
-    p.add_argument("--tls-server-name", metavar="NAME",
-                   help="host name the servers' certificates are checked against (default "
-                        "$MACEFIELD_TLS_SERVER_NAME); needed for TLS with a list of replicas")
-    health = p.add_mutually_exclusive_group()
-    health.add_argument("--health-check", dest="health_check", action="store_true", default=None,
-                        help="client-side health checking: only replicas reporting SERVING get calls (default: on "
-                             "for a list of replicas or a dns: name, off for one host:port)")
-    health.add_argument("--no-health-check", dest="health_check", action="store_false",
-                        help="no client-side health checking (a proxy reached by a dns: name)")
-    p.add_argument("--token", help="bearer token (default $MACEFIELD_TOKEN)")
-    p.add_argument("--timeout", type=float, help="per-call deadline, s (default 120)")
-    p.add_argument("--retries", type=int, help="retries of a call answered UNAVAILABLE (default 9, with backoff)")
-    p.add_argument("--quiet", action="store_true", help="no 'waiting for server' messages")
+from .. import __version__
+from ..contract import DEFAULT_OUTPUTS, EXTRAPOLATION_THRESHOLD, OUTPUTS, field_vector
+from ..core.errors import MACEFieldError
+from .common import (
+    EXIT_FAILED,
+    EXIT_INPUT,
+    InputError,
+    add_server_options,
+    client_from_args,
+    positive_int,
+)
 
 
 def _frames_options(p: argparse.ArgumentParser) -> None:
@@ -112,20 +83,20 @@ def _frames_options(p: argparse.ArgumentParser) -> None:
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="macefield", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"macefield-client {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="served models (with their cards), heads, elements, units and limits")
-    _common(info)
+    add_server_options(info)
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                       help="wait up to SECONDS for the server to be ready (models loaded and warm)")
 
     pred = sub.add_parser("predict", help="evaluate every frame of a structure file and write the results")
-    _common(pred)
+    add_server_options(pred)
     _frames_options(pred)
     pred.add_argument("-o", "--output", required=True, help="output extended XYZ")
     pred.add_argument("--outputs", nargs="+", choices=list(OUTPUTS) + ["all"], default=list(DEFAULT_OUTPUTS),
@@ -134,7 +105,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                            "per-atom extrapolation grade)")
 
     ev = sub.add_parser("eval", help="evaluate frames with reference labels: write results, print a table of errors")
-    _common(ev)
+    add_server_options(ev)
     _frames_options(ev)
     ev.add_argument("-o", "--output", help="also write the frames with MACE_* keys (extended XYZ)")
     ev.add_argument("--json", action="store_true", help="print the errors (and what was compared) as JSON")
@@ -154,36 +125,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _tls(args):
-    """None (plaintext), True (system roots) or a TLSConfig from --tls / --tls-ca / --tls-cert / --tls-key."""
-    ca = args.tls_ca or os.environ.get("MACEFIELD_TLS_CA") or (args.tls if isinstance(args.tls, str) else None)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise InputError("--tls-cert and --tls-key go together")
-    for option, path in (("--tls-ca", ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
-        if path is not None and not os.path.isfile(path):
-            raise InputError(f"{option}: file not found: {path}")
-    if ca is None and not args.tls_cert:
-        return args.tls
-    return TLSConfig(ca=ca, cert=args.tls_cert, key=args.tls_key)
-
-
-def _waiting(target: str, attempt: int, attempts: int, delay: float, details: str) -> None:
-    of = f"/{attempts}" if attempts else ""
-    print(f"macefield: waiting for server at {target} (attempt {attempt}{of}, next in {delay:.1f} s): {details}",
-          file=sys.stderr, flush=True)
-
-
-def _client(args) -> Client:
-    try:
-        return Client(args.server, tls=_tls(args), token=args.token or os.environ.get("MACEFIELD_TOKEN"),
-                      timeout=args.timeout, retry=args.retries, on_retry=None if args.quiet else _waiting,
-                      tls_server_name=args.tls_server_name or os.environ.get("MACEFIELD_TLS_SERVER_NAME") or None,
-                      health_check=args.health_check)
-    except ValueError as exc:  # a target that cannot be used, a bad retry count
-        raise InputError(str(exc)) from None
-
-
-def _symbols(numbers) -> List[str]:
+def _symbols(numbers) -> list[str]:
     try:
         from ase.data import chemical_symbols
     except ImportError:
@@ -191,7 +133,7 @@ def _symbols(numbers) -> List[str]:
     return [chemical_symbols[z] for z in numbers]
 
 
-def card_summary(card_json: str) -> List[str]:
+def card_summary(card_json: str) -> list[str]:
     """Lines summarising a model card: what it is for, its validation errors per data set, its limits."""
     if not card_json:
         return []
@@ -199,7 +141,7 @@ def card_summary(card_json: str) -> List[str]:
         card = json.loads(card_json)
     except json.JSONDecodeError:
         return ["  card:        (not valid JSON)"]
-    from .accuracy import format_table
+    from ..contract.accuracy import format_table
 
     lines = []
     for label, key in (("valid for", "valid_for"), ("short range", "short_range")):
@@ -214,7 +156,7 @@ def card_summary(card_json: str) -> List[str]:
 
 
 def cmd_info(args) -> int:
-    with _client(args) as client:
+    with client_from_args(args) as client:
         info = client.wait_ready(args.wait) if args.wait > 0 else client.list_models()
     if args.json:
         data = {
@@ -270,7 +212,12 @@ def _read_frames(path: str):
 
 
 def _frame_field(atoms, override) -> np.ndarray:
-    return np.asarray(_field_source(atoms, override)[1], dtype=float).reshape(3)
+    """The field of one frame, V/A; a value that is not three finite numbers raises :class:`InputError`."""
+    source, value = _field_source(atoms, override)
+    try:
+        return field_vector(value, source)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _field_source(atoms, override):
@@ -283,9 +230,9 @@ def _field_source(atoms, override):
     return "zero (no field key)", (0.0, 0.0, 0.0)
 
 
-def fields_used(frames, override) -> List[str]:
+def fields_used(frames, override) -> list[str]:
     """One line per distinct (source, field) pair: what ``eval`` applied, so a placeholder field is seen."""
-    seen: Dict[tuple, int] = {}
+    seen: dict[tuple, int] = {}
     for a in frames:
         source, value = _field_source(a, override)
         key = (source, tuple(np.round(np.asarray(value, dtype=float).reshape(3), 6)))
@@ -299,7 +246,7 @@ def _progress(args, n: int):
 
 def _compute(args, frames, outputs):
     fields = np.array([_frame_field(a, args.field) for a in frames])
-    with _client(args) as client:
+    with client_from_args(args) as client:
         results = client.predict_many(frames, electric_field=fields, outputs=outputs, model=args.model,
                                       head=args.head, batch_size=args.batch_size,
                                       progress=_progress(args, len(frames)))
@@ -337,7 +284,7 @@ def annotate(atoms, result, field, prefix: str = "MACE_", extrapolation: bool = 
         atoms.info[p + "extrapolation_max"] = float(result.extrapolation_max)
 
 
-def _check_writable(path: Optional[str]) -> None:
+def _check_writable(path: str | None) -> None:
     """Refuse an output path that cannot be written before any frame is computed."""
     if path is None:
         return
@@ -370,7 +317,7 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def extrapolation_summary(results, threshold: float) -> Dict:
+def extrapolation_summary(results, threshold: float) -> dict:
     """How many atoms and frames of ``results`` have a grade above ``threshold``, and the largest grade."""
     grades = [np.asarray(r.extrapolation, dtype=float) for r in results]
     flat = np.concatenate(grades)
@@ -381,7 +328,7 @@ def extrapolation_summary(results, threshold: float) -> Dict:
             "max_frame": worst}
 
 
-def format_extrapolation(summary: Dict) -> str:
+def format_extrapolation(summary: dict) -> str:
     return (f"  extrapolation grade: max {summary['max']:.3g} (frame {summary['max_frame']}); "
             f"{summary['atoms_above']} of {summary['atoms']} atoms ({100 * summary['fraction_above']:.2f}%) in "
             f"{summary['frames_above']} of {summary['frames']} frames above {summary['threshold']:g} (extrapolating)")
@@ -394,11 +341,11 @@ _NEEDS = {"energy": ("energy",), "forces": ("forces",), "stress": ("stress",),
           "polarizability": ("polarizability",)}
 
 
-def references(frames, args) -> Dict[str, dict]:
+def references(frames, args) -> dict[str, dict]:
     """{quantity: {"key", "kind", "reason", "labels": [per frame, internal units or None]}} found in ``frames``."""
-    from .labels import convert, detect_kind, find_key, has_key, lookup
+    from ..contract.labels import convert, detect_kind, find_key, has_key, lookup
 
-    found: Dict[str, dict] = {}
+    found: dict[str, dict] = {}
     for q in _NEEDS:
         key = getattr(args, f"{q}_key")
         if key is not None and key.lower() == "none":
@@ -436,7 +383,7 @@ def references(frames, args) -> Dict[str, dict]:
 
 
 def cmd_eval(args) -> int:
-    from .accuracy import format_table, frame_errors, summarise
+    from ..contract.accuracy import format_table, frame_errors, summarise
 
     _check_writable(args.output)
     frames = _read_frames(args.input)
@@ -491,16 +438,32 @@ def json_text(data) -> str:
     return json.dumps(clean(data), indent=2, allow_nan=False)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return {"info": cmd_info, "predict": cmd_predict, "eval": cmd_eval}[args.command](args)
     except InputError as exc:
         print(f"macefield: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     except MACEFieldError as exc:
         print(f"macefield: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+
+
+__all__ = [
+    "annotate",
+    "card_summary",
+    "cmd_eval",
+    "cmd_info",
+    "cmd_predict",
+    "extrapolation_summary",
+    "fields_used",
+    "format_extrapolation",
+    "json_text",
+    "main",
+    "parse_args",
+    "references",
+]
 
 
 if __name__ == "__main__":

@@ -6,15 +6,15 @@ Readable with ``numpy.loadtxt(path)`` (``#`` lines are comments).
 from __future__ import annotations
 
 import io
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 
 class StepLog:
     """Whitespace-separated columns; floats in full double precision (``%.17g``)."""
 
-    def __init__(self, path, columns: Sequence[Tuple[str, str]], title: str = ""):
+    def __init__(self, path, columns: Sequence[tuple[str, str]], title: str = ""):
         self.columns = list(columns)
-        self._fh: io.TextIOBase = open(path, "w")
+        self._fh: io.TextIOBase = open(path, "w")  # noqa: SIM115 - open for the log's lifetime; closed by close()
         if title:
             self._fh.write(f"# {title}\n")
         self._fh.write("# " + " ".join(f"{name}[{unit}]" if unit else name for name, unit in self.columns) + "\n")
@@ -30,3 +30,6 @@ class StepLog:
     def close(self) -> None:
         if not self._fh.closed:
             self._fh.close()
+
+
+__all__ = ["StepLog"]

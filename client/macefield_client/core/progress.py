@@ -53,3 +53,6 @@ def progress_bar(total: int, enabled, desc: str = ""):
     except ImportError:
         return _Plain(total, desc)
     return tqdm(total=total, desc=desc, unit="structure")
+
+
+__all__ = ["progress_bar"]
