@@ -96,7 +96,7 @@ def assert_result_matches(result, reference):
 def test_predict_matches_direct_evaluation_with_units(client, model):
     atoms = quartz_like(seed=1)
     r = client.predict(atoms, electric_field=FIELD, outputs="all")
-    ref = predict(model, [atoms], electric_fields=FIELD, heads="sio2", outputs=None)[0]
+    ref = predict(model, [atoms], electric_fields=FIELD, heads="sio2", outputs="all")[0]
     assert_result_matches(r, ref)
     assert r.model == "tiny" and r.head == "sio2" and r.n_atoms == len(atoms)
     assert r.born_charges.shape == (9, 3, 3) and r.polarizability.shape == (3, 3) and r.chi.shape == (3, 3)
@@ -115,7 +115,7 @@ def test_predict_matches_direct_evaluation_with_units(client, model):
 def test_molecule_has_no_periodic_outputs(client, model):
     mol = sio_molecule()
     r = client.predict(mol, electric_field=FIELD, outputs="all")
-    ref = predict(model, [mol], electric_fields=FIELD, heads="sio2", outputs=None)[0]
+    ref = predict(model, [mol], electric_fields=FIELD, heads="sio2", outputs="all")[0]
     assert_result_matches(r, ref)
     for key in ("stress", "polarization", "polarization_quantum", "chi", "eps_inf", "volume"):
         assert key not in r and getattr(r, key) is None
@@ -274,7 +274,7 @@ def test_field_from_atoms_info_and_results_like_the_reference(served, model):
     atoms.calc = calc
 
     def check(field):
-        ref = predict(model, [atoms], electric_fields=field, outputs=None)[0]
+        ref = predict(model, [atoms], electric_fields=field, outputs="all")[0]
         np.testing.assert_allclose(atoms.get_forces(), ref["forces"], rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(calc.get_property("polarizability", atoms), ref["chi"].reshape(9), rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(calc.get_property("becs", atoms), ref["born_charges"].reshape(-1, 9), rtol=RTOL,
@@ -293,7 +293,7 @@ def test_field_from_atoms_info_and_results_like_the_reference(served, model):
 
     mol = sio_molecule()
     mol.calc = calc
-    ref = predict(model, [mol], electric_fields=[0.0, 0.0, -0.04], outputs=None)[0]
+    ref = predict(model, [mol], electric_fields=[0.0, 0.0, -0.04], outputs="all")[0]
     np.testing.assert_allclose(calc.get_property("molecular_polarizability", mol), ref["polarizability"], rtol=RTOL,
                                atol=ATOL)
     np.testing.assert_allclose(calc.get_property("becs", mol), ref["born_charges"].reshape(len(mol), 9), rtol=RTOL,
@@ -306,7 +306,7 @@ def test_field_from_atoms_info_and_results_like_the_reference(served, model):
             calc.get_property(name, mol)
     crystal = quartz_like(seed=11)
     crystal.calc = calc
-    ref = predict(model, [crystal], electric_fields=[0.0, 0.0, -0.04], outputs=None)[0]
+    ref = predict(model, [crystal], electric_fields=[0.0, 0.0, -0.04], outputs="all")[0]
     np.testing.assert_allclose(calc.get_eps_inf(crystal), ref["eps_inf"], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(calc.get_alpha(crystal), ref["polarizability"], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(calc.get_polarizability(crystal), ref["chi"].reshape(9), rtol=RTOL, atol=ATOL)  # reference: chi
@@ -388,7 +388,7 @@ def test_cli_info_and_predict(served, model, torch_free, tmp_path):
                     "-o", str(out), "--server", served, "--batch-size", "3", "--progress", "--outputs", "all"],
                    torch_free)
     got = ase.io.read(out, index=":")
-    refs = predict(model, frames, electric_fields=FIELD, heads="other", outputs=None)
+    refs = predict(model, frames, electric_fields=FIELD, heads="other", outputs="all")
     assert len(got) == len(frames)
     for a, ref in zip(got, refs):
         assert a.info["MACE_energy"] == pytest.approx(float(ref["energy"]), rel=1e-9)
