@@ -11,7 +11,7 @@ STAMP := .make/$(shell $(PYTHON) -c "import hashlib, os, sys; cfg = os.path.join
 	made = os.stat(cfg).st_mtime_ns if os.path.exists(cfg) else 0; \
 	print(hashlib.sha1(f'{sys.prefix} {made}'.encode()).hexdigest()[:12])")
 
-.PHONY: serve test install install-test
+.PHONY: serve test lint install install-test
 
 # torch==2.13.0 first: on CPU-only build machines this picks the local CPU wheel;
 # anything looser pulls the newest CUDA build (several GB).  The tests install the cueq extra
@@ -38,5 +38,11 @@ install-test: $(STAMP).test-installed
 serve: $(STAMP).installed
 	$(PYTHON) -m macefield_server.cli.serve
 
-test: $(STAMP).test-installed
+# ruff (style and errors), mypy (types) and import-linter (the package rules of .importlinter, docs/architecture.md)
+lint: $(STAMP).test-installed
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
+	$(PYTHON) -m importlinter.cli
+
+test: lint
 	$(PYTHON) -m pytest -q -rs tests
