@@ -179,6 +179,7 @@ def adopt_stored_basis(module: Contraction, state_dict, prefix: str, *_args) -> 
         if stored.shape == current.shape:
             continue
         zeroed = state_dict.get(prefix + flag)
+        new: torch.nn.Parameter
         if zeroed is not None and bool(zeroed):
             new = EmptyParam(current.new_empty(stored.shape))
         else:

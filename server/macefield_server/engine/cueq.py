@@ -50,7 +50,7 @@ import inspect
 import re
 import sys
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -420,8 +420,9 @@ def to_cueq(model: FieldMACE, *, conv_fusion: Optional[bool] = None) -> FieldMAC
     for p in target.parameters():  # a frozen (served) model stays frozen: no parameter graphs in autograd
         p.requires_grad_(trainable)
     _carry_attributes(model, target)
-    target.arch_config = copy.deepcopy(arch)
-    target.backend = "cueq"
+    extra: Any = target  # mypy reads undeclared Module attributes as Tensor | Module
+    extra.arch_config = copy.deepcopy(arch)
+    extra.backend = "cueq"
     return target.eval()
 
 

@@ -198,7 +198,8 @@ def neighbour_list(structure: Structure, cutoff: float) -> NeighbourGraph:
     closest = None
     if d.size:
         k = int(np.argmin(d))
-        closest = ClosestPair(int(i[k]), int(j[k]), tuple(int(x) for x in shifts[k]), float(d[k]))
+        shift = (int(shifts[k, 0]), int(shifts[k, 1]), int(shifts[k, 2]))
+        closest = ClosestPair(int(i[k]), int(j[k]), shift, float(d[k]))
     return NeighbourGraph(
         edge_index=np.stack([i, j]).astype(np.int64),
         unit_shifts=shifts.astype(np.float64),
@@ -255,7 +256,8 @@ def _binned_bound(heights: np.ndarray, periodic, spacing: np.ndarray, cutoff: fl
     np.add.at(counts, tuple(index), 1)
     around = counts
     for axis in range(3):  # separable: sum of the 3 neighbours along each axis in turn
-        around = sum(_shifted(around, axis, step, bool(periodic[axis])) for step in (-1, 0, 1))
+        below, same, above = (_shifted(around, axis, step, bool(periodic[axis])) for step in (-1, 0, 1))
+        around = below + same + above
     return int((counts * around).sum()) - n
 
 

@@ -185,13 +185,15 @@ def rewrite_tensor_products(model: torch.nn.Module) -> List[str]:
     """
     from e3nn import o3
 
-    names = []
+    names: List[str] = []
     for name, mod in model.named_modules():
         if not isinstance(mod, o3.TensorProduct) or getattr(mod, "_macefield_rewritten", False):
             continue
         old = getattr(mod, "_compiled_main_left_right", None)
+        if old is None:
+            continue
         try:
-            gm = _rewritten_left_right(mod) if old is not None else None
+            gm = _rewritten_left_right(mod)
         except (ImportError, AttributeError, TypeError) as exc:  # another e3nn version: keep its modules
             warnings.warn(f"tensor products left as e3nn built them (rewrite unavailable: {exc})", stacklevel=2)
             return names
