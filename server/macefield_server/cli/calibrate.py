@@ -35,6 +35,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any, Dict, List
 
 import numpy as np
 
@@ -58,7 +59,8 @@ def parse_slice(text: str) -> slice:
 def read_frames(paths, frames: slice):
     from ase.io import read
 
-    out, described = [], []
+    out: List[Any] = []
+    described: List[Dict[str, Any]] = []
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"reference file not found: {path}")
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
         print(f"macefield-calibrate: {exc}", file=sys.stderr)
         return 2
     attach(model, stats)
-    summary = {"output": str(args.output), "head": head, "method": stats.method, "threshold": stats.threshold,
+    summary: Dict[str, Any] = {"output": str(args.output), "head": head, "method": stats.method, "threshold": stats.threshold,
                "margin": stats.margin, "features": stats.n_features,
                "elements": {str(z): s.describe() | {"active_set": len(s.active_set)}
                             for z, s in sorted(stats.heads[head].items())},

@@ -76,8 +76,9 @@ def warmup_structure(served: ServedModel) -> Structure:
     n = 8
     side = 5.0
     positions = rng.uniform(0.0, side, size=(n, 3))
-    numbers = [zs[i % len(zs)] for i in range(n)]
-    return Structure(numbers, positions, np.eye(3) * side, [True, True, True], [0.01, 0.0, 0.0], served.default_head)
+    numbers = np.array([zs[i % len(zs)] for i in range(n)], dtype=np.int64)
+    return Structure(numbers, positions, np.eye(3) * side, np.ones(3, dtype=bool), np.array([0.01, 0.0, 0.0]),
+                     served.default_head)
 
 
 class MaceFieldServer:
@@ -120,7 +121,10 @@ class MaceFieldServer:
         sec = cfg.security
         tokens = load_tokens(sec.auth_token_file)
         interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
-        credentials = server_credentials(sec.tls_cert, sec.tls_key, sec.tls_client_ca) if sec.tls else None
+        credentials = None
+        if sec.tls:
+            assert sec.tls_cert is not None and sec.tls_key is not None  # validate() requires the key with the cert
+            credentials = server_credentials(sec.tls_cert, sec.tls_key, sec.tls_client_ca)
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port)
         options = [
@@ -190,7 +194,7 @@ class MaceFieldServer:
             batcher.start()
         for served in self.registry:
             await self._warm_up(served)
-        graph_budget = self._assign_budgets()
+        graph_budget = self._assign_budgets(self.registry)
         self.service.dispatcher = Dispatcher(self.registry, self.batchers, self.config.limits, self.prep_executor,
                                              graph_budget=graph_budget)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -235,8 +239,9 @@ class MaceFieldServer:
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
             stalled = {name: b.stalled_for() for name, b in self.batchers.items()}
-            worst = max(stalled, key=stalled.get, default=None)
-            now_alive = worst is None or stalled[worst] <= timeout
+            worst = max(stalled, key=stalled.__getitem__, default=None)
+            stall = stalled[worst] if worst is not None else 0.0
+            now_alive = worst is None or stall <= timeout
             if now_alive == alive:
                 continue
             alive = now_alive
@@ -244,16 +249,16 @@ class MaceFieldServer:
                 log.warning("liveness: model %s finished a batch again: liveness SERVING", worst)
             else:
                 log.error("liveness: model %s has had work queued or computing for %.0f s without a batch "
-                          "finishing (liveness_timeout_s %g): liveness NOT_SERVING (%s)", worst, stalled[worst],
+                          "finishing (liveness_timeout_s %g): liveness NOT_SERVING (%s)", worst, stall,
                           timeout, self.waiting_for())
             await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING if alive
                                   else health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    def _assign_budgets(self) -> int:
+    def _assign_budgets(self, registry: ModelRegistry) -> int:
         """Each model's share of its device's memory budget; returns the bytes for admitted neighbour lists."""
         configured = parse_bytes(self.config.limits.memory_budget)
         devices: Dict[str, List[ServedModel]] = {}
-        for served in self.registry:
+        for served in registry:
             devices.setdefault(str(served.device), []).append(served)
         for device, models in devices.items():
             total = configured or default_budget(models[0].device)
@@ -263,7 +268,7 @@ class MaceFieldServer:
             log.info("memory budget on %s: %s (%s per pass of each of %d model(s), %s for admitted neighbour "
                      "lists)%s", device, fmt(total), fmt(budget.per_pass), len(models), fmt(budget.graphs),
                      "" if configured else " (limits.memory_budget: auto)")
-        host = configured if all(m.device.type == "cpu" for m in self.registry) and configured else None
+        host = configured if all(m.device.type == "cpu" for m in registry) and configured else None
         return Budget.split(host or default_budget(torch.device("cpu")), 1).graphs
 
     async def stop(self, grace: Optional[float] = None) -> None:

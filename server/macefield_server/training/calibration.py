@@ -87,7 +87,7 @@ def element_statistics(x: np.ndarray, z: int, truncation: float = TRUNCATION,
     residual = np.linalg.norm(x - projected @ basis.T, axis=1)
     rms = float(np.sqrt(np.mean(np.sum(x * x, axis=1))))
     radius = max(float(residual.max()), RESIDUAL_FLOOR * rms)
-    active = [tuple(int(v) for v in origin[r]) for r in rows] if origin is not None else []
+    active = [(int(origin[r][0]), int(origin[r][1])) for r in rows] if origin is not None else []
     return ElementStatistics(
         atomic_number=int(z),
         basis=torch.from_numpy(basis.copy()),

@@ -13,7 +13,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, cast
 
 import torch
 
@@ -75,7 +75,7 @@ def validate(model, cfg, valid: Dict[str, List]) -> tuple:
     for ds in cfg.datasets:
         samples = valid.get(ds.name) or []
         rows = frame_errors(model, samples)
-        summary = summarise(rows)
+        summary: Dict[str, Any] = summarise(rows)
         summary["head"] = ds.head
         summary["frames_in_file"] = [s.index for s in samples[:1]] + [s.index for s in samples[-1:]]
         validation[ds.name] = summary
@@ -345,13 +345,14 @@ def refresh_card(path, cfg) -> Dict:
 
     path = Path(path)
     model = load_model(path)
-    card = dict(model.metadata.get("card") or {})
+    stored = cast(Dict[str, Any], model.metadata)  # load_model always sets it; torch types Module attributes loosely
+    card = dict(stored.get("card") or {})
     if not card:
         raise ValueError(f"{path}: no model card in the checkpoint's metadata")
     data = load_all(cfg)
     valid = {name: d["valid"] for name, d in data.items()}
     for samples in valid.values():
-        build_graphs(samples, float(model.r_max))
+        build_graphs(samples, float(cast(torch.Tensor, model.r_max)))
     validation, frames = validate(model, cfg, valid)
     info = dict(cfg.export.card_info)
     goals = info.pop("goals", None)
@@ -359,8 +360,8 @@ def refresh_card(path, cfg) -> Dict:
     card.update({"validation": validation, "validation_frames": frames, "goals": check_goals(goals, validation)})
     ordered = {k: card[k] for k in card if k != "validation_frames"}
     ordered["validation_frames"] = frames  # last, as export writes it
-    metadata = dict(model.metadata, card=ordered)
-    model.metadata = metadata
+    metadata = dict(stored, card=ordered)
+    cast(Any, model).metadata = metadata
     save_model(model, path)
     stem = path.with_suffix("")
     Path(f"{stem}.card.json").write_text(json.dumps(ordered, indent=1) + "\n")

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, cast
 
 import numpy as np
 import torch
@@ -125,7 +125,7 @@ class Trainer:
         else:
             self.model = self._initial_model()
 
-        r_max = float(self.model.r_max)
+        r_max = float(cast(torch.Tensor, self.model.r_max))  # a buffer; torch types Module attributes loosely
         all_samples = self.train_samples + [s for v in self.valid.values() for s in v]
         build_graphs(all_samples, r_max)
         heads = list(self.model.heads)
@@ -141,7 +141,8 @@ class Trainer:
         self.valid_outputs = frozenset({"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"})
 
         o = cfg.optim
-        decay, no_decay = [], []
+        decay: List[torch.nn.Parameter] = []
+        no_decay: List[torch.nn.Parameter] = []
         for name, p in self.model.named_parameters():
             (no_decay if p.ndim <= 1 or "scale_shift" in name else decay).append(p)
         self.optimizer = torch.optim.Adam(
@@ -335,7 +336,8 @@ class Trainer:
         weights = self._step_weights()
         quantities = [q for q, w in weights.items() if w > 0]
         outputs = frozenset({"energy"}.union(*(_NEEDS[q] for q in quantities)))
-        out = respond(self.model, batch.tensors, None, outputs, keep_graph=True)
+        # respond sets every key it returns to a tensor (its declared value type is Optional)
+        out = cast(Dict[str, torch.Tensor], respond(self.model, batch.tensors, None, outputs, keep_graph=True))
         res = residuals(out, batch, quantities)
         return total_loss(res, weights, self.scales, self.cfg.loss.huber_delta)
 
