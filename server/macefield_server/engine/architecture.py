@@ -69,8 +69,12 @@ def _buffer_values(model) -> Dict[str, Any]:
     scale_shift = getattr(model, "scale_shift", None)
     return {
         "atomic_energies": _list(torch.atleast_2d(model.atomic_energies_fn.atomic_energies)),
-        "atomic_inter_scale": _list(torch.atleast_1d(scale_shift.scale)) if scale_shift is not None else [1.0] * n_heads,
-        "atomic_inter_shift": _list(torch.atleast_1d(scale_shift.shift)) if scale_shift is not None else [0.0] * n_heads,
+        "atomic_inter_scale": (
+            _list(torch.atleast_1d(scale_shift.scale)) if scale_shift is not None else [1.0] * n_heads
+        ),
+        "atomic_inter_shift": (
+            _list(torch.atleast_1d(scale_shift.shift)) if scale_shift is not None else [0.0] * n_heads
+        ),
     }
 
 
@@ -123,7 +127,9 @@ def describe_architecture(model: torch.nn.Module) -> Dict[str, Any]:
         "correlation": correlation,
         "heads": heads,
         "radial_type": _RADIAL_NAMES.get(type(radial.bessel_fn).__name__, "bessel"),
-        "distance_transform": _TRANSFORM_NAMES.get(type(transform).__name__, "None") if transform is not None else "None",
+        "distance_transform": (
+            _TRANSFORM_NAMES.get(type(transform).__name__, "None") if transform is not None else "None"
+        ),
         "radial_MLP": _radial_mlp(model),
         "pair_repulsion": hasattr(model, "pair_repulsion_fn"),
         "apply_cutoff": bool(getattr(model, "apply_cutoff", True)),
@@ -157,7 +163,7 @@ def default_architecture(
     """A standard MACE-Field architecture description (mace-torch defaults otherwise)."""
     zs = sorted(int(z) for z in atomic_numbers)
     heads = list(heads)
-    hidden = "+".join(f"{channels}x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(max_L + 1))
+    hidden = "+".join(f"{channels}x{ell}{'e' if ell % 2 == 0 else 'o'}" for ell in range(max_L + 1))
     if atomic_energies is None:
         atomic_energies = [[0.0] * len(zs) for _ in heads]
     return {

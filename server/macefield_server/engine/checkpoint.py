@@ -191,7 +191,9 @@ def _model_from_pickle(path: Path) -> FieldMACE:
         if missing or unexpected:
             detail = f"missing {_few(missing)}, unexpected {_few(unexpected)}"
             if legacy:
-                raise CheckpointError(_legacy_message(path, f"its parameters do not match the MACEField layout ({detail})"))
+                raise CheckpointError(
+                    _legacy_message(path, f"its parameters do not match the MACEField layout ({detail})")
+                )
             raise CheckpointError(f"{path}: MACEField parameters do not map onto FieldMACE ({detail})")
         if legacy:
             cast(Any, model).metadata = {"legacy_class": LegacyFieldMACE.legacy_path}

@@ -71,7 +71,8 @@ def basis_precision(tensors: Iterable[torch.Tensor]) -> torch.dtype:
 
 
 def residual_tolerance(tensors: Iterable[torch.Tensor], scale: float) -> float:
-    """Largest residual of a float64 fit of polynomials built from ``tensors`` (values up to ``scale``) that is round-off.
+    """Largest residual of a float64 fit of polynomials built from ``tensors`` (values up to ``scale``) that is
+    round-off.
 
     ``BASIS_ULPS`` units of the precision ``tensors`` were computed in
     (:func:`basis_precision`) plus ``FIT_ULPS`` float64 units for the fit;

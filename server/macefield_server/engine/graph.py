@@ -222,7 +222,10 @@ def _shifted(a: np.ndarray, axis: int, step: int, periodic: bool) -> np.ndarray:
         return np.roll(a, step, axis)
     out = np.zeros_like(a)
     src, dst = [slice(None)] * 3, [slice(None)] * 3
-    src[axis], dst[axis] = (slice(None, -step), slice(step, None)) if step > 0 else (slice(-step, None), slice(None, step))
+    if step > 0:
+        src[axis], dst[axis] = slice(None, -step), slice(step, None)
+    else:
+        src[axis], dst[axis] = slice(-step, None), slice(None, step)
     out[tuple(dst)] = a[tuple(src)]
     return out
 
@@ -249,7 +252,10 @@ def _binned_bound(heights: np.ndarray, periodic, spacing: np.ndarray, cutoff: fl
         else:
             lo, hi = float(heights[:, i].min()), float(heights[:, i].max())
             bins = int(max(1, min(max_bins, (hi - lo) // cutoff)))
-            k = np.zeros(n, np.int64) if hi <= lo else np.minimum(((heights[:, i] - lo) / (hi - lo) * bins).astype(np.int64), bins - 1)
+            if hi <= lo:
+                k = np.zeros(n, np.int64)
+            else:
+                k = np.minimum(((heights[:, i] - lo) / (hi - lo) * bins).astype(np.int64), bins - 1)
         shape.append(bins)
         index.append(k)
     counts = np.zeros(shape, dtype=np.int64)

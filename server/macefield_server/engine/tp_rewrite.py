@@ -74,7 +74,8 @@ def _column_slice(node: fx.Node) -> Optional[tuple]:
     if not (isinstance(idx, tuple) and len(idx) == 2 and idx[0] == slice(None, None, None)):
         return None
     s = idx[1]
-    if not isinstance(s, slice) or s.step not in (None, 1) or not isinstance(s.start, int) or not isinstance(s.stop, int):
+    if (not isinstance(s, slice) or s.step not in (None, 1)
+            or not isinstance(s.start, int) or not isinstance(s.stop, int)):
         return None
     return (s.start, s.stop)
 

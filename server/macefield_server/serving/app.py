@@ -211,7 +211,8 @@ class MaceFieldServer:
         structure = warmup_structure(served)
         graph = await loop.run_in_executor(self.prep_executor, neighbour_list, structure, served.cutoff)
         start = time.monotonic()
-        outputs = ENGINE_OUTPUTS if served.default_head in served.extrapolation_heads else ENGINE_OUTPUTS - GRADE_OUTPUTS
+        graded = served.default_head in served.extrapolation_heads
+        outputs = ENGINE_OUTPUTS if graded else ENGINE_OUTPUTS - GRADE_OUTPUTS
         item = WorkItem(
             structure=structure,
             graph=graph,
@@ -272,7 +273,8 @@ class MaceFieldServer:
         return Budget.split(host or default_budget(torch.device("cpu")), 1).graphs
 
     async def stop(self, grace: Optional[float] = None) -> None:
-        """Drain: NOT_SERVING, refuse new RPCs, flush queues, end idle streams, finish in-flight RPCs within ``grace`` s.
+        """Drain: NOT_SERVING, refuse new RPCs, flush queues, end idle streams, finish in-flight RPCs within
+        ``grace`` s.
 
         Logs once a second what it is still waiting for.  :meth:`stop_now`
         (a second signal) cuts the wait short.
@@ -305,7 +307,10 @@ class MaceFieldServer:
         await self._close_batchers(wait=False)
 
     def waiting_for(self) -> str:
-        """What a drain still waits for, e.g. "2 calls (Predict 1, PredictStream 1); 3 structures queued or computing"."""
+        """What a drain still waits for.
+
+        E.g. "2 calls (Predict 1, PredictStream 1); 3 structures queued or computing".
+        """
         calls = {m: n for m, n in self.service.in_flight.items() if n}
         work = sum(b.queued + b.busy for b in self.batchers.values())
         text = f"{sum(calls.values())} call(s)"

@@ -227,7 +227,8 @@ class Batcher:
 
     def _expire(self, item: WorkItem) -> None:
         if not item.future.done():
-            item.future.set_exception(DeadlinePassed(f"deadline passed after {self.clock() - item.enqueued:.3f} s in queue"))
+            waited = self.clock() - item.enqueued
+            item.future.set_exception(DeadlinePassed(f"deadline passed after {waited:.3f} s in queue"))
 
     def _scan(self, dq: Deque[WorkItem], now: float) -> Tuple[int, bool]:
         """(number of items the next batch takes from ``dq``, whether a limit closes it)."""

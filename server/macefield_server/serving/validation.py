@@ -135,7 +135,8 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
     if unknown:
         raise InvalidRequest(
             "atomic_numbers",
-            f"element(s) {_elements(unknown)} not in model {served.name!r} (it has {_elements(sorted(served.atomic_numbers))})",
+            f"element(s) {_elements(unknown)} not in model {served.name!r} "
+            f"(it has {_elements(sorted(served.atomic_numbers))})",
         )
     positions = _floats(request.positions, "positions", {3 * n}, f"3*N = {3 * n} values (N = {n} atoms), Angstrom")
 
@@ -161,7 +162,8 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
         longest = float(np.linalg.norm(cell[pbc], axis=1).max())
         if longest > limits.max_extent:
             raise InvalidRequest(
-                "cell", f"a periodic lattice vector of {longest:.6g} A exceeds the server's limit of {limits.max_extent:g} A"
+                "cell",
+                f"a periodic lattice vector of {longest:.6g} A exceeds the server's limit of {limits.max_extent:g} A"
             )
     if not pbc.all():  # the spread along non-periodic directions sets the neighbour search's box
         q = np.linalg.qr(cell[pbc].T)[0] if pbc.any() else np.zeros((3, 0))

@@ -99,7 +99,8 @@ def element_statistics(x: np.ndarray, z: int, truncation: float = TRUNCATION,
 
 
 def reference_features(model, structures: Sequence, head: str, max_edges: int = 12_000, progress=None):
-    """(features (n, d) float64, atomic numbers (n,), origin (n, 2) = (structure, atom)) of ``structures`` on ``head``."""
+    """(features (n, d) float64, atomic numbers (n,), origin (n, 2) = (structure, atom)) of ``structures``
+    on ``head``."""
 
     r_max = float(model.r_max)
     structures = [s if isinstance(s, Structure) else Structure.from_atoms(s) for s in structures]

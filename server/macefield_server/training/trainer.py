@@ -84,7 +84,8 @@ def label_scales(samples: List[Sample], cfg: TrainConfig) -> Dict[str, float]:
     for q in ("forces", "stress", "born_charges"):
         vals = collect(q)
         scales[q] = float(np.sqrt(np.mean(np.concatenate([v.reshape(-1) for v in vals]) ** 2))) if vals else 1.0
-    quanta = [np.linalg.norm(s.structure.cell, axis=1).mean() / s.structure.volume for s in samples if "polarization" in s.labels]
+    quanta = [np.linalg.norm(s.structure.cell, axis=1).mean() / s.structure.volume
+              for s in samples if "polarization" in s.labels]
     scales["polarization"] = 0.1 * float(np.mean(quanta)) if quanta else 1.0
     scales["polarizability"] = 1.0
     for q, v in cfg.loss.scales.items():
@@ -138,7 +139,9 @@ class Trainer:
             self._fit_references()
         self.scales = label_scales(self.train_samples, cfg)
         self.weights = {q: float(getattr(cfg.loss, q)) for q in QUANTITIES}
-        self.valid_outputs = frozenset({"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"})
+        self.valid_outputs = frozenset(
+            {"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"}
+        )
 
         o = cfg.optim
         decay: List[torch.nn.Parameter] = []
@@ -179,7 +182,8 @@ class Trainer:
             model = upgrade_to_field(model).to(self.dtype)
             if statistics_of(model) is not None:  # they describe the weights before fine-tuning
                 attach(model, None)
-                log(f"  dropped the extrapolation statistics of {path.name}: calibrate the result with macefield-calibrate")
+                log(f"  dropped the extrapolation statistics of {path.name}: "
+                    "calibrate the result with macefield-calibrate")
             missing = [h for h in heads if h not in list(model.heads)]
             if missing:
                 raise ValueError(f"model.init_from: the model has heads {list(model.heads)}, datasets need {missing}")
@@ -275,7 +279,8 @@ class Trainer:
         self.ema = [t.to(self.dtype) for t in state["ema"]]
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
-        for k in ("epoch", "step", "best_loss", "best_epoch", "bad_epochs", "elapsed", "lr_factor", "plateau_best", "plateau_bad"):
+        for k in ("epoch", "step", "best_loss", "best_epoch", "bad_epochs", "elapsed", "lr_factor", "plateau_best",
+                  "plateau_bad"):
             setattr(self, k, state[k])
 
     def save_state(self):
@@ -351,7 +356,8 @@ class Trainer:
         if self.cfg.run.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(batches), desc=f"epoch {self.epoch + 1}", leave=False, file=sys.stderr, mininterval=30.0)
+            bar = tqdm(total=len(batches), desc=f"epoch {self.epoch + 1}", leave=False, file=sys.stderr,
+                       mininterval=30.0)
         for k, chunk in enumerate(batches):
             lr = self._lr_at(self.epoch + k / len(batches))
             for group in self.optimizer.param_groups:
@@ -458,7 +464,8 @@ class Trainer:
                 stop_reason = f"time limit of {o.max_minutes} minutes"
                 break
         log(f"stopped after epoch {self.epoch} ({stop_reason}); best epoch {self.best_epoch}")
-        return {"stop_reason": stop_reason, "epochs": self.epoch, "best_epoch": self.best_epoch, "elapsed_seconds": self.elapsed}
+        return {"stop_reason": stop_reason, "epochs": self.epoch, "best_epoch": self.best_epoch,
+                "elapsed_seconds": self.elapsed}
 
     @staticmethod
     def _summary_line(rec) -> str:
