@@ -35,6 +35,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any, Dict, List
 
 import numpy as np
 
@@ -58,14 +59,17 @@ def parse_slice(text: str) -> slice:
 def read_frames(paths, frames: slice):
     from ase.io import read
 
-    out, described = [], []
+    out: List[Any] = []
+    described: List[Dict[str, Any]] = []
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"reference file not found: {path}")
         structures = read(path, index=":")
         chosen = structures[frames]
         if not chosen:
-            raise ValueError(f"{path}: no frames in {frames.start}:{frames.stop}:{frames.step} (it has {len(structures)})")
+            raise ValueError(
+                f"{path}: no frames in {frames.start}:{frames.stop}:{frames.step} (it has {len(structures)})"
+            )
         out.extend(chosen)
         indices = range(len(structures))[frames]
         described.append({"file": Path(path).name, "frames": [indices.start, indices.stop, indices.step],
@@ -77,7 +81,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="macefield-calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="native .pt, mace-torch .model or reference MACEField pickle")
-    parser.add_argument("data", nargs="+", help="reference structures (any format ASE reads), normally the training frames")
+    parser.add_argument("data", nargs="+",
+                        help="reference structures (any format ASE reads), normally the training frames")
     parser.add_argument("--head", help="head the statistics are for (default: the model's first head)")
     parser.add_argument("--frames", default=":", help="frames of each file to use, START:STOP[:STEP] (default: all)")
     parser.add_argument("-o", "--output", required=True, help="native checkpoint to write (may be MODEL itself)")
@@ -100,18 +105,21 @@ def main(argv=None) -> int:
         if head not in heads:
             raise ValueError(f"--head: unknown head {head!r}; the model has {heads}")
         frames, described = read_frames(args.data, frames_slice)
-        holdout, held_files = read_frames(args.data, parse_slice(args.holdout_frames)) if args.holdout_frames else (None, None)
+        holdout, held_files = (
+            read_frames(args.data, parse_slice(args.holdout_frames)) if args.holdout_frames else (None, None)
+        )
         card = json.loads(Path(args.card).read_text()) if args.card else None
         stats = calibrate(model, frames, head, reference={"files": described}, fields=args.fields)
     except (CheckpointError, FileNotFoundError, ValueError, json.JSONDecodeError) as exc:
         print(f"macefield-calibrate: {exc}", file=sys.stderr)
         return 2
     attach(model, stats)
-    summary = {"output": str(args.output), "head": head, "method": stats.method, "threshold": stats.threshold,
-               "margin": stats.margin, "features": stats.n_features,
-               "elements": {str(z): s.describe() | {"active_set": len(s.active_set)}
-                            for z, s in sorted(stats.heads[head].items())},
-               "reference": stats.references[head]}
+    summary: Dict[str, Any] = {
+        "output": str(args.output), "head": head, "method": stats.method, "threshold": stats.threshold,
+        "margin": stats.margin, "features": stats.n_features,
+        "elements": {str(z): s.describe() | {"active_set": len(s.active_set)}
+                     for z, s in sorted(stats.heads[head].items())},
+        "reference": stats.references[head]}
     if not args.no_check or card is not None:
         grades = reference_grades(model, frames, head)
         numbers = np.concatenate([a.numbers for a in frames])
@@ -125,7 +133,8 @@ def main(argv=None) -> int:
                               "fraction_above": float(np.mean(held > stats.threshold)), "max": float(held.max())}
     metadata = None
     if card is not None:
-        command = "macefield-calibrate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        words = argv if argv is not None else sys.argv[1:]
+        command = "macefield-calibrate " + " ".join(shlex.quote(a) for a in words)
         card = record_in_card(card, stats, summary, command)
         write_card(Path(args.card), card)
         metadata = {"card": card}

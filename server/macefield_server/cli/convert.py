@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import cast
+
+import torch
 
 from ..engine.checkpoint import CheckpointError, load_model, save_model
 
@@ -27,7 +30,8 @@ def main(argv=None) -> int:
         return 2
     save_model(model, args.output)
     heads = ", ".join(model.heads)
-    print(f"wrote {args.output}: FieldMACE, heads [{heads}], elements {[int(z) for z in model.atomic_numbers]}")
+    elements = [int(z) for z in cast(torch.Tensor, model.atomic_numbers)]  # a buffer; torch types it loosely
+    print(f"wrote {args.output}: FieldMACE, heads [{heads}], elements {elements}")
     return 0
 
 

@@ -42,7 +42,8 @@ def _version_string() -> str:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="macefield-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="macefield-serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML (.yaml/.yml) or TOML (.toml) configuration file")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0: any free port)")
@@ -147,10 +148,12 @@ async def serve(config) -> int:
         await server.stop(0)
         return 1
     if loading.done():
-        models = ", ".join(f"{m.name} ({m.device}, {str(m.dtype).replace('torch.', '')})" for m in server.registry)
+        registry = server.registry
+        assert registry is not None  # load() finished: its models are loaded
+        models = ", ".join(f"{m.name} ({m.device}, {str(m.dtype).replace('torch.', '')})" for m in registry)
         log.info("ready: serving %s on %s:%s", models, config.host, server.port)
         print(json.dumps({"event": "ready", "host": config.host, "port": server.port,
-                          "models": [m.name for m in server.registry]}), flush=True)
+                          "models": [m.name for m in registry]}), flush=True)
     sig = await first
     name = signal.Signals(sig).name
     log.info("%s received: draining (grace %.1f s; in flight: %s); send it again to stop at once",

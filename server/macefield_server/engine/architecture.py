@@ -11,7 +11,7 @@ are described too, but the state dict is what finally fills them.
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict
+from typing import Any, Dict, cast
 
 import mace  # noqa: F401
 import numpy as np
@@ -69,60 +69,67 @@ def _buffer_values(model) -> Dict[str, Any]:
     scale_shift = getattr(model, "scale_shift", None)
     return {
         "atomic_energies": _list(torch.atleast_2d(model.atomic_energies_fn.atomic_energies)),
-        "atomic_inter_scale": _list(torch.atleast_1d(scale_shift.scale)) if scale_shift is not None else [1.0] * n_heads,
-        "atomic_inter_shift": _list(torch.atleast_1d(scale_shift.shift)) if scale_shift is not None else [0.0] * n_heads,
+        "atomic_inter_scale": (
+            _list(torch.atleast_1d(scale_shift.scale)) if scale_shift is not None else [1.0] * n_heads
+        ),
+        "atomic_inter_shift": (
+            _list(torch.atleast_1d(scale_shift.shift)) if scale_shift is not None else [0.0] * n_heads
+        ),
     }
 
 
 def describe_architecture(model: torch.nn.Module) -> Dict[str, Any]:
     """Return the JSON-able constructor description of a (Field)MACE module."""
+    net: Any = model  # torch types every submodule and buffer as Tensor | Module; mace's are read duck-typed
     if getattr(model, "backend", "e3nn") != "e3nn":  # a model converted by .cueq.to_cueq
         raise ValueError("describe (and save) the e3nn model a cuEquivariance model was converted from")
     if getattr(model, "arch_config", None) is not None:
-        arch = copy.deepcopy(model.arch_config)
+        arch = copy.deepcopy(net.arch_config)
         arch.update(_buffer_values(model))
         return arch
     if not hasattr(model, "interactions") or not hasattr(model, "products"):
         raise TypeError(f"{type(model).__name__} is not a MACE model")
     if hasattr(model, "joint_embedding") or getattr(model, "lammps_mliap", False):
         raise ValueError("MACE models with joint embeddings or LAMMPS-MLIAP mode are not supported")
-    if getattr(model, "cueq_config", None) is not None and getattr(model.cueq_config, "enabled", False):
+    if getattr(model, "cueq_config", None) is not None and getattr(net.cueq_config, "enabled", False):
         raise ValueError("convert cuEquivariance models back to e3nn before loading them here")
     heads = list(getattr(model, "heads", None) or ["Default"])
-    num_interactions = int(model.num_interactions)
-    last_readout = model.readouts[-1]
+    num_interactions = int(net.num_interactions)
+    last_readout = net.readouts[-1]
     mlp_irreps = o3.Irreps(str(getattr(last_readout, "hidden_irreps", "1x0e")))
     mlp_scalars = max(1, mlp_irreps.count((0, 1)) // len(heads))
     gate = None
     acts = getattr(getattr(last_readout, "non_linearity", None), "acts", None)
     if acts is not None and len(acts) > 0:
         gate = _gate_name(getattr(acts[0], "f", None))
-    correlation = [int(p.symmetric_contractions.contractions[0].correlation) for p in model.products]
-    radial = model.radial_embedding
+    correlation = [int(p.symmetric_contractions.contractions[0].correlation) for p in net.products]
+    radial = net.radial_embedding
     transform = getattr(radial, "distance_transform", None)
-    hidden = model.products[0].linear.irreps_out
-    last_irreps = o3.Irreps(str(model.products[-1].linear.irreps_out))
+    hidden = net.products[0].linear.irreps_out
+    last_irreps = o3.Irreps(str(net.products[-1].linear.irreps_out))
     edge_irreps = getattr(model, "edge_irreps", None)
     return {
         "arch_version": ARCH_VERSION,
-        "r_max": float(model.r_max),
+        "r_max": float(net.r_max),
         "num_bessel": int(radial.out_dim),
         "num_polynomial_cutoff": int(radial.cutoff_fn.p),
-        "max_ell": int(model.spherical_harmonics._lmax),  # pylint: disable=protected-access
-        "interaction_cls": type(model.interactions[-1]).__name__,
-        "interaction_cls_first": type(model.interactions[0]).__name__,
+        "max_ell": int(net.spherical_harmonics._lmax),  # pylint: disable=protected-access
+        "interaction_cls": type(net.interactions[-1]).__name__,
+        "interaction_cls_first": type(net.interactions[0]).__name__,
         "num_interactions": num_interactions,
         "hidden_irreps": str(o3.Irreps(str(hidden))),
         "keep_last_layer_irreps": num_interactions > 1 and last_irreps.lmax > 0,
         "MLP_irreps": f"{mlp_scalars}x0e",
         "gate": gate,
         "readout_cls": type(last_readout).__name__,
-        "avg_num_neighbors": float(model.interactions[0].avg_num_neighbors),
-        "atomic_numbers": [int(z) for z in model.atomic_numbers],
+        "avg_num_neighbors": float(net.interactions[0].avg_num_neighbors),
+        "atomic_numbers": [int(z) for z in net.atomic_numbers],
         "correlation": correlation,
         "heads": heads,
         "radial_type": _RADIAL_NAMES.get(type(radial.bessel_fn).__name__, "bessel"),
-        "distance_transform": _TRANSFORM_NAMES.get(type(transform).__name__, "None") if transform is not None else "None",
+        "distance_transform": (
+            _TRANSFORM_NAMES.get(type(transform).__name__, "None") if transform is not None else "None"
+        ),
         "radial_MLP": _radial_mlp(model),
         "pair_repulsion": hasattr(model, "pair_repulsion_fn"),
         "apply_cutoff": bool(getattr(model, "apply_cutoff", True)),
@@ -156,7 +163,7 @@ def default_architecture(
     """A standard MACE-Field architecture description (mace-torch defaults otherwise)."""
     zs = sorted(int(z) for z in atomic_numbers)
     heads = list(heads)
-    hidden = "+".join(f"{channels}x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(max_L + 1))
+    hidden = "+".join(f"{channels}x{ell}{'e' if ell % 2 == 0 else 'o'}" for ell in range(max_L + 1))
     if atomic_energies is None:
         atomic_energies = [[0.0] * len(zs) for _ in heads]
     return {
@@ -270,5 +277,5 @@ def build_field_mace(
         torch.set_default_dtype(previous)
     if rewrite_products:
         rewrite_tensor_products(model)
-    model.arch_config = copy.deepcopy(arch)
+    cast(Any, model).arch_config = copy.deepcopy(arch)  # mypy reads undeclared Module attributes as Tensor | Module
     return model.to(dtype)

@@ -24,7 +24,7 @@ import json
 import logging
 import pickle
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Union, cast
 
 import torch
 
@@ -150,7 +150,7 @@ def _model_from_native(payload: Dict[str, Any], path: Path) -> FieldMACE:
         model.load_state_dict(payload["state_dict"], strict=True)
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise CheckpointError(f"{path}: inconsistent native checkpoint ({exc})") from exc
-    model.metadata = metadata
+    cast(Any, model).metadata = metadata  # mypy reads undeclared Module attributes as Tensor | Module
     if payload.get("extrapolation") is not None:
         try:
             statistics = ExtrapolationStatistics.from_payload(payload["extrapolation"])
@@ -160,7 +160,7 @@ def _model_from_native(payload: Dict[str, Any], path: Path) -> FieldMACE:
             # e.g. a checkpoint fine-tuned from a calibrated one: its grade would measure other weights' features
             reason = "its extrapolation statistics were computed for other weights; run macefield-calibrate"
             log.warning("%s: %s (the grade is off for this model)", path, reason)
-            model.metadata = dict(metadata, extrapolation_dropped=reason)
+            cast(Any, model).metadata = dict(metadata, extrapolation_dropped=reason)
         else:
             try:
                 attach(model, statistics)
@@ -191,10 +191,12 @@ def _model_from_pickle(path: Path) -> FieldMACE:
         if missing or unexpected:
             detail = f"missing {_few(missing)}, unexpected {_few(unexpected)}"
             if legacy:
-                raise CheckpointError(_legacy_message(path, f"its parameters do not match the MACEField layout ({detail})"))
+                raise CheckpointError(
+                    _legacy_message(path, f"its parameters do not match the MACEField layout ({detail})")
+                )
             raise CheckpointError(f"{path}: MACEField parameters do not map onto FieldMACE ({detail})")
         if legacy:
-            model.metadata = {"legacy_class": LegacyFieldMACE.legacy_path}
+            cast(Any, model).metadata = {"legacy_class": LegacyFieldMACE.legacy_path}
         return model
     try:
         return upgrade_to_field(obj)
@@ -249,7 +251,7 @@ def load_model(
         )
     else:
         model = _model_from_pickle(path)
-        model.metadata = dict(getattr(model, "metadata", None) or {}, source=str(path))
+        cast(Any, model).metadata = dict(getattr(model, "metadata", None) or {}, source=str(path))
     target = _parse_dtype(dtype)
     if target is not None:
         model = model.to(target)
@@ -286,6 +288,7 @@ def upgrade_to_field(model: torch.nn.Module) -> FieldMACE:
         for linear in new.field_linear:
             for p in linear.parameters():
                 p.zero_()
-    new.metadata = dict(getattr(model, "metadata", None) or {})
-    new.metadata["upgraded_from"] = type(model).__name__
+    metadata = dict(getattr(model, "metadata", None) or {})
+    metadata["upgraded_from"] = type(model).__name__
+    cast(Any, new).metadata = metadata
     return new.to(device).eval()

@@ -71,7 +71,8 @@ def basis_precision(tensors: Iterable[torch.Tensor]) -> torch.dtype:
 
 
 def residual_tolerance(tensors: Iterable[torch.Tensor], scale: float) -> float:
-    """Largest residual of a float64 fit of polynomials built from ``tensors`` (values up to ``scale``) that is round-off.
+    """Largest residual of a float64 fit of polynomials built from ``tensors`` (values up to ``scale``) that is
+    round-off.
 
     ``BASIS_ULPS`` units of the precision ``tensors`` were computed in
     (:func:`basis_precision`) plus ``FIT_ULPS`` float64 units for the fit;
@@ -179,6 +180,7 @@ def adopt_stored_basis(module: Contraction, state_dict, prefix: str, *_args) -> 
         if stored.shape == current.shape:
             continue
         zeroed = state_dict.get(prefix + flag)
+        new: torch.nn.Parameter
         if zeroed is not None and bool(zeroed):
             new = EmptyParam(current.new_empty(stored.shape))
         else:

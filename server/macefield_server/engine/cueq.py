@@ -50,7 +50,7 @@ import inspect
 import re
 import sys
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -145,7 +145,9 @@ def _contraction_weights(symmetric_contractions) -> torch.Tensor:
 def _coupling_tensors(symmetric_contractions) -> List[torch.Tensor]:
     """Every ``U_matrix_nu`` of the e3nn contractions (what the e3nn basis polynomials are built from)."""
     return [
-        getattr(c, f"U_matrix_{nu}") for c in symmetric_contractions.contractions for nu in range(1, int(c.correlation) + 1)
+        getattr(c, f"U_matrix_{nu}")
+        for c in symmetric_contractions.contractions
+        for nu in range(1, int(c.correlation) + 1)
     ]
 
 
@@ -179,7 +181,8 @@ def _e3nn_basis(symmetric_contractions, x: torch.Tensor) -> torch.Tensor:
 
 
 def _cueq_basis(target, x: torch.Tensor) -> torch.Tensor:
-    """Each basis polynomial of cuEquivariance's SymmetricContraction ``target`` at ``x``: (samples, channels, out, basis).
+    """Each basis polynomial of cuEquivariance's SymmetricContraction ``target`` at ``x``:
+    (samples, channels, out, basis).
 
     Evaluates the contraction's polynomial descriptor (``target.etp``) with
     cuequivariance's NumPy reference evaluator in float64 on the CPU, one
@@ -336,7 +339,8 @@ _cache_precision: Optional[torch.dtype] = None
 
 
 def _descriptor_caches() -> List:
-    """How to clear every memo of the loaded cuequivariance modules: ``functools`` caches (classes' too), ``_cache*`` dicts."""
+    """How to clear every memo of the loaded cuequivariance modules: ``functools`` caches (classes' too),
+    ``_cache*`` dicts."""
     caches, seen = [], set()
     for name, module in list(sys.modules.items()):
         if module is None or not name.startswith("cuequivariance"):
@@ -397,7 +401,9 @@ def to_cueq(model: FieldMACE, *, conv_fusion: Optional[bool] = None) -> FieldMAC
     if conv_fusion is None:
         conv_fusion = device.type == "cuda" and cueq_kernels_available()
     elif conv_fusion and not cueq_kernels_available():
-        raise ValueError("conv_fusion: the fused convolution needs cuEquivariance's CUDA kernels (cuequivariance_ops_torch)")
+        raise ValueError(
+            "conv_fusion: the fused convolution needs cuEquivariance's CUDA kernels (cuequivariance_ops_torch)"
+        )
     arch = describe_architecture(model)
     kwargs = mace_kwargs(arch)
     kwargs["use_reduced_cg"] = True  # cuEquivariance's own (independent) weight basis; _transfer maps onto it
@@ -420,8 +426,9 @@ def to_cueq(model: FieldMACE, *, conv_fusion: Optional[bool] = None) -> FieldMAC
     for p in target.parameters():  # a frozen (served) model stays frozen: no parameter graphs in autograd
         p.requires_grad_(trainable)
     _carry_attributes(model, target)
-    target.arch_config = copy.deepcopy(arch)
-    target.backend = "cueq"
+    extra: Any = target  # mypy reads undeclared Module attributes as Tensor | Module
+    extra.arch_config = copy.deepcopy(arch)
+    extra.backend = "cueq"
     return target.eval()
 
 

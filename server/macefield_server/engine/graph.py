@@ -198,7 +198,8 @@ def neighbour_list(structure: Structure, cutoff: float) -> NeighbourGraph:
     closest = None
     if d.size:
         k = int(np.argmin(d))
-        closest = ClosestPair(int(i[k]), int(j[k]), tuple(int(x) for x in shifts[k]), float(d[k]))
+        shift = (int(shifts[k, 0]), int(shifts[k, 1]), int(shifts[k, 2]))
+        closest = ClosestPair(int(i[k]), int(j[k]), shift, float(d[k]))
     return NeighbourGraph(
         edge_index=np.stack([i, j]).astype(np.int64),
         unit_shifts=shifts.astype(np.float64),
@@ -221,7 +222,10 @@ def _shifted(a: np.ndarray, axis: int, step: int, periodic: bool) -> np.ndarray:
         return np.roll(a, step, axis)
     out = np.zeros_like(a)
     src, dst = [slice(None)] * 3, [slice(None)] * 3
-    src[axis], dst[axis] = (slice(None, -step), slice(step, None)) if step > 0 else (slice(-step, None), slice(None, step))
+    if step > 0:
+        src[axis], dst[axis] = slice(None, -step), slice(step, None)
+    else:
+        src[axis], dst[axis] = slice(-step, None), slice(None, step)
     out[tuple(dst)] = a[tuple(src)]
     return out
 
@@ -248,14 +252,18 @@ def _binned_bound(heights: np.ndarray, periodic, spacing: np.ndarray, cutoff: fl
         else:
             lo, hi = float(heights[:, i].min()), float(heights[:, i].max())
             bins = int(max(1, min(max_bins, (hi - lo) // cutoff)))
-            k = np.zeros(n, np.int64) if hi <= lo else np.minimum(((heights[:, i] - lo) / (hi - lo) * bins).astype(np.int64), bins - 1)
+            if hi <= lo:
+                k = np.zeros(n, np.int64)
+            else:
+                k = np.minimum(((heights[:, i] - lo) / (hi - lo) * bins).astype(np.int64), bins - 1)
         shape.append(bins)
         index.append(k)
     counts = np.zeros(shape, dtype=np.int64)
     np.add.at(counts, tuple(index), 1)
     around = counts
     for axis in range(3):  # separable: sum of the 3 neighbours along each axis in turn
-        around = sum(_shifted(around, axis, step, bool(periodic[axis])) for step in (-1, 0, 1))
+        below, same, above = (_shifted(around, axis, step, bool(periodic[axis])) for step in (-1, 0, 1))
+        around = below + same + above
     return int((counts * around).sum()) - n
 
 

@@ -74,7 +74,8 @@ def _column_slice(node: fx.Node) -> Optional[tuple]:
     if not (isinstance(idx, tuple) and len(idx) == 2 and idx[0] == slice(None, None, None)):
         return None
     s = idx[1]
-    if not isinstance(s, slice) or s.step not in (None, 1) or not isinstance(s.start, int) or not isinstance(s.stop, int):
+    if (not isinstance(s, slice) or s.step not in (None, 1)
+            or not isinstance(s.start, int) or not isinstance(s.stop, int)):
         return None
     return (s.start, s.stop)
 
@@ -185,13 +186,15 @@ def rewrite_tensor_products(model: torch.nn.Module) -> List[str]:
     """
     from e3nn import o3
 
-    names = []
+    names: List[str] = []
     for name, mod in model.named_modules():
         if not isinstance(mod, o3.TensorProduct) or getattr(mod, "_macefield_rewritten", False):
             continue
         old = getattr(mod, "_compiled_main_left_right", None)
+        if old is None:
+            continue
         try:
-            gm = _rewritten_left_right(mod) if old is not None else None
+            gm = _rewritten_left_right(mod)
         except (ImportError, AttributeError, TypeError) as exc:  # another e3nn version: keep its modules
             warnings.warn(f"tensor products left as e3nn built them (rewrite unavailable: {exc})", stacklevel=2)
             return names

@@ -77,8 +77,9 @@ def warmup_structure(served: ServedModel) -> Structure:
     n = 8
     side = 5.0
     positions = rng.uniform(0.0, side, size=(n, 3))
-    numbers = [zs[i % len(zs)] for i in range(n)]
-    return Structure(numbers, positions, np.eye(3) * side, [True, True, True], [0.01, 0.0, 0.0], served.default_head)
+    numbers = np.array([zs[i % len(zs)] for i in range(n)], dtype=np.int64)
+    return Structure(numbers, positions, np.eye(3) * side, np.ones(3, dtype=bool), np.array([0.01, 0.0, 0.0]),
+                     served.default_head)
 
 
 class MaceFieldServer:
@@ -121,7 +122,10 @@ class MaceFieldServer:
         sec = cfg.security
         tokens = load_tokens(sec.auth_token_file)
         interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
-        credentials = server_credentials(sec.tls_cert, sec.tls_key, sec.tls_client_ca) if sec.tls else None
+        credentials = None
+        if sec.tls:
+            assert sec.tls_cert is not None and sec.tls_key is not None  # validate() requires the key with the cert
+            credentials = server_credentials(sec.tls_cert, sec.tls_key, sec.tls_client_ca)
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port)
         options = [
@@ -191,7 +195,7 @@ class MaceFieldServer:
             batcher.start()
         for served in self.registry:
             await self._warm_up(served)
-        graph_budget = self._assign_budgets()
+        graph_budget = self._assign_budgets(self.registry)
         self.service.dispatcher = Dispatcher(self.registry, self.batchers, self.config.limits, self.prep_executor,
                                              graph_budget=graph_budget)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -208,7 +212,8 @@ class MaceFieldServer:
         structure = warmup_structure(served)
         graph = await loop.run_in_executor(self.prep_executor, neighbour_list, structure, served.cutoff)
         start = time.monotonic()
-        outputs = ENGINE_OUTPUTS if served.default_head in served.extrapolation_heads else ENGINE_OUTPUTS - GRADE_OUTPUTS
+        graded = served.default_head in served.extrapolation_heads
+        outputs = ENGINE_OUTPUTS if graded else ENGINE_OUTPUTS - GRADE_OUTPUTS
         item = WorkItem(
             structure=structure,
             graph=graph,
@@ -236,8 +241,9 @@ class MaceFieldServer:
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
             stalled = {name: b.stalled_for() for name, b in self.batchers.items()}
-            worst = max(stalled, key=stalled.get, default=None)
-            now_alive = worst is None or stalled[worst] <= timeout
+            worst = max(stalled, key=stalled.__getitem__, default=None)
+            stall = stalled[worst] if worst is not None else 0.0
+            now_alive = worst is None or stall <= timeout
             if now_alive == alive:
                 continue
             alive = now_alive
@@ -245,16 +251,16 @@ class MaceFieldServer:
                 log.warning("liveness: model %s finished a batch again: liveness SERVING", worst)
             else:
                 log.error("liveness: model %s has had work queued or computing for %.0f s without a batch "
-                          "finishing (liveness_timeout_s %g): liveness NOT_SERVING (%s)", worst, stalled[worst],
+                          "finishing (liveness_timeout_s %g): liveness NOT_SERVING (%s)", worst, stall,
                           timeout, self.waiting_for())
             await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING if alive
                                   else health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    def _assign_budgets(self) -> int:
+    def _assign_budgets(self, registry: ModelRegistry) -> int:
         """Each model's share of its device's memory budget; returns the bytes for admitted neighbour lists."""
         configured = parse_bytes(self.config.limits.memory_budget)
         devices: Dict[str, List[ServedModel]] = {}
-        for served in self.registry:
+        for served in registry:
             devices.setdefault(str(served.device), []).append(served)
         for device, models in devices.items():
             total = configured or default_budget(models[0].device)
@@ -264,11 +270,12 @@ class MaceFieldServer:
             log.info("memory budget on %s: %s (%s per pass of each of %d model(s), %s for admitted neighbour "
                      "lists)%s", device, fmt(total), fmt(budget.per_pass), len(models), fmt(budget.graphs),
                      "" if configured else " (limits.memory_budget: auto)")
-        host = configured if all(m.device.type == "cpu" for m in self.registry) and configured else None
+        host = configured if all(m.device.type == "cpu" for m in registry) and configured else None
         return Budget.split(host or default_budget(torch.device("cpu")), 1).graphs
 
     async def stop(self, grace: Optional[float] = None) -> None:
-        """Drain: NOT_SERVING, refuse new RPCs, flush queues, end idle streams, finish in-flight RPCs within ``grace`` s.
+        """Drain: NOT_SERVING, refuse new RPCs, flush queues, end idle streams, finish in-flight RPCs within
+        ``grace`` s.
 
         Logs once a second what it is still waiting for.  :meth:`stop_now`
         (a second signal) cuts the wait short.
@@ -301,7 +308,10 @@ class MaceFieldServer:
         await self._close_batchers(wait=False)
 
     def waiting_for(self) -> str:
-        """What a drain still waits for, e.g. "2 calls (Predict 1, PredictStream 1); 3 structures queued or computing"."""
+        """What a drain still waits for.
+
+        E.g. "2 calls (Predict 1, PredictStream 1); 3 structures queued or computing".
+        """
         calls = {m: n for m, n in self.service.in_flight.items() if n}
         work = sum(b.queued + b.busy for b in self.batchers.values())
         text = f"{sum(calls.values())} call(s)"

@@ -44,13 +44,21 @@ class BackgroundServer:
         self._call(self._make())
         return self
 
+    def _started(self) -> MaceFieldServer:
+        if self.server is None:
+            raise RuntimeError("BackgroundServer not started: call start() or use it in a with block")
+        return self.server
+
     @property
     def port(self) -> int:
-        return self.server.port
+        port = self._started().port
+        if port is None:
+            raise RuntimeError("BackgroundServer has no gRPC port: its server did not start")
+        return port
 
     @property
     def metrics_port(self) -> Optional[int]:
-        return self.server.metrics_port
+        return self._started().metrics_port
 
     def stop(self, grace: float = 5.0) -> None:
         if self.server is not None:

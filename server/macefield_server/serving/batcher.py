@@ -28,6 +28,7 @@ engine code and no torch, and its unit tests run with a fake backend.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -176,7 +177,7 @@ class Batcher:
         if not self._queued and not self._busy:
             self._progress_at = self.clock()  # idle until now: the stall clock starts with this work
         for item in items:
-            item.future.add_done_callback(lambda _f, it=item: self._left_queue(it))
+            item.future.add_done_callback(functools.partial(self._left_queue, item))
             self._pending[item.tier].append(item)
         self._queued += len(items)
         self._queued_atoms += sum(it.n_atoms for it in items)
@@ -213,7 +214,7 @@ class Batcher:
         await asyncio.to_thread(self.compute_executor.shutdown, wait=wait, cancel_futures=not wait)
 
     # ------------------------------------------------------------ internals
-    def _left_queue(self, item: WorkItem) -> None:
+    def _left_queue(self, item: WorkItem, _future: Optional[asyncio.Future] = None) -> None:
         """Done-callback: a still-queued future that finished was cancelled or expired."""
         if item.state != QUEUED:
             return
@@ -226,7 +227,8 @@ class Batcher:
 
     def _expire(self, item: WorkItem) -> None:
         if not item.future.done():
-            item.future.set_exception(DeadlinePassed(f"deadline passed after {self.clock() - item.enqueued:.3f} s in queue"))
+            waited = self.clock() - item.enqueued
+            item.future.set_exception(DeadlinePassed(f"deadline passed after {waited:.3f} s in queue"))
 
     def _scan(self, dq: Deque[WorkItem], now: float) -> Tuple[int, bool]:
         """(number of items the next batch takes from ``dq``, whether a limit closes it)."""

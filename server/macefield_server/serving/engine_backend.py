@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, FrozenSet, List, Sequence
+from typing import Dict, FrozenSet, List, Sequence, cast
 
 import numpy as np
 import torch
@@ -34,8 +34,8 @@ class EngineBackend:
         self.metrics = metrics
         self.name = served.name
         self.device_type = served.device.type
-        self.heads = list(served.heads)
-        self._atomic_numbers = [int(z) for z in served.model.atomic_numbers]
+        self.heads: Sequence[str] = list(served.heads)
+        self._atomic_numbers = [int(z) for z in cast(torch.Tensor, served.model.atomic_numbers)]  # a buffer
 
     def collate(self, items: Sequence[BatchItem]) -> GraphBatch:
         return collate([it.structure for it in items], [it.graph for it in items],
@@ -46,7 +46,9 @@ class EngineBackend:
         """The response engine on one batch, split per structure, every output the batch needs."""
         needed = engine_outputs(outputs)
         model = self.served.model
-        return split_results(batch, respond(model, batch.tensors, None, needed), needed, graded_head_indices(model))
+        # respond sets every key it returns to a tensor (its declared value type is Optional)
+        raw = cast(Dict[str, torch.Tensor], respond(model, batch.tensors, None, needed))
+        return split_results(batch, raw, needed, graded_head_indices(model))
 
     def evaluate(self, batch: GraphBatch, items: Sequence[BatchItem]) -> List[Outcome]:
         outputs: FrozenSet[str] = frozenset().union(*(it.outputs for it in items))

@@ -9,7 +9,7 @@ measured; on CPU the bytes autograd keeps for the pass, times the factors
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ def lattice(numbers: Sequence[int], spacing: float, n_side: int, seed: int = 0):
     grid = np.stack(np.meshgrid(*[np.arange(n_side)] * 3, indexing="ij"), -1).reshape(-1, 3).astype(float)
     positions = (grid + rng.uniform(-0.1, 0.1, grid.shape)) * spacing
     zs = [int(numbers[i % len(numbers)]) for i in range(len(grid))]
-    return Structure(zs, positions, np.eye(3) * spacing * n_side, [True] * 3)
+    return Structure(np.asarray(zs, dtype=np.int64), positions, np.eye(3) * spacing * n_side, np.ones(3, dtype=bool))
 
 
 def _pass_cost(model, batch, outputs, device: torch.device) -> float:
@@ -62,7 +62,8 @@ def measure(served, target_edges: int = 3000) -> MemoryModel:
     model, device = served.model, served.device
     zs = sorted(served.atomic_numbers)
     cutoff = served.cutoff
-    rows, costs = [], {1: [], 2: [], 0: []}
+    rows: List[Tuple[int, int]] = []
+    costs: Dict[int, List[float]] = {1: [], 2: [], 0: []}
     tier_outputs = {0: frozenset({"energy"}), 1: frozenset({"forces", "stress", "dipole"}),
                     2: frozenset({"forces", "stress", "dipole", "born_charges", "polarizability"})}
     # dense (condensed-matter density, ~2.4 A apart) and sparse (~3.4 A): edges per atom differ by ~3x
@@ -81,7 +82,8 @@ def measure(served, target_edges: int = 3000) -> MemoryModel:
         costs[1] = [CPU_PEAK_PER_SAVED[1] * c for c in costs[1]]
         costs[2] = [CPU_PEAK_PER_SAVED[2] * c for c in costs[2]]
     a = np.array(rows, dtype=float)
-    per_edge, per_atom = [], []
+    per_edge: List[float] = []
+    per_atom: List[float] = []
     for tier in (0, 1, 2):
         y = np.array(costs[tier])
         coef, *_ = np.linalg.lstsq(a, y, rcond=None)
@@ -91,7 +93,8 @@ def measure(served, target_edges: int = 3000) -> MemoryModel:
         per_edge.append(e)
         per_atom.append(n)
     source = "cuda peak allocated" if device.type == "cuda" else "cpu autograd saved bytes"
-    return MemoryModel(tuple(per_edge), tuple(per_atom), f"{source}, {rows[0][0]}/{rows[1][0]}-edge lattices")
+    return MemoryModel((per_edge[0], per_edge[1], per_edge[2]), (per_atom[0], per_atom[1], per_atom[2]),
+                       f"{source}, {rows[0][0]}/{rows[1][0]}-edge lattices")
 
 
 __all__ = ["default_budget", "lattice", "measure"]

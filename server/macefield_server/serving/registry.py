@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, FrozenSet, List, Optional
+from typing import Dict, FrozenSet, List, Optional, cast
 
 import torch
 
@@ -69,7 +69,7 @@ class ServedModel:
     @property
     def cutoff(self) -> float:
         """Radial cutoff r_max, Angstrom."""
-        return float(self.model.r_max)
+        return float(cast(torch.Tensor, self.model.r_max))  # a buffer; torch types Module attributes loosely
 
     @property
     def dtype(self) -> torch.dtype:
@@ -211,6 +211,8 @@ def load_configured_model(cfg: ModelConfig, backend: Optional[str] = None, where
     ``cfg.backend`` (else ``backend``, else auto) picks e3nn or cuEquivariance;
     ``where`` prefixes configuration errors (e.g. ``models[0].``).
     """
+    if cfg.path is None:
+        raise ConfigError(f"{where}path: required")
     path = Path(cfg.path)
     model = load_model(path, trust_pickle=cfg.trust_pickle, dtype=cfg.dtype, device=cfg.device)
     model, reason = _on_backend(model, cfg.backend or backend, where)

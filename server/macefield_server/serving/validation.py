@@ -135,7 +135,8 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
     if unknown:
         raise InvalidRequest(
             "atomic_numbers",
-            f"element(s) {_elements(unknown)} not in model {served.name!r} (it has {_elements(sorted(served.atomic_numbers))})",
+            f"element(s) {_elements(unknown)} not in model {served.name!r} "
+            f"(it has {_elements(sorted(served.atomic_numbers))})",
         )
     positions = _floats(request.positions, "positions", {3 * n}, f"3*N = {3 * n} values (N = {n} atoms), Angstrom")
 
@@ -161,7 +162,8 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
         longest = float(np.linalg.norm(cell[pbc], axis=1).max())
         if longest > limits.max_extent:
             raise InvalidRequest(
-                "cell", f"a periodic lattice vector of {longest:.6g} A exceeds the server's limit of {limits.max_extent:g} A"
+                "cell",
+                f"a periodic lattice vector of {longest:.6g} A exceeds the server's limit of {limits.max_extent:g} A"
             )
     if not pbc.all():  # the spread along non-periodic directions sets the neighbour search's box
         q = np.linalg.qr(cell[pbc].T)[0] if pbc.any() else np.zeros((3, 0))
@@ -173,15 +175,15 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
                 f"atoms spread over {spread:.6g} A along non-periodic directions (limit {limits.max_extent:g} A)",
             )
 
-    field = _floats(request.electric_field, "electric_field", {0, 3}, "0 or 3 values, V/Angstrom")
-    field = np.zeros(3) if field.size == 0 else field
-    magnitude = float(np.linalg.norm(field))
+    efield = _floats(request.electric_field, "electric_field", {0, 3}, "0 or 3 values, V/Angstrom")
+    efield = np.zeros(3) if efield.size == 0 else efield
+    magnitude = float(np.linalg.norm(efield))
     if magnitude > limits.max_field:
         raise InvalidRequest(
             "electric_field", f"|E| = {magnitude:.6g} V/A exceeds the server's limit of {limits.max_field:g} V/A"
         )
 
-    structure = Structure(numbers, positions.reshape(n, 3), cell, pbc, field, head)
+    structure = Structure(numbers, positions.reshape(n, 3), cell, pbc, efield, head)
     # counted (exactly once the cheap bound passes the limit) before any neighbour list is built; the limit is
     # also what the memory budget allows, so that a structure near it is counted, not refused on a bound
     tier = response_tier(outputs)
@@ -211,14 +213,16 @@ TIER_NAMES = {0: "the energy", 1: "first derivatives (forces, stress, dipole)", 
 
 
 def too_large(needed: int, tier: int, edges: int, atoms: int, served: ServedModel) -> TooLarge:
+    memory, budget = served.memory, served.budget
+    assert memory is not None and budget is not None, "only a model with a measured memory model can be too large"
     cheaper = ""
     if tier > 0:
-        cheaper = f"; {TIER_NAMES[tier - 1]} alone would need about {fmt(served.memory.estimate(tier - 1, edges, atoms))}"
+        cheaper = f"; {TIER_NAMES[tier - 1]} alone would need about {fmt(memory.estimate(tier - 1, edges, atoms))}"
     return TooLarge(
         "positions",
         f"computing {TIER_NAMES[tier]} for {edges} neighbour pairs needs about {fmt(needed)} of memory "
-        f"(measured at warm-up on {served.device}), more than one pass may use here: {fmt(served.budget.per_pass)} "
-        f"of limits.memory_budget = {fmt(served.budget.total)}{cheaper}",
+        f"(measured at warm-up on {served.device}), more than one pass may use here: {fmt(budget.per_pass)} "
+        f"of limits.memory_budget = {fmt(budget.total)}{cheaper}",
     )
 
 

@@ -87,7 +87,7 @@ def element_statistics(x: np.ndarray, z: int, truncation: float = TRUNCATION,
     residual = np.linalg.norm(x - projected @ basis.T, axis=1)
     rms = float(np.sqrt(np.mean(np.sum(x * x, axis=1))))
     radius = max(float(residual.max()), RESIDUAL_FLOOR * rms)
-    active = [tuple(int(v) for v in origin[r]) for r in rows] if origin is not None else []
+    active = [(int(origin[r][0]), int(origin[r][1])) for r in rows] if origin is not None else []
     return ElementStatistics(
         atomic_number=int(z),
         basis=torch.from_numpy(basis.copy()),
@@ -99,7 +99,8 @@ def element_statistics(x: np.ndarray, z: int, truncation: float = TRUNCATION,
 
 
 def reference_features(model, structures: Sequence, head: str, max_edges: int = 12_000, progress=None):
-    """(features (n, d) float64, atomic numbers (n,), origin (n, 2) = (structure, atom)) of ``structures`` on ``head``."""
+    """(features (n, d) float64, atomic numbers (n,), origin (n, 2) = (structure, atom)) of ``structures``
+    on ``head``."""
 
     r_max = float(model.r_max)
     structures = [s if isinstance(s, Structure) else Structure.from_atoms(s) for s in structures]

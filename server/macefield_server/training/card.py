@@ -13,7 +13,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, cast
 
 import torch
 
@@ -75,7 +75,7 @@ def validate(model, cfg, valid: Dict[str, List]) -> tuple:
     for ds in cfg.datasets:
         samples = valid.get(ds.name) or []
         rows = frame_errors(model, samples)
-        summary = summarise(rows)
+        summary: Dict[str, Any] = summarise(rows)
         summary["head"] = ds.head
         summary["frames_in_file"] = [s.index for s in samples[:1]] + [s.index for s in samples[-1:]]
         validation[ds.name] = summary
@@ -112,7 +112,10 @@ def build_card(model, trainer, *, fit_summary: Dict, command: str) -> Dict:
                 "radial_MLP": arch["radial_MLP"],
                 "MLP_irreps": arch["MLP_irreps"],
                 "avg_num_neighbors": arch["avg_num_neighbors"],
-                "atomic_energies_eV": {h: dict(zip(map(str, arch["atomic_numbers"]), e)) for h, e in zip(arch["heads"], arch["atomic_energies"])},
+                "atomic_energies_eV": {
+                    h: dict(zip(map(str, arch["atomic_numbers"]), e))
+                    for h, e in zip(arch["heads"], arch["atomic_energies"])
+                },
                 "scale": dict(zip(arch["heads"], arch["atomic_inter_scale"])),
                 "shift": dict(zip(arch["heads"], arch["atomic_inter_shift"])),
             },
@@ -132,7 +135,10 @@ def build_card(model, trainer, *, fit_summary: Dict, command: str) -> Dict:
                     for ds in cfg.datasets
                 ],
                 "loss": {
-                    "weights": {q: getattr(cfg.loss, q) for q in ("energy", "forces", "stress", "polarization", "born_charges", "polarizability")},
+                    "weights": {
+                        q: getattr(cfg.loss, q)
+                        for q in ("energy", "forces", "stress", "polarization", "born_charges", "polarizability")
+                    },
                     "scales": trainer.scales,
                     "huber_delta": cfg.loss.huber_delta,
                 },
@@ -149,7 +155,8 @@ def build_card(model, trainer, *, fit_summary: Dict, command: str) -> Dict:
             "goals": check_goals(goals, validation),
             "inference_seconds_full_response": {
                 "threads": torch.get_num_threads(),
-                "note": "one evaluation of energy, forces, stress, dipole, P, Z*, alpha at the end of training, best of 3, on the training machine (shared CPU)",
+                "note": "one evaluation of energy, forces, stress, dipole, P, Z*, alpha at the end of training, "
+                "best of 3, on the training machine (shared CPU)",
                 "per_structure": timing,
             },
             "validation_frames": frames,
@@ -178,7 +185,9 @@ def card_markdown(card: Dict) -> str:
         lines += ["## Valid for", "", card["valid_for"], ""]
     if card.get("short_range"):
         lines += ["## At very short distances", "", card["short_range"], ""]
-    lines += ["## Validation errors", "", "Temporally contiguous hold-out: the last 20% of each file (never trained on).", ""]
+    lines += [
+        "## Validation errors", "", "Temporally contiguous hold-out: the last 20% of each file (never trained on).", ""
+    ]
     rows = [
         ("frames", "frames", 0),
         ("energy MAE (meV/atom)", "energy_mae_meV_per_atom", 2),
@@ -209,7 +218,8 @@ def card_markdown(card: Dict) -> str:
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
     lines += ["", "1 meV/A^3 = 0.1602 GPa.", ""]
     if card.get("goals"):
-        lines += ["## Accuracy goals and what was reached", "", "| dataset | metric | goal (at most) | reached | met |", "|---|---|---|---|---|"]
+        lines += ["## Accuracy goals and what was reached", "",
+                  "| dataset | metric | goal (at most) | reached | met |", "|---|---|---|---|---|"]
         for g in card["goals"]:
             met = "n/a" if g["met"] is None else ("yes" if g["met"] else "**no**")
             lines.append(f"| {g['dataset']} | {g['metric']} | {g['target_max']} | {_fmt(g['value'], 3)} | {met} |")
@@ -235,7 +245,8 @@ def card_markdown(card: Dict) -> str:
         f"{arch['num_interactions']} interactions, max_ell {arch['max_ell']}, correlation {arch['correlation']}, "
         f"r_max {arch['r_max']} A, {arch['num_bessel']} Bessel functions, radial MLP {arch['radial_MLP']}, "
         f"readout MLP {arch['MLP_irreps']}, avg_num_neighbors {arch['avg_num_neighbors']:.2f}.",
-        f"- Reference energies E0 (eV, least squares per head over the training frames): {json.dumps(arch['atomic_energies_eV'])}",
+        "- Reference energies E0 (eV, least squares per head over the training frames): "
+        f"{json.dumps(arch['atomic_energies_eV'])}",
         f"- Per-head scale / shift: {json.dumps(arch['scale'])} / {json.dumps(arch['shift'])}",
         "",
         "## Training",
@@ -252,12 +263,16 @@ def card_markdown(card: Dict) -> str:
     ind = "  " if stages else ""
     lines += [
         f"{ind}- Command (from the repository root): `{tr['command']}`",
-        f"{ind}- Epochs run: {tr['epochs']} (best = exported EMA weights of epoch {tr['best_epoch']}); stop: {tr['stop_reason']}.",
+        f"{ind}- Epochs run: {tr['epochs']} (best = exported EMA weights of epoch {tr['best_epoch']}); "
+        f"stop: {tr['stop_reason']}.",
         f"{ind}- Wall time: {tr['wall_time_minutes']} min on {tr['hardware']}; torch {tr['torch']}.",
-        f"{ind}- Loss weights {json.dumps(tr['loss']['weights'])}, residual scales {json.dumps({k: float(f'{v:.4g}') for k, v in tr['loss']['scales'].items()})}, "
-        f"Huber delta {tr['loss']['huber_delta']} (in units of the scales). Polarization loss on P folded by the quanta e*a_k/Omega; "
+        f"{ind}- Loss weights {json.dumps(tr['loss']['weights'])}, "
+        f"residual scales {json.dumps({k: float(f'{v:.4g}') for k, v in tr['loss']['scales'].items()})}, "
+        f"Huber delta {tr['loss']['huber_delta']} (in units of the scales). "
+        "Polarization loss on P folded by the quanta e*a_k/Omega; "
         "polarizability loss on chi = alpha/(Omega eps0).",
-        f"{ind}- Optimiser: Adam (amsgrad={tr['optim']['amsgrad']}), lr {tr['optim']['lr']}, {tr['optim']['scheduler']} schedule, "
+        f"{ind}- Optimiser: Adam (amsgrad={tr['optim']['amsgrad']}), lr {tr['optim']['lr']}, "
+        f"{tr['optim']['scheduler']} schedule, "
         f"batch size {tr['optim']['batch_size']}, EMA decay {tr['optim']['ema_decay']}, seed {tr['seed']}"
         + (
             f"; Born-charge and polarizability terms in one step out of every {k}, with weight x{k}."
@@ -269,9 +284,12 @@ def card_markdown(card: Dict) -> str:
         "",
     ]
     for ds in tr["datasets"]:
-        keys = ", ".join(f"{q} <- `{v['key']}`" + (f" ({v['kind']})" if v["kind"] else "") for q, v in ds["keys"].items())
+        keys = ", ".join(
+            f"{q} <- `{v['key']}`" + (f" ({v['kind']})" if v["kind"] else "") for q, v in ds["keys"].items()
+        )
         lines.append(
-            f"- `{ds['file']}` -> head `{ds['head']}`: train frames {ds['train_frames']} (fraction {ds['train_fraction']}), "
+            f"- `{ds['file']}` -> head `{ds['head']}`: "
+            f"train frames {ds['train_frames']} (fraction {ds['train_fraction']}), "
             f"validation frames {ds['valid_frames']} (fraction {ds['valid_fraction']}); {keys}."
         )
     lines.append("")
@@ -299,7 +317,8 @@ def extrapolation_markdown(section: Dict) -> List[str]:
         f"Method `{section['method']}`, threshold {section['threshold']:g} (grade > {section['threshold']:g}: "
         f"extrapolating), margin {section['margin']:g}, {section['features']} invariant features per atom.",
         "",
-        "| head | reference frames | reference atoms per element (rank) | max grade, reference | held-out frames: atoms above threshold, max grade |",
+        "| head | reference frames | reference atoms per element (rank) | max grade, reference "
+        "| held-out frames: atoms above threshold, max grade |",
         "|---|---|---|---|---|",
     ]
     for head, h in section["heads"].items():
@@ -307,7 +326,8 @@ def extrapolation_markdown(section: Dict) -> List[str]:
         counts = ", ".join(f"Z={z}: {e['n_reference']} ({e['rank']})" for z, e in h["elements"].items())
         held = h.get("holdout")
         held_text = (f"{held['atoms_above']} of {held['atoms']} ({100 * held['fraction_above']:.1f}%), max "
-                     f"{held['max']:.3g} (frames " + "; ".join(f"{r['frames'][0]}:{r['frames'][1]}" for r in held["files"])
+                     f"{held['max']:.3g} (frames "
+                     + "; ".join(f"{r['frames'][0]}:{r['frames'][1]}" for r in held["files"])
                      + ")") if held else "-"
         lines.append(f"| `{head}` | {refs} | {counts} | {h['reference_max_grade']:.3f} | {held_text} |")
     lines.append("")
@@ -345,13 +365,14 @@ def refresh_card(path, cfg) -> Dict:
 
     path = Path(path)
     model = load_model(path)
-    card = dict(model.metadata.get("card") or {})
+    stored = cast(Dict[str, Any], model.metadata)  # load_model always sets it; torch types Module attributes loosely
+    card = dict(stored.get("card") or {})
     if not card:
         raise ValueError(f"{path}: no model card in the checkpoint's metadata")
     data = load_all(cfg)
     valid = {name: d["valid"] for name, d in data.items()}
     for samples in valid.values():
-        build_graphs(samples, float(model.r_max))
+        build_graphs(samples, float(cast(torch.Tensor, model.r_max)))
     validation, frames = validate(model, cfg, valid)
     info = dict(cfg.export.card_info)
     goals = info.pop("goals", None)
@@ -359,8 +380,8 @@ def refresh_card(path, cfg) -> Dict:
     card.update({"validation": validation, "validation_frames": frames, "goals": check_goals(goals, validation)})
     ordered = {k: card[k] for k in card if k != "validation_frames"}
     ordered["validation_frames"] = frames  # last, as export writes it
-    metadata = dict(model.metadata, card=ordered)
-    model.metadata = metadata
+    metadata = dict(stored, card=ordered)
+    cast(Any, model).metadata = metadata
     save_model(model, path)
     stem = path.with_suffix("")
     Path(f"{stem}.card.json").write_text(json.dumps(ordered, indent=1) + "\n")

@@ -10,7 +10,7 @@ d dipole / dE in e*A^2/V (extensive).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ def read_frames(path) -> list:
     if key not in _FRAME_CACHE:
         if len(_FRAME_CACHE) >= 4:
             _FRAME_CACHE.pop(next(iter(_FRAME_CACHE)))
-        _FRAME_CACHE[key] = ase.io.read(str(path), ":")
+        _FRAME_CACHE[key] = cast(list, ase.io.read(str(path), ":"))  # index ":" always reads a list of Atoms
     return _FRAME_CACHE[key]
 
 
@@ -106,8 +106,14 @@ def build_graphs(samples: Sequence[Sample], r_max: float) -> None:
             s.graph = neighbour_list(s.structure, r_max)
 
 
+def _built_graph(s: Sample) -> NeighbourGraph:
+    if s.graph is None:
+        raise ValueError(f"dataset {s.dataset!r}, frame {s.index}: neighbour graph not built (see build_graphs)")
+    return s.graph
+
+
 def average_neighbours(samples: Sequence[Sample]) -> float:
-    edges = sum(s.graph.edge_index.shape[1] for s in samples)
+    edges = sum(_built_graph(s).edge_index.shape[1] for s in samples)
     atoms = sum(s.n_atoms for s in samples)
     return float(edges) / max(atoms, 1)
 
@@ -130,7 +136,7 @@ def make_batch(samples: Sequence[Sample], model, dtype: torch.dtype) -> Batch:
     structures = [s.structure for s in samples]
     gb = collate(
         structures,
-        [s.graph for s in samples],
+        [_built_graph(s) for s in samples],
         atomic_numbers=[int(z) for z in model.atomic_numbers],
         head_index=[heads.index(s.structure.head) for s in samples],
         dtype=dtype,

@@ -53,7 +53,6 @@ def residuals(out: Dict[str, torch.Tensor], batch, quantities) -> Dict[str, torc
     the label contribute.
     """
     res = {}
-    volume = out.get("volume")
     for q in quantities:
         if q not in batch.labels:
             continue
@@ -68,9 +67,9 @@ def residuals(out: Dict[str, torch.Tensor], batch, quantities) -> Dict[str, torc
         elif q == "stress":
             res[q] = (out["stress"] - ref)[m]
         elif q == "polarization":
-            res[q] = folded_polarization_residual(out["dipole"][m], ref[m], batch.cells[m], volume[m])
+            res[q] = folded_polarization_residual(out["dipole"][m], ref[m], batch.cells[m], out["volume"][m])
         elif q == "polarizability":
-            res[q] = ((out["polarizability"] - ref) / (volume.view(-1, 1, 1) * EPS0))[m]
+            res[q] = ((out["polarizability"] - ref) / (out["volume"].view(-1, 1, 1) * EPS0))[m]
     return res
 
 

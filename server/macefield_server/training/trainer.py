@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, cast
 
 import numpy as np
 import torch
@@ -84,7 +84,8 @@ def label_scales(samples: List[Sample], cfg: TrainConfig) -> Dict[str, float]:
     for q in ("forces", "stress", "born_charges"):
         vals = collect(q)
         scales[q] = float(np.sqrt(np.mean(np.concatenate([v.reshape(-1) for v in vals]) ** 2))) if vals else 1.0
-    quanta = [np.linalg.norm(s.structure.cell, axis=1).mean() / s.structure.volume for s in samples if "polarization" in s.labels]
+    quanta = [np.linalg.norm(s.structure.cell, axis=1).mean() / s.structure.volume
+              for s in samples if "polarization" in s.labels]
     scales["polarization"] = 0.1 * float(np.mean(quanta)) if quanta else 1.0
     scales["polarizability"] = 1.0
     for q, v in cfg.loss.scales.items():
@@ -125,7 +126,7 @@ class Trainer:
         else:
             self.model = self._initial_model()
 
-        r_max = float(self.model.r_max)
+        r_max = float(cast(torch.Tensor, self.model.r_max))  # a buffer; torch types Module attributes loosely
         all_samples = self.train_samples + [s for v in self.valid.values() for s in v]
         build_graphs(all_samples, r_max)
         heads = list(self.model.heads)
@@ -138,10 +139,13 @@ class Trainer:
             self._fit_references()
         self.scales = label_scales(self.train_samples, cfg)
         self.weights = {q: float(getattr(cfg.loss, q)) for q in QUANTITIES}
-        self.valid_outputs = frozenset({"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"})
+        self.valid_outputs = frozenset(
+            {"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"}
+        )
 
         o = cfg.optim
-        decay, no_decay = [], []
+        decay: List[torch.nn.Parameter] = []
+        no_decay: List[torch.nn.Parameter] = []
         for name, p in self.model.named_parameters():
             (no_decay if p.ndim <= 1 or "scale_shift" in name else decay).append(p)
         self.optimizer = torch.optim.Adam(
@@ -178,7 +182,8 @@ class Trainer:
             model = upgrade_to_field(model).to(self.dtype)
             if statistics_of(model) is not None:  # they describe the weights before fine-tuning
                 attach(model, None)
-                log(f"  dropped the extrapolation statistics of {path.name}: calibrate the result with macefield-calibrate")
+                log(f"  dropped the extrapolation statistics of {path.name}: "
+                    "calibrate the result with macefield-calibrate")
             missing = [h for h in heads if h not in list(model.heads)]
             if missing:
                 raise ValueError(f"model.init_from: the model has heads {list(model.heads)}, datasets need {missing}")
@@ -274,7 +279,8 @@ class Trainer:
         self.ema = [t.to(self.dtype) for t in state["ema"]]
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
-        for k in ("epoch", "step", "best_loss", "best_epoch", "bad_epochs", "elapsed", "lr_factor", "plateau_best", "plateau_bad"):
+        for k in ("epoch", "step", "best_loss", "best_epoch", "bad_epochs", "elapsed", "lr_factor", "plateau_best",
+                  "plateau_bad"):
             setattr(self, k, state[k])
 
     def save_state(self):
@@ -335,7 +341,8 @@ class Trainer:
         weights = self._step_weights()
         quantities = [q for q, w in weights.items() if w > 0]
         outputs = frozenset({"energy"}.union(*(_NEEDS[q] for q in quantities)))
-        out = respond(self.model, batch.tensors, None, outputs, keep_graph=True)
+        # respond sets every key it returns to a tensor (its declared value type is Optional)
+        out = cast(Dict[str, torch.Tensor], respond(self.model, batch.tensors, None, outputs, keep_graph=True))
         res = residuals(out, batch, quantities)
         return total_loss(res, weights, self.scales, self.cfg.loss.huber_delta)
 
@@ -349,7 +356,8 @@ class Trainer:
         if self.cfg.run.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(batches), desc=f"epoch {self.epoch + 1}", leave=False, file=sys.stderr, mininterval=30.0)
+            bar = tqdm(total=len(batches), desc=f"epoch {self.epoch + 1}", leave=False, file=sys.stderr,
+                       mininterval=30.0)
         for k, chunk in enumerate(batches):
             lr = self._lr_at(self.epoch + k / len(batches))
             for group in self.optimizer.param_groups:
@@ -456,7 +464,8 @@ class Trainer:
                 stop_reason = f"time limit of {o.max_minutes} minutes"
                 break
         log(f"stopped after epoch {self.epoch} ({stop_reason}); best epoch {self.best_epoch}")
-        return {"stop_reason": stop_reason, "epochs": self.epoch, "best_epoch": self.best_epoch, "elapsed_seconds": self.elapsed}
+        return {"stop_reason": stop_reason, "epochs": self.epoch, "best_epoch": self.best_epoch,
+                "elapsed_seconds": self.elapsed}
 
     @staticmethod
     def _summary_line(rec) -> str:
