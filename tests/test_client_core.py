@@ -100,7 +100,9 @@ def faulty_server(servicer):
 def predict_many(target: str, asynchronous: bool, structures, notices: list):
     """``predict_many`` over ``target`` with the sync or the asyncio client (same arguments)."""
     kwargs = {"electric_field": (0.0, 0.0, 0.01), "outputs": ["forces"], "batch_size": 1, "in_flight": 2}
-    hook = lambda *args: notices.append(args[1:3])
+    def hook(*args):
+        notices.append(args[1:3])
+
     if not asynchronous:
         with Client(target, retry=RETRY, timeout=60, on_retry=hook) as client:
             return client.predict_many(structures, **kwargs)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import grpc
-import numpy as np
 import pytest
 from conftest import quartz_like, random_field_model, sio_molecule
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb

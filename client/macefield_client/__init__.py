@@ -41,7 +41,9 @@ from ``proto/macefield/v1/*.proto`` by ``proto/generate_stubs.py``.
 __version__ = "0.1.0"
 
 from .contract import EXTRAPOLATION_THRESHOLD, OUTPUTS, UNITS, ModelInfo, ServerInfo
-from .core import *  # the clients and sessions, RetryPolicy, TLSConfig, the errors, Result
+from .core import (DEFAULT_TARGET, DEFAULT_TIMEOUT, AsyncClient, AsyncSession, AuthenticationError, Client,
+                   ExtrapolationError, ExtrapolationWarning, InvalidRequest, MACEFieldError, RequestTimeout,
+                   ResourceExhausted, Result, RetryPolicy, ServerUnavailable, Session, TLSConfig)
 
 __all__ = ["DEFAULT_TARGET", "DEFAULT_TIMEOUT", "EXTRAPOLATION_THRESHOLD", "OUTPUTS", "UNITS", "AsyncClient",
            "AsyncSession", "AuthenticationError", "Client", "ExtrapolationError", "ExtrapolationWarning",
