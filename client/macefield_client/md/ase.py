@@ -93,6 +93,17 @@ def resolve_field(override, atoms) -> np.ndarray:
     return field_vector(ef, "electric_field")
 
 
+def _getter(name: str, doc: str):
+    """A ``get_<name>(atoms=None)`` method returning ``get_property(name, atoms)``."""
+
+    def get(self, atoms=None):
+        return self.get_property(name, atoms)
+
+    get.__name__ = f"get_{name}"
+    get.__doc__ = doc
+    return get
+
+
 class MACEFieldCalculator(Calculator):
     """ASE calculator for a MACE-Field server.
 
@@ -220,32 +231,16 @@ class MACEFieldCalculator(Calculator):
         self.results = results
         self.field_used = field
 
-    def get_extrapolation(self, atoms=None):
-        """Extrapolation grade per atom (N,), dimensionless; above the threshold: extrapolating (models with
-        statistics)."""
-        return self.get_property("extrapolation", atoms)
-
-    def get_polarization(self, atoms=None):
-        return self.get_property("polarization", atoms)
-
-    def get_becs(self, atoms=None):
-        return self.get_property("becs", atoms)
-
-    def get_polarizability(self, atoms=None):
-        """Reference convention: chi (9,), dimensionless (periodic only); see :meth:`get_alpha`."""
-        return self.get_property("polarizability", atoms)
-
-    def get_born_charges(self, atoms=None):
-        """Z* (N, 3, 3), e."""
-        return self.get_property("born_charges", atoms)
-
-    def get_alpha(self, atoms=None):
-        """alpha = d dipole/dE (3, 3), e*A^2/V (extensive; any structure)."""
-        return self.get_property("alpha", atoms)
-
-    def get_eps_inf(self, atoms=None):
-        """Clamped-ion dielectric tensor eps_inf = 1 + chi (3, 3) (periodic only)."""
-        return self.get_property("eps_inf", atoms)
+    # ASE-style getters, one per extra property: ``calc.get_born_charges(atoms)`` = ``get_property("born_charges")``
+    get_extrapolation = _getter("extrapolation", "Extrapolation grade per atom (N,), dimensionless; above the "
+                                "threshold: extrapolating (models with statistics).")
+    get_polarization = _getter("polarization", "Reference convention: P (3,), e/A^2 (periodic only).")
+    get_becs = _getter("becs", "Reference convention: Z* (N, 9), e.")
+    get_polarizability = _getter("polarizability", "Reference convention: chi (9,), dimensionless (periodic only); "
+                                 "see :meth:`get_alpha`.")
+    get_born_charges = _getter("born_charges", "Z* (N, 3, 3), e.")
+    get_alpha = _getter("alpha", "alpha = d dipole/dE (3, 3), e*A^2/V (extensive; any structure).")
+    get_eps_inf = _getter("eps_inf", "Clamped-ion dielectric tensor eps_inf = 1 + chi (3, 3) (periodic only).")
 
     def close(self) -> None:
         if self._session is not None:
