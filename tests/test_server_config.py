@@ -152,3 +152,10 @@ def test_auto_batch_limits_depend_on_the_device(tmp_path):
     assert batching.limits_for("cpu") == (AUTO_LIMITS["cpu"][0], 5000)
     assert batching.limits_for("cuda") == (AUTO_LIMITS["cuda"][0], 5000)
     assert BatchingConfig().limits_for("cuda") == AUTO_LIMITS["cuda"]
+
+
+def test_allocator_tuning_is_on_by_default_and_can_be_turned_off(tmp_path):
+    assert ServerConfig().tune_cpu_allocator is True
+    path = tmp_path / "serve.yaml"
+    path.write_text("tune_cpu_allocator: false\n")
+    assert load_config(path).tune_cpu_allocator is False

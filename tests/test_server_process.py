@@ -58,6 +58,8 @@ def test_health_transitions_and_sigterm_drain(server):
     assert health_status(channel, "macefield.v1.MaceField") == health_pb2.HealthCheckResponse.SERVING
     services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"macefield.v1.MaceField", "grpc.health.v1.Health"} <= services
+    # the served process keeps large freed blocks on the glibc heap (tune_cpu_allocator, on by default)
+    assert "glibc allocator tuned for large short-lived blocks: True" in proc.stderr()
     (info_model,) = stub.ListModels(pb.ListModelsRequest(), timeout=10).models
     assert info_model.name == "quartz" and info_model.default_head == "other" and info_model.source == str(path)
 

@@ -55,6 +55,7 @@ from .metrics import Metrics
 from ..engine.graph import Structure, neighbour_list
 from ..engine.response import ENGINE_OUTPUTS, response_tier
 from .registry import ModelRegistry, ServedModel
+from .runtime import tune_cpu_allocator
 from .service import MaceFieldService
 from .wire import add_servicer
 from .security import TokenAuthInterceptor, load_tokens, server_credentials
@@ -116,6 +117,8 @@ class MaceFieldServer:
     async def start(self) -> int:
         """Listen (gRPC and /metrics); returns the gRPC port.  Health: NOT_SERVING."""
         cfg = self.config
+        if cfg.tune_cpu_allocator:
+            log.info("glibc allocator tuned for large short-lived blocks: %s", tune_cpu_allocator())
         warning = cfg.check_exposure()  # ConfigError: plaintext on a non-loopback host without insecure
         if warning:
             log.warning("%s", warning)
