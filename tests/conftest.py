@@ -160,7 +160,8 @@ def random_field_model(
 
 
 def quartz_like(repeat=(1, 1, 1), rattle: float = 0.05, seed: int = 0):
-    """alpha-quartz (experimental cell, Si3O6 per cell; tests/test_structures.py checks it) with a small random displacement."""
+    """alpha-quartz (experimental cell, Si3O6 per cell; tests/test_structures.py checks it) with a small random
+    displacement."""
     return alpha_quartz(repeat=repeat, rattle=rattle, seed=seed)
 
 
