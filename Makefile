@@ -1,6 +1,10 @@
 # MACE-Field Serve: the two quickstart commands (see README.md)
 #   make serve   install once, then start the server on the embedded default model (127.0.0.1:50051)
 #   make test    install what the tests need (once), then run the whole test suite (.ci/run runs this)
+# Test tiers (each test file's tier: TIERS in tests/conftest.py):
+#   make test-fast         the unit tier: in-process, no server (about a minute)
+#   make test-integration  real servers on loopback, slow in-process model work
+#   make test-system       processes stopped or killed, replicas, proxies, containers, i-PI, LAMMPS, GPU suite
 # PYTHON selects the interpreter (a virtual environment's python works); installs are editable, so code
 # changes need no reinstall; an install is redone only when a pyproject.toml changes or for another PYTHON.
 PYTHON ?= python3
@@ -11,7 +15,7 @@ STAMP := .make/$(shell $(PYTHON) -c "import hashlib, os, sys; cfg = os.path.join
 	made = os.stat(cfg).st_mtime_ns if os.path.exists(cfg) else 0; \
 	print(hashlib.sha1(f'{sys.prefix} {made}'.encode()).hexdigest()[:12])")
 
-.PHONY: serve test lint install install-test
+.PHONY: serve test test-fast test-integration test-system lint install install-test
 
 # torch==2.13.0 first: on CPU-only build machines this picks the local CPU wheel;
 # anything looser pulls the newest CUDA build (several GB).  The tests install the cueq extra
@@ -46,3 +50,12 @@ lint: $(STAMP).test-installed
 
 test: lint
 	$(PYTHON) -m pytest -q -rs tests
+
+test-fast: $(STAMP).test-installed
+	$(PYTHON) -m pytest -q -rs -m unit tests
+
+test-integration: $(STAMP).test-installed
+	$(PYTHON) -m pytest -q -rs -m integration tests
+
+test-system: $(STAMP).test-installed
+	$(PYTHON) -m pytest -q -rs -m system tests

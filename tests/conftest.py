@@ -24,6 +24,88 @@ DATA_FILES = ("sio2-quartz-md.xyz", "batio3-md.xyz")
 REQUIRE_DATA_ENV = "MACEFIELD_REQUIRE_DATA"
 
 
+# ------------------------------------------------------------------------------------------------- test tiers
+#: every test file's tier (the markers are declared in pytest.ini; ``make test-fast`` runs ``-m unit``):
+#:
+#: * ``unit``: in-process, no server (no gRPC server, no server process), fast: the whole tier stays well
+#:   under 90 s on a loaded 2-CPU machine, so a file whose tests take tens of seconds goes to integration
+#:   even when it starts no server;
+#: * ``integration``: a real server on loopback (in-process ``BackgroundServer`` or a child process), or
+#:   slow in-process work (model conversion, training, child worker processes);
+#: * ``system``: processes stopped or killed on purpose, replicas and proxies, containers and Kubernetes or
+#:   Slurm files, i-PI, LAMMPS, the GPU suite.
+#:
+#: A test file missing here stops the run (pytest.UsageError): give a new file its tier.
+TIERS = {
+    "unit": (
+        "test_batcher_unit.py",  # Batcher over a fake backend, injected clock
+        "test_dispatcher_unit.py",  # admission and neighbour-list budget, fake backend
+        "test_request_parsing.py",  # parse_request against a tiny model's registry (never evaluated)
+        "test_status_mapping.py",  # exceptions -> gRPC status codes, Predict with a fake call context
+        "test_md_docs.py",
+        "test_makefile.py",
+        "test_model_physics.py",
+        "test_precision.py",
+        "test_proto_stubs.py",
+        "test_server_config.py",
+        "test_structures.py",
+        "test_training_losses.py",
+    ),
+    "integration": (
+        "test_checkpoint_environments.py",  # no server, but a child worker process per checkpoint (~1 min)
+        "test_ci_setup.py",  # child pytest runs
+        "test_client.py",
+        "test_client_connect.py",
+        "test_cueq_backend.py",  # no server, but ~30 s of model conversions
+        "test_default_model.py",
+        "test_eval_cli.py",
+        "test_extrapolation.py",
+        "test_hardening.py",
+        "test_limits_fuzz.py",
+        "test_memory_budget.py",
+        "test_model_checkpoints.py",  # no server, but ~1 min of checkpoint conversions (CLI child processes)
+        "test_readme_examples.py",
+        "test_security.py",
+        "test_server_backends.py",
+        "test_server_concurrency.py",
+        "test_server_flow.py",
+        "test_server_validation.py",
+        "test_short_distances.py",
+        "test_training_cli.py",  # trains small models
+    ),
+    "system": (
+        "test_client_restart.py",  # the server killed and restarted under a client
+        "test_deploy_files.py",  # Dockerfile, compose, container smoke test
+        "test_faults.py",  # injected faults, servers killed
+        "test_gpu_suite.py",  # bench/gpu_suite.py --smoke with its servers
+        "test_k8s_manifests.py",
+        "test_md_ipi.py",
+        "test_md_lammps.py",
+        "test_scale_out.py",  # replicas and a proxy
+        "test_server_process.py",  # SIGTERM drain of a real process
+        "test_server_stop.py",  # stopping a real process
+        "test_slurm_example.py",
+    ),
+}
+_TIER_OF = {name: tier for tier, names in TIERS.items() for name in names}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its file's tier (:data:`TIERS`); a test file without one stops the run."""
+    untiered = set()
+    for item in items:
+        name = item.path.name
+        tier = _TIER_OF.get(name)
+        if tier is None:
+            untiered.add(name)
+        else:
+            item.add_marker(getattr(pytest.mark, tier))
+    if untiered:
+        raise pytest.UsageError(
+            f"test file(s) {sorted(untiered)} have no tier: add each to TIERS in tests/conftest.py "
+            "(unit, integration or system; see the comment there)")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data``; tests that need it skip with one reason when it is absent (a user's clone), and fail
@@ -78,7 +160,8 @@ def random_field_model(
 
 
 def quartz_like(repeat=(1, 1, 1), rattle: float = 0.05, seed: int = 0):
-    """alpha-quartz (experimental cell, Si3O6 per cell; tests/test_structures.py checks it) with a small random displacement."""
+    """alpha-quartz (experimental cell, Si3O6 per cell; tests/test_structures.py checks it) with a small random
+    displacement."""
     return alpha_quartz(repeat=repeat, rattle=rattle, seed=seed)
 
 

@@ -1,4 +1,4 @@
-"""The test suite runs in a fresh virtual environment (issue 17): every import is declared, and the DFT data
+"""The test suite runs in a fresh virtual environment: every import is declared, and the DFT data
 are skipped with one reason on a user's clone but required in CI."""
 
 from __future__ import annotations

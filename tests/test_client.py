@@ -1,4 +1,4 @@
-"""The thin client (issue 4) against a real server on loopback: Client, AsyncClient, ASE calculator, CLI, examples.
+"""The thin client against a real server on loopback: Client, AsyncClient, ASE calculator, CLI, examples.
 
 Reference numbers come from direct in-process evaluation of an identical
 model (``macefield_server.engine.predict``).  Every subprocess (the

@@ -1,4 +1,4 @@
-"""Connecting (issue 17): a host without a port means 50051, waiting is visible, scripts can wait for readiness."""
+"""Connecting: a host without a port means 50051, waiting is visible, scripts can wait for readiness."""
 
 from __future__ import annotations
 

@@ -131,8 +131,8 @@ def test_session_reconnects_after_restart_and_raises_clear_error_when_gone(check
 
 def test_default_retry_policy_rides_out_a_measured_restart(tmp_path):
     """kill -9 of a server on the embedded default model and an immediate restart on the same port: a session
-    step sent meanwhile, with the *default* retry policy, is answered by the restarted server (issue 14: the old
-    budget, 6.2-7.8 s, was shorter than such a restart)."""
+    step sent meanwhile, with the *default* retry policy, is answered by the restarted server (the retry budget
+    must outlast such a restart; an earlier budget of 6.2-7.8 s did not)."""
     import time
 
     import grpc

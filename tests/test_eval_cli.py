@@ -1,4 +1,4 @@
-"""``macefield eval`` (issue 17): errors against the file's reference labels, with the model card's numbers.
+"""``macefield eval``: errors against the file's reference labels, with the model card's numbers.
 
 Run torch-free against the embedded default model served on loopback, on the held-out validation frames of
 both DFT data sets: the reported errors equal the card's (which the trainer computed in-process), the

@@ -1,4 +1,4 @@
-"""The extrapolation grade (issue 13): calibration, what it flags on the shipped default model, invariances,
+"""The extrapolation grade: calibration, what it flags on the shipped default model, invariances,
 the native format, and how it is served (gRPC, ListModels, metrics, ASE calculator, command line).
 
 The default model's statistics come from its training frames (SiO2 0:129, BaTiO3 0:38); the flagged structures
@@ -93,7 +93,7 @@ def test_training_frames_are_inside_and_the_held_out_fraction_is_the_cards(defau
 def test_structures_outside_the_training_data_are_flagged(default):
     """The wrong quartz, 15% compression, O 0.6 A from Si and the model's own O=Si=O chains: above 1; real quartz: not."""
     chain, below_quartz = chain_structure(load_model(DEFAULT_MODEL, dtype="float64"))
-    assert np.all(si_coordination(chain) == 2) and below_quartz < -0.05  # the spurious basin (issue 13: -0.1 eV/atom)
+    assert np.all(si_coordination(chain) == 2) and below_quartz < -0.05  # spurious basin, ~-0.1 eV/atom
     flagged = {"wrong quartz": wrong_quartz(), "15% compressed": compressed_quartz(0.85),
                "O 0.6 A from Si": close_pair_quartz(0.6), "O=Si=O chains": chain}
     controls = {"PBE cell": alpha_quartz(cell="pbe", repeat=(2, 2, 2)),

@@ -1,4 +1,4 @@
-"""Hardening from a hostile trial (issue 14): nothing is read before authentication, echoes are bounded,
+"""Hardening against hostile clients: nothing is read before authentication, echoes are bounded,
 tasks of a stream are never orphaned, and the fuzzer never sees a non-finite number answered OK.
 
 (The memory budget, far-from-origin exactness and the retry budget have their own test files:

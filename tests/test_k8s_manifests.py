@@ -1,4 +1,4 @@
-"""deploy/k8s (issue 12): the manifests are valid Kubernetes objects and say what the deployment needs.
+"""deploy/k8s: the manifests are valid Kubernetes objects and say what the deployment needs.
 
 No cluster exists here.  Validation is offline with ``kubernetes-validate`` (PyPI; it ships the JSON
 schemas generated from the Kubernetes OpenAPI specification of every release, nothing is fetched),

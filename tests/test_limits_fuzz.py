@@ -66,7 +66,7 @@ def raw_call(channel, method: str, payload: bytes, timeout: float = 60, with_ans
 
 
 def assert_all_finite(method: str, answer: bytes):
-    """Every number of an OK answer is finite (issue 14: overlapping atoms were answered OK with NaN)."""
+    """Every number of an OK answer is finite (overlapping atoms must never be answered OK with NaN)."""
     responses = (pb.PredictBatchResponse.FromString(answer).results if method == PREDICT_BATCH
                  else [pb.PredictResponse.FromString(answer)])
     for r in responses:

@@ -1,5 +1,5 @@
-"""The quickstart's ``make`` targets install once and then only start or test (issue 17: ``make serve`` reinstalled
-three packages on every run)."""
+"""The quickstart's ``make`` targets install once and then only start or test (``make serve`` must not
+reinstall the packages on every run)."""
 
 from __future__ import annotations
 

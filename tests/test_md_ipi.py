@@ -1,4 +1,4 @@
-"""``macefield-ipi`` against the real i-PI (3.3) and a real server process on loopback (issue 15).
+"""``macefield-ipi`` against the real i-PI (3.3) and a real server process on loopback.
 
 Every i-PI run uses an example input of docs/md_engines.md (docs/examples/ipi/),
 with its socket renamed so parallel runs never meet.  i-PI records forces,

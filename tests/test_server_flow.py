@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import grpc
 import pytest
@@ -90,8 +89,10 @@ def test_cancelled_call_is_not_computed(slow_server, stub):
     wait_for(lambda: depth(slow_server) == 1, what="queued")
     call.cancel()
     wait_for(lambda: depth(slow_server) == 0, what="dequeued")
-    time.sleep(WAIT_MS / 1000.0 + 0.5)  # past the moment its batch would have closed
-    assert computed(slow_server) == before
+    # a probe of the same output tier: had the cancelled request stayed queued, it would share the probe's batch
+    probe = stub.Predict(request(9), timeout=60)
+    assert probe.timing.batch_structures == 1
+    assert computed(slow_server) == before + 1  # the probe alone was ever computed
 
 
 def test_deadline_passed_in_queue_is_not_computed(slow_server, stub):
@@ -102,11 +103,11 @@ def test_deadline_passed_in_queue_is_not_computed(slow_server, stub):
         stub.Predict(request(7), timeout=0.4)  # the batch would close only after WAIT_MS
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_for(lambda: metric(slow_server.metrics_port, "macefield_dropped_total") == dropped + 1, what="drop count")
-    time.sleep(WAIT_MS / 1000.0 + 0.5)
-    assert computed(slow_server) == before
     assert depth(slow_server) == 0
-    # and a request with enough time left still works
-    assert stub.Predict(request(8), timeout=60).n_atoms == 9
+    # a request with enough time left still works, and its batch holds it alone: the expired one was not computed
+    probe = stub.Predict(request(8), timeout=60)
+    assert probe.n_atoms == 9 and probe.timing.batch_structures == 1
+    assert computed(slow_server) == before + 1
 
 
 def oom_above(max_atoms: int):

@@ -1,4 +1,4 @@
-"""Stopping a real ``macefield-serve`` (issue 17): idle streams end at once, the log says what it waits for,
+"""Stopping a real ``macefield-serve``: idle streams end at once, the log says what it waits for,
 in-flight work finishes, and a second signal stops at once.
 
 The slow model is the test-only ``MACEFIELD_TEST_FAULT=compute_delay_s=S`` (every batch takes S s longer).
@@ -120,7 +120,7 @@ def test_second_signal_stops_at_once(tmp_path):
         wait_for(lambda: metric(proc.metrics_port, "macefield_in_flight", method="Predict") == 1, what="in flight")
         time.sleep(0.5)  # computing (for 60 s)
         proc.terminate()
-        time.sleep(1.0)
+        wait_for(lambda: "SIGTERM received: draining" in proc.stderr(), timeout=30, what="the drain to begin")
         assert proc.proc.poll() is None  # still draining: the call is in flight for another ~58 s
         t0 = time.monotonic()
         proc.terminate()
@@ -148,7 +148,9 @@ def test_second_signal_is_heard_after_the_grace_period_ran_out(tmp_path):
         wait_for(lambda: metric(proc.metrics_port, "macefield_in_flight", method="Predict") == 1, what="in flight")
         time.sleep(0.5)
         proc.terminate()
-        time.sleep(3.0)  # the 1 s grace is over; the 60 s pass is still computing
+        # the 1 s grace is over when the server aborts the call it was draining; the 60 s pass is still computing
+        wait_for(call.done, timeout=30, what="the grace period to end")
+        assert "SIGTERM received: draining" in proc.stderr()
         assert proc.proc.poll() is None
         t0 = time.monotonic()
         proc.terminate()

@@ -1,4 +1,4 @@
-"""Overlapping atoms (issue 17): refused by name and distance, and a non-finite result is never answered OK.
+"""Overlapping atoms: refused by name and distance, and a non-finite result is never answered OK.
 
 * ``limits.min_distance`` (default 0.5 A): INVALID_ARGUMENT naming the two atoms
   (or the atom and its own periodic image) and their distance, for Predict,

@@ -1,4 +1,4 @@
-"""deploy/slurm (issue 12): the scripts the sbatch example runs on each node, run here for real.
+"""deploy/slurm: the scripts the sbatch example runs on each node, run here for real.
 
 No Slurm here: ``start-replica.sh`` (what ``srun`` starts on every GPU node) runs as two processes bound to
 127.0.0.2 and 127.0.0.3, ``replica-list.sh`` waits for both and prints the list, and the MD example of the

@@ -1,4 +1,4 @@
-"""Every structure the project builds in code is physically right (issue 17: a wrong alpha-quartz went unnoticed).
+"""Every structure the project builds in code is physically right (a wrong alpha-quartz must not go unnoticed).
 
 Geometry: coordination and bond lengths of alpha-quartz (both cells, supercells,
 the rattled test copy) and of the SiO molecule.  Physics through the embedded
