@@ -56,6 +56,7 @@ TIERS = {
         "test_ci_setup.py",  # child pytest runs
         "test_client.py",
         "test_client_connect.py",
+        "test_client_core.py",
         "test_cueq_backend.py",  # no server, but ~30 s of model conversions
         "test_default_model.py",
         "test_eval_cli.py",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+import grpc
 import numpy as np
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,6 +38,33 @@ def request_for(atoms, field=(0.0, 0.0, 0.0), head: str = "", outputs: Sequence[
         electric_field=[float(x) for x in field],
         outputs=list(outputs),
     )
+
+
+def replace_field(field: str, values):
+    """A mutation of a request: the repeated ``field`` replaced by ``values``."""
+    def mutate(r):
+        del getattr(r, field)[:]
+        getattr(r, field).extend(values)
+    return mutate
+
+
+def assign_field(field: str, value):
+    """A mutation of a request: the scalar ``field`` set to ``value``."""
+    def mutate(r):
+        setattr(r, field, value)
+    return mutate
+
+
+@contextlib.contextmanager
+def stub_to(port: int):
+    """A MaceField stub over a plaintext loopback channel to ``port`` (closed afterwards)."""
+    from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield rpc.MaceFieldStub(channel)
+    finally:
+        channel.close()
 
 
 def arrays(response: pb.PredictResponse) -> Dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ from macefield_server.serving.validation import (
     TooLarge,
     parse_request,
 )
-from serving import request_for
+from serving import assign_field, replace_field, request_for
 
 LIMITS = LimitsConfig(max_atoms_per_structure=40, max_field=0.5, max_extent=100.0)
 
@@ -34,19 +34,6 @@ def registry(two_head_model):
 def valid():
     return request_for(quartz_like(), field=(0.01, 0.0, 0.02), outputs=["forces", "stress", "born_charges"],
                        request_id="ok")
-
-
-def replace(field, values):
-    def mutate(r):
-        del getattr(r, field)[:]
-        getattr(r, field).extend(values)
-    return mutate
-
-
-def assign(field, value):
-    def mutate(r):
-        setattr(r, field, value)
-    return mutate
 
 
 def index(field, i, value):
@@ -74,30 +61,30 @@ def long_cell(r):
 
 #: case -> (mutation of a valid request, the field the message must start with, words the message must hold)
 BAD = {
-    "request_id too long": (assign("request_id", "x" * (MAX_REQUEST_ID + 1)), "request_id", "more than 256"),
-    "model name too long": (assign("model", "m" * 300), "model", "more than 256"),
-    "unknown model": (assign("model", "nope"), "model", "unknown model 'nope'; served: ['tiny']"),
-    "unknown head": (assign("head", "nope"), "head", "unknown head 'nope'"),
-    "too many outputs": (replace("outputs", ["forces"] * (MAX_OUTPUTS + 1)), "outputs", "33 entries"),
-    "unknown output": (replace("outputs", ["forces", "magnetization"]), "outputs", "magnetization"),
-    "grade without statistics": (replace("outputs", ["extrapolation"]), "outputs", "no extrapolation statistics"),
-    "zero atoms": (lambda r: (replace("atomic_numbers", [])(r), replace("positions", [])(r)), "atomic_numbers",
-                   "at least one atom"),
+    "request_id too long": (assign_field("request_id", "x" * (MAX_REQUEST_ID + 1)), "request_id", "more than 256"),
+    "model name too long": (assign_field("model", "m" * 300), "model", "more than 256"),
+    "unknown model": (assign_field("model", "nope"), "model", "unknown model 'nope'; served: ['tiny']"),
+    "unknown head": (assign_field("head", "nope"), "head", "unknown head 'nope'"),
+    "too many outputs": (replace_field("outputs", ["forces"] * (MAX_OUTPUTS + 1)), "outputs", "33 entries"),
+    "unknown output": (replace_field("outputs", ["forces", "magnetization"]), "outputs", "magnetization"),
+    "grade without statistics": (replace_field("outputs", ["extrapolation"]), "outputs", "no extrapolation statistics"),
+    "zero atoms": (lambda r: (replace_field("atomic_numbers", [])(r), replace_field("positions", [])(r)),
+                   "atomic_numbers", "at least one atom"),
     "too many atoms": (becomes(quartz_like((3, 2, 1))), "atomic_numbers", "54 atoms exceed"),
     "element not in model": (index("atomic_numbers", 8, 79), "atomic_numbers", "Au (79)"),
-    "positions length": (replace("positions", [0.0] * 10), "positions", "got 10 values"),
+    "positions length": (replace_field("positions", [0.0] * 10), "positions", "got 10 values"),
     "positions NaN": (index("positions", 4, float("nan")), "positions", "non-finite value nan at index 4"),
     "coordinate too far": (index("positions", 0, 2e7), "positions", "|coordinate| above"),
     "molecule too wide": (spread_molecule, "positions", "non-periodic directions"),
-    "pbc length": (replace("pbc", [True, True]), "pbc", "got 2"),
-    "cell length": (replace("cell", [1.0] * 6), "cell", "got 6 values"),
+    "pbc length": (replace_field("pbc", [True, True]), "pbc", "got 2"),
+    "cell length": (replace_field("cell", [1.0] * 6), "cell", "got 6 values"),
     "cell inf": (index("cell", 0, float("inf")), "cell", "non-finite"),
-    "singular cell": (replace("cell", [4.9, 0, 0, 2.45, 0, 0, 0, 0, 5.4]), "cell", "singular cell"),
-    "pbc without cell": (replace("cell", []), "cell", "singular cell"),
+    "singular cell": (replace_field("cell", [4.9, 0, 0, 2.45, 0, 0, 0, 0, 5.4]), "cell", "singular cell"),
+    "pbc without cell": (replace_field("cell", []), "cell", "singular cell"),
     "lattice vector too long": (long_cell, "cell", "exceeds the server's limit of 100 A"),
-    "field length": (replace("electric_field", [0.1, 0.2]), "electric_field", "got 2 values"),
+    "field length": (replace_field("electric_field", [0.1, 0.2]), "electric_field", "got 2 values"),
     "field NaN": (index("electric_field", 1, float("nan")), "electric_field", "non-finite"),
-    "field too strong": (replace("electric_field", [0.0, 0.0, 0.6]), "electric_field", "|E| = 0.6 V/A"),
+    "field too strong": (replace_field("electric_field", [0.0, 0.0, 0.6]), "electric_field", "|E| = 0.6 V/A"),
 }
 
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import numpy as np
 import pytest
 from conftest import quartz_like, random_field_model, sio_molecule
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
-from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
-from serving import arrays, assert_matches, metric, request_for
+from serving import stub_to, arrays, assert_matches, metric, request_for
 
 from macefield_server.serving.background import BackgroundServer
 from macefield_server.serving.config import BatchingConfig, ServerConfig
@@ -36,9 +34,8 @@ def server(model):
 
 @pytest.fixture(scope="module")
 def stub(server):
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    yield rpc.MaceFieldStub(channel)
-    channel.close()
+    with stub_to(server.port) as s:
+        yield s
 
 
 def workload(n: int, seed: int = 0):

@@ -11,7 +11,7 @@ import torch
 from conftest import quartz_like, random_field_model
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
-from serving import assert_matches, metric, request_for, wait_for
+from serving import stub_to, assert_matches, metric, request_for, wait_for
 
 from macefield_server.serving.background import BackgroundServer
 from macefield_server.serving.engine_backend import EngineBackend
@@ -36,9 +36,8 @@ def slow_server(model):
 
 @pytest.fixture(scope="module")
 def stub(slow_server):
-    channel = grpc.insecure_channel(f"127.0.0.1:{slow_server.port}")
-    yield rpc.MaceFieldStub(channel)
-    channel.close()
+    with stub_to(slow_server.port) as s:
+        yield s
 
 
 def depth(server) -> float:

@@ -8,8 +8,7 @@ import grpc
 import pytest
 from conftest import quartz_like, random_field_model, sio_molecule
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
-from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
-from serving import assert_matches, metric, request_for
+from serving import stub_to, assign_field, replace_field, assert_matches, metric, request_for
 
 from macefield_server.serving.background import BackgroundServer
 from macefield_server.serving.config import BatchingConfig, LimitsConfig, ServerConfig
@@ -40,27 +39,13 @@ def server(model):
 
 @pytest.fixture(scope="module")
 def stub(server):
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    yield rpc.MaceFieldStub(channel)
-    channel.close()
+    with stub_to(server.port) as s:
+        yield s
 
 
 def valid():
     return request_for(quartz_like(), field=(0.01, 0.0, 0.02), outputs=["forces", "stress", "born_charges"],
                        request_id="ok")
-
-
-def _set(field, values):
-    def mutate(r):
-        del getattr(r, field)[:]
-        getattr(r, field).extend(values)
-    return mutate
-
-
-def _set_scalar(field, value):
-    def mutate(r):
-        setattr(r, field, value)
-    return mutate
 
 
 def _positions_nan(r):
@@ -95,24 +80,24 @@ def _zero_atoms(r):
 
 
 BAD = {
-    "positions length": (_set("positions", [0.0] * 10), "positions"),
+    "positions length": (replace_field("positions", [0.0] * 10), "positions"),
     "positions NaN": (_positions_nan, "positions"),
-    "cell length": (_set("cell", [1.0] * 6), "cell"),
+    "cell length": (replace_field("cell", [1.0] * 6), "cell"),
     "cell inf": (_cell_inf, "cell"),
-    "pbc length": (_set("pbc", [True, True]), "pbc"),
-    "field length": (_set("electric_field", [0.1, 0.2]), "electric_field"),
+    "pbc length": (replace_field("pbc", [True, True]), "pbc"),
+    "field length": (replace_field("electric_field", [0.1, 0.2]), "electric_field"),
     "field NaN": (_field_nan, "electric_field"),
-    "field too strong": (_set("electric_field", [0.0, 0.0, 2 * MAX_FIELD]), "electric_field"),
-    "element not in model": (_set("atomic_numbers", [8] * 8 + [26]), "atomic_numbers"),
-    "negative element": (_set("atomic_numbers", [8] * 8 + [-1]), "atomic_numbers"),
-    "unknown model": (_set_scalar("model", "nope"), "model"),
-    "unknown head": (_set_scalar("head", "nope"), "head"),
+    "field too strong": (replace_field("electric_field", [0.0, 0.0, 2 * MAX_FIELD]), "electric_field"),
+    "element not in model": (replace_field("atomic_numbers", [8] * 8 + [26]), "atomic_numbers"),
+    "negative element": (replace_field("atomic_numbers", [8] * 8 + [-1]), "atomic_numbers"),
+    "unknown model": (assign_field("model", "nope"), "model"),
+    "unknown head": (assign_field("head", "nope"), "head"),
     "singular cell with pbc": (_singular_cell, "cell"),
     "pbc without cell": (_pbc_without_cell, "cell"),
     "zero atoms": (_zero_atoms, "atomic_numbers"),
     "too many atoms": (_too_many_atoms, "atomic_numbers"),
-    "unknown output": (_set("outputs", ["forces", "magnetization"]), "outputs"),
-    "request id too long": (_set_scalar("request_id", "x" * 300), "request_id"),
+    "unknown output": (replace_field("outputs", ["forces", "magnetization"]), "outputs"),
+    "request id too long": (assign_field("request_id", "x" * 300), "request_id"),
 }
 
 
@@ -211,7 +196,7 @@ def test_list_models(model, server, stub):
 
 def test_unknown_elements_are_named_by_symbol_and_number(stub):
     request = valid()
-    _set("atomic_numbers", [8] * 8 + [26])(request)
+    replace_field("atomic_numbers", [8] * 8 + [26])(request)
     with pytest.raises(grpc.RpcError) as info:
         stub.Predict(request, timeout=30)
     assert info.value.details() == ("atomic_numbers: element(s) Fe (26) not in model 'tiny' "

@@ -188,6 +188,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         start = time.monotonic()
         self._enter(method)
         code = grpc.StatusCode.OK
+        counted = False
         try:
             return await work
         except asyncio.CancelledError:
@@ -198,10 +199,15 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
             code = error.code
             ids = ",".join(_clip(r) for r in request_ids[:16])
             log.warning("%s request_id=%s: %s %s", method, ids, code.name, error)
-            await context.abort(code, str(error))
-        finally:
+            # counted before the answer leaves: a client that reads /metrics after its error sees it
             self._exit(method)
             self._finish(method, model, start, code)
+            counted = True
+            await context.abort(code, str(error))
+        finally:
+            if not counted:
+                self._exit(method)
+                self._finish(method, model, start, code)
 
     async def PredictStream(self, request_iterator, context):
         """Pipelined: up to ``batching.stream_window`` requests in flight, answered in order.
