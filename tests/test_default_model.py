@@ -14,7 +14,7 @@ from macefield_server.engine import load_model, predict
 from macefield_client.contract import EPS0
 from macefield_server.weights import DEFAULT_TRAINING_STAGES
 
-MODELS = REPO / "server" / "macefield_server" / "models"
+MODELS = REPO / "server" / "macefield_server" / "weights"
 MODEL = MODELS / "default.pt"
 CARD = MODELS / "default.card.json"
 
