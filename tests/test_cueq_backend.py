@@ -123,8 +123,10 @@ def test_cueq_model_keeps_the_extrapolation_grade():
     assert calibrated_heads(cueq) == calibrated_heads(e3nn) == ["sio2", "batio3"]
     assert cueq.metadata == e3nn.metadata
     assert statistics_of(cueq) is not statistics_of(e3nn)  # a copy: the two models never share state
-    errors = max_relative_errors(e3nn, cueq, heads=["sio2", "sio2", "sio2"], outputs=("energy", "extrapolation"))
+    errors = max_relative_errors(e3nn, cueq, heads=["sio2", "sio2", "sio2"],
+                                 outputs=("energy", "extrapolation", "field_extrapolation"))
     assert errors["extrapolation"] <= 1e-4, errors  # float32 features: round-off
+    assert errors["field_extrapolation"] <= 1e-12, errors  # |E| times calibrated numbers: no model arithmetic
 
 
 def test_default_model_served_as_float64_on_cueq():

@@ -1,8 +1,9 @@
-"""The extrapolation grade: calibration, what it flags on the shipped default model, invariances,
-the native format, and how it is served (gRPC, ListModels, metrics, ASE calculator, command line).
+"""The extrapolation grade and the field range: calibration, what they flag on the shipped default model (at zero
+and finite field), invariances, the native format (and refusal of earlier statistics), and how they are served
+(gRPC, ListModels, metrics, ASE calculator, command line).
 
 The default model's statistics come from its training frames (SiO2 0:129, BaTiO3 0:38); the flagged structures
-are built in tests/extrapolation_cases.py.  Threshold: grade > 1 is extrapolating.
+are built in tests/extrapolation_cases.py.  Threshold (both): > 1 is extrapolating.
 """
 
 from __future__ import annotations
@@ -28,12 +29,17 @@ from serving import metric, request_for, run_torch_free, torch_free_env
 from macefield_server.serving.background import BackgroundServer
 from macefield_server.serving.config import ServerConfig
 from macefield_server.engine import load_model, predict, save_model
-from macefield_server.engine.extrapolation import attach, calibrated_heads, statistics_of
+from macefield_server.engine.extrapolation import (STATISTICS_VERSION, ExtrapolationStatistics, OutdatedStatistics,
+                                                   attach, calibrated_heads, statistics_of)
 from macefield_server.training.calibration import calibrate
 from macefield_server.weights import DEFAULT_CARD, DEFAULT_MODEL
 from macefield_server.serving.registry import ServedModel
 
 THRESHOLD = 1.0
+#: the fields (V/A) at which the grade must behave as at zero field: magnitudes along x and z
+FIELDS = [np.array(v) for v in ([0.05, 0, 0], [0, 0, 0.05], [0.1, 0, 0], [0, 0, 0.1], [0.36, 0, 0], [0, 0, 0.36])]
+#: the flagged structures must stay flagged at these
+CASE_FIELDS = [np.array(v) for v in ([0, 0, 0], [0.05, 0, 0], [0, 0, 0.05], [0.36, 0, 0], [0, 0, 0.36])]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +57,12 @@ def grades(model, atoms_list, head="sio2", **kwargs):
     return [r["extrapolation"] for r in predict(model, atoms_list, heads=head, outputs=["energy"], **kwargs)]
 
 
+def field_ranges(model, atoms_list, head="sio2", **kwargs):
+    """field_extrapolation of each structure (an array)."""
+    return np.array([float(r["field_extrapolation"])
+                     for r in predict(model, atoms_list, heads=head, outputs=["energy"], **kwargs)])
+
+
 def tiny_calibrated(seed=3):
     """A small random two-head model with statistics for head sio2 (rattled quartz cells) only."""
     model = random_field_model(heads=("sio2", "other"), seed=seed)
@@ -62,7 +74,9 @@ def tiny_calibrated(seed=3):
 def test_default_model_ships_statistics_for_both_heads(default, card):
     assert calibrated_heads(default) == ["sio2", "batio3"]
     stats = statistics_of(default)
-    assert stats.threshold == THRESHOLD and stats.n_features == 128  # 64 invariants of each of the 2 layers
+    # the 64 invariants of layer 0 before its field coupling (the only field-free layer of the default model)
+    assert stats.threshold == THRESHOLD and stats.n_features == 64 and stats.layout == [(0, 0, 64)]
+    assert default.field_free_layers == 1 and stats.method == "maxvol-active-set-field-free"
     counts = {h: {z: s.n_reference for z, s in e.items()} for h, e in stats.heads.items()}
     assert counts == {"sio2": {8: 129 * 48, 14: 129 * 24}, "batio3": {8: 38 * 81, 22: 38 * 27, 56: 38 * 27}}
     section = card["extrapolation"]
@@ -73,6 +87,10 @@ def test_default_model_ships_statistics_for_both_heads(default, card):
         {"file": "batio3-md.xyz", "frames": [0, 38, 1], "structures": 38}]
     md = DEFAULT_CARD.with_name("default.card.md").read_text()
     assert "## Extrapolation grade" in md and "threshold 1 (grade > 1: extrapolating)" in md
+    # the field range's reference field per head, as calibrated (the card's number is the model's)
+    for head in ("sio2", "batio3"):
+        assert section["heads"][head]["field_reference_V_per_A"] == pytest.approx(stats.field_reference(head), rel=1e-12)
+    assert 0.1 < stats.field_reference("batio3") < stats.field_reference("sio2") < 1.0  # soft BaTiO3, large Ti Z*
 
 
 @pytest.mark.usefixtures("shared_data")
@@ -90,6 +108,19 @@ def test_training_frames_are_inside_and_the_held_out_fraction_is_the_cards(defau
         assert 0.0 < fraction < 0.1 and held.max() < 5.0
 
 
+@pytest.mark.usefixtures("shared_data")
+def test_held_out_fraction_in_a_field_is_the_zero_field_one(default):
+    """Validation frames of both heads: the fraction above 1 at 0.05, 0.1 and 0.36 V/A (x and z) is at most the
+    zero-field one + 2 percentage points (the grade's features are field-free: the same grades)."""
+    for name, head, frames in (("sio2-quartz-md.xyz", "sio2", slice(129, 161)), ("batio3-md.xyz", "batio3", slice(38, 47))):
+        held = ase.io.read(SHARED_DATA / name, index=":")[frames]
+        zero = np.concatenate(grades(default, held, head))
+        for field in FIELDS:
+            at = np.concatenate(grades(default, held, head, electric_fields=field))
+            assert np.mean(at > THRESHOLD) <= np.mean(zero > THRESHOLD) + 0.02, (head, field)
+            np.testing.assert_allclose(at, zero, rtol=1e-6)  # field-independent up to batch rounding
+
+
 def test_structures_outside_the_training_data_are_flagged(default):
     """The wrong quartz, 15% compression, O 0.6 A from Si and the model's own O=Si=O chains: above 1; real quartz: not."""
     chain, below_quartz = chain_structure(load_model(DEFAULT_MODEL, dtype="float64"))
@@ -99,11 +130,14 @@ def test_structures_outside_the_training_data_are_flagged(default):
     controls = {"PBE cell": alpha_quartz(cell="pbe", repeat=(2, 2, 2)),
                 "experimental cell": alpha_quartz(repeat=(2, 2, 2)),
                 "5% compressed": compressed_quartz(0.95)}
-    got = dict(zip(list(flagged) + list(controls), grades(default, list(flagged.values()) + list(controls.values()))))
-    for name in flagged:
-        assert got[name].max() > THRESHOLD, (name, got[name].max())
-    for name in controls:
-        assert got[name].max() <= THRESHOLD, (name, got[name].max())
+    structures = list(flagged.values()) + list(controls.values())
+    for field in CASE_FIELDS:  # at zero field and at 0.05 and 0.36 V/A along x and z
+        got = dict(zip(list(flagged) + list(controls), grades(default, structures, electric_fields=field)))
+        for name in flagged:
+            assert got[name].max() > THRESHOLD, (name, field, got[name].max())
+        for name in controls:
+            assert got[name].max() <= THRESHOLD, (name, field, got[name].max())
+    got = dict(zip(list(flagged) + list(controls), grades(default, structures)))
     # the close pair: its two atoms carry the largest grades
     pair = np.argsort(got["O 0.6 A from Si"])[-2:]
     assert sorted(close_pair_quartz(0.6).numbers[pair]) == [8, 14]
@@ -115,20 +149,23 @@ def test_structures_outside_the_training_data_are_flagged(default):
 @pytest.mark.usefixtures("shared_data")
 def test_batio3_with_ba_and_ti_swapped_is_flagged(default):
     frame = ase.io.read(SHARED_DATA / "batio3-md.xyz", index=10)  # a training frame
-    original, swapped = grades(default, [frame, swapped_batio3(frame)], head="batio3")
-    assert original.max() <= THRESHOLD < swapped.max()
-    assert np.all(swapped[frame.numbers != 8] > THRESHOLD)  # every cation is in a wrong site
+    for field in CASE_FIELDS:
+        original, swapped = grades(default, [frame, swapped_batio3(frame)], head="batio3", electric_fields=field)
+        assert original.max() <= THRESHOLD < swapped.max()
+        assert np.all(swapped[frame.numbers != 8] > THRESHOLD)  # every cation is in a wrong site
 
 
 def test_grade_rises_with_rattle_amplitude(default):
-    """Geometric mean over atoms and 8 seeds of 72-atom quartz: strictly increasing from 0.02 to 0.5 A."""
+    """Geometric mean over atoms and 8 seeds of 72-atom quartz: inside (and not ordered: the grade is no distance
+    inside the hull) for displacements within the thermal spread of the training frames (0.02, 0.05 A), then
+    strictly increasing from 0.05 to 0.5 A and far outside at 0.5 A."""
     amplitudes = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
     atoms = [alpha_quartz(cell="pbe", repeat=(2, 2, 2), rattle=a, seed=s) for a in amplitudes for s in range(8)]
     g = np.array(grades(default, atoms)).reshape(len(amplitudes), -1)
     mean = np.exp(np.log(g).mean(axis=1))
     print(dict(zip(amplitudes, np.round(mean, 3))))
-    assert np.all(np.diff(mean) > 0), mean
-    assert mean[0] < THRESHOLD < mean[-1] and mean[-1] > 10
+    assert np.all(np.diff(mean[1:]) > 0), mean
+    assert max(mean[:2]) < 0.6 and mean[2] < THRESHOLD < mean[3] and mean[-1] > 10
 
 
 def test_grade_is_invariant_and_the_same_alone_or_in_a_batch(default):
@@ -156,6 +193,54 @@ def test_grade_is_invariant_and_the_same_alone_or_in_a_batch(default):
                     heads=["sio2", "batio3", "sio2", "sio2"], outputs=["energy"], max_edges=None)
     np.testing.assert_allclose(batch[-1]["extrapolation"], ref, rtol=1e-10)
     assert batch[-1]["extrapolation_max"] == pytest.approx(ref.max(), rel=1e-10)
+    # and the field does not enter: the same grades at zero field and at -E
+    for other in (np.zeros(3), -field):
+        np.testing.assert_allclose(grades(model, [atoms], electric_fields=other)[0], ref, rtol=1e-10)
+
+
+def test_field_range_is_zero_at_zero_field_linear_in_the_field_and_invariant(default):
+    """field_extrapolation = |E| / E_ref: 0 at E = 0, linear in |E|, independent of the field's direction, the
+    same after rotating structure and field together, translating, permuting, and alone or in a batch."""
+    stats = statistics_of(default)
+    quartz = alpha_quartz(cell="pbe", rattle=0.05, seed=2)
+    e_ref = stats.field_reference("sio2")
+    magnitudes = np.array([0.0, 0.01, 0.05, 0.1, 0.36])
+    got = field_ranges(default, [quartz] * len(magnitudes), electric_fields=[[0, 0, m] for m in magnitudes])
+    assert got[0] == 0.0
+    np.testing.assert_allclose(got, magnitudes / e_ref, rtol=1e-12)
+    np.testing.assert_allclose(got[1:] / magnitudes[1:], got[1] / magnitudes[1], rtol=1e-12)  # linear
+    direction = np.array([0.3, -0.5, 0.81])
+    direction /= np.linalg.norm(direction)
+    [along] = field_ranges(default, [quartz], electric_fields=0.1 * direction)
+    assert along == pytest.approx(got[3], rel=1e-12)
+
+    rot = torch.linalg.matrix_exp(torch.tensor([[0, -0.3, 0.2], [0.3, 0, -0.7], [-0.2, 0.7, 0]],
+                                               dtype=torch.float64)).numpy()
+    field = np.array([0.02, -0.05, 0.1])
+    turned = quartz.copy()
+    turned.set_cell(quartz.cell[:] @ rot.T, scale_atoms=False)
+    turned.positions = quartz.positions @ rot.T + np.array([3.1, -2.0, 7.5])
+    order = np.random.default_rng(1).permutation(len(quartz))
+    alone = field_ranges(default, [quartz], electric_fields=field)[0]
+    assert alone > 0
+    assert field_ranges(default, [turned], electric_fields=rot @ field)[0] == pytest.approx(alone, rel=1e-12)
+    assert field_ranges(default, [quartz[order]], electric_fields=field)[0] == pytest.approx(alone, rel=1e-12)
+    batch = predict(default, [sio_molecule(), quartz, compressed_quartz(0.9)], heads=["sio2", "sio2", "batio3"],
+                    electric_fields=[[0.2, 0, 0], field, [0, 0, 0]], outputs=["energy"], max_edges=None)
+    assert float(batch[1]["field_extrapolation"]) == pytest.approx(alone, rel=1e-12)
+    assert float(batch[2]["field_extrapolation"]) == 0.0  # Si has no reference atoms on batio3, but E = 0
+
+    # per head: the most susceptible element present sets it; BaTiO3 reaches 1 below 0.36 V/A, quartz does not
+    frame = compressed_quartz(1.0)
+    assert field_ranges(default, [frame], electric_fields=[0, 0, 0.36])[0] < THRESHOLD
+    bto = ase.Atoms("BaTiO3", cell=[4.0] * 3, pbc=True,  # cubic perovskite; only its elements matter here
+                    scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    [r] = predict(default, [bto], heads="batio3", electric_fields=[0.36, 0, 0], outputs=["energy"])
+    assert float(r["field_extrapolation"]) == pytest.approx(0.36 / stats.field_reference("batio3"), rel=1e-12)
+    assert float(r["field_extrapolation"]) > THRESHOLD
+    # an element without reference atoms in the head: +inf at any finite field
+    [si_on_bto] = field_ranges(default, [alpha_quartz(cell="pbe")], head="batio3", electric_fields=[0, 0, 0.01])
+    assert np.isinf(si_on_bto)
 
 
 # -------------------------------------------------------------------- native format
@@ -177,6 +262,30 @@ def test_calibration_round_trips_bit_exactly(tmp_path):
         assert np.array_equal(x, y)
     again = torch.load(save_model(loaded, tmp_path / "again.pt"), weights_only=True)["extrapolation"]
     assert again["statistics"] == payload["extrapolation"]["statistics"]
+
+
+def test_statistics_of_the_earlier_version_are_refused_with_a_recalibrate_message(tmp_path, default):
+    """Version-1 statistics (field-coupled features of every layer) are not used: from_payload raises, a checkpoint
+    carrying them loads without a grade and says why; macefield-calibrate gives it version-2 statistics again."""
+    payload = torch.load(DEFAULT_MODEL, weights_only=True)
+    meta = json.loads(payload["extrapolation"]["statistics"])
+    assert meta["version"] == STATISTICS_VERSION == 2
+    meta["version"] = 1
+    payload["extrapolation"]["statistics"] = json.dumps(meta, sort_keys=True)
+    with pytest.raises(OutdatedStatistics, match="rerun macefield-calibrate"):
+        ExtrapolationStatistics.from_payload(payload["extrapolation"])
+    old = tmp_path / "version1.pt"
+    torch.save(payload, old)
+    model = load_model(old)
+    assert statistics_of(model) is None
+    assert "version 1" in model.metadata["extrapolation_dropped"]
+    assert "macefield-calibrate" in model.metadata["extrapolation_dropped"]
+    with pytest.raises(ValueError, match="macefield-calibrate"):
+        predict(model, [alpha_quartz(cell="pbe")], heads="sio2", outputs=["field_extrapolation"])
+    attach(model, calibrate(model, [alpha_quartz(cell="pbe", rattle=0.05, seed=s) for s in range(4)], "sio2"))
+    assert "extrapolation_dropped" not in model.metadata  # recalibrated: the reason is gone
+    loaded = load_model(save_model(model, tmp_path / "recalibrated.pt"))
+    assert calibrated_heads(loaded) == ["sio2"]
 
 
 def test_old_checkpoints_without_statistics_load_and_refuse_the_grade(tmp_path, default):
@@ -201,7 +310,7 @@ def test_macefield_calibrate_cli_on_pickles_and_a_second_head(tmp_path, monkeypa
     """Plain mace-torch pickle (--trust-pickle), head x then head y into the same file, with a model card."""
     from test_model_checkpoints import plain_mace
 
-    from macefield_server.engine import calibrate_cli
+    from macefield_server.cli import calibrate as calibrate_cli
 
     source = tmp_path / "foundation.model"
     torch.save(plain_mace(heads=("x", "y")), source)
@@ -260,8 +369,11 @@ def test_served_grade_list_models_and_refusal(server, default):
         info = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models}
         assert [(h.name, h.extrapolation) for h in info["default"].heads] == [("sio2", True), ("batio3", True)]
         assert info["default"].extrapolation_threshold == THRESHOLD
-        assert {"extrapolation", "extrapolation_max"} <= set(info["default"].outputs)
-        assert info["default"].units["extrapolation"] == "dimensionless"
+        assert {"extrapolation", "extrapolation_max", "field_extrapolation"} <= set(info["default"].outputs)
+        assert info["default"].units["extrapolation"] == info["default"].units["field_extrapolation"] == "dimensionless"
+        stats = statistics_of(default)
+        assert [h.field_reference for h in info["default"].heads] == [stats.field_reference(h) for h in ("sio2", "batio3")]
+        assert all(h.field_reference == 0 for h in info["plain"].heads)
         assert not any(h.extrapolation for h in info["plain"].heads) and info["plain"].extrapolation_threshold == 0
         assert "extrapolation" not in info["plain"].outputs
 
@@ -280,20 +392,27 @@ def test_served_grade_list_models_and_refusal(server, default):
         batch = stub.PredictBatch(pb.PredictBatchRequest(structures=[
             request_for(quartz, outputs=["extrapolation"]), request_for(quartz, head="batio3", outputs=["forces"])]),
             timeout=60).results
-        assert batch[0].extrapolation_max <= THRESHOLD and list(batch[0].outputs) == ["energy", "extrapolation",
-                                                                                     "extrapolation_max", "volume"]
+        assert batch[0].extrapolation_max <= THRESHOLD and list(batch[0].outputs) == [
+            "energy", "extrapolation", "extrapolation_max", "field_extrapolation", "volume"]
+        assert batch[0].field_extrapolation == 0.0  # zero field
         assert np.isinf(batch[1].extrapolation_max)  # Si has no reference atoms in head batio3
         assert metric(server.metrics_port, "macefield_extrapolation_grade_count", model="default", head="sio2") == before + 2
         assert metric(server.metrics_port, "macefield_extrapolation_grade_bucket", model="default", head="sio2",
                       le="1.0") == inside_before + 1
         assert metric(server.metrics_port, "macefield_extrapolation_grade_count", model="default", head="batio3") >= 1
+        fields_before = metric(server.metrics_port, "macefield_field_extrapolation_count", model="default", head="sio2")
+        in_field = stub.Predict(request_for(quartz, field=(0, 0, 0.1)), timeout=60)
+        assert in_field.field_extrapolation == pytest.approx(0.1 / stats.field_reference("sio2"), rel=1e-9)
+        assert metric(server.metrics_port, "macefield_field_extrapolation_count", model="default",
+                      head="sio2") == fields_before + 1
 
         plain = stub.Predict(request_for(quartz, model="plain"), timeout=60)
         assert "extrapolation" not in plain.outputs
-        with pytest.raises(grpc.RpcError) as err:
-            stub.Predict(request_for(quartz, model="plain", outputs=["forces", "extrapolation"]), timeout=60)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert err.value.details().startswith("outputs: extrapolation") and "macefield-calibrate" in err.value.details()
+        for asked in ("extrapolation", "field_extrapolation"):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Predict(request_for(quartz, model="plain", outputs=["forces", asked]), timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith("outputs: extrapolation") and "macefield-calibrate" in err.value.details()
 
 
 def test_ase_calculator_warns_once_per_run_raises_or_ignores(server, default):

@@ -176,11 +176,15 @@ class ModelInfo:
     extrapolation_heads: List[str] = field(default_factory=list)
     #: grade above which an atom is extrapolating (0 when the model has no statistics)
     extrapolation_threshold: float = 0.0
+    #: per head with statistics, E_ref in V/A: the field at which field_extrapolation reaches 1 (+inf: no element
+    #: responds to the field; absent: no statistics, or a server older than this field)
+    field_references: Dict[str, float] = field(default_factory=dict)
 
     def to_proto(self) -> pb.ModelInfo:
         return pb.ModelInfo(
             name=self.name, is_default=self.is_default,
-            heads=[pb.HeadInfo(name=h, is_default=h == self.default_head, extrapolation=h in self.extrapolation_heads)
+            heads=[pb.HeadInfo(name=h, is_default=h == self.default_head, extrapolation=h in self.extrapolation_heads,
+                               field_reference=self.field_references.get(h, 0.0))
                    for h in self.heads],
             default_head=self.default_head, atomic_numbers=list(self.atomic_numbers), cutoff=self.cutoff,
             dtype=self.dtype, device=self.device, backend=self.backend, outputs=list(self.outputs),
@@ -196,7 +200,8 @@ class ModelInfo:
                    num_parameters=m.num_parameters, card_json=m.card_json, source=m.source,
                    pair_repulsion=m.pair_repulsion, backend=m.backend,
                    extrapolation_heads=[h.name for h in m.heads if h.extrapolation],
-                   extrapolation_threshold=m.extrapolation_threshold)
+                   extrapolation_threshold=m.extrapolation_threshold,
+                   field_references={h.name: h.field_reference for h in m.heads if h.extrapolation and h.field_reference})
 
 
 @dataclass

@@ -13,16 +13,22 @@ from typing import Dict, FrozenSet, Iterable, List, Tuple, Union
 #: every output a request may ask for (PredictRequest.outputs), in the order documentation lists them
 OUTPUTS: Tuple[str, ...] = ("energy", "forces", "stress", "dipole", "polarization", "polarization_quantum",
                             "born_charges", "polarizability", "chi", "eps_inf", "volume", "extrapolation",
-                            "extrapolation_max")
+                            "extrapolation_max", "field_extrapolation")
 
-#: the extrapolation grade (per atom) and its per-structure maximum: they need the model's reference
-#: statistics (``macefield-calibrate``) and come with every result of a head that has them (asking
-#: for them where there are none is INVALID_ARGUMENT); dimensionless, above
-#: :data:`EXTRAPOLATION_THRESHOLD` the atom is extrapolating
-GRADE_OUTPUTS: FrozenSet[str] = frozenset({"extrapolation", "extrapolation_max"})
+#: the extrapolation grade (per atom), its per-structure maximum and the field range (per structure):
+#: they need the model's reference statistics (``macefield-calibrate``) and come with every result of
+#: a head that has them (asking for them where there are none is INVALID_ARGUMENT); dimensionless,
+#: one threshold, :data:`EXTRAPOLATION_THRESHOLD`:
+#:
+#: * ``extrapolation``: above 1 the atom's environment (field-free structural features) is outside
+#:   every environment of the reference frames;
+#: * ``field_extrapolation`` = |E| / E_ref (E_ref per head and element, from the model's Born charges
+#:   and the reference frames' thermal force spread): above 1 the field displaces the ions further
+#:   than the thermal displacements the reference frames sampled.  0 at zero field, linear in |E|.
+GRADE_OUTPUTS: FrozenSet[str] = frozenset({"extrapolation", "extrapolation_max", "field_extrapolation"})
 
-#: grade above which an atom's environment lies outside everything the reference (training) set
-#: showed the model: its results there are extrapolation (ListModels reports it per model)
+#: threshold of both the grade and the field range: above it, results are extrapolation from the
+#: reference (training) set (ListModels reports it per model)
 EXTRAPOLATION_THRESHOLD = 1.0
 
 #: what a request that names no outputs gets, in every interface (server, in-process ``predict``,
@@ -36,10 +42,12 @@ DEFAULT_OUTPUTS: Tuple[str, ...] = ("energy", "forces", "stress", "dipole", "pol
 ALL_OUTPUTS: Tuple[str, ...] = tuple(o for o in OUTPUTS if o not in GRADE_OUTPUTS)
 
 #: outputs returned together with another one that was asked for: P is meaningless without its
-#: quanta, chi and eps_inf come free with alpha, the grade's maximum with the grade
+#: quanta, chi and eps_inf come free with alpha, the grade's maximum and the field range with the grade
+#: (and the grade with the field range: one set of statistics answers both)
 COMPANIONS: Dict[str, Tuple[str, ...]] = {"polarization": ("polarization_quantum",),
                                           "polarizability": ("chi", "eps_inf"),
-                                          "extrapolation": ("extrapolation_max",)}
+                                          "extrapolation": ("extrapolation_max", "field_extrapolation"),
+                                          "field_extrapolation": ("extrapolation", "extrapolation_max")}
 
 #: unit of every result array (and of the request's field)
 UNITS: Dict[str, str] = {
@@ -57,10 +65,11 @@ UNITS: Dict[str, str] = {
     "volume": "A^3",
     "extrapolation": "dimensionless",
     "extrapolation_max": "dimensionless",
+    "field_extrapolation": "dimensionless",
 }
 
 #: outputs that are one number per structure
-SCALARS: FrozenSet[str] = frozenset({"energy", "volume", "extrapolation_max"})
+SCALARS: FrozenSet[str] = frozenset({"energy", "volume", "extrapolation_max", "field_extrapolation"})
 
 _FIXED_SHAPES: Dict[str, Tuple[int, ...]] = {
     "stress": (3, 3), "dipole": (3,), "polarization": (3,), "polarization_quantum": (3, 3),

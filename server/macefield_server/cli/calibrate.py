@@ -1,8 +1,9 @@
 """``macefield-calibrate MODEL DATA.xyz [...] [--head H] [--frames SLICE] -o OUT.pt``: extrapolation statistics.
 
-Computes the reference statistics of the extrapolation grade (see
-:mod:`.extrapolation`) for one head from reference structures, normally the
-frames the model was trained on, and writes the model with them in the native
+Computes the reference statistics of the extrapolation grade and of the field
+range (see :mod:`macefield_server.engine.extrapolation`) for one head from
+reference structures, normally the frames the model was trained on, and
+writes the model with them in the native
 format (tensors + JSON; weights, metadata and the statistics of other heads
 are kept, those of this head replaced).  Run it once per head::
 
@@ -13,15 +14,17 @@ Any model the server loads works: native checkpoints, mace-torch ``.model``
 files and reference MACEField pickles (``--trust-pickle``; the output is then
 the upgraded model in the native format).  It prints a JSON summary: per
 element the number of reference atoms, the rank of their features, the
-active-set size and the largest grade of a reference atom (at most
-1/(1 + margin): every reference atom is inside by construction).
+active-set size, the largest grade of a reference atom (at most
+1/(1 + margin): every reference atom is inside by construction), and the
+field susceptibility (mean ||Z*||_2 at E = 0, RMS force component, kappa),
+and per head E_ref (V/A), the field at which ``field_extrapolation`` reaches 1.
 
-``--fields E`` adds each reference frame at +-E V/A along x, y and z: a
-model trained at zero field otherwise grades any finite field as
-extrapolation (see :func:`macefield_server.training.calibration.calibrate`).
-``--holdout-frames START:STOP`` also grades held-out frames of the same files
-(e.g. the validation split) and reports the fraction of atoms above the
-threshold.  ``--card CARD.json`` records all of it in that model card (its
+The grade's features are field-free, so the reference frames are taken as
+read; their fields do not matter.  ``--holdout-frames START:STOP`` also
+grades held-out frames of the same files (e.g. the validation split) and
+reports the fraction of atoms above the threshold, at zero field and, with
+``--holdout-fields E [E ...]``, at each of those fields (V/A) along x and z.
+``--card CARD.json`` records all of it in that model card (its
 ``extrapolation`` section, per head, with the command; the markdown card
 beside it is regenerated when it is a ``macefield-train`` card) and embeds the
 card in the written checkpoint's metadata, as ``macefield-train`` does.
@@ -41,7 +44,7 @@ import numpy as np
 
 from ..engine.checkpoint import CheckpointError, load_model, save_model
 from ..engine.extrapolation import attach
-from ..training.calibration import calibrate, reference_grades
+from ..training.calibration import BORN_CHARGE_STRIDE, calibrate, reference_grades
 
 
 def parse_slice(text: str) -> slice:
@@ -89,11 +92,13 @@ def main(argv=None) -> int:
     parser.add_argument("--trust-pickle", action="store_true", help="allow unpickling MODEL (runs code from it)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip re-evaluating the reference frames through the engine (the grade check)")
-    parser.add_argument("--fields", type=float, default=0.0, metavar="E",
-                        help="also take every reference frame at +-E V/A along x, y, z (default 0: as read, zero "
-                             "field): declares fields of that size part of the reference (only if checked)")
     parser.add_argument("--holdout-frames", metavar="START:STOP[:STEP]",
                         help="also grade these frames of the same files (held out, e.g. validation) and report them")
+    parser.add_argument("--holdout-fields", type=float, nargs="+", default=[], metavar="E",
+                        help="with --holdout-frames: also grade them at these field magnitudes (V/A) along x and z")
+    parser.add_argument("--born-charge-stride", type=int, default=BORN_CHARGE_STRIDE, metavar="K",
+                        help="Born charges for the field susceptibility on every K-th reference frame "
+                             f"(default {BORN_CHARGE_STRIDE})")
     parser.add_argument("--card", metavar="CARD.json",
                         help="record the calibration in this model card (and its .md) and embed it in OUTPUT")
     args = parser.parse_args(argv)
@@ -109,7 +114,12 @@ def main(argv=None) -> int:
             read_frames(args.data, parse_slice(args.holdout_frames)) if args.holdout_frames else (None, None)
         )
         card = json.loads(Path(args.card).read_text()) if args.card else None
-        stats = calibrate(model, frames, head, reference={"files": described}, fields=args.fields)
+        if args.holdout_fields and not args.holdout_frames:
+            raise ValueError("--holdout-fields needs --holdout-frames")
+        if any(not (e > 0) for e in args.holdout_fields):
+            raise ValueError(f"--holdout-fields: expected magnitudes > 0 (V/A), got {args.holdout_fields}")
+        stats = calibrate(model, frames, head, reference={"files": described},
+                          born_charge_stride=args.born_charge_stride)
     except (CheckpointError, FileNotFoundError, ValueError, json.JSONDecodeError) as exc:
         print(f"macefield-calibrate: {exc}", file=sys.stderr)
         return 2
@@ -119,6 +129,7 @@ def main(argv=None) -> int:
         "margin": stats.margin, "features": stats.n_features,
         "elements": {str(z): s.describe() | {"active_set": len(s.active_set)}
                      for z, s in sorted(stats.heads[head].items())},
+        "field_reference_V_per_A": stats.field_reference(head),
         "reference": stats.references[head]}
     if not args.no_check or card is not None:
         grades = reference_grades(model, frames, head)
@@ -131,6 +142,18 @@ def main(argv=None) -> int:
         summary["holdout"] = {"files": held_files, "structures": len(holdout), "atoms": int(held.size),
                               "atoms_above": int(np.sum(held > stats.threshold)),
                               "fraction_above": float(np.mean(held > stats.threshold)), "max": float(held.max())}
+        at_fields = []
+        for magnitude in args.holdout_fields:
+            for axis, name in ((0, "x"), (2, "z")):
+                field = np.zeros(3)
+                field[axis] = magnitude
+                g = reference_grades(model, holdout, head, electric_field=field)
+                at_fields.append({"field_V_per_A": magnitude, "direction": name,
+                                  "atoms_above": int(np.sum(g > stats.threshold)),
+                                  "fraction_above": float(np.mean(g > stats.threshold)), "max": float(g.max()),
+                                  "field_extrapolation": magnitude / summary["field_reference_V_per_A"]})
+        if at_fields:
+            summary["holdout"]["at_fields"] = at_fields
     metadata = None
     if card is not None:
         words = argv if argv is not None else sys.argv[1:]
@@ -145,13 +168,22 @@ def main(argv=None) -> int:
 
 def record_in_card(card: dict, stats, summary: dict, command: str) -> dict:
     """``card`` with this head's calibration in its ``extrapolation`` section (prose already there is kept)."""
+    from ..training.card import EXTRAPOLATION_MEANING
+
     section = dict(card.get("extrapolation") or {})
-    section.update(method=stats.method, threshold=stats.threshold, margin=stats.margin, features=stats.n_features)
+    if section.get("method") != stats.method:  # measured on other features: every head is recalibrated anew
+        section = {k: v for k, v in section.items() if k not in ("heads", "commands", "flags", "flags_command")}
+    section.update(meaning=EXTRAPOLATION_MEANING, method=stats.method, threshold=stats.threshold, margin=stats.margin,
+                   features=stats.n_features)
     heads = dict(section.get("heads") or {})
     heads[summary["head"]] = {
         "command": command,
         "reference": summary["reference"],
-        "elements": {z: {"n_reference": e["n_reference"], "rank": e["rank"]} for z, e in summary["elements"].items()},
+        "elements": {z: {"n_reference": e["n_reference"], "rank": e["rank"],
+                         "born_charge_norm_e": e["born_charge_norm_e"], "force_rms_eV_per_A": e["force_rms_eV_per_A"],
+                         "kappa_A_per_V": e["kappa_A_per_V"]}
+                     for z, e in summary["elements"].items()},
+        "field_reference_V_per_A": summary["field_reference_V_per_A"],
         "reference_max_grade": summary["max_reference_grade"],
         **({"holdout": summary["holdout"]} if "holdout" in summary else {}),
     }

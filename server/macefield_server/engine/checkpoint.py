@@ -30,7 +30,7 @@ import torch
 
 from .architecture import build_field_mace, describe_architecture
 from .errors import CheckpointError, UntrustedPickleError
-from .extrapolation import ExtrapolationStatistics, attach, statistics_of, weights_fingerprint
+from .extrapolation import ExtrapolationStatistics, OutdatedStatistics, attach, statistics_of, weights_fingerprint
 from .field_mace import FieldMACE
 
 log = logging.getLogger("macefield.checkpoint")
@@ -154,9 +154,16 @@ def _model_from_native(payload: Dict[str, Any], path: Path) -> FieldMACE:
     if payload.get("extrapolation") is not None:
         try:
             statistics = ExtrapolationStatistics.from_payload(payload["extrapolation"])
+        except OutdatedStatistics as exc:
+            # an earlier version's statistics grade other features: the model loads and serves, without a grade
+            statistics = None
+            log.warning("%s: %s (the grade is off for this model)", path, exc)
+            model.metadata = dict(metadata, extrapolation_dropped=str(exc))
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{path}: unreadable extrapolation statistics ({exc})") from exc
-        if statistics.weights is not None and statistics.weights != weights_fingerprint(model):
+        if statistics is None:
+            pass
+        elif statistics.weights is not None and statistics.weights != weights_fingerprint(model):
             # e.g. a checkpoint fine-tuned from a calibrated one: its grade would measure other weights' features
             reason = "its extrapolation statistics were computed for other weights; run macefield-calibrate"
             log.warning("%s: %s (the grade is off for this model)", path, reason)

@@ -1,10 +1,26 @@
-"""Per-atom extrapolation grade: how far an atom's latent features lie outside a reference set's.
+"""Extrapolation of a structure against a reference set: the per-atom grade and the field range.
 
-The grade is read from the same forward pass that gives F: the invariant
-(``0e``) channels of every interaction layer's node features, the inputs of
-the readouts (:func:`invariant_features`).  For each head and element, the
-reference atoms (normally the training frames) define a region of that
-feature space; the grade says where a new atom lies relative to it:
+Two numbers, both dimensionless with threshold 1, both measured against the
+model's reference (normally training) frames:
+
+* ``extrapolation`` (per atom, the *grade*): how far an atom's environment
+  lies outside the reference environments, read from features that do not
+  depend on the field (below);
+* ``field_extrapolation`` (per structure): how far the applied field pushes
+  the ions compared with the thermal displacements the reference frames
+  sampled (:meth:`ExtrapolationStatistics.field_extrapolation`).
+
+**Features of the grade.**  The invariant (``0e``) channels of the node
+features of the layers that never see the field: layer 0 after its product
+block and *before* its field coupling (``FieldMACE.field_free_features``;
+:attr:`FieldMACE.field_free_layers`).  They come from the same forward pass
+that gives F, at no extra cost, and are exactly independent of E.  The
+field-coupled features of later layers move linearly with E (default model:
+every atom of every held-out frame above 1 at 0.05 V/A), while the training
+frames, like almost all DFT data, are at zero field: graded on those, any
+finite field would read as extrapolation.  The price is locality: the grade
+sees one layer's receptive field (r_max, 5 A for the default model) instead
+of two (10 A); docs/extrapolation.md has the measurements.
 
 * **D-optimal active set** (MaxVol, the method of pacemaker's gamma for ACE:
   Lysogorskiy et al., Phys. Rev. Materials 7, 043801 (2023)).  Among the
@@ -23,11 +39,11 @@ feature space; the grade says where a new atom lies relative to it:
   largest residual of a reference atom but at least ``residual_floor`` (1e-3)
   of the reference features' RMS norm, and enters as a second term:
   ``grade = max(gamma, |residual| / rho) / (1 + margin)``.  The floor keeps
-  the residual term to departures well above rounding: without it (rho at the
-  1e-5 noise level of the thin directions) a uniform field of 0.01 V/A, which
-  moves the features a little along such a direction, graded perfect quartz
-  1.5 for the default model; with it 0.91, while every structure the tests
-  flag stays flagged (bench/extrapolation_methods.py, docs/extrapolation.md).
+  the residual term to departures well above rounding: without it rho sits at
+  the 1e-5 noise level of the thin directions, and tiny moves along them (in
+  the measurement that set it, bench/extrapolation_methods.py, a 0.01 V/A field
+  on the earlier field-coupled features) graded perfect quartz 1.5 instead
+  of 0.91, while every structure the tests flag stayed flagged either way.
 * **Margin.**  The stored region is enlarged by ``margin`` (1%), so that the
   reference atoms themselves stay at or below 1 / 1.01 when they are
   evaluated again in another batch or dtype (measured: float32 batch
@@ -39,9 +55,21 @@ grade of an atom whose element has no reference atoms in the head is +inf.
 The choice of method and the measured alternatives (Mahalanobis distance,
 nearest-neighbour distance) are in docs/extrapolation.md.
 
+**Field range.**  ``field_extrapolation = |E| * max over the structure's
+elements of kappa``, ``kappa = mean ||Z*||_2 / sigma_F`` (A/V) per head and
+element: Z* the model's Born charge at E = 0 (spectral norm, mean over
+reference atoms), sigma_F the RMS Cartesian force component of the reference
+frames.  In the harmonic picture a field displaces an ion by Z* E / k while
+the reference frames sampled thermal displacements sigma_F / k, so the ratio
+is the field-induced displacement in units of the sampled thermal one, for the
+most susceptible element.  ``E_ref = 1 / max kappa`` (V/A) is the field where
+it reaches 1 for a structure holding that element.  Zero at E = 0, linear in
+|E|, measured once at calibration.
+
 Cost: one (N, d) x (d, r) product and one (N, d) x (d, d) product per
-pass (d = 128, r <= d for the default model), in float64 on the model's
-device; bench/extrapolation_cost.py measures it against energy + forces.
+pass (d = 64, r <= d for the default model), in float64 on the model's
+device, and one scatter-max per batch for the field range;
+bench/extrapolation_cost.py measures it against energy + forces.
 """
 
 from __future__ import annotations
@@ -53,8 +81,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-METHOD = "maxvol-active-set"
-STATISTICS_VERSION = 1
+METHOD = "maxvol-active-set-field-free"
+#: 2: field-free features (layer 0 before its coupling) and the field susceptibility per element;
+#: 1 (the field-coupled features of every layer) is refused: recalibrate
+STATISTICS_VERSION = 2
 #: grade above which an atom is extrapolating (the enlarged reference hull's boundary)
 THRESHOLD = 1.0
 #: relative enlargement of the reference region (float rounding of reference atoms stays inside)
@@ -68,12 +98,17 @@ MAXVOL_TOLERANCE = 1.0 + 1e-6
 
 
 # ------------------------------------------------------------------ features
+def field_free_layers(model) -> int:
+    """How many interaction layers (from the first) have features that never see the field."""
+    return int(getattr(model, "field_free_layers", len(model.interactions)))
+
+
 def feature_layout(model) -> List[Tuple[int, int, int]]:
-    """(layer, start, stop) of every ``0e`` block of each interaction layer's node features."""
+    """(layer, start, stop) of every ``0e`` block of the field-free layers' node features (before any coupling)."""
     from e3nn import o3
 
     layout = []
-    for layer, interaction in enumerate(model.interactions):
+    for layer, interaction in enumerate(model.interactions[: field_free_layers(model)]):
         offset = 0
         for mul, ir in o3.Irreps(str(interaction.hidden_irreps)):
             size = mul * ir.dim
@@ -84,18 +119,19 @@ def feature_layout(model) -> List[Tuple[int, int, int]]:
 
 
 def invariant_features(layer_features: Sequence[torch.Tensor], layout: Sequence[Tuple[int, int, int]]) -> torch.Tensor:
-    """(N, d) invariant channels of every layer (concatenated in layer order), detached."""
+    """(N, d) invariant channels of the collected layers (concatenated in layer order), detached."""
     return torch.cat([layer_features[i][:, a:b] for i, a, b in layout], dim=1).detach()
 
 
 def latent_features(model, graph: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """(N, d) invariant features of a prepared batch (energy-only forward pass, no gradients)."""
+    """(N, d) field-free invariant features of a prepared batch (energy-only forward pass, no gradients).
+
+    The structures' fields do not enter: the features are taken before any field coupling.
+    """
     layers: List[torch.Tensor] = []
-    field = graph.get("electric_field")
-    if field is None:
-        field = torch.zeros(graph["ptr"].numel() - 1, 3, dtype=graph["positions"].dtype, device=graph["positions"].device)
+    field = torch.zeros(graph["ptr"].numel() - 1, 3, dtype=torch.float64, device=graph["positions"].device)
     with torch.no_grad():
-        model.enthalpy(graph, graph["positions"], field, None, layer_features=layers)
+        model.enthalpy(graph, graph["positions"], field, None, field_free_features=layers)
     return invariant_features(layers, feature_layout(model))
 
 
@@ -107,7 +143,11 @@ class ElementStatistics:
     ``basis`` (d, r): the kept feature directions V; ``coefficients`` (d, r):
     V @ inv(A) with A the active set's rows in that basis; ``residual_radius``:
     rho (features' units), the largest residual of a reference atom (floored
-    at :data:`RESIDUAL_FLOOR` times their RMS norm).
+    at :data:`RESIDUAL_FLOOR` times their RMS norm).  Field susceptibility:
+    ``born_charge_norm`` (e), the mean spectral norm of the model's Z* at E = 0
+    over reference atoms; ``force_rms`` (eV/A), the RMS Cartesian force
+    component of the reference atoms; ``kappa = born_charge_norm / force_rms``
+    (A/V).
     """
 
     atomic_number: int
@@ -116,10 +156,19 @@ class ElementStatistics:
     residual_radius: torch.Tensor
     n_reference: int
     active_set: List[Tuple[int, int]] = field(default_factory=list)  #: (structure, atom) of the active atoms
+    born_charge_norm: float = 0.0  #: e: mean ||Z*||_2 of the reference atoms at E = 0
+    force_rms: float = math.inf  #: eV/A: RMS force component of the reference atoms
 
     @property
     def rank(self) -> int:
         return int(self.basis.shape[1])
+
+    @property
+    def kappa(self) -> float:
+        """Field susceptibility (A/V): field-induced over thermal displacement per V/A of field."""
+        if self.born_charge_norm == 0.0:
+            return 0.0
+        return self.born_charge_norm / self.force_rms if self.force_rms > 0 else math.inf
 
     def describe(self) -> Dict:
         return {
@@ -127,7 +176,14 @@ class ElementStatistics:
             "rank": self.rank,
             "features": int(self.basis.shape[0]),
             "active_set": [list(a) for a in self.active_set],
+            "born_charge_norm_e": self.born_charge_norm,
+            "force_rms_eV_per_A": self.force_rms,
+            "kappa_A_per_V": self.kappa,
         }
+
+
+class OutdatedStatistics(ValueError):
+    """Statistics of an earlier version (other features): they cannot be used; recalibrate."""
 
 
 class ExtrapolationStatistics:
@@ -164,6 +220,12 @@ class ExtrapolationStatistics:
     @property
     def n_features(self) -> int:
         return sum(b - a for _, a, b in self.layout)
+
+    def field_reference(self, head: str) -> float:
+        """E_ref of ``head`` (V/A): the field at which ``field_extrapolation`` reaches 1 for a structure holding
+        its most susceptible element (1 / max kappa; +inf when no element responds to the field)."""
+        kappa = max((s.kappa for s in self.heads[head].values()), default=0.0)
+        return math.inf if kappa == 0.0 else 1.0 / kappa
 
     def merged(self, other: "ExtrapolationStatistics") -> "ExtrapolationStatistics":
         """These statistics with ``other``'s heads added (``other`` wins for a head both have)."""
@@ -202,6 +264,36 @@ class ExtrapolationStatistics:
             self._bound[key] = (tables, len(elements))  # added, never replaced: safe for several threads
         return self._bound[key]
 
+    def _kappa(self, model, device: torch.device) -> torch.Tensor:
+        """(heads, elements) float64 kappa on ``device`` (+inf: no reference atoms of that element), built once."""
+        key = ("kappa", id(model), str(device))
+        if key not in self._bound:
+            heads = list(getattr(model, "heads", None) or ["Default"])
+            elements = [int(z) for z in model.atomic_numbers]
+            table = torch.full((len(heads), len(elements)), math.inf, dtype=torch.float64)
+            for head, per_element in self.heads.items():
+                if head in heads:
+                    for z, s in per_element.items():
+                        if z in elements:
+                            table[heads.index(head), elements.index(z)] = s.kappa
+            self._bound[key] = table.to(device)
+        return self._bound[key]
+
+    def field_extrapolation(self, model, graph: Dict[str, torch.Tensor], field: torch.Tensor) -> torch.Tensor:
+        """(G,) float64: ``|E_g| * max over the atoms of structure g of kappa[head, element]``; exactly 0 at E = 0.
+
+        An element without reference atoms in the head counts as +inf (like its grade) at any finite field.
+        """
+        table = self._kappa(model, graph["node_attrs"].device)
+        species = torch.argmax(graph["node_attrs"], dim=1)
+        per_atom = table[graph["head"][graph["batch"]], species]
+        n_graphs = graph["ptr"].numel() - 1
+        largest = torch.zeros(n_graphs, dtype=torch.float64, device=per_atom.device).scatter_reduce(
+            0, graph["batch"], per_atom, reduce="amax", include_self=True)
+        magnitude = torch.linalg.vector_norm(field.detach().to(torch.float64).reshape(-1, 3), dim=1)
+        magnitude = magnitude.expand(n_graphs) if magnitude.numel() == 1 else magnitude
+        return torch.where(magnitude > 0, magnitude * largest, torch.zeros_like(largest))
+
     def grade(self, model, features: torch.Tensor, node_attrs: torch.Tensor, node_heads: torch.Tensor) -> torch.Tensor:
         """(N,) float64 grades of atoms with ``features`` (N, d); +inf where the head/element has no statistics."""
         if features.shape[1] != self.n_features:
@@ -231,7 +323,7 @@ class ExtrapolationStatistics:
             "residual_floor": RESIDUAL_FLOOR,
             "weights_sha256": self.weights,
             "features": {
-                "what": "invariant (0e) channels of every interaction layer's node features (the readouts' inputs)",
+                "what": "invariant (0e) channels of the layers before any field coupling (field-independent)",
                 "layout": [list(entry) for entry in self.layout],
                 "dim": self.n_features,
             },
@@ -257,8 +349,14 @@ class ExtrapolationStatistics:
     @classmethod
     def from_payload(cls, payload: Dict) -> "ExtrapolationStatistics":
         meta = json.loads(payload["statistics"])
-        if int(meta.get("version", 0)) > STATISTICS_VERSION:
+        version = int(meta.get("version", 0))
+        if version > STATISTICS_VERSION:
             raise ValueError(f"extrapolation statistics version {meta['version']} is newer than this server's")
+        if version < STATISTICS_VERSION:
+            raise OutdatedStatistics(
+                f"extrapolation statistics of version {version} grade the field-coupled features, which move with "
+                f"the field (every atom above 1 at 0.05 V/A); this server grades field-free features "
+                f"(version {STATISTICS_VERSION}): rerun macefield-calibrate on the reference frames")
         tensors = payload["tensors"]
         heads: Dict[str, Dict[int, ElementStatistics]] = {}
         for head, per_element in meta["heads"].items():
@@ -272,17 +370,21 @@ class ExtrapolationStatistics:
                     residual_radius=t["residual_radius"],
                     n_reference=int(info["n_reference"]),
                     active_set=[tuple(a) for a in info.get("active_set", [])],
+                    born_charge_norm=float(info["born_charge_norm_e"]),
+                    force_rms=float(info["force_rms_eV_per_A"]),
                 )
         return cls(meta["features"]["layout"], heads, references=meta.get("references"), threshold=meta["threshold"],
                    margin=meta["margin"], truncation=meta["truncation"], method=meta["method"],
                    weights=meta.get("weights_sha256"))
 
     def summary(self) -> Dict:
-        """What ListModels and the CLI show: method, threshold, per head the elements and reference atom counts."""
+        """What ListModels and the CLI show: method, threshold, per head the elements and reference atom counts,
+        and per head E_ref (V/A) of the field range."""
         return {
             "method": self.method,
             "threshold": self.threshold,
             "heads": {h: {str(z): s.n_reference for z, s in sorted(e.items())} for h, e in self.heads.items()},
+            "field_reference_V_per_A": {h: self.field_reference(h) for h in self.heads},
         }
 
 
@@ -337,6 +439,9 @@ def attach(model, statistics: Optional[ExtrapolationStatistics]):
         unknown = sorted(set(statistics.heads) - set(heads))
         if unknown:
             raise ValueError(f"extrapolation statistics: head(s) {unknown} not in the model (heads {heads})")
+        metadata = getattr(model, "metadata", None)
+        if isinstance(metadata, dict) and "extrapolation_dropped" in metadata:  # recalibrated: the reason is gone
+            model.metadata = {k: v for k, v in metadata.items() if k != "extrapolation_dropped"}
     model.extrapolation_statistics = statistics
     return model
 
@@ -350,6 +455,15 @@ def grade_from_layers(model, graph: Dict[str, torch.Tensor], layer_features: Seq
         features = invariant_features(layer_features, stats.layout)
         node_heads = graph["head"][graph["batch"]]
         return stats.grade(model, features, graph["node_attrs"], node_heads)
+
+
+def field_extrapolation(model, graph: Dict[str, torch.Tensor], field: torch.Tensor) -> torch.Tensor:
+    """(G,) field range of a batch at fields ``field`` (G, 3) V/A (see :meth:`ExtrapolationStatistics.field_extrapolation`)."""
+    stats = statistics_of(model)
+    if stats is None:
+        raise ValueError("outputs: field_extrapolation needs statistics: this model has none (run macefield-calibrate)")
+    with torch.no_grad():
+        return stats.field_extrapolation(model, graph, field)
 
 
 # --------------------------------------------------------------- calibrate

@@ -63,6 +63,17 @@ class FieldMACE(ScaleShiftMACE):
         # checkpoint holds (see .contraction_basis): loading never depends on what is installed
         install_basis_hooks(self)
 
+    @property
+    def field_free_layers(self) -> int:
+        """Interaction layers whose features (before any coupling) never see the field.
+
+        The couplings start after layer 0's product block, so layer 0 taken
+        before its coupling is exactly field-independent and every later layer
+        is not (its input has been coupled).  Without couplings (a plain MACE,
+        one interaction): every layer.
+        """
+        return 1 if len(self.field_feats) else len(self.interactions)
+
     # ------------------------------------------------------------------ energy
     def enthalpy(
         self,
@@ -71,6 +82,7 @@ class FieldMACE(ScaleShiftMACE):
         electric_field: torch.Tensor,
         strain: Optional[torch.Tensor] = None,
         layer_features: Optional[List[torch.Tensor]] = None,
+        field_free_features: Optional[List[torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Electric enthalpy per structure.
 
@@ -87,7 +99,13 @@ class FieldMACE(ScaleShiftMACE):
                 every interaction layer (N, irreps of that layer, the inputs of
                 the readouts) are appended to it, in layer order, so that
                 callers can read them from the same pass (the extrapolation
-                grade does).  None (the default) changes nothing.
+                grade did before it became field-free).  None (the default)
+                changes nothing.
+            field_free_features: optional list; when given, the node features
+                of the first :attr:`field_free_layers` layers, taken after the
+                product block and *before* the field coupling (exactly
+                independent of the field), are appended to it in layer order:
+                what the extrapolation grade reads.  No extra computation.
 
         Edge vectors are built in float64 and cast to the model's dtype; the
         per-atom energies are summed in float64.
@@ -151,6 +169,8 @@ class FieldMACE(ScaleShiftMACE):
                 lammps_natoms=(0, 0),
             )
             node_feats = product(node_feats=node_feats, sc=sc, node_attrs=node_attrs)
+            if field_free_features is not None and i < self.field_free_layers:
+                field_free_features.append(node_feats)
             if i < n_coupled:
                 coupling = self.field_feats[i](node_feats, atom_field)
                 node_feats = node_feats - self.field_linear[i](coupling)

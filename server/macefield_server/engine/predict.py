@@ -78,9 +78,11 @@ def evaluate(model, batch: GraphBatch, outputs: FrozenSet[str]) -> List[Dict[str
     (3, 3) e/A^2 (row k = e*a_k/Omega: P is defined modulo integer
     combinations of these rows), born_charges (N, 3, 3) e, polarizability
     (3, 3) e*A^2/V, chi (3, 3) and eps_inf (3, 3) [periodic, with
-    polarizability], volume () A^3 [periodic, always], extrapolation (N,) and
-    extrapolation_max () dimensionless [when asked for; structures on heads
-    with statistics only].
+    polarizability], volume () A^3 [periodic, always], extrapolation (N,),
+    extrapolation_max () and field_extrapolation () dimensionless [together;
+    structures on heads with statistics only].  field_extrapolation is
+    |E| / E_ref for the structure's head and elements: above 1 the field
+    displaces ions further than the thermal spread of the reference frames.
     """
     raw = respond(model, batch.tensors, None, engine_outputs(outputs))
     graded = graded_head_indices(model)
@@ -158,6 +160,7 @@ def split_results(batch: GraphBatch, raw: Dict[str, torch.Tensor], outputs: Froz
         if "extrapolation" in host and (graded_heads is None or heads[g] in graded_heads):
             r["extrapolation"] = host["extrapolation"][start:stop]
             r["extrapolation_max"] = np.asarray(r["extrapolation"].max())
+            r["field_extrapolation"] = np.asarray(host["field_extrapolation"][g])
         if periodic:
             volume = batch.volumes[g]
             r["volume"] = np.asarray(volume)
@@ -193,11 +196,12 @@ def predict(
         heads: None (default head), one head name for all, or one per structure.
         outputs: names from the output table (energy, forces, stress, dipole,
             polarization, polarization_quantum, born_charges, polarizability,
-            chi, eps_inf, volume, extrapolation, extrapolation_max; None:
-            all).  chi and eps_inf also come with polarizability,
+            chi, eps_inf, volume, extrapolation, extrapolation_max,
+            field_extrapolation; None: all).  chi and eps_inf also come with polarizability,
             polarization_quantum with polarization, for periodic structures.
-            The extrapolation grade comes with every structure whose head
-            has statistics (asking for it on another head: ValueError).
+            The extrapolation grade and the field range come with every
+            structure whose head has statistics (asking for them on another
+            head: ValueError).
         batch_size: at most this many structures per engine pass (None: no count limit).
         max_edges: at most this many graph edges per engine pass (a larger
             structure gets a pass of its own); "auto": the CPU pass size of
@@ -233,7 +237,7 @@ def predict(
     if wanted & GRADE_OUTPUTS:
         missing = sorted({head_name(model, s.head) for s in structures} - set(graded))
         if missing:
-            raise ValueError(f"outputs: extrapolation needs statistics, and head(s) {missing} have none "
+            raise ValueError(f"outputs: {', '.join(sorted(wanted & GRADE_OUTPUTS))} need(s) statistics, and head(s) {missing} have none "
                              "(run macefield-calibrate)")
     if graded:
         wanted = wanted | GRADE_OUTPUTS

@@ -16,8 +16,10 @@ Because structures in a batch share no edges, d(sum_g dipole_g,i)/dR_k only
 sees atom k's own structure, so the batched pass is exact per structure.
 
 The extrapolation grade (``extrapolation``, dimensionless, per atom) comes
-from the node features of the same forward pass (:mod:`.extrapolation`); it
-needs no derivative.
+from the field-free node features of the same forward pass, and the field
+range (``field_extrapolation``, dimensionless, per structure) from the field
+and the calibrated susceptibilities (:mod:`.extrapolation`); neither needs a
+derivative.
 
 Units: F eV, forces eV/A, stress eV/A^3, dipole e*A, polarization e/A^2,
 Z* e, alpha e*A^2/V, chi dimensionless.  Graphs are kept only as long as the
@@ -32,16 +34,19 @@ import torch
 
 from macefield_client.contract import EPS0
 
-from .extrapolation import grade_from_layers, statistics_of
+from .extrapolation import field_extrapolation, grade_from_layers, statistics_of
 
 #: the outputs the engine computes; the others a request may name (the contract's output table,
 #: :data:`macefield_client.contract.OUTPUTS`) are derived from these and the cell
 ENGINE_OUTPUTS: FrozenSet[str] = frozenset(
-    {"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability", "extrapolation"}
+    {"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability", "extrapolation",
+     "field_extrapolation"}
 )
 #: derived output -> the engine output it needs (None: only the cell)
 DERIVED_FROM = {"chi": "polarizability", "eps_inf": "polarizability", "polarization_quantum": None, "volume": None,
                 "extrapolation_max": "extrapolation"}
+#: computed together: the grade and the field range come from the same statistics, at any request for either
+TOGETHER = {"extrapolation": "field_extrapolation", "field_extrapolation": "extrapolation"}
 
 
 #: second-derivative strategy by device (is CUDA?).  On CPU three batch-wide
@@ -61,6 +66,8 @@ def engine_outputs(requested: FrozenSet[str]) -> FrozenSet[str]:
     for name in requested & DERIVED_FROM.keys():
         if DERIVED_FROM[name] is not None:
             needed.add(DERIVED_FROM[name])
+    for name in set(needed) & TOGETHER.keys():
+        needed.add(TOGETHER[name])
     return frozenset(needed | {"energy"})
 
 
@@ -104,7 +111,8 @@ def respond(
     Returns batched tensors: ``energy`` (G,), ``forces`` (N, 3), ``stress``
     (G, 3, 3), ``dipole`` (G, 3), ``polarization`` (G, 3), ``born_charges``
     (N, 3, 3), ``polarizability`` (G, 3, 3), ``extrapolation`` (N,) float64
-    (needs the model's statistics, else ValueError), and ``volume`` (G,) with any
+    and ``field_extrapolation`` (G,) float64 (together; they need the model's
+    statistics, else ValueError), and ``volume`` (G,) with any
     first-order request.  Structures that are not periodic in all three
     directions have no volume: their volume, stress and polarization rows are
     NaN (nothing is divided by zero) and callers drop them.
@@ -155,10 +163,11 @@ def respond(
     result: Dict[str, Optional[torch.Tensor]] = {}
     grad_enabled = keep_graph or tier > 0
     with torch.set_grad_enabled(grad_enabled):
-        if "extrapolation" in outputs:  # the grade reads the node features of this very pass
+        if "extrapolation" in outputs:  # the grade reads the field-free node features of this very pass
             layers: list = []
-            energy, _ = model.enthalpy(graph, positions, field, strain, layer_features=layers)
+            energy, _ = model.enthalpy(graph, positions, field, strain, field_free_features=layers)
             result["extrapolation"] = grade_from_layers(model, graph, layers)
+            result["field_extrapolation"] = field_extrapolation(model, graph, field)
             del layers
         else:
             energy, _ = model.enthalpy(graph, positions, field, strain)

@@ -373,6 +373,9 @@ class Batcher:
                 if "extrapolation_max" in outcome:  # already cut to the item's outputs
                     self.metrics.observe_extrapolation(name, self.backend.heads[item.head_index],
                                                        float(outcome["extrapolation_max"]))
+                if "field_extrapolation" in outcome:
+                    self.metrics.observe_field_extrapolation(name, self.backend.heads[item.head_index],
+                                                             float(outcome["field_extrapolation"]))
                 item.future.set_result((outcome, timing))
         if log.isEnabledFor(logging.DEBUG):
             log.debug(

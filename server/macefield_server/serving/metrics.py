@@ -10,6 +10,8 @@ stream_messages_total{event} (PredictStream messages read / answered / failed / 
 extrapolation_grade{model,head} (per-structure maximum extrapolation grade of
 every answered result that carries one; > 1: extrapolating; values above
 1e6, including +inf for an element without reference atoms, count as 1e6),
+field_extrapolation{model,head} (per-structure field range |E| / E_ref of the same
+results; > 1: the field displaces ions beyond the reference frames' thermal spread),
 model_info{name,...,backend,...}, gpu_memory_bytes{device} (CUDA only).
 """
 
@@ -26,6 +28,8 @@ _ATOM_BUCKETS = (10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
 #: extrapolation grade: <= 1 inside the reference region; measured on the default model, held-out MD
 #: frames reach ~2-3, a 15% compressed quartz 1.5, broken structures 20-100, random 0.2 A displacements 10^2-10^4
 _GRADE_BUCKETS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0, 1000.0, 10000.0)
+#: field range |E| / E_ref: 0 at zero field; the default model reaches 1 at 0.19 V/A (BaTiO3) and 0.66 V/A (SiO2)
+_FIELD_RANGE_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 #: largest grade a histogram observation records (keeps the _sum finite)
 GRADE_CAP = 1e6
 
@@ -72,6 +76,13 @@ class Metrics:
             buckets=_GRADE_BUCKETS,
             registry=r,
         )
+        self.field_extrapolation = Histogram(
+            "macefield_field_extrapolation",
+            "Per-structure field range |E| / E_ref (> 1: beyond the reference frames' thermal spread), per model and head",
+            ["model", "head"],
+            buckets=_FIELD_RANGE_BUCKETS,
+            registry=r,
+        )
         self.model_info = Gauge(
             "macefield_model_info",
             "Served models (value 1)",
@@ -97,6 +108,10 @@ class Metrics:
     def observe_extrapolation(self, model: str, head: str, grade: float) -> None:
         """One answered structure's maximum grade (capped at :data:`GRADE_CAP`)."""
         self.extrapolation.labels(model=model, head=head).observe(min(grade, GRADE_CAP))
+
+    def observe_field_extrapolation(self, model: str, head: str, value: float) -> None:
+        """One answered structure's field range (capped at :data:`GRADE_CAP`)."""
+        self.field_extrapolation.labels(model=model, head=head).observe(min(value, GRADE_CAP))
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint (port 0: any free port); returns the port."""

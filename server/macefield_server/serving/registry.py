@@ -101,6 +101,12 @@ class ServedModel:
         return float(stats.threshold) if stats is not None and self.extrapolation_heads else 0.0
 
     @property
+    def field_references(self) -> Dict[str, float]:
+        """E_ref (V/A) per head with statistics: the field at which field_extrapolation reaches 1."""
+        stats = statistics_of(self.model)
+        return {h: float(stats.field_reference(h)) for h in self.extrapolation_heads} if stats is not None else {}
+
+    @property
     def outputs(self) -> List[str]:
         """Output names a request may use for this model (the grade only with statistics)."""
         names = set(OUTPUTS) if self.extrapolation_heads else set(OUTPUTS) - GRADE_OUTPUTS
@@ -132,6 +138,7 @@ class ServedModel:
             pair_repulsion=self.pair_repulsion,
             extrapolation_heads=self.extrapolation_heads,
             extrapolation_threshold=self.extrapolation_threshold,
+            field_references=self.field_references,
         )
 
 

@@ -1,21 +1,23 @@
-"""Offline calibration of the extrapolation grade: reference statistics from a model's training frames.
+"""Offline calibration of the extrapolation grade and field range: reference statistics from training frames.
 
-The grade itself (per atom, at serving time) is the engine's
-(:mod:`macefield_server.engine.extrapolation`); this module computes what it
-is measured against: for each head and element, the D-optimal active set
-(MaxVol) of the reference atoms' invariant latent features and the residual
-radius for directions the active set does not span.  ``macefield-calibrate``
-and the trainer call :func:`calibrate`.
+The grade and the field range themselves (at serving time) are the engine's
+(:mod:`macefield_server.engine.extrapolation`); this module computes what they
+are measured against, for each head and element: the D-optimal active set
+(MaxVol) of the reference atoms' field-free invariant features and the residual
+radius for directions the active set does not span (the grade), and the field
+susceptibility kappa = mean ||Z*||_2 / sigma_F (the field range).
+``macefield-calibrate`` calls :func:`calibrate`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.linalg
 import torch
+
+from macefield_client.contract.labels import as_array, find_key, lookup
 
 from ..engine.extrapolation import (MAXVOL_TOLERANCE, RESIDUAL_FLOOR, TRUNCATION, ElementStatistics,
                                     ExtrapolationStatistics, feature_layout, latent_features, statistics_of,
@@ -118,36 +120,73 @@ def reference_features(model, structures: Sequence, head: str, max_edges: int = 
     return np.concatenate(feats), np.concatenate(numbers), np.concatenate(origin)
 
 
-def with_fields(structures: Sequence, magnitude: float) -> List:
-    """Each structure at zero field and at +-``magnitude`` (V/A) along x, y and z (7 copies, zero field first)."""
+#: Born charges for the field susceptibility are evaluated on every this-many-th reference structure
+#: (a mean over thousands of atoms; default model: every 8th frame against all frames changes E_ref by < 5 %)
+BORN_CHARGE_STRIDE = 8
 
-    out = []
-    for s in structures:
-        s = s if isinstance(s, Structure) else Structure.from_atoms(s)
-        out.append(Structure(s.numbers, s.positions, s.cell, s.pbc, np.zeros(3), s.head))
-        for axis in range(3):
-            for sign in (1.0, -1.0):
-                field = np.zeros(3)
-                field[axis] = sign * magnitude
-                out.append(Structure(s.numbers, s.positions, s.cell, s.pbc, field, s.head))
-    return out
+
+def reference_forces(model, structures: Sequence, head: str) -> Tuple[np.ndarray, str]:
+    """(forces (n, 3) eV/A of every atom of ``structures``, source): the frames' force labels when every frame has
+    them (ASE Atoms with ``REF_forces``, ``DFT_forces`` or ``forces``), else the model's forces at E = 0."""
+    atoms_like = [s for s in structures if not isinstance(s, Structure)]
+    if len(atoms_like) == len(structures):
+        key = find_key(structures, "forces")
+        if key is not None:
+            try:
+                forces = [as_array(lookup(a, key)).reshape(len(a), 3) for a in structures]
+            except (KeyError, ValueError):
+                forces = None
+            if forces is not None:
+                return np.concatenate(forces), f"labels ({key})"
+    zero = [_at_zero_field(s, head) for s in structures]
+    results = predict(model, zero, heads=head, outputs=["forces"])
+    return np.concatenate([r["forces"] for r in results]), "model (E = 0)"
+
+
+def _at_zero_field(s, head: str) -> Structure:
+    s = s if isinstance(s, Structure) else Structure.from_atoms(s)
+    return Structure(s.numbers, s.positions, s.cell, s.pbc, np.zeros(3), head)
+
+
+def field_susceptibility(model, structures: Sequence, head: str, stride: int = BORN_CHARGE_STRIDE) -> Dict:
+    """Per element of ``structures``: ``{Z: (mean ||Z*||_2 in e, RMS force component in eV/A)}`` and the sources.
+
+    Z*: the model's Born charges at E = 0 on every ``stride``-th structure
+    (spectral norm per atom, mean over the element's atoms); sigma_F: the RMS
+    Cartesian force component of the element over all ``structures``
+    (:func:`reference_forces`).  Their ratio kappa (A/V) is the field range's
+    scale (:mod:`macefield_server.engine.extrapolation`).
+    """
+    if stride < 1:
+        raise ValueError(f"stride: expected >= 1, got {stride}")
+    numbers = np.concatenate([np.asarray(s.numbers) for s in structures])
+    forces, force_source = reference_forces(model, structures, head)
+    sampled = list(structures)[::stride]
+    born = predict(model, [_at_zero_field(s, head) for s in sampled], heads=head, outputs=["born_charges"])
+    born_numbers = np.concatenate([np.asarray(s.numbers) for s in sampled])
+    norms = np.linalg.norm(np.concatenate([r["born_charges"] for r in born]), ord=2, axis=(1, 2))
+    out = {}
+    for z in sorted(set(int(v) for v in numbers)):
+        mine = born_numbers == z
+        znorm = float(norms[mine].mean()) if mine.any() else 0.0
+        out[z] = (znorm, float(np.sqrt(np.mean(forces[numbers == z] ** 2))))
+    return {"elements": out, "forces": force_source, "born_charges": f"model at E = 0, every {stride}th structure "
+            f"({len(sampled)} of {len(structures)})"}
 
 
 def calibrate(model, structures: Sequence, head: Optional[str] = None, *, reference: Optional[Dict] = None,
-              truncation: float = TRUNCATION, fields: float = 0.0, progress=None) -> ExtrapolationStatistics:
+              truncation: float = TRUNCATION, born_charge_stride: int = BORN_CHARGE_STRIDE,
+              progress=None) -> ExtrapolationStatistics:
     """Statistics of ``head`` (None: the model's first head) from reference ``structures`` (ase.Atoms or Structure).
 
     Returns the model's existing statistics with this head's replaced (or new
     ones); attach them with :func:`attach`.  ``reference``: JSON-able
     description of the reference set (files, frames), stored with them.
 
-    ``fields`` (V/A): 0 takes every structure at the field it carries
-    (``Structure.electric_field``; ase.Atoms: zero).  A magnitude E > 0 takes
-    each at zero field and at +-E along x, y and z instead, declaring fields of
-    that size part of the reference: the field enters the features, and a
-    model trained at zero field otherwise grades any finite field as
-    extrapolation (default model: E = 0.01 V/A raises perfect quartz from
-    0.64 to 1.5).  Only for fields the model has been checked at.
+    The grade's features are taken before any field coupling, so the
+    structures' fields do not matter; the field susceptibility is measured at
+    E = 0 (:func:`field_susceptibility`, Born charges on every
+    ``born_charge_stride``-th structure).
     """
     heads = list(getattr(model, "heads", None) or ["Default"])
     head = heads[0] if head in (None, "") else head
@@ -155,28 +194,29 @@ def calibrate(model, structures: Sequence, head: Optional[str] = None, *, refere
         raise ValueError(f"head: unknown head {head!r}; the model has {heads}")
     if not structures:
         raise ValueError("calibration needs at least one reference structure")
-    if fields < 0 or not math.isfinite(fields):
-        raise ValueError(f"fields: expected a magnitude >= 0 (V/A), got {fields}")
-    n_structures = len(structures)
-    if fields > 0:
-        structures = with_fields(structures, fields)
+    structures = list(structures)
     x, numbers, origin = reference_features(model, structures, head, progress=progress)
-    if fields > 0:
-        origin[:, 0] //= 7  # the structure the field copy came from
+    susceptibility = field_susceptibility(model, structures, head, born_charge_stride)
     per_element = {}
     for z in sorted(set(int(v) for v in numbers)):
         mask = numbers == z
         per_element[z] = element_statistics(x[mask], z, truncation, origin[mask])
+        per_element[z].born_charge_norm, per_element[z].force_rms = susceptibility["elements"][z]
     new = ExtrapolationStatistics(feature_layout(model), {head: per_element},
-                                  references={head: dict(reference or {}, structures=n_structures,
-                                                          atoms=int(len(numbers)), fields_V_per_A=fields)},
+                                  references={head: dict(reference or {}, structures=len(structures),
+                                                          atoms=int(len(numbers)),
+                                                          forces=susceptibility["forces"],
+                                                          born_charges=susceptibility["born_charges"])},
                                   truncation=truncation, weights=weights_fingerprint(model))
     existing = statistics_of(model)
     return existing.merged(new) if existing is not None else new
 
 
-def reference_grades(model, structures: Iterable, head: str) -> np.ndarray:
-    """Grades of every atom of ``structures`` on ``head`` (concatenated), e.g. to check a calibration."""
+def reference_grades(model, structures: Iterable, head: str, electric_field=None) -> np.ndarray:
+    """Grades of every atom of ``structures`` on ``head`` (concatenated), e.g. to check a calibration;
+    ``electric_field`` (3,) V/A applies that field to every structure (None: zero)."""
 
-    return np.concatenate([r["extrapolation"] for r in predict(model, list(structures), heads=head,
+    structures = list(structures)
+    fields = None if electric_field is None else [np.asarray(electric_field, dtype=float)] * len(structures)
+    return np.concatenate([r["extrapolation"] for r in predict(model, structures, heads=head, electric_fields=fields,
                                                                  outputs=["extrapolation"])])

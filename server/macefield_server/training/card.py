@@ -308,9 +308,28 @@ def card_markdown(card: Dict) -> str:
     return "\n".join(lines)
 
 
+#: what the card's extrapolation section says the two outputs mean (``macefield-calibrate --card`` writes it;
+#: the numbers are in the section's tables and measured flags)
+EXTRAPOLATION_MEANING = (
+    "Every result of a calibrated head carries two dimensionless numbers with one threshold, 1. "
+    "(1) The per-atom extrapolation grade (output `extrapolation`, and its maximum `extrapolation_max`): the atom's "
+    "field-free structural features (the invariant channels of interaction layer 0, taken before the field coupling, "
+    "from the same forward pass; exactly independent of the field) measured against the D-optimal active set "
+    "(MaxVol, as pacemaker's gamma for ACE) of the training atoms of its element and head, with a 1% margin. "
+    "Grade <= 1: inside the region the training frames span; > 1: the structure has left them, and the larger the "
+    "further out. It sees one layer's receptive field (r_max), not the model's two. "
+    "(2) The field range (output `field_extrapolation`, per structure): |E| / E_ref, E_ref the field at which the "
+    "field-induced force on the most susceptible ion present (||Z*|| |E|, the model's Born charge at E = 0) equals "
+    "the RMS force of the training frames: the field-induced ion displacement over the thermal displacement the "
+    "training data sampled. 0 at zero field, linear in |E|; > 1: finite-field results extrapolate the zero-field "
+    "response beyond the sampled configurations. Neither says how large an error is; they say that nothing in "
+    "the training data vouches for the result."
+)
+
+
 def extrapolation_markdown(section: Dict) -> List[str]:
     """The card's "Extrapolation grade" section (written by ``macefield-calibrate --card``)."""
-    lines = ["## Extrapolation grade", ""]
+    lines = ["## Extrapolation grade and field range", ""]
     if section.get("meaning"):
         lines += [section["meaning"], ""]
     lines += [
@@ -331,10 +350,39 @@ def extrapolation_markdown(section: Dict) -> List[str]:
                      + ")") if held else "-"
         lines.append(f"| `{head}` | {refs} | {counts} | {h['reference_max_grade']:.3f} | {held_text} |")
     lines.append("")
+    if any("field_reference_V_per_A" in h for h in section["heads"].values()):
+        lines += ["Field range: E_ref = 1 / max kappa, kappa = mean ||Z*||_2 / RMS force component per element "
+                  "(field_extrapolation = |E| / E_ref for a structure holding the element that sets E_ref).", "",
+                  "| head | E_ref (V/A) | per element: mean \|\|Z*\|\|_2 (e), RMS force (eV/A), sigma_F/\|\|Z*\|\| (V/A) |",
+                  "|---|---|---|"]
+        for head, h in section["heads"].items():
+            if "field_reference_V_per_A" not in h:
+                continue
+            per = "; ".join(f"Z={z}: {e['born_charge_norm_e']:.2f}, {e['force_rms_eV_per_A']:.2f}, "
+                            f"{(1 / e['kappa_A_per_V']) if e['kappa_A_per_V'] else float('inf'):.3f}"
+                            for z, e in h["elements"].items())
+            lines.append(f"| `{head}` | {h['field_reference_V_per_A']:.3f} | {per} |")
+        lines.append("")
+    fields = [(head, h["holdout"]["at_fields"]) for head, h in section["heads"].items()
+              if h.get("holdout", {}).get("at_fields")]
+    if fields:
+        lines += ["Held-out frames in a field (the grade is field-independent; field_extrapolation for "
+                  "the head's E_ref):", "",
+                  "| head | field (V/A) | atoms above 1 | max grade | field_extrapolation |", "|---|---|---|---|---|"]
+        for head, rows in fields:
+            h = section["heads"][head]["holdout"]
+            lines.append(f"| `{head}` | 0 | {h['atoms_above']} of {h['atoms']} ({100 * h['fraction_above']:.2f}%) | "
+                         f"{h['max']:.3g} | 0 |")
+            for r in rows:
+                lines.append(f"| `{head}` | {r['field_V_per_A']:g} along {r['direction']} | {r['atoms_above']} of "
+                             f"{h['atoms']} ({100 * r['fraction_above']:.2f}%) | {r['max']:.3g} | "
+                             f"{r['field_extrapolation']:.3g} |")
+        lines.append("")
     if section.get("commands"):
         lines += ["Calibrated with (from the repository root):", ""] + [f"    {c}" for c in section["commands"]] + [""]
     if section.get("flags"):
-        lines += ["What it flags (measured on this model; tests/test_extrapolation.py):", ""]
+        lines += ["What it flags (measured on this model: " + section.get("flags_command", "tests/test_extrapolation.py")
+                  + "):", ""]
         lines += [f"- {f}" for f in section["flags"]] + [""]
     return lines
 

@@ -55,7 +55,7 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_structures: _Optional[int] = ..., batch_atoms: _Optional[int] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("request_id", "model", "head", "n_atoms", "outputs", "energy", "forces", "stress", "dipole", "polarization", "polarization_quantum", "born_charges", "polarizability", "chi", "eps_inf", "volume", "timing", "extrapolation", "extrapolation_max")
+    __slots__ = ("request_id", "model", "head", "n_atoms", "outputs", "energy", "forces", "stress", "dipole", "polarization", "polarization_quantum", "born_charges", "polarizability", "chi", "eps_inf", "volume", "timing", "extrapolation", "extrapolation_max", "field_extrapolation")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class PredictResponse(_message.Message):
     TIMING_FIELD_NUMBER: _ClassVar[int]
     EXTRAPOLATION_FIELD_NUMBER: _ClassVar[int]
     EXTRAPOLATION_MAX_FIELD_NUMBER: _ClassVar[int]
+    FIELD_EXTRAPOLATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     head: str
@@ -94,21 +95,24 @@ class PredictResponse(_message.Message):
     timing: Timing
     extrapolation: _containers.RepeatedScalarFieldContainer[float]
     extrapolation_max: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., head: _Optional[str] = ..., n_atoms: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., energy: _Optional[float] = ..., forces: _Optional[_Iterable[float]] = ..., stress: _Optional[_Iterable[float]] = ..., dipole: _Optional[_Iterable[float]] = ..., polarization: _Optional[_Iterable[float]] = ..., polarization_quantum: _Optional[_Iterable[float]] = ..., born_charges: _Optional[_Iterable[float]] = ..., polarizability: _Optional[_Iterable[float]] = ..., chi: _Optional[_Iterable[float]] = ..., eps_inf: _Optional[_Iterable[float]] = ..., volume: _Optional[float] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., extrapolation: _Optional[_Iterable[float]] = ..., extrapolation_max: _Optional[float] = ...) -> None: ...
+    field_extrapolation: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., head: _Optional[str] = ..., n_atoms: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., energy: _Optional[float] = ..., forces: _Optional[_Iterable[float]] = ..., stress: _Optional[_Iterable[float]] = ..., dipole: _Optional[_Iterable[float]] = ..., polarization: _Optional[_Iterable[float]] = ..., polarization_quantum: _Optional[_Iterable[float]] = ..., born_charges: _Optional[_Iterable[float]] = ..., polarizability: _Optional[_Iterable[float]] = ..., chi: _Optional[_Iterable[float]] = ..., eps_inf: _Optional[_Iterable[float]] = ..., volume: _Optional[float] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., extrapolation: _Optional[_Iterable[float]] = ..., extrapolation_max: _Optional[float] = ..., field_extrapolation: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class HeadInfo(_message.Message):
-    __slots__ = ("name", "is_default", "extrapolation")
+    __slots__ = ("name", "is_default", "extrapolation", "field_reference")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     EXTRAPOLATION_FIELD_NUMBER: _ClassVar[int]
+    FIELD_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     is_default: bool
     extrapolation: bool
-    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ..., extrapolation: _Optional[bool] = ...) -> None: ...
+    field_reference: float
+    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ..., extrapolation: _Optional[bool] = ..., field_reference: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "is_default", "heads", "default_head", "atomic_numbers", "cutoff", "dtype", "device", "outputs", "units", "trained", "description", "num_parameters", "card_json", "source", "pair_repulsion", "backend", "extrapolation_threshold")
