@@ -265,7 +265,7 @@ def main(argv=None) -> int:
         "outputs": list(OUTPUTS),
         "model": served.name,
         "cutoff": served.cutoff,
-        "neighbour_backend": getattr(graph, "NEIGHBOUR_BACKEND", "matscipy"),
+        "neighbour_backend": graph.neighbour_backend() if hasattr(graph, "neighbour_backend") else "matscipy",
         "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                      "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
