@@ -172,3 +172,17 @@ def test_device_path_on_cuda_gives_the_host_lists():
     got = as_pairs(batch.tensors["edge_index"].cpu().numpy(), batch.tensors["unit_shifts"].cpu().numpy(),
                    edges.distances.cpu().numpy())
     assert_same(host, got)
+
+
+def test_prep_workers_and_backend_are_checked_server_settings():
+    from macefield_server.config_files import ConfigError
+    from macefield_server.serving.config import NEIGHBOUR_BACKENDS as CONFIG_BACKENDS
+    from macefield_server.serving.config import BatchingConfig, ServerConfig
+
+    assert CONFIG_BACKENDS == NEIGHBOUR_BACKENDS
+    assert ServerConfig(batching=BatchingConfig(prep_workers=3, neighbour_backend="matscipy")).validate()
+    with pytest.raises(ConfigError, match="batching.prep_workers"):
+        ServerConfig(batching=BatchingConfig(prep_workers=0)).validate()
+    with pytest.raises(ConfigError, match="batching.neighbour_backend"):
+        ServerConfig(batching=BatchingConfig(neighbour_backend="ase")).validate()
+

@@ -335,8 +335,9 @@ def estimate_edges(structure: Structure, cutoff: float, limit: int = 100_000) ->
 
     Used to refuse collapsed or absurdly dense inputs before the neighbour
     search allocates their edges.  Cheap bounds first: N*(N-1) for a finite
-    structure, N*N*images for a periodic one (images: lattice translations
-    that can bring an atom within the cutoff), then a histogram over bins a
+    structure, N*N*images for a periodic one (images: the most lattice
+    translations that can bring one atom within the cutoff of another, the product over
+    periodic axes of floor(2 * cutoff / plane spacing) + 1), then a histogram over bins a
     cutoff wide (O(N)); when those pass ``limit`` the pairs are counted by a
     k-d tree over the atoms and their nearby images (memory O(N * images), no
     per-pair storage).  So atoms piled on one point, tiny cells with many
@@ -368,9 +369,13 @@ def estimate_edges(structure: Structure, cutoff: float, limit: int = 100_000) ->
             frac[:, i] -= np.floor(frac[:, i])  # wrap: pair distances over images do not change
             reach_f[i] = np.ceil(cutoff * np.linalg.norm(reciprocal[i])) + 1
     images_f = float(np.prod(2 * reach_f + 1))
-    if np.isfinite(images_f) and n * n * images_f - n <= limit:
-        return int(n * n * images_f) - n
     spacing = 1.0 / np.linalg.norm(reciprocal, axis=1)  # distance between lattice planes (padded axes: orthogonal)
+    # a pair within the cutoff is at most a cutoff apart across every family of lattice planes: along periodic
+    # axis i its fractional offset lies in an interval 2 * cutoff / spacing_i wide, which holds at most
+    # floor(2 * cutoff / spacing_i) + 1 integer shifts; so each ordered pair has at most their product of images
+    per_pair = float(np.prod(np.where(structure.pbc, np.floor(2.0 * cutoff / spacing) + 1.0, 1.0)))
+    if np.isfinite(per_pair) and n * n * per_pair - n <= limit:
+        return int(n * n * per_pair) - n
     binned = _binned_bound(frac * spacing, structure.pbc, spacing, cutoff)
     if binned is not None and binned <= limit:
         return binned
