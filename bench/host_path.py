@@ -13,7 +13,8 @@ For alpha-quartz (9, 72, 576, 4608 atoms) and a 135-atom BaTiO3 MD frame, single
 ``host_total`` is their sum: the work per structure from received bytes to sent bytes that is not the model.
 ``device_nl_total`` is the host side of a CUDA batch whose neighbour lists are built on the device
 (decode + validate + the copy of positions/cells + d2h + encode).  The prep stage's throughput
-(validate + neighbour list on a thread pool, as the server runs it) is measured with 1 and 2 workers.
+(validate + neighbour list on a thread pool, as the server runs it) is measured with 1 and 2 workers, next
+to a control: SHA-256 of 1 MiB per task (C code without the GIL), i.e. the parallelism the machine offers now.
 
 Usage (from the repository root):
     PYTHONPATH=server:client python bench/host_path.py [--out bench/results/host_path_cpu.json] [--quick]
@@ -114,7 +115,8 @@ def stage_costs(served, case: dict, *, outputs=OUTPUTS, min_repeats: int = 20, m
     limits = LimitsConfig()
     atoms = case["atoms"]
     n = len(atoms)
-    data = build_request(atoms, outputs=list(outputs), head=case["head"], request_id="bench").SerializeToString()
+    head = case["head"] if case["head"] in served.heads else ""  # another model's heads: its default
+    data = build_request(atoms, outputs=list(outputs), head=head, request_id="bench").SerializeToString()
     request = pb.PredictRequest.FromString(data)
     parsed = parse_request(request, registry, limits)
     structure = parsed.structure
@@ -196,12 +198,21 @@ def prep_throughput(served, case: dict, workers: int, structures: int = 64, roun
 
     registry = ModelRegistry([served])
     limits = LimitsConfig()
-    request = build_request(case["atoms"], outputs=list(OUTPUTS), head=case["head"])
+    request = build_request(case["atoms"], outputs=list(OUTPUTS), head=case["head"] if case["head"] in served.heads else "")
     n = len(case["atoms"])
 
     def prep(_):
         parsed = parse_request(request, registry, limits)
         return neighbour_list(parsed.structure, served.cutoff)
+
+    if case.get("control"):  # a GIL-free C kernel: how much parallelism the machine offers right now
+        import hashlib
+
+        blob = os.urandom(1 << 20)
+        n = 1
+
+        def prep(_):  # noqa: F811
+            return hashlib.sha256(blob).digest()
 
     rates = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -238,11 +249,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "host_path_cpu.json"))
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     parser.add_argument("--label", default="", help="a free-text label stored in the JSON")
+    parser.add_argument("--backend", default=None, help="host neighbour-list library (default: the server's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from macefield_server.engine import graph
     from macefield_server.serving.registry import load_default_model
 
+    if args.backend and hasattr(graph, "set_neighbour_backend"):
+        graph.set_neighbour_backend(args.backend)
     served = load_default_model("cpu")
     the_cases = cases()
     kw = {"min_repeats": 5, "min_seconds": 0.05} if args.quick else {"min_repeats": 30, "min_seconds": 0.5}
@@ -254,7 +268,10 @@ def main(argv=None) -> int:
         if case["name"] in ("quartz-72", "quartz-576"):
             for workers in (1, 2):
                 prep.append(prep_throughput(served, case, workers, rounds=2 if args.quick else 7))
-    for case_name in ("quartz-72", "quartz-576"):
+    control = {"name": "control-sha256", "atoms": the_cases[0]["atoms"], "head": "", "control": True}
+    for workers in (1, 2):
+        prep.append(prep_throughput(served, control, workers, rounds=2 if args.quick else 7))
+    for case_name in ("quartz-72", "quartz-576", "control-sha256"):
         one, two = [p for p in prep if p["structure"] == case_name]
         print(f"prep {case_name}: 1 worker {one['atoms_per_s_best']:.3g} atoms/s, 2 workers "
               f"{two['atoms_per_s_best']:.3g} atoms/s (x{two['atoms_per_s_best'] / one['atoms_per_s_best']:.2f} best, "
