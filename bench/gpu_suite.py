@@ -29,7 +29,10 @@ run still leaves results).  Sections:
 4. ``md_step``: where one MD step of a single PredictStream client goes:
    decode, validation, neighbour list, collate, host-to-device, compute,
    device-to-host, split, encode (in-process, the server's own functions), and
-   the end-to-end stream round trip; the rest is gRPC and scheduling.
+   the end-to-end stream round trip; the rest is gRPC and scheduling.  Also
+   ``host_path``: bench/host_path.py's breakdown for 72- and 576-atom quartz on
+   the served model, summarised next to the engine's best E+F us/atom
+   (``host_path_*`` checks: ``limited_by`` host or device).
 
 Every model is made once per (model, dtype, device, backend) and kept
 (:class:`ModelCache`; ``conversions`` in the JSON says what each took):
@@ -765,6 +768,15 @@ def md_step(model, atoms, device, args, port):
            "stage_ms": {k: 1e3 * statistics.median(v) for k, v in stages.items()}}
     out["stages_total_ms"] = sum(out["stage_ms"].values())
     out["overhead_ms_excluding_compute"] = out["stages_total_ms"] - out["stage_ms"]["compute"]
+    try:  # the host path stage by stage (bench/host_path.py), to set against the engine's compute per atom
+        sys.path.insert(0, str(REPO / "bench"))
+        from host_path import cases as host_cases, host_breakdown
+
+        out["host_path"] = host_breakdown(served_model, host_cases(batio3=None, sizes=(72, 576)),
+                                          min_repeats=5 if args.smoke else 20, min_seconds=0.02 if args.smoke else 0.2,
+                                          device=device)
+    except Exception as exc:  # noqa: BLE001 - the rest of the section stands
+        out["host_path_error"] = f"{type(exc).__name__}: {exc}"[:500]
 
     async def stream():
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -842,6 +854,15 @@ def summarise_record(record):
             checks[f"us_per_atom_mh0_cueq_float32_{outputs}"] = {
                 "value": min(p["us_per_atom"] for p in cueq), "target": "report (anchor ~3 us/atom E+F, H100)",
                 "pass": None}
+    device_us = [p["us_per_atom"] for backend in ("cueq", "e3nn")
+                 for p in best("mh0", "float32", backend, "energy_forces") if p.get("us_per_atom")]
+    for row in (record["sections"].get("md_step") or {}).get("host_path", []):
+        host = row["host_total"]["us_per_atom"]
+        entry = {"value": host, "target": "report: host us/atom (received bytes to sent bytes, not the model)",
+                 "pass": None, "device_nl_host_us_per_atom": row["device_nl_total"]["us_per_atom"]}
+        if device_us:  # the device's best compute per atom (E+F, any batch): which side limits throughput
+            entry.update(device_us_per_atom=min(device_us), limited_by="host" if host > min(device_us) else "device")
+        checks[f"host_path_{row['name']}"] = entry
     srv = (record["sections"].get("server") or {}).get("results", {})
     if "64" in srv:
         ratio = srv["64"]["predict_batching"]["throughput_sps"] / srv["64"]["direct"]["throughput_sps"]

@@ -7,7 +7,7 @@
 # installed by two consecutive steps on that host:
 #
 #   .whl-ops/  cuequivariance-ops-cu13 (the CUDA kernel library)      -> step 1: install, exit
-#   .whl/      everything else (mace-torch, e3nn 0.4.4, ase, matscipy,
+#   .whl/      everything else (mace-torch, e3nn 0.4.4, ase, matscipy, vesin,
 #              grpc, cuequivariance, cuequivariance-ops-torch-cu13, ...) -> step 2: install, run the suite
 #
 # Step 1 (with .whl-ops/):
@@ -28,7 +28,7 @@ PYTHON=${PYTHON:-python3}
 OPS=(cuequivariance-ops-cu13==0.13.0)
 REST=(
   mace-torch==0.3.16 e3nn==0.4.4 opt-einsum-fx==0.1.4 torch-ema==0.3
-  ase==3.29.0 matscipy==1.3.1
+  ase==3.29.0 matscipy==1.3.1 vesin==0.6.2
   grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 prometheus-client==0.26.0
   cuequivariance==0.13.0 cuequivariance-torch==0.13.0 cuequivariance-ops-torch-cu13==0.13.0 platformdirs==4.5.0
   # declared by mace-torch though the serving path never imports them (carried so that the check below is strict)

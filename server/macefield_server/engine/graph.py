@@ -1,7 +1,8 @@
 """Structures and batched neighbour graphs.
 
 A :class:`Structure` is one request's geometry and field, in plain numpy.
-:func:`neighbour_list` builds its radius graph (CPU, numpy) and
+:func:`neighbour_list` builds its radius graph (CPU, numpy; vesin, or matscipy as
+the reference: :data:`NEIGHBOUR_BACKENDS`) and
 :func:`collate` packs many graphs into the tensor dict that
 :meth:`FieldMACE.enthalpy` reads.  Units: Angstrom, V/Angstrom.
 
@@ -16,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import threading
+
 import numpy as np
 import torch
-from matscipy.neighbours import neighbour_list as _matscipy_neighbour_list
 
 #: cells whose |det| is below this (Angstrom^3) count as singular
 MIN_VOLUME = 1e-6
@@ -180,28 +182,79 @@ def canonical_positions(structure: Structure, cell: Optional[np.ndarray] = None)
     return frac @ cell
 
 
-def neighbour_list(structure: Structure, cutoff: float) -> NeighbourGraph:
+#: host neighbour-list libraries: identical pairs, shifts and distances (tests/test_neighbour_lists.py);
+#: vesin is about 3x faster than matscipy and releases the GIL while it searches
+NEIGHBOUR_BACKENDS = ("vesin", "matscipy")
+_backend = {"name": "vesin"}
+_local = threading.local()  # one vesin calculator per thread and cutoff (it keeps its buffers between calls)
+
+
+def neighbour_backend() -> str:
+    """The library :func:`neighbour_list` uses now."""
+    return _backend["name"]
+
+
+def set_neighbour_backend(name: str) -> None:
+    """Use ``name`` (one of :data:`NEIGHBOUR_BACKENDS`) for every later :func:`neighbour_list`."""
+    if name not in NEIGHBOUR_BACKENDS:
+        raise ValueError(f"neighbour backend: expected one of {list(NEIGHBOUR_BACKENDS)}, got {name!r}")
+    if name == "vesin":
+        import vesin  # noqa: F401  (fail here, not on the first request)
+    _backend["name"] = name
+
+
+def _vesin_calculator(cutoff: float):
+    import vesin
+
+    cache = getattr(_local, "vesin", None)
+    if cache is None:
+        cache = _local.vesin = {}
+    calc = cache.get(cutoff)
+    if calc is None:  # single-threaded: the server's parallelism is its prep workers
+        calc = cache[cutoff] = vesin.NeighborList(cutoff=cutoff, full_list=True, sorted=False, n_threads=1)
+    return calc
+
+
+def pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float, backend: Optional[str] = None):
+    """(i, j, unit shifts S, distances d) of every ordered pair within ``cutoff``, self-pairs at S = 0 excluded.
+
+    ``d[k] = |positions[j] + S[k] @ cell - positions[i]|``.  ``cell`` must be non-singular (see
+    :func:`_padded_cell`); S is zero along non-periodic directions.  i, j int64, S int64, d float64;
+    the order of the pairs is the backend's (deterministic for given inputs).
+    """
+    backend = backend or _backend["name"]
+    cutoff = float(cutoff)
+    if backend == "vesin":
+        i, j, shifts, d = _vesin_calculator(cutoff).compute(positions, cell, np.asarray(pbc, dtype=bool), "ijSd")
+        return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int64), d  # vesin omits self-pairs at S = 0
+    if backend != "matscipy":
+        raise ValueError(f"neighbour backend: expected one of {list(NEIGHBOUR_BACKENDS)}, got {backend!r}")
+    from matscipy.neighbours import neighbour_list as matscipy_neighbour_list
+
+    i, j, shifts, d = matscipy_neighbour_list("ijSd", positions=positions, cell=cell, pbc=pbc, cutoff=cutoff)
+    keep = ~((i == j) & np.all(shifts == 0, axis=1))
+    return i[keep].astype(np.int64), j[keep].astype(np.int64), shifts[keep].astype(np.int64), d[keep]
+
+
+def neighbour_list(structure: Structure, cutoff: float, backend: Optional[str] = None) -> NeighbourGraph:
     """All ordered pairs closer than ``cutoff`` (Angstrom), excluding self-pairs at zero shift.
 
     Built on :func:`canonical_positions` (returned with the graph), so that the
-    shifts and the positions the model sees belong together.
+    shifts and the positions the model sees belong together.  ``backend``: a
+    library of :data:`NEIGHBOUR_BACKENDS` (default: :func:`neighbour_backend`).
     """
     cell = _padded_cell(structure, cutoff)
     if structure.n_atoms == 0:
         return NeighbourGraph(np.zeros((2, 0), np.int64), np.zeros((0, 3)), cell, positions=np.zeros((0, 3)))
     positions = canonical_positions(structure, cell)
-    i, j, shifts, d = _matscipy_neighbour_list(
-        "ijSd", positions=positions, cell=cell, pbc=structure.pbc, cutoff=float(cutoff)
-    )
-    keep = ~((i == j) & np.all(shifts == 0, axis=1))
-    i, j, shifts, d = i[keep], j[keep], shifts[keep], d[keep]
+    i, j, shifts, d = pairs(positions, cell, structure.pbc, cutoff, backend)
     closest = None
     if d.size:
         k = int(np.argmin(d))
         shift = (int(shifts[k, 0]), int(shifts[k, 1]), int(shifts[k, 2]))
         closest = ClosestPair(int(i[k]), int(j[k]), shift, float(d[k]))
     return NeighbourGraph(
-        edge_index=np.stack([i, j]).astype(np.int64),
+        edge_index=np.stack([i, j]),
         unit_shifts=shifts.astype(np.float64),
         cell=cell,
         closest=closest,
@@ -290,8 +343,9 @@ def estimate_edges(structure: Structure, cutoff: float, limit: int = 100_000) ->
 
     Used to refuse collapsed or absurdly dense inputs before the neighbour
     search allocates their edges.  Cheap bounds first: N*(N-1) for a finite
-    structure, N*N*images for a periodic one (images: lattice translations
-    that can bring an atom within the cutoff), then a histogram over bins a
+    structure, N*N*images for a periodic one (images: the most lattice
+    translations that can bring one atom within the cutoff of another, the product over
+    periodic axes of floor(2 * cutoff / plane spacing) + 1), then a histogram over bins a
     cutoff wide (O(N)); when those pass ``limit`` the pairs are counted by a
     k-d tree over the atoms and their nearby images (memory O(N * images), no
     per-pair storage).  So atoms piled on one point, tiny cells with many
@@ -323,9 +377,13 @@ def estimate_edges(structure: Structure, cutoff: float, limit: int = 100_000) ->
             frac[:, i] -= np.floor(frac[:, i])  # wrap: pair distances over images do not change
             reach_f[i] = np.ceil(cutoff * np.linalg.norm(reciprocal[i])) + 1
     images_f = float(np.prod(2 * reach_f + 1))
-    if np.isfinite(images_f) and n * n * images_f - n <= limit:
-        return int(n * n * images_f) - n
     spacing = 1.0 / np.linalg.norm(reciprocal, axis=1)  # distance between lattice planes (padded axes: orthogonal)
+    # a pair within the cutoff is at most a cutoff apart across every family of lattice planes: along periodic
+    # axis i its fractional offset lies in an interval 2 * cutoff / spacing_i wide, which holds at most
+    # floor(2 * cutoff / spacing_i) + 1 integer shifts; so each ordered pair has at most their product of images
+    per_pair = float(np.prod(np.where(structure.pbc, np.floor(2.0 * cutoff / spacing) + 1.0, 1.0)))
+    if np.isfinite(per_pair) and n * n * per_pair - n <= limit:
+        return int(n * n * per_pair) - n
     binned = _binned_bound(frac * spacing, structure.pbc, spacing, cutoff)
     if binned is not None and binned <= limit:
         return binned

@@ -52,7 +52,7 @@ from .memory import Budget, fmt, parse_bytes
 from .memory_measure import default_budget
 from .memory_measure import measure as measure_memory
 from .metrics import Metrics
-from ..engine.graph import Structure, neighbour_list
+from ..engine.graph import Structure, neighbour_list, set_neighbour_backend
 from ..engine.response import ENGINE_OUTPUTS, response_tier
 from .registry import ModelRegistry, ServedModel
 from .runtime import tune_cpu_allocator
@@ -98,7 +98,8 @@ class MaceFieldServer:
         self.metrics = Metrics()
         self.service = MaceFieldService(config, self.metrics)
         self.health = health.aio.HealthServicer()
-        self.prep_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prep")
+        set_neighbour_backend(config.batching.neighbour_backend)
+        self.prep_executor = ThreadPoolExecutor(max_workers=config.batching.prep_workers, thread_name_prefix="prep")
         self.batchers: Dict[str, Batcher] = {}
         self.registry: Optional[ModelRegistry] = None
         self.server: Optional[grpc.aio.Server] = None

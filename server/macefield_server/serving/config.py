@@ -27,6 +27,8 @@ Example (YAML; the TOML layout is the same)::
       max_wait_ms: 5            # oldest request waits at most this long for company
       max_queue: 1024           # queued structures per model; beyond it RESOURCE_EXHAUSTED
       max_queue_atoms: 1000000  # queued atoms per model; beyond it RESOURCE_EXHAUSTED
+      prep_workers: 2           # threads building neighbour lists (and validating large requests)
+      neighbour_backend: vesin  # vesin | matscipy: the host neighbour-list library (identical lists)
     limits:
       max_atoms_per_structure: 5000
       max_field: 1.0            # |E| in V/Angstrom
@@ -60,6 +62,8 @@ from ..config_files import ConfigError, build, read_mapping
 
 #: model backends (macefield_server.engine.cueq.BACKENDS; not imported here: config loads without torch)
 BACKENDS = ("e3nn", "cueq", "auto")
+#: host neighbour-list libraries (macefield_server.engine.graph.NEIGHBOUR_BACKENDS)
+NEIGHBOUR_BACKENDS = ("vesin", "matscipy")
 
 
 @dataclass
@@ -91,6 +95,10 @@ class BatchingConfig:
     max_queue: int = 1024  #: queued (not yet batched) structures per model
     max_queue_atoms: int = 1_000_000  #: queued atoms per model (bounds the memory of queued neighbour lists)
     stream_window: int = 64  #: pipelined requests in flight per PredictStream call
+    #: threads of the prep pool (neighbour lists; validation of requests over 1000 atoms): the searches
+    #: release the GIL, so up to one per free core runs in parallel
+    prep_workers: int = 2
+    neighbour_backend: str = "vesin"  #: host neighbour-list library: "vesin" | "matscipy" (identical lists)
 
     def limits_for(self, device_type: str) -> Tuple[int, int]:
         """(max_atoms, max_edges) per batch for a model on ``device_type`` ("cpu", "cuda", ...)."""
@@ -176,6 +184,7 @@ class ServerConfig:
             "batching.max_queue": b.max_queue,
             "batching.max_queue_atoms": b.max_queue_atoms,
             "batching.stream_window": b.stream_window,
+            "batching.prep_workers": b.prep_workers,
             "limits.max_atoms_per_structure": lim.max_atoms_per_structure,
             "limits.max_structures_per_request": lim.max_structures_per_request,
             "limits.max_edges_per_structure": lim.max_edges_per_structure,
@@ -193,6 +202,9 @@ class ServerConfig:
             raise ConfigError(f"limits.memory_budget: {exc}") from None
         if lim.min_distance < 0:
             raise ConfigError(f"limits.min_distance: must be >= 0 (0: no check), got {lim.min_distance}")
+        if b.neighbour_backend not in NEIGHBOUR_BACKENDS:
+            raise ConfigError(f"batching.neighbour_backend: expected one of {list(NEIGHBOUR_BACKENDS)}, "
+                              f"got {b.neighbour_backend!r}")
         if b.max_wait_ms < 0:
             raise ConfigError(f"batching.max_wait_ms: must be >= 0, got {b.max_wait_ms}")
         if not lim.max_extent > 0:

@@ -1,0 +1,297 @@
+"""Host-side cost of one request, stage by stage: everything the server does outside the model evaluation.
+
+For alpha-quartz (9, 72, 576, 4608 atoms) and a 135-atom BaTiO3 MD frame, single-threaded, in process:
+
+  decode     PredictRequest bytes -> message (protobuf)
+  validate   parse_request: field checks, element set, cell, extent, edge count + memory estimate
+  neighbours the neighbour list and the admission checks on it (min distance, density)
+  collate    graphs -> the batch's tensor dict (model dtype)
+  h2d        the host->device moves of the CUDA path (on a CPU: the same tensors copied once)
+  d2h        device->host: outputs to numpy, split per structure, finite check
+  encode     result arrays -> PredictResponse -> bytes
+
+``host_total`` is their sum: the work per structure from received bytes to sent bytes that is not the model.
+``device_nl_total`` is the host side of a CUDA batch whose neighbour lists are built on the device
+(decode + validate + the copy of positions/cells + d2h + encode).  The prep stage's throughput
+(validate + neighbour list on a thread pool, as the server runs it) is measured with 1 and 2 workers, next
+to a control: SHA-256 of 1 MiB per task (C code without the GIL), i.e. the parallelism the machine offers now.
+
+Usage (from the repository root):
+    PYTHONPATH=server:client python bench/host_path.py [--out bench/results/host_path_cpu.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # single-threaded stages
+    os.environ.setdefault(_var, "1")
+
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Dict, List, Optional, Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import RESULTS, write_json  # noqa: E402
+
+BATIO3_FRAMES = Path("/work/shared/data/batio3-md.xyz")
+OUTPUTS = ("energy", "forces", "stress")  #: what an NPT MD step asks for
+QUARTZ_REPEATS = {9: (1, 1, 1), 72: (2, 2, 2), 576: (4, 4, 4), 4608: (8, 8, 8)}
+
+
+def timed(fn: Callable[[], Any], min_repeats: int = 20, min_seconds: float = 0.3, max_repeats: int = 5000) -> dict:
+    """Median and minimum seconds of ``fn()`` over repeats (one warm-up call first)."""
+    fn()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": len(times)}
+
+
+def cases(batio3: Optional[Path] = BATIO3_FRAMES, sizes: Sequence[int] = tuple(QUARTZ_REPEATS)) -> List[dict]:
+    """[{name, atoms (ase.Atoms), head}] for the quartz sizes and (when the file exists) one BaTiO3 frame."""
+    from macefield_client.structures import alpha_quartz
+
+    out = [{"name": f"quartz-{n}", "atoms": alpha_quartz(repeat=QUARTZ_REPEATS[n], rattle=0.02, seed=1), "head": "sio2"}
+           for n in sizes]
+    if batio3 is not None and batio3.exists():
+        import ase.io
+
+        frame = ase.io.read(batio3, index=0)
+        out.append({"name": f"batio3-{len(frame)}", "atoms": frame, "head": "batio3"})
+    return out
+
+
+def reference_memory(served) -> None:
+    """A fixed memory model and budget, so that validation runs its edge count and memory estimate as served."""
+    from macefield_server.serving.memory import Budget, MemoryModel
+
+    if served.memory is None:
+        served.memory = MemoryModel(per_edge=(2e3, 6e3, 2e4), per_atom=(1e4, 3e4, 1e5), source="fixed (benchmark)")
+    if served.budget is None:
+        served.budget = Budget.split(8 * 2**30, 1)
+
+
+def _h2d(tensors: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    if device.type == "cuda":
+        out = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+        torch.cuda.synchronize(device)
+        return out
+    return {k: v.clone() for k, v in tensors.items()}  # the copies a device would make, here in host memory
+
+
+def _d2h(raw: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
+    return out
+
+
+def stage_costs(served, case: dict, *, outputs=OUTPUTS, min_repeats: int = 20, min_seconds: float = 0.3,
+                device: Optional[torch.device] = None) -> dict:
+    """Seconds per structure of every host stage for one structure (see the module docstring)."""
+    from macefield_client.contract import build_request
+    from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
+    from macefield_server.engine.graph import collate, neighbour_list
+    from macefield_server.engine.predict import check_finite, graded_head_indices, keep_requested, split_results
+    from macefield_server.engine.response import engine_outputs, respond
+    from macefield_server.serving.batcher import Timing
+    from macefield_server.serving.config import LimitsConfig
+    from macefield_server.serving.registry import ModelRegistry
+    from macefield_server.serving.service import result_to_proto
+    from macefield_server.serving.validation import parse_request, too_close, too_dense
+
+    device = device or served.device
+    registry = ModelRegistry([served])
+    limits = LimitsConfig()
+    atoms = case["atoms"]
+    n = len(atoms)
+    head = case["head"] if case["head"] in served.heads else ""  # another model's heads: its default
+    data = build_request(atoms, outputs=list(outputs), head=head, request_id="bench").SerializeToString()
+    request = pb.PredictRequest.FromString(data)
+    parsed = parse_request(request, registry, limits)
+    structure = parsed.structure
+    cutoff = served.cutoff
+    numbers = [int(z) for z in served.model.atomic_numbers]
+
+    def neighbours():
+        g = neighbour_list(structure, cutoff)
+        if g.edge_index.shape[1] > limits.max_edges_per_structure:
+            raise too_dense(int(g.edge_index.shape[1]), cutoff, limits)
+        if g.closest is not None and g.closest.distance < limits.min_distance:
+            raise too_close(g.closest, structure, limits)
+        return g
+
+    graph = neighbours()
+
+    def do_collate(dev="cpu"):
+        return collate([structure], [graph], atomic_numbers=numbers, head_index=[parsed.head_index],
+                       dtype=served.dtype, device=dev)
+
+    batch = do_collate()
+    needed = engine_outputs(parsed.outputs)
+    moved = _h2d(batch.tensors, device)
+    raw = respond(served.model, moved, None, needed)
+    raw = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
+    graded = graded_head_indices(served.model)
+
+    def d2h():
+        host = _d2h(raw)
+        (r,) = split_results(batch, host, needed, graded)
+        return check_finite(keep_requested(r, parsed.outputs), graph, structure.numbers)
+
+    values = d2h()
+    timing = Timing(queue_s=1e-3, compute_s=5e-2, total_s=5.1e-2, batch_structures=1, batch_atoms=n)
+
+    def encode():
+        return result_to_proto(parsed, values, timing).SerializeToString()
+
+    def copy_geometry():  # the CUDA path with device neighbour lists: only positions, cells, numbers move
+        return _h2d({"positions": torch.from_numpy(structure.positions), "cell": torch.from_numpy(structure.cell),
+                     "numbers": torch.from_numpy(structure.numbers)}, device)
+
+    kw = {"min_repeats": min_repeats, "min_seconds": min_seconds}
+    stages = {
+        "decode": timed(lambda: pb.PredictRequest.FromString(data), **kw),
+        "validate": timed(lambda: parse_request(request, registry, limits), **kw),
+        "neighbours": timed(neighbours, **kw),
+        "collate": timed(do_collate, **kw),
+        "h2d": timed(lambda: _h2d(batch.tensors, device), **kw),
+        "d2h": timed(d2h, **kw),
+        "encode": timed(encode, **kw),
+        "geometry_h2d": timed(copy_geometry, **kw),
+    }
+    host = ("decode", "validate", "neighbours", "collate", "h2d", "d2h", "encode")
+    device_nl = ("decode", "validate", "geometry_h2d", "d2h", "encode")
+    row: Dict[str, Any] = {"name": case["name"], "atoms": n, "edges": int(graph.edge_index.shape[1]),
+                           "request_bytes": len(data), "response_bytes": len(encode()), "stages": {}}
+    for name, t in stages.items():
+        row["stages"][name] = {**t, "us_per_atom": 1e6 * t["median_s"] / n, "min_us_per_atom": 1e6 * t["min_s"] / n}
+    for key, names in (("host_total", host), ("device_nl_total", device_nl)):
+        med = sum(stages[s]["median_s"] for s in names)
+        low = sum(stages[s]["min_s"] for s in names)
+        row[key] = {"stages": list(names), "median_s": med, "min_s": low, "us_per_atom": 1e6 * med / n,
+                    "min_us_per_atom": 1e6 * low / n}
+    return row
+
+
+def prep_throughput(served, case: dict, workers: int, structures: int = 64, rounds: int = 5) -> dict:
+    """Atoms per second through the prep stage (validate + neighbour list) on ``workers`` threads.
+
+    ``structures`` independent requests per round, each a task on the pool (as concurrent calls are);
+    the best and median round.
+    """
+    from macefield_client.contract import build_request
+    from macefield_server.engine.graph import neighbour_list
+    from macefield_server.serving.config import LimitsConfig
+    from macefield_server.serving.registry import ModelRegistry
+    from macefield_server.serving.validation import parse_request
+
+    registry = ModelRegistry([served])
+    limits = LimitsConfig()
+    request = build_request(case["atoms"], outputs=list(OUTPUTS), head=case["head"] if case["head"] in served.heads else "")
+    n = len(case["atoms"])
+
+    def prep(_):
+        parsed = parse_request(request, registry, limits)
+        return neighbour_list(parsed.structure, served.cutoff)
+
+    if case.get("control"):  # a GIL-free C kernel: how much parallelism the machine offers right now
+        import hashlib
+
+        blob = os.urandom(1 << 20)
+        n = 1
+
+        def prep(_):  # noqa: F811
+            return hashlib.sha256(blob).digest()
+
+    rates = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(prep, range(workers * 2)))  # warm
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            list(pool.map(prep, range(structures)))
+            rates.append(structures * n / (time.perf_counter() - t0))
+    return {"workers": workers, "structure": case["name"], "atoms_per_s_median": statistics.median(rates),
+            "atoms_per_s_best": max(rates), "rounds": rounds, "structures_per_round": structures}
+
+
+def host_breakdown(served, the_cases: List[dict], *, min_repeats: int = 20, min_seconds: float = 0.3,
+                   device: Optional[torch.device] = None) -> List[dict]:
+    """:func:`stage_costs` of every case (the GPU suite calls this next to its device timings)."""
+    reference_memory(served)
+    return [stage_costs(served, c, min_repeats=min_repeats, min_seconds=min_seconds, device=device)
+            for c in the_cases]
+
+
+def table(rows: List[dict]) -> str:
+    names = ("decode", "validate", "neighbours", "collate", "h2d", "d2h", "encode")
+    head = f"{'structure':>12} {'atoms':>5} " + " ".join(f"{s:>10}" for s in names) + f" {'total':>8} {'dev-NL':>7}"
+    lines = ["us/atom, median (single thread)", head]
+    for r in rows:
+        lines.append(f"{r['name']:>12} {r['atoms']:>5} " + " ".join(f"{r['stages'][s]['us_per_atom']:>10.2f}"
+                                                                      for s in names)
+                     + f" {r['host_total']['us_per_atom']:>8.2f} {r['device_nl_total']['us_per_atom']:>7.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(RESULTS / "host_path_cpu.json"))
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--label", default="", help="a free-text label stored in the JSON")
+    parser.add_argument("--backend", default=None, help="host neighbour-list library (default: the server's)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    from macefield_server.engine import graph
+    from macefield_server.serving.registry import load_default_model
+
+    if args.backend and hasattr(graph, "set_neighbour_backend"):
+        graph.set_neighbour_backend(args.backend)
+    served = load_default_model("cpu")
+    the_cases = cases()
+    kw = {"min_repeats": 5, "min_seconds": 0.05} if args.quick else {"min_repeats": 30, "min_seconds": 0.5}
+    load_before = os.getloadavg()
+    rows = host_breakdown(served, the_cases, **kw)
+    print(table(rows), flush=True)
+    prep = []
+    for case in the_cases:
+        if case["name"] in ("quartz-72", "quartz-576"):
+            for workers in (1, 2):
+                prep.append(prep_throughput(served, case, workers, rounds=2 if args.quick else 7))
+    control = {"name": "control-sha256", "atoms": the_cases[0]["atoms"], "head": "", "control": True}
+    for workers in (1, 2):
+        prep.append(prep_throughput(served, control, workers, rounds=2 if args.quick else 7))
+    for case_name in ("quartz-72", "quartz-576", "control-sha256"):
+        one, two = [p for p in prep if p["structure"] == case_name]
+        print(f"prep {case_name}: 1 worker {one['atoms_per_s_best']:.3g} atoms/s, 2 workers "
+              f"{two['atoms_per_s_best']:.3g} atoms/s (x{two['atoms_per_s_best'] / one['atoms_per_s_best']:.2f} best, "
+              f"x{two['atoms_per_s_median'] / one['atoms_per_s_median']:.2f} median)")
+    result = {
+        "benchmark": "host_path",
+        "label": args.label,
+        "outputs": list(OUTPUTS),
+        "model": served.name,
+        "cutoff": served.cutoff,
+        "neighbour_backend": graph.neighbour_backend() if hasattr(graph, "neighbour_backend") else "matscipy",
+        "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+        "rows": rows,
+        "prep_throughput": prep,
+    }
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""One neighbour-list contract whatever builds it: the same ordered pairs, unit shifts and distances.
+
+vesin (the host default), matscipy (the reference the server used before) and
+the device path's CPU build (:mod:`macefield_server.engine.device_graph`) are
+compared pair by pair on random triclinic cells, cells thinner than the cutoff
+(many images), mixed and no periodicity, atoms on cell faces and far from the
+origin.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from macefield_server.engine.device_graph import batch_edges, collate_on_device
+from macefield_server.engine.graph import (NEIGHBOUR_BACKENDS, Structure, collate, neighbour_backend, neighbour_list,
+                                           set_neighbour_backend)
+
+pytest.importorskip("vesin")
+
+CUTOFF = 5.0
+
+
+def as_pairs(edge_index, unit_shifts, distances):
+    """{(i, j, s0, s1, s2): distance} of one graph."""
+    edge_index = np.asarray(edge_index)
+    shifts = np.rint(np.asarray(unit_shifts)).astype(np.int64)
+    out = {}
+    for k in range(edge_index.shape[1]):
+        key = (int(edge_index[0, k]), int(edge_index[1, k]), *map(int, shifts[k]))
+        assert key not in out, f"pair {key} listed twice"
+        out[key] = float(distances[k])
+    return out
+
+
+def host_pairs(structure: Structure, backend: str, cutoff: float = CUTOFF):
+    g = neighbour_list(structure, cutoff, backend=backend)
+    pos = g.positions
+    i, j = g.edge_index
+    d = np.linalg.norm(pos[j] + g.unit_shifts @ g.cell - pos[i], axis=1)
+    assert np.all(d < cutoff)
+    assert not np.any((i == j) & np.all(g.unit_shifts == 0, axis=1)), "a self-pair at zero shift"
+    if d.size:
+        assert g.closest is not None and g.closest.distance == pytest.approx(d.min(), abs=1e-12)
+    else:
+        assert g.closest is None
+    return as_pairs(g.edge_index, g.unit_shifts, d)
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys(), (f"{len(a.keys() - b.keys())} pairs only in the first, "
+                                  f"{len(b.keys() - a.keys())} only in the second")
+    for key, d in a.items():
+        assert b[key] == pytest.approx(d, abs=1e-9), key
+
+
+def random_structure(rng, n, pbc, cell_scale=1.0, skew=0.4):
+    cell = (np.eye(3) + skew * rng.uniform(-1, 1, (3, 3))) * rng.uniform(4.0, 9.0, 3)[:, None] * cell_scale
+    frac = rng.uniform(0, 1, (n, 3))
+    positions = frac @ cell + rng.normal(0, 0.3, (n, 3))  # some atoms outside the cell
+    return Structure(rng.integers(1, 9, n), positions, cell, pbc)
+
+
+PBCS = [(True, True, True), (True, False, True), (False, True, False), (False, False, False), (True, True, False)]
+
+
+def cases():
+    rng = np.random.default_rng(7)
+    out = []
+    for k in range(30):  # random triclinic cells, every periodicity pattern
+        out.append((f"triclinic-{k}", random_structure(rng, int(rng.integers(1, 40)), PBCS[k % len(PBCS)])))
+    for k in range(10):  # cells thinner than the cutoff: many images of every atom
+        out.append((f"small-{k}", random_structure(rng, int(rng.integers(1, 6)), PBCS[k % len(PBCS)],
+                                                   cell_scale=0.35, skew=0.6)))
+    # strongly skewed cell (a2 nearly along a1), periodic
+    out.append(("skewed", Structure([8, 14, 8], [[0, 0, 0], [1.3, 0.4, 0.2], [2.0, 1.9, 1.1]],
+                                    [[3.0, 0, 0], [2.9, 0.8, 0], [0.3, 0.2, 2.5]], [True] * 3)))
+    # atoms exactly on cell faces, edges and corners
+    faces = np.array([[0, 0, 0], [4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0], [4.0, 4.0, 4.0], [2.0, 4.0, 0], [2.0, 2.0, 4.0]])
+    out.append(("faces", Structure([14] * 7, faces, np.eye(3) * 4.0, [True] * 3)))
+    out.append(("faces-slab", Structure([14] * 7, faces, np.eye(3) * 4.0, [True, True, False])))
+    out.append(("single-atom", Structure([14], [[0.1, 0.2, 0.3]], np.eye(3) * 3.0, [True] * 3)))
+    out.append(("isolated-atom", Structure([14], [[0.1, 0.2, 0.3]])))
+    out.append(("far-from-origin", Structure([8, 14, 8], np.array([[0, 0, 0], [1.6, 0, 0], [3.2, 0.1, 0]]) + 1e6,
+                                             np.diag([5.0, 6.0, 7.0]), [True, False, True])))
+    return out
+
+
+CASES = cases()
+
+
+@pytest.mark.parametrize("name,structure", CASES, ids=[c[0] for c in CASES])
+def test_vesin_gives_matscipys_pairs_shifts_and_distances(name, structure):
+    assert_same(host_pairs(structure, "matscipy"), host_pairs(structure, "vesin"))
+
+
+def test_vesin_matches_matscipy_on_quartz_supercells():
+    from macefield_client.structures import alpha_quartz
+
+    for repeat in ((1, 1, 1), (2, 2, 2), (3, 2, 1)):
+        s = Structure.from_atoms(alpha_quartz(repeat=repeat, rattle=0.05, seed=3))
+        ref = host_pairs(s, "matscipy")
+        assert len(ref) > 40 * s.n_atoms  # every atom has tens of neighbours within 5 A
+        assert_same(ref, host_pairs(s, "vesin"))
+
+
+def test_the_backend_is_a_setting_and_unknown_names_are_refused():
+    assert neighbour_backend() in NEIGHBOUR_BACKENDS
+    before = neighbour_backend()
+    try:
+        set_neighbour_backend("matscipy")
+        assert neighbour_backend() == "matscipy"
+        with pytest.raises(ValueError, match="neighbour backend"):
+            set_neighbour_backend("nope")
+        assert neighbour_backend() == "matscipy"
+    finally:
+        set_neighbour_backend(before)
+
+
+def test_device_path_cpu_build_gives_the_host_lists_for_a_mixed_batch():
+    structures = [c[1] for c in CASES]
+    numbers = list(range(1, 15))
+    batch, edges = collate_on_device(structures, cutoff=CUTOFF, atomic_numbers=numbers, head_index=[0] * len(structures),
+                                     dtype=torch.float64, device="cpu")
+    graphs = [neighbour_list(s, CUTOFF) for s in structures]
+    reference = collate(structures, graphs, atomic_numbers=numbers, head_index=[0] * len(structures),
+                        dtype=torch.float64, device="cpu")
+    t, r = batch.tensors, reference.tensors
+    for key in ("node_attrs", "positions", "cell", "batch", "ptr", "head", "electric_field", "volume", "periodic"):
+        assert torch.equal(t[key], r[key]), key
+    assert edges.edges == [g.edge_index.shape[1] for g in graphs]
+    pos = r["positions"]
+
+    def keyed(tensors, d):
+        e = tensors["edge_index"]
+        return as_pairs(e.numpy(), tensors["unit_shifts"].numpy(), d), e, tensors["shifts"]
+
+    d_ref = (pos[r["edge_index"][1]] + r["shifts"] - pos[r["edge_index"][0]]).norm(dim=1).numpy()
+    got, e, shifts = keyed(t, edges.distances.numpy())
+    assert_same(keyed(r, d_ref)[0], got)
+    # Angstrom shifts belong to each edge's own structure's cell
+    assert torch.allclose((pos[e[1]] + shifts - pos[e[0]]).norm(dim=1), edges.distances, atol=1e-9)
+
+
+def test_batch_edges_offsets_nodes_by_the_structures_before():
+    a = Structure([14, 8], [[0, 0, 0], [1.6, 0, 0]])
+    b = Structure([8, 8, 14], [[0, 0, 0], [0, 1.5, 0], [0, 0, 1.5]])
+    positions = torch.tensor(np.concatenate([a.positions, b.positions]))
+    cells = torch.tensor(np.concatenate([np.eye(3) * 30, np.eye(3) * 30]))
+    edges = batch_edges(positions, cells, np.zeros((2, 3), bool), [2, 3], CUTOFF)
+    assert edges.edges == [2, 6]
+    pairs = set(map(tuple, edges.edge_index.T.tolist()))
+    assert pairs == {(0, 1), (1, 0)} | {(i, j) for i in (2, 3, 4) for j in (2, 3, 4) if i != j}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_path_on_cuda_gives_the_host_lists():
+    structures = [c[1] for c in CASES]
+    numbers = list(range(1, 15))
+    batch, edges = collate_on_device(structures, cutoff=CUTOFF, atomic_numbers=numbers, head_index=[0] * len(structures),
+                                     dtype=torch.float32, device="cuda")
+    assert edges.edges == [neighbour_list(s, CUTOFF).edge_index.shape[1] for s in structures]
+    host = {}
+    start = 0
+    for s in structures:
+        g = neighbour_list(s, CUTOFF)
+        pos = g.positions
+        d = np.linalg.norm(pos[g.edge_index[1]] + g.unit_shifts @ g.cell - pos[g.edge_index[0]], axis=1)
+        host.update(as_pairs(g.edge_index + start, g.unit_shifts, d))
+        start += s.n_atoms
+    got = as_pairs(batch.tensors["edge_index"].cpu().numpy(), batch.tensors["unit_shifts"].cpu().numpy(),
+                   edges.distances.cpu().numpy())
+    assert_same(host, got)
+
+
+def test_prep_workers_and_backend_are_checked_server_settings():
+    from macefield_server.config_files import ConfigError
+    from macefield_server.serving.config import NEIGHBOUR_BACKENDS as CONFIG_BACKENDS
+    from macefield_server.serving.config import BatchingConfig, ServerConfig
+
+    assert CONFIG_BACKENDS == NEIGHBOUR_BACKENDS
+    assert ServerConfig(batching=BatchingConfig(prep_workers=3, neighbour_backend="matscipy")).validate()
+    with pytest.raises(ConfigError, match="batching.prep_workers"):
+        ServerConfig(batching=BatchingConfig(prep_workers=0)).validate()
+    with pytest.raises(ConfigError, match="batching.neighbour_backend"):
+        ServerConfig(batching=BatchingConfig(neighbour_backend="ase")).validate()
+
