@@ -45,6 +45,7 @@ TIERS = {
         "test_md_docs.py",
         "test_makefile.py",
         "test_model_physics.py",
+        "test_neighbour_lists.py",
         "test_precision.py",
         "test_proto_stubs.py",
         "test_server_config.py",

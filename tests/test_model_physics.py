@@ -47,23 +47,28 @@ def reference(field_model, crystal):
 COORDS = [(0, 0), (1, 2), (4, 1), (8, 0)]  # (atom, direction) pairs probed by finite differences
 
 
+def position_derivative(model, crystal, name):
+    """Central differences (step H, A) of output ``name`` along each coordinate of COORDS, one per coordinate."""
+    structures = [displaced(crystal, k, j, s * H) for k, j in COORDS for s in (+1, -1)]
+    out = predict(model, structures, electric_fields=FIELD, outputs=[name])
+    return [(out[2 * n][name] - out[2 * n + 1][name]) / (2 * H) for n in range(len(COORDS))]
+
+
+def field_derivative(model, structure, name):
+    """Central differences (step H, V/A) of output ``name`` along each field component around FIELD."""
+    fields = [FIELD + s * H * np.eye(3)[i] for i in range(3) for s in (+1, -1)]
+    out = predict(model, [structure] * 6, electric_fields=fields, outputs=[name])
+    return [(out[2 * i][name] - out[2 * i + 1][name]) / (2 * H) for i in range(3)]
+
+
 def test_forces_are_minus_gradient_of_F(field_model, crystal, reference):
-    structures = []
-    for k, j in COORDS:
-        structures += [displaced(crystal, k, j, H), displaced(crystal, k, j, -H)]
-    out = predict(field_model, structures, electric_fields=FIELD, outputs=["energy"])
-    fd = [-(out[2 * n]["energy"] - out[2 * n + 1]["energy"]) / (2 * H) for n in range(len(COORDS))]
+    fd = [-d for d in position_derivative(field_model, crystal, "energy")]
     ad = [reference["forces"][k, j] for k, j in COORDS]
     assert rel_err(fd, ad) < RTOL
 
 
 def test_dipole_is_minus_field_derivative_of_F(field_model, crystal, reference):
-    fields = []
-    for i in range(3):
-        for s in (+1, -1):
-            fields.append(FIELD + s * H * np.eye(3)[i])
-    out = predict(field_model, [crystal] * 6, electric_fields=fields, outputs=["energy"])
-    fd = [-(out[2 * i]["energy"] - out[2 * i + 1]["energy"]) / (2 * H) for i in range(3)]
+    fd = [-d for d in field_derivative(field_model, crystal, "energy")]
     assert rel_err(fd, reference["dipole"]) < RTOL
     assert np.allclose(reference["polarization"], reference["dipole"] / crystal.get_volume(), rtol=1e-12)
 
@@ -90,33 +95,19 @@ def test_stress_is_strain_derivative_of_F(field_model, crystal, reference):
 
 def test_born_charges_match_force_field_derivative(field_model, crystal, reference):
     """Z*[k,i,j] = d dipole_i / dR_kj = d f_kj / dE_i (mixed second derivative of F)."""
-    fields = []
-    for i in range(3):
-        for s in (+1, -1):
-            fields.append(FIELD + s * H * np.eye(3)[i])
-    out = predict(field_model, [crystal] * 6, electric_fields=fields, outputs=["forces"])
-    fd = np.stack([(out[2 * i]["forces"] - out[2 * i + 1]["forces"]) / (2 * H) for i in range(3)], axis=1)
+    fd = np.stack(field_derivative(field_model, crystal, "forces"), axis=1)
     assert fd.shape == reference["born_charges"].shape
     assert rel_err(fd, reference["born_charges"]) < RTOL
 
 
 def test_born_charges_match_dipole_position_derivative(field_model, crystal, reference):
-    structures = []
-    for k, j in COORDS:
-        structures += [displaced(crystal, k, j, H), displaced(crystal, k, j, -H)]
-    out = predict(field_model, structures, electric_fields=FIELD, outputs=["dipole"])
-    fd = [(out[2 * n]["dipole"] - out[2 * n + 1]["dipole"]) / (2 * H) for n in range(len(COORDS))]
+    fd = position_derivative(field_model, crystal, "dipole")
     ad = [reference["born_charges"][k, :, j] for k, j in COORDS]
     assert rel_err(fd, ad) < RTOL
 
 
 def test_polarizability_matches_dipole_field_derivative(field_model, crystal, reference):
-    fields = []
-    for j in range(3):
-        for s in (+1, -1):
-            fields.append(FIELD + s * H * np.eye(3)[j])
-    out = predict(field_model, [crystal] * 6, electric_fields=fields, outputs=["dipole"])
-    fd = np.stack([(out[2 * j]["dipole"] - out[2 * j + 1]["dipole"]) / (2 * H) for j in range(3)], axis=1)
+    fd = np.stack(field_derivative(field_model, crystal, "dipole"), axis=1)
     assert rel_err(fd, reference["polarizability"]) < RTOL
 
 
@@ -216,9 +207,7 @@ def test_molecule_has_dipole_and_alpha_but_no_volume_quantities(field_model):
         assert np.all(np.isfinite(value))
     assert np.abs(r["born_charges"].sum(axis=0)).max() < 1e-10
     # dipole of a finite system against finite differences too
-    fields = [FIELD + s * H * np.eye(3)[i] for i in range(3) for s in (+1, -1)]
-    out = predict(field_model, [mol] * 6, electric_fields=fields, outputs=["energy"])
-    fd = [-(out[2 * i]["energy"] - out[2 * i + 1]["energy"]) / (2 * H) for i in range(3)]
+    fd = [-d for d in field_derivative(field_model, mol, "energy")]
     assert rel_err(fd, r["dipole"]) < RTOL
 
 
