@@ -46,6 +46,7 @@ from macefield_client.structures import alpha_quartz  # noqa: E402
 from macefield_server.engine import load_model, predict, save_model  # noqa: E402
 from macefield_server.engine.extrapolation import statistics_of  # noqa: E402
 from macefield_server.weights import DEFAULT_CARD, DEFAULT_MODEL  # noqa: E402
+from extrapolation_methods import spearman  # noqa: E402  (the rank correlation used there too)
 
 FIELDS = [(0.0, "-")] + [(e, d) for e in (0.05, 0.1, 0.36) for d in ("x", "z")]
 CASE_FIELDS = [(0.0, "-"), (0.05, "x"), (0.05, "z"), (0.36, "x"), (0.36, "z")]
@@ -61,11 +62,6 @@ def vector(magnitude: float, direction: str) -> np.ndarray:
 
 def evaluate(model, atoms_list, head, field, outputs=("energy",)):
     return predict(model, atoms_list, heads=head, electric_fields=field, outputs=list(outputs))
-
-
-def spearman(a, b) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def main(argv=None) -> int:

@@ -56,6 +56,18 @@ def assign_field(field: str, value):
 
 
 @contextlib.contextmanager
+def tiny_server(model, default_head: str = "sio2", **config):
+    """``model`` served as "tiny" by an in-process server on free ports; ``config``: more ServerConfig fields."""
+    from macefield_server.serving.background import BackgroundServer
+    from macefield_server.serving.config import ServerConfig
+    from macefield_server.serving.registry import ServedModel
+
+    with BackgroundServer(ServerConfig(port=0, metrics_port=0, **config),
+                          [ServedModel("tiny", model, default_head)]) as server:
+        yield server
+
+
+@contextlib.contextmanager
 def stub_to(port: int):
     """A MaceField stub over a plaintext loopback channel to ``port`` (closed afterwards)."""
     from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc

@@ -100,7 +100,9 @@ def test_training_frames_are_inside_and_the_held_out_fraction_is_the_cards(defau
         frames = ase.io.read(SHARED_DATA / name, index=":")
         train = np.concatenate(grades(default, frames[:n_train], head))
         held = np.concatenate(grades(default, frames[n_train:], head))
-        assert train.max() <= 1.0 / 1.01 + 1e-4, (head, train.max())  # the margin keeps rounding inside
+        # the active set's own atoms sit at 1/1.01 exactly in exact arithmetic; float32 features summed in another
+        # neighbour order (vesin vs matscipy lists) move them by up to ~2e-4: still well inside the threshold
+        assert train.max() <= 1.0 / 1.01 + 5e-4, (head, train.max())
         fraction = float(np.mean(held > THRESHOLD))
         recorded = card["extrapolation"]["heads"][head]["holdout"]
         print(f"{head}: {100 * fraction:.2f}% of held-out atoms above {THRESHOLD} (max {held.max():.3g})")

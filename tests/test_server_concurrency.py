@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 from conftest import quartz_like, random_field_model, sio_molecule
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
-from serving import stub_to, arrays, assert_matches, metric, request_for
+from serving import tiny_server, stub_to, arrays, assert_matches, metric, request_for
 
-from macefield_server.serving.background import BackgroundServer
-from macefield_server.serving.config import BatchingConfig, ServerConfig
+from macefield_server.serving.config import BatchingConfig
 from macefield_server.engine import predict
-from macefield_server.serving.registry import ServedModel
 
 FULL = ["energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"]
 FIRST = ["forces", "stress", "dipole"]
@@ -27,8 +25,7 @@ def model():
 @pytest.fixture(scope="module")
 def server(model):
     # a short wait window so that concurrent clients share batches
-    config = ServerConfig(port=0, metrics_port=0, batching=BatchingConfig(max_wait_ms=30, max_structures=16))
-    with BackgroundServer(config, [ServedModel("tiny", model, "sio2")]) as srv:
+    with tiny_server(model, batching=BatchingConfig(max_wait_ms=30, max_structures=16)) as srv:
         yield srv
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import quartz_like, random_field_model
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
 from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
-from serving import stub_to, assert_matches, metric, request_for, wait_for
+from serving import tiny_server, stub_to, assert_matches, metric, request_for, wait_for
 
 from macefield_server.serving.background import BackgroundServer
 from macefield_server.serving.engine_backend import EngineBackend
@@ -29,8 +29,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def slow_server(model):
-    config = ServerConfig(port=0, metrics_port=0, batching=BatchingConfig(max_wait_ms=WAIT_MS, max_queue=3))
-    with BackgroundServer(config, [ServedModel("tiny", model, "sio2")]) as srv:
+    with tiny_server(model, batching=BatchingConfig(max_wait_ms=WAIT_MS, max_queue=3)) as srv:
         yield srv
 
 

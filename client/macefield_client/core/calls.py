@@ -476,6 +476,26 @@ def session_step(session: SessionState, request: pb.PredictRequest) -> Plan:
 
 
 # ---------------------------------------------------------------------- clients
+class _InCallContext:
+    """A client attribute kept in its :class:`CallContext`: ``client.timeout`` reads ``client.calls.timeout``."""
+
+    def __init__(self, doc: str, settable: bool = False):
+        self.__doc__ = doc
+        self.settable = settable
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(obj.calls, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if not self.settable:
+            raise AttributeError(f"{self.name} is read-only (set it when the client is made)")
+        setattr(obj.calls, self.name, value)
+
+
 class ClientBase:
     """The arguments, environment, channel and call state shared by :class:`~macefield_client.Client` and
     :class:`~macefield_client.AsyncClient` (see :class:`~macefield_client.Client` for the arguments).
@@ -503,29 +523,11 @@ class ClientBase:
         """The transport of this client's calls over ``self._stub``."""
         raise NotImplementedError
 
-    @property
-    def target(self) -> str:
-        """The resolved gRPC target."""
-        return self.calls.target
-
-    @property
-    def timeout(self) -> float | None:
-        """Per-call deadline in s (None: none)."""
-        return self.calls.timeout
-
-    @property
-    def retry(self) -> RetryPolicy:
-        """The retry policy of every call."""
-        return self.calls.retry
-
-    @property
-    def on_retry(self) -> RetryHook | None:
-        """Told before each retry (``on_retry(target, attempt, attempts, delay_s, details)``), or None."""
-        return self.calls.on_retry
-
-    @on_retry.setter
-    def on_retry(self, hook: RetryHook | None) -> None:
-        self.calls.on_retry = hook
+    target = _InCallContext("The resolved gRPC target (str).")
+    timeout = _InCallContext("Per-call deadline in s (None: none).")
+    retry = _InCallContext("The retry policy of every call (RetryPolicy).")
+    on_retry = _InCallContext("Told before each retry (``on_retry(target, attempt, attempts, delay_s, details)``), "
+                              "or None; settable.", settable=True)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r})"

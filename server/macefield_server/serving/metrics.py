@@ -70,19 +70,11 @@ class Metrics:
             "macefield_stream_messages", "PredictStream messages by what became of them", ["event"], registry=r
         )
         self.extrapolation = Histogram(
-            "macefield_extrapolation_grade",
-            "Per-structure maximum extrapolation grade (> 1: extrapolating), per model and head",
-            ["model", "head"],
-            buckets=_GRADE_BUCKETS,
-            registry=r,
-        )
+            "macefield_extrapolation_grade", "Per-structure maximum extrapolation grade (> 1: extrapolating), "
+            "per model and head", ["model", "head"], buckets=_GRADE_BUCKETS, registry=r)
         self.field_extrapolation = Histogram(
-            "macefield_field_extrapolation",
-            "Per-structure field range |E| / E_ref (> 1: beyond the reference frames' thermal spread), per model and head",
-            ["model", "head"],
-            buckets=_FIELD_RANGE_BUCKETS,
-            registry=r,
-        )
+            "macefield_field_extrapolation", "Per-structure field range |E| / E_ref (> 1: beyond the reference "
+            "frames' thermal spread), per model and head", ["model", "head"], buckets=_FIELD_RANGE_BUCKETS, registry=r)
         self.model_info = Gauge(
             "macefield_model_info",
             "Served models (value 1)",
