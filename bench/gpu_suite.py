@@ -597,7 +597,7 @@ class TiedServer(Server):
         self.log_path = Path(log_path or workdir / f"server-{max_structures}.log")
         self.log = open(self.log_path, "w")  # noqa: SIM115 - the server's stderr until stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "macefield_server.serve_cli", "--config", str(config), "--model",
+            [sys.executable, "-m", "macefield_server.cli.serve", "--config", str(config), "--model",
              f"bench={checkpoint}", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
              "--threads", str(args.threads), *extra_args],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
