@@ -48,17 +48,22 @@ def follow_branch(p: np.ndarray, p_ref: np.ndarray, quantum: np.ndarray) -> np.n
 class ContinuousPolarization:
     """P followed across polarization quanta along a trajectory: no jumps of e*a_k/Omega between steps.
 
-    Each new value is moved by the integer combination of the quanta that puts it closest to the previous
-    one, so a run whose P changes by less than half a quantum per step gives a continuous P(t).
+    Each new value is moved by the integer combination of the quanta that puts it closest to the value
+    predicted from the previous steps (the previous value, or with two of them the linear extrapolation
+    2 P(n-1) - P(n-2)), so a run whose P changes smoothly gives a continuous P(t) even when it changes by a
+    sizeable part of a quantum per step (fast switching in a large cell, whose quanta are small).
     """
 
     def __init__(self) -> None:
         self.previous: np.ndarray | None = None
+        self.before: np.ndarray | None = None
 
     def __call__(self, p: np.ndarray, quantum: np.ndarray) -> np.ndarray:
         p = np.asarray(p, dtype=float)
         if self.previous is not None:
-            p = follow_branch(p, self.previous, quantum)
+            guess = self.previous if self.before is None else 2.0 * self.previous - self.before
+            p = follow_branch(p, guess, quantum)
+        self.before = self.previous
         self.previous = p.copy()
         return p
 
