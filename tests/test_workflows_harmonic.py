@@ -1,0 +1,105 @@
+"""The harmonic route (``macefield_client.workflows.harmonic``, ``macefield phonons``) on the embedded default
+model through a real server over loopback: alpha-quartz's Gamma-point modes, their symmetry, the acoustic sum
+rule, eps_0 by two independent routes, and the invariance of IR intensities under a rotation of the crystal."""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+
+import numpy as np
+import pytest
+from serving import run_torch_free, torch_free_env
+
+from macefield_client import Client
+from macefield_client.structures import alpha_quartz
+from macefield_server.serving.background import BackgroundServer
+from macefield_server.serving.config import ServerConfig
+from macefield_server.serving.registry import load_default_model
+
+pytest.importorskip("phonopy")
+from macefield_client.workflows import finite_field_eps_static, harmonic  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served():
+    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1)
+    with BackgroundServer(config, [load_default_model()]) as srv:
+        yield f"127.0.0.1:{srv.port}"
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with Client(served) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def quartz(client):
+    """9-atom alpha-quartz (PBE cell, Levien et al. coordinates) relaxed through the service, then harmonic."""
+    return harmonic(client, alpha_quartz(cell="pbe"), head="sio2", relax=True)
+
+
+def test_quartz_modes_sum_rule_and_labels(quartz):
+    f = quartz.frequencies_cm1
+    assert f.shape == (27,) and np.all(np.diff(f) >= 0)
+    assert quartz.info["relax"]["converged"] and quartz.info["max_residual_force_eV_A"] < 1e-3
+    assert quartz.space_group.startswith("P3_121") and quartz.point_group == "32"
+    # the acoustic sum rule: three translations at zero, every optical mode stable
+    assert quartz.acoustic.sum() == 3 and np.all(np.abs(f[quartz.acoustic]) < 5.0)
+    assert np.all(f[~quartz.acoustic] > 50.0)
+    # group theory for D3 with Z = 3: 4 A1 + 5 A2 + 9 E, of which A2 + E are the acoustic translations
+    counts = collections.Counter(zip(quartz.labels, quartz.acoustic.tolist()))
+    assert counts == {("A1", False): 4, ("A2", False): 4, ("A2", True): 1, ("E", False): 16, ("E", True): 2}
+    # A1 modes are Raman-only (no dipole); A2 and E are IR active
+    ir = quartz.ir_intensities
+    assert np.all(ir[[lab == "A1" for lab in quartz.labels]] < 1e-8 * ir.max())
+    # the strongest IR band is the high E (Si-O stretching) mode near 1040-1070 cm^-1 (DFPT PBE 1044, exp. 1072)
+    strongest = quartz.optical_ir()[0]
+    assert strongest["label"] == "E" and 1000 < strongest["frequency_cm1"] < 1100
+    # uniaxial: eps tensors are diagonal with xx = yy
+    for eps in (quartz.eps_inf, quartz.eps_static):
+        assert np.allclose(eps, np.diag(np.diag(eps)), atol=1e-3) and eps[0, 0] == pytest.approx(eps[1, 1], abs=1e-3)
+    assert np.all(np.diag(quartz.eps_static) > np.diag(quartz.eps_inf) + 1.0)
+
+
+def test_eps_static_harmonic_equals_relaxed_ions_in_a_small_field(client, quartz):
+    """eps_0 = eps_inf + sum_m Z_m Z_m / (Omega eps0 omega_m^2) against relaxing the ions at +-0.005 V/A."""
+    direct = finite_field_eps_static(client, quartz.atoms, field=0.005, axes=(0, 2), head="sio2")
+    for j in (0, 2):
+        assert direct[j, j] == pytest.approx(quartz.eps_static[j, j], rel=0.01)
+
+
+def test_ir_intensities_invariant_under_rotating_the_crystal(client, quartz):
+    rot = np.array([[0.36, 0.48, -0.8], [-0.8, 0.6, 0.0], [0.48, 0.64, 0.6]])  # proper rotation
+    assert np.allclose(rot @ rot.T, np.eye(3)) and np.linalg.det(rot) == pytest.approx(1.0)
+    turned = quartz.atoms.copy()
+    turned.set_cell(np.asarray(turned.cell) @ rot.T, scale_atoms=True)
+    other = harmonic(client, turned, head="sio2")
+    assert np.allclose(other.frequencies_cm1, quartz.frequencies_cm1, atol=0.05)
+    assert np.allclose(other.ir_intensities, quartz.ir_intensities, rtol=1e-4, atol=1e-6 * quartz.ir_intensities.max())
+    assert np.allclose(rot.T @ other.eps_static @ rot, quartz.eps_static, atol=1e-3)
+    optical = ~quartz.acoustic
+    assert [lab for lab, o in zip(other.labels, optical) if o] == [lab for lab, o in zip(quartz.labels, optical) if o]
+
+
+def test_lo_to_splitting_of_the_strong_e_modes(client, quartz):
+    lo = harmonic(client, quartz.atoms, head="sio2", lo_direction=(1.0, 0.0, 0.0)).lo_frequencies_cm1
+    # along x the polar E and A2 modes polarised along x harden (LO), nothing softens, acoustic stays at zero
+    assert np.all(lo[3:] >= quartz.frequencies_cm1[3:] - 0.1) and lo.max() > quartz.frequencies_cm1.max() + 20
+
+
+def test_phonons_command_writes_the_json_torch_free(served, tmp_path):
+    out = tmp_path / "quartz.json"
+    plot = tmp_path / "quartz.png"
+    command = [sys.executable, "-m", "macefield_client.cli", "phonons", "alpha-quartz", "--server", served,
+               "--head", "sio2", "--relax", "--json", str(out), "--plot", str(plot)]
+    done = run_torch_free(command, torch_free_env(tmp_path))
+    data = json.loads(out.read_text())
+    f = np.array(data["frequencies_cm1"])
+    assert f.shape == (27,) and np.all(np.diff(f) >= 0) and len(data["ir_intensities"]) == 27
+    assert "e^2/amu" in data["ir_intensities_unit"]
+    assert np.array(data["eps_inf"]).shape == (3, 3) and np.array(data["eps_static"]).shape == (3, 3)
+    assert plot.stat().st_size > 10_000
+    assert "eps_static diagonal:" in done.stdout
