@@ -58,6 +58,8 @@ TIERS = {
         "test_client.py",
         "test_client_connect.py",
         "test_client_core.py",
+        "test_workflows_harmonic.py",  # phonons of quartz through a real server
+        "test_workflows_md.py",  # ensemble MD and a BaTiO3 hysteresis loop through a real server
         "test_cueq_backend.py",  # no server, but ~30 s of model conversions
         "test_default_model.py",
         "test_eval_cli.py",
