@@ -56,7 +56,8 @@ class _AsyncStream:
         except asyncio.InvalidStateError:  # writing to a call that already ended
             response = grpc.aio.EOF
         if response is grpc.aio.EOF:
-            return await self._ended()
+            await self._ended()  # raises the call's error status, if any
+            return None
         return response
 
     async def _ended(self) -> None:

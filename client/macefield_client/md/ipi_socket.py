@@ -98,12 +98,13 @@ def connect(*, unix: str | None = None, host: str | None = None, port: int | Non
     """
     if (unix is None) == (host is None):
         raise ValueError("i-PI address: give either a unix socket name or a host and port")
+    address: str | tuple[str, int]
     if unix is not None:
         family, address = socket.AF_UNIX, sockets_prefix + unix
     else:
         if port is None:
             raise ValueError("i-PI address: a host needs a port")
-        family, address = socket.AF_INET, (host, int(port))
+        family, address = socket.AF_INET, (str(host), int(port))
     deadline = time.monotonic() + wait_s
     while True:
         sock = socket.socket(family, socket.SOCK_STREAM)
