@@ -186,7 +186,7 @@ class Ensemble:
                  record_positions: bool = False, seed: int = 0, head: str | None = None, model: str | None = None,
                  timeout: float | None = None):
         from ase.constraints import FixCom
-        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+        from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
         if thermostat not in THERMOSTATS:
             raise ValueError(f"thermostat: one of {', '.join(THERMOSTATS)}, got {thermostat!r}")
@@ -210,7 +210,7 @@ class Ensemble:
         for i, atoms in enumerate(atoms_list):
             rng = np.random.default_rng(seed + i)
             if temperature > 0 and not atoms.get_momenta().any():
-                MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+                thermalize_momenta(atoms, temperature, rng=rng)
                 Stationary(atoms)
             calc = calc_class(self.gatherer, i, field_of_time(field_specs[i]), self.timestep_fs,
                               self.record_every if record_alpha else 0)

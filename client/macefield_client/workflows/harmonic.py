@@ -242,7 +242,7 @@ def harmonic(client, structure, *, head: str | None = None, model: str | None = 
         info["warning"] = f"{unstable} unstable optical mode(s) (negative frequencies) left out of eps_static"
 
     # phonopy's own frequencies are the same eigenvalues in the same (ascending) order: its labels apply
-    ph_cm1 = np.asarray(ph.get_frequencies([0.0, 0.0, 0.0]), dtype=float) * THZ_TO_CM1
+    ph_cm1 = np.asarray(ph.run_qpoints([[0.0, 0.0, 0.0]]).frequencies[0], dtype=float) * THZ_TO_CM1
     if np.allclose(ph_cm1, freqs, atol=0.05 + 1e-4 * np.abs(freqs).max()):
         labels, point_group = _labels(ph, atoms, fc, acoustic, trans)
     else:
@@ -264,7 +264,7 @@ def harmonic(client, structure, *, head: str | None = None, model: str | None = 
 
 def _acoustic_indices(ph, trans) -> np.ndarray:
     """Indices (ascending) of phonopy's three modes at Gamma with the largest weight on the translations."""
-    _, vecs = ph.get_frequencies_with_eigenvectors([0.0, 0.0, 0.0])
+    vecs = ph.run_qpoints([[0.0, 0.0, 0.0]], with_eigenvectors=True).eigenvectors[0]
     weight = np.sum(np.abs(trans @ np.asarray(vecs)) ** 2, axis=0)
     return np.sort(np.argsort(-weight)[:3])
 
@@ -273,8 +273,8 @@ def _lo_frequencies(ph, zstar, eps_inf, cell, direction) -> np.ndarray:
     """Gamma frequencies (cm^-1) with phonopy's non-analytic term for q -> 0 along Cartesian ``direction``."""
     ph.nac_params = {"born": zstar, "dielectric": eps_inf, "factor": _nac_factor()}
     q_reduced = cell @ direction  # q_cart = q_red @ reciprocal(cell), reciprocal = inv(cell).T
-    ph.run_qpoints([[0.0, 0.0, 0.0]], nac_q_direction=q_reduced)
-    freqs = np.asarray(ph.get_qpoints_dict()["frequencies"][0], dtype=float) * THZ_TO_CM1
+    gamma = ph.run_qpoints([[0.0, 0.0, 0.0]], nac_q_direction=q_reduced)
+    freqs = np.asarray(gamma.frequencies[0], dtype=float) * THZ_TO_CM1
     ph.nac_params = None
     return np.sort(freqs)
 
