@@ -201,7 +201,7 @@ def test_macefield_calibrate_cli_on_pickles_and_a_second_head(tmp_path, monkeypa
     """Plain mace-torch pickle (--trust-pickle), head x then head y into the same file, with a model card."""
     from test_model_checkpoints import plain_mace
 
-    from macefield_server.engine import calibrate_cli
+    from macefield_server.cli import calibrate as calibrate_cli
 
     source = tmp_path / "foundation.model"
     torch.save(plain_mace(heads=("x", "y")), source)
@@ -278,7 +278,8 @@ def test_served_grade_list_models_and_refusal(server, default):
         assert response.extrapolation_max > THRESHOLD
 
         batch = stub.PredictBatch(pb.PredictBatchRequest(structures=[
-            request_for(quartz, outputs=["extrapolation"]), request_for(quartz, head="batio3", outputs=["forces"])]),
+            request_for(quartz, outputs=["extrapolation"]), request_for(quartz, head="batio3", outputs=["forces"],
+                                                           allow_unseen_elements=True)]),
             timeout=60).results
         assert batch[0].extrapolation_max <= THRESHOLD and list(batch[0].outputs) == ["energy", "extrapolation",
                                                                                      "extrapolation_max", "volume"]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmacefield/v1/macefield.proto\x12\x0cmacefield.v1\"\xb0\x01\n\x0ePredictRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04head\x18\x03 \x01(\t\x12\x16\n\x0e\x61tomic_numbers\x18\x04 \x03(\x05\x12\x11\n\tpositions\x18\x05 \x03(\x01\x12\x0c\n\x04\x63\x65ll\x18\x06 \x03(\x01\x12\x0b\n\x03pbc\x18\x07 \x03(\x08\x12\x16\n\x0e\x65lectric_field\x18\x08 \x03(\x01\x12\x0f\n\x07outputs\x18\t \x03(\t\"G\n\x13PredictBatchRequest\x12\x30\n\nstructures\x18\x01 \x03(\x0b\x32\x1c.macefield.v1.PredictRequest\"F\n\x14PredictBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.macefield.v1.PredictResponse\"o\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x18\n\x10\x62\x61tch_structures\x18\x04 \x01(\x05\x12\x13\n\x0b\x62\x61tch_atoms\x18\x05 \x01(\x05\"\x8c\x03\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04head\x18\x03 \x01(\t\x12\x0f\n\x07n_atoms\x18\x04 \x01(\x05\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x12\x0e\n\x06\x65nergy\x18\x06 \x01(\x01\x12\x0e\n\x06\x66orces\x18\x07 \x03(\x01\x12\x0e\n\x06stress\x18\x08 \x03(\x01\x12\x0e\n\x06\x64ipole\x18\t \x03(\x01\x12\x14\n\x0cpolarization\x18\n \x03(\x01\x12\x1c\n\x14polarization_quantum\x18\x0b \x03(\x01\x12\x14\n\x0c\x62orn_charges\x18\x0c \x03(\x01\x12\x16\n\x0epolarizability\x18\r \x03(\x01\x12\x0b\n\x03\x63hi\x18\x0e \x03(\x01\x12\x0f\n\x07\x65ps_inf\x18\x0f \x03(\x01\x12\x0e\n\x06volume\x18\x10 \x01(\x01\x12$\n\x06timing\x18\x11 \x01(\x0b\x32\x14.macefield.v1.Timing\x12\x15\n\rextrapolation\x18\x12 \x03(\x01\x12\x19\n\x11\x65xtrapolation_max\x18\x13 \x01(\x01\"\x13\n\x11ListModelsRequest\"C\n\x08HeadInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nis_default\x18\x02 \x01(\x08\x12\x15\n\rextrapolation\x18\x03 \x01(\x08\"\xce\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nis_default\x18\x02 \x01(\x08\x12%\n\x05heads\x18\x03 \x03(\x0b\x32\x16.macefield.v1.HeadInfo\x12\x14\n\x0c\x64\x65\x66\x61ult_head\x18\x04 \x01(\t\x12\x16\n\x0e\x61tomic_numbers\x18\x05 \x03(\x05\x12\x0e\n\x06\x63utoff\x18\x06 \x01(\x01\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0f\n\x07outputs\x18\t \x03(\t\x12\x31\n\x05units\x18\n \x03(\x0b\x32\".macefield.v1.ModelInfo.UnitsEntry\x12\x0f\n\x07trained\x18\x0b \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x0c \x01(\t\x12\x16\n\x0enum_parameters\x18\r \x01(\x03\x12\x11\n\tcard_json\x18\x0e \x01(\t\x12\x0e\n\x06source\x18\x0f \x01(\t\x12\x16\n\x0epair_repulsion\x18\x10 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x11 \x01(\t\x12\x1f\n\x17\x65xtrapolation_threshold\x18\x12 \x01(\x01\x1a,\n\nUnitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x01\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.macefield.v1.ModelInfo\x12\x1f\n\x17max_atoms_per_structure\x18\x02 \x01(\x05\x12\x1b\n\x13max_field_magnitude\x18\x03 \x01(\x01\x12\"\n\x1amax_structures_per_request\x18\x04 \x01(\x05\x12\x14\n\x0cmin_distance\x18\x05 \x01(\x01\x32\xcd\x02\n\tMaceField\x12\x46\n\x07Predict\x12\x1c.macefield.v1.PredictRequest\x1a\x1d.macefield.v1.PredictResponse\x12U\n\x0cPredictBatch\x12!.macefield.v1.PredictBatchRequest\x1a\".macefield.v1.PredictBatchResponse\x12P\n\rPredictStream\x12\x1c.macefield.v1.PredictRequest\x1a\x1d.macefield.v1.PredictResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.macefield.v1.ListModelsRequest\x1a .macefield.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmacefield/v1/macefield.proto\x12\x0cmacefield.v1\"\xcf\x01\n\x0ePredictRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04head\x18\x03 \x01(\t\x12\x16\n\x0e\x61tomic_numbers\x18\x04 \x03(\x05\x12\x11\n\tpositions\x18\x05 \x03(\x01\x12\x0c\n\x04\x63\x65ll\x18\x06 \x03(\x01\x12\x0b\n\x03pbc\x18\x07 \x03(\x08\x12\x16\n\x0e\x65lectric_field\x18\x08 \x03(\x01\x12\x0f\n\x07outputs\x18\t \x03(\t\x12\x1d\n\x15\x61llow_unseen_elements\x18\n \x01(\x08\"G\n\x13PredictBatchRequest\x12\x30\n\nstructures\x18\x01 \x03(\x0b\x32\x1c.macefield.v1.PredictRequest\"F\n\x14PredictBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.macefield.v1.PredictResponse\"o\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x18\n\x10\x62\x61tch_structures\x18\x04 \x01(\x05\x12\x13\n\x0b\x62\x61tch_atoms\x18\x05 \x01(\x05\"\x8c\x03\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04head\x18\x03 \x01(\t\x12\x0f\n\x07n_atoms\x18\x04 \x01(\x05\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x12\x0e\n\x06\x65nergy\x18\x06 \x01(\x01\x12\x0e\n\x06\x66orces\x18\x07 \x03(\x01\x12\x0e\n\x06stress\x18\x08 \x03(\x01\x12\x0e\n\x06\x64ipole\x18\t \x03(\x01\x12\x14\n\x0cpolarization\x18\n \x03(\x01\x12\x1c\n\x14polarization_quantum\x18\x0b \x03(\x01\x12\x14\n\x0c\x62orn_charges\x18\x0c \x03(\x01\x12\x16\n\x0epolarizability\x18\r \x03(\x01\x12\x0b\n\x03\x63hi\x18\x0e \x03(\x01\x12\x0f\n\x07\x65ps_inf\x18\x0f \x03(\x01\x12\x0e\n\x06volume\x18\x10 \x01(\x01\x12$\n\x06timing\x18\x11 \x01(\x0b\x32\x14.macefield.v1.Timing\x12\x15\n\rextrapolation\x18\x12 \x03(\x01\x12\x19\n\x11\x65xtrapolation_max\x18\x13 \x01(\x01\"\x13\n\x11ListModelsRequest\"U\n\x08HeadInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nis_default\x18\x02 \x01(\x08\x12\x15\n\rextrapolation\x18\x03 \x01(\x08\x12\x10\n\x08\x65lements\x18\x04 \x03(\x05\"\xce\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nis_default\x18\x02 \x01(\x08\x12%\n\x05heads\x18\x03 \x03(\x0b\x32\x16.macefield.v1.HeadInfo\x12\x14\n\x0c\x64\x65\x66\x61ult_head\x18\x04 \x01(\t\x12\x16\n\x0e\x61tomic_numbers\x18\x05 \x03(\x05\x12\x0e\n\x06\x63utoff\x18\x06 \x01(\x01\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0f\n\x07outputs\x18\t \x03(\t\x12\x31\n\x05units\x18\n \x03(\x0b\x32\".macefield.v1.ModelInfo.UnitsEntry\x12\x0f\n\x07trained\x18\x0b \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x0c \x01(\t\x12\x16\n\x0enum_parameters\x18\r \x01(\x03\x12\x11\n\tcard_json\x18\x0e \x01(\t\x12\x0e\n\x06source\x18\x0f \x01(\t\x12\x16\n\x0epair_repulsion\x18\x10 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x11 \x01(\t\x12\x1f\n\x17\x65xtrapolation_threshold\x18\x12 \x01(\x01\x1a,\n\nUnitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x01\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.macefield.v1.ModelInfo\x12\x1f\n\x17max_atoms_per_structure\x18\x02 \x01(\x05\x12\x1b\n\x13max_field_magnitude\x18\x03 \x01(\x01\x12\"\n\x1amax_structures_per_request\x18\x04 \x01(\x05\x12\x14\n\x0cmin_distance\x18\x05 \x01(\x01\x32\xcd\x02\n\tMaceField\x12\x46\n\x07Predict\x12\x1c.macefield.v1.PredictRequest\x1a\x1d.macefield.v1.PredictResponse\x12U\n\x0cPredictBatch\x12!.macefield.v1.PredictBatchRequest\x1a\".macefield.v1.PredictBatchResponse\x12P\n\rPredictStream\x12\x1c.macefield.v1.PredictRequest\x1a\x1d.macefield.v1.PredictResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.macefield.v1.ListModelsRequest\x1a .macefield.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO_UNITSENTRY']._loaded_options = None
   _globals['_MODELINFO_UNITSENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTREQUEST']._serialized_start=47
-  _globals['_PREDICTREQUEST']._serialized_end=223
-  _globals['_PREDICTBATCHREQUEST']._serialized_start=225
-  _globals['_PREDICTBATCHREQUEST']._serialized_end=296
-  _globals['_PREDICTBATCHRESPONSE']._serialized_start=298
-  _globals['_PREDICTBATCHRESPONSE']._serialized_end=368
-  _globals['_TIMING']._serialized_start=370
-  _globals['_TIMING']._serialized_end=481
-  _globals['_PREDICTRESPONSE']._serialized_start=484
-  _globals['_PREDICTRESPONSE']._serialized_end=880
-  _globals['_LISTMODELSREQUEST']._serialized_start=882
-  _globals['_LISTMODELSREQUEST']._serialized_end=901
-  _globals['_HEADINFO']._serialized_start=903
-  _globals['_HEADINFO']._serialized_end=970
-  _globals['_MODELINFO']._serialized_start=973
-  _globals['_MODELINFO']._serialized_end=1435
-  _globals['_MODELINFO_UNITSENTRY']._serialized_start=1391
-  _globals['_MODELINFO_UNITSENTRY']._serialized_end=1435
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1438
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1619
-  _globals['_MACEFIELD']._serialized_start=1622
-  _globals['_MACEFIELD']._serialized_end=1955
+  _globals['_PREDICTREQUEST']._serialized_end=254
+  _globals['_PREDICTBATCHREQUEST']._serialized_start=256
+  _globals['_PREDICTBATCHREQUEST']._serialized_end=327
+  _globals['_PREDICTBATCHRESPONSE']._serialized_start=329
+  _globals['_PREDICTBATCHRESPONSE']._serialized_end=399
+  _globals['_TIMING']._serialized_start=401
+  _globals['_TIMING']._serialized_end=512
+  _globals['_PREDICTRESPONSE']._serialized_start=515
+  _globals['_PREDICTRESPONSE']._serialized_end=911
+  _globals['_LISTMODELSREQUEST']._serialized_start=913
+  _globals['_LISTMODELSREQUEST']._serialized_end=932
+  _globals['_HEADINFO']._serialized_start=934
+  _globals['_HEADINFO']._serialized_end=1019
+  _globals['_MODELINFO']._serialized_start=1022
+  _globals['_MODELINFO']._serialized_end=1484
+  _globals['_MODELINFO_UNITSENTRY']._serialized_start=1440
+  _globals['_MODELINFO_UNITSENTRY']._serialized_end=1484
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1487
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1668
+  _globals['_MACEFIELD']._serialized_start=1671
+  _globals['_MACEFIELD']._serialized_end=2004
 # @@protoc_insertion_point(module_scope)
