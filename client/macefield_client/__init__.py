@@ -45,5 +45,5 @@ from .core import *  # the clients and sessions, RetryPolicy, TLSConfig, the err
 
 __all__ = ["DEFAULT_TARGET", "DEFAULT_TIMEOUT", "EXTRAPOLATION_THRESHOLD", "OUTPUTS", "UNITS", "AsyncClient",
            "AsyncSession", "AuthenticationError", "Client", "ExtrapolationError", "ExtrapolationWarning",
-           "InvalidRequest", "MACEFieldError", "ModelInfo", "RequestTimeout", "ResourceExhausted", "Result",
-           "RetryPolicy", "ServerInfo", "ServerUnavailable", "Session", "TLSConfig"]
+           "FieldFromFileWarning", "InvalidRequest", "MACEFieldError", "ModelInfo", "RequestTimeout",
+           "ResourceExhausted", "Result", "RetryPolicy", "ServerInfo", "ServerUnavailable", "Session", "TLSConfig"]
