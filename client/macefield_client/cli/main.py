@@ -288,9 +288,9 @@ def _progress(args, n: int):
 def _compute(args, frames, outputs):
     """(fields (n, 3) V/A, results, the served model's ModelInfo or None); the file's fields are announced."""
     fields = np.array([_frame_field(a, args.field) for a in frames])
-    for line in file_fields(frames, args.field):
-        _say(line)
-    with client_from_args(args) as client:
+    with client_from_args(args) as client:  # bad server options are reported before anything else
+        for line in file_fields(frames, args.field):
+            _say(line)
         results = client.predict_many(frames, electric_field=fields, outputs=outputs, model=args.model,
                                       head=args.head, batch_size=args.batch_size,
                                       progress=_progress(args, len(frames)),
