@@ -38,9 +38,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.checkpoint import CheckpointError, load_model, save_model
-from ..engine.extrapolation import attach
-from ..training.calibration import calibrate, reference_grades
 
 
 def parse_slice(text: str) -> slice:
@@ -92,6 +89,11 @@ def main(argv=None) -> int:
     parser.add_argument("--card", metavar="CARD.json",
                         help="record the calibration in this model card (and its .md) and embed it in OUTPUT")
     args = parser.parse_args(argv)
+    # torch and the engine only after the arguments: --help and usage errors answer at once
+    from ..engine.checkpoint import CheckpointError, load_model, save_model
+    from ..engine.extrapolation import attach
+    from ..training.calibration import calibrate, reference_grades
+
     try:
         frames_slice = parse_slice(args.frames)
         model = load_model(args.model, trust_pickle=args.trust_pickle)
