@@ -31,11 +31,18 @@ found by name (``REF_energy``, ``REF_forces``, ``born_charge``, ...; see
 ``macefield_client.contract.labels.KNOWN_KEYS``) or given with ``--energy-key``
 etc.; unit conventions with ``--polarization-unit`` /
 ``--polarizability-unit`` (default ``auto``: decided from the values when
-only one convention is plausible, reported with the reason; refused,
-asking for the option, when the values cannot tell).
+only one convention is plausible, reported with the reason;
+skipping that quantity with one line naming the option, when the values cannot tell).
 
 Without ``--field`` each frame's field is ``info["electric_field"]``, else
-``info["REF_electric_field"]``, else zero (V/A).  The server is
+``info["REF_electric_field"]``, else zero (V/A); a non-zero field read from
+the file is always announced on stderr with its key and magnitude
+(``--field 0 0 0`` drops it).  Whenever structures are extrapolating or a
+field lies outside the model's reference data, a ``TRUST:`` summary is
+printed on stderr (``--quiet`` keeps it).  Without ``--head`` the server
+chooses per frame the head trained on its elements and the head used is
+printed; ``--allow-unseen-elements`` computes frames whose head never saw
+one of their elements (refused otherwise).  ``-o -``: standard output.  The server is
 ``--server``, else ``$MACEFIELD_SERVER``, else 127.0.0.1:50051 (a host
 without a port gets 50051); several replicas: ``host1:port,host2:port`` or
 ``dns:///name:port`` (requests spread round-robin over the healthy ones;
