@@ -69,6 +69,7 @@ COMPOSE_PROJECT = "macefield-smoke"
 STOP_TIMEOUT = 40  # > the server's grace_s (30 s): what compose's stop_grace_period says too
 HEALTHY_TIMEOUT = 300
 CACHE = Path(os.environ.get("MACEFIELD_CI_CACHE") or Path(tempfile.gettempdir()) / "macefield-ci-cache")
+CACHE.mkdir(parents=True, exist_ok=True)  # a $MACEFIELD_CI_CACHE not created yet is created, whichever phase runs first
 DOCKER_HOST = os.environ.get("MACEFIELD_SMOKE_DOCKER_HOST", "unix:///var/run/docker.sock")
 LOUD = "#" * 20
 

@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 #: the DFT data (``$MACEFIELD_SHARED_DATA`` overrides the location)
 SHARED_DATA = Path(os.environ.get("MACEFIELD_SHARED_DATA") or REPO.parent / "shared" / "data")
-#: the DFT data files tests read (never in the repository: ../shared/data, see its README)
+#: the DFT data files tests read (never in the repository); only tests that need DFT labels use them
 DATA_FILES = ("sio2-quartz-md.xyz", "batio3-md.xyz")
 #: set to 1 (``.ci/run`` does) to make a missing ../shared/data a failure instead of a skip
 REQUIRE_DATA_ENV = "MACEFIELD_REQUIRE_DATA"
@@ -58,6 +58,9 @@ TIERS = {
         "test_client.py",
         "test_client_connect.py",
         "test_client_core.py",
+        "test_cli_frames.py",  # macefield predict/eval against a real server: fields from files, trust summary
+        "test_command_lines.py",  # the project's commands found through the interpreter under test
+        "test_head_choice.py",  # the head chosen from the elements, refusals of unseen elements
         "test_workflows_harmonic.py",  # phonons of quartz through a real server
         "test_workflows_md.py",  # ensemble MD and a BaTiO3 hysteresis loop through a real server
         "test_cueq_backend.py",  # no server, but ~30 s of model conversions
@@ -116,7 +119,8 @@ def shared_data() -> Path:
     when ``$MACEFIELD_REQUIRE_DATA=1`` (CI, which has the data and must run them)."""
     missing = [name for name in DATA_FILES if not (SHARED_DATA / name).is_file()]
     if missing:
-        reason = f"needs the DFT data in {SHARED_DATA} (missing {', '.join(missing)}; see its README)"
+        reason = (f"needs DFT reference labels that are not part of the repository: {', '.join(missing)} (the public "
+                  f"data of arXiv:2508.17870) in {SHARED_DATA}, or $MACEFIELD_SHARED_DATA naming their folder")
         if os.environ.get(REQUIRE_DATA_ENV) == "1":
             pytest.fail(f"{reason}, and ${REQUIRE_DATA_ENV}=1 requires it")
         pytest.skip(reason)

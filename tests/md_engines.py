@@ -17,10 +17,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
-from conftest import REPO, SHARED_DATA
+from conftest import REPO
 from serving import ServerProcess
 
-QUARTZ_MD = SHARED_DATA / "sio2-quartz-md.xyz"  #: real 72-atom alpha-quartz frames (DFT MD at 300 K)
 EXAMPLES = REPO / "docs" / "examples"
 DEFAULT_MODEL = REPO / "server" / "macefield_server" / "weights" / "default.pt"
 
@@ -44,12 +43,16 @@ def assert_close(got, want, rel, what=""):
 
 
 def quartz_frame(index: int = 0):
-    """Frame ``index`` of the quartz MD data as a plain periodic Atoms (no stored labels)."""
-    import ase
-    import ase.io
+    """72-atom alpha-quartz as docs/md_engines.md builds it (no data file): the orthorhombic 2x1x2 cell of the
+    default model's DFT data at its PBE lattice constants, atoms displaced by 0.05 A (standard deviation) with
+    seed ``index`` (0: the documented initial configuration)."""
+    from ase.build import make_supercell
 
-    a = ase.io.read(QUARTZ_MD, index)
-    return ase.Atoms(numbers=a.numbers, positions=a.positions, cell=a.cell, pbc=True)
+    from macefield_client.structures import alpha_quartz
+
+    quartz = make_supercell(alpha_quartz(cell="pbe"), [[2, 0, 0], [1, 2, 0], [0, 0, 2]])
+    quartz.rattle(0.05, seed=index)
+    return quartz
 
 
 def triclinic_quartz():

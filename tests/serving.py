@@ -8,13 +8,14 @@ import os
 import signal
 import socket
 import subprocess
+import sysconfig
 import sys
 import tempfile
 import textwrap
 import time
 import urllib.request
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import grpc
 import numpy as np
@@ -26,8 +27,9 @@ from macefield_client.contract import arrays_from_response  # noqa: E402
 
 
 def request_for(atoms, field=(0.0, 0.0, 0.0), head: str = "", outputs: Sequence[str] = (), request_id: str = "",
-                model: str = "") -> pb.PredictRequest:
+                model: str = "", **extra) -> pb.PredictRequest:
     return pb.PredictRequest(
+        **extra,
         request_id=request_id,
         model=model,
         head=head,
@@ -243,6 +245,25 @@ BLOCKER = textwrap.dedent(
             fh.write(f"active pid={os.getpid()} refused={refused} loaded={loaded}\\n")
     """
 )
+
+
+#: the project's commands: console script -> the module that runs it with ``python -m``
+COMMANDS = {"macefield": "macefield_client.cli", "macefield-ipi": "macefield_client.ipi",
+            "macefield-serve": "macefield_server.cli.serve", "macefield-health": "macefield_server.cli.health",
+            "macefield-train": "macefield_server.cli.train", "macefield-calibrate": "macefield_server.cli.calibrate",
+            "macefield-convert": "macefield_server.cli.convert"}
+
+
+def project_command(name: str) -> List[str]:
+    """The argv prefix that runs the project's command ``name`` with the interpreter under test.
+
+    Its console script in that interpreter's scripts folder when installed there (a virtual environment whose
+    ``bin`` is not on PATH included), else ``python -m`` its module: never whatever PATH happens to find.
+    """
+    script = Path(sysconfig.get_path("scripts")) / name
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", COMMANDS[name]]
 
 
 def torch_free_env(tmp_path: Path):

@@ -25,7 +25,7 @@ from ase.calculators.calculator import PropertyNotImplementedError
 from ase.md.velocitydistribution import Stationary
 from ase.md.verlet import VelocityVerlet
 from conftest import REPO, quartz_like, random_field_model, sio_molecule
-from serving import run_torch_free, torch_free_env
+from serving import project_command, run_torch_free, torch_free_env
 
 from macefield_client import (
     AsyncClient,
@@ -52,6 +52,8 @@ except ImportError:  # pragma: no cover
 
 CLIENT_DIR = REPO / "client"
 FIELD = np.array([0.01, -0.02, 0.05])
+#: the `macefield` command of the interpreter under test
+MACEFIELD = project_command("macefield")
 RTOL, ATOL = 1e-9, 1e-10
 
 def same_model():
@@ -367,7 +369,7 @@ def test_client_imports_and_runs_without_torch(served, model, torch_free):
 def test_cli_info_and_predict(served, model, torch_free, tmp_path):
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    proc = run_torch_free(["macefield", "info", "--server", served], torch_free)
+    proc = run_torch_free([*MACEFIELD, "info", "--server", served], torch_free)
     assert "model tiny" in proc.stdout and "sio2 (default), other" in proc.stdout and "O Si" in proc.stdout
     assert "polarizability e*A^2/V" in proc.stdout
 
@@ -383,7 +385,7 @@ def test_cli_info_and_predict(served, model, torch_free, tmp_path):
     ase.io.write(src, frames, format="extxyz")
 
     # one field for all frames, another head, every output
-    run_torch_free(["macefield", "predict", str(src), "--field", "0.01", "-0.02", "0.05", "--head", "other",
+    run_torch_free([*MACEFIELD, "predict", str(src), "--field", "0.01", "-0.02", "0.05", "--head", "other",
                     "-o", str(out), "--server", served, "--batch-size", "3", "--progress", "--outputs", "all"],
                    torch_free)
     got = ase.io.read(out, index=":")
@@ -411,7 +413,7 @@ def test_cli_info_and_predict(served, model, torch_free, tmp_path):
     np.testing.assert_array_equal(first.get_stress(), np.arange(6.0))
 
     # no --field: each frame's own field (electric_field, then REF_electric_field, then zero)
-    run_torch_free(["macefield", "predict", str(src), "--outputs", "energy", "forces", "-o", str(out2),
+    run_torch_free([*MACEFIELD, "predict", str(src), "--outputs", "energy", "forces", "-o", str(out2),
                     "--server", served], torch_free)
     fields = [np.zeros(3), [0.0, 0.0, 0.03], [0.02, 0.0, 0.0], np.zeros(3)]
     refs = predict(model, frames, electric_fields=np.array(fields, dtype=float), outputs=["energy", "forces"])
@@ -421,7 +423,7 @@ def test_cli_info_and_predict(served, model, torch_free, tmp_path):
         assert "MACE_becs" not in a.arrays
 
     # no --outputs: the same default as the Python client (first derivatives only)
-    run_torch_free(["macefield", "predict", str(src), "-o", str(out3), "--server", served], torch_free)
+    run_torch_free([*MACEFIELD, "predict", str(src), "-o", str(out3), "--server", served], torch_free)
     a = ase.io.read(out3, index=0)
     assert {"MACE_energy", "MACE_stress", "MACE_dipole", "MACE_polarization"} <= set(a.info)
     assert "MACE_forces" in a.arrays and "MACE_becs" not in a.arrays and "MACE_alpha" not in a.info
@@ -434,7 +436,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(served, torch_free, tmp_path):
     for args in (["predict", str(tmp_path / "missing.xyz"), "-o", str(tmp_path / "o.xyz")],
                  ["eval", str(tmp_path / "missing.xyz")],
                  ["predict", str(garbage), "-o", str(tmp_path / "o.xyz")]):
-        proc = subprocess.run(["macefield", *args, "--server", served], env=env, capture_output=True, text=True,
+        proc = subprocess.run([*MACEFIELD, *args, "--server", served], env=env, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
@@ -447,7 +449,7 @@ def test_cli_unreachable_server_exits_with_message(torch_free):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env, _ = torch_free
-    proc = subprocess.run(["macefield", "info", "--server", f"127.0.0.1:{port}", "--timeout", "10", "--retries", "1"],
+    proc = subprocess.run([*MACEFIELD, "info", "--server", f"127.0.0.1:{port}", "--timeout", "10", "--retries", "1"],
                           env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1

@@ -285,3 +285,22 @@ def test_every_deploy_path_the_scaling_docs_name_exists():
         assert command in scaling  # the README's compose command is the one docs/scaling.md explains
     for target in re.findall(r'"(dns:///[^"]+)"', readme):
         assert target in scaling
+
+
+def test_container_smoke_creates_a_cache_folder_that_does_not_exist_yet(tmp_path, monkeypatch):
+    import importlib.util
+
+    cache = tmp_path / "not" / "yet"
+    monkeypatch.setenv("MACEFIELD_CI_CACHE", str(cache))
+    spec = importlib.util.spec_from_file_location("container_smoke_under_test", SMOKE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.CACHE == cache and cache.is_dir()
+
+
+def test_docker_docs_cover_compose_v1_and_a_local_base_image():
+    for doc in ("README.md", "docs/docker.md"):
+        text = (REPO / doc).read_text()
+        assert "docker compose up -d" in text and "docker-compose" in text, doc
+        assert "docker import - debian:bookworm-slim" in text and "docker tag" in text, doc
+    assert "FROM debian:bookworm-slim" in (REPO / "Dockerfile").read_text()  # the tag the docs make locally

@@ -53,7 +53,6 @@ from macefield_client.ipi_socket import IPIProtocolError, parse_init
 pytest.importorskip("ipi", reason="i-PI is not installed (pip install ipi): the i-PI driver tests need the real i-PI")
 from ipi.utils.units import unit_to_internal  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("shared_data")  # the quartz frames of ../shared/data
 
 N_QUARTZ = 72
 DRIVER_TIMEOUT = 600

@@ -41,7 +41,6 @@ except Exception as exc:  # noqa: BLE001 - any reason LAMMPS cannot start is a r
     print(f"{reason}: its tests skip", file=sys.stderr)
     pytest.skip(reason, allow_module_level=True)
 
-pytestmark = pytest.mark.usefixtures("shared_data")  # the quartz frames of ../shared/data
 
 N_QUARTZ = 72
 EV_PER_A3_IN_BAR = 1.6021765e6  # LAMMPS' nktv2p for units metal

@@ -135,3 +135,23 @@ def test_info_shows_the_model_card_summary(served, tmp_path):
     assert "validation sio2-quartz (head sio2), 32 held-out frames:" in out
     assert "validation batio3 (head batio3), 9 held-out frames:" in out
     assert re.search(r"forces MAE\s+100\.7\s+meV/A", out) and re.search(r"Z\* MAE\s+0\.0316\s+e", out)
+
+
+def test_readme_examples_run_without_warnings(served, tmp_path):
+    """The README's client and asyncio examples and ``nvt_quartz.py --field 0 0 0.05`` (perfect or thermal quartz,
+    the head's own chemistry, a small field) print no warning: a warning there teaches users to ignore them.
+
+    The extrapolation grade must not grow with the applied field for this to hold (the README's field of
+    0.05 V/A once graded perfect quartz 3.7)."""
+    env = torch_free_env(tmp_path)
+    scripts = {"client": readme_block("README client example"), "asyncio": readme_block("async def main")}
+    runs = {}
+    for name, example in scripts.items():
+        script = tmp_path / f"readme_{name}.py"
+        script.write_text(example.replace("127.0.0.1:50051", served))
+        runs[name] = run_torch_free([sys.executable, "-W", "always", str(script)], env, timeout=300)
+    runs["nvt"] = run_torch_free([sys.executable, "-W", "always", str(EXAMPLES / "nvt_quartz.py"), "--server", served,
+                                  "--steps", "20", "--log-every", "10", "--field", "0", "0", "0.05"], env, timeout=300)
+    for name, proc in runs.items():
+        assert "Warning" not in proc.stderr and "extrapolat" not in proc.stderr.lower(), (name, proc.stderr)
+        assert "extrapolation grade" not in proc.stdout, (name, proc.stdout)

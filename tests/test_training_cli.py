@@ -13,8 +13,6 @@ from macefield_server.training import config_from_dict
 from macefield_server.cli.train import main
 from macefield_server.training.config import ConfigError
 
-pytestmark = pytest.mark.usefixtures("shared_data")
-
 DEFAULT_CONFIG = REPO / "server" / "macefield_server" / "weights" / "default.stage1.yaml"
 
 
@@ -37,6 +35,7 @@ def metrics(tmp_path):
     return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.usefixtures("shared_data")  # trains on (or checks) the DFT labels
 def test_train_tiny_end_to_end_then_resume(tmp_path, capsys):
     config = tiny_config(tmp_path)
     assert main(["--config", str(config), "--no-progress"]) == 0
@@ -86,6 +85,7 @@ def test_train_tiny_end_to_end_then_resume(tmp_path, capsys):
     assert len(metrics(tmp_path)) == 2
 
 
+@pytest.mark.usefixtures("shared_data")  # trains on (or checks) the DFT labels
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     """1 epoch + resume for a 2nd gives the same weights as 2 epochs in one go."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -129,6 +129,7 @@ def test_config_errors(tmp_path):
     assert main(["--config", str(path)]) == 2  # no datasets
 
 
+@pytest.mark.usefixtures("shared_data")  # trains on (or checks) the DFT labels
 def test_shipped_config_parses_and_points_at_the_data():
     from macefield_server.training import load_config
 
@@ -139,6 +140,7 @@ def test_shipped_config_parses_and_points_at_the_data():
         assert ds.train == (0.0, 0.8) and ds.valid == (0.8, 1.0) and ds.max_frames is None
 
 
+@pytest.mark.usefixtures("shared_data")  # trains on (or checks) the DFT labels
 def test_response_every_k_is_an_unbiased_estimate_of_the_full_gradient(tmp_path):
     """With response_every = k, the Z*/alpha terms enter every k-th step with weight k: the
     gradients of k consecutive steps on one batch average to the full-loss gradient, and the

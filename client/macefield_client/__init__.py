@@ -47,5 +47,5 @@ from .core import (DEFAULT_TARGET, DEFAULT_TIMEOUT, AsyncClient, AsyncSession, A
 
 __all__ = ["DEFAULT_TARGET", "DEFAULT_TIMEOUT", "EXTRAPOLATION_THRESHOLD", "OUTPUTS", "UNITS", "AsyncClient",
            "AsyncSession", "AuthenticationError", "Client", "ExtrapolationError", "ExtrapolationWarning",
-           "InvalidRequest", "MACEFieldError", "ModelInfo", "RequestTimeout", "ResourceExhausted", "Result",
-           "RetryPolicy", "ServerInfo", "ServerUnavailable", "Session", "TLSConfig"]
+           "FieldFromFileWarning", "InvalidRequest", "MACEFieldError", "ModelInfo", "RequestTimeout",
+           "ResourceExhausted", "Result", "RetryPolicy", "ServerInfo", "ServerUnavailable", "Session", "TLSConfig"]

@@ -52,7 +52,18 @@ def add_server_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     p.add_argument("--token", help="bearer token (default $MACEFIELD_TOKEN)")
     p.add_argument("--timeout", type=float, help="per-call deadline, s (default 120)")
     p.add_argument("--retries", type=int, help="retries of a call answered UNAVAILABLE (default 9, with backoff)")
-    p.add_argument("--quiet", action="store_true", help="no 'waiting for server' messages")
+    p.add_argument("--quiet", action="store_true", help="no 'waiting for server', 'wrote ...' or 'head ...' messages (warnings and "
+                                                    "the trust summary stay)")
+
+
+def quiet_broken_pipe() -> None:
+    """After a BrokenPipeError on stdout (the reader closed the pipe): point stdout at /dev/null so that the
+    interpreter's final flush does not print a second error, as the Python docs recommend."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def tls_from_args(args: argparse.Namespace):
@@ -106,6 +117,7 @@ __all__ = [
     "add_server_options",
     "client_from_args",
     "positive_int",
+    "quiet_broken_pipe",
     "tls_from_args",
     "waiting",
 ]

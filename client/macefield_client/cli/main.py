@@ -33,11 +33,18 @@ found by name (``REF_energy``, ``REF_forces``, ``born_charge``, ...; see
 ``macefield_client.contract.labels.KNOWN_KEYS``) or given with ``--energy-key``
 etc.; unit conventions with ``--polarization-unit`` /
 ``--polarizability-unit`` (default ``auto``: decided from the values when
-only one convention is plausible, reported with the reason; refused,
-asking for the option, when the values cannot tell).
+only one convention is plausible, reported with the reason;
+skipping that quantity with one line naming the option, when the values cannot tell).
 
 Without ``--field`` each frame's field is ``info["electric_field"]``, else
-``info["REF_electric_field"]``, else zero (V/A).  The server is
+``info["REF_electric_field"]``, else zero (V/A); a non-zero field read from
+the file is always announced on stderr with its key and magnitude
+(``--field 0 0 0`` drops it).  Whenever structures are extrapolating or a
+field lies outside the model's reference data, a ``TRUST:`` summary is
+printed on stderr (``--quiet`` keeps it).  Without ``--head`` the server
+chooses per frame the head trained on its elements and the head used is
+printed; ``--allow-unseen-elements`` computes frames whose head never saw
+one of their elements (refused otherwise).  ``-o -``: standard output.  The server is
 ``--server``, else ``$MACEFIELD_SERVER``, else 127.0.0.1:50051 (a host
 without a port gets 50051); several replicas: ``host1:port,host2:port`` or
 ``dns:///name:port`` (requests spread round-robin over the healthy ones;
@@ -65,6 +72,9 @@ from ..core.errors import MACEFieldError
 from .common import (
     EXIT_FAILED,
     EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    quiet_broken_pipe,
     InputError,
     add_server_options,
     client_from_args,
@@ -79,12 +89,27 @@ def _frames_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--field", type=float, nargs=3, metavar=("EX", "EY", "EZ"),
                    help="uniform field for every frame, V/A (default: per-frame info, else zero)")
     p.add_argument("--model", help="served model (default: the server's default)")
-    p.add_argument("--head", help="model head (default: the model's default head)")
+    p.add_argument("--head", help="model head (default: per frame, the head trained on its elements; the model's "
+                                  "default head when several are)")
+    p.add_argument("--allow-unseen-elements", action="store_true",
+                   help="evaluate frames with elements their head was never trained on (refused otherwise: such "
+                        "results are not physical)")
     p.add_argument("--batch-size", type=positive_int, help="structures per request (default 16)")
     p.add_argument("--info-prefix", default="MACE_", help="prefix of the written keys (default MACE_)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress")
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
+
+
+def output_names(text: str) -> list[str]:
+    """argparse type of ``--outputs``: one or more names separated by commas."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    known = list(OUTPUTS) + ["all"]
+    bad = [n for n in names if n not in known]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"unknown output {', '.join(bad) or repr(text)} "
+                                         f"(choose from {', '.join(known)})")
+    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,11 +127,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pred = sub.add_parser("predict", help="evaluate every frame of a structure file and write the results")
     add_server_options(pred)
     _frames_options(pred)
-    pred.add_argument("-o", "--output", required=True, help="output extended XYZ")
-    pred.add_argument("--outputs", nargs="+", choices=list(OUTPUTS) + ["all"], default=list(DEFAULT_OUTPUTS),
-                      help="outputs to compute (default: energy forces stress dipole polarization; "
-                           "'all' adds Z*, alpha, chi, eps_inf at about 3x the cost; 'extrapolation' writes the "
-                           "per-atom extrapolation grade)")
+    pred.add_argument("-o", "--output", required=True, help="output extended XYZ ('-': standard output)")
+    pred.add_argument("--outputs", nargs="+", type=output_names, default=[list(DEFAULT_OUTPUTS)], metavar="NAME",
+                      help="outputs to compute, separated by spaces or commas (default: energy forces stress dipole "
+                           "polarization; 'all' adds Z*, alpha, chi, eps_inf at about 3x the cost; 'extrapolation' "
+                           "writes the per-atom extrapolation grade); names: " + ", ".join(list(OUTPUTS) + ["all"]))
 
     ev = sub.add_parser("eval", help="evaluate frames with reference labels: write results, print a table of errors")
     add_server_options(ev)
@@ -183,6 +208,9 @@ def cmd_info(args) -> int:
         if m.description:
             print(f"  description: {m.description}")
         print(f"  heads:       {', '.join(h + (' (default)' if h == m.default_head else '') for h in m.heads)}")
+        for h in m.heads:
+            if h in m.head_elements:
+                print(f"    head {h}: trained on {' '.join(_symbols(m.head_elements[h]))}")
         print(f"  elements:    {' '.join(_symbols(m.atomic_numbers))}")
         print(f"  cutoff:      {m.cutoff:g} A   dtype: {m.dtype}   device: {m.device}   parameters: {m.num_parameters}   "
               f"ZBL repulsion: {'yes' if m.pair_repulsion else 'no'}")
@@ -245,17 +273,114 @@ def fields_used(frames, override) -> list[str]:
     return [f"{source} = {[float(v) for v in value]} V/A in {n} frame(s)" for (source, value), n in seen.items()]
 
 
+def file_fields(frames, override) -> list[str]:
+    """Lines announcing the non-zero fields taken from the input file's frames (none with ``--field``)."""
+    if override is not None:
+        return []
+    seen: dict[tuple, int] = {}
+    for a in frames:
+        source, value = _field_source(a, override)
+        if source.startswith("info ") and np.any(np.asarray(value, dtype=float)):
+            key = (source[5:], tuple(np.round(np.asarray(value, dtype=float).reshape(3), 6)))
+            seen[key] = seen.get(key, 0) + 1
+    return [f"WARNING: applying the electric field read from the input file: info[{key!r}] = "
+            f"{[float(v) for v in value]} V/A (|E| = {np.linalg.norm(value):.3g} V/A) in {n} of {len(frames)} "
+            "frame(s); --field 0 0 0 evaluates at zero field, --field EX EY EZ sets another"
+            for (key, value), n in seen.items()]
+
+
+def _say(message: str) -> None:
+    print(f"macefield: {message}", file=sys.stderr, flush=True)
+
+
 def _progress(args, n: int):
     return args.progress if args.progress is not None else (None if n > 1 else False)
 
 
 def _compute(args, frames, outputs):
+    """(fields (n, 3) V/A, results, the served model's ModelInfo or None); the file's fields are announced."""
     fields = np.array([_frame_field(a, args.field) for a in frames])
-    with client_from_args(args) as client:
+    with client_from_args(args) as client:  # bad server options are reported before anything else
+        for line in file_fields(frames, args.field):
+            _say(line)
         results = client.predict_many(frames, electric_field=fields, outputs=outputs, model=args.model,
                                       head=args.head, batch_size=args.batch_size,
-                                      progress=_progress(args, len(frames)))
-    return fields, results
+                                      progress=_progress(args, len(frames)),
+                                      allow_unseen_elements=args.allow_unseen_elements)
+        try:
+            info = client.list_models()
+        except MACEFieldError:
+            info = None
+    model = None if info is None else next((m for m in info.models if m.name == results[0].model), None)
+    return fields, results, model
+
+
+def heads_used(results, named: str | None) -> str:
+    """The heads the results were computed with, and whether they were named or chosen by the server."""
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.head] = counts.get(r.head, 0) + 1
+    used = ", ".join(f"{h} ({n} frame(s))" if len(counts) > 1 else h for h, n in counts.items())
+    return used if named else f"{used} (chosen by the server from the elements; --head to choose)"
+
+
+def reference_field(model, head: str) -> float | None:
+    """The largest |E| (V/A) of the model's reference data for ``head``, from its card; None when not stated."""
+    if model is None or not model.card_json:
+        return None
+    try:
+        card = json.loads(model.card_json)
+        value = card["extrapolation"]["heads"][head]["reference"]["fields_V_per_A"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    try:
+        return float(np.max(np.abs(np.asarray(value, dtype=float))))
+    except (TypeError, ValueError):
+        return None
+
+
+def trust_summary(results, fields, model) -> dict | None:
+    """How far the results can be trusted: extrapolating structures (how many, the worst grade) and fields
+    outside the model's reference data; None when nothing is extrapolating (or no grade was served)."""
+    threshold = (model.extrapolation_threshold if model is not None and model.extrapolation_threshold > 0
+                 else EXTRAPOLATION_THRESHOLD)
+    graded = [(i, float(r.extrapolation_max)) for i, r in enumerate(results) if r.extrapolation is not None]
+    above = [(i, g) for i, g in graded if not g <= threshold]
+    field_flags = [i for i, r in enumerate(results)
+                   if r.get("field_extrapolation") is not None and not float(r["field_extrapolation"]) <= threshold]
+    magnitudes = np.linalg.norm(np.asarray(fields, dtype=float).reshape(len(results), 3), axis=1)
+    outside = []
+    for i, r in enumerate(results):
+        limit = reference_field(model, r.head)
+        if limit is not None and magnitudes[i] > limit + 1e-12:
+            outside.append(i)
+    if not above and not field_flags and not outside:
+        return None
+    worst = max(above, key=lambda x: x[1]) if above else None
+    summary = {"threshold": threshold, "structures": len(results), "graded": len(graded),
+               "extrapolating": len(above), "worst_grade": None if worst is None else worst[1],
+               "worst_frame": None if worst is None else worst[0],
+               "field_outside_reference": sorted(set(field_flags) | set(outside)),
+               "max_field": float(magnitudes.max()) if len(magnitudes) else 0.0}
+    if outside:
+        summary["reference_field"] = reference_field(model, results[outside[0]].head)
+    return summary
+
+
+def format_trust(summary: dict) -> list[str]:
+    lines = []
+    if summary["extrapolating"]:
+        lines.append(f"TRUST: {summary['extrapolating']} of {summary['structures']} structure(s) extrapolating "
+                     f"(grade > {summary['threshold']:g}; worst {summary['worst_grade']:.3g} in frame "
+                     f"{summary['worst_frame']}): unlike the model's training data, their results carry no "
+                     "accuracy statement (--head, or eval --extrapolation for the per-atom grade)")
+    if summary["field_outside_reference"]:
+        ref = summary.get("reference_field")
+        where = f" (its reference data are at |E| <= {ref:g} V/A)" if ref is not None else ""
+        lines.append(f"TRUST: the field of {len(summary['field_outside_reference'])} structure(s), |E| up to "
+                     f"{summary['max_field']:.3g} V/A, is outside what the model was trained to describe{where}: "
+                     "its field response there is an extrapolation")
+    return lines
 
 
 def annotate(atoms, result, field, prefix: str = "MACE_", extrapolation: bool = False) -> None:
@@ -300,25 +425,37 @@ def _check_writable(path: str | None) -> None:
         raise InputError(f"cannot write {path}")
 
 
-def _write(path: str, frames) -> None:
+def _write(path: str, frames, quiet: bool = False) -> None:
     import ase.io
 
     try:
-        ase.io.write(path, frames, format="extxyz")
+        ase.io.write(sys.stdout if path == "-" else path, frames, format="extxyz")
+        if path == "-":
+            sys.stdout.flush()
+    except BrokenPipeError:
+        raise
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc}") from None
-    print(f"wrote {len(frames)} structure(s) to {path}", file=sys.stderr)
+    if not quiet:
+        print(f"wrote {len(frames)} structure(s) to {'standard output' if path == '-' else path}", file=sys.stderr)
 
 
 def cmd_predict(args) -> int:
-    _check_writable(args.output)
+    if args.output != "-":
+        _check_writable(args.output)
     frames = _read_frames(args.input)
-    outputs = "all" if "all" in args.outputs else args.outputs
-    fields, results = _compute(args, frames, outputs)
-    grade = "extrapolation" in args.outputs or "extrapolation_max" in args.outputs
+    names = [n for group in args.outputs for n in group]
+    outputs = "all" if "all" in names else names
+    fields, results, model = _compute(args, frames, outputs)
+    grade = "extrapolation" in names or "extrapolation_max" in names
     for atoms, field, r in zip(frames, fields, results):
         annotate(atoms, r, field, args.info_prefix, extrapolation=grade)
-    _write(args.output, frames)
+    _write(args.output, frames, args.quiet)
+    if not args.quiet:
+        _say(f"head {heads_used(results, args.head)}")
+    trust = trust_summary(results, fields, model)
+    for line in format_trust(trust) if trust else ():
+        _say(line)
     return 0
 
 
@@ -346,8 +483,12 @@ _NEEDS = {"energy": ("energy",), "forces": ("forces",), "stress": ("stress",),
           "polarizability": ("polarizability",)}
 
 
-def references(frames, args) -> dict[str, dict]:
-    """{quantity: {"key", "kind", "reason", "labels": [per frame, internal units or None]}} found in ``frames``."""
+def references(frames, args, skipped: list[str] | None = None) -> dict[str, dict]:
+    """{quantity: {"key", "kind", "reason", "labels": [per frame, internal units or None]}} found in ``frames``.
+
+    A quantity whose unit convention the values cannot tell (and no option gives) is left out, with one line
+    saying why and how to include it appended to ``skipped``.
+    """
     from ..contract.labels import convert, detect_kind, find_key, has_key, lookup
 
     found: dict[str, dict] = {}
@@ -370,7 +511,10 @@ def references(frames, args) -> dict[str, dict]:
             try:
                 kind, reason = detect_kind(usable, q, key)
             except ValueError as exc:
-                raise InputError(str(exc)) from None
+                if skipped is None:
+                    raise InputError(str(exc)) from None
+                skipped.append(f"skipped {exc}")
+                continue
         else:
             kind, reason = unit, "given on the command line"
         labels = []
@@ -392,11 +536,18 @@ def cmd_eval(args) -> int:
 
     _check_writable(args.output)
     frames = _read_frames(args.input)
-    refs = references(frames, args)
+    skipped: list[str] = []
+    refs = references(frames, args, skipped)
     if not refs:
-        raise InputError(f"no reference labels found in {args.input} (give their keys with --energy-key etc.)")
+        detail = f" ({'; '.join(skipped)})" if skipped else ""
+        raise InputError(f"no usable reference labels in {args.input}{detail} (give their keys with --energy-key etc.)")
+    for line in skipped:
+        _say(line)
     outputs = sorted({o for q in refs for o in _NEEDS[q]} | {"energy"} | ({"extrapolation"} if args.extrapolation else set()))
-    fields, results = _compute(args, frames, outputs)
+    fields, results, model = _compute(args, frames, outputs)
+    trust = trust_summary(results, fields, model)
+    for line in format_trust(trust) if trust else ():
+        _say(line)
     grades = extrapolation_summary(results, EXTRAPOLATION_THRESHOLD) if args.extrapolation else None
     rows = []
     for i, (atoms, r) in enumerate(zip(frames, results)):
@@ -408,22 +559,27 @@ def cmd_eval(args) -> int:
     if args.output:
         for atoms, field, r in zip(frames, fields, results):
             annotate(atoms, r, field, args.info_prefix, extrapolation=args.extrapolation)
-        _write(args.output, frames)
+        _write(args.output, frames, args.quiet)
     compared = {q: {k: spec[k] for k in ("key", "kind", "reason")} for q, spec in refs.items()}
     used = fields_used(frames, args.field)
     if args.json:
         print(json_text({"file": args.input, "frames": len(frames), "head": results[0].head,
-                         "model": results[0].model, "electric_field": used, "references": compared,
-                         "errors": summary} | ({"extrapolation": grades} if grades else {})))
+                         "model": results[0].model, "head_chosen": args.head is None,
+                         "electric_field": used, "references": compared, "skipped": skipped, "errors": summary,
+                         "trust": trust} | ({"extrapolation": grades} if grades else {})))
         return 0
-    print(f"{args.input}: {len(frames)} frame(s), model {results[0].model}, head {results[0].head}")
+    print(f"{args.input}: {len(frames)} frame(s), model {results[0].model}, head {heads_used(results, args.head)}")
     for line in used:
         print(f"  electric field: {line}")
     for q, spec in compared.items():
         kind = f" as {spec['kind']}" if spec["kind"] else ""
         print(f"  reference {q}: {spec['key']!r}{kind} ({spec['reason']})")
+    for line in skipped:
+        print(f"  {line}")
     if grades:
         print(format_extrapolation(grades))
+    for line in format_trust(trust) if trust else ():
+        print(f"  {line}")
     print(format_table(summary))
     return 0
 
@@ -454,6 +610,12 @@ def main(argv: list[str] | None = None) -> int:
     except MACEFieldError as exc:
         print(f"macefield: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("macefield: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (macefield info | head -2): not an error of ours
+        quiet_broken_pipe()
+        return EXIT_OK
 
 
 __all__ = [

@@ -84,8 +84,12 @@ def per_structure_fields(electric_field: Any, n: int) -> np.ndarray:
 
 def build_request(structure: StructureLike, *, electric_field: Any = (0.0, 0.0, 0.0), outputs: Any = None,
                   model: Optional[str] = None, head: Optional[str] = None,
-                  request_id: str = "") -> pb.PredictRequest:
-    """A ``PredictRequest`` for one structure (positions A, cell rows A, field V/A)."""
+                  request_id: str = "", allow_unseen_elements: bool = False) -> pb.PredictRequest:
+    """A ``PredictRequest`` for one structure (positions A, cell rows A, field V/A).
+
+    ``allow_unseen_elements``: evaluate even when the head was never trained on an element of the structure
+    (otherwise the server refuses it; see the proto's ``PredictRequest.head``).
+    """
     numbers, positions, cell, pbc = structure_arrays(structure)
     return pb.PredictRequest(
         request_id=request_id,
@@ -97,6 +101,7 @@ def build_request(structure: StructureLike, *, electric_field: Any = (0.0, 0.0, 
         pbc=pbc.tolist() if pbc.any() else [],
         electric_field=field_vector(electric_field).tolist(),
         outputs=wire_outputs(outputs),
+        allow_unseen_elements=bool(allow_unseen_elements),
     )
 
 
@@ -179,12 +184,21 @@ class ModelInfo:
     #: per head with statistics, E_ref in V/A: the field at which field_extrapolation reaches 1 (+inf: no element
     #: responds to the field; absent: no statistics, or a server older than this field)
     field_references: Dict[str, float] = field(default_factory=dict)
+    #: {head: atomic numbers it was trained on} (a request naming no head gets the head that knows its
+    #: elements); empty from servers older than this field
+    head_elements: Dict[str, List[int]] = field(default_factory=dict)
+
+    def heads_knowing(self, numbers: Sequence[int]) -> List[str]:
+        """Heads (in the model's order) trained on every element of ``numbers`` (all heads when unknown)."""
+        wanted = set(int(z) for z in numbers)
+        return [h for h in self.heads if wanted <= set(self.head_elements.get(h, self.atomic_numbers))]
 
     def to_proto(self) -> pb.ModelInfo:
         return pb.ModelInfo(
             name=self.name, is_default=self.is_default,
             heads=[pb.HeadInfo(name=h, is_default=h == self.default_head, extrapolation=h in self.extrapolation_heads,
-                               field_reference=self.field_references.get(h, 0.0))
+                               field_reference=self.field_references.get(h, 0.0),
+                               elements=list(self.head_elements.get(h, [])))
                    for h in self.heads],
             default_head=self.default_head, atomic_numbers=list(self.atomic_numbers), cutoff=self.cutoff,
             dtype=self.dtype, device=self.device, backend=self.backend, outputs=list(self.outputs),
@@ -200,6 +214,7 @@ class ModelInfo:
                    num_parameters=m.num_parameters, card_json=m.card_json, source=m.source,
                    pair_repulsion=m.pair_repulsion, backend=m.backend,
                    extrapolation_heads=[h.name for h in m.heads if h.extrapolation],
+                   head_elements={h.name: list(h.elements) for h in m.heads if h.elements},
                    extrapolation_threshold=m.extrapolation_threshold,
                    field_references={h.name: h.field_reference for h in m.heads if h.extrapolation and h.field_reference})
 

@@ -22,6 +22,7 @@ from .errors import (
                      AuthenticationError,
                      ExtrapolationError,
                      ExtrapolationWarning,
+                     FieldFromFileWarning,
                      InvalidRequest,
                      MACEFieldError,
                      RequestTimeout,
@@ -31,5 +32,6 @@ from .errors import (
 from .results import Result
 
 __all__ = ["DEFAULT_TARGET", "DEFAULT_TIMEOUT", "ENVIRONMENT", "AsyncClient", "AsyncSession", "AuthenticationError",
-           "Client", "ExtrapolationError", "ExtrapolationWarning", "InvalidRequest", "MACEFieldError", "RequestTimeout",
+           "Client", "ExtrapolationError", "ExtrapolationWarning", "FieldFromFileWarning",
+           "InvalidRequest", "MACEFieldError", "RequestTimeout",
            "ResourceExhausted", "Result", "RetryPolicy", "ServerUnavailable", "Session", "TLSConfig"]

@@ -113,25 +113,27 @@ class AsyncClient(ClientBase):
 
     async def predict(self, structure: StructureLike, electric_field: Any = (0.0, 0.0, 0.0), outputs: Any = None,
                       model: str | None = None, head: str | None = None, *, timeout: float | None = None,
-                      request_id: str = "") -> Result:
+                      request_id: str = "", allow_unseen_elements: bool = False) -> Result:
         """One structure in a uniform field, V/A (see :meth:`macefield_client.Client.predict`)."""
         plan = plans.predict(self.calls, structure, electric_field, outputs, model, head, timeout=timeout,
-                             request_id=request_id)
+                             request_id=request_id, allow_unseen_elements=allow_unseen_elements)
         return await self.perform(plan)
 
     async def predict_many(self, structures: Iterable[StructureLike], electric_field: Any = (0.0, 0.0, 0.0),
                            outputs: Any = None, model: str | None = None, head: str | None = None, *,
                            batch_size: int | None = None, in_flight: int = 2, progress: bool | None = False,
-                           timeout: float | None = None) -> list[Result]:
+                           timeout: float | None = None, allow_unseen_elements: bool = False) -> list[Result]:
         """Many structures over pipelined PredictBatch calls (see :meth:`macefield_client.Client.predict_many`)."""
         plan = plans.predict_many(self.calls, structures, electric_field, outputs, model, head, timeout=timeout,
-                                  batch_size=batch_size, in_flight=in_flight, progress=progress)
+                                  batch_size=batch_size, in_flight=in_flight, progress=progress,
+                                  allow_unseen_elements=allow_unseen_elements)
         return await self.perform(plan)
 
     def session(self, *, model: str | None = None, head: str | None = None, outputs: Any = None,
-                timeout: float | None = None) -> AsyncSession:
+                timeout: float | None = None, allow_unseen_elements: bool = False) -> AsyncSession:
         """An :class:`AsyncSession` (see :meth:`macefield_client.Client.session`)."""
-        return AsyncSession(self, model=model, head=head, outputs=outputs, timeout=timeout)
+        return AsyncSession(self, model=model, head=head, outputs=outputs, timeout=timeout,
+                            allow_unseen_elements=allow_unseen_elements)
 
     async def close(self) -> None:
         """Close the channel: calls in flight are cancelled, later calls fail."""
@@ -149,8 +151,9 @@ class AsyncSession(SessionState):
     (see :class:`macefield_client.Session`)."""
 
     def __init__(self, client: AsyncClient, *, model: str | None = None, head: str | None = None,
-                 outputs: Any = None, timeout: float | None = None):
-        super().__init__(client.calls, model=model, head=head, outputs=outputs, timeout=timeout)
+                 outputs: Any = None, timeout: float | None = None, allow_unseen_elements: bool = False):
+        super().__init__(client.calls, model=model, head=head, outputs=outputs, timeout=timeout,
+                         allow_unseen_elements=allow_unseen_elements)
         self.client = client
 
     async def predict(self, structure: StructureLike, electric_field: Any = (0.0, 0.0, 0.0), outputs: Any = None,

@@ -344,24 +344,25 @@ def wait_ready(calls: CallContext, timeout: float = 60.0, poll: float = 0.25) ->
 
 def predict(calls: CallContext, structure: StructureLike, electric_field: Any = (0.0, 0.0, 0.0), outputs: Any = None,
             model: str | None = None, head: str | None = None, *, timeout: float | None = None,
-            request_id: str = "") -> Plan:
+            request_id: str = "", allow_unseen_elements: bool = False) -> Plan:
     """One structure in a uniform field (V/A) over Predict."""
     request = build_request(structure, electric_field=electric_field, outputs=outputs, model=model, head=head,
-                            request_id=request_id)
+                            request_id=request_id, allow_unseen_elements=allow_unseen_elements)
     return result_from_response((yield from unary(calls, "Predict", request, timeout)))
 
 
 def predict_many(calls: CallContext, structures: Iterable[StructureLike], electric_field: Any = (0.0, 0.0, 0.0),
                  outputs: Any = None, model: str | None = None, head: str | None = None, *,
                  batch_size: int | None = None, in_flight: int = 2, progress: bool | None = False,
-                 timeout: float | None = None) -> Plan:
+                 timeout: float | None = None, allow_unseen_elements: bool = False) -> Plan:
     """Many structures as PredictBatch chunks of ``batch_size``, ``in_flight`` of them pipelined (see the module doc).
 
     ``electric_field``: one (3,) field in V/A for all, or one per structure (n, 3).  Results in input order.
     """
     structures = list(structures)
     fields = per_structure_fields(electric_field, len(structures))
-    requests = [build_request(s, electric_field=f, outputs=outputs, model=model, head=head, request_id=str(i))
+    requests = [build_request(s, electric_field=f, outputs=outputs, model=model, head=head, request_id=str(i),
+                              allow_unseen_elements=allow_unseen_elements)
                 for i, (s, f) in enumerate(zip(structures, fields))]
     if not requests:
         return []
@@ -412,10 +413,11 @@ class SessionState:
     """
 
     def __init__(self, calls: CallContext, *, model: str | None = None, head: str | None = None,
-                 outputs: Any = None, timeout: float | None = None):
+                 outputs: Any = None, timeout: float | None = None, allow_unseen_elements: bool = False):
         self.calls = calls
         self.model = model
         self.head = head
+        self.allow_unseen_elements = allow_unseen_elements
         self.outputs = outputs
         self.timeout = calls.deadline(timeout)  #: s per step (None: none)
         self.stream: Any = None
@@ -430,7 +432,8 @@ class SessionState:
             raise MACEFieldError("session is closed", target=self.calls.target)
         return build_request(structure, electric_field=electric_field,
                              outputs=self.outputs if outputs is None else outputs,
-                             model=model or self.model, head=head or self.head, request_id=f"s{next(self._ids)}")
+                             model=model or self.model, head=head or self.head, request_id=f"s{next(self._ids)}",
+                             allow_unseen_elements=self.allow_unseen_elements)
 
     def drop(self) -> None:
         """Cancel the open stream (the next step opens a new one)."""

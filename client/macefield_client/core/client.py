@@ -159,7 +159,7 @@ class Client(ClientBase):
 
     def predict(self, structure: StructureLike, electric_field: Any = (0.0, 0.0, 0.0), outputs: Any = None,
                 model: str | None = None, head: str | None = None, *, timeout: float | None = None,
-                request_id: str = "") -> Result:
+                request_id: str = "", allow_unseen_elements: bool = False) -> Result:
         """One structure (ase.Atoms or a mapping of arrays, positions and cell in A) in a uniform field (V/A).
 
         ``outputs``: None for the default outputs (energy, forces, stress, dipole, polarization:
@@ -167,14 +167,20 @@ class Client(ClientBase):
         (adds born_charges, polarizability, chi, eps_inf, volume: about 3x the cost), or names from
         :data:`~macefield_client.OUTPUTS`.  stress, polarization, chi and eps_inf only exist for
         structures periodic in all three directions.  ``timeout``: this call's deadline in s.
+
+        ``head``: None lets the server choose the head trained on the structure's elements (the model's
+        default head when several are); ``Result.head`` says which.  A structure with an element its head
+        was never trained on is refused (:class:`~macefield_client.InvalidRequest` naming the elements and
+        the heads that know them) unless ``allow_unseen_elements=True``.
         """
         return self.perform(plans.predict(self.calls, structure, electric_field, outputs, model, head,
-                                          timeout=timeout, request_id=request_id))
+                                          timeout=timeout, request_id=request_id,
+                                          allow_unseen_elements=allow_unseen_elements))
 
     def predict_many(self, structures: Iterable[StructureLike], electric_field: Any = (0.0, 0.0, 0.0),
                      outputs: Any = None, model: str | None = None, head: str | None = None, *,
                      batch_size: int | None = None, in_flight: int = 2, progress: bool | None = False,
-                     timeout: float | None = None) -> list[Result]:
+                     timeout: float | None = None, allow_unseen_elements: bool = False) -> list[Result]:
         """Many structures (screening): PredictBatch messages of ``batch_size``, ``in_flight`` of them pipelined.
 
         ``electric_field``: one (3,) field for all or one per structure (n, 3), V/A.
@@ -185,12 +191,13 @@ class Client(ClientBase):
         """
         return self.perform(plans.predict_many(self.calls, structures, electric_field, outputs, model, head,
                                                batch_size=batch_size, in_flight=in_flight, progress=progress,
-                                               timeout=timeout))
+                                               timeout=timeout, allow_unseen_elements=allow_unseen_elements))
 
     def session(self, *, model: str | None = None, head: str | None = None, outputs: Any = None,
-                timeout: float | None = None) -> Session:
+                timeout: float | None = None, allow_unseen_elements: bool = False) -> Session:
         """A :class:`Session`: one PredictStream kept open across calls (MD), reopened after failures."""
-        return Session(self, model=model, head=head, outputs=outputs, timeout=timeout)
+        return Session(self, model=model, head=head, outputs=outputs, timeout=timeout,
+                       allow_unseen_elements=allow_unseen_elements)
 
     def close(self) -> None:
         """Close the channel: calls in flight are cancelled, later calls fail.  Idempotent."""
@@ -217,8 +224,9 @@ class Session(SessionState):
     """
 
     def __init__(self, client: Client, *, model: str | None = None, head: str | None = None,
-                 outputs: Any = None, timeout: float | None = None):
-        super().__init__(client.calls, model=model, head=head, outputs=outputs, timeout=timeout)
+                 outputs: Any = None, timeout: float | None = None, allow_unseen_elements: bool = False):
+        super().__init__(client.calls, model=model, head=head, outputs=outputs, timeout=timeout,
+                         allow_unseen_elements=allow_unseen_elements)
         self.client = client
 
     def predict(self, structure: StructureLike, electric_field: Any = (0.0, 0.0, 0.0), outputs: Any = None,

@@ -43,6 +43,11 @@ class ExtrapolationWarning(UserWarning):
     """A structure's extrapolation grade passed the threshold: its results are extrapolation (ASE calculator)."""
 
 
+class FieldFromFileWarning(UserWarning):
+    """A non-zero electric field was taken from a structure's ``info`` (a data file's key), not given by the
+    caller: said once per key, with the key and the magnitude (ASE calculator)."""
+
+
 class ExtrapolationError(RuntimeError):
     """Raised instead of :class:`ExtrapolationWarning` by a calculator told ``extrapolation="raise"``.
 
@@ -96,6 +101,7 @@ __all__ = [
     "AuthenticationError",
     "ExtrapolationError",
     "ExtrapolationWarning",
+    "FieldFromFileWarning",
     "InvalidRequest",
     "MACEFieldError",
     "RequestTimeout",

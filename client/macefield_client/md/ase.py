@@ -55,7 +55,15 @@ they get no ``polarization``, ``polarizability``, ``eps_inf`` or ``stress``
 The field (V/A) is the ``electric_field`` argument/attribute when set (it
 may be changed between MD steps; a change discards cached results), else
 ``atoms.info["electric_field"]``, else ``atoms.info["REF_electric_field"]``,
-else zero.
+else zero.  A non-zero field taken from ``atoms.info`` is announced with a
+:class:`~macefield_client.errors.FieldFromFileWarning` naming the key and
+the magnitude (once per calculator and key): a placeholder written into a
+data file is never applied silently.  ``electric_field=(0, 0, 0)`` ignores
+``atoms.info``.
+
+The head: ``head`` when given, else the server chooses per structure the
+head trained on its elements; a structure with elements its head was never
+trained on is refused unless ``allow_unseen_elements=True``.
 
 Cost: energy, forces, stress, dipole and polarization come from one
 first-derivative pass and are computed together; ``becs``,
@@ -67,6 +75,7 @@ everything at every step).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -76,21 +85,27 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from ..contract import DEFAULT_OUTPUTS, field_vector
 from ..core.channel import Target
 from ..core.client import Client
-from .monitor import MODES, ExtrapolationMonitor
+from ..core.errors import FieldFromFileWarning
+from .monitor import MODES, ExtrapolationMonitor, user_stacklevel
 
 _FIRST = DEFAULT_OUTPUTS
 _SECOND = _FIRST + ("born_charges", "polarizability")
 _SECOND_ORDER_PROPERTIES = {"becs", "born_charges", "polarizability", "molecular_polarizability", "alpha", "eps_inf"}
 
 
+def field_source(override, atoms) -> tuple[str | None, np.ndarray]:
+    """(the ``atoms.info`` key the field came from, or None, the field in V/A) for ``atoms``:
+    ``override``, else info["electric_field"], else info["REF_electric_field"], else 0."""
+    if override is None and atoms is not None:
+        for key in ("electric_field", "REF_electric_field"):
+            if atoms.info.get(key) is not None:
+                return key, field_vector(atoms.info[key], f"atoms.info[{key!r}]")
+    return None, field_vector(override, "electric_field")
+
+
 def resolve_field(override, atoms) -> np.ndarray:
     """The field for ``atoms``: ``override``, else info["electric_field"], else info["REF_electric_field"], else 0."""
-    ef = override
-    if ef is None and atoms is not None:
-        ef = atoms.info.get("electric_field")
-        if ef is None:
-            ef = atoms.info.get("REF_electric_field")
-    return field_vector(ef, "electric_field")
+    return field_source(override, atoms)[1]
 
 
 def _getter(name: str, doc: str):
@@ -113,7 +128,10 @@ class MACEFieldCalculator(Calculator):
             the session stays on one replica and moves to another, resending the step, if that one
             dies or drains.
         electric_field: (3,) V/A for every calculation; None: from ``atoms.info`` (see module doc).
-        model, head: served model and head (None: the server's defaults).
+        model, head: served model and head (None: the server's default model; the head trained on the
+            structure's elements).
+        allow_unseen_elements: evaluate structures with elements the head was never trained on (refused
+            otherwise).
         client: an existing :class:`~macefield_client.Client` to use instead of ``server``.
         tls, token, timeout, retry, tls_server_name, health_check: passed to
             :class:`~macefield_client.Client` (``tls_server_name``: TLS with a list of replicas).
@@ -135,7 +153,7 @@ class MACEFieldCalculator(Calculator):
                  tls=None, token: str | None = None, timeout: float | None = None, retry=None,
                  tls_server_name: str | None = None, health_check: bool | None = None,
                  use_session: bool = True, outputs=None, extrapolation: str = "warn",
-                 extrapolation_threshold: float | None = None, **kwargs):
+                 extrapolation_threshold: float | None = None, allow_unseen_elements: bool = False, **kwargs):
         if extrapolation not in MODES:
             raise ValueError(f'extrapolation: "warn", "raise" or "ignore", got {extrapolation!r}')
         self._owns_client = client is None
@@ -152,7 +170,10 @@ class MACEFieldCalculator(Calculator):
         self.always_all = outputs == "all"
         if outputs not in (None, "all"):
             raise ValueError('outputs: None or "all"')
-        self._session = self.client.session(model=model, head=head) if use_session else None
+        self.allow_unseen_elements = allow_unseen_elements
+        self._session = (self.client.session(model=model, head=head, allow_unseen_elements=allow_unseen_elements)
+                         if use_session else None)
+        self._announced: set[str] = set()  #: atoms.info keys whose field was announced
         self._electric_field = None if electric_field is None else resolve_field(electric_field, None)
         self.field_used: np.ndarray | None = None  #: the field of the cached results, V/A
         self.last_result = None  #: the client Result behind the cached results
@@ -197,12 +218,18 @@ class MACEFieldCalculator(Calculator):
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         Calculator.calculate(self, atoms, properties, system_changes)
         atoms = self.atoms
-        field = resolve_field(self._electric_field, atoms)
+        key, field = field_source(self._electric_field, atoms)
+        if key is not None and key not in self._announced and np.any(field):
+            self._announced.add(key)
+            warnings.warn(f"electric field {field.tolist()} V/A (|E| = {np.linalg.norm(field):.3g} V/A) taken from "
+                          f"atoms.info[{key!r}]; pass electric_field=(0, 0, 0) to the calculator to ignore it, or "
+                          "electric_field=... to set it", FieldFromFileWarning, stacklevel=user_stacklevel())
         outputs = self._outputs(properties)
         if self._session is not None:
             r = self._session.predict(atoms, electric_field=field, outputs=outputs)
         else:
-            r = self.client.predict(atoms, electric_field=field, outputs=outputs, model=self.model, head=self.head)
+            r = self.client.predict(atoms, electric_field=field, outputs=outputs, model=self.model, head=self.head,
+                                    allow_unseen_elements=self.allow_unseen_elements)
         n = len(atoms)
         results = {"energy": float(r.energy), "free_energy": float(r.energy)}
         if r.forces is not None:
@@ -249,4 +276,4 @@ class MACEFieldCalculator(Calculator):
             self.client.close()
 
 
-__all__ = ["MACEFieldCalculator", "resolve_field"]
+__all__ = ["MACEFieldCalculator", "field_source", "resolve_field"]

@@ -15,6 +15,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -26,9 +27,32 @@ from ..core.results import Result
 MODES = ("warn", "raise", "ignore")
 
 
+#: folders whose frames a warning skips to reach the user's line: this package and ASE
+_SKIPPED = (str(Path(__file__).resolve().parents[1]),)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for :func:`warnings.warn` called right here that points at the first frame outside
+    ``macefield_client`` and ``ase`` (the user's line that asked ASE for a property), whatever the depth."""
+    skipped = list(_SKIPPED)
+    ase = sys.modules.get("ase")
+    if ase is not None and getattr(ase, "__file__", None):
+        skipped.append(str(Path(ase.__file__).resolve().parent))
+    frame = sys._getframe(1)  # the caller of this function, which calls warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None:
+        filename = str(Path(frame.f_code.co_filename).resolve()) if frame.f_code.co_filename[:1] != "<" else ""
+        if filename and not filename.startswith(tuple(skipped)):
+            return level
+        frame = frame.f_back
+        level += 1
+    return 1
+
+
 def warn(message: str) -> None:
-    """Tell as an :class:`~macefield_client.ExtrapolationWarning` (the ASE calculator)."""
-    warnings.warn(message, ExtrapolationWarning, stacklevel=6)
+    """Tell as an :class:`~macefield_client.ExtrapolationWarning` (the ASE calculator), attributed to the
+    user's line."""
+    warnings.warn(message, ExtrapolationWarning, stacklevel=user_stacklevel())
 
 
 def printer(prefix: str) -> Callable[[str], None]:
@@ -131,4 +155,4 @@ class ExtrapolationMonitor:
             self.tell(message)
 
 
-__all__ = ["MODES", "ExtrapolationMonitor", "printer", "warn"]
+__all__ = ["MODES", "ExtrapolationMonitor", "printer", "user_stacklevel", "warn"]

@@ -42,9 +42,6 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from ..engine.checkpoint import CheckpointError, load_model, save_model
-from ..engine.extrapolation import attach
-from ..training.calibration import BORN_CHARGE_STRIDE, calibrate, reference_grades
 
 
 def parse_slice(text: str) -> slice:
@@ -96,12 +93,17 @@ def main(argv=None) -> int:
                         help="also grade these frames of the same files (held out, e.g. validation) and report them")
     parser.add_argument("--holdout-fields", type=float, nargs="+", default=[], metavar="E",
                         help="with --holdout-frames: also grade them at these field magnitudes (V/A) along x and z")
-    parser.add_argument("--born-charge-stride", type=int, default=BORN_CHARGE_STRIDE, metavar="K",
+    parser.add_argument("--born-charge-stride", type=int, default=None, metavar="K",
                         help="Born charges for the field susceptibility on every K-th reference frame "
-                             f"(default {BORN_CHARGE_STRIDE})")
+                             "(default: training.calibration.BORN_CHARGE_STRIDE, every 8th)")
     parser.add_argument("--card", metavar="CARD.json",
                         help="record the calibration in this model card (and its .md) and embed it in OUTPUT")
     args = parser.parse_args(argv)
+    # torch and the engine only after the arguments: --help and usage errors answer at once
+    from ..engine.checkpoint import CheckpointError, load_model, save_model
+    from ..engine.extrapolation import attach
+    from ..training.calibration import calibrate, reference_grades
+
     try:
         frames_slice = parse_slice(args.frames)
         model = load_model(args.model, trust_pickle=args.trust_pickle)
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
         if any(not (e > 0) for e in args.holdout_fields):
             raise ValueError(f"--holdout-fields: expected magnitudes > 0 (V/A), got {args.holdout_fields}")
         stats = calibrate(model, frames, head, reference={"files": described},
-                          born_charge_stride=args.born_charge_stride)
+                          **({} if args.born_charge_stride is None else {"born_charge_stride": args.born_charge_stride}))
     except (CheckpointError, FileNotFoundError, ValueError, json.JSONDecodeError) as exc:
         print(f"macefield-calibrate: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,6 @@ from typing import cast
 
 import torch
 
-from ..engine.checkpoint import CheckpointError, load_model, save_model
 
 
 def main(argv=None) -> int:
@@ -23,6 +22,8 @@ def main(argv=None) -> int:
     parser.add_argument("--trust-pickle", action="store_true", help="allow unpickling INPUT (runs code from it)")
     parser.add_argument("--dtype", choices=["float64", "float32"], default=None, help="cast before saving")
     args = parser.parse_args(argv)
+    from ..engine.checkpoint import CheckpointError, load_model, save_model  # torch: only after the arguments
+
     try:
         model = load_model(args.input, trust_pickle=args.trust_pickle, dtype=args.dtype)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:

@@ -54,6 +54,7 @@ class ServedModel:
     #: peak bytes of an engine pass (measured at warm-up) and the budget they must fit (set by the server)
     memory: Optional["MemoryModel"] = field(default=None, init=False)
     budget: Optional["Budget"] = field(default=None, init=False)
+    _head_elements: Optional[Dict[str, FrozenSet[int]]] = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.model.eval()
@@ -93,6 +94,18 @@ class ServedModel:
     def extrapolation_heads(self) -> List[str]:
         """Heads with extrapolation statistics: their results carry the grade."""
         return calibrated_heads(self.model)
+
+    @property
+    def head_elements(self) -> Dict[str, FrozenSet[int]]:
+        """{head: atomic numbers it was trained on} (:func:`trained_elements`); computed once."""
+        if self._head_elements is None:
+            self._head_elements = trained_elements(self.model, self.heads)
+        return self._head_elements
+
+    def heads_knowing(self, numbers) -> List[str]:
+        """Heads (in the model's order) trained on every element of ``numbers``."""
+        wanted = set(int(z) for z in numbers)
+        return [h for h in self.heads if wanted <= self.head_elements[h]]
 
     @property
     def extrapolation_threshold(self) -> float:
@@ -137,9 +150,38 @@ class ServedModel:
             source=self.source,
             pair_repulsion=self.pair_repulsion,
             extrapolation_heads=self.extrapolation_heads,
+            head_elements={h: sorted(z) for h, z in self.head_elements.items()},
             extrapolation_threshold=self.extrapolation_threshold,
             field_references=self.field_references,
         )
+
+
+def trained_elements(model, heads: List[str]) -> Dict[str, FrozenSet[int]]:
+    """{head: the atomic numbers it was trained on}, by the first rule that applies to the head:
+
+    1. its extrapolation statistics (macefield-calibrate, from the training frames): the elements with
+       reference atoms;
+    2. its atomic reference energies E0: the elements with a non-zero E0 (training fits an E0 for every
+       element present in a head's data; an element the head never saw keeps 0);
+    3. otherwise (no E0 at all: a foundation or untrained model) every element of the model.
+    """
+    model_elements = [int(z) for z in model.atomic_numbers]
+    stats = statistics_of(model)
+    e0 = None
+    energies = getattr(getattr(model, "atomic_energies_fn", None), "atomic_energies", None)
+    if energies is not None:
+        e0 = energies.detach().cpu().double().reshape(-1, len(model_elements))
+    found: Dict[str, FrozenSet[int]] = {}
+    for i, head in enumerate(heads):
+        if stats is not None and head in stats.heads and stats.heads[head]:
+            found[head] = frozenset(int(z) for z in stats.heads[head]) & frozenset(model_elements)
+            continue
+        row = None if e0 is None else e0[min(i, e0.shape[0] - 1)]
+        if row is not None and bool((row != 0).any()):
+            found[head] = frozenset(z for z, e in zip(model_elements, row.tolist()) if e != 0.0)
+        else:
+            found[head] = frozenset(model_elements)
+    return found
 
 
 def builtin_default_model(dtype: torch.dtype = torch.float64) -> torch.nn.Module:

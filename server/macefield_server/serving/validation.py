@@ -94,6 +94,40 @@ def _elements(numbers, most: int = 12) -> str:
     return shown + (f" and {len(numbers) - most} more" if len(numbers) > most else "")
 
 
+def choose_head(served: ServedModel, named: str, numbers: np.ndarray, allow_unseen: bool = False) -> str:
+    """The head a structure of ``numbers`` is computed with (``named``: the request's head, may be empty).
+
+    No head named: the head trained on every element of the structure; when several are, the default head
+    if it is one of them, else the first in the model's order.  A head (named or chosen) that was never
+    trained on one of the elements is refused naming them and the heads that know them, unless
+    ``allow_unseen`` (then, with no head named, the default head).
+    """
+    present = sorted(set(int(z) for z in numbers))
+    knowing = served.heads_knowing(present)
+    if named:
+        head = named
+    elif served.default_head in knowing or not knowing:
+        head = served.default_head
+    else:
+        head = knowing[0]
+    if allow_unseen or head in knowing:
+        return head
+    unseen = [z for z in present if z not in served.head_elements[head]]
+    who = {z: [h for h in served.heads if z in served.head_elements[h]] for z in unseen}
+    known_by = "; ".join(f"{element_symbol(z)}: {', '.join(who[z]) if who[z] else 'no head'}" for z in unseen)
+    if named:
+        hint = f"heads trained on all of them: {', '.join(knowing)}" if knowing else \
+            "no head of this model was trained on all of them"
+    else:
+        hint = "no head of this model was trained on all of them (none was named)"
+    raise InvalidRequest(
+        "atomic_numbers",
+        f"element(s) {_elements(unseen)} never seen in training by head {head!r} of model {served.name!r} "
+        f"(heads that know them: {known_by}); {hint}. Its results would not be physical; name another head, "
+        "or set allow_unseen_elements to evaluate anyway",
+    )
+
+
 def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> ParsedRequest:
     """Validate one PredictRequest against the served models and the limits."""
     for field, value, limit in (("request_id", request.request_id, MAX_REQUEST_ID), ("model", request.model, MAX_NAME),
@@ -106,23 +140,9 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
         served = registry.get(request.model)
     except ValueError:
         raise InvalidRequest("model", f"unknown model {clip(request.model)!r}; served: {registry.names()}") from None
-    head = request.head or served.default_head
-    if head not in served.heads:
-        raise InvalidRequest("head", f"unknown head {clip(head)!r} for model {served.name!r}; heads: {served.heads}")
-
-    try:
-        outputs = resolve_outputs(list(request.outputs))
-    except ValueError as exc:
-        raise InvalidRequest("outputs", str(exc).partition(": ")[2]) from None
-    if head in served.extrapolation_heads:  # the grade comes with every result of a calibrated head
-        outputs = outputs | GRADE_OUTPUTS
-    elif outputs & GRADE_OUTPUTS:
-        raise InvalidRequest(
-            "outputs",
-            f"extrapolation and field_extrapolation: model {served.name!r} has no extrapolation statistics for head {head!r} "
-            f"(heads with statistics: {served.extrapolation_heads or 'none'}); add them with macefield-calibrate",
-        )
-
+    if request.head and request.head not in served.heads:
+        raise InvalidRequest("head",
+                             f"unknown head {clip(request.head)!r} for model {served.name!r}; heads: {served.heads}")
     numbers = np.asarray(request.atomic_numbers, dtype=np.int64)
     n = int(numbers.size)
     if n == 0:
@@ -138,6 +158,22 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
             f"element(s) {_elements(unknown)} not in model {served.name!r} "
             f"(it has {_elements(sorted(served.atomic_numbers))})",
         )
+    head = choose_head(served, request.head, numbers, request.allow_unseen_elements)
+
+    try:
+        outputs = resolve_outputs(list(request.outputs))
+    except ValueError as exc:
+        raise InvalidRequest("outputs", str(exc).partition(": ")[2]) from None
+    if head in served.extrapolation_heads:  # the grade comes with every result of a calibrated head
+        outputs = outputs | GRADE_OUTPUTS
+    elif outputs & GRADE_OUTPUTS:
+        raise InvalidRequest(
+            "outputs",
+            f"extrapolation and field_extrapolation: model {served.name!r} has no extrapolation statistics for "
+            f"head {head!r} "
+            f"(heads with statistics: {served.extrapolation_heads or 'none'}); add them with macefield-calibrate",
+        )
+
     positions = _floats(request.positions, "positions", {3 * n}, f"3*N = {3 * n} values (N = {n} atoms), Angstrom")
 
     pbc = np.asarray(request.pbc, dtype=bool)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("request_id", "model", "head", "atomic_numbers", "positions", "cell", "pbc", "electric_field", "outputs")
+    __slots__ = ("request_id", "model", "head", "atomic_numbers", "positions", "cell", "pbc", "electric_field", "outputs", "allow_unseen_elements")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class PredictRequest(_message.Message):
     PBC_FIELD_NUMBER: _ClassVar[int]
     ELECTRIC_FIELD_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_UNSEEN_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     head: str
@@ -26,7 +27,8 @@ class PredictRequest(_message.Message):
     pbc: _containers.RepeatedScalarFieldContainer[bool]
     electric_field: _containers.RepeatedScalarFieldContainer[float]
     outputs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., head: _Optional[str] = ..., atomic_numbers: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[float]] = ..., cell: _Optional[_Iterable[float]] = ..., pbc: _Optional[_Iterable[bool]] = ..., electric_field: _Optional[_Iterable[float]] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+    allow_unseen_elements: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., head: _Optional[str] = ..., atomic_numbers: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[float]] = ..., cell: _Optional[_Iterable[float]] = ..., pbc: _Optional[_Iterable[bool]] = ..., electric_field: _Optional[_Iterable[float]] = ..., outputs: _Optional[_Iterable[str]] = ..., allow_unseen_elements: _Optional[bool] = ...) -> None: ...
 
 class PredictBatchRequest(_message.Message):
     __slots__ = ("structures",)
@@ -103,16 +105,18 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HeadInfo(_message.Message):
-    __slots__ = ("name", "is_default", "extrapolation", "field_reference")
+    __slots__ = ("name", "is_default", "extrapolation", "field_reference", "elements")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     EXTRAPOLATION_FIELD_NUMBER: _ClassVar[int]
     FIELD_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     is_default: bool
     extrapolation: bool
     field_reference: float
-    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ..., extrapolation: _Optional[bool] = ..., field_reference: _Optional[float] = ...) -> None: ...
+    elements: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., is_default: _Optional[bool] = ..., extrapolation: _Optional[bool] = ..., field_reference: _Optional[float] = ..., elements: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "is_default", "heads", "default_head", "atomic_numbers", "cutoff", "dtype", "device", "outputs", "units", "trained", "description", "num_parameters", "card_json", "source", "pair_repulsion", "backend", "extrapolation_threshold")
