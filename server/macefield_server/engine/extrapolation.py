@@ -207,7 +207,7 @@ class ExtrapolationStatistics:
     ):
         if method != METHOD:
             raise ValueError(f"extrapolation statistics: unknown method {method!r} (this server knows {METHOD!r})")
-        self.layout = [tuple(int(v) for v in entry) for entry in layout]
+        self.layout: List[Tuple[int, int, int]] = [(int(layer), int(a), int(b)) for layer, a, b in layout]
         self.heads = heads
         self.references = dict(references or {})
         self.threshold = float(threshold)
