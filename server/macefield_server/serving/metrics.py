@@ -18,6 +18,7 @@ model_info{name,...,backend,...}, gpu_memory_bytes{device} (CUDA only).
 from __future__ import annotations
 
 from typing import Optional
+from wsgiref.simple_server import WSGIServer
 
 from macefield_client.contract import ModelInfo
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -35,7 +36,7 @@ GRADE_CAP = 1e6
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -82,7 +83,7 @@ class Metrics:
             registry=r,
         )
         self.gpu_memory = Gauge("macefield_gpu_memory_bytes", "CUDA memory allocated by torch", ["device"], registry=r)
-        self._http = None
+        self._http: Optional[WSGIServer] = None
         self.port: Optional[int] = None
 
     def describe_model(self, info: ModelInfo) -> None:
@@ -107,8 +108,9 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint (port 0: any free port); returns the port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        self.port = int(self._http.server_port)
+        http, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._http = http
+        self.port = int(http.server_port)
         return self.port
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ import asyncio
 from collections import deque
 import logging
 import time
-from typing import Deque, Dict, List, Optional
+from typing import AsyncIterator, Deque, Dict, List, Optional, Tuple
 
 import grpc
 import numpy as np
@@ -209,7 +209,9 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                 self._exit(method)
                 self._finish(method, model, start, code)
 
-    async def PredictStream(self, request_iterator, context):
+    async def PredictStream(
+        self, request_iterator: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PredictResponse]:
         """Pipelined: up to ``batching.stream_window`` requests in flight, answered in order.
 
         Draining (SIGTERM): the messages a stream had sent when the drain
@@ -221,7 +223,8 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         start = time.monotonic()
         self._enter(method)
         deadline = self._deadline(context)
-        window: asyncio.Queue = asyncio.Queue()
+        # (request, its answer's task) in arrival order; None: the client closed its side
+        window: asyncio.Queue[Optional[Tuple[pb.PredictRequest, asyncio.Future[pb.PredictResponse]]]] = asyncio.Queue()
         slots = asyncio.Semaphore(self.config.batching.stream_window)  # taken before a message's task exists
         code = grpc.StatusCode.OK
         model = "-"
@@ -229,7 +232,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         serving = self.dispatcher is not None and not self.draining
         drained = self._drain_event()
 
-        async def read():
+        async def read() -> None:
             async for request in request_iterator:
                 await slots.acquire()  # cancelled here (a drain, the end of the call): no task was started
                 ids.append(request.request_id)
@@ -238,7 +241,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                                                                             opened_before_drain=serving))))
             window.put_nowait(None)
 
-        async def stop_reading_after_drain():
+        async def stop_reading_after_drain() -> None:
             await drained.wait()
             await asyncio.sleep(DRAIN_SETTLE_S)  # messages already on their way are still read
             reader.cancel()
@@ -298,12 +301,14 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
             self._exit(method)
             self._finish(method, model, start, code)
 
-    async def ListModels(self, request, context):
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         start = time.monotonic()
         dispatcher = self.dispatcher
         if dispatcher is None:
             self._finish("ListModels", "-", start, grpc.StatusCode.UNAVAILABLE)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is starting: models are loading")
+            raise AssertionError("unreachable: context.abort raises")  # grpc is untyped: abort is not NoReturn
         lim = self.config.limits
         response = list_models_response(
             [served.info() for served in dispatcher.registry],
