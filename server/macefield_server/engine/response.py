@@ -43,8 +43,9 @@ ENGINE_OUTPUTS: FrozenSet[str] = frozenset(
      "field_extrapolation"}
 )
 #: derived output -> the engine output it needs (None: only the cell)
-DERIVED_FROM: Dict[str, Optional[str]] = {"chi": "polarizability", "eps_inf": "polarizability", "polarization_quantum": None, "volume": None,
-                "extrapolation_max": "extrapolation"}
+DERIVED_FROM: Dict[str, Optional[str]] = {"chi": "polarizability", "eps_inf": "polarizability",
+                                          "polarization_quantum": None, "volume": None,
+                                          "extrapolation_max": "extrapolation"}
 #: computed together: the grade and the field range come from the same statistics, at any request for either
 TOGETHER = {"extrapolation": "field_extrapolation", "field_extrapolation": "extrapolation"}
 
@@ -73,7 +74,10 @@ def engine_outputs(requested: FrozenSet[str]) -> FrozenSet[str]:
 
 
 def response_tier(outputs: FrozenSet[str]) -> int:
-    """Derivative order a request needs: 0 energy (and the extrapolation grade), 1 first derivatives, 2 Z*/alpha (and chi, eps_inf)."""
+    """Derivative order a request needs.
+
+    0 energy (and the extrapolation grade), 1 first derivatives, 2 Z*/alpha (and chi, eps_inf).
+    """
     outputs = engine_outputs(frozenset(outputs))
     if outputs & {"born_charges", "polarizability"}:
         return 2

@@ -40,7 +40,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "macefield_requests", "Finished RPCs by method, model and status code", ["method", "model", "code"], registry=r
+            "macefield_requests", "Finished RPCs by method, model and status code", ["method", "model", "code"],
+            registry=r,
         )
         self.request_seconds = Histogram(
             "macefield_request_seconds", "Total RPC latency, s", ["method"], buckets=_LATENCY_BUCKETS, registry=r
@@ -50,22 +51,27 @@ class Metrics:
             registry=r,
         )
         self.compute = Histogram(
-            "macefield_compute_seconds", "Model compute time per batch, s", ["model"], buckets=_LATENCY_BUCKETS, registry=r
+            "macefield_compute_seconds", "Model compute time per batch, s", ["model"], buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_structures = Histogram(
-            "macefield_batch_structures", "Structures per computed batch", ["model"], buckets=_STRUCTURE_BUCKETS, registry=r
+            "macefield_batch_structures", "Structures per computed batch", ["model"], buckets=_STRUCTURE_BUCKETS,
+            registry=r,
         )
         self.batch_atoms = Histogram(
             "macefield_batch_atoms", "Atoms per computed batch", ["model"], buckets=_ATOM_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("macefield_queue_depth", "Queued structures not yet batched", ["model"], registry=r)
         self.in_flight = Gauge("macefield_in_flight", "RPCs being handled", ["method"], registry=r)
-        self.oom_splits = Counter("macefield_oom_splits", "Batches split after running out of memory", ["model"], registry=r)
+        self.oom_splits = Counter(
+            "macefield_oom_splits", "Batches split after running out of memory", ["model"], registry=r
+        )
         self.dropped = Counter(
             "macefield_dropped", "Queued structures never computed", ["model", "reason"], registry=r
         )
         self.non_finite = Counter(
-            "macefield_non_finite", "Structures whose results held NaN or inf (answered INTERNAL)", ["model"], registry=r
+            "macefield_non_finite", "Structures whose results held NaN or inf (answered INTERNAL)", ["model"],
+            registry=r,
         )
         self.stream_messages = Counter(
             "macefield_stream_messages", "PredictStream messages by what became of them", ["event"], registry=r

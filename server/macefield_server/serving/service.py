@@ -149,7 +149,8 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         dispatcher = self._dispatcher(opened_before_drain)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            dispatcher.prep_executor, lambda: [self._parse(r, p, opened_before_drain) for r, p in zip(requests, prefixes)])
+            dispatcher.prep_executor,
+            lambda: [self._parse(r, p, opened_before_drain) for r, p in zip(requests, prefixes)])
 
     async def _one(self, request, deadline: Optional[float], prefix: str = "",
                    opened_before_drain: bool = False) -> pb.PredictResponse:
@@ -160,7 +161,8 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
 
     # ---------------------------------------------------------------- RPCs
     async def Predict(self, request, context):
-        return await self._unary("Predict", self._model_label(request), context, self._one(request, self._deadline(context)), [request.request_id])
+        return await self._unary("Predict", self._model_label(request), context,
+                                 self._one(request, self._deadline(context)), [request.request_id])
 
     async def PredictBatch(self, request, context):
         model = self._model_label(request.structures[0]) if len(request.structures) else "-"
@@ -173,7 +175,8 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
             raise InvalidRequest("structures", "at least one structure is required")
         if n > self.config.limits.max_structures_per_request:
             raise InvalidRequest(
-                "structures", f"{n} structures exceed the limit of {self.config.limits.max_structures_per_request} per request"
+                "structures",
+                f"{n} structures exceed the limit of {self.config.limits.max_structures_per_request} per request",
             )
         prefixes = [f"structures[{i}]." for i in range(n)]
         parsed = await self._parsed(list(request.structures), prefixes)

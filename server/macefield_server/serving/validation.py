@@ -119,7 +119,8 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
     elif outputs & GRADE_OUTPUTS:
         raise InvalidRequest(
             "outputs",
-            f"extrapolation and field_extrapolation: model {served.name!r} has no extrapolation statistics for head {head!r} "
+            f"extrapolation and field_extrapolation: model {served.name!r} has no extrapolation statistics "
+            f"for head {head!r} "
             f"(heads with statistics: {served.extrapolation_heads or 'none'}); add them with macefield-calibrate",
         )
 
