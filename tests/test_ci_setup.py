@@ -53,7 +53,8 @@ def distributions(module):
 @pytest.mark.parametrize("paths, requirements", [
     (["client/macefield_client"], [("client/pyproject.toml", ("ase", "progress", "lammps"))]),
     (["server/macefield_server"], [("server/pyproject.toml", ("cueq",)), ("client/pyproject.toml", ())]),
-    (["tests"], [("server/pyproject.toml", ("test", "cueq")), ("client/pyproject.toml", ("ase", "progress", "lammps"))]),
+    (["tests"], [("server/pyproject.toml", ("test", "cueq")),
+                 ("client/pyproject.toml", ("ase", "progress", "lammps"))]),
 ])
 def test_every_import_is_a_declared_dependency(paths, requirements):
     allowed = set().union(*(declared(p, extras) for p, extras in requirements))
