@@ -52,7 +52,8 @@ def quartz_frames(n: int):
         return ase.io.read(DATA, f":{n}"), f"{DATA.name} frames 0:{n}"
     from macefield_client.structures import alpha_quartz
 
-    return [alpha_quartz(cell="pbe", repeat=(2, 2, 2), rattle=0.03, seed=s) for s in range(n)], "alpha_quartz(pbe, 2x2x2)"
+    return ([alpha_quartz(cell="pbe", repeat=(2, 2, 2), rattle=0.03, seed=s) for s in range(n)],
+            "alpha_quartz(pbe, 2x2x2)")
 
 
 def serve_once(model, batch, outputs, graded):
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
     rows = []
     for size, magnitude in [(s, e) for e in args.fields for s in args.batch_sizes]:
         field = [0.0, 0.0, magnitude]
-        batch = prepare_batch(model, [Structure.from_atoms(a, electric_field=field, head="sio2") for a in frames[:size]])
+        batch = prepare_batch(model, [Structure.from_atoms(a, electric_field=field, head="sio2")
+                                      for a in frames[:size]])
         for outputs in (PLAIN, GRADED, PLAIN, GRADED):  # warm-up both
             serve_once(model, batch, outputs, graded)
         plain, with_grade = [], []
@@ -132,7 +134,8 @@ def main(argv=None) -> int:
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "torch": torch.__version__,
-        "target": "energy + forces + grade (and field range) at most 10% above energy + forces, at zero and finite field",
+        "target": "energy + forces + grade (and field range) at most 10% above energy + forces, "
+                  "at zero and finite field",
         "method": statistics_of(model).method,
         "max_overhead": max(r["overhead"] for r in rows),
         # conservative: the larger of the measured difference and the grade's own share, over all batch sizes

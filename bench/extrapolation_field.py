@@ -202,7 +202,8 @@ def flags_text(out) -> list:
 
     h, q = out["held_out"], out["force_error_vs_grade"]
     held = "; ".join(
-        f"{head}: {h[head]['rows'][0]['percent_above']:.2f}% of atoms above 1 (max {h[head]['rows'][0]['max_grade']:.3g}) "
+        f"{head}: {h[head]['rows'][0]['percent_above']:.2f}% of atoms above 1 "
+        f"(max {h[head]['rows'][0]['max_grade']:.3g}) "
         f"at E = 0 and at every field up to 0.36 V/A (largest: {max(r['percent_above'] for r in h[head]['rows']):.2f}%)"
         for head in h)
     errors = "; ".join(f"{head} {q[head]['force_error_above_1_eV_per_A']:.2f} against "
@@ -221,7 +222,8 @@ def flags_text(out) -> list:
         f"({out['chain_energy_below_quartz_eV_per_atom']:.2f} eV/atom relative to real quartz: a basin that exists "
         f"only in the model): {at('O=Si=O chains')}.",
         f"A BaTiO3 training frame with the Ba and Ti sublattices swapped: {at('BaTiO3 with Ba and Ti swapped')}.",
-        f"An element without training atoms in the head (quartz on head batio3): {_fmt(out['quartz_on_head_batio3_max'])}.",
+        f"An element without training atoms in the head (quartz on head batio3): "
+        f"{_fmt(out['quartz_on_head_batio3_max'])}.",
         f"Controls inside: PBE / experimental 2x2x2 quartz {at('PBE quartz 2x2x2')} / "
         f"{at('experimental quartz 2x2x2')}; 5% compressed {at('5% compressed quartz')}; "
         f"BaTiO3 training frame 10 {at('BaTiO3 training frame 10')}.",
@@ -230,7 +232,8 @@ def flags_text(out) -> list:
         f"farther than 6 A from atom 0 rattled by 0.3 A: atom 0 {rf['atom0_before']:.3g} -> {rf['atom0_after']:.3g}, "
         f"the moved atoms flag themselves (max {rf['max_after']:.3g}).",
         "Field range: field_extrapolation at 0.05 / 0.1 / 0.36 V/A: " + "; ".join(
-            f"{head} " + " / ".join(f"{v:.3g}" for v in f["at"].values()) + f" (E_ref {f['field_reference_V_per_A']:.3g} V/A)"
+            f"{head} " + " / ".join(f"{v:.3g}" for v in f["at"].values())
+            + f" (E_ref {f['field_reference_V_per_A']:.3g} V/A)"
             for head, f in fr.items()) + ".",
     ]
 

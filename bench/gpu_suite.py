@@ -431,7 +431,8 @@ def correctness(cache, device, args, record, deadline):
     out["structures"]["heads"] = heads
     cpu = predict(default, atoms, electric_fields=fields, heads=heads, outputs="all")
     if device.type == "cuda":
-        cuda = predict(cache.get("default", torch.float64, device, "e3nn"), atoms, electric_fields=fields, heads=heads, outputs="all")
+        cuda = predict(cache.get("default", torch.float64, device, "e3nn"), atoms, electric_fields=fields, heads=heads,
+                       outputs="all")
         out["cuda_vs_cpu_float64_default"] = rel_errors(cpu, cuda)
     comparisons = {}
     if record["environment"]["cueq_measured"]:
@@ -441,8 +442,10 @@ def correctness(cache, device, args, record, deadline):
                 if time.monotonic() > deadline:
                     record["notes"].append("correctness: budget spent before every cueq comparison")
                     break
-                ref = predict(cache.get(name, dtype, device, "e3nn"), atoms, electric_fields=fields, heads=hs, outputs="all")
-                got = predict(cache.get(name, dtype, device, "cueq"), atoms, electric_fields=fields, heads=hs, outputs="all")
+                ref = predict(cache.get(name, dtype, device, "e3nn"), atoms, electric_fields=fields, heads=hs,
+                              outputs="all")
+                got = predict(cache.get(name, dtype, device, "cueq"), atoms, electric_fields=fields, heads=hs,
+                              outputs="all")
                 comparisons[f"{name}_{str(dtype)[6:]}"] = rel_errors(ref, got)
     out["cueq_vs_e3nn"] = comparisons
     out["coupling_tensor_precision"] = {name: str(basis_precision(u for n, u in model.named_buffers()
@@ -818,7 +821,8 @@ def summarise_record(record):
         checks[f"cueq_vs_e3nn_{label}"] = {"value": worst, "target": f"<= {target}", "pass": worst <= target}
     if "cuda_vs_cpu_float64_default" in corr:
         worst = max(corr["cuda_vs_cpu_float64_default"].values())
-        checks["cuda_vs_cpu_float64"] = {"value": worst, "target": "<= 1e-8", "pass": worst <= TARGETS["cuda_vs_cpu_float64"]}
+        checks["cuda_vs_cpu_float64"] = {"value": worst, "target": "<= 1e-8",
+                                         "pass": worst <= TARGETS["cuda_vs_cpu_float64"]}
     series = (record["sections"].get("engine") or {}).get("series", [])
 
     def best(name, dtype, backend, outputs, strategy="loop"):

@@ -198,7 +198,8 @@ def prep_throughput(served, case: dict, workers: int, structures: int = 64, roun
 
     registry = ModelRegistry([served])
     limits = LimitsConfig()
-    request = build_request(case["atoms"], outputs=list(OUTPUTS), head=case["head"] if case["head"] in served.heads else "")
+    request = build_request(case["atoms"], outputs=list(OUTPUTS),
+                            head=case["head"] if case["head"] in served.heads else "")
     n = len(case["atoms"])
 
     def prep(_):

@@ -166,8 +166,9 @@ class Server:
         self.log_path = Path(log_path or workdir / f"server-{max_structures}.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "macefield_server.cli.serve", "--config", str(config), "--model", f"bench={checkpoint}",
-             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--threads", str(args.threads),
+            [sys.executable, "-m", "macefield_server.cli.serve", "--config", str(config),
+             "--model", f"bench={checkpoint}", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+             "--threads", str(args.threads),
              *extra_args],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
         )
@@ -193,7 +194,8 @@ class Server:
         end = time.time() + timeout
         while time.time() < end:
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                if (stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                        == health_pb2.HealthCheckResponse.SERVING):
                     return
             except grpc.RpcError:
                 pass
@@ -234,7 +236,8 @@ async def closed_loop(port: int, atoms, clients: int, args):
             now = time.perf_counter()
             if now - start >= args.duration and counts[k] >= args.min_per_client:
                 return
-            request = pb.PredictRequest(request_id=f"c{k}-{counts[k]}", electric_field=rng.normal(0, 0.01, 3).tolist(), **base)
+            request = pb.PredictRequest(request_id=f"c{k}-{counts[k]}", electric_field=rng.normal(0, 0.01, 3).tolist(),
+                                        **base)
             t0 = time.perf_counter()
             response = await stub.Predict(request, timeout=3600)
             latencies.append(time.perf_counter() - t0)
@@ -293,8 +296,10 @@ def main(argv=None) -> int:
                   "correlation": args.correlation, "r_max": args.r_max, "dtype": args.dtype,
                   "parameters": int(sum(p.numel() for p in model.parameters()))},
         "outputs": OUTPUTS,
-        "settings": {"duration_s": args.duration, "repeats": args.repeats, "warmup_s": args.warmup, "min_per_client": args.min_per_client, "threads": args.threads,
-                     "max_wait_ms": args.max_wait_ms, "batch_limits_cpu": {"max_atoms": limits[0], "max_edges": limits[1]}},
+        "settings": {"duration_s": args.duration, "repeats": args.repeats, "warmup_s": args.warmup,
+                     "min_per_client": args.min_per_client, "threads": args.threads,
+                     "max_wait_ms": args.max_wait_ms,
+                     "batch_limits_cpu": {"max_atoms": limits[0], "max_edges": limits[1]}},
         "results": {},
     }
     print(json.dumps({k: record[k] for k in ("structure", "model", "settings")}), flush=True)
@@ -317,9 +322,11 @@ def main(argv=None) -> int:
                 server.wait_serving()
             # unrecorded warm-up of every path at the batch shapes it will see (allocator, caches)
             for mode, server in servers.items():
-                asyncio.run(closed_loop(server.port, atoms, 8, argparse.Namespace(duration=args.warmup, min_per_client=0)))
+                asyncio.run(closed_loop(server.port, atoms, 8,
+                                        argparse.Namespace(duration=args.warmup, min_per_client=0)))
             if "direct" in args.modes:
-                run_direct(model, atoms, 8, argparse.Namespace(duration=args.warmup, min_per_client=1, edges=args.edges),
+                run_direct(model, atoms, 8,
+                           argparse.Namespace(duration=args.warmup, min_per_client=1, edges=args.edges),
                            (max(args.clients), *limits))
             for level, clients in enumerate(args.clients):
                 rows = {mode: [] for mode in args.modes}

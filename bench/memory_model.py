@@ -85,7 +85,8 @@ def main(argv=None) -> int:
             row["peak_per_saved"] = row["peak_bytes"] / row["saved_bytes"] if row["saved_bytes"] else None
             row["estimate_over_peak"] = row["estimate_bytes"] / row["peak_bytes"]
             rows.append(row)
-            print(f"{name:14s} x{rep} tier {tier}: {row['edges']} edges, peak {row['peak_bytes'] / row['edges']:.0f} B/edge, "
+            print(f"{name:14s} x{rep} tier {tier}: {row['edges']} edges, "
+                  f"peak {row['peak_bytes'] / row['edges']:.0f} B/edge, "
                   f"estimate/peak {row['estimate_over_peak']:.2f}", flush=True)
     for name, _, rep in cases:
         by_tier = {r["tier"]: r for r in rows if r["model"] == name and r["repeat"] == rep}

@@ -214,11 +214,13 @@ def main():
     result = {
         "benchmark": "response_cost",
         "engine_second_order_default": SECOND_ORDER_DEFAULT[device.type == "cuda"],
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"),
         "torch": torch.__version__,
         "allocator_tuned": allocator_tuned,
         "dtype": args.dtype,
-        "model": {"channels": args.channels, "L": 1, "layers": 2, "r_max": 5.0, "max_ell": args.max_ell, "correlation": 3},
+        "model": {"channels": args.channels, "L": 1, "layers": 2, "r_max": 5.0, "max_ell": args.max_ell,
+                  "correlation": 3},
         "structure_atoms": len(frames[0]),
         "structures_source": str(DATA.name) if DATA.exists() else "ase-built quartz 2x2x2",
         "rows": rows,

@@ -239,8 +239,8 @@ def main() -> int:
     entries = pool(model, args.pool, seed=0)
     log = open(Path(tmp.name) / "server.log", "w+")
     server = subprocess.Popen(
-        [sys.executable, "-m", "macefield_server.cli.serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
-         "--threads", "1", "--model", f"soak={path}"],
+        [sys.executable, "-m", "macefield_server.cli.serve", "--host", "127.0.0.1", "--port", "0",
+         "--metrics-port", "-1", "--threads", "1", "--model", f"soak={path}"],
         stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         while True:
@@ -264,7 +264,8 @@ def main() -> int:
         print(f"server pid {server.pid} on {target}; measuring capacity for {args.capacity_s:g} s", flush=True)
         cap = asyncio.run(capacity(target, entries, args.clients, args.capacity_s, args.malformed))
         rate = args.load * cap["requests_per_s"]
-        print(f"capacity {cap['requests_per_s']:.2f} req/s; soaking at {rate:.2f} req/s for {args.duration_s:g} s", flush=True)
+        print(f"capacity {cap['requests_per_s']:.2f} req/s; soaking at {rate:.2f} req/s for {args.duration_s:g} s",
+              flush=True)
         result = asyncio.run(soak(target, server.pid, entries, rate, args))
         server.send_signal(signal.SIGTERM)
         exit_code = server.wait(120)

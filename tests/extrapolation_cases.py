@@ -1,4 +1,6 @@
-"""Structures the default model must flag as extrapolation (tests/test_extrapolation.py, bench/extrapolation_methods.py).
+"""Structures the default model must flag as extrapolation.
+
+Used by tests/test_extrapolation.py and bench/extrapolation_methods.py.
 
 Each is built from a real structure and checked where it is made:
 
@@ -46,7 +48,10 @@ def compressed_quartz(volume_fraction: float = 0.85):
 
 
 def close_pair_quartz(distance: float = 0.6):
-    """2x2x2 PBE alpha-quartz with its first O moved along the bond to its nearest Si until they are ``distance`` apart."""
+    """2x2x2 PBE alpha-quartz with its first O moved along the bond to its nearest Si.
+
+    The O moves until the pair is ``distance`` apart.
+    """
     atoms = alpha_quartz(cell="pbe", repeat=(2, 2, 2))
     i, j, d, vec = neighbor_list("ijdD", atoms, 2.0)
     oxygen = int(np.flatnonzero(atoms.numbers == 8)[0])

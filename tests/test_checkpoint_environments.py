@@ -123,7 +123,8 @@ def _other_polynomials(state):
 @pytest.mark.parametrize("edit,message", [
     (_wider_features, r"U_matrix_2: shape .* does not fit the architecture's .*only the number of basis vectors"),
     (_more_weights_than_basis_vectors, r"weights_max: shape .* does not fit the architecture and U_matrix_2"),
-    (_other_polynomials, r"U_matrix_2: the stored coupling tensor spans other polynomials .* contradicts its architecture"),
+    (_other_polynomials,
+     r"U_matrix_2: the stored coupling tensor spans other polynomials .* contradicts its architecture"),
 ])
 def test_a_checkpoint_contradicting_its_architecture_fails_to_load(tmp_path, edit, message):
     _, path = rewritten(tmp_path, edit)

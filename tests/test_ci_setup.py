@@ -54,7 +54,7 @@ def distributions(module):
     (["client/macefield_client"], [("client/pyproject.toml", ("ase", "progress", "lammps", "workflows"))]),
     (["server/macefield_server"], [("server/pyproject.toml", ("cueq",)), ("client/pyproject.toml", ())]),
     (["tests"], [("server/pyproject.toml", ("test", "cueq")),
-                ("client/pyproject.toml", ("ase", "progress", "lammps", "workflows"))]),
+                 ("client/pyproject.toml", ("ase", "progress", "lammps", "workflows"))]),
 ])
 def test_every_import_is_a_declared_dependency(paths, requirements):
     allowed = set().union(*(declared(p, extras) for p, extras in requirements))

@@ -57,7 +57,8 @@ def test_default_model_files_and_card(model, card):
     assert model.metadata["card"] == card
     assert "2508.17870" in " ".join(card["citations"])
     # trained in three stages; the configs are in the repository (and the package) and the card names them in order
-    assert card["training"]["command"].startswith("macefield-train --config server/macefield_server/weights/default.stage3.yaml")
+    assert card["training"]["command"].startswith(
+        "macefield-train --config server/macefield_server/weights/default.stage3.yaml")
     stages = card["previous_stages"]
     assert [s["command"].split()[2] for s in stages] == [
         f"server/macefield_server/weights/default.stage{i}.yaml" for i in (1, 2)
@@ -133,7 +134,8 @@ def test_card_numbers_match_a_fresh_subset_evaluation(model, card):
 
     frames = read(SHARED_DATA / "sio2-quartz-md.xyz", index="129::8")
     results = predict(model, frames, heads="sio2", outputs=["born_charges"])
-    mae = np.mean([np.abs(r["born_charges"] - a.arrays["born_charge"].reshape(-1, 3, 3)).mean() for r, a in zip(results, frames)])
+    mae = np.mean([np.abs(r["born_charges"] - a.arrays["born_charge"].reshape(-1, 3, 3)).mean()
+                   for r, a in zip(results, frames)])
     assert mae == pytest.approx(card["validation"]["sio2-quartz"]["born_charges_mae_e"], rel=0.25)
 
 
@@ -164,7 +166,8 @@ def test_default_model_is_served_by_a_real_server_process(model, card):
 
         def served():
             try:
-                return stub.Predict(request_for(atoms, outputs=["forces", "born_charges", "polarizability"]), timeout=60)
+                return stub.Predict(request_for(atoms, outputs=["forces", "born_charges", "polarizability"]),
+                                    timeout=60)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:  # still warming up
                     return None

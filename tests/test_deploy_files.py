@@ -123,7 +123,8 @@ def test_prometheus_finds_every_server_and_replica_by_dns():
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     served = load_config(REPO / "docker" / "serve.yaml")
     (sd,) = jobs["macefield-serve"]["dns_sd_configs"]
-    assert sd["type"] == "A" and sd["port"] == served.metrics_port and jobs["macefield-serve"]["metrics_path"] == "/metrics"
+    assert (sd["type"] == "A" and sd["port"] == served.metrics_port
+            and jobs["macefield-serve"]["metrics_path"] == "/metrics")
     assert set(sd["names"]) == {"server", "replica"}  # the one-server services and every scale-profile replica
     assert "server" in COMPOSE["services"]["server-gpu"]["networks"]["default"]["aliases"]
     assert "replica" in COMPOSE["services"]
@@ -183,7 +184,8 @@ def test_docs_render_command_for_a_replica_list_gives_a_valid_envoy_configuratio
 
     binary = require_envoy()
     text = (REPO / "docs" / "scaling.md").read_text().replace("\\\n", " ")
-    (command,) = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("python deploy/envoy/render_config.py")]
+    (command,) = [ln.strip() for ln in text.splitlines()
+                  if ln.strip().startswith("python deploy/envoy/render_config.py")]
     args = command.split()[2:]
     assert args[-2] == "-o"
     args[-1] = str(tmp_path / "envoy.yaml")
@@ -192,7 +194,8 @@ def test_docs_render_command_for_a_replica_list_gives_a_valid_envoy_configuratio
     assert done.returncode == 0, done.stderr
     config = yaml.safe_load((tmp_path / "envoy.yaml").read_text())
     (cluster,) = config["static_resources"]["clusters"]
-    hosts = [e["endpoint"]["address"]["socket_address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    hosts = [e["endpoint"]["address"]["socket_address"]
+             for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
     assert hosts == [{"address": "gpu017", "port_value": 50051}, {"address": "gpu018", "port_value": 50051}]
     assert cluster["type"] == "STRICT_DNS"  # host names: re-resolved
     envoy_validates(binary, tmp_path / "envoy.yaml")
@@ -224,7 +227,8 @@ def test_image_requirements_cover_and_satisfy_the_declared_dependencies():
             name = re.sub(r"[-_.]+", "-", req.name).lower()
             if name in ("torch", "macefield-client") or (req.marker and not req.marker.evaluate()):
                 continue
-            assert name in pins, f"{pkg}: {name} missing from docker/requirements.txt (python3 docker/freeze_requirements.py)"
+            assert name in pins, (f"{pkg}: {name} missing from docker/requirements.txt "
+                                  "(python3 docker/freeze_requirements.py)")
             assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {spec}"
 
 

@@ -89,7 +89,8 @@ def test_default_model_ships_statistics_for_both_heads(default, card):
     assert "## Extrapolation grade" in md and "threshold 1 (grade > 1: extrapolating)" in md
     # the field range's reference field per head, as calibrated (the card's number is the model's)
     for head in ("sio2", "batio3"):
-        assert section["heads"][head]["field_reference_V_per_A"] == pytest.approx(stats.field_reference(head), rel=1e-12)
+        assert section["heads"][head]["field_reference_V_per_A"] == pytest.approx(stats.field_reference(head),
+                                                                                   rel=1e-12)
     assert 0.1 < stats.field_reference("batio3") < stats.field_reference("sio2") < 1.0  # soft BaTiO3, large Ti Z*
 
 
@@ -114,7 +115,8 @@ def test_training_frames_are_inside_and_the_held_out_fraction_is_the_cards(defau
 def test_held_out_fraction_in_a_field_is_the_zero_field_one(default):
     """Validation frames of both heads: the fraction above 1 at 0.05, 0.1 and 0.36 V/A (x and z) is at most the
     zero-field one + 2 percentage points (the grade's features are field-free: the same grades)."""
-    for name, head, frames in (("sio2-quartz-md.xyz", "sio2", slice(129, 161)), ("batio3-md.xyz", "batio3", slice(38, 47))):
+    for name, head, frames in (("sio2-quartz-md.xyz", "sio2", slice(129, 161)),
+                               ("batio3-md.xyz", "batio3", slice(38, 47))):
         held = ase.io.read(SHARED_DATA / name, index=":")[frames]
         zero = np.concatenate(grades(default, held, head))
         for field in FIELDS:
@@ -124,7 +126,10 @@ def test_held_out_fraction_in_a_field_is_the_zero_field_one(default):
 
 
 def test_structures_outside_the_training_data_are_flagged(default):
-    """The wrong quartz, 15% compression, O 0.6 A from Si and the model's own O=Si=O chains: above 1; real quartz: not."""
+    """The wrong quartz, 15% compression, O 0.6 A from Si and the model's own O=Si=O chains: above 1.
+
+    Real quartz: not.
+    """
     chain, below_quartz = chain_structure(load_model(DEFAULT_MODEL, dtype="float64"))
     assert np.all(si_coordination(chain) == 2) and below_quartz < -0.05  # spurious basin, ~-0.1 eV/atom
     flagged = {"wrong quartz": wrong_quartz(), "15% compressed": compressed_quartz(0.85),
@@ -325,7 +330,8 @@ def test_macefield_calibrate_cli_on_pickles_and_a_second_head(tmp_path, monkeypa
     first = subprocess.run(cli + [str(source), str(frames), "--head", "x", "--frames", "0:8", "-o", str(out),
                                   "--trust-pickle"], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
-    summary = json.loads(first.stdout[first.stdout.index("\n{") + 1:] if not first.stdout.startswith("{") else first.stdout)
+    summary = json.loads(first.stdout[first.stdout.index("\n{") + 1:] if not first.stdout.startswith("{")
+                         else first.stdout)
     assert summary["head"] == "x" and summary["elements"]["14"]["n_reference"] == 8 * 3
     assert summary["max_reference_grade"] <= 1.0 / 1.01 + 1e-9
     second = subprocess.run(cli + [str(out), str(frames), "--head", "y", "--frames", "0:8", "--holdout-frames", "8:",
@@ -374,14 +380,15 @@ def test_served_grade_list_models_and_refusal(server, default):
         assert {"extrapolation", "extrapolation_max", "field_extrapolation"} <= set(info["default"].outputs)
         assert info["default"].units["extrapolation"] == info["default"].units["field_extrapolation"] == "dimensionless"
         stats = statistics_of(default)
-        assert [h.field_reference for h in info["default"].heads] == [stats.field_reference(h) for h in ("sio2", "batio3")]
+        assert [h.field_reference for h in info["default"].heads] == [stats.field_reference(h)
+                                                                      for h in ("sio2", "batio3")]
         assert all(h.field_reference == 0 for h in info["plain"].heads)
         assert not any(h.extrapolation for h in info["plain"].heads) and info["plain"].extrapolation_threshold == 0
         assert "extrapolation" not in info["plain"].outputs
 
         before = metric(server.metrics_port, "macefield_extrapolation_grade_count", model="default", head="sio2")
-        inside_before = metric(server.metrics_port, "macefield_extrapolation_grade_bucket", model="default", head="sio2",
-                               le="1.0")
+        inside_before = metric(server.metrics_port, "macefield_extrapolation_grade_bucket", model="default",
+                               head="sio2", le="1.0")
         wrong, quartz = wrong_quartz(), alpha_quartz(cell="pbe")
         # no outputs named: the grade comes anyway (a head with statistics)
         response = stub.Predict(request_for(wrong), timeout=60)
@@ -399,7 +406,8 @@ def test_served_grade_list_models_and_refusal(server, default):
             "energy", "extrapolation", "extrapolation_max", "field_extrapolation", "volume"]
         assert batch[0].field_extrapolation == 0.0  # zero field
         assert np.isinf(batch[1].extrapolation_max)  # Si has no reference atoms in head batio3
-        assert metric(server.metrics_port, "macefield_extrapolation_grade_count", model="default", head="sio2") == before + 2
+        assert metric(server.metrics_port, "macefield_extrapolation_grade_count", model="default",
+                      head="sio2") == before + 2
         assert metric(server.metrics_port, "macefield_extrapolation_grade_bucket", model="default", head="sio2",
                       le="1.0") == inside_before + 1
         assert metric(server.metrics_port, "macefield_extrapolation_grade_count", model="default", head="batio3") >= 1
@@ -415,7 +423,8 @@ def test_served_grade_list_models_and_refusal(server, default):
             with pytest.raises(grpc.RpcError) as err:
                 stub.Predict(request_for(quartz, model="plain", outputs=["forces", asked]), timeout=60)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert err.value.details().startswith("outputs: extrapolation") and "macefield-calibrate" in err.value.details()
+            assert (err.value.details().startswith("outputs: extrapolation")
+                    and "macefield-calibrate" in err.value.details())
 
 
 def test_ase_calculator_warns_once_per_run_raises_or_ignores(server, default):

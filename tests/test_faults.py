@@ -46,7 +46,8 @@ def test_injected_oom_splits_the_batch_and_a_lone_giant_is_resource_exhausted(mo
         monkeypatch.delenv("MACEFIELD_TEST_FAULT")
         stub = rpc.MaceFieldStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
         batch = pb.PredictBatchRequest(
-            structures=[request_for(a, field=FIELD, outputs=["forces"], request_id=f"b{i}") for i, a in enumerate(cells)])
+            structures=[request_for(a, field=FIELD, outputs=["forces"], request_id=f"b{i}")
+                        for i, a in enumerate(cells)])
         response = stub.PredictBatch(batch, timeout=120)
         for r, atoms in zip(response.results, cells):
             assert_matches(r, reference(model, atoms))
@@ -119,7 +120,8 @@ batching:
         unary = [stub.Predict.future(request_for(a, field=FIELD, outputs=["forces"], request_id=f"u{i}"), timeout=120)
                  for i, a in enumerate(cases)]
         batch = stub.PredictBatch.future(pb.PredictBatchRequest(
-            structures=[request_for(a, field=FIELD, outputs=["forces"], request_id=f"b{i}") for i, a in enumerate(cases)]),
+            structures=[request_for(a, field=FIELD, outputs=["forces"], request_id=f"b{i}")
+                        for i, a in enumerate(cases)]),
             timeout=120)
         stream = stub.PredictStream(iter([request_for(a, field=FIELD, outputs=["forces"], request_id=f"s{i}")
                                           for i, a in enumerate(cases)]), timeout=120)

@@ -190,4 +190,5 @@ def test_an_answer_over_the_message_limit_is_refused_before_computing():
             stub.PredictBatch(batch, timeout=60)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert info.value.details().startswith("structures: the answer would be about")
-        assert metric(srv.metrics_port, "macefield_batch_structures_count") == 0  # nothing was computed (warm-up is not counted)
+        # nothing was computed (warm-up is not counted)
+        assert metric(srv.metrics_port, "macefield_batch_structures_count") == 0

@@ -77,7 +77,8 @@ def test_images_replicas_and_the_models_volume_as_written():
     assert re.search(r"^FROM .* AS gpu$", (REPO / "Dockerfile").read_text(), re.M)
     (deployment,) = [d for d in raw_manifests() if d["kind"] == "Deployment"]
     assert "replicas" not in deployment["spec"]  # every `kubectl apply` would reset the HPA's count
-    for text in ((REPO / "docs" / "scaling.md").read_text(), (REPO / "deploy" / "slurm" / "macefield.sbatch").read_text()):
+    for text in ((REPO / "docs" / "scaling.md").read_text(),
+                 (REPO / "deploy" / "slurm" / "macefield.sbatch").read_text()):
         assert "docker-daemon://macefield-serve:latest-gpu" in text and "docker-daemon://macefield-serve:latest " \
             not in text
 

@@ -59,7 +59,8 @@ def mace_reference(base, structures, heads=None):
     return out["energy"].detach().numpy(), out["forces"].detach().numpy()
 
 
-@pytest.mark.parametrize("cls,heads", [(ScaleShiftMACE, ("Default",)), (ScaleShiftMACE, ("a", "b")), (MACE, ("Default",))])
+@pytest.mark.parametrize("cls,heads", [(ScaleShiftMACE, ("Default",)), (ScaleShiftMACE, ("a", "b")),
+                                       (MACE, ("Default",))])
 def test_upgraded_mace_equals_base_model_at_any_field(cls, heads):
     from macefield_server.engine import Structure
 
@@ -264,7 +265,8 @@ def test_zbl_pair_repulsion_of_a_checkpoint_is_kept_and_reported(tmp_path):
     bare.load_state_dict({k: v for k, v in zbl.state_dict().items() if k in bare.state_dict()})
     loaded = load_model(save_model(zbl, tmp_path / "zbl.pt"))
     assert hasattr(loaded, "pair_repulsion_fn") and describe_architecture(loaded)["pair_repulsion"]
-    assert ServedModel("zbl", loaded, "").info().pair_repulsion and not ServedModel("bare", bare, "").info().pair_repulsion
+    assert (ServedModel("zbl", loaded, "").info().pair_repulsion
+            and not ServedModel("bare", bare, "").info().pair_repulsion)
 
     def dimer(r):
         from ase import Atoms

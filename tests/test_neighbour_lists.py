@@ -77,7 +77,8 @@ def cases():
     out.append(("skewed", Structure([8, 14, 8], [[0, 0, 0], [1.3, 0.4, 0.2], [2.0, 1.9, 1.1]],
                                     [[3.0, 0, 0], [2.9, 0.8, 0], [0.3, 0.2, 2.5]], [True] * 3)))
     # atoms exactly on cell faces, edges and corners
-    faces = np.array([[0, 0, 0], [4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0], [4.0, 4.0, 4.0], [2.0, 4.0, 0], [2.0, 2.0, 4.0]])
+    faces = np.array([[0, 0, 0], [4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0], [4.0, 4.0, 4.0], [2.0, 4.0, 0],
+                      [2.0, 2.0, 4.0]])
     out.append(("faces", Structure([14] * 7, faces, np.eye(3) * 4.0, [True] * 3)))
     out.append(("faces-slab", Structure([14] * 7, faces, np.eye(3) * 4.0, [True, True, False])))
     out.append(("single-atom", Structure([14], [[0.1, 0.2, 0.3]], np.eye(3) * 3.0, [True] * 3)))
@@ -121,8 +122,8 @@ def test_the_backend_is_a_setting_and_unknown_names_are_refused():
 def test_device_path_cpu_build_gives_the_host_lists_for_a_mixed_batch():
     structures = [c[1] for c in CASES]
     numbers = list(range(1, 15))
-    batch, edges = collate_on_device(structures, cutoff=CUTOFF, atomic_numbers=numbers, head_index=[0] * len(structures),
-                                     dtype=torch.float64, device="cpu")
+    batch, edges = collate_on_device(structures, cutoff=CUTOFF, atomic_numbers=numbers,
+                                     head_index=[0] * len(structures), dtype=torch.float64, device="cpu")
     graphs = [neighbour_list(s, CUTOFF) for s in structures]
     reference = collate(structures, graphs, atomic_numbers=numbers, head_index=[0] * len(structures),
                         dtype=torch.float64, device="cpu")
@@ -158,8 +159,8 @@ def test_batch_edges_offsets_nodes_by_the_structures_before():
 def test_device_path_on_cuda_gives_the_host_lists():
     structures = [c[1] for c in CASES]
     numbers = list(range(1, 15))
-    batch, edges = collate_on_device(structures, cutoff=CUTOFF, atomic_numbers=numbers, head_index=[0] * len(structures),
-                                     dtype=torch.float32, device="cuda")
+    batch, edges = collate_on_device(structures, cutoff=CUTOFF, atomic_numbers=numbers,
+                                     head_index=[0] * len(structures), dtype=torch.float32, device="cuda")
     assert edges.edges == [neighbour_list(s, CUTOFF).edge_index.shape[1] for s in structures]
     host = {}
     start = 0

@@ -127,7 +127,8 @@ def test_outputs_are_only_those_requested(stub):
         assert sorted(alone.outputs) == expected, name
         np.testing.assert_allclose(arrays(alone)[name], full[name], rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(full["eps_inf"], np.eye(3) + full["chi"], rtol=1e-12)
-    assert sorted(stub.Predict(request_for(sio_molecule(), outputs=["chi", "eps_inf"]), timeout=60).outputs) == ["energy"]
+    assert sorted(stub.Predict(request_for(sio_molecule(), outputs=["chi", "eps_inf"]),
+                               timeout=60).outputs) == ["energy"]
     molecule = stub.Predict(request_for(sio_molecule(), outputs=FULL), timeout=60)
     # no volume: no stress, polarization, chi, eps_inf for a molecule
     assert sorted(molecule.outputs) == ["born_charges", "dipole", "energy", "forces", "polarizability"]

@@ -10,7 +10,8 @@ from conftest import random_field_model
 
 from macefield_server.serving import registry as registry_module
 from macefield_server.batch_limits import AUTO_LIMITS
-from macefield_server.serving.config import BatchingConfig, ConfigError, LimitsConfig, ModelConfig, ServerConfig, load_config
+from macefield_server.serving.config import (BatchingConfig, ConfigError, LimitsConfig, ModelConfig, ServerConfig,
+                                             load_config)
 from macefield_server.engine import save_model
 from macefield_server.cli.serve import build_config, parse_args
 

@@ -25,7 +25,8 @@ def coordination(atoms, cutoff: float = 2.0):
     si_o = (atoms.numbers[i] == 14) & (atoms.numbers[j] == 8)
     o_si = (atoms.numbers[i] == 8) & (atoms.numbers[j] == 14)
     n = len(atoms)
-    return (np.bincount(i[si_o], minlength=n)[atoms.numbers == 14], np.bincount(i[o_si], minlength=n)[atoms.numbers == 8],
+    return (np.bincount(i[si_o], minlength=n)[atoms.numbers == 14],
+            np.bincount(i[o_si], minlength=n)[atoms.numbers == 8],
             d[si_o])
 
 

@@ -97,8 +97,10 @@ def render(upstreams: Sequence[str], listen: str = "127.0.0.1:50051", admin: str
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--listen", default="127.0.0.1:50051",
-                   help="gRPC listener host:port (default 127.0.0.1:50051; plaintext: 0.0.0.0 on a private network only)")
-    p.add_argument("--admin", default="127.0.0.1:9901", help="admin host:port (default 127.0.0.1:9901; keep it private)")
+                   help="gRPC listener host:port (default 127.0.0.1:50051; "
+                        "plaintext: 0.0.0.0 on a private network only)")
+    p.add_argument("--admin", default="127.0.0.1:9901",
+                   help="admin host:port (default 127.0.0.1:9901; keep it private)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help="also serve /stats/prometheus (only) here (default: none; the admin port has it)")
     p.add_argument("--upstream", action="append", default=[], metavar="HOST[:PORT]", help="a replica (repeatable)")

@@ -88,7 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 reason = f"early stopping: no improvement for {o.patience} validations"
             else:
                 reason = f"interrupted after epoch {trainer.epoch}; best checkpoint exported"
-            summary = {"epochs": trainer.epoch, "best_epoch": trainer.best_epoch, "elapsed_seconds": trainer.elapsed, "stop_reason": reason}
+            summary = {"epochs": trainer.epoch, "best_epoch": trainer.best_epoch, "elapsed_seconds": trainer.elapsed,
+                       "stop_reason": reason}
     else:
         summary = trainer.fit()
         (trainer.workdir / "fit_summary.json").write_text(json.dumps(summary) + "\n")

@@ -158,7 +158,7 @@ def _model_from_native(payload: Dict[str, Any], path: Path) -> FieldMACE:
             # an earlier version's statistics grade other features: the model loads and serves, without a grade
             statistics = None
             log.warning("%s: %s (the grade is off for this model)", path, exc)
-            model.metadata = dict(metadata, extrapolation_dropped=str(exc))
+            cast(Any, model).metadata = dict(metadata, extrapolation_dropped=str(exc))
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{path}: unreadable extrapolation statistics ({exc})") from exc
         if statistics is None:

@@ -207,7 +207,7 @@ class ExtrapolationStatistics:
     ):
         if method != METHOD:
             raise ValueError(f"extrapolation statistics: unknown method {method!r} (this server knows {METHOD!r})")
-        self.layout = [tuple(int(v) for v in entry) for entry in layout]
+        self.layout: List[Tuple[int, int, int]] = [(int(layer), int(a), int(b)) for layer, a, b in layout]
         self.heads = heads
         self.references = dict(references or {})
         self.threshold = float(threshold)
@@ -297,7 +297,8 @@ class ExtrapolationStatistics:
     def grade(self, model, features: torch.Tensor, node_attrs: torch.Tensor, node_heads: torch.Tensor) -> torch.Tensor:
         """(N,) float64 grades of atoms with ``features`` (N, d); +inf where the head/element has no statistics."""
         if features.shape[1] != self.n_features:
-            raise ValueError(f"extrapolation statistics: {self.n_features} features, the model gives {features.shape[1]}")
+            raise ValueError(
+                f"extrapolation statistics: {self.n_features} features, the model gives {features.shape[1]}")
         tables, n_elements = self._tables(model, features.device)
         x = features.to(torch.float64)
         species = torch.argmax(node_attrs, dim=1)
@@ -458,7 +459,10 @@ def grade_from_layers(model, graph: Dict[str, torch.Tensor], layer_features: Seq
 
 
 def field_extrapolation(model, graph: Dict[str, torch.Tensor], field: torch.Tensor) -> torch.Tensor:
-    """(G,) field range of a batch at fields ``field`` (G, 3) V/A (see :meth:`ExtrapolationStatistics.field_extrapolation`)."""
+    """(G,) field range of a batch at fields ``field`` (G, 3) V/A.
+
+    See :meth:`ExtrapolationStatistics.field_extrapolation`.
+    """
     stats = statistics_of(model)
     if stats is None:
         raise ValueError("outputs: field_extrapolation needs statistics: this model has none (run macefield-calibrate)")

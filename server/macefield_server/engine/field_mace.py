@@ -188,7 +188,9 @@ class FieldMACE(ScaleShiftMACE):
         return e0 + inter, inter
 
     # -------------------------------------------------- mace-style entry point
-    def forward(  # pylint: disable=arguments-differ
+    # the field flags replace mace's virials/hessian/edge-force flags, so positional arguments past
+    # ``compute_force`` mean something else than in ScaleShiftMACE.forward: deliberate, not a stub error
+    def forward(  # type: ignore[override]  # pylint: disable=arguments-differ
         self,
         data: Dict[str, torch.Tensor],
         training: bool = False,
@@ -222,6 +224,8 @@ class FieldMACE(ScaleShiftMACE):
             wanted.add("polarizability")
         if electric_field is None:
             electric_field = data.get("electric_field")
-        out = respond(self, data, electric_field, frozenset(wanted), keep_graph=training)
+        out: Dict[str, Optional[torch.Tensor]] = dict(
+            respond(self, data, electric_field, frozenset(wanted), keep_graph=training)
+        )
         out["becs"] = out.pop("born_charges", None)
         return out

@@ -237,8 +237,8 @@ def predict(
     if wanted & GRADE_OUTPUTS:
         missing = sorted({head_name(model, s.head) for s in structures} - set(graded))
         if missing:
-            raise ValueError(f"outputs: {', '.join(sorted(wanted & GRADE_OUTPUTS))} need(s) statistics, and head(s) {missing} have none "
-                             "(run macefield-calibrate)")
+            raise ValueError(f"outputs: {', '.join(sorted(wanted & GRADE_OUTPUTS))} need(s) statistics, "
+                             f"and head(s) {missing} have none (run macefield-calibrate)")
     if graded:
         wanted = wanted | GRADE_OUTPUTS
 

@@ -28,7 +28,7 @@ requested order of derivatives needs them (``keep_graph`` for training).
 
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, Optional
+from typing import Dict, FrozenSet, List, Optional
 
 import torch
 
@@ -43,8 +43,9 @@ ENGINE_OUTPUTS: FrozenSet[str] = frozenset(
      "field_extrapolation"}
 )
 #: derived output -> the engine output it needs (None: only the cell)
-DERIVED_FROM = {"chi": "polarizability", "eps_inf": "polarizability", "polarization_quantum": None, "volume": None,
-                "extrapolation_max": "extrapolation"}
+DERIVED_FROM: Dict[str, Optional[str]] = {"chi": "polarizability", "eps_inf": "polarizability",
+                                          "polarization_quantum": None, "volume": None,
+                                          "extrapolation_max": "extrapolation"}
 #: computed together: the grade and the field range come from the same statistics, at any request for either
 TOGETHER = {"extrapolation": "field_extrapolation", "field_extrapolation": "extrapolation"}
 
@@ -64,15 +65,19 @@ def engine_outputs(requested: FrozenSet[str]) -> FrozenSet[str]:
     """What the engine must compute for ``requested`` names (derived names replaced by their source)."""
     needed = set(requested & ENGINE_OUTPUTS)
     for name in requested & DERIVED_FROM.keys():
-        if DERIVED_FROM[name] is not None:
-            needed.add(DERIVED_FROM[name])
+        source = DERIVED_FROM[name]
+        if source is not None:
+            needed.add(source)
     for name in set(needed) & TOGETHER.keys():
         needed.add(TOGETHER[name])
     return frozenset(needed | {"energy"})
 
 
 def response_tier(outputs: FrozenSet[str]) -> int:
-    """Derivative order a request needs: 0 energy (and the extrapolation grade), 1 first derivatives, 2 Z*/alpha (and chi, eps_inf)."""
+    """Derivative order a request needs.
+
+    0 energy (and the extrapolation grade), 1 first derivatives, 2 Z*/alpha (and chi, eps_inf).
+    """
     outputs = engine_outputs(frozenset(outputs))
     if outputs & {"born_charges", "polarizability"}:
         return 2
@@ -89,7 +94,7 @@ def respond(
     *,
     keep_graph: bool = False,
     second_order: Optional[str] = None,
-) -> Dict[str, Optional[torch.Tensor]]:
+) -> Dict[str, torch.Tensor]:
     """Evaluate F and the requested derivatives for a batched graph.
 
     Args:
@@ -160,7 +165,7 @@ def respond(
     if strain is not None:
         strain.requires_grad_(True)
 
-    result: Dict[str, Optional[torch.Tensor]] = {}
+    result: Dict[str, torch.Tensor] = {}
     grad_enabled = keep_graph or tier > 0
     with torch.set_grad_enabled(grad_enabled):
         if "extrapolation" in outputs:  # the grade reads the field-free node features of this very pass
@@ -186,14 +191,16 @@ def respond(
             inputs.append(field)
             names.append("field")
         second = tier == 2
-        grads = torch.autograd.grad(
+        first = torch.autograd.grad(
             energy.sum(),
             inputs,
             create_graph=second or keep_graph,
             retain_graph=second or keep_graph,
             allow_unused=True,
         )
-        grads = {n: (g if g is not None else torch.zeros_like(x)) for n, g, x in zip(names, grads, inputs)}
+        grads: Dict[str, torch.Tensor] = {
+            n: (g if g is not None else torch.zeros_like(x)) for n, g, x in zip(names, first, inputs)
+        }
 
         if want_forces:
             result["forces"] = -grads["positions"]
@@ -213,10 +220,12 @@ def respond(
             second_inputs = ([positions] if want_becs else []) + ([field] if want_alpha else [])
             eye = torch.eye(3, dtype=dipole.dtype, device=device)
             seeds = eye.view(3, 1, 3).expand(3, num_graphs, 3)
+            # grad(..., allow_unused=True) gives None for an input the dipole does not depend on
+            d2: List[Optional[torch.Tensor]]
             if not dipole.requires_grad:  # dipole independent of everything (no field layers)
                 d2 = [None] * len(second_inputs)
             elif second_order == "vmap":
-                d2 = torch.autograd.grad(
+                d2 = list(torch.autograd.grad(
                     dipole,
                     second_inputs,
                     grad_outputs=seeds,
@@ -224,7 +233,7 @@ def respond(
                     create_graph=keep_graph,
                     retain_graph=keep_graph,
                     allow_unused=True,
-                )
+                ))
             else:  # three batch-wide passes, one per dipole component (never per structure)
                 per_component = [
                     torch.autograd.grad(
@@ -241,15 +250,15 @@ def respond(
                     None if per_component[0][n] is None else torch.stack([c[n] for c in per_component])
                     for n in range(len(second_inputs))
                 ]
-            d2 = [
+            derivatives = [
                 torch.zeros((3,) + x.shape, dtype=x.dtype, device=device) if g is None else g
                 for g, x in zip(d2, second_inputs)
             ]
-            # d2[.][i, ...] holds the derivative of dipole component i
+            # derivatives[.][i, ...] holds the derivative of dipole component i
             if want_becs:
-                result["born_charges"] = d2.pop(0).permute(1, 0, 2)  # (N, i, j)
+                result["born_charges"] = derivatives.pop(0).permute(1, 0, 2)  # (N, i, j)
             if want_alpha:
-                result["polarizability"] = d2.pop(0).permute(1, 0, 2)  # (G, i, j)
+                result["polarizability"] = derivatives.pop(0).permute(1, 0, 2)  # (G, i, j)
     return _finish(result, keep_graph)
 
 
@@ -261,7 +270,7 @@ def _volumes(graph):
     return volume, volume > 0
 
 
-def _finish(result, keep_graph: bool):
+def _finish(result: Dict[str, torch.Tensor], keep_graph: bool) -> Dict[str, torch.Tensor]:
     if keep_graph:
         return result
     return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in result.items()}

@@ -103,7 +103,8 @@ class BatchingConfig:
     def limits_for(self, device_type: str) -> Tuple[int, int]:
         """(max_atoms, max_edges) per batch for a model on ``device_type`` ("cpu", "cuda", ...)."""
         auto_atoms, auto_edges = auto_limits(device_type)
-        return (int(self.max_atoms) if self.max_atoms else auto_atoms, int(self.max_edges) if self.max_edges else auto_edges)
+        return (int(self.max_atoms) if self.max_atoms else auto_atoms,
+                int(self.max_edges) if self.max_edges else auto_edges)
 
 
 @dataclass

@@ -18,6 +18,7 @@ model_info{name,...,backend,...}, gpu_memory_bytes{device} (CUDA only).
 from __future__ import annotations
 
 from typing import Optional
+from wsgiref.simple_server import WSGIServer
 
 from macefield_client.contract import ModelInfo
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -35,11 +36,12 @@ GRADE_CAP = 1e6
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "macefield_requests", "Finished RPCs by method, model and status code", ["method", "model", "code"], registry=r
+            "macefield_requests", "Finished RPCs by method, model and status code", ["method", "model", "code"],
+            registry=r,
         )
         self.request_seconds = Histogram(
             "macefield_request_seconds", "Total RPC latency, s", ["method"], buckets=_LATENCY_BUCKETS, registry=r
@@ -49,22 +51,27 @@ class Metrics:
             registry=r,
         )
         self.compute = Histogram(
-            "macefield_compute_seconds", "Model compute time per batch, s", ["model"], buckets=_LATENCY_BUCKETS, registry=r
+            "macefield_compute_seconds", "Model compute time per batch, s", ["model"], buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_structures = Histogram(
-            "macefield_batch_structures", "Structures per computed batch", ["model"], buckets=_STRUCTURE_BUCKETS, registry=r
+            "macefield_batch_structures", "Structures per computed batch", ["model"], buckets=_STRUCTURE_BUCKETS,
+            registry=r,
         )
         self.batch_atoms = Histogram(
             "macefield_batch_atoms", "Atoms per computed batch", ["model"], buckets=_ATOM_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("macefield_queue_depth", "Queued structures not yet batched", ["model"], registry=r)
         self.in_flight = Gauge("macefield_in_flight", "RPCs being handled", ["method"], registry=r)
-        self.oom_splits = Counter("macefield_oom_splits", "Batches split after running out of memory", ["model"], registry=r)
+        self.oom_splits = Counter(
+            "macefield_oom_splits", "Batches split after running out of memory", ["model"], registry=r
+        )
         self.dropped = Counter(
             "macefield_dropped", "Queued structures never computed", ["model", "reason"], registry=r
         )
         self.non_finite = Counter(
-            "macefield_non_finite", "Structures whose results held NaN or inf (answered INTERNAL)", ["model"], registry=r
+            "macefield_non_finite", "Structures whose results held NaN or inf (answered INTERNAL)", ["model"],
+            registry=r,
         )
         self.stream_messages = Counter(
             "macefield_stream_messages", "PredictStream messages by what became of them", ["event"], registry=r
@@ -82,7 +89,7 @@ class Metrics:
             registry=r,
         )
         self.gpu_memory = Gauge("macefield_gpu_memory_bytes", "CUDA memory allocated by torch", ["device"], registry=r)
-        self._http = None
+        self._http: Optional[WSGIServer] = None
         self.port: Optional[int] = None
 
     def describe_model(self, info: ModelInfo) -> None:
@@ -107,8 +114,9 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint (port 0: any free port); returns the port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        self.port = int(self._http.server_port)
+        http, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._http = http
+        self.port = int(http.server_port)
         return self.port
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ import asyncio
 from collections import deque
 import logging
 import time
-from typing import Deque, Dict, List, Optional
+from typing import AsyncIterator, Deque, Dict, List, Optional, Tuple
 
 import grpc
 import numpy as np
@@ -149,7 +149,8 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         dispatcher = self._dispatcher(opened_before_drain)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            dispatcher.prep_executor, lambda: [self._parse(r, p, opened_before_drain) for r, p in zip(requests, prefixes)])
+            dispatcher.prep_executor,
+            lambda: [self._parse(r, p, opened_before_drain) for r, p in zip(requests, prefixes)])
 
     async def _one(self, request, deadline: Optional[float], prefix: str = "",
                    opened_before_drain: bool = False) -> pb.PredictResponse:
@@ -160,7 +161,8 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
 
     # ---------------------------------------------------------------- RPCs
     async def Predict(self, request, context):
-        return await self._unary("Predict", self._model_label(request), context, self._one(request, self._deadline(context)), [request.request_id])
+        return await self._unary("Predict", self._model_label(request), context,
+                                 self._one(request, self._deadline(context)), [request.request_id])
 
     async def PredictBatch(self, request, context):
         model = self._model_label(request.structures[0]) if len(request.structures) else "-"
@@ -173,7 +175,8 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
             raise InvalidRequest("structures", "at least one structure is required")
         if n > self.config.limits.max_structures_per_request:
             raise InvalidRequest(
-                "structures", f"{n} structures exceed the limit of {self.config.limits.max_structures_per_request} per request"
+                "structures",
+                f"{n} structures exceed the limit of {self.config.limits.max_structures_per_request} per request",
             )
         prefixes = [f"structures[{i}]." for i in range(n)]
         parsed = await self._parsed(list(request.structures), prefixes)
@@ -209,7 +212,9 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                 self._exit(method)
                 self._finish(method, model, start, code)
 
-    async def PredictStream(self, request_iterator, context):
+    async def PredictStream(
+        self, request_iterator: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PredictResponse]:
         """Pipelined: up to ``batching.stream_window`` requests in flight, answered in order.
 
         Draining (SIGTERM): the messages a stream had sent when the drain
@@ -221,7 +226,8 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         start = time.monotonic()
         self._enter(method)
         deadline = self._deadline(context)
-        window: asyncio.Queue = asyncio.Queue()
+        # (request, its answer's task) in arrival order; None: the client closed its side
+        window: asyncio.Queue[Optional[Tuple[pb.PredictRequest, asyncio.Future[pb.PredictResponse]]]] = asyncio.Queue()
         slots = asyncio.Semaphore(self.config.batching.stream_window)  # taken before a message's task exists
         code = grpc.StatusCode.OK
         model = "-"
@@ -229,7 +235,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
         serving = self.dispatcher is not None and not self.draining
         drained = self._drain_event()
 
-        async def read():
+        async def read() -> None:
             async for request in request_iterator:
                 await slots.acquire()  # cancelled here (a drain, the end of the call): no task was started
                 ids.append(request.request_id)
@@ -238,7 +244,7 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
                                                                             opened_before_drain=serving))))
             window.put_nowait(None)
 
-        async def stop_reading_after_drain():
+        async def stop_reading_after_drain() -> None:
             await drained.wait()
             await asyncio.sleep(DRAIN_SETTLE_S)  # messages already on their way are still read
             reader.cancel()
@@ -298,12 +304,14 @@ class MaceFieldService(pb_grpc.MaceFieldServicer):
             self._exit(method)
             self._finish(method, model, start, code)
 
-    async def ListModels(self, request, context):
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         start = time.monotonic()
         dispatcher = self.dispatcher
         if dispatcher is None:
             self._finish("ListModels", "-", start, grpc.StatusCode.UNAVAILABLE)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is starting: models are loading")
+            raise AssertionError("unreachable: context.abort raises")  # grpc is untyped: abort is not NoReturn
         lim = self.config.limits
         response = list_models_response(
             [served.info() for served in dispatcher.registry],

@@ -67,7 +67,8 @@ def add_servicer(servicer, server) -> None:
         request_cls = db.GetSymbol(m.input_type.full_name)
         response_cls = db.GetSymbol(m.output_type.full_name)
         method = getattr(servicer, m.name)
-        kwargs = dict(request_deserializer=_deserializer(request_cls), response_serializer=response_cls.SerializeToString)
+        kwargs = dict(request_deserializer=_deserializer(request_cls),
+                      response_serializer=response_cls.SerializeToString)
         if m.client_streaming and m.server_streaming:
             handlers[m.name] = grpc.stream_stream_rpc_method_handler(_stream(method), **kwargs)
         elif not m.client_streaming and not m.server_streaming:

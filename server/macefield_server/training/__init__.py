@@ -9,4 +9,5 @@ from .config import ConfigError, TrainConfig, config_from_dict, load_config
 from .losses import fold_dipole, folded_polarization_residual, huber
 from .trainer import Trainer
 
-__all__ = ["ConfigError", "TrainConfig", "config_from_dict", "load_config", "fold_dipole", "folded_polarization_residual", "huber", "Trainer"]
+__all__ = ["ConfigError", "TrainConfig", "config_from_dict", "load_config", "fold_dipole",
+           "folded_polarization_residual", "huber", "Trainer"]

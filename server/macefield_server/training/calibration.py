@@ -11,7 +11,7 @@ susceptibility kappa = mean ||Z*||_2 / sigma_F (the field range).
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.linalg

@@ -353,7 +353,8 @@ def extrapolation_markdown(section: Dict) -> List[str]:
     if any("field_reference_V_per_A" in h for h in section["heads"].values()):
         lines += ["Field range: E_ref = 1 / max kappa, kappa = mean ||Z*||_2 / RMS force component per element "
                   "(field_extrapolation = |E| / E_ref for a structure holding the element that sets E_ref).", "",
-                  "| head | E_ref (V/A) | per element: mean \|\|Z*\|\|_2 (e), RMS force (eV/A), sigma_F/\|\|Z*\|\| (V/A) |",
+                  r"| head | E_ref (V/A) | per element: mean \|\|Z*\|\|_2 (e), RMS force (eV/A), "
+                  r"sigma_F/\|\|Z*\|\| (V/A) |",
                   "|---|---|---|"]
         for head, h in section["heads"].items():
             if "field_reference_V_per_A" not in h:
@@ -381,8 +382,8 @@ def extrapolation_markdown(section: Dict) -> List[str]:
     if section.get("commands"):
         lines += ["Calibrated with (from the repository root):", ""] + [f"    {c}" for c in section["commands"]] + [""]
     if section.get("flags"):
-        lines += ["What it flags (measured on this model: " + section.get("flags_command", "tests/test_extrapolation.py")
-                  + "):", ""]
+        lines += ["What it flags (measured on this model: "
+                  + section.get("flags_command", "tests/test_extrapolation.py") + "):", ""]
         lines += [f"- {f}" for f in section["flags"]] + [""]
     return lines
 
