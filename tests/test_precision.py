@@ -32,7 +32,10 @@ def assert_same(a, b, energy_atol):
         if key == "energy":
             continue
         scale = max(np.abs(b[key]).max(), 1e-3)
-        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=2e-5 * scale, err_msg=key)
+        # the grade amplifies float32 feature noise (the summation order of equivalent neighbour lists) about
+        # five-fold through its active-set inverse; 2e-4 of a grade near 1 says nothing about trust
+        tolerance = 2e-4 if key in ("extrapolation", "extrapolation_max") else 2e-5
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=tolerance * scale, err_msg=key)
 
 
 def test_periodic_cell_far_from_the_origin(model):

@@ -412,6 +412,8 @@ def annotate(atoms, result, field, prefix: str = "MACE_", extrapolation: bool = 
     if extrapolation and result.extrapolation is not None:
         atoms.arrays[p + "extrapolation"] = np.asarray(result.extrapolation, dtype=float)
         atoms.info[p + "extrapolation_max"] = float(result.extrapolation_max)
+        if result.get("field_extrapolation") is not None:
+            atoms.info[p + "field_extrapolation"] = float(result["field_extrapolation"])
 
 
 def _check_writable(path: str | None) -> None:

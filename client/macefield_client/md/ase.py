@@ -30,6 +30,8 @@ unambiguous names for the same quantities, the ones the server API uses:
 ``extrapolation``            (N,)       extrapolation grade per atom, dimensionless (models
                                         with statistics; > 1: extrapolating)
 ``extrapolation_max``        ()         its largest value in the structure
+``field_extrapolation``      ()         |E| / E_ref: the field against the head's reference field, dimensionless
+                                        (> 1: beyond what the training data describe; models with statistics)
 ============================ ========== ======================================================
 
 Extrapolation.  Where the model has reference statistics
@@ -146,7 +148,7 @@ class MACEFieldCalculator(Calculator):
     #: ASE's Calculator API: a class-level list
     implemented_properties = ["energy", "free_energy", "forces", "stress", "dipole", "polarization",  # noqa: RUF012
                               "becs", "polarizability", "molecular_polarizability", "born_charges", "alpha", "eps_inf",
-                              "extrapolation", "extrapolation_max"]
+                              "extrapolation", "extrapolation_max", "field_extrapolation"]
 
     def __init__(self, server: Target | None = None, *, electric_field: Sequence[float] | None = None,
                  model: str | None = None, head: str | None = None, client: Client | None = None,
@@ -254,6 +256,8 @@ class MACEFieldCalculator(Calculator):
         if r.extrapolation is not None:
             results["extrapolation"] = r.extrapolation
             results["extrapolation_max"] = float(r.extrapolation_max)
+        if r.get("field_extrapolation") is not None:
+            results["field_extrapolation"] = float(r["field_extrapolation"])
         self.monitor.check(r, symbols=atoms.get_chemical_symbols(), field=field)
         self.results = results
         self.field_used = field

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import cast
-
-import torch
+from typing import Any
 
 
 
@@ -31,7 +29,8 @@ def main(argv=None) -> int:
         return 2
     save_model(model, args.output)
     heads = ", ".join(model.heads)
-    elements = [int(z) for z in cast(torch.Tensor, model.atomic_numbers)]  # a buffer; torch types it loosely
+    numbers: Any = model.atomic_numbers  # a buffer (torch types module attributes loosely)
+    elements = [int(z) for z in numbers]
     print(f"wrote {args.output}: FieldMACE, heads [{heads}], elements {elements}")
     return 0
 
