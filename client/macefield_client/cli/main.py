@@ -505,6 +505,7 @@ def references(frames, args, skipped: list[str] | None = None) -> dict[str, dict
         usable = [a for a in frames if has_key(a, key)]
         unit = {"stress": args.stress_unit, "polarization": args.polarization_unit,
                 "polarizability": args.polarizability_unit}.get(q)
+        kind: str | None  # None: the quantity's only convention
         if q == "stress" and unit is None:
             kind, reason = "ase", "ASE sign (positive = tensile); --stress-unit pressure_positive for the opposite"
         elif unit in (None, "auto"):
@@ -517,7 +518,7 @@ def references(frames, args, skipped: list[str] | None = None) -> dict[str, dict
                 continue
         else:
             kind, reason = unit, "given on the command line"
-        labels = []
+        labels: list[np.ndarray | None] = []  # None: this frame has no usable label
         for i, a in enumerate(frames):
             periodic_only = kind in ("P", "per_volume", "chi", "eps_inf") or q == "stress"
             if not has_key(a, key) or (periodic_only and not a.pbc.all()):
