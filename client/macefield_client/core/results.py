@@ -75,6 +75,15 @@ class Result(Mapping):
         self.request_id = request_id
         self.timing = timing or {}
 
+    def require(self, name: str) -> np.ndarray:
+        """Output ``name``; ValueError naming it when this result has none (not asked for, or not defined for
+        the structure)."""
+        value = self._values.get(name)
+        if value is None:
+            raise ValueError(f"result of model {self.model!r}, head {self.head!r} has no {name!r} (outputs: "
+                             f"{sorted(self._values)}): ask for it in outputs=")
+        return value
+
     @property
     def units(self) -> dict[str, str]:
         return {k: UNITS[k] for k in self._values}
