@@ -212,7 +212,8 @@ def cmd_info(args) -> int:
             if h in m.head_elements:
                 print(f"    head {h}: trained on {' '.join(_symbols(m.head_elements[h]))}")
         print(f"  elements:    {' '.join(_symbols(m.atomic_numbers))}")
-        print(f"  cutoff:      {m.cutoff:g} A   dtype: {m.dtype}   device: {m.device}   parameters: {m.num_parameters}   "
+        print(f"  cutoff:      {m.cutoff:g} A   dtype: {m.dtype}   device: {m.device}   "
+              f"parameters: {m.num_parameters}   "
               f"ZBL repulsion: {'yes' if m.pair_repulsion else 'no'}")
         print(f"  source:      {m.source}")
         print(f"  outputs:     {', '.join(m.outputs)}")
@@ -544,7 +545,8 @@ def cmd_eval(args) -> int:
         raise InputError(f"no usable reference labels in {args.input}{detail} (give their keys with --energy-key etc.)")
     for line in skipped:
         _say(line)
-    outputs = sorted({o for q in refs for o in _NEEDS[q]} | {"energy"} | ({"extrapolation"} if args.extrapolation else set()))
+    outputs = sorted({o for q in refs for o in _NEEDS[q]} | {"energy"}
+                     | ({"extrapolation"} if args.extrapolation else set()))
     fields, results, model = _compute(args, frames, outputs)
     trust = trust_summary(results, fields, model)
     for line in format_trust(trust) if trust else ():

@@ -98,7 +98,8 @@ class Result(Mapping):
         return len(self._values)
 
     def __repr__(self) -> str:
-        return f"Result(model={self.model!r}, head={self.head!r}, n_atoms={self.n_atoms}, outputs={sorted(self._values)})"
+        return (f"Result(model={self.model!r}, head={self.head!r}, n_atoms={self.n_atoms}, "
+                f"outputs={sorted(self._values)})")
 
 
 def result_from_response(response: pb.PredictResponse) -> Result:
