@@ -42,8 +42,8 @@ __version__ = "0.1.0"
 
 from .contract import EXTRAPOLATION_THRESHOLD, OUTPUTS, UNITS, ModelInfo, ServerInfo
 from .core import (DEFAULT_TARGET, DEFAULT_TIMEOUT, AsyncClient, AsyncSession, AuthenticationError, Client,
-                   ExtrapolationError, ExtrapolationWarning, InvalidRequest, MACEFieldError, RequestTimeout,
-                   ResourceExhausted, Result, RetryPolicy, ServerUnavailable, Session, TLSConfig)
+                   ExtrapolationError, ExtrapolationWarning, FieldFromFileWarning, InvalidRequest, MACEFieldError,
+                   RequestTimeout, ResourceExhausted, Result, RetryPolicy, ServerUnavailable, Session, TLSConfig)
 
 __all__ = ["DEFAULT_TARGET", "DEFAULT_TIMEOUT", "EXTRAPOLATION_THRESHOLD", "OUTPUTS", "UNITS", "AsyncClient",
            "AsyncSession", "AuthenticationError", "Client", "ExtrapolationError", "ExtrapolationWarning",
