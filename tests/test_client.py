@@ -277,7 +277,8 @@ def test_field_from_atoms_info_and_results_like_the_reference(served, model):
     def check(field):
         ref = predict(model, [atoms], electric_fields=field, outputs="all")[0]
         np.testing.assert_allclose(atoms.get_forces(), ref["forces"], rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(calc.get_property("polarizability", atoms), ref["chi"].reshape(9), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(calc.get_property("polarizability", atoms), ref["chi"].reshape(9), rtol=RTOL,
+                                   atol=ATOL)
         np.testing.assert_allclose(calc.get_property("becs", atoms), ref["born_charges"].reshape(-1, 9), rtol=RTOL,
                                    atol=ATOL)
         np.testing.assert_allclose(calc.get_property("dipole", atoms), ref["dipole"], rtol=RTOL, atol=ATOL)
@@ -310,7 +311,8 @@ def test_field_from_atoms_info_and_results_like_the_reference(served, model):
     ref = predict(model, [crystal], electric_fields=[0.0, 0.0, -0.04], outputs="all")[0]
     np.testing.assert_allclose(calc.get_eps_inf(crystal), ref["eps_inf"], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(calc.get_alpha(crystal), ref["polarizability"], rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(calc.get_polarizability(crystal), ref["chi"].reshape(9), rtol=RTOL, atol=ATOL)  # reference: chi
+    # reference: chi
+    np.testing.assert_allclose(calc.get_polarizability(crystal), ref["chi"].reshape(9), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(calc.get_eps_inf(crystal), np.eye(3) + calc.get_polarizability(crystal).reshape(3, 3),
                                rtol=1e-12, atol=1e-12)
     calc.close()

@@ -59,7 +59,8 @@ def test_eval_reproduces_the_card(served, shared_data, tmp_path, dataset, file, 
     for metric in METRICS:
         assert errors[metric] == pytest.approx(reference[metric], rel=2e-3, abs=1e-6), metric
     np.testing.assert_allclose(errors["eps_inf_pred_diag"], reference["eps_inf_pred_diag"], rtol=1e-4)
-    np.testing.assert_allclose(errors["eps_inf_dft_diag"], reference["eps_inf_dft_diag"], rtol=1e-7)  # card: float32 volume
+    # card: float32 volume
+    np.testing.assert_allclose(errors["eps_inf_dft_diag"], reference["eps_inf_dft_diag"], rtol=1e-7)
     written = ase.io.read(out, index=":")
     assert len(written) == len(frames)
     for key in list(frames[0].info) + list(frames[0].arrays):  # every input key kept

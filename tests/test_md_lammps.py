@@ -123,19 +123,20 @@ def lammps_with(atoms, *, units="metal", dynamics=False, fix_modify="energy yes 
     def num(x):
         return repr(float(x))
 
+    tilts = f"{num(cell[1, 0])} {num(cell[2, 0])} {num(cell[2, 1])}"  # xy xz yz
     lmp = create_lammps()
     lmp.commands_string(f"""
         units {units}
         atom_style atomic
         boundary p p p
-        region cell prism 0 {num(cell[0, 0])} 0 {num(cell[1, 1])} 0 {num(cell[2, 2])} {num(cell[1, 0])} {num(cell[2, 0])} {num(cell[2, 1])}
+        region cell prism 0 {num(cell[0, 0])} 0 {num(cell[1, 1])} 0 {num(cell[2, 2])} {tilts}
         create_box 2 cell
         mass 1 28.0855
         mass 2 15.999
     """)
     for z, position in zip(atoms.numbers, atoms.positions):
-        lmp.command(f"create_atoms {1 if z == 14 else 2} single {num(position[0])} {num(position[1])} {num(position[2])}"
-                    " units box remap yes")
+        lmp.command(f"create_atoms {1 if z == 14 else 2} single {num(position[0])} {num(position[1])} "
+                    f"{num(position[2])} units box remap yes")
     assert lmp.get_natoms() == len(atoms)
     lmp.commands_string(f"""
         fix mf all external pf/callback 1 1

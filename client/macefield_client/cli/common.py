@@ -52,8 +52,8 @@ def add_server_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     p.add_argument("--token", help="bearer token (default $MACEFIELD_TOKEN)")
     p.add_argument("--timeout", type=float, help="per-call deadline, s (default 120)")
     p.add_argument("--retries", type=int, help="retries of a call answered UNAVAILABLE (default 9, with backoff)")
-    p.add_argument("--quiet", action="store_true", help="no 'waiting for server', 'wrote ...' or 'head ...' messages (warnings and "
-                                                    "the trust summary stay)")
+    p.add_argument("--quiet", action="store_true", help="no 'waiting for server', 'wrote ...' or 'head ...' messages "
+                                                    "(warnings and the trust summary stay)")
 
 
 def quiet_broken_pipe() -> None:

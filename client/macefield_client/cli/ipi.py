@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--version", action="version", version=f"macefield-client {__version__}")
     where = p.add_argument_group("i-PI connection")
     where.add_argument("--unix", metavar="NAME", help="unix socket NAME of i-PI (the file <prefix>NAME)")
-    where.add_argument("--sockets-prefix", default=SOCKETS_PREFIX, help=f"prefix of unix sockets (default {SOCKETS_PREFIX})")
+    where.add_argument("--sockets-prefix", default=SOCKETS_PREFIX,
+                       help=f"prefix of unix sockets (default {SOCKETS_PREFIX})")
     where.add_argument("--host", help="host of i-PI's inet socket (with --port)")
     where.add_argument("--port", type=int, help="port of i-PI's inet socket")
     where.add_argument("--connect-wait", type=float, default=60.0, metavar="S",

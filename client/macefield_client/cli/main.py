@@ -212,7 +212,8 @@ def cmd_info(args) -> int:
             if h in m.head_elements:
                 print(f"    head {h}: trained on {' '.join(_symbols(m.head_elements[h]))}")
         print(f"  elements:    {' '.join(_symbols(m.atomic_numbers))}")
-        print(f"  cutoff:      {m.cutoff:g} A   dtype: {m.dtype}   device: {m.device}   parameters: {m.num_parameters}   "
+        print(f"  cutoff:      {m.cutoff:g} A   dtype: {m.dtype}   device: {m.device}   "
+              f"parameters: {m.num_parameters}   "
               f"ZBL repulsion: {'yes' if m.pair_repulsion else 'no'}")
         print(f"  source:      {m.source}")
         print(f"  outputs:     {', '.join(m.outputs)}")
@@ -507,6 +508,7 @@ def references(frames, args, skipped: list[str] | None = None) -> dict[str, dict
         usable = [a for a in frames if has_key(a, key)]
         unit = {"stress": args.stress_unit, "polarization": args.polarization_unit,
                 "polarizability": args.polarizability_unit}.get(q)
+        kind: str | None  # None: the quantity's only convention
         if q == "stress" and unit is None:
             kind, reason = "ase", "ASE sign (positive = tensile); --stress-unit pressure_positive for the opposite"
         elif unit in (None, "auto"):
@@ -519,7 +521,7 @@ def references(frames, args, skipped: list[str] | None = None) -> dict[str, dict
                 continue
         else:
             kind, reason = unit, "given on the command line"
-        labels = []
+        labels: list[np.ndarray | None] = []  # None: this frame has no usable label
         for i, a in enumerate(frames):
             periodic_only = kind in ("P", "per_volume", "chi", "eps_inf") or q == "stress"
             if not has_key(a, key) or (periodic_only and not a.pbc.all()):
@@ -545,7 +547,8 @@ def cmd_eval(args) -> int:
         raise InputError(f"no usable reference labels in {args.input}{detail} (give their keys with --energy-key etc.)")
     for line in skipped:
         _say(line)
-    outputs = sorted({o for q in refs for o in _NEEDS[q]} | {"energy"} | ({"extrapolation"} if args.extrapolation else set()))
+    outputs = sorted({o for q in refs for o in _NEEDS[q]} | {"energy"}
+                     | ({"extrapolation"} if args.extrapolation else set()))
     fields, results, model = _compute(args, frames, outputs)
     trust = trust_summary(results, fields, model)
     for line in format_trust(trust) if trust else ():

@@ -17,12 +17,15 @@ periodic.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from .constants import E_PER_A2_TO_UC_PER_CM2, EPS0
 
+
+#: one metric: a number, or one number per axis (eps_inf's diagonal, a frame's error vector)
+Metric = Union[float, List[float]]
 
 #: integer lattice translations tried around the fractional fold (the shortest equivalent vector is among them)
 _NEAR = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], dtype=np.float64)
@@ -41,7 +44,7 @@ def fold_dipole(diff: np.ndarray, cell: np.ndarray) -> np.ndarray:
 
 
 def frame_errors(pred: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], *, n_atoms: int,
-                 cell: Optional[np.ndarray] = None, periodic: bool = True) -> Dict[str, float]:
+                 cell: Optional[np.ndarray] = None, periodic: bool = True) -> Dict[str, Metric]:
     """Error sums and per-frame errors of one structure (internal units in, card units out).
 
     ``pred``: engine outputs (energy eV, forces, stress, dipole e*A,
@@ -50,7 +53,7 @@ def frame_errors(pred: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray
     polarization label as the cell dipole (key "polarization").  ``cell``:
     (3, 3) lattice vectors as rows (needed for eps_inf and folded P).
     """
-    r: Dict[str, float] = {"n_atoms": n_atoms}
+    r: Dict[str, Metric] = {"n_atoms": n_atoms}
     volume = abs(float(np.linalg.det(cell))) if (periodic and cell is not None) else None
     if "energy" in labels and "energy" in pred:
         r["energy_error_meV_per_atom"] = 1000.0 * (float(pred["energy"]) - float(labels["energy"])) / n_atoms
@@ -70,16 +73,16 @@ def frame_errors(pred: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray
             r["eps_inf_ref"] = (1.0 + np.diag(ra) / (volume * EPS0)).tolist()
     if "polarization" in labels and "dipole" in pred:
         diff = np.asarray(pred["dipole"]) - np.asarray(labels["polarization"])
-        if volume is not None:
+        if volume is not None and cell is not None:  # volume is None whenever cell is
             r["polarization_folded_error_e_per_A2"] = (fold_dipole(diff, cell) / volume).tolist()
         else:  # a molecule's dipole is not branch-ambiguous
             r["dipole_error_e_A"] = diff.tolist()
     return r
 
 
-def summarise(rows: Sequence[Mapping]) -> Dict[str, float]:
+def summarise(rows: Sequence[Mapping]) -> Dict[str, Metric]:
     """Aggregate per-frame rows (one data set) into the card's metrics."""
-    out: Dict[str, float] = {"frames": len(rows)}
+    out: Dict[str, Metric] = {"frames": len(rows)}
     if not rows:
         return out
 
@@ -157,15 +160,19 @@ TABLE_ROWS: List[tuple] = [
 ]
 
 
-def format_table(summary: Mapping[str, float]) -> str:
+def format_table(summary: Mapping[str, Metric]) -> str:
     """The summary as an aligned text table (only the metrics present)."""
     lines = [f"{'quantity':<34} {'value':>12}  unit"]
     for key, label, unit, scale in TABLE_ROWS:
         if key in summary:
-            lines.append(f"{label:<34} {summary[key] * scale:>12.4g}  {unit}")
+            value = summary[key]
+            assert not isinstance(value, list), f"{key}: a number, not a list"
+            lines.append(f"{label:<34} {value * scale:>12.4g}  {unit}")
     if "eps_inf_pred_diag" in summary:
-        pred = " ".join(f"{x:.4f}" for x in summary["eps_inf_pred_diag"])
-        ref = " ".join(f"{x:.4f}" for x in summary["eps_inf_dft_diag"])
+        pred_diag, ref_diag = summary["eps_inf_pred_diag"], summary["eps_inf_dft_diag"]
+        assert isinstance(pred_diag, list) and isinstance(ref_diag, list), "eps_inf diagonals: lists of 3 numbers"
+        pred = " ".join(f"{x:.4f}" for x in pred_diag)
+        ref = " ".join(f"{x:.4f}" for x in ref_diag)
         lines.append(f"{'eps_inf diag (model | reference)':<34} {pred} | {ref}")
     return "\n".join(lines)
 

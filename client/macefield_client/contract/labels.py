@@ -128,6 +128,14 @@ def _volume(atoms) -> Optional[float]:
     return abs(float(np.linalg.det(np.asarray(atoms.get_cell())))) if atoms.pbc.all() else None
 
 
+def _periodic_volume(atoms) -> float:
+    """The cell volume, A^3, of a frame periodic in all three directions; ValueError for any other."""
+    volume = _volume(atoms)
+    if volume is None:
+        raise ValueError("a cell periodic in all three directions is needed for its volume")
+    return volume
+
+
 def convert(quantity: str, raw, atoms, kind: Optional[str] = None, scale: float = 1.0) -> np.ndarray:
     """One label from its file convention to internal units (module docstring); ValueError names the problem."""
     if quantity not in KINDS:
@@ -171,8 +179,10 @@ def find_key(frames: Sequence, quantity: str) -> Optional[str]:
     return None
 
 
-def detect_kind(frames: Sequence, quantity: str, key: str) -> Tuple[str, str]:
+def detect_kind(frames: Sequence, quantity: str, key: str) -> Tuple[Optional[str], str]:
     """(kind, reason) for a label whose convention was not given; ValueError when the values cannot tell.
+
+    The kind is None for a quantity with a single convention (:data:`KINDS`).
 
     Never guesses between conventions that the values do not separate:
 
@@ -209,10 +219,11 @@ def detect_kind(frames: Sequence, quantity: str, key: str) -> Tuple[str, str]:
             return "dipole", f"as P it would lie {quanta:.3g} polarization quanta from zero: a cell dipole"
         raise ValueError(f"polarization: cannot tell whether {key!r} is a cell dipole (e*A) or P (e/A^2) from its "
                          f"values (median {quanta:.3g} quanta from zero); give {option}")
+    volumes = [_periodic_volume(a) for a in periodic]
     eps = {}
     for kind in ("extensive", "per_volume", "chi", "eps_inf"):
-        values = [1.0 + np.trace(convert("polarizability", lookup(a, key), a, kind)) / 3.0 / (_volume(a) * EPS0)
-                  for a in periodic]
+        values = [1.0 + np.trace(convert("polarizability", lookup(a, key), a, kind)) / 3.0 / (v * EPS0)
+                  for a, v in zip(periodic, volumes)]
         eps[kind] = float(np.median(values))
     plausible = [k for k, v in eps.items() if EPS_INF_PLAUSIBLE[0] <= v <= EPS_INF_PLAUSIBLE[1]]
     shown = ", ".join(f"{k}: eps_inf {v:.4g}" for k, v in eps.items())

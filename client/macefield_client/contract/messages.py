@@ -216,7 +216,8 @@ class ModelInfo:
                    extrapolation_heads=[h.name for h in m.heads if h.extrapolation],
                    head_elements={h.name: list(h.elements) for h in m.heads if h.elements},
                    extrapolation_threshold=m.extrapolation_threshold,
-                   field_references={h.name: h.field_reference for h in m.heads if h.extrapolation and h.field_reference})
+                   field_references={h.name: h.field_reference for h in m.heads
+                                     if h.extrapolation and h.field_reference})
 
 
 @dataclass

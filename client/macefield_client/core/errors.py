@@ -93,7 +93,8 @@ def error_from_rpc(err: grpc.RpcError, target: str, *, attempts: int = 1) -> MAC
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhausted(f"MACE-Field server at {target}: {details}", target=target, code=code, details=details)
     name = code.name if code is not None else "error"
-    return MACEFieldError(f"MACE-Field server at {target}: {name}: {details}", target=target, code=code, details=details)
+    return MACEFieldError(f"MACE-Field server at {target}: {name}: {details}", target=target, code=code,
+                          details=details)
 
 
 __all__ = [

@@ -75,6 +75,15 @@ class Result(Mapping):
         self.request_id = request_id
         self.timing = timing or {}
 
+    def require(self, name: str) -> np.ndarray:
+        """Output ``name``; ValueError naming it when this result has none (not asked for, or not defined for
+        the structure)."""
+        value = self._values.get(name)
+        if value is None:
+            raise ValueError(f"result of model {self.model!r}, head {self.head!r} has no {name!r} (outputs: "
+                             f"{sorted(self._values)}): ask for it in outputs=")
+        return value
+
     @property
     def units(self) -> dict[str, str]:
         return {k: UNITS[k] for k in self._values}
@@ -89,7 +98,8 @@ class Result(Mapping):
         return len(self._values)
 
     def __repr__(self) -> str:
-        return f"Result(model={self.model!r}, head={self.head!r}, n_atoms={self.n_atoms}, outputs={sorted(self._values)})"
+        return (f"Result(model={self.model!r}, head={self.head!r}, n_atoms={self.n_atoms}, "
+                f"outputs={sorted(self._values)})")
 
 
 def result_from_response(response: pb.PredictResponse) -> Result:

@@ -322,25 +322,25 @@ class IPIDriver:
         t = self.template
         cell = h.T * BOHR  # i-PI's h holds the lattice vectors as columns
         has_cell = bool(np.any(cell))
-        if t.cell is None:
-            if self.pbc is None:
-                if has_cell:
-                    a, b, c = np.linalg.norm(cell, axis=1)
-                    raise DriverInputError(
-                        f"the template has no cell, but i-PI sends one (|a|, |b|, |c| = {a:.4f}, {b:.4f}, {c:.4f} A; "
-                        "i-PI's own xyz format reads in ASE without its CELL line): give --pbc to compute a crystal "
-                        "in i-PI's cell (--pbc TTF for a slab) or --molecule for a molecule in a box")
-                self.pbc = np.zeros(3, dtype=bool)
-        elif has_cell:
-            self.rotation = frame_rotation(t.cell, cell)
-            if not np.allclose(self.rotation, np.eye(3), rtol=0.0, atol=1e-12):
-                rows = np.round(self.rotation, 6).tolist()
-                print("macefield-ipi: i-PI holds the crystal rotated from the template's frame (a along x, b in the xy "
-                      f"plane): --field is turned with it (rows of the rotation: {rows}); dipole, P, Z* and the log "
-                      "are in i-PI's frame", file=sys.stderr, flush=True)
-        elif self.pbc.any():
-            raise DriverInputError("i-PI sends no cell, but the structure is periodic (the template's cell and pbc, "
-                                   "or --pbc): give i-PI the cell")
+        if self.pbc is None:  # a template without a cell, no --pbc (__init__ gives a template's cell its pbc)
+            if has_cell:
+                a, b, c = np.linalg.norm(cell, axis=1)
+                raise DriverInputError(
+                    f"the template has no cell, but i-PI sends one (|a|, |b|, |c| = {a:.4f}, {b:.4f}, {c:.4f} A; "
+                    "i-PI's own xyz format reads in ASE without its CELL line): give --pbc to compute a crystal "
+                    "in i-PI's cell (--pbc TTF for a slab) or --molecule for a molecule in a box")
+            self.pbc = np.zeros(3, dtype=bool)
+        if t.cell is not None:
+            if has_cell:
+                self.rotation = frame_rotation(t.cell, cell)
+                if not np.allclose(self.rotation, np.eye(3), rtol=0.0, atol=1e-12):
+                    rows = np.round(self.rotation, 6).tolist()
+                    print("macefield-ipi: i-PI holds the crystal rotated from the template's frame (a along x, b in "
+                          f"the xy plane): --field is turned with it (rows of the rotation: {rows}); dipole, P, Z* and "
+                          "the log are in i-PI's frame", file=sys.stderr, flush=True)
+            elif self.pbc.any():
+                raise DriverInputError("i-PI sends no cell, but the structure is periodic (the template's cell and "
+                                       "pbc, or --pbc): give i-PI the cell")
         if self.pbc.any() and not has_cell:
             raise DriverInputError("--pbc: i-PI sends no cell to be periodic in")
         if "polarization" in self.extras and not self.pbc.all():
@@ -369,7 +369,9 @@ class IPIDriver:
 
     # ------------------------------------------------------------ compute
     def _structure(self, h: np.ndarray, positions: np.ndarray) -> dict:
-        structure = {"numbers": self.numbers, "positions": positions * BOHR}
+        if self.pbc is None:
+            raise RuntimeError("i-PI driver: a structure before the first one's checks (_first_structure)")
+        structure: dict[str, np.ndarray] = {"numbers": self.numbers, "positions": positions * BOHR}
         if self.pbc.any():
             structure["cell"] = h.T * BOHR  # i-PI's h holds the lattice vectors as columns
             structure["pbc"] = self.pbc

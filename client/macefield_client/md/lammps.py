@@ -72,6 +72,7 @@ from typing import Self
 import numpy as np
 
 from ..core.client import Client
+from ..core.results import Result
 from .fields import FieldSpec, field_function
 from .monitor import ExtrapolationMonitor, printer
 from .steplog import StepLog
@@ -149,7 +150,7 @@ class LAMMPSBridge:
         #: the extrapolation watch: the model's threshold, one line on stderr at the first structure above it
         self.monitor = ExtrapolationMonitor(self.client, tell=printer("macefield LAMMPS bridge"))
         self.error: BaseException | None = None  #: the first failure; the run was stopped
-        self.last_result = None  #: the server's Result of the latest call (atoms in LAMMPS' local order)
+        self.last_result: Result | None = None  #: the server's Result of the latest call (atoms in LAMMPS' local order)
         self.last_field: np.ndarray | None = None  #: the field of that call, V/A
         self.closed = False
         if getattr(lmp, "_macefield_stopped", False):  # a failed bridge stopped this LAMMPS: let it run again
@@ -236,7 +237,8 @@ class LAMMPSBridge:
                      "pbc": pbc}
         r = self.session.predict(structure, electric_field=field)
         f[:] = r.forces
-        self.lmp.fix_external_set_energy_global(self.fix_id, float(r.energy))
+        energy = float(r.require("energy"))
+        self.lmp.fix_external_set_energy_global(self.fix_id, energy)
         virial = [0.0] * 6
         if r.stress is not None:
             w = -r.stress * abs(np.linalg.det(cell))  # eV
@@ -249,10 +251,10 @@ class LAMMPSBridge:
             if self._log is None:
                 self._log = self._open_log(natoms)
             p = r.polarization if r.polarization is not None else np.full(3, math.nan)
-            row = [step, self._time_fs(step), *field, float(r.energy), *r.dipole, *p, grade, above]
+            row = [step, self._time_fs(step), *field, energy, *r.require("dipole"), *p, grade, above]
             if self.log_born_charges:
                 order = np.argsort(np.asarray(tag)[:nlocal])
-                row += r.born_charges[order].reshape(-1).tolist()
+                row += r.require("born_charges")[order].reshape(-1).tolist()
             self._log.write(row)
 
     # ---------------------------------------------------------------- API

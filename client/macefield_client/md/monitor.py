@@ -16,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
 import numpy as np
 
@@ -35,10 +36,10 @@ def user_stacklevel() -> int:
     """The ``stacklevel`` for :func:`warnings.warn` called right here that points at the first frame outside
     ``macefield_client`` and ``ase`` (the user's line that asked ASE for a property), whatever the depth."""
     skipped = list(_SKIPPED)
-    ase = sys.modules.get("ase")
-    if ase is not None and getattr(ase, "__file__", None):
-        skipped.append(str(Path(ase.__file__).resolve().parent))
-    frame = sys._getframe(1)  # the caller of this function, which calls warnings.warn: stacklevel 1
+    ase_file = getattr(sys.modules.get("ase"), "__file__", None)
+    if ase_file:
+        skipped.append(str(Path(ase_file).resolve().parent))
+    frame: FrameType | None = sys._getframe(1)  # the caller of this function, which calls warnings.warn: stacklevel 1
     level = 1
     while frame is not None:
         filename = str(Path(frame.f_code.co_filename).resolve()) if frame.f_code.co_filename[:1] != "<" else ""
@@ -109,10 +110,10 @@ class ExtrapolationMonitor:
         if r.extrapolation is None:
             return math.nan, -1
         threshold = self.threshold_for(r.model)
-        return float(r.extrapolation_max), int(np.sum(r.extrapolation > threshold))
+        return float(r.require("extrapolation_max")), int(np.sum(r.extrapolation > threshold))
 
-    def check(self, r: Result, *, symbols: Sequence[str] | None = None, field: Sequence[float] | None = None,
-              step: int | None = None) -> tuple[float, int]:
+    def check(self, r: Result, *, symbols: Sequence[str] | None = None,
+              field: Sequence[float] | np.ndarray | None = None, step: int | None = None) -> tuple[float, int]:
         """Check one result (see the class doc); returns :meth:`grade`.
 
         ``symbols``: the structure's chemical symbols (named in the message); ``field``: its field, V/A;
@@ -133,10 +134,11 @@ class ExtrapolationMonitor:
             return grade, above
         self.flagged += 1
         threshold = self.threshold_for(r.model)
-        atom = int(np.argmax(r.extrapolation))
+        grades = r.require("extrapolation")  # present: above > 0
+        atom = int(np.argmax(grades))
         name = f" ({symbols[atom]})" if symbols is not None else ""
         message = (f"{when}extrapolation grade {grade:.3g} > {threshold:g} at atom {atom}{name}; {above} of "
-                   f"{len(r.extrapolation)} atoms above: this structure is unlike the model's training data ({where}) "
+                   f"{len(grades)} atoms above: this structure is unlike the model's training data ({where}) "
                    "and its results are extrapolation")
         if field is not None and np.any(field):
             message += (f"; at a field of {np.linalg.norm(field):.3g} V/A, which raises the grade by itself where "

@@ -121,7 +121,8 @@ def main(argv=None) -> int:
         if any(not (e > 0) for e in args.holdout_fields):
             raise ValueError(f"--holdout-fields: expected magnitudes > 0 (V/A), got {args.holdout_fields}")
         stats = calibrate(model, frames, head, reference={"files": described},
-                          **({} if args.born_charge_stride is None else {"born_charge_stride": args.born_charge_stride}))
+                          **({} if args.born_charge_stride is None
+                             else {"born_charge_stride": args.born_charge_stride}))
     except (CheckpointError, FileNotFoundError, ValueError, json.JSONDecodeError) as exc:
         print(f"macefield-calibrate: {exc}", file=sys.stderr)
         return 2
