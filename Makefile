@@ -46,7 +46,7 @@ serve: $(STAMP).installed
 lint: $(STAMP).test-installed
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy
-	$(PYTHON) -m importlinter.cli
+	$(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 test: lint
 	$(PYTHON) -m pytest -q -rs tests
