@@ -17,7 +17,7 @@ from serving import assert_matches, metric, request_for
 from macefield_server.serving.background import BackgroundServer
 from macefield_server.serving.config import BACKENDS, BatchingConfig, ConfigError, ModelConfig, ServerConfig
 from macefield_server.engine import ENGINE_OUTPUTS as OUTPUTS, predict, save_model
-from macefield_client.contract import GRADE_OUTPUTS as EXTRAPOLATION_OUTPUTS
+from macefield_client.contract import GRADE_OUTPUTS
 from macefield_server.engine import cueq as cueq_module
 from macefield_server.serving.registry import load_configured_model, load_default_model
 from macefield_server.cli.serve import build_config, parse_args
@@ -119,7 +119,7 @@ def test_cueq_model_served_over_grpc_equals_e3nn(tmp_path):
         assert metric(srv.metrics_port, "macefield_model_info", name="q", backend="cueq") == 1
         assert metric(srv.metrics_port, "macefield_model_info", name="plain", backend="e3nn") == 1
         calls = [stub.Predict.future(request_for(a, field=f, head=h, model="q", request_id=str(i),
-                                                 outputs=sorted(OUTPUTS - EXTRAPOLATION_OUTPUTS)),  # not calibrated
+                                                 outputs=sorted(OUTPUTS - GRADE_OUTPUTS)),  # not calibrated
                                      timeout=120)
                  for i, (a, f, h) in enumerate(cases)]
         responses = [c.result() for c in calls]

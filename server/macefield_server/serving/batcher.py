@@ -9,7 +9,7 @@ Pipeline (asyncio on the server's event loop, CPU/GPU work on threads)::
   2: Born charges / polarizability); heads and fields mix freely in a batch.
 * A batch closes when it holds ``max_structures``, or adding the next
   structure would pass ``max_atoms`` / ``max_edges`` (per device when
-  "auto", see :data:`.config.AUTO_LIMITS`), or its oldest request has waited
+  "auto", see :data:`macefield_server.batch_limits.AUTO_LIMITS`), or its oldest request has waited
   ``max_wait_ms`` (immediately while draining).  A structure larger than the
   limits is computed alone.
 * The former prepares batch k+1 (collate: tensor assembly) while batch k
