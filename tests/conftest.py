@@ -51,6 +51,7 @@ TIERS = {
         "test_server_config.py",
         "test_structures.py",
         "test_training_losses.py",
+        "test_workflows_spectra.py",  # spectra and fluctuation eps_0 of synthetic series (numpy)
     ),
     "integration": (
         "test_checkpoint_environments.py",  # no server, but a child worker process per checkpoint (~1 min)

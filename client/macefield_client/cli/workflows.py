@@ -2,6 +2,7 @@
 
     macefield phonons STRUCTURE [--relax] [--relax-cell] [--displacement A] [--json OUT] [--plot FILE.png]
     macefield hysteresis STRUCTURE --axis z --amplitude V_PER_A --period PS [--cycles N] [--json OUT] [--plot ...]
+    macefield spectrum ir|raman|dielectric TRAJECTORY [--temperature K] [--json OUT] [--plot FILE.png]
 
 STRUCTURE is any file ASE reads (its first frame), or a built-in published structure: ``alpha-quartz``
 (the PBE cell of the default model's data).  Each writes a JSON with every number (units in the keys or
@@ -80,6 +81,36 @@ def add_parsers(sub) -> None:
     hy.add_argument("--seed", type=int, default=0)
     hy.add_argument("--repeat", type=int, nargs=3, default=(1, 1, 1), metavar=("N1", "N2", "N3"),
                     help="supercell of the structure (default 1 1 1)")
+
+    sp = sub.add_parser("spectrum", help="IR or Raman spectrum, or the fluctuation eps_0, from an MD trajectory "
+                                         "(no server)")
+    sp.add_argument("kind", choices=["ir", "raman", "dielectric"])
+    sp.add_argument("trajectory", help="npz written by Ensemble.save, or extended XYZ with a dipole (e*A) or "
+                                       "polarization (e/A^2) and, for Raman, alpha (e*A^2/V, 9) per frame")
+    sp.add_argument("--timestep", type=float, metavar="FS",
+                    help="fs between frames (default: from the npz's record_time_fs; required for extended XYZ)")
+    sp.add_argument("--temperature", type=float, metavar="K",
+                    help="K, for the quantum correction and eps_0 (default: the npz's mean record_temperature_K)")
+    sp.add_argument("--volume", type=float, metavar="A3",
+                    help="cell volume, A^3 (dipole = P x V; default: the extended XYZ's cell; required with an npz "
+                         "for dielectric)")
+    sp.add_argument("--window", choices=["hann", "none"], default="hann", help="lag window (default hann)")
+    sp.add_argument("--max-lag", type=float, metavar="FS", help="largest correlation lag, fs (default: half a block)")
+    sp.add_argument("--broadening", type=float, default=0.0, metavar="CM1",
+                    help="Gaussian broadening, FWHM in cm^-1 (default 0)")
+    sp.add_argument("--quantum-correction", choices=["harmonic", "none"], default="harmonic",
+                    help="IR: harmonic quantum correction factor (default) or none (classical)")
+    sp.add_argument("--stokes", action="store_true", help="Raman: the Stokes side with the harmonic Bose factor")
+    sp.add_argument("--blocks", type=positive_int, default=1, help="blocks per replica for the error bar (default 1)")
+    sp.add_argument("--max-cm1", type=float, default=4000.0, help="highest wavenumber written, cm^-1 (default 4000)")
+    sp.add_argument("--peak-threshold", type=float, default=0.05,
+                    help="peaks: local maxima above this fraction of the maximum (default 0.05)")
+    sp.add_argument("--raw", action="store_true", help="do not normalise the spectrum to a maximum of 1")
+    sp.add_argument("--eps-inf", type=float, nargs="+", metavar="E",
+                    help="dielectric: eps_inf, 1, 3 (diagonal) or 9 numbers (default: 1 + <alpha>/(V eps0) from "
+                         "recorded alpha, else 1)")
+    sp.add_argument("--json", metavar="OUT", help="write every number here (JSON)")
+    sp.add_argument("--plot", metavar="FILE.png", help="write a figure here (matplotlib)")
 
 
 def _write_json(path: str | None, data: dict) -> None:
@@ -172,6 +203,134 @@ def cmd_hysteresis(args) -> int:
     return 0
 
 
-COMMANDS = {"phonons": cmd_phonons, "hysteresis": cmd_hysteresis}
+def _first(mapping, keys):
+    for key in keys:
+        if key in mapping:
+            return mapping[key]
+    return None
 
-__all__ = ["BUILTIN", "COMMANDS", "add_parsers", "cmd_hysteresis", "cmd_phonons", "load_structure"]
+
+def read_series(path: str, timestep: float | None) -> dict:
+    """``dipole`` (replicas, frames, 3) or None, ``is_dipole`` (False: P in e/A^2), ``alpha`` (replicas,
+    frames, 3, 3) or None, ``dt_fs``, ``temperature_K`` (or None), ``volume_A3`` (or None)."""
+    if not os.path.exists(path):
+        raise InputError(f"trajectory not found: {path}")
+    if path.endswith(".npz"):
+        try:
+            data = dict(np.load(path))
+        except Exception as exc:  # noqa: BLE001 - any reader error is the input's fault
+            raise InputError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+        time = data.get("record_time_fs")
+        dt = timestep
+        if dt is None and time is not None and time.shape[-1] > 1:
+            dt = float(np.median(np.diff(time, axis=-1)))
+        temp = data.get("record_temperature_K")
+        return {"dipole": data.get("record_polarization_e_A2"), "is_dipole": False,
+                "alpha": data.get("record_alpha_e_A2_V"), "dt_fs": dt,
+                "temperature_K": None if temp is None else float(np.mean(temp)), "volume_A3": None}
+    try:
+        import ase.io
+
+        frames = list(ase.io.read(path, index=":"))  # type: ignore[arg-type]  # a list with index ":"
+    except ImportError:
+        raise InputError("reading extended XYZ needs ASE: pip install 'macefield-client[workflows]'") from None
+    except Exception as exc:  # noqa: BLE001 - any reader error is the input's fault
+        raise InputError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    dipoles, polarizations, alphas = [], [], []
+    for atoms in frames:
+        results = dict(atoms.info)
+        if atoms.calc is not None:
+            results.update(atoms.calc.results)
+        dipoles.append(_first(results, ("dipole", "MACE_dipole", "REF_dipole")))
+        polarizations.append(_first(results, ("polarization", "MACE_polarization", "REF_polarization")))
+        alphas.append(_first(results, ("MACE_alpha", "alpha", "polarizability", "REF_polarizability")))
+    periodic = frames[0].cell.rank == 3  # type: ignore[union-attr]
+    volume = float(np.mean([a.get_volume() for a in frames])) if periodic else None
+    dipole, is_dipole = None, True
+    if all(d is not None for d in dipoles):
+        dipole = np.array(dipoles, dtype=float)[None]
+    elif all(p is not None for p in polarizations):
+        dipole, is_dipole = np.array(polarizations, dtype=float)[None], False
+    alpha = np.array(alphas, dtype=float).reshape(1, len(frames), 3, 3) if all(
+        a is not None for a in alphas) else None
+    return {"dipole": dipole, "is_dipole": is_dipole, "alpha": alpha, "dt_fs": timestep, "temperature_K": None,
+            "volume_A3": volume}
+
+
+def cmd_spectrum(args) -> int:
+    from ..contract.constants import EPS0
+    from ..workflows import spectra
+
+    series = read_series(args.trajectory, args.timestep)
+    temperature = args.temperature if args.temperature is not None else series["temperature_K"]
+    volume = args.volume if args.volume is not None else series["volume_A3"]
+    dt = series["dt_fs"]
+    if dt is None or dt <= 0:
+        raise InputError("--timestep FS is needed (the trajectory does not say the time between frames)")
+    try:
+        if args.kind == "dielectric":
+            if series["dipole"] is None:
+                raise InputError(f"{args.trajectory}: no dipole or polarization per frame")
+            if volume is None:
+                raise InputError("--volume A3 is needed (the trajectory has no cell)")
+            if temperature is None:
+                raise InputError("--temperature K is needed")
+            m = series["dipole"] if series["is_dipole"] else series["dipole"] * volume
+            eps_inf = None
+            source = "given (--eps-inf)"
+            if args.eps_inf is not None:
+                if len(args.eps_inf) not in (1, 3, 9):
+                    raise InputError(f"--eps-inf: 1, 3 or 9 numbers, got {len(args.eps_inf)}")
+                eps_inf = np.array(args.eps_inf)
+            elif series["alpha"] is not None and np.isfinite(series["alpha"]).all():
+                eps_inf = np.eye(3) + series["alpha"].mean(axis=(0, 1)) / (volume * EPS0)
+                source = "1 + <alpha>/(V eps0) from the recorded alpha"
+            eps = spectra.eps_static_fluctuation(m, volume, temperature, eps_inf=eps_inf, blocks=args.blocks)
+            if eps_inf is not None:
+                eps.metadata["eps_inf_source"] = source
+            data = eps.to_dict()
+            _write_json(args.json, data)
+            if args.plot:
+                _needs("matplotlib")
+                from ..workflows.plots import plot_eps_convergence
+
+                plot_eps_convergence(m, dt, volume, temperature, eps, args.plot)
+                print(f"wrote {args.plot}", file=sys.stderr)
+            print(f"eps_static diagonal: {' '.join(f'{x:.3f}' for x in np.diag(eps.eps_static))} "
+                  f"(+- {' '.join(f'{x:.3f}' for x in np.diag(eps.stderr))}); "
+                  f"eps_inf: {eps.metadata['eps_inf_source']}")
+            return 0
+        options = dict(window=args.window, max_lag_fs=args.max_lag, broadening_cm1=args.broadening,
+                       blocks=args.blocks, max_cm1=args.max_cm1, normalise=not args.raw,
+                       peak_threshold=args.peak_threshold, temperature_K=temperature)
+        if args.kind == "ir":
+            if series["dipole"] is None:
+                raise InputError(f"{args.trajectory}: no dipole or polarization per frame")
+            m = series["dipole"]
+            if not series["is_dipole"] and volume is not None:
+                m = m * volume
+            result = spectra.ir_spectrum(m, dt, quantum_correction=args.quantum_correction, **options)
+        else:
+            if series["alpha"] is None:
+                raise InputError(f"{args.trajectory}: no polarizability per frame (record_alpha / MACE_alpha)")
+            result = spectra.raman_spectrum(series["alpha"], dt, bose="stokes" if args.stokes else "none", **options)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    data = result.to_dict()
+    _write_json(args.json, data)
+    if args.plot:
+        _needs("matplotlib")
+        from ..workflows.plots import plot_spectrum
+
+        plot_spectrum(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    print(f"{args.kind} spectrum: resolution {result.metadata['resolution_cm1']:.1f} cm^-1, "
+          f"{result.metadata['spectra_averaged']} spectra averaged; peaks (cm^-1, strongest first): "
+          + ", ".join(f"{p:.1f}" for p in result.peaks_cm1))
+    return 0
+
+
+COMMANDS = {"phonons": cmd_phonons, "hysteresis": cmd_hysteresis, "spectrum": cmd_spectrum}
+
+__all__ = ["BUILTIN", "COMMANDS", "add_parsers", "cmd_hysteresis", "cmd_phonons", "cmd_spectrum", "load_structure",
+           "read_series"]

@@ -78,4 +78,56 @@ def plot_loop(loop, path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["lorentzian_spectrum", "plot_loop", "plot_phonons"]
+def plot_spectrum(result, path: str, annotate: int = 8) -> None:
+    """A :class:`~.spectra.SpectrumResult`: the mean spectrum, its standard-error band, the peaks annotated."""
+    plt = _pyplot()
+    nu, s, err = result.frequency_cm1, result.intensity, result.stderr
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(nu, s, color="C0", lw=1.0)
+    if np.isfinite(err).any():
+        ax.fill_between(nu, s - err, s + err, color="C0", alpha=0.3, lw=0, label="standard error")
+        ax.legend(fontsize=8)
+    for p in result.peaks_cm1[:annotate]:
+        y = float(np.interp(p, nu, s))
+        ax.annotate(f"{p:.0f}", (p, y), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8)
+    meta = result.metadata
+    ax.set_xlabel("wavenumber (cm$^{-1}$)")
+    ax.set_ylabel(f"{'IR absorption' if meta.get('kind') == 'ir' else 'Raman intensity'} "
+                  f"({meta.get('intensity_unit')})", fontsize=9)
+    ax.set_title(f"{meta.get('kind', '').upper()}: window {meta.get('window')}, max lag {meta.get('max_lag_fs'):g} fs, "
+                 f"resolution {meta.get('resolution_cm1'):.1f} cm$^{{-1}}$", fontsize=9)
+    ax.set_xlim(0, float(nu[-1]))
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot_eps_convergence(dipole, dt_fs: float, volume_A3: float, temperature_K: float, result, path: str) -> None:
+    """The diagonal of the fluctuation eps_0 over the first t of every replica, against t (ps)."""
+    from .spectra import KB_EV_PER_K
+    from .common import EPS0
+
+    plt = _pyplot()
+    m = np.asarray(dipole, dtype=float)
+    m = m[None] if m.ndim == 2 else m
+    n = m.shape[1]
+    ends = np.unique(np.linspace(8, n, 60).astype(int))
+    diag = np.diag(result.eps_inf)
+    curves = []
+    for e in ends:
+        d = m[:, :e] - m[:, :e].mean(axis=1, keepdims=True)
+        var = (d ** 2).sum(axis=1).sum(axis=0) / (m.shape[0] * (e - 1))
+        curves.append(diag + var / (KB_EV_PER_K * temperature_K * volume_A3 * EPS0))
+    curves_a = np.array(curves)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, name in enumerate("xyz"):
+        ax.plot(ends * dt_fs / 1000.0, curves_a[:, i], label=f"eps_0,{name}{name} = {result.eps_static[i, i]:.2f}")
+    ax.set_xlabel("simulation time per replica (ps)")
+    ax.set_ylabel("static dielectric constant eps_0 (dimensionless)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+__all__ = ["lorentzian_spectrum", "plot_eps_convergence", "plot_loop", "plot_phonons", "plot_spectrum"]

@@ -1,0 +1,347 @@
+"""Spectra and the static dielectric tensor from MD time series: IR, Raman, fluctuation eps_0.
+
+Inputs are the records of :class:`~.ensemble.Ensemble` (or any trajectory): the cell dipole M(t) (e*A; the
+polarization P in e/A^2 gives the same normalised IR spectrum) or the polarizability alpha(t) (3x3,
+e*A^2/V), sampled every ``dt_fs`` fs, one series ``(frames, ...)`` or several replicas ``(replicas, frames,
+...)``.  Everything is numpy/scipy FFT; formulas (docs/workflows.md, "Spectra"):
+
+Correlation functions (Wiener-Khinchin): for a series x(t_k), k = 0..n-1, the autocorrelation
+C(tau_m) = 1/(n - m) sum_k x(t_k) . x(t_k + tau_m) (the unbiased estimate, summed over Cartesian components)
+is the inverse FFT of |FFT(x)|^2 with x zero-padded to at least 2n - 1 points, so the circular wrap of the
+FFT never mixes the end of the series into small lags.
+
+Line shape: S(nu) = dt [w(0) C(0) + 2 sum_{m=1}^{L} w(tau_m) g(tau_m) C(tau_m) cos(2 pi c nu tau_m)],
+nu in cm^-1 (c in cm/fs), tau_L = ``max_lag_fs``, w the lag window: ``hann`` (default) w = cos^2(pi tau /
+(2 tau_L)), which goes smoothly to zero at the largest lag (no sinc ringing of a cut correlation), or
+``none`` (the cut itself).  g is the optional Gaussian broadening: a Gaussian of full width at half maximum
+``broadening_cm1`` convolved with the spectrum is the product g(tau) = exp(-(2 pi c sigma tau)^2 / 2),
+sigma = FWHM / sqrt(8 ln 2), applied to C before the transform (exact, no edge effects on the grid).
+The grid is zero-padded 4x (cosmetic interpolation); the resolution is ``resolution_cm1`` = 1 / (c tau_L)
+(the full width of a line of an infinitely long signal is below it for both windows).
+
+IR: the classical absorption line shape alpha(nu) n(nu) ∝ beta omega^2 FT<M(0) M(t)> = beta FT<dM/dt(0)
+dM/dt(t)>; dM/dt by central differences (e*A/fs), its mean over each block removed (a drifting M gives no
+zero-frequency line).  The quantum correction multiplies the classical line shape by the harmonic factor
+Q(nu) = beta hbar omega / (1 - exp(-beta hbar omega)), beta hbar omega = h c nu / (k_B T) = 1.4387769 nu/T
+(nu in cm^-1, T in K): 1 at low frequency, -> beta hbar omega at high frequency (``none``: classical).
+
+Raman: a(t) = tr alpha / 3 and the traceless part b(t) = alpha - a 1; the rotational invariants are a^2
+and gamma^2 = (3/2) tr(b^2) (= 1/2 [(axx-ayy)^2 + (ayy-azz)^2 + (azz-axx)^2] + 3 (axy^2 + ayz^2 + azx^2)
+for a symmetric alpha).  The isotropic spectrum is the transform of <da(0) da(t)>, the anisotropic one of
+(3/2) <b(0) : b(t)> (the correlation whose zero lag is <gamma^2>), and the unpolarised (total) Raman
+spectrum for 90-degree scattering of natural light is 45 I_iso + 7 I_aniso, i.e. the 45 a^2 + 7 gamma^2
+combination of the Raman activities.  The mean of alpha over each block is removed (no Rayleigh line).
+``bose="stokes"``: the Stokes side with the harmonic Bose factor, (n(omega) + 1) beta hbar omega = Q(nu)
+(the classical correlation is symmetric in nu; the Stokes line of a harmonic oscillator is Q times it).
+
+Static dielectric tensor (fluctuation formula, conducting "tinfoil" boundary conditions, as in periodic MD):
+eps_0,ij = eps_inf,ij + (<M_i M_j> - <M_i><M_j>) / (k_B T V eps0) with M the total cell dipole (e*A), V the
+cell volume (A^3), k_B T in eV and eps0 = 0.0055263494 e/(V*A): e^2 A^2 / (e*V * A^3 * e/(V*A)) = 1.
+
+Averaging: each replica is cut into ``blocks`` contiguous blocks of equal length; every block gives one
+spectrum (or covariance); the result is their mean and the standard error std / sqrt(count) (ddof = 1;
+NaN with one block of one replica).  The spectrum is normalised to a maximum of 1 by default
+(``normalise``; ``metadata["normalisation"]`` says which).  ``peaks_cm1``: local maxima of the mean
+spectrum with a height and a prominence of at least ``peak_threshold`` (default 0.05) times its maximum,
+strongest first; nothing below the threshold is set to zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .common import C_CM_PER_S, EPS0, json_ready
+
+#: speed of light in cm/fs
+C_CM_PER_FS = C_CM_PER_S * 1e-15
+#: Boltzmann constant, eV/K (CODATA 2018, exact)
+KB_EV_PER_K = 8.617333262e-5
+#: second radiation constant h c / k_B, cm K (CODATA 2018): beta hbar omega = HC_OVER_KB * nu[cm^-1] / T[K]
+HC_OVER_KB_CM_K = 1.438776877
+WINDOWS = ("hann", "none")
+QUANTUM_CORRECTIONS = ("harmonic", "none")
+BOSE = ("none", "stokes")
+
+
+@dataclass
+class SpectrumResult:
+    """A spectrum on a wavenumber grid: the mean over blocks and replicas, its standard error, the peaks."""
+
+    frequency_cm1: np.ndarray
+    intensity: np.ndarray
+    stderr: np.ndarray
+    peaks_cm1: np.ndarray
+    components: dict[str, np.ndarray] = field(default_factory=dict)  #: Raman: isotropic and anisotropic
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_ready({
+            "frequency_cm1": self.frequency_cm1, "frequency_unit": "cm^-1",
+            "intensity": self.intensity, "intensity_unit": self.metadata.get("intensity_unit"),
+            "intensity_stderr": self.stderr,
+            "peaks_cm1": self.peaks_cm1,
+            **{f"intensity_{k}": v for k, v in self.components.items()},
+            "metadata": self.metadata,
+        })
+
+
+@dataclass
+class DielectricResult:
+    """The static dielectric tensor from dipole fluctuations, with its standard error over blocks."""
+
+    eps_static: np.ndarray   #: (3, 3)
+    stderr: np.ndarray       #: (3, 3)
+    eps_inf: np.ndarray      #: (3, 3)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_ready({"eps_static": self.eps_static, "eps_static_stderr": self.stderr, "eps_inf": self.eps_inf,
+                           "eps_unit": "dimensionless", "metadata": self.metadata})
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _replicas(x, tail: int) -> np.ndarray:
+    """``x`` as (replicas, frames, components): one series (frames, ...) or several (replicas, frames, ...)."""
+    x = np.asarray(x, dtype=float)
+    if x.ndim == tail + 1:
+        x = x[None]
+    if x.ndim != tail + 2:
+        raise ValueError(f"expected (frames, ...) or (replicas, frames, ...) with {tail} trailing axis(es), "
+                         f"got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("the series has non-finite values (not recorded?)")
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _blocks(x: np.ndarray, blocks: int) -> np.ndarray:
+    """(replicas, frames, k) -> (replicas * blocks, frames // blocks, k): contiguous equal blocks."""
+    if blocks < 1:
+        raise ValueError(f"blocks: at least 1, got {blocks}")
+    r, n, k = x.shape
+    m = n // blocks
+    if m < 4:
+        raise ValueError(f"{n} frames in {blocks} blocks: too short (at least 4 frames per block)")
+    return x[:, :m * blocks].reshape(r, blocks, m, k).reshape(r * blocks, m, k)
+
+
+def autocorrelation(x: np.ndarray, max_lag: int | None = None) -> np.ndarray:
+    """Unbiased autocorrelation along axis -2, summed over the last axis: x (..., n, k) -> C (..., L + 1),
+    C(m) = 1/(n - m) sum_t x(t) . x(t + m), by FFT with zero-padding to >= 2n - 1 (no circular wrap)."""
+    from scipy import fft
+
+    n = x.shape[-2]
+    lag = n - 1 if max_lag is None else min(int(max_lag), n - 1)
+    size = fft.next_fast_len(2 * n - 1)
+    f = fft.rfft(x, n=size, axis=-2)
+    c = fft.irfft((f * f.conj()).real.sum(axis=-1), n=size, axis=-1)[..., :lag + 1]
+    return c / (n - np.arange(lag + 1))
+
+
+def quantum_factor(nu_cm1, temperature_K: float) -> np.ndarray:
+    """Q(nu) = x / (1 - exp(-x)), x = h c nu / (k_B T): the harmonic quantum correction (1 at nu = 0)."""
+    x = HC_OVER_KB_CM_K * np.asarray(nu_cm1, dtype=float) / float(temperature_K)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.where(np.abs(x) < 1e-12, 1.0, x / -np.expm1(-x))
+    return q
+
+
+def lag_window(name: str, lags: int) -> np.ndarray:
+    """The one-sided lag window w(m), m = 0..L: ``hann`` cos^2(pi m / (2 L)) or ``none`` (ones)."""
+    if name == "hann":
+        return np.cos(0.5 * np.pi * np.arange(lags + 1) / max(lags, 1)) ** 2
+    if name == "none":
+        return np.ones(lags + 1)
+    raise ValueError(f"window: one of {', '.join(WINDOWS)}, got {name!r}")
+
+
+def line_shape(c: np.ndarray, dt_fs: float, window: str = "hann", broadening_cm1: float = 0.0,
+               pad: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """The cosine transform of a one-sided correlation C(m dt) (..., L + 1): (nu in cm^-1, S(nu)) with
+    S = dt [w C](0) + 2 dt sum_m [w g C](m) cos(2 pi c nu m dt) (units of C times fs)."""
+    from scipy import fft
+
+    lags = c.shape[-1] - 1
+    tau = np.arange(lags + 1) * dt_fs
+    w = lag_window(window, lags)
+    if broadening_cm1 > 0:
+        sigma = broadening_cm1 / math.sqrt(8.0 * math.log(2.0))
+        w = w * np.exp(-0.5 * (2.0 * np.pi * C_CM_PER_FS * sigma * tau) ** 2)
+    size = fft.next_fast_len(max(2 * lags, 2) * pad)
+    seq = np.zeros(c.shape[:-1] + (size,))
+    seq[..., :lags + 1] = c * w
+    if lags > 0:
+        seq[..., size - lags:] = (c * w)[..., 1:][..., ::-1]
+    s = fft.rfft(seq, axis=-1).real * dt_fs
+    nu = fft.rfftfreq(size, dt_fs) / C_CM_PER_FS
+    return nu, s
+
+
+def find_peaks_cm1(nu: np.ndarray, s: np.ndarray, threshold: float = 0.05) -> np.ndarray:
+    """Local maxima of ``s`` with height and prominence >= ``threshold`` * max(s), strongest first (cm^-1)."""
+    from scipy.signal import find_peaks
+
+    top = float(np.max(s)) if s.size else 0.0
+    if top <= 0:
+        return np.zeros(0)
+    idx, _ = find_peaks(s, height=threshold * top, prominence=threshold * top)
+    idx = idx[np.argsort(-s[idx], kind="stable")]
+    return nu[idx]
+
+
+def _max_lag(max_lag_fs: float | None, dt_fs: float, frames: int) -> int:
+    if max_lag_fs is None:
+        return max(frames // 2, 1)
+    lags = int(round(max_lag_fs / dt_fs))
+    if lags < 1 or lags > frames - 1:
+        raise ValueError(f"max_lag_fs: between {dt_fs:g} and {(frames - 1) * dt_fs:g} fs for blocks of {frames} "
+                         f"frames, got {max_lag_fs:g}")
+    return lags
+
+
+def _finish(nu, spectra: np.ndarray, *, max_cm1, normalise: bool, peak_threshold: float, metadata: dict,
+            components: dict | None = None) -> SpectrumResult:
+    """Mean and standard error over the (count, grid) spectra, cut at ``max_cm1``, normalised, peaks."""
+    keep = nu <= (np.inf if max_cm1 is None else float(max_cm1))
+    nu, spectra = nu[keep], spectra[:, keep]
+    count = spectra.shape[0]
+    mean = spectra.mean(axis=0)
+    err = spectra.std(axis=0, ddof=1) / math.sqrt(count) if count > 1 else np.full_like(mean, np.nan)
+    comps = {k: v.mean(axis=0)[keep] for k, v in (components or {}).items()}
+    scale = 1.0
+    if normalise:
+        scale = float(np.max(mean)) if np.max(mean) > 0 else 1.0
+        metadata["normalisation"] = ("divided by the maximum of the mean spectrum (intensity max 1); "
+                                     f"factor {scale:.6g} {metadata['intensity_unit_raw']}")
+        metadata["intensity_unit"] = "arbitrary (normalised to max 1)"
+    else:
+        metadata["normalisation"] = "none"
+        metadata["intensity_unit"] = metadata["intensity_unit_raw"]
+    metadata["spectra_averaged"] = count
+    metadata["peak_threshold"] = peak_threshold
+    metadata["peak_rule"] = (f"local maxima with height and prominence >= {peak_threshold:g} x the maximum, "
+                             "strongest first; no part of the spectrum is set to zero")
+    return SpectrumResult(nu, mean / scale, err / scale, find_peaks_cm1(nu, mean, peak_threshold),
+                          {k: v / scale for k, v in comps.items()}, metadata)
+
+
+def _settings(dt_fs, lags, frames, window, broadening_cm1, blocks, replicas, temperature_K) -> dict[str, Any]:
+    return {"dt_fs": float(dt_fs), "max_lag_fs": lags * float(dt_fs), "block_frames": frames,
+            "block_length_fs": frames * float(dt_fs), "blocks": blocks, "replicas": replicas, "window": window,
+            "broadening_fwhm_cm1": float(broadening_cm1), "temperature_K": temperature_K,
+            "resolution_cm1": 1.0 / (C_CM_PER_FS * lags * dt_fs),
+            "nyquist_cm1": 0.5 / (dt_fs * C_CM_PER_FS)}
+
+
+# --------------------------------------------------------------------------------------------------- spectra
+def ir_spectrum(dipole, dt_fs: float, *, temperature_K: float | None = None, window: str = "hann",
+                max_lag_fs: float | None = None, broadening_cm1: float = 0.0, quantum_correction: str = "harmonic",
+                blocks: int = 1, max_cm1: float | None = None, normalise: bool = True,
+                peak_threshold: float = 0.05) -> SpectrumResult:
+    """IR absorption line shape from a dipole series M(t) (e*A, or P in e/A^2), ``dt_fs`` fs apart.
+
+    ``dipole``: (frames, 3) or (replicas, frames, 3).  ``max_lag_fs``: default half a block.
+    ``quantum_correction``: ``harmonic`` (default; needs ``temperature_K``) or ``none``.  See the module doc.
+    """
+    if quantum_correction not in QUANTUM_CORRECTIONS:
+        raise ValueError(f"quantum_correction: one of {', '.join(QUANTUM_CORRECTIONS)}, got {quantum_correction!r}")
+    if quantum_correction == "harmonic" and not temperature_K:
+        raise ValueError("the harmonic quantum correction needs temperature_K > 0 (or quantum_correction='none')")
+    x = _replicas(dipole, 1)
+    replicas = x.shape[0]
+    x = _blocks(x, blocks)
+    v = np.gradient(x, dt_fs, axis=1)
+    v = v - v.mean(axis=1, keepdims=True)
+    lags = _max_lag(max_lag_fs, dt_fs, x.shape[1])
+    nu, s = line_shape(autocorrelation(v, lags), dt_fs, window, broadening_cm1)
+    if quantum_correction == "harmonic":
+        s = s * quantum_factor(nu, float(temperature_K))  # type: ignore[arg-type]
+    meta = _settings(dt_fs, lags, x.shape[1], window, broadening_cm1, blocks, replicas, temperature_K)
+    meta.update(kind="ir", quantum_correction=quantum_correction,
+                quantity="classical line shape FT<dM/dt(0) . dM/dt(t)>" +
+                         (" x beta hbar omega / (1 - exp(-beta hbar omega))" if quantum_correction == "harmonic"
+                          else ""),
+                intensity_unit_raw="(e*A/fs)^2 fs (with a dipole in e*A)")
+    return _finish(nu, s, max_cm1=max_cm1, normalise=normalise, peak_threshold=peak_threshold, metadata=meta)
+
+
+def raman_spectrum(alpha, dt_fs: float, *, temperature_K: float | None = None, window: str = "hann",
+                   max_lag_fs: float | None = None, broadening_cm1: float = 0.0, bose: str = "none",
+                   blocks: int = 1, max_cm1: float | None = None, normalise: bool = True,
+                   peak_threshold: float = 0.05) -> SpectrumResult:
+    """Unpolarised Raman line shape 45 I_iso + 7 I_aniso from alpha(t) (e*A^2/V, 3x3 per frame).
+
+    ``alpha``: (frames, 3, 3) or (replicas, frames, 3, 3) (or 9 per frame, row-major).  ``components``
+    holds ``isotropic`` (<da da>, the a^2 invariant) and ``anisotropic`` ((3/2) <b : b>, the gamma^2
+    invariant), normalised with the same factor.  ``bose``: ``none`` (default, the classical symmetric
+    line shape) or ``stokes`` (needs ``temperature_K``).  See the module doc.
+    """
+    if bose not in BOSE:
+        raise ValueError(f"bose: one of {', '.join(BOSE)}, got {bose!r}")
+    if bose == "stokes" and not temperature_K:
+        raise ValueError("the Stokes/Bose factor needs temperature_K > 0")
+    a = np.asarray(alpha, dtype=float)
+    if a.shape[-1] == 9:
+        a = a.reshape(a.shape[:-1] + (3, 3))
+    x = _replicas(a, 2)
+    replicas = x.shape[0]
+    x = _blocks(x, blocks)
+    x = x - x.mean(axis=1, keepdims=True)
+    m = x.reshape(x.shape[0], x.shape[1], 3, 3)
+    iso = (np.trace(m, axis1=-2, axis2=-1) / 3.0)[..., None]
+    aniso = (m - iso[..., None] * np.eye(3)).reshape(x.shape)
+    lags = _max_lag(max_lag_fs, dt_fs, x.shape[1])
+    nu, s_iso = line_shape(autocorrelation(iso, lags), dt_fs, window, broadening_cm1)
+    _, s_an = line_shape(1.5 * autocorrelation(aniso, lags), dt_fs, window, broadening_cm1)
+    if bose == "stokes":
+        q = quantum_factor(nu, float(temperature_K))  # type: ignore[arg-type]
+        s_iso, s_an = s_iso * q, s_an * q
+    total = 45.0 * s_iso + 7.0 * s_an
+    meta = _settings(dt_fs, lags, x.shape[1], window, broadening_cm1, blocks, replicas, temperature_K)
+    meta.update(kind="raman", bose=bose, quantity="45 I_iso + 7 I_aniso (unpolarised, 90-degree scattering)",
+                intensity_unit_raw="(e*A^2/V)^2 fs")
+    return _finish(nu, total, max_cm1=max_cm1, normalise=normalise, peak_threshold=peak_threshold, metadata=meta,
+                   components={"isotropic": s_iso, "anisotropic": s_an})
+
+
+def eps_static_fluctuation(dipole, volume_A3: float, temperature_K: float, *, eps_inf=None,
+                           blocks: int = 1) -> DielectricResult:
+    """eps_0 = eps_inf + (<M M^T> - <M><M>^T) / (k_B T V eps0): M the cell dipole (e*A), V in A^3, T in K.
+
+    ``dipole``: (frames, 3) or (replicas, frames, 3), continuous (no jumps of a polarization quantum).
+    ``eps_inf``: a number, 3 diagonal values or a 3x3 tensor (default 1: vacuum; the electronic part is then
+    missing).  The covariance is taken in each block of each replica about its own mean (ddof = 1) and
+    averaged; the standard error is over those blocks.
+    """
+    if volume_A3 <= 0 or temperature_K <= 0:
+        raise ValueError(f"volume_A3 and temperature_K must be > 0, got {volume_A3} and {temperature_K}")
+    x = _replicas(dipole, 1)
+    replicas = x.shape[0]
+    x = _blocks(x, blocks)
+    d = x - x.mean(axis=1, keepdims=True)
+    cov = np.einsum("bti,btj->bij", d, d) / (x.shape[1] - 1)
+    kT = KB_EV_PER_K * float(temperature_K)
+    eps = cov / (kT * float(volume_A3) * EPS0)
+    count = eps.shape[0]
+    err = eps.std(axis=0, ddof=1) / math.sqrt(count) if count > 1 else np.full((3, 3), np.nan)
+    inf = np.eye(3) if eps_inf is None else np.asarray(eps_inf, dtype=float)
+    if inf.size == 1:
+        inf = float(inf.reshape(-1)[0]) * np.eye(3)
+    elif inf.shape == (3,):
+        inf = np.diag(inf)
+    inf = inf.reshape(3, 3)
+    meta = {"kind": "dielectric", "volume_A3": float(volume_A3), "temperature_K": float(temperature_K),
+            "kT_eV": kT, "blocks": blocks, "replicas": replicas, "block_frames": int(x.shape[1]),
+            "dipole_covariance_e2A2": cov.mean(axis=0),
+            "eps_inf_source": "given" if eps_inf is not None else "default 1 (vacuum: electronic part missing)",
+            "formula": "eps_inf + (<M M> - <M><M>) / (k_B T V eps0), tinfoil boundary conditions; "
+                       "e^2 A^2 / (eV A^3 e/(V A)) = 1"}
+    return DielectricResult(inf + eps.mean(axis=0), err, inf, meta)
+
+
+__all__ = ["BOSE", "C_CM_PER_FS", "HC_OVER_KB_CM_K", "KB_EV_PER_K", "QUANTUM_CORRECTIONS", "WINDOWS",
+           "DielectricResult", "SpectrumResult", "autocorrelation", "eps_static_fluctuation", "find_peaks_cm1",
+           "ir_spectrum", "lag_window", "line_shape", "quantum_factor", "raman_spectrum"]
