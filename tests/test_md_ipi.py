@@ -48,7 +48,7 @@ from serving import (
 from macefield_client import Client
 from macefield_client.fields import FieldSchedule, field_function
 from macefield_client.ipi import BOHR, HARTREE, DriverInputError, IPIDriver, StepClock, Template, frame_rotation
-from macefield_client.ipi_socket import IPIProtocolError, parse_init
+from macefield_client.ipi_socket import DriverConnection, IPIProtocolError, parse_init
 
 pytest.importorskip("ipi", reason="i-PI is not installed (pip install ipi): the i-PI driver tests need the real i-PI")
 from ipi.utils.units import unit_to_internal  # noqa: E402
@@ -155,6 +155,22 @@ def test_step_clock_counts_structures_not_exchanges():
     assert [unbatched.advance([k]) for k in (g, g, b"a", b"b", b"c")] == [5, 5, 6, 6, 7]
     single = StepClock(beads=1)  # one structure padded to a batch of 4
     assert [single.advance([k] * 4) for k in (g, b"a", b"b")] == [0, 1, 2]
+
+
+def test_a_killed_ipi_resetting_the_stream_ends_the_driver_as_closed():
+    """A killed i-PI may reset the TCP stream (RST) instead of closing it: the driver reads that as i-PI gone."""
+    import socket
+    import struct
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    ipi_side = socket.create_connection(listener.getsockname())
+    driver_side, _ = listener.accept()
+    listener.close()
+    ipi_side.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() sends RST
+    ipi_side.close()
+    connection = DriverConnection(driver_side)  # its first read meets ECONNRESET, not an end of stream
+    assert connection.serve(lambda h, r: []) == "closed"
+    connection.close()
 
 
 def test_frame_rotation_is_the_one_ipi_applies(tmp_path):

@@ -201,7 +201,7 @@ class DriverConnection:
         while True:
             try:
                 msg = self._recv(HDRLEN)
-            except IPIClosed:
+            except (IPIClosed, ConnectionResetError):  # a killed i-PI resets the stream instead of closing it
                 return "closed"
             try:
                 if msg == STATUS:
