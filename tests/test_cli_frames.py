@@ -17,10 +17,9 @@ import warnings
 import ase.io
 import numpy as np
 import pytest
-from ase import Atoms
 from serving import free_port, run_torch_free, torch_free_env
 
-from macefield_client.structures import alpha_quartz
+from macefield_client.structures import alpha_quartz, perovskite_batio3
 from macefield_server.serving.background import BackgroundServer
 from macefield_server.serving.config import ServerConfig
 from macefield_server.serving.registry import load_default_model
@@ -29,12 +28,6 @@ CLI = [sys.executable, "-m", "macefield_client.cli"]
 FIELD_LINE = ("macefield: WARNING: applying the electric field read from the input file: info['REF_electric_field'] = "
               "[0.3, 0.3, 0.3] V/A (|E| = 0.52 V/A) in 2 of 2 frame(s)")
 
-
-def batio3(repeat=(2, 2, 2)) -> Atoms:
-    a, c = 3.966, 4.304
-    cell = Atoms("BaTiO3", scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)],
-                 cell=[a, a, c], pbc=True)
-    return cell.repeat(repeat)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +39,7 @@ def target():
 @pytest.fixture
 def placeholder_file(tmp_path):
     """Two BaTiO3 frames whose file carries a placeholder field, written as a user's file has it (with commas)."""
-    frames = [batio3(), batio3()]
+    frames = [perovskite_batio3(repeat=(2, 2, 2)), perovskite_batio3(repeat=(2, 2, 2))]
     frames[1].positions[0] += 0.05
     for a in frames:
         a.info["REF_energy"] = -100930.0 / 135 * len(a)  # the data's energy per atom
@@ -95,7 +88,7 @@ def test_ase_calculator_announces_a_field_from_atoms_info_at_the_users_line(targ
     from macefield_client import FieldFromFileWarning
     from macefield_client.ase import MACEFieldCalculator
 
-    atoms = batio3()
+    atoms = perovskite_batio3(repeat=(2, 2, 2))
     atoms.info["REF_electric_field"] = np.array([0.3, 0.3, 0.3])
     calc = MACEFieldCalculator(target)
     atoms.calc = calc

@@ -20,18 +20,11 @@ from macefield_client.proto.macefield.v1 import macefield_pb2_grpc as rpc
 from serving import request_for, run_torch_free, torch_free_env
 
 from macefield_client import Client, InvalidRequest
-from macefield_client.structures import alpha_quartz
+from macefield_client.structures import alpha_quartz, perovskite_batio3
 from macefield_server.serving.background import BackgroundServer
 from macefield_server.serving.config import ServerConfig
 from macefield_server.serving.registry import ServedModel, load_default_model, trained_elements
 
-
-def batio3(repeat=(2, 2, 2)) -> Atoms:
-    """Perovskite BaTiO3 (Pm-3m positions) in the tetragonal cell of the default model's data (a 3.966, c 4.304 A)."""
-    a, c = 3.966, 4.304
-    cell = Atoms("BaTiO3", scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)],
-                 cell=[a, a, c], pbc=True)
-    return cell.repeat(repeat)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +61,7 @@ def test_trained_elements_rules():
 
 
 def test_no_head_named_chooses_the_head_that_knows_the_elements(server):
-    quartz, bto = alpha_quartz(cell="pbe"), batio3()
+    quartz, bto = alpha_quartz(cell="pbe"), perovskite_batio3(repeat=(2, 2, 2))
     oxygen = Atoms("O2", positions=[(0, 0, 0), (0, 0, 1.21)])
     with Client(f"127.0.0.1:{server.port}") as client:
         assert client.predict(bto).head == "batio3"
@@ -84,7 +77,7 @@ def test_no_head_named_chooses_the_head_that_knows_the_elements(server):
 
 
 def test_a_head_that_never_saw_an_element_is_refused_unless_allowed(server):
-    bto = batio3()
+    bto = perovskite_batio3(repeat=(2, 2, 2))
     quartz_with_ba = alpha_quartz(cell="pbe") + Atoms("Ba", positions=[(0.0, 0.0, 2.7)])
     with Client(f"127.0.0.1:{server.port}") as client:
         with pytest.raises(InvalidRequest) as named:
@@ -118,7 +111,7 @@ def test_cli_reports_the_chosen_head_and_lists_head_elements(server, tmp_path):
 
     target = f"127.0.0.1:{server.port}"
     src, out = tmp_path / "bto.xyz", tmp_path / "out.xyz"
-    frame = batio3()
+    frame = perovskite_batio3(repeat=(2, 2, 2))
     frame.info["REF_energy"] = -100930.0 / 135 * len(frame)
     ase.io.write(src, [frame], format="extxyz")
     env = torch_free_env(tmp_path)

@@ -16,7 +16,15 @@ from ase.neighborlist import neighbor_list
 from conftest import quartz_like
 from extrapolation_cases import wrong_quartz  # the structure that was in the README (O at z = 0.7858)
 
-from macefield_client.structures import EXPERIMENT_QUARTZ_CELL, PBE_QUARTZ_CELL, SIO_BOND, alpha_quartz, sio_molecule
+from macefield_client.structures import (
+    EXPERIMENT_QUARTZ_CELL,
+    PBE_BATIO3_CELL,
+    PBE_QUARTZ_CELL,
+    SIO_BOND,
+    alpha_quartz,
+    perovskite_batio3,
+    sio_molecule,
+)
 
 
 def coordination(atoms, cutoff: float = 2.0):
@@ -61,6 +69,27 @@ def test_the_test_copy_is_rattled_quartz():
 def test_wrong_quartz_fails_the_same_checks():
     si_cn, o_cn, _ = coordination(wrong_quartz())
     assert np.all(si_cn == 2) and np.all(o_cn == 1)
+
+
+@pytest.mark.parametrize("repeat", [(1, 1, 1), (2, 2, 2), (3, 3, 3)])
+def test_perovskite_batio3_geometry(repeat):
+    atoms = perovskite_batio3(repeat=repeat)
+    n_cells = int(np.prod(repeat))
+    assert len(atoms) == 5 * n_cells
+    assert np.array_equal(np.bincount(atoms.numbers)[[56, 22, 8]], np.array([1, 1, 3]) * n_cells)  # Ba, Ti, O
+    a, c = PBE_BATIO3_CELL
+    assert atoms.cell.cellpar() == pytest.approx([a * repeat[0], a * repeat[1], c * repeat[2], 90, 90, 90])
+    i, j, d = neighbor_list("ijd", atoms, 3.0)
+    z = atoms.numbers
+    ti_o = (z[i] == 22) & (z[j] == 8)
+    assert np.all(np.bincount(i[ti_o], minlength=len(atoms))[z == 22] == 6)  # TiO6 octahedra ...
+    assert sorted(set(np.round(d[ti_o], 3))) == pytest.approx([a / 2, c / 2], abs=1e-3)  # 1.983 (x4), 2.152 (x2) A
+    o_ti = (z[i] == 8) & (z[j] == 22)
+    assert np.all(np.bincount(i[o_ti], minlength=len(atoms))[z == 8] == 2)  # ... sharing corners
+    ba_o = (z[i] == 56) & (z[j] == 8)
+    assert np.all(np.bincount(i[ba_o], minlength=len(atoms))[z == 56] == 12)  # Ba in the 12-coordinated cage
+    assert d[ba_o].min() == pytest.approx(a / np.sqrt(2), abs=1e-3) and d[ba_o].max() < 3.0
+    assert d.min() == pytest.approx(a / 2, abs=1e-3)  # nothing closer than the in-plane Ti-O bond
 
 
 def test_sio_molecule():

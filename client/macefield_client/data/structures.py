@@ -24,6 +24,18 @@ alpha-quartz
     PBE-trained models, whose equilibrium volume is about 5 % larger than
     experiment (the experimental cell is under ~7 GPa of model stress).
 
+BaTiO3
+    The perovskite ABO3 positions of space group Pm-3m (No. 221): Ba on 1a
+    (0, 0, 0), Ti on 1b (1/2, 1/2, 1/2), O on 3c (1/2, 1/2, 0), (1/2, 0, 1/2),
+    (0, 1/2, 1/2), i.e. corner-sharing TiO6 octahedra with Ba in the
+    12-coordinated cages.  :data:`PBE_BATIO3_CELL` is the mean tetragonal
+    cell of the DFT (PBE) molecular dynamics the embedded default model was
+    trained on (135-atom 3x3x3 frames, 11.898 x 11.898 x 12.912 A): Ti-O
+    1.983 A in the plane and 2.152 A along c.  The ions sit at the
+    centrosymmetric positions, so this is the paraelectric reference
+    structure in that cell; the ferroelectric ground state displaces Ti and O
+    along c from it (relax, or run MD, to find it).
+
 SiO molecule
     Silicon monoxide, X 1Sigma+ ground state, r_e = 1.5097 A (Huber and
     Herzberg, Constants of Diatomic Molecules, 1979): a real molecule made
@@ -38,6 +50,9 @@ from collections.abc import Sequence
 EXPERIMENT_QUARTZ_CELL: tuple[float, float] = (4.9160, 5.4054)
 #: alpha-quartz lattice (a, c) in Angstrom of the PBE MD data of arXiv:2508.17870 (the default model's training data)
 PBE_QUARTZ_CELL: tuple[float, float] = (4.9853, 5.4785)
+
+#: BaTiO3 lattice (a, c) in Angstrom of the PBE MD data the default model was trained on (mean of the 135-atom frames)
+PBE_BATIO3_CELL: tuple[float, float] = (3.966, 4.304)
 
 #: fractional coordinates of alpha-quartz in P3_121 (No. 152), see the module docstring
 QUARTZ_SI = (0.4697, 0.0, 1.0 / 3.0)
@@ -75,6 +90,21 @@ def alpha_quartz(cell: Sequence[float] | None = None, repeat=(1, 1, 1), rattle: 
     return atoms
 
 
+def perovskite_batio3(cell: Sequence[float] | None = None, repeat=(1, 1, 1)):
+    """BaTiO3 at the centrosymmetric perovskite positions (5 atoms per cell) as an ``ase.Atoms``.
+
+    Args:
+        cell: ``(a, c)`` in Angstrom of the tetragonal cell (default :data:`PBE_BATIO3_CELL`; ``(a, a)`` is cubic).
+        repeat: supercell repetitions (``(3, 3, 3)``: the 135-atom cell of the default model's data).
+    """
+    from ase import Atoms
+
+    a, c = PBE_BATIO3_CELL if cell is None else (float(x) for x in cell)
+    unit = Atoms("BaTiO3", scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)],
+                 cell=[a, a, c], pbc=True)
+    return unit.repeat(tuple(repeat))
+
+
 def sio_molecule(center=(0.0, 0.0, 0.0), direction=(0.3, 0.5, 0.81)):
     """The SiO molecule (r_e = 1.5097 A) centred at ``center`` along ``direction``, no cell, no periodicity."""
     import numpy as np
@@ -88,4 +118,12 @@ def sio_molecule(center=(0.0, 0.0, 0.0), direction=(0.3, 0.5, 0.81)):
     return Atoms("SiO", positions=[c - half, c + half], pbc=False)
 
 
-__all__ = ["EXPERIMENT_QUARTZ_CELL", "PBE_QUARTZ_CELL", "SIO_BOND", "alpha_quartz", "sio_molecule"]
+__all__ = [
+    "EXPERIMENT_QUARTZ_CELL",
+    "PBE_BATIO3_CELL",
+    "PBE_QUARTZ_CELL",
+    "SIO_BOND",
+    "alpha_quartz",
+    "perovskite_batio3",
+    "sio_molecule",
+]
