@@ -230,7 +230,7 @@ class ScanSampler:
             spacing = (top - self.cfg.min_distance) / max(n - 1, 1)
             jitter = rng.uniform(-0.4, 0.4, n) * spacing
             jitter[-1] = 0.0
-            grid = np.minimum(grid + jitter, d[k])
+            grid = np.clip(grid + jitter, self.cfg.min_distance, min(top, float(d[k])))
             distances = np.concatenate([[d[k]], np.sort(grid)[::-1]])
             out.append(Scan(frame, pair, anchor, int(j[k]), s[k].astype(float), float(d[k]), distances))
         return out
