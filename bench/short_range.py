@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 from macefield_server.engine.checkpoint import load_model
-from macefield_server.training.short_range import (DEFAULT_PAIRS, closest_pair_scan, pair_name, scan_energies,
-                                                   scan_grid, shortest_distances)
+from macefield_server.training.short_range import DEFAULT_PAIRS, validation_frame_scans
 from macefield_server.training.data import read_frames
 from macefield_server.engine.graph import Structure
 
@@ -42,15 +41,12 @@ FILES = {"sio2": "sio2-quartz-md.xyz", "batio3": "batio3-md.xyz"}
 def head_scans(model, head: str, path: Path, step: float = 0.05, stop: float = 0.6):
     """{pair name: result} for the pair types of ``head`` in the first validation frame of ``path``."""
     frames = [Structure.from_atoms(a, head=head) for a in read_frames(path)]
-    shortest = shortest_distances(frames, DEFAULT_PAIRS[head])
-    frame = frames[int(round(0.8 * len(frames)))]
     out = {}
-    for pair in DEFAULT_PAIRS[head]:
-        scan = closest_pair_scan(frame, pair, scan_grid(shortest[pair], stop, step))
-        energy = scan_energies(model, scan.structures()).numpy()
+    for name, (scan, energy) in validation_frame_scans(model, frames, DEFAULT_PAIRS[head], step=step,
+                                                       stop=stop).items():
         rel = energy - energy[0]
         k = int(np.argmin(rel))
-        out[pair_name(pair)] = {
+        out[name] = {
             "frame_distance_A": scan.start,
             "start_A": float(scan.distances[0]),
             "stop_A": float(scan.distances[-1]),
@@ -80,8 +76,9 @@ def main(argv=None) -> int:
         if head in FILES:
             heads[head] = head_scans(model, head, args.data / FILES[head], step=args.step)
             for name, r in heads[head].items():
-                print(f"{head:7s} {name:6s} {r['start_A']:.3f} -> {r['stop_A']:.2f} A: min {r['min_energy_rel_start_eV']:9.2f}"
-                      f" eV at {r['min_at_A']:.2f} A, monotonic {r['monotonic_rise']}", flush=True)
+                print(f"{head:7s} {name:6s} {r['start_A']:.3f} -> {r['stop_A']:.2f} A: "
+                      f"min {r['min_energy_rel_start_eV']:9.2f} eV at {r['min_at_A']:.2f} A, "
+                      f"monotonic {r['monotonic_rise']}", flush=True)
     write_json(args.out, {
         "benchmark": "short_range",
         "model": str(args.model),

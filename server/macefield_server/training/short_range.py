@@ -117,7 +117,7 @@ class Scan:
         return out
 
 
-def closest_pair_scan(structure: Structure, pair: Tuple[str, str], distances: Sequence[float]) -> Scan:
+def closest_pair_scan(structure: Structure, pair: Tuple[str, str], distances: Sequence[float] | np.ndarray) -> Scan:
     """A scan of the closest pair of type ``pair`` in ``structure`` (ValueError when it has none)."""
     i, j, s, d = typed_pairs(structure, pair)
     if d.size == 0:
@@ -246,4 +246,23 @@ def validation_scans(structures_by_name: Dict[str, Structure], shortest: Dict[Tu
                 continue
             grid = scan_grid(top, cfg.min_distance, cfg.valid_step)
             out[f"{name}:{pair_name(pair)}"] = closest_pair_scan(frame, pair, grid)
+    return out
+
+
+def validation_frame_scans(model, frames: Sequence[Structure], pair_list: Sequence[Tuple[str, str]], *,
+                           valid_start: float = 0.8, step: float = 0.05,
+                           stop: float = 0.6) -> Dict[str, Tuple[Scan, np.ndarray]]:
+    """{'A-B': (scan, F in eV)}: the closest pair of each type in the first validation frame, pushed together.
+
+    ``frames``: one time-ordered MD file (its last ``1 - valid_start`` are the
+    validation frames); each scan runs from the shortest distance of that
+    pair type in all ``frames`` down to ``stop`` A, ``step`` A apart; F is
+    evaluated in the model's dtype.
+    """
+    shortest = shortest_distances(frames, pair_list)
+    frame = frames[int(round(valid_start * len(frames)))]
+    out = {}
+    for pair in pair_list:
+        scan = closest_pair_scan(frame, pair, scan_grid(shortest[pair], stop, step))
+        out[pair_name(pair)] = (scan, scan_energies(model, scan.structures()).numpy())
     return out

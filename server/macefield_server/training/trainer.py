@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, cast
+from typing import Any, Dict, List, cast
 
 import numpy as np
 import torch
@@ -456,7 +456,7 @@ class Trainer:
             datasets[name]["loss"] = loss_sum / len(samples)
             total += loss_sum
             count += len(samples)
-        result = {"loss": total / max(count, 1), "datasets": datasets}
+        result: Dict[str, Any] = {"loss": total / max(count, 1), "datasets": datasets}
         if self.valid_scans:
             result["short_range"] = self.validate_scans(model)
             result["loss"] += self.cfg.loss.short_range.weight * result["short_range"]["hinge"]
