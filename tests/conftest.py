@@ -51,6 +51,7 @@ TIERS = {
         "test_server_config.py",
         "test_structures.py",
         "test_training_losses.py",
+        "test_training_short_range.py",  # hinge, synthetic pair scans, ZBL against its formula (small models)
         "test_workflows_spectra.py",  # spectra and fluctuation eps_0 of synthetic series (numpy)
     ),
     "integration": (
@@ -79,6 +80,7 @@ TIERS = {
         "test_server_flow.py",
         "test_server_validation.py",
         "test_short_distances.py",
+        "test_short_range.py",  # the default model along 7 pair scans in float64 (~30 s)
         "test_training_cli.py",  # trains small models
     ),
     "system": (

@@ -184,3 +184,47 @@ def test_response_every_must_be_positive(tmp_path):
     cfg = yaml.safe_load(tiny_config(tmp_path, response_every=0).read_text())
     with pytest.raises(ConfigError, match="optim.response_every"):
         config_from_dict(cfg)
+
+
+@pytest.mark.usefixtures("shared_data")  # trains on (or checks) the DFT labels
+def test_pair_repulsion_and_short_range_hinge_fine_tuning_and_resume(tmp_path, capsys):
+    """ZBL added to an init_from model without one; the hinge reported in metrics; resume reproduces the run."""
+    base = tmp_path / "base"
+    base.mkdir()
+    assert main(["--config", str(tiny_config(base)), "--no-progress"]) == 0
+    start = base / "out" / "tiny.pt"
+    assert not hasattr(load_model(start), "pair_repulsion_fn")
+
+    def fine_tune_config(where):
+        path = tiny_config(where, lr=1e-3)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["model"].update(init_from=str(start), pair_repulsion=True, e0s="keep", scale_shift="none")
+        cfg["loss"]["short_range"] = {"weight": 1.0, "points": 3, "scans_per_step": 1, "seed": 3,
+                                      "valid_step": 0.3}
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    capsys.readouterr()
+    assert main(["--config", str(fine_tune_config(a)), "--no-progress", "--max-epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "added the ZBL pair repulsion" in err and "moved into the shift" in err
+    model = load_model(a / "out" / "tiny.pt")
+    assert hasattr(model, "pair_repulsion_fn") and model.arch_config["pair_repulsion"] is True
+    rows = metrics(a)
+    for row in rows:
+        hinge = row["train"]["short_range"]
+        assert hinge >= 0.0 and hinge == hinge
+        scans = row["valid"]["short_range"]
+        names = set(scans["min_energy_rel_start_eV"])
+        assert {"sio2-quartz:Si-O", "sio2-quartz:O-O", "batio3:Ti-O", "batio3:Ba-Ti"} <= names
+        assert all(abs(v) < 1e6 for v in scans["min_energy_rel_start_eV"].values())  # finite numbers, eV
+        assert scans["hinge"] >= 0.0
+    # one epoch, then a resumed second: the same scans are drawn, the same weights result
+    assert main(["--config", str(fine_tune_config(b)), "--no-progress", "--max-epochs", "1"]) == 0
+    assert main(["--config", str(fine_tune_config(b)), "--no-progress", "--max-epochs", "2"]) == 0
+    assert [r["train"]["short_range"] for r in metrics(b)] == [r["train"]["short_range"] for r in rows]
+    ma, mb = load_model(a / "run" / "last.pt"), load_model(b / "run" / "last.pt")
+    for (ka, va), (kb, vb) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        assert ka == kb and (va == vb).all(), ka

@@ -279,3 +279,37 @@ def build_field_mace(
         rewrite_tensor_products(model)
     cast(Any, model).arch_config = copy.deepcopy(arch)  # mypy reads undeclared Module attributes as Tensor | Module
     return model.to(dtype)
+
+
+def add_pair_repulsion(model: FieldMACE) -> FieldMACE:
+    """Give ``model`` mace-torch's ZBL pair repulsion (in place; returned), unless it has one.
+
+    The term is ``mace.modules.radial.ZBLBasis`` with the model's polynomial
+    cutoff exponent, exactly what ScaleShiftMACE builds with
+    ``pair_repulsion=True``: per pair of atoms at distance r (A) the screened
+    nuclear repulsion 14.3996 Z_u Z_v / r * phi(r / a) eV (universal ZBL
+    screening length a), times a polynomial envelope that reaches zero at
+    the sum of the two covalent radii, so F changes only for pairs closer
+    than that.  Like the readouts it passes through the per-head scale and
+    shift (``atomic_inter_scale``), as in ScaleShiftMACE.  The architecture
+    description then says ``pair_repulsion: true``, so saved checkpoints
+    rebuild it.
+    """
+    from mace.modules.radial import ZBLBasis
+
+    if hasattr(model, "pair_repulsion_fn"):
+        return model
+    dtype = next(model.parameters()).dtype
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        zbl = ZBLBasis(p=int(cast(Any, model).radial_embedding.cutoff_fn.p))
+    finally:
+        torch.set_default_dtype(previous)
+    device = next(model.parameters()).device
+    model.pair_repulsion_fn = zbl.to(device)
+    cast(Any, model).pair_repulsion = True
+    arch = getattr(model, "arch_config", None)
+    if isinstance(arch, dict):
+        arch["pair_repulsion"] = True
+    return model

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..config_files import ConfigError, build, read_mapping
+from .short_range import ShortRangeScanConfig, parse_pair
 
 #: quantities a dataset can label, and the loss terms of the same names
 QUANTITIES = ("energy", "forces", "stress", "polarization", "born_charges", "polarizability")
@@ -81,6 +82,11 @@ class ModelConfig:
     never varies), ``zero``, or ``keep`` (fine-tuning: keep the model's).
     ``scale_shift``: ``rms_forces`` (scale = RMS of training forces, shift =
     mean residual energy per atom after E0s, per head) or ``none``.
+    ``pair_repulsion``: add mace-torch's ZBL pair repulsion (``ZBLBasis``,
+    cut off smoothly at the sum of the two covalent radii, eV) to F, also
+    to an ``init_from`` model that has none; as in mace-torch's
+    ScaleShiftMACE it is summed with the readouts before the per-head
+    scale, so the ZBL energy enters F times ``atomic_inter_scale``.
     """
 
     channels: int = 32
@@ -99,6 +105,7 @@ class ModelConfig:
     avg_num_neighbors: Optional[float] = None
     init_from: Optional[str] = None
     trust_pickle: bool = False
+    pair_repulsion: bool = False
 
 
 #: the fields of :class:`ModelConfig` that are arguments of :func:`macefield_server.engine.default_architecture`
@@ -134,6 +141,8 @@ class LossConfig:
     polarizability: float = 50.0
     huber_delta: float = 3.0
     scales: Dict[str, float] = field(default_factory=dict)
+    #: the short-range hinge on synthetic pair scans (see :class:`ShortRangeScanConfig`); off by default
+    short_range: ShortRangeScanConfig = field(default_factory=ShortRangeScanConfig)
 
 
 @dataclass
@@ -290,7 +299,8 @@ def config_from_dict(data: Dict[str, Any], source_dir: Optional[str] = None) -> 
     cfg = TrainConfig(
         model=_build(ModelConfig, data.get("model") or {}, "model"),
         datasets=datasets,
-        loss=_build(LossConfig, data.get("loss") or {}, "loss"),
+        loss=build(LossConfig, data.get("loss") or {}, "loss",
+                   nested={"short_range": lambda v, w: _build(ShortRangeScanConfig, v, w)}),
         optim=_build(OptimConfig, data.get("optim") or {}, "optim"),
         run=_build(RunConfig, data.get("run") or {}, "run"),
         export=_build(ExportConfig, data.get("export") or {}, "export"),
@@ -306,6 +316,18 @@ def config_from_dict(data: Dict[str, Any], source_dir: Optional[str] = None) -> 
         raise ConfigError(f"model.e0s: expected least_squares, zero or keep, got {cfg.model.e0s!r}")
     if cfg.model.scale_shift not in ("rms_forces", "none"):
         raise ConfigError(f"model.scale_shift: expected rms_forces or none, got {cfg.model.scale_shift!r}")
+    sr = cfg.loss.short_range
+    if sr.weight < 0 or sr.margin < 0:
+        raise ConfigError("loss.short_range: weight and margin must be >= 0")
+    if int(sr.points) < 1 or int(sr.scans_per_step) < 1:
+        raise ConfigError("loss.short_range: points and scans_per_step must be >= 1")
+    if not 0.0 < sr.min_distance or not 0.0 < sr.valid_step:
+        raise ConfigError("loss.short_range: min_distance and valid_step must be > 0 (A)")
+    for k, name in enumerate(sr.pairs or []):
+        try:
+            parse_pair(name)
+        except ValueError as exc:
+            raise ConfigError(f"loss.short_range.pairs[{k}]: {exc}") from None
     unknown_scales = sorted(set(cfg.loss.scales) - set(QUANTITIES))
     if unknown_scales:
         raise ConfigError(f"loss.scales: unknown quantity {unknown_scales}")

@@ -20,12 +20,12 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, cast
+from typing import Any, Dict, List, cast
 
 import numpy as np
 import torch
 
-from ..engine.architecture import build_field_mace, default_architecture
+from ..engine.architecture import add_pair_repulsion, build_field_mace, default_architecture
 from ..engine.extrapolation import attach, statistics_of
 from ..engine.checkpoint import load_model, save_model, upgrade_to_field
 from ..engine.response import respond
@@ -33,6 +33,7 @@ from .config import ARCHITECTURE_KEYS, QUANTITIES, TrainConfig
 from .data import Sample, average_neighbours, build_graphs, load_all, make_batch
 from .losses import residuals, total_loss
 from .metrics import frame_errors, summarise
+from .short_range import ScanSampler, scan_energies, scan_hinge, validation_scans
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -139,6 +140,15 @@ class Trainer:
             self._fit_references()
         self.scales = label_scales(self.train_samples, cfg)
         self.weights = {q: float(getattr(cfg.loss, q)) for q in QUANTITIES}
+        sr = cfg.loss.short_range
+        self.scan_sampler = None
+        self.valid_scans: Dict = {}
+        if sr.weight > 0:
+            self.scan_sampler = ScanSampler(sr, [s.structure for s in self.train_samples])
+            firsts = {name: v[0].structure for name, v in self.valid.items() if v}
+            self.valid_scans = validation_scans(firsts, self.scan_sampler.shortest, sr)
+            log(f"  short-range hinge: weight {sr.weight}/eV, {sr.scans_per_step} scan(s) of {sr.points + 1} points "
+                f"per step; pair types {[f'{h}:{a}-{b}' for h, (a, b) in self.scan_sampler.choices]}")
         self.valid_outputs = frozenset(
             {"energy", "forces", "stress", "dipole", "polarization", "born_charges", "polarizability"}
         )
@@ -180,6 +190,8 @@ class Trainer:
             log(f"fine-tuning {path}")
             model = load_model(path, trust_pickle=m.trust_pickle, dtype=self.dtype)
             model = upgrade_to_field(model).to(self.dtype)
+            if m.pair_repulsion and not hasattr(model, "pair_repulsion_fn"):
+                self._add_pair_repulsion(model)
             if statistics_of(model) is not None:  # they describe the weights before fine-tuning
                 attach(model, None)
                 log(f"  dropped the extrapolation statistics of {path.name}: "
@@ -199,9 +211,32 @@ class Trainer:
         avg = m.avg_num_neighbors or average_neighbours(self.train_samples)
         arch = default_architecture(
             zs, heads=heads, avg_num_neighbors=avg, **{key: getattr(m, key) for key in ARCHITECTURE_KEYS})
+        arch["pair_repulsion"] = bool(m.pair_repulsion)
         torch.manual_seed(int(self.cfg.run.seed))
         log(f"new FieldMACE: {len(heads)} heads {heads}, elements {zs}, avg_num_neighbors {avg:.2f}")
         return build_field_mace(arch, dtype=self.dtype).train()
+
+    def _add_pair_repulsion(self, model):
+        """Add ZBL to a fine-tuned model, moving each head's shift so that its mean training energy stays put."""
+        heads = list(model.heads)
+        structures = [s.structure for s in self.train_samples]
+        model.eval()
+        before = scan_energies(model, structures)
+        add_pair_repulsion(model)
+        after = scan_energies(model, structures)
+        n_atoms = torch.as_tensor([s.n_atoms for s in structures], dtype=torch.float64)
+        per_atom = (after - before) / n_atoms
+        with torch.no_grad():
+            shift = model.scale_shift.shift
+            sh = torch.atleast_1d(shift.detach().clone())
+            for h, head in enumerate(heads):
+                mine = torch.as_tensor([s.head == head for s in structures])
+                if mine.any():
+                    sh[h] -= float(per_atom[mine].mean())
+                    log(f"  head {head}: ZBL adds {1e3 * float(per_atom[mine].mean()):.2f} meV/atom to the "
+                        "training frames on average; moved into the shift")
+            shift.copy_(sh.reshape(shift.shape))
+        log("  added the ZBL pair repulsion (model.pair_repulsion)")
 
     def _set_e0_totals(self, samples):
         e0 = self.model.atomic_energies_fn.atomic_energies.detach().double().numpy()
@@ -344,8 +379,24 @@ class Trainer:
         # respond sets every key it returns to a tensor (its declared value type is Optional)
         out = cast(Dict[str, torch.Tensor], respond(self.model, batch.tensors, None, outputs, keep_graph=True))
         res = residuals(out, batch, quantities)
-        return total_loss(res, weights, self.scales, self.cfg.loss.huber_delta)
+        loss, terms = total_loss(res, weights, self.scales, self.cfg.loss.huber_delta)
+        if self.scan_sampler is not None:
+            hinge = self.short_range_hinge(self.model, self.scan_sampler.scans(self.step), keep_graph=True)
+            terms["short_range"] = hinge
+            loss = loss + self.cfg.loss.short_range.weight * hinge
+        return loss, terms
 
+    def short_range_hinge(self, model, scans, *, keep_graph: bool) -> torch.Tensor:
+        """Mean :func:`scan_hinge` (eV) of ``scans`` (see ``loss.short_range``)."""
+        structures = [s for scan in scans for s in scan.structures()]
+        energies = scan_energies(model, structures, keep_graph=keep_graph)
+        margin = float(self.cfg.loss.short_range.margin)
+        out, k = [], 0
+        for scan in scans:
+            n = len(scan.distances)
+            out.append(scan_hinge(energies[k : k + n], torch.as_tensor(scan.distances), margin))
+            k += n
+        return torch.stack(out).mean()
     def train_epoch(self) -> Dict[str, float]:
         self.model.train()
         batches = self._batches()
@@ -405,7 +456,21 @@ class Trainer:
             datasets[name]["loss"] = loss_sum / len(samples)
             total += loss_sum
             count += len(samples)
-        return {"loss": total / max(count, 1), "datasets": datasets}
+        result: Dict[str, Any] = {"loss": total / max(count, 1), "datasets": datasets}
+        if self.valid_scans:
+            result["short_range"] = self.validate_scans(model)
+            result["loss"] += self.cfg.loss.short_range.weight * result["short_range"]["hinge"]
+        return result
+
+    def validate_scans(self, model) -> Dict:
+        """Hinge (eV) of the fixed validation scans and the lowest F along each relative to its start (eV)."""
+        hinges, lowest = [], {}
+        for name, scan in self.valid_scans.items():
+            energies = scan_energies(model, scan.structures()).detach()
+            hinges.append(float(scan_hinge(energies, torch.as_tensor(scan.distances),
+                                           float(self.cfg.loss.short_range.margin))))
+            lowest[name] = float((energies - energies[0]).min())
+        return {"hinge": float(np.mean(hinges)), "min_energy_rel_start_eV": lowest}
 
     # -- main loop
     def fit(self) -> Dict:
@@ -470,6 +535,8 @@ class Trainer:
     @staticmethod
     def _summary_line(rec) -> str:
         parts = [f"epoch {rec['epoch']}", f"lr {rec['lr']:.2e}", f"train {rec['train'].get('loss', float('nan')):.4g}"]
+        if "short_range" in rec["train"]:
+            parts.append(f"hinge {rec['train']['short_range']:.3g} eV")
         if "valid" in rec:
             parts.append(f"valid {rec['valid']['loss']:.4g}")
             for name, d in rec["valid"]["datasets"].items():
@@ -484,5 +551,8 @@ class Trainer:
                     if key in d:
                         bits.append(fmt.format(d[key]))
                 parts.append(f"{name}[{' '.join(bits)}]")
+            if "short_range" in rec["valid"]:
+                worst = min(rec["valid"]["short_range"]["min_energy_rel_start_eV"].values())
+                parts.append(f"scan hinge {rec['valid']['short_range']['hinge']:.3g} eV, deepest {worst:.3g} eV")
         parts.append(f"{rec['train_seconds']:.0f}s")
         return " | ".join(parts)

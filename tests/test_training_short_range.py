@@ -1,0 +1,185 @@
+"""Short-range training support: the scan hinge, the synthetic pair scans, the ZBL term and their config keys."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from ase.data import covalent_radii
+
+from conftest import alpha_quartz, random_field_model
+from macefield_server.engine.architecture import add_pair_repulsion, build_field_mace, describe_architecture
+from macefield_server.engine.graph import Structure, pairs
+from macefield_server.engine.predict import evaluate, prepare_batch
+from macefield_server.training.config import ConfigError, config_from_dict
+from macefield_server.training.short_range import (ScanSampler, ShortRangeScanConfig, closest_pair_scan,
+                                                   scan_grid, scan_hinge, shortest_distances, typed_pairs)
+
+
+def quartz(repeat=(2, 2, 1), rattle=0.05, seed=0) -> Structure:
+    return Structure.from_atoms(alpha_quartz(repeat=repeat, rattle=rattle, seed=seed), head="sio2")
+
+
+def all_distances(s: Structure) -> np.ndarray:
+    """Minimum-image distances between all atoms (A)."""
+    from ase import Atoms
+
+    return Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc).get_all_distances(mic=True)
+
+
+# ------------------------------------------------------------------------------------------------ the hinge
+def test_hinge_is_zero_for_a_monotonic_repulsive_scan():
+    d = torch.linspace(1.6, 0.6, 11, dtype=torch.float64)
+    e = 20.0 / d  # Coulomb-like repulsion: rises by 8 to 48 eV per A of approach here
+    assert float(scan_hinge(e, d, margin=0.0)) == 0.0
+    assert float(scan_hinge(e, d, margin=8.0)) == 0.0
+    # a margin steeper than the rise is violated
+    assert float(scan_hinge(e, d, margin=40.0)) > 0.0
+
+
+def test_hinge_is_positive_for_a_scan_with_a_hole_and_measures_it():
+    d = torch.tensor([1.6, 1.4, 1.2, 1.0, 0.8], dtype=torch.float64)
+    e = torch.tensor([0.0, 1.0, -5.0, -9.0, 3.0], dtype=torch.float64, requires_grad=True)
+    # drops of 6 and 4 eV at two of the four steps; margin 1 eV/A asks for 0.2 eV more at each
+    hinge = scan_hinge(e, d, margin=1.0)
+    expected = (0.0 + (0.2 + 6.0) + (0.2 + 4.0) + 0.0) / 4
+    assert float(hinge) == pytest.approx(expected)
+    hinge.backward()
+    # descending the gradient lifts the bottom of the hole (point 3) and lowers the point before the drop (1)
+    assert e.grad is not None
+    np.testing.assert_allclose(e.grad.numpy(), [0.0, 0.25, 0.0, -0.25, 0.0])
+    # batched scans: the mean over all steps
+    both = scan_hinge(torch.stack([e.detach(), 20.0 / d]), torch.stack([d, d]), margin=1.0)
+    assert float(both) == pytest.approx(expected / 2)
+
+
+# ------------------------------------------------------------------------------------------------ the scans
+@pytest.mark.parametrize("pair", [("Si", "O"), ("O", "O"), ("Si", "Si")])
+def test_scan_moves_one_atom_to_the_requested_distances_and_keeps_all_other_distances(pair):
+    s = quartz()
+    grid = scan_grid(1.8 if pair != ("Si", "Si") else 2.9, 0.6, 0.1)
+    scan = closest_pair_scan(s, pair, grid)
+    i, j, _, d = typed_pairs(s, pair)
+    assert scan.start == pytest.approx(d.min())
+    assert s.numbers[scan.anchor] == {"Si": 14, "O": 8}[pair[0]]
+    assert s.numbers[scan.moved] == {"Si": 14, "O": 8}[pair[1]]
+    ref = all_distances(s)
+    others = np.ones(len(s.numbers), bool)
+    others[scan.moved] = False
+    bond = s.positions[scan.moved] - (s.positions[scan.anchor] + scan.shift @ s.cell)
+    for target, moved in zip(grid, scan.structures()):
+        dist = all_distances(moved)
+        # every distance between atoms other than the moved one is unchanged, and they did not move
+        np.testing.assert_allclose(dist[np.ix_(others, others)], ref[np.ix_(others, others)], atol=1e-12)
+        np.testing.assert_array_equal(moved.positions[others], s.positions[others])
+        # the pair is at the requested distance, along the original bond direction
+        new_bond = moved.positions[scan.moved] - (moved.positions[scan.anchor] + scan.shift @ moved.cell)
+        assert np.linalg.norm(new_bond) == pytest.approx(target, abs=1e-12)
+        np.testing.assert_allclose(new_bond / np.linalg.norm(new_bond), bond / np.linalg.norm(bond), atol=1e-12)
+        assert dist[scan.anchor, scan.moved] == pytest.approx(target, abs=1e-12)
+
+
+def test_scan_grid_spans_start_to_stop():
+    g = scan_grid(1.41, 0.6, 0.05)
+    assert g[0] == 1.41 and g[-1] == 0.6 and np.all(np.diff(g) < 0) and np.all(-np.diff(g) <= 0.05 + 1e-12)
+
+
+def test_sampler_is_deterministic_and_scans_from_the_real_distance_down_to_min_distance():
+    frames = [quartz(seed=k) for k in range(3)]
+    cfg = ShortRangeScanConfig(weight=1.0, scans_per_step=3, points=5, min_distance=0.6, seed=7)
+    sampler = ScanSampler(cfg, frames)
+    names = sorted(f"{a}-{b}" for _, (a, b) in sampler.choices)
+    assert names == ["O-O", "Si-O", "Si-Si"]  # every pair type of SiO2
+    shortest = shortest_distances(frames, [p for _, p in sampler.choices])
+    for step in range(6):
+        first, again = sampler.scans(step), ScanSampler(cfg, frames).scans(step)
+        assert len(first) == 3
+        for a, b in zip(first, again):
+            assert (a.pair, a.anchor, a.moved) == (b.pair, b.anchor, b.moved)
+            np.testing.assert_array_equal(a.distances, b.distances)
+        for scan in first:
+            d = scan.distances
+            assert len(d) == cfg.points + 1
+            assert d[0] == pytest.approx(scan.start)  # the source frame itself
+            assert np.all(np.diff(d) <= 0) and d[-1] == pytest.approx(0.6)
+            assert np.all(d[1:] <= shortest[scan.pair] + 1e-12)
+            # the moved atom's nearest partner of that type is the anchor
+            i, j, _, dist = typed_pairs(scan.source, scan.pair)
+            mine = i == scan.anchor
+            assert dist[mine].min() == pytest.approx(scan.start)
+    only = ScanSampler(ShortRangeScanConfig(weight=1.0, pairs=["O-Si"]), frames)
+    assert [p for _, p in only.choices] == [("Si", "O")]
+
+
+def test_short_range_config_keys_are_checked():
+    base = {"datasets": [{"name": "a", "path": "x.xyz", "head": "h"}]}
+    cfg = config_from_dict({**base, "model": {"pair_repulsion": True},
+                            "loss": {"short_range": {"weight": 0.1, "pairs": ["Si-O"], "margin": 2.0}}})
+    assert cfg.model.pair_repulsion and cfg.loss.short_range.weight == 0.1 and cfg.loss.short_range.margin == 2.0
+    assert config_from_dict(base).loss.short_range.weight == 0.0  # off by default
+    with pytest.raises(ConfigError, match="loss.short_range.wieght"):
+        config_from_dict({**base, "loss": {"short_range": {"wieght": 1.0}}})
+    with pytest.raises(ConfigError, match=r"loss.short_range.pairs\[0\]"):
+        config_from_dict({**base, "loss": {"short_range": {"pairs": ["SiO"]}}})
+    with pytest.raises(ConfigError, match="min_distance"):
+        config_from_dict({**base, "loss": {"short_range": {"min_distance": 0.0}}})
+
+
+# ------------------------------------------------------------------------------------------------ ZBL
+def zbl_pair(z1: int, z2: int, r: float, p: int = 5) -> float:
+    """ZBL universal screened repulsion (eV) with mace-torch's envelope, cut at the sum of the covalent radii."""
+    a = 0.4543 * 0.529 / (z1**0.300 + z2**0.300)
+    x = r / a
+    phi = 0.1818 * np.exp(-3.2 * x) + 0.5099 * np.exp(-0.9423 * x) + 0.2802 * np.exp(-0.4028 * x) \
+        + 0.02817 * np.exp(-0.2016 * x)
+    rc = covalent_radii[z1] + covalent_radii[z2]
+    u = r / rc
+    env = (1 - (p + 1) * (p + 2) / 2 * u**p + p * (p + 2) * u ** (p + 1) - p * (p + 1) / 2 * u ** (p + 2)) * (r < rc)
+    return 14.3996 * z1 * z2 / r * phi * env
+
+
+def energies(model, structures):
+    out = evaluate(model, prepare_batch(model, structures), frozenset({"energy"}))
+    return np.array([r["energy"] for r in out])
+
+
+def with_zbl(model):
+    return add_pair_repulsion(copy.deepcopy(model))
+
+
+def test_zbl_changes_a_dimer_energy_by_exactly_the_zbl_formula_and_only_within_its_cutoff():
+    model = random_field_model(heads=("sio2", "other"), seed=5)
+    zbl = with_zbl(model)
+    assert not hasattr(model, "pair_repulsion_fn") and hasattr(zbl, "pair_repulsion_fn")
+    scale = torch.atleast_1d(model.scale_shift.scale).double().numpy()
+    for h, head in enumerate(("sio2", "other")):
+        for r in (0.5, 0.9, 1.3, 1.7, 1.76, 1.78, 2.5, 3.5):  # Si-O cutoff: 1.11 + 0.66 = 1.77 A
+            dimer = Structure(numbers=[14, 8], positions=[[0, 0, 0], [r, 0, 0]], head=head)
+            diff = float(energies(zbl, [dimer])[0] - energies(model, [dimer])[0])
+            # as in mace-torch's ScaleShiftMACE, the ZBL energy passes through the head's scale; ZBLBasis
+            # raises the integer Z to the power 0.3 in torch's default dtype (float32), hence rel 1e-6
+            assert diff == pytest.approx(scale[h] * zbl_pair(14, 8, r), rel=1e-6, abs=1e-12), r
+            if r > 1.77:
+                assert diff == 0.0
+
+
+def test_zbl_in_quartz_is_the_sum_over_short_pairs_and_survives_a_rebuild():
+    model = random_field_model(seed=2)
+    zbl = with_zbl(model)
+    s = Structure.from_atoms(alpha_quartz(rattle=0.08, seed=4))
+    i, j, _, d = pairs(s.positions, s.cell, s.pbc, 3.0)
+    expected = 0.5 * sum(zbl_pair(int(s.numbers[a]), int(s.numbers[b]), float(r)) for a, b, r in zip(i, j, d))
+    assert expected > 0  # Si-O bonds of quartz (1.61 A) are inside the Si-O ZBL cutoff (1.77 A)
+    scale = float(torch.atleast_1d(model.scale_shift.scale)[0])
+    diff = float(energies(zbl, [s])[0] - energies(model, [s])[0])
+    assert diff == pytest.approx(scale * expected, rel=1e-6)
+    # the architecture description records it, and a model rebuilt from it has the same F
+    arch = describe_architecture(zbl)
+    assert arch["pair_repulsion"] is True
+    rebuilt = build_field_mace(arch, dtype=torch.float64)
+    rebuilt.load_state_dict(zbl.state_dict())
+    assert float(energies(rebuilt.eval(), [s])[0]) == pytest.approx(float(energies(zbl, [s])[0]), rel=1e-12)
+    # adding it twice is a no-op
+    assert add_pair_repulsion(zbl) is zbl
