@@ -19,9 +19,22 @@ For a periodic structure of N atoms (the cell as given: its 3N Gamma-point modes
    A^3 and eps0 in e/(V A): Z_m Z_m / omega_m^2 is in e^2 A^2 / eV = e A^2 / V, so the sum is
    dimensionless.
 
+6. Raman activities (``raman=True``): the Raman tensor of mode m is d alpha / d Q_m by central finite
+   differences along the mode, with Q_m the mass-weighted normal coordinate (amu^1/2 A) of the standard
+   convention: the atoms are displaced by u_k = +-h_m e_m,k / sqrt(M_k), e_m the unit eigenvector, and
+   h_m (amu^1/2 A) is chosen so that the largest atomic displacement is ``raman_step`` A.  All 2 x 3N
+   displaced structures go in one ``predict_many`` call (polarizability only).  With alpha in A^3
+   (alpha / (4 pi eps0), the served e*A^2/V divided by 4 pi eps0 in e/(V*A)) the tensor is in
+   A^2/amu^1/2 and the activity of the unpolarised, 90-degree scattering
+
+       S_m = 45 a_m^2 + 7 gamma_m^2   (A^4/amu),  a = tr(R)/3,  gamma^2 = (3/2) tr(b^2),  b = R - a 1
+
+   (gamma^2 = 1/2 [(Rxx-Ryy)^2 + (Ryy-Rzz)^2 + (Rzz-Rxx)^2] + 3 (Rxy^2 + Ryz^2 + Rzx^2), R symmetrised).
+
 Degenerate modes (an E pair) have eigenvectors defined only up to a rotation within their space; each mode
-of a degenerate set is given the set's mean intensity, which is independent of that choice (and of the
-crystal's orientation).
+of a degenerate set is given the set's mean intensity (IR) and activity (Raman), which are independent of
+that choice (and of the crystal's orientation): both are quadratic forms in the eigenvector, whose trace
+over the set is basis-free.
 """
 
 from __future__ import annotations
@@ -32,6 +45,11 @@ from typing import Any
 import numpy as np
 
 from .common import EPS0, THZ_TO_CM1, cm1_to_omega2, json_ready, omega2_to_cm1
+
+#: the served polarizability (e*A^2/V) divided by this is alpha / (4 pi eps0) in A^3
+E_A2_PER_V_PER_A3 = 4.0 * np.pi * EPS0
+RAMAN_UNIT = ("A^4/amu (45 a^2 + 7 gamma^2 of d alpha/d Q, alpha in A^3, Q the mass-weighted normal "
+              "coordinate in amu^1/2 A; mean over each degenerate set)")
 
 #: frequencies closer than this (cm^-1) form one degenerate set
 DEGENERACY_CM1 = 0.5
@@ -57,22 +75,35 @@ class HarmonicResult:
     space_group: str = ""
     lo_frequencies_cm1: np.ndarray | None = None  #: (3N,) with the non-analytic term along ``lo_direction``
     lo_direction: np.ndarray | None = None
+    raman_activities: np.ndarray | None = None  #: (3N,) A^4/amu (mean over each degenerate set); None: not asked
+    raman_tensors: np.ndarray | None = None     #: (3N, 3, 3) d alpha / d Q_m, A^2/amu^1/2 (alpha in A^3)
     info: dict = field(default_factory=dict)
+
+    def _active(self, values: np.ndarray, key: str, threshold: float) -> list[dict]:
+        """One entry per optical degenerate set whose summed ``values`` exceed ``threshold`` times the
+        largest, strongest first: frequency (cm^-1), label, degeneracy, the sum under ``key``."""
+        rows = []
+        top = float(values.max()) or 1.0
+        for g in degenerate_sets(self.frequencies_cm1):
+            if self.acoustic[g].any():
+                continue
+            total = float(values[g].sum())
+            if total > threshold * top:
+                rows.append({"frequency_cm1": float(self.frequencies_cm1[g].mean()), "label": self.labels[g[0]],
+                             "degeneracy": len(g), key: total})
+        return sorted(rows, key=lambda r: -r[key])
 
     def optical_ir(self, threshold: float = 1e-3) -> list[dict]:
         """The IR-active optical modes (intensity above ``threshold`` times the largest), one entry per
         degenerate set, strongest first: frequency (cm^-1), label, degeneracy, summed intensity (e^2/amu)."""
-        groups = degenerate_sets(self.frequencies_cm1)
-        rows = []
-        top = float(self.ir_intensities.max()) or 1.0
-        for g in groups:
-            if self.acoustic[g].any():
-                continue
-            total = float(self.ir_intensities[g].sum())
-            if total > threshold * top:
-                rows.append({"frequency_cm1": float(self.frequencies_cm1[g].mean()), "label": self.labels[g[0]],
-                             "degeneracy": len(g), "intensity_e2_per_amu": total})
-        return sorted(rows, key=lambda r: -r["intensity_e2_per_amu"])
+        return self._active(self.ir_intensities, "intensity_e2_per_amu", threshold)
+
+    def optical_raman(self, threshold: float = 1e-3) -> list[dict]:
+        """The Raman-active optical modes (activity above ``threshold`` times the largest), one entry per
+        degenerate set, strongest first, with the summed activity (A^4/amu); empty without activities."""
+        if self.raman_activities is None:
+            return []
+        return self._active(self.raman_activities, "activity_A4_per_amu", threshold)
 
     def to_dict(self) -> dict:
         """Every number, JSON-ready, with the units in the keys or beside them."""
@@ -97,6 +128,11 @@ class HarmonicResult:
             "symbols": self.atoms.get_chemical_symbols(),
             "info": self.info,
         }
+        if self.raman_activities is not None:
+            out["raman_activities_A4_per_amu"] = self.raman_activities
+            out["raman_activity_unit"] = RAMAN_UNIT
+            out["raman_tensors_A2_per_sqrt_amu"] = self.raman_tensors
+            out["raman_active_modes"] = self.optical_raman()
         if self.lo_frequencies_cm1 is not None:
             out["lo_direction"] = self.lo_direction
             out["lo_frequencies_cm1"] = self.lo_frequencies_cm1
@@ -167,7 +203,8 @@ def _labels(ph, atoms, fc, acoustic: np.ndarray, trans: np.ndarray) -> tuple[lis
 
 def harmonic(client, structure, *, head: str | None = None, model: str | None = None,
              displacement: float = 0.01, relax: bool = False, relax_cell: bool = False, fmax: float = 1e-3,
-             symprec: float = 1e-3, lo_direction=None, timeout: float | None = None) -> HarmonicResult:
+             symprec: float = 1e-3, lo_direction=None, raman: bool = True, raman_step: float = 0.01,
+             timeout: float | None = None) -> HarmonicResult:
     """Gamma-point phonons, IR intensities, eps_inf and eps_0 of ``structure`` (ase.Atoms or a file).
 
     Args:
@@ -177,12 +214,18 @@ def harmonic(client, structure, *, head: str | None = None, model: str | None = 
         symprec: symmetry tolerance of spglib/phonopy, A (default 1e-3).
         lo_direction: Cartesian direction of q -> 0 for the LO frequencies (phonopy's non-analytic correction
             with the served Z* and eps_inf); None: TO only.
+        raman: also the Raman tensors and activities (2 x 3N polarizability calls; False: skip them).
+        raman_step: largest atomic displacement along each mode for d alpha / d Q, A (default 0.01).
     Cost: one second-derivative call (Z*, alpha) and 2 x (symmetry-distinct displacements) force calls, the
-    latter in one PredictBatch stream; e.g. 9-atom quartz: 12 displaced structures.
+    latter in one PredictBatch stream; e.g. 9-atom quartz: 12 displaced structures; with ``raman`` 6N
+    polarizability calls (about 3x a force call each) in a second stream.
     """
     from phonopy import Phonopy
 
     from .common import to_atoms
+
+    if raman and not raman_step > 0:
+        raise ValueError(f"raman_step: must be > 0 A, got {raman_step}")
     from .relax import relax as relax_structure
 
     atoms = to_atoms(structure)
@@ -256,10 +299,49 @@ def harmonic(client, structure, *, head: str | None = None, model: str | None = 
                             mode_charges=mode_charges, ir_intensities=intens, born_charges=zstar, eps_inf=eps_inf,
                             eps_static=eps_static, volume=volume, force_constants=fc, point_group=point_group,
                             space_group=space_group, info=info)
+    if raman:
+        tensors, shifts = raman_tensors(client, atoms, eig, step=raman_step, head=head, model=model,
+                                        timeout=timeout)
+        result.raman_tensors = tensors
+        result.raman_activities = raman_activity(tensors)
+        for g in degenerate_sets(freqs):
+            result.raman_activities[g] = result.raman_activities[g].mean()
+        info["raman_step_A"] = raman_step
+        info["raman_displaced_structures"] = 2 * len(shifts)
     if lo_direction is not None:
         result.lo_direction = np.asarray(lo_direction, dtype=float) / np.linalg.norm(lo_direction)
         result.lo_frequencies_cm1 = _lo_frequencies(ph, zstar, eps_inf, np.asarray(atoms.cell), result.lo_direction)
     return result
+
+
+def raman_tensors(client, atoms, eigenvectors: np.ndarray, *, step: float = 0.01, head: str | None = None,
+                  model: str | None = None, timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """d alpha / d Q_m (M, 3, 3; A^2/amu^1/2 with alpha in A^3, symmetrised) for the unit eigenvectors
+    ``eigenvectors`` (M, N, 3) of the dynamical matrix, by central differences: the atoms are moved by
+    +-h_m e_m,k / sqrt(M_k) with h_m (amu^1/2 A, returned) such that the largest displacement is ``step`` A.
+    The 2M displaced structures are sent in one ``predict_many`` call."""
+    masses = atoms.get_masses()
+    cartesian = np.asarray(eigenvectors, dtype=float) / np.sqrt(masses)[None, :, None]  # A per unit Q
+    shifts = step / np.abs(cartesian).max(axis=(1, 2))
+    displaced = []
+    for m in range(len(cartesian)):
+        for sign in (1.0, -1.0):
+            moved = atoms.copy()
+            moved.positions = atoms.positions + sign * shifts[m] * cartesian[m]
+            displaced.append(moved)
+    results = client.predict_many(displaced, outputs=["polarizability"], head=head, model=model, timeout=timeout)
+    alpha = np.array([r.polarizability for r in results], dtype=float).reshape(len(cartesian), 2, 3, 3)
+    tensors = (alpha[:, 0] - alpha[:, 1]) / (2.0 * shifts[:, None, None]) / E_A2_PER_V_PER_A3
+    return 0.5 * (tensors + tensors.transpose(0, 2, 1)), shifts
+
+
+def raman_activity(tensors: np.ndarray) -> np.ndarray:
+    """45 a^2 + 7 gamma^2 of each Raman tensor (..., 3, 3): a = tr/3, gamma^2 = (3/2) tr(b^2), b = R - a 1."""
+    r = np.asarray(tensors, dtype=float)
+    a = np.trace(r, axis1=-2, axis2=-1) / 3.0
+    b = r - a[..., None, None] * np.eye(3)
+    gamma2 = 1.5 * np.einsum("...ij,...ji->...", b, b)
+    return 45.0 * a ** 2 + 7.0 * gamma2
 
 
 def _acoustic_indices(ph, trans) -> np.ndarray:
@@ -312,5 +394,5 @@ def finite_field_eps_static(client, atoms, *, field: float = 0.005, axes=(0, 1, 
     return eps
 
 
-__all__ = ["DEGENERACY_CM1", "HarmonicResult", "cm1_to_omega2", "degenerate_sets", "finite_field_eps_static",
-           "harmonic"]
+__all__ = ["DEGENERACY_CM1", "E_A2_PER_V_PER_A3", "RAMAN_UNIT", "HarmonicResult", "cm1_to_omega2", "degenerate_sets",
+           "finite_field_eps_static", "harmonic", "raman_activity", "raman_tensors"]
