@@ -84,6 +84,8 @@ def add_parsers(sub) -> None:
                     help="independent replicas (thermal runs: different seeds), batched on the server (default 1)")
     hy.add_argument("--record-every", type=positive_int, default=10, help="record every N steps (default 10)")
     hy.add_argument("--seed", type=int, default=0)
+    hy.add_argument("--equilibrate", type=int, default=0, metavar="N",
+                    help="steps run first in the field E(0), not recorded (default 0)")
     hy.add_argument("--repeat", type=int, nargs=3, default=(1, 1, 1), metavar=("N1", "N2", "N3"),
                     help="supercell of the structure (default 1 1 1)")
 
@@ -193,8 +195,8 @@ def cmd_hysteresis(args) -> int:
             loop = hysteresis(client, atoms, axis=args.axis, amplitude=args.amplitude, period_ps=args.period,
                               cycles=args.cycles, waveform=args.waveform, temperature=args.temperature,
                               damping=args.damping, timestep_fs=args.timestep, replicas=args.replicas,
-                              record_every=args.record_every, seed=args.seed, head=args.head, model=args.model,
-                              progress=None)
+                              record_every=args.record_every, seed=args.seed, equilibrate=args.equilibrate,
+                              head=args.head, model=args.model, progress=None)
         except ValueError as exc:
             raise InputError(str(exc)) from None
     _write_outputs(args, loop.to_dict(), "plot_loop", loop)
