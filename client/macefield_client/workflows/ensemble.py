@@ -14,7 +14,8 @@ optionally alpha (e*A^2/V; the second-derivative pass, about 3x the cost of a st
 and positions (A).  ``save``/``restart`` write and read an npz with the records and the full state
 (positions, momenta, clock, P branch, the thermostats' random-number state), so a restarted run continues
 exactly.  ``equilibrate(N)`` runs N unrecorded steps first (at t < 0, the field held at E(0)), so the
-records start at t = 0 from the equilibrated state.  Ctrl-C (KeyboardInterrupt) stops every replica at its next force call and keeps what was recorded.
+records start at t = 0 from the equilibrated state.  Ctrl-C (KeyboardInterrupt) stops every replica at its
+next force call and keeps what was recorded.
 """
 
 from __future__ import annotations
