@@ -124,6 +124,16 @@ def test_raman_activities_do_not_depend_on_the_step(client, quartz):
     assert np.allclose(s[0.005][active], fine[active], rtol=0.01)
 
 
+def test_a_supercell_gives_all_its_modes_folded_to_gamma(client, quartz):
+    """A 2x1x1 supercell: 54 modes (not phonopy's primitive-cell 27), among them the cell's own Gamma modes,
+    and the same eps_0 (an intensive property)."""
+    big = harmonic(client, quartz.atoms * (2, 1, 1), head="sio2", raman=False)
+    assert big.frequencies_cm1.shape == (54,) and big.acoustic.sum() == 3
+    for f in quartz.frequencies_cm1[~quartz.acoustic]:
+        assert np.min(np.abs(big.frequencies_cm1 - f)) < 0.5
+    assert np.allclose(big.eps_static, quartz.eps_static, atol=2e-3)
+
+
 def test_lo_to_splitting_of_the_strong_e_modes(client, quartz):
     lo_result = harmonic(client, quartz.atoms, head="sio2", lo_direction=(1.0, 0.0, 0.0), raman=False)
     assert lo_result.raman_activities is None and "raman_step_A" not in lo_result.info

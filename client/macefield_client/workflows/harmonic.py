@@ -242,7 +242,9 @@ def harmonic(client, structure, *, head: str | None = None, model: str | None = 
     n = len(atoms)
     volume = float(abs(np.linalg.det(np.asarray(atoms.cell))))
 
-    ph = Phonopy(_phonopy_atoms(atoms), supercell_matrix=np.eye(3, dtype=int), primitive_matrix=None,
+    # primitive_matrix "P": the cell as given is phonopy's primitive cell (its default, "auto", would reduce a
+    # supercell to the primitive cell and return 3 x (atoms of that) modes instead of the 3N of the cell)
+    ph = Phonopy(_phonopy_atoms(atoms), supercell_matrix=np.eye(3, dtype=int), primitive_matrix="P",
                  symprec=symprec)
     ph.generate_displacements(distance=displacement, is_plusminus=True)
     displaced = [_ase_atoms(s) for s in ph.supercells_with_displacements or []]
