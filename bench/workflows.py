@@ -10,15 +10,16 @@
    second (N x that), the time per step inside ``predict_many`` (gRPC + server), the server's own compute
    per step (each structure's share of its batch pass, summed), and the client-side overhead per step (wall
    minus the time inside ``predict_many``: the ASE integrators, the replica threads, the gathering).
-2. Harmonic route (``macefield_client.workflows.harmonic``) wall time, without and with the Raman
-   activities: 9- and 72-atom alpha-quartz, and a 40-atom BaTiO3 cell: the cubic perovskite (Pm-3m; Ba 1a,
-   Ti 1b, O 3c, positions fixed by symmetry) as a 2x2x2 supercell, with the lattice constant of the volume
-   per formula unit of the PBE BaTiO3 data (../shared/data/batio3-md.xyz).  The script checks that cell:
-   Ti 6-coordinated at a/2, Ba 12-coordinated at a/sqrt(2), zero residual force (by symmetry).  Cubic
-   BaTiO3 has unstable (ferroelectric) modes at 0 K: they are counted, not a failure.
+2. Harmonic route (``macefield_client.workflows.harmonic``) wall time, without the Raman activities, with
+   them by symmetry (the default) and along every mode (6N structures): 9- and 72-atom alpha-quartz, and a
+   40-atom BaTiO3 cell: the cubic perovskite (Pm-3m; Ba 1a, Ti 1b, O 3c, positions fixed by symmetry) as a
+   2x2x2 supercell, with the lattice constant of the volume per formula unit of the PBE BaTiO3 data
+   (../shared/data/batio3-md.xyz).  The script checks that cell: Ti 6-coordinated at a/2, Ba
+   12-coordinated at a/sqrt(2), zero residual force (by symmetry; recorded).  Cubic BaTiO3 has unstable
+   (ferroelectric) modes at 0 K: they are counted, not a failure.
 
-    python bench/workflows.py --out bench/results/workflows_cpu.json            # ~3 min on 2 CPU cores
-    python bench/workflows.py --quick --out /tmp/workflows.json                 # fewer steps, ~1 min
+    python bench/workflows.py --out bench/results/workflows_cpu.json            # ~6 min on 2 CPU cores
+    python bench/workflows.py --quick --out /tmp/workflows.json                 # fewer steps, ~3 min
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def bench_ensemble(port: int, atoms, n: int, steps: int, warmup: int) -> dict:
     return out
 
 
-def bench_harmonic(port: int, name: str, atoms, head: str) -> dict:
+def bench_harmonic(port: int, name: str, atoms, head: str, skip_modes: bool) -> dict:
     from macefield_client import Client
     from macefield_client.workflows import harmonic
 
@@ -168,10 +169,13 @@ def bench_harmonic(port: int, name: str, atoms, head: str) -> dict:
         client.predict(atoms, head=head)  # warm the server's first call
         if head == "batio3":
             out["max_residual_force_eV_A"] = float(np.abs(client.predict(atoms, head=head).forces).max())
-        for raman in (False, True):
+        for key, options in (("without_raman", {"raman": False}),
+                             ("with_raman", {"raman": True, "raman_method": "symmetry"}),
+                             ("with_raman_along_modes", {"raman": True, "raman_method": "modes"})):
+            if key == "with_raman_along_modes" and skip_modes:
+                continue
             t0 = time.perf_counter()
-            r = harmonic(client, atoms, head=head, raman=raman)
-            key = "with_raman" if raman else "without_raman"
+            r = harmonic(client, atoms, head=head, **options)
             out[key] = {"wall_s": time.perf_counter() - t0,
                         "displaced_structures": r.info["displaced_structures"],
                         "raman_displaced_structures": r.info.get("raman_displaced_structures", 0),
@@ -183,7 +187,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(RESULTS / "workflows_cpu.json"))
     parser.add_argument("--threads", type=int, default=2, help="server torch threads (default 2)")
-    parser.add_argument("--quick", action="store_true", help="fewer steps, no 72-atom Raman")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, no 72-atom Raman along every mode")
     parser.add_argument("--hardware", default="2-core x86 CPU (shared)", help="what the numbers were measured on")
     args = parser.parse_args()
     sys.path[:0] = [str(REPO / "server"), str(REPO / "client")]
@@ -209,9 +213,7 @@ def main() -> int:
                 result["batio3_lattice_constant_A"] = a
                 cases.append(("BaTiO3 cubic 2x2x2 (40)", cell, "batio3"))
             for name, atoms, head in cases:
-                if args.quick and len(atoms) > 40:
-                    continue
-                row = bench_harmonic(port, name, atoms, head)
+                row = bench_harmonic(port, name, atoms, head, skip_modes=args.quick and len(atoms) > 40)
                 print(name, {k: v["wall_s"] for k, v in row.items() if isinstance(v, dict)}, flush=True)
                 result["harmonic"].append(row)
         finally:

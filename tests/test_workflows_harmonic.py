@@ -107,14 +107,16 @@ def test_raman_activities_obey_group_theory(quartz):
     assert strongest["label"] == "A1" and 400 < strongest["frequency_cm1"] < 480
 
 
-def test_raman_activities_do_not_depend_on_the_step(client, quartz):
+@pytest.mark.parametrize("method", ["symmetry", "modes"])
+def test_raman_activities_do_not_depend_on_the_step(client, quartz, method):
     """Central differences: S(h) = S_0 + c h^2 + O(h^4).  The h -> 0 values extrapolated from h = 0.005/0.01 A and
-    from 0.01/0.02 A agree (what is left is the float32 round-off), and the default step is within 3 % of them;
-    a step mishandled in d alpha / d Q would change the activities by the square of the step ratio (4x)."""
-    runs = {0.01: quartz}
-    for step in (0.005, 0.02):
-        runs[step] = harmonic(client, quartz.atoms, head="sio2", raman_step=step)
-        assert runs[step].info["raman_step_A"] == step and runs[step].info["raman_displaced_structures"] == 54
+    from 0.01/0.02 A agree (what is left is the float32 round-off), and h = 0.01 A is within 3 % of them; a step
+    mishandled in d alpha / d u would change the activities by the square of the step ratio (4x)."""
+    runs = {h: harmonic(client, quartz.atoms, head="sio2", raman_step=h, raman_method=method)
+            for h in (0.005, 0.01, 0.02)}
+    for h, r in runs.items():
+        assert r.info["raman_step_A"] == h and r.info["raman_method"] == method
+        assert r.info["raman_displaced_structures"] == (12 if method == "symmetry" else 54)
     s = {h: r.raman_activities for h, r in runs.items()}
     active = s[0.01] > 1e-3 * s[0.01].max()
     fine = (4.0 * s[0.005] - s[0.01]) / 3.0
@@ -124,14 +126,35 @@ def test_raman_activities_do_not_depend_on_the_step(client, quartz):
     assert np.allclose(s[0.005][active], fine[active], rtol=0.01)
 
 
+def test_raman_by_symmetry_equals_raman_along_every_mode(client, quartz):
+    """12 displaced structures (2 distinct atoms x 6) expanded by the space group against 54 (every mode):
+    the same activities within the finite-difference error of either (3 %), and both silent where D3 says."""
+    modes = harmonic(client, quartz.atoms, head="sio2", raman_method="modes")
+    s, top = quartz.raman_activities, quartz.raman_activities.max()
+    active = s > 1e-3 * top
+    assert quartz.info["raman_method"] == "symmetry" and quartz.info["raman_displaced_structures"] == 12
+    assert np.allclose(modes.raman_activities[active], s[active], rtol=0.03)
+    assert np.all(modes.raman_activities[~active] < 1e-6 * top)
+    with pytest.raises(ValueError, match="raman_method"):
+        harmonic(client, quartz.atoms, head="sio2", raman_method="cartesian")
+
+
 def test_a_supercell_gives_all_its_modes_folded_to_gamma(client, quartz):
     """A 2x1x1 supercell: 54 modes (not phonopy's primitive-cell 27), among them the cell's own Gamma modes,
     and the same eps_0 (an intensive property)."""
-    big = harmonic(client, quartz.atoms * (2, 1, 1), head="sio2", raman=False)
+    big = harmonic(client, quartz.atoms * (2, 1, 1), head="sio2")
     assert big.frequencies_cm1.shape == (54,) and big.acoustic.sum() == 3
     for f in quartz.frequencies_cm1[~quartz.acoustic]:
         assert np.min(np.abs(big.frequencies_cm1 - f)) < 0.5
     assert np.allclose(big.eps_static, quartz.eps_static, atol=2e-3)
+    # 2x1x1 keeps the 2-fold axis along a1 (not the 3-fold one) and the lattice translation: 5 distinct atoms of
+    # 18, 30 displaced structures against 108 along every mode; a Gamma mode of the cell, repeated twice in phase,
+    # has twice the Raman activity (extensive)
+    assert big.info["raman_displaced_structures"] == 30
+    first = quartz.optical_raman()[0]["frequency_cm1"]
+    (strongest,) = (r for r in big.optical_raman() if abs(r["frequency_cm1"] - first) < 0.5)
+    assert strongest["activity_A4_per_amu"] == pytest.approx(2 * quartz.optical_raman()[0]["activity_A4_per_amu"],
+                                                            rel=1e-3)
 
 
 def test_lo_to_splitting_of_the_strong_e_modes(client, quartz):

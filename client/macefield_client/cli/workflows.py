@@ -63,10 +63,13 @@ def add_parsers(sub) -> None:
     ph.add_argument("--symprec", type=float, default=1e-3, help="symmetry tolerance, A (default 1e-3)")
     ph.add_argument("--lo-direction", type=float, nargs=3, metavar=("QX", "QY", "QZ"),
                     help="also the LO frequencies for q -> 0 along this Cartesian direction (non-analytic term)")
-    ph.add_argument("--no-raman", dest="raman", action="store_false",
-                    help="skip the Raman activities (they cost 6N polarizability calls)")
+    ph.add_argument("--no-raman", dest="raman", action="store_false", help="skip the Raman activities")
+    ph.add_argument("--raman-method", choices=["symmetry", "modes"], default="symmetry",
+                    help="d alpha/du of the symmetry-distinct atoms, expanded by the space group (default; 6 "
+                         "polarizability calls per distinct atom), or along every mode (6N calls)")
     ph.add_argument("--raman-step", type=float, default=0.01,
-                    help="largest atomic displacement along a mode for d alpha/dQ, A (default 0.01)")
+                    help="Raman finite displacement, A: of one atom (symmetry) or the largest along a mode "
+                         "(modes) (default 0.01)")
 
     hy = sub.add_parser("hysteresis", help="P-E loop under a periodic field along an axis (damped 0 K or thermal MD)")
     _common(hy)
@@ -164,7 +167,8 @@ def cmd_phonons(args) -> int:
         try:
             result = harmonic(client, atoms, head=args.head, model=args.model, displacement=args.displacement,
                               relax=args.relax, relax_cell=args.relax_cell, fmax=args.fmax, symprec=args.symprec,
-                              lo_direction=args.lo_direction, raman=args.raman, raman_step=args.raman_step)
+                              lo_direction=args.lo_direction, raman=args.raman, raman_step=args.raman_step,
+                              raman_method=args.raman_method)
         except ValueError as exc:
             raise InputError(str(exc)) from None
     data = result.to_dict()

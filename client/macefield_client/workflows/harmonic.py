@@ -19,13 +19,16 @@ For a periodic structure of N atoms (the cell as given: its 3N Gamma-point modes
    A^3 and eps0 in e/(V A): Z_m Z_m / omega_m^2 is in e^2 A^2 / eV = e A^2 / V, so the sum is
    dimensionless.
 
-6. Raman activities (``raman=True``): the Raman tensor of mode m is d alpha / d Q_m by central finite
-   differences along the mode, with Q_m the mass-weighted normal coordinate (amu^1/2 A) of the standard
-   convention: the atoms are displaced by u_k = +-h_m e_m,k / sqrt(M_k), e_m the unit eigenvector, and
-   h_m (amu^1/2 A) is chosen so that the largest atomic displacement is ``raman_step`` A.  All 2 x 3N
-   displaced structures go in one ``predict_many`` call (polarizability only).  With alpha in A^3
-   (alpha / (4 pi eps0), the served e*A^2/V divided by 4 pi eps0 in e/(V*A)) the tensor is in
-   A^2/amu^1/2 and the activity of the unpolarised, 90-degree scattering
+6. Raman activities (``raman=True``): the Raman tensor of mode m is R_m = d alpha / d Q_m, with Q_m the
+   mass-weighted normal coordinate (amu^1/2 A) of the standard convention (atoms displaced by
+   u_k = Q e_m,k / sqrt(M_k), e_m the unit eigenvector), so R_m = sum_kj d alpha / d u_kj e_m,kj / sqrt(M_k).
+   ``raman_method="symmetry"`` (default): d alpha / d u by central differences (+-``raman_step`` A along x,
+   y, z) of the symmetry-distinct atoms only, expanded to every atom by the space group
+   (:func:`alpha_derivatives`); ``"modes"``: central differences along every mode, the largest atomic
+   displacement ``raman_step`` A (6N structures).  Either way all displaced structures go in one
+   ``predict_many`` call (polarizability only).  With alpha in A^3 (alpha / (4 pi eps0), the served
+   e*A^2/V divided by 4 pi eps0 in e/(V*A)) the tensor is in A^2/amu^1/2 and the activity of the
+   unpolarised, 90-degree scattering
 
        S_m = 45 a_m^2 + 7 gamma_m^2   (A^4/amu),  a = tr(R)/3,  gamma^2 = (3/2) tr(b^2),  b = R - a 1
 
@@ -48,6 +51,7 @@ from .common import EPS0, THZ_TO_CM1, cm1_to_omega2, json_ready, omega2_to_cm1
 
 #: the served polarizability (e*A^2/V) divided by this is alpha / (4 pi eps0) in A^3
 E_A2_PER_V_PER_A3 = 4.0 * np.pi * EPS0
+RAMAN_METHODS = ("symmetry", "modes")
 RAMAN_UNIT = ("A^4/amu (45 a^2 + 7 gamma^2 of d alpha/d Q, alpha in A^3, Q the mass-weighted normal "
               "coordinate in amu^1/2 A; mean over each degenerate set)")
 
@@ -204,7 +208,7 @@ def _labels(ph, atoms, fc, acoustic: np.ndarray, trans: np.ndarray) -> tuple[lis
 def harmonic(client, structure, *, head: str | None = None, model: str | None = None,
              displacement: float = 0.01, relax: bool = False, relax_cell: bool = False, fmax: float = 1e-3,
              symprec: float = 1e-3, lo_direction=None, raman: bool = True, raman_step: float = 0.01,
-             timeout: float | None = None) -> HarmonicResult:
+             raman_method: str = "symmetry", timeout: float | None = None) -> HarmonicResult:
     """Gamma-point phonons, IR intensities, eps_inf and eps_0 of ``structure`` (ase.Atoms or a file).
 
     Args:
@@ -215,10 +219,14 @@ def harmonic(client, structure, *, head: str | None = None, model: str | None = 
         lo_direction: Cartesian direction of q -> 0 for the LO frequencies (phonopy's non-analytic correction
             with the served Z* and eps_inf); None: TO only.
         raman: also the Raman tensors and activities (2 x 3N polarizability calls; False: skip them).
-        raman_step: largest atomic displacement along each mode for d alpha / d Q, A (default 0.01).
+        raman_step: displacement for d alpha / d Q, A (default 0.01): of one atom along x, y, z
+            (``raman_method="symmetry"``), or the largest atomic displacement along each mode (``"modes"``).
+        raman_method: ``symmetry`` (default): d alpha / d u of the symmetry-distinct atoms only (6 per
+            distinct atom), expanded to every atom by the space group and projected on the modes; ``modes``:
+            central differences along every mode (6N structures, no symmetry used).
     Cost: one second-derivative call (Z*, alpha) and 2 x (symmetry-distinct displacements) force calls, the
-    latter in one PredictBatch stream; e.g. 9-atom quartz: 12 displaced structures; with ``raman`` 6N
-    polarizability calls (about 3x a force call each) in a second stream.
+    latter in one PredictBatch stream; e.g. 9-atom quartz: 12 displaced structures; with ``raman`` 6 per
+    symmetry-distinct atom (``modes``: 6N) polarizability calls (about 3x a force call each) in a second stream.
     """
     from phonopy import Phonopy
 
@@ -226,6 +234,8 @@ def harmonic(client, structure, *, head: str | None = None, model: str | None = 
 
     if raman and not raman_step > 0:
         raise ValueError(f"raman_step: must be > 0 A, got {raman_step}")
+    if raman_method not in RAMAN_METHODS:
+        raise ValueError(f"raman_method: one of {', '.join(RAMAN_METHODS)}, got {raman_method!r}")
     from .relax import relax as relax_structure
 
     atoms = to_atoms(structure)
@@ -302,14 +312,22 @@ def harmonic(client, structure, *, head: str | None = None, model: str | None = 
                             eps_static=eps_static, volume=volume, force_constants=fc, point_group=point_group,
                             space_group=space_group, info=info)
     if raman:
-        tensors, shifts = raman_tensors(client, atoms, eig, step=raman_step, head=head, model=model,
-                                        timeout=timeout)
+        if raman_method == "symmetry":
+            symmetry: Any = ph.symmetry.dataset
+            dalpha = alpha_derivatives(client, atoms, symmetry, step=raman_step, head=head, model=model,
+                                       timeout=timeout)
+            tensors = mode_raman_tensors(dalpha, eig, masses)
+            info["raman_displaced_structures"] = 6 * len(set(np.asarray(symmetry.equivalent_atoms).tolist()))
+        else:
+            tensors, shifts = raman_tensors(client, atoms, eig, step=raman_step, head=head, model=model,
+                                            timeout=timeout)
+            info["raman_displaced_structures"] = 2 * len(shifts)
         result.raman_tensors = tensors
         result.raman_activities = raman_activity(tensors)
         for g in degenerate_sets(freqs):
             result.raman_activities[g] = result.raman_activities[g].mean()
         info["raman_step_A"] = raman_step
-        info["raman_displaced_structures"] = 2 * len(shifts)
+        info["raman_method"] = raman_method
     if lo_direction is not None:
         result.lo_direction = np.asarray(lo_direction, dtype=float) / np.linalg.norm(lo_direction)
         result.lo_frequencies_cm1 = _lo_frequencies(ph, zstar, eps_inf, np.asarray(atoms.cell), result.lo_direction)
@@ -335,6 +353,58 @@ def raman_tensors(client, atoms, eigenvectors: np.ndarray, *, step: float = 0.01
     alpha = np.array([r.polarizability for r in results], dtype=float).reshape(len(cartesian), 2, 3, 3)
     tensors = (alpha[:, 0] - alpha[:, 1]) / (2.0 * shifts[:, None, None]) / E_A2_PER_V_PER_A3
     return 0.5 * (tensors + tensors.transpose(0, 2, 1)), shifts
+
+
+def alpha_derivatives(client, atoms, dataset, *, step: float = 0.01, head: str | None = None,
+                      model: str | None = None, timeout: float | None = None) -> np.ndarray:
+    """d alpha / d u_kj of every atom (N, 3 [j], 3, 3), e*A^2/V per A, from central differences (+-``step`` A
+    along x, y, z) of the symmetry-distinct atoms of spglib's ``dataset`` only, in one ``predict_many`` call.
+
+    A space-group operation {R|t} (Cartesian rotation R) that takes atom k to atom m maps the crystal with
+    atom k displaced by u onto the crystal with atom m displaced by R u, and alpha to R alpha R^T, so
+    d alpha_ab / d u_mj = sum R_jj' R_aa' R_bb' d alpha_a'b' / d u_kj'; every atom's tensor is the mean over
+    all operations that reach it.  Translation invariance (sum over k of d alpha / d u_k = 0) is imposed by
+    removing the mean over atoms (what is removed is the finite-difference error)."""
+    cell = np.asarray(atoms.cell, dtype=float)
+    frac = atoms.get_scaled_positions()
+    equivalent = np.asarray(dataset.equivalent_atoms)
+    unique = sorted(set(equivalent.tolist()))
+    displaced = []
+    for k in unique:
+        for j in range(3):
+            for sign in (1.0, -1.0):
+                moved = atoms.copy()
+                moved.positions[k, j] += sign * step
+                displaced.append(moved)
+    results = client.predict_many(displaced, outputs=["polarizability"], head=head, model=model, timeout=timeout)
+    alpha = np.array([r.polarizability for r in results], dtype=float).reshape(len(unique), 3, 2, 3, 3)
+    base = {k: (alpha[i, :, 0] - alpha[i, :, 1]) / (2.0 * step) for i, k in enumerate(unique)}
+    n = len(atoms)
+    total = np.zeros((n, 3, 3, 3))
+    count = np.zeros(n)
+    to_frac = np.linalg.inv(cell)
+    for rot, trans in zip(np.asarray(dataset.rotations, dtype=float), np.asarray(dataset.translations)):
+        r = cell.T @ rot @ to_frac.T  # Cartesian rotation: r' = R r for r = cell^T x
+        moved = frac @ rot.T + trans
+        diff = moved[:, None, :] - frac[None, :, :]
+        diff -= np.rint(diff)
+        image = np.argmin(np.linalg.norm(diff @ cell, axis=2), axis=1)  # atom i goes to atom image[i]
+        for k in unique:
+            m = image[k]
+            total[m] += np.einsum("jJ,aA,bB,JAB->jab", r, r, r, base[k])
+            count[m] += 1
+    if np.any(count == 0):
+        raise ValueError("symmetry: an atom is reached by no operation from its representative (symprec?)")
+    deriv = total / count[:, None, None, None]
+    return deriv - deriv.mean(axis=0, keepdims=True)
+
+
+def mode_raman_tensors(dalpha: np.ndarray, eigenvectors: np.ndarray, masses: np.ndarray) -> np.ndarray:
+    """d alpha / d Q_m (M, 3, 3), A^2/amu^1/2 with alpha in A^3, from d alpha / d u (N, 3, 3, 3; e*A^2/V per A):
+    sum_kj d alpha / d u_kj e_m,kj / sqrt(M_k), symmetrised in the two alpha indices."""
+    weights = np.asarray(eigenvectors, dtype=float) / np.sqrt(np.asarray(masses))[None, :, None]
+    tensors = np.einsum("mkj,kjab->mab", weights, dalpha) / E_A2_PER_V_PER_A3
+    return 0.5 * (tensors + tensors.transpose(0, 2, 1))
 
 
 def raman_activity(tensors: np.ndarray) -> np.ndarray:
@@ -396,5 +466,6 @@ def finite_field_eps_static(client, atoms, *, field: float = 0.005, axes=(0, 1, 
     return eps
 
 
-__all__ = ["DEGENERACY_CM1", "E_A2_PER_V_PER_A3", "RAMAN_UNIT", "HarmonicResult", "cm1_to_omega2", "degenerate_sets",
-           "finite_field_eps_static", "harmonic", "raman_activity", "raman_tensors"]
+__all__ = ["DEGENERACY_CM1", "E_A2_PER_V_PER_A3", "RAMAN_METHODS", "RAMAN_UNIT", "HarmonicResult", "alpha_derivatives",
+           "cm1_to_omega2", "degenerate_sets", "finite_field_eps_static", "harmonic", "mode_raman_tensors",
+           "raman_activity", "raman_tensors"]
