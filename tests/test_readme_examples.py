@@ -155,3 +155,62 @@ def test_readme_examples_run_without_warnings(served, tmp_path):
     for name, proc in runs.items():
         assert "Warning" not in proc.stderr and "extrapolat" not in proc.stderr.lower(), (name, proc.stderr)
         assert "extrapolation grade" not in proc.stdout, (name, proc.stdout)
+
+
+def readme_command_and_output(marker: str) -> tuple[list[str], list[str]]:
+    """The README's ``bash`` command line marked ``marker`` (its words, the comment cut) and the lines of the
+    ``text`` block that follows it: what the README says the command prints."""
+    text = (REPO / "README.md").read_text()
+    (match,) = re.finditer(r"```bash\n([^\n]*" + re.escape(marker) + r"[^\n]*)\n```.*?```text\n(.*?)```", text, re.S)
+    command = match.group(1).split("#", 1)[0].split()
+    return command, [ln for ln in match.group(2).splitlines() if ln.strip()]
+
+
+def assert_printed_as_in_readme(stdout: str, lines: list[str], rel: float, abs_: float) -> None:
+    """Every README line is printed: the same words, and numbers within ``rel`` (relative) or ``abs_``; a README
+    line cut with "..." is compared up to the cut."""
+    for line in lines:
+        label = line.split(":", 1)[0]
+        (out,) = [ln for ln in stdout.splitlines() if ln.startswith(label + ":")]
+        want = line.split(":", 1)[1].replace("...", "").replace(",", " ").replace("(", " ").replace(")", " ").split()
+        got = out.split(":", 1)[1].replace(",", " ").replace("(", " ").replace(")", " ").split()[:len(want)]
+        assert len(got) == len(want), (line, out)
+        for w, g in zip(want, got):
+            try:
+                expected = float(w)
+            except ValueError:
+                assert g == w, (line, out)
+                continue
+            assert float(g) == pytest.approx(expected, rel=rel, abs=abs_), (line, out)
+
+
+def _run_readme_command(command: list[str], served: str, tmp_path, **replace) -> str:
+    assert command[0] == "macefield"
+    args = [replace.get(word, word) for word in command[1:]]
+    done = run_torch_free([sys.executable, "-m", "macefield_client.cli", *args, "--server", served],
+                          torch_free_env(tmp_path), timeout=600, cwd=tmp_path)
+    return done.stdout
+
+
+def test_readme_workflow_phonons_prints_the_readme_numbers(served, tmp_path):
+    """``macefield phonons alpha-quartz --relax``: the README's IR and Raman lines and eps tensors, to 1 %
+    (0.002 absolute for small numbers): float32 round-off of a relaxation and a diagonalisation, nothing more."""
+    command, lines = readme_command_and_output("README workflows: phonons")
+    stdout = _run_readme_command(command, served, tmp_path)
+    assert len(lines) == 4
+    assert_printed_as_in_readme(stdout, lines, rel=0.01, abs_=0.002)
+    assert (tmp_path / "quartz.json").is_file()
+
+
+def test_readme_workflow_loop_prints_the_readme_numbers(shared_data, served, tmp_path):
+    """``macefield hysteresis batio3.xyz``: the README's Pr, Ec and Ps to 5 % (0 K damped dynamics through a
+    switching event amplify float32 round-off, which differs with the number of threads)."""
+    import ase.io
+
+    frame = ase.io.read(shared_data / "batio3-md.xyz", index=0)
+    ase.io.write(tmp_path / "batio3.xyz", frame, format="extxyz", columns=["symbols", "positions"])
+    command, lines = readme_command_and_output("README workflows: loop")
+    stdout = _run_readme_command(command, served, tmp_path)
+    assert len(lines) == 3
+    assert_printed_as_in_readme(stdout, lines, rel=0.05, abs_=0.5)
+    assert (tmp_path / "loop.json").is_file()

@@ -62,9 +62,13 @@ def test_ensemble_steps_are_one_batch_and_equal_separate_runs(server, client):
         assert np.allclose(alone["polarization_e_A2"][0], together["polarization_e_A2"][i], atol=1e-7)
 
 
-def test_ensemble_restart_continues_exactly(client, tmp_path):
+@pytest.mark.parametrize("thermostat", ["langevin", "nve"])
+def test_ensemble_restart_continues_exactly(client, tmp_path, thermostat):
+    """2k steps = k steps + save + restart + k steps: positions, momenta, clock, P branch and (Langevin) the
+    saved random-number state carry the run on; only the float32 round-off of the model differs."""
     quartz = alpha_quartz(cell="pbe")
-    kwargs = dict(replicas=2, temperature=300.0, timestep_fs=1.0, record_every=2, seed=3, head="sio2")
+    kwargs = dict(replicas=2, temperature=300.0, timestep_fs=1.0, record_every=2, seed=3, head="sio2",
+                  thermostat=thermostat, fields=(0.0, 0.0, 0.01))
     straight = Ensemble(client, quartz, **kwargs).run(8)
     first = Ensemble(client, quartz, **kwargs)
     first.run(4)
@@ -72,8 +76,53 @@ def test_ensemble_restart_continues_exactly(client, tmp_path):
     second = Ensemble(client, quartz, **kwargs)
     second.restart(tmp_path / "state.npz")
     resumed = second.run(4)
+    assert resumed["time_fs"].shape == (2, 5)
     assert np.allclose(resumed["time_fs"], straight["time_fs"])
     assert np.allclose(resumed["energy_eV"], straight["energy_eV"], atol=1e-5)
+    assert np.allclose(resumed["kinetic_eV"], straight["kinetic_eV"], atol=1e-5)
+    assert np.allclose(resumed["polarization_e_A2"], straight["polarization_e_A2"], atol=1e-7)
+    if thermostat == "nve":  # no thermostat: the total energy is conserved along the joined run
+        total = resumed["energy_eV"] + resumed["kinetic_eV"]
+        assert np.all(np.ptp(total, axis=1) < 2e-3)
+
+
+def test_ensemble_equilibration_is_not_recorded_and_the_clock_starts_after_it(client, tmp_path):
+    """equilibrate(N) + run(k) is the last k steps of an N + k run (same seeds, constant field), with its records
+    starting at t = 0 from the state after N steps; a field's course starts at t = 0."""
+    quartz = alpha_quartz(cell="pbe")
+    kwargs = dict(replicas=2, temperature=300.0, timestep_fs=1.0, record_every=2, seed=5, head="sio2",
+                  fields=(0.0, 0.0, 0.01))
+    straight = Ensemble(client, quartz, **kwargs).run(10)
+    ens = Ensemble(client, quartz, **kwargs)
+    ens.equilibrate(4)
+    assert not any(r["time_fs"] for r in ens.records)
+    later = ens.run(6)
+    assert np.allclose(later["time_fs"][0], [0, 2, 4, 6])
+    assert np.allclose(later["energy_eV"], straight["energy_eV"][:, 2:], atol=1e-5)
+    assert np.allclose(later["polarization_e_A2"], straight["polarization_e_A2"][:, 2:], atol=1e-7)
+    with pytest.raises(ValueError, match="before the first run"):
+        ens.equilibrate(2)
+    ramp = Ensemble(client, quartz, replicas=1, temperature=0.0, timestep_fs=1.0, record_every=1, head="sio2",
+                    fields=lambda t: np.array([0.0, 0.0, 0.01 + 1e-4 * t]))
+    ramp.equilibrate(3)
+    rec = ramp.run(2)
+    assert np.allclose(rec["field_V_A"][0, :, 2], [0.01, 0.0101, 0.0102])  # E(0) held before t = 0
+
+
+def test_ensemble_ctrl_c_keeps_the_records(client, tmp_path):
+    import _thread
+    import threading
+
+    ens = Ensemble(client, alpha_quartz(cell="pbe"), replicas=2, temperature=300.0, timestep_fs=1.0, record_every=1,
+                   seed=1, head="sio2")
+    timer = threading.Timer(2.0, _thread.interrupt_main)
+    timer.start()
+    rec = ens.run(100_000)
+    timer.cancel()
+    assert ens.interrupted and 2 <= rec["time_fs"].shape[1] < 100_000
+    assert np.all(np.diff(rec["time_fs"][0]) == 1.0) and np.isfinite(rec["energy_eV"]).all()
+    ens.save(tmp_path / "cut.npz")  # what was recorded is kept and can be continued
+    assert np.load(tmp_path / "cut.npz")["record_time_fs"].shape == rec["time_fs"].shape
 
 
 def test_loop_extraction_is_exact_on_a_synthetic_loop():

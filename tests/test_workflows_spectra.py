@@ -11,6 +11,7 @@ import pytest
 
 from macefield_client.contract.constants import EPS0
 from macefield_client.workflows.spectra import (C_CM_PER_FS, KB_EV_PER_K, WINDOWS, autocorrelation,
+                                                dielectric_from_correlation, dielectric_function,
                                                 eps_static_fluctuation, ir_spectrum, quantum_factor,
                                                 raman_spectrum)
 
@@ -110,6 +111,86 @@ def test_eps_static_from_gaussian_fluctuations():
     assert one.eps_static[0, 0] == pytest.approx(16 / 15 / EPS0)
 
 
+def _strength(variance: float, volume: float, temperature: float) -> float:
+    """Delta = <dM^2> / (k_B T V eps0): the oscillator strength of a dipole variance (e^2 A^2)."""
+    return variance / (KB_EV_PER_K * temperature * volume * EPS0)
+
+
+def test_dielectric_function_of_exact_debye_and_lorentz_correlations():
+    """C(t) = s exp(-t/tau) -> eps_inf + Delta / (1 - i omega tau) (Debye); a damped oscillator's C(t) ->
+    eps_inf + Delta w0^2 / (w0^2 - omega^2 - i gamma omega) (Lorentz).  Noise-free: only the quadrature
+    (exact for C linear between samples) errs, by ~1e-5 (Debye) and ~2e-4 (Lorentz) of the strength."""
+    volume, temperature, s, dt = 100.0, 300.0, 0.2, 0.5
+    delta = _strength(s, volume, temperature)
+    t = np.arange(8000) * dt
+    tau = 40.0
+    debye = s * np.exp(-t / tau)[:, None, None] * np.eye(3)
+    nu, eps = dielectric_from_correlation(debye, dt, volume_A3=volume, temperature_K=temperature, eps_inf=2.0,
+                                          window="none")
+    w = 2 * np.pi * C_CM_PER_FS * nu
+    expected = 2.0 + delta / (1 - 1j * w * tau)
+    assert np.allclose(eps[:, 0, 0], expected, rtol=0, atol=1e-4 * delta)  # to the Nyquist frequency
+    assert np.allclose(eps[:, 0, 1], 0.0) and eps[0, 2, 2].real == pytest.approx(2.0 + delta)
+    w0, gamma = 2 * np.pi * C_CM_PER_FS * 500.0, 0.02  # rad/fs
+    w1 = np.sqrt(w0 ** 2 - gamma ** 2 / 4)
+    lorentz = s * np.exp(-gamma * t / 2) * (np.cos(w1 * t) + gamma / (2 * w1) * np.sin(w1 * t))
+    nu, eps = dielectric_from_correlation(lorentz[:, None, None] * np.eye(3), dt, volume_A3=volume,
+                                          temperature_K=temperature, eps_inf=2.0, window="none")
+    w = 2 * np.pi * C_CM_PER_FS * nu
+    expected = 2.0 + delta * w0 ** 2 / (w0 ** 2 - w ** 2 - 1j * gamma * w)
+    assert np.allclose(eps[:, 1, 1], expected, rtol=0, atol=1e-3 * np.abs(expected - 2).max())
+    assert np.argmax(eps[:, 1, 1].imag) == np.argmax(expected.imag)
+    assert abs(nu[np.argmax(expected.imag)] - 500.0) < 10.0  # near w0 (shifted by the damping)
+
+
+def _ornstein_uhlenbeck(replicas: int, frames: int, dt: float, tau: float, variance: float, seed: int) -> np.ndarray:
+    """Exact discrete OU dipoles (replicas, frames, 3): <M_i(0) M_j(t)> = variance delta_ij exp(-|t|/tau)."""
+    rng = np.random.default_rng(seed)
+    a = np.exp(-dt / tau)
+    m = np.empty((replicas, frames, 3))
+    m[:, 0] = rng.normal(scale=np.sqrt(variance), size=(replicas, 3))
+    kicks = rng.normal(scale=np.sqrt(variance * (1 - a * a)), size=(replicas, frames, 3))
+    for k in range(1, frames):
+        m[:, k] = a * m[:, k - 1] + kicks[:, k]
+    return m + np.array([0.0, 1.0, -3.0])  # a static dipole changes nothing
+
+
+def test_dielectric_function_of_an_ornstein_uhlenbeck_dipole():
+    volume, temperature, variance, dt, tau = 150.0, 300.0, 0.5, 2.0, 30.0
+    m = _ornstein_uhlenbeck(8, 4000, dt, tau, variance, seed=5)
+    r = dielectric_function(m, dt, volume, temperature, eps_inf=[2.0, 2.0, 3.0], blocks=2, max_lag_fs=600.0,
+                            max_cm1=2000)
+    static = eps_static_fluctuation(m, volume, temperature, eps_inf=[2.0, 2.0, 3.0], blocks=2)
+    # omega -> 0 is the fluctuation formula of the same series and blocks, to round-off
+    assert r.frequency_cm1[0] == 0.0
+    assert np.allclose(r.eps_real[0], static.eps_static, rtol=1e-10, atol=1e-10)
+    assert np.allclose(r.eps_imag[0], 0.0, atol=1e-12)
+    # eps'' >= 0 within noise, and the Debye form within the error bars
+    delta = _strength(variance, volume, temperature)
+    w = 2 * np.pi * C_CM_PER_FS * r.frequency_cm1
+    assert np.all(r.isotropic_imag > -4 * np.trace(r.stderr_imag, axis1=1, axis2=2) / 3 - 1e-3 * delta)
+    expected = delta / (1 - 1j * w * tau)
+    for i, inf in enumerate((2.0, 2.0, 3.0)):
+        assert np.all(np.abs(r.eps_real[:, i, i] - inf - expected.real) < 5 * r.stderr_real[:, i, i] + 0.03 * delta)
+        assert np.all(np.abs(r.eps_imag[:, i, i] - expected.imag) < 5 * r.stderr_imag[:, i, i] + 0.03 * delta)
+    assert np.all(np.abs(r.eps_imag[:, 0, 1]) < 5 * r.stderr_imag[:, 0, 1] + 0.03 * delta)
+    assert r.eps_real.shape == (len(r.frequency_cm1), 3, 3) and r.frequency_cm1[-1] <= 2000
+    assert r.metadata["replicas"] == 8 and r.metadata["blocks"] == 2
+    # eps' falls from eps_0 to eps_inf, eps'' peaks at omega tau = 1
+    peak = r.frequency_cm1[np.argmax(r.isotropic_imag)]
+    assert abs(peak - 1 / (2 * np.pi * C_CM_PER_FS * tau)) < 0.25 / (2 * np.pi * C_CM_PER_FS * tau)
+
+
+def test_dielectric_function_rejects_bad_input():
+    m = _ornstein_uhlenbeck(1, 100, 1.0, 10.0, 1.0, seed=1)
+    with pytest.raises(ValueError, match="volume_A3"):
+        dielectric_function(m, 1.0, -1.0, 300.0)
+    with pytest.raises(ValueError, match="eps_inf"):
+        dielectric_function(m, 1.0, 10.0, 300.0, eps_inf=[1.0, 2.0])
+    with pytest.raises(ValueError, match="window"):
+        dielectric_function(m, 1.0, 10.0, 300.0, window="box")
+
+
 def test_replica_averaging_reduces_the_error_bar():
     def series(replicas):
         return np.array([dipole((1.0, 1000.0), noise=0.3, seed=s) for s in range(replicas)])
@@ -149,4 +230,8 @@ def test_cli_spectrum_writes_json(tmp_path):
                  "--plot", str(tmp_path / "eps.png")]) == 0
     data = json.loads(out.read_text())
     assert np.array(data["eps_static"]).shape == (3, 3) and data["eps_static"][0][0] > 2.0
+    function = data["dielectric_function"]
+    assert function["frequency_unit"] == "cm^-1" and len(function["eps_imag_isotropic"]) == len(
+        function["frequency_cm1"]) and function["frequency_cm1"][-1] <= 4000
+    assert np.allclose(function["eps_real"][0], data["eps_static"], rtol=1e-10)
     assert (tmp_path / "eps.png").stat().st_size > 0

@@ -3,6 +3,7 @@
     macefield phonons STRUCTURE [--relax] [--relax-cell] [--displacement A] [--json OUT] [--plot FILE.png]
     macefield hysteresis STRUCTURE --axis z --amplitude V_PER_A --period PS [--cycles N] [--json OUT] [--plot ...]
     macefield spectrum ir|raman|dielectric TRAJECTORY [--temperature K] [--json OUT] [--plot FILE.png]
+    (dielectric: eps_0 by the fluctuation formula and eps(omega) from the dipole autocorrelation)
 
 STRUCTURE is any file ASE reads (its first frame), or a built-in published structure: ``alpha-quartz``
 (the PBE cell of the default model's data).  Each writes a JSON with every number (units in the keys or
@@ -62,6 +63,13 @@ def add_parsers(sub) -> None:
     ph.add_argument("--symprec", type=float, default=1e-3, help="symmetry tolerance, A (default 1e-3)")
     ph.add_argument("--lo-direction", type=float, nargs=3, metavar=("QX", "QY", "QZ"),
                     help="also the LO frequencies for q -> 0 along this Cartesian direction (non-analytic term)")
+    ph.add_argument("--no-raman", dest="raman", action="store_false", help="skip the Raman activities")
+    ph.add_argument("--raman-method", choices=["symmetry", "modes"], default="symmetry",
+                    help="d alpha/du of the symmetry-distinct atoms, expanded by the space group (default; 6 "
+                         "polarizability calls per distinct atom), or along every mode (6N calls)")
+    ph.add_argument("--raman-step", type=float, default=0.01,
+                    help="Raman finite displacement, A: of one atom (symmetry) or the largest along a mode "
+                         "(modes) (default 0.01)")
 
     hy = sub.add_parser("hysteresis", help="P-E loop under a periodic field along an axis (damped 0 K or thermal MD)")
     _common(hy)
@@ -79,11 +87,13 @@ def add_parsers(sub) -> None:
                     help="independent replicas (thermal runs: different seeds), batched on the server (default 1)")
     hy.add_argument("--record-every", type=positive_int, default=10, help="record every N steps (default 10)")
     hy.add_argument("--seed", type=int, default=0)
+    hy.add_argument("--equilibrate", type=int, default=0, metavar="N",
+                    help="steps run first in the field E(0), not recorded (default 0)")
     hy.add_argument("--repeat", type=int, nargs=3, default=(1, 1, 1), metavar=("N1", "N2", "N3"),
                     help="supercell of the structure (default 1 1 1)")
 
-    sp = sub.add_parser("spectrum", help="IR or Raman spectrum, or the fluctuation eps_0, from an MD trajectory "
-                                         "(no server)")
+    sp = sub.add_parser("spectrum", help="IR or Raman spectrum, or the fluctuation eps_0 and eps(omega), from an MD "
+                                         "trajectory (no server)")
     sp.add_argument("kind", choices=["ir", "raman", "dielectric"])
     sp.add_argument("trajectory", help="npz written by Ensemble.save, or extended XYZ with a dipole (e*A) or "
                                        "polarization (e/A^2) and, for Raman, alpha (e*A^2/V, 9) per frame")
@@ -133,6 +143,18 @@ def _needs(module: str) -> None:
         raise InputError(f"this command needs {module}: pip install 'macefield-client[workflows]'")
 
 
+def _write_outputs(args, data: dict, plot: str, *plot_args) -> None:
+    """``data`` to ``--json`` and, with ``--plot``, the figure of :mod:`~..workflows.plots` function ``plot``
+    called as ``plot(*plot_args, path)``."""
+    _write_json(args.json, data)
+    if args.plot:
+        _needs("matplotlib")
+        from ..workflows import plots
+
+        getattr(plots, plot)(*plot_args, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
 def cmd_phonons(args) -> int:
     for module in ("ase", "phonopy", "spglib"):
         _needs(module)
@@ -145,23 +167,21 @@ def cmd_phonons(args) -> int:
         try:
             result = harmonic(client, atoms, head=args.head, model=args.model, displacement=args.displacement,
                               relax=args.relax, relax_cell=args.relax_cell, fmax=args.fmax, symprec=args.symprec,
-                              lo_direction=args.lo_direction)
+                              lo_direction=args.lo_direction, raman=args.raman, raman_step=args.raman_step,
+                              raman_method=args.raman_method)
         except ValueError as exc:
             raise InputError(str(exc)) from None
     data = result.to_dict()
-    _write_json(args.json, data)
-    if args.plot:
-        _needs("matplotlib")
-        from ..workflows.plots import plot_phonons
-
-        plot_phonons(result, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
+    _write_outputs(args, data, "plot_phonons", result)
     print(f"{data['formula']} ({data['space_group']}), model {result.info['model']}, head {result.info['head']}: "
           f"{len(result.frequencies_cm1)} modes at Gamma")
     print("frequencies (cm^-1, label): " + ", ".join(
         f"{f:.1f} {lab}".strip() for f, lab in zip(result.frequencies_cm1, result.labels)))
     print("IR-active (cm^-1, label, intensity e^2/amu): " + ", ".join(
         f"{r['frequency_cm1']:.1f} {r['label']} {r['intensity_e2_per_amu']:.3f}" for r in result.optical_ir()))
+    if result.raman_activities is not None:
+        print("Raman-active (cm^-1, label, activity A^4/amu): " + ", ".join(
+            f"{r['frequency_cm1']:.1f} {r['label']} {r['activity_A4_per_amu']:.3f}" for r in result.optical_raman()))
     print("eps_inf diagonal: " + " ".join(f"{x:.3f}" for x in np.diag(result.eps_inf)))
     print("eps_static diagonal: " + " ".join(f"{x:.3f}" for x in np.diag(result.eps_static)))
     if "warning" in result.info:
@@ -179,18 +199,11 @@ def cmd_hysteresis(args) -> int:
             loop = hysteresis(client, atoms, axis=args.axis, amplitude=args.amplitude, period_ps=args.period,
                               cycles=args.cycles, waveform=args.waveform, temperature=args.temperature,
                               damping=args.damping, timestep_fs=args.timestep, replicas=args.replicas,
-                              record_every=args.record_every, seed=args.seed, head=args.head, model=args.model,
-                              progress=None)
+                              record_every=args.record_every, seed=args.seed, equilibrate=args.equilibrate,
+                              head=args.head, model=args.model, progress=None)
         except ValueError as exc:
             raise InputError(str(exc)) from None
-    data = loop.to_dict()
-    _write_json(args.json, data)
-    if args.plot:
-        _needs("matplotlib")
-        from ..workflows.plots import plot_loop
-
-        plot_loop(loop, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
+    _write_outputs(args, loop.to_dict(), "plot_loop", loop)
     x = loop.extracted
     print(f"{atoms.get_chemical_formula()}: {args.waveform} field along {args.axis}, E0 {args.amplitude:g} V/A, "
           f"period {args.period:g} ps, {args.cycles:g} cycle(s), T = {args.temperature:g} K, "
@@ -286,19 +299,21 @@ def cmd_spectrum(args) -> int:
                 eps_inf = np.eye(3) + series["alpha"].mean(axis=(0, 1)) / (volume * EPS0)
                 source = "1 + <alpha>/(V eps0) from the recorded alpha"
             eps = spectra.eps_static_fluctuation(m, volume, temperature, eps_inf=eps_inf, blocks=args.blocks)
+            function = spectra.dielectric_function(m, dt, volume, temperature, eps_inf=eps_inf, window=args.window,
+                                                   max_lag_fs=args.max_lag, broadening_cm1=args.broadening,
+                                                   blocks=args.blocks, max_cm1=args.max_cm1)
             if eps_inf is not None:
-                eps.metadata["eps_inf_source"] = source
+                eps.metadata["eps_inf_source"] = function.metadata["eps_inf_source"] = source
             data = eps.to_dict()
-            _write_json(args.json, data)
-            if args.plot:
-                _needs("matplotlib")
-                from ..workflows.plots import plot_eps_convergence
-
-                plot_eps_convergence(m, dt, volume, temperature, eps, args.plot)
-                print(f"wrote {args.plot}", file=sys.stderr)
+            data["dielectric_function"] = function.to_dict()
+            _write_outputs(args, data, "plot_eps_convergence", m, dt, volume, temperature, eps)
             print(f"eps_static diagonal: {' '.join(f'{x:.3f}' for x in np.diag(eps.eps_static))} "
                   f"(+- {' '.join(f'{x:.3f}' for x in np.diag(eps.stderr))}); "
                   f"eps_inf: {eps.metadata['eps_inf_source']}")
+            peak = function.frequency_cm1[np.argmax(function.isotropic_imag)]
+            print(f"eps(omega): {len(function.frequency_cm1)} frequencies to {function.frequency_cm1[-1]:.0f} cm^-1, "
+                  f"resolution {function.metadata['resolution_cm1']:.1f} cm^-1; isotropic eps'' peaks at "
+                  f"{peak:.1f} cm^-1")
             return 0
         options = dict(window=args.window, max_lag_fs=args.max_lag, broadening_cm1=args.broadening,
                        blocks=args.blocks, max_cm1=args.max_cm1, normalise=not args.raw,
@@ -316,14 +331,7 @@ def cmd_spectrum(args) -> int:
             result = spectra.raman_spectrum(series["alpha"], dt, bose="stokes" if args.stokes else "none", **options)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    data = result.to_dict()
-    _write_json(args.json, data)
-    if args.plot:
-        _needs("matplotlib")
-        from ..workflows.plots import plot_spectrum
-
-        plot_spectrum(result, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
+    _write_outputs(args, result.to_dict(), "plot_spectrum", result)
     print(f"{args.kind} spectrum: resolution {result.metadata['resolution_cm1']:.1f} cm^-1, "
           f"{result.metadata['spectra_averaged']} spectra averaged; peaks (cm^-1, strongest first): "
           + ", ".join(f"{p:.1f}" for p in result.peaks_cm1))

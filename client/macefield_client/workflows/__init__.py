@@ -1,5 +1,5 @@
 """Workflows through the service: harmonic phonons and dielectric constants, P-E hysteresis, ensemble MD,
-spectra and the fluctuation eps_0 from trajectories.
+spectra, the fluctuation eps_0 and eps(omega) from trajectories.
 
 Torch-free like the rest of the client.  What they need beyond the client (phonopy, spglib, scipy,
 matplotlib, ase) is the optional extra ``macefield-client[workflows]``; each is imported where it is used.
@@ -14,8 +14,10 @@ from .fields import waveform
 from .harmonic import HarmonicResult, finite_field_eps_static, harmonic
 from .hysteresis import HysteresisResult, extract_loop, hysteresis
 from .relax import relax
-from .spectra import DielectricResult, SpectrumResult, eps_static_fluctuation, ir_spectrum, raman_spectrum
+from .spectra import (DielectricFunctionResult, DielectricResult, SpectrumResult, dielectric_function,
+                      eps_static_fluctuation, ir_spectrum, raman_spectrum)
 
-__all__ = ["ContinuousPolarization", "DielectricResult", "Ensemble", "HarmonicResult", "HysteresisResult",
-           "SpectrumResult", "eps_static_fluctuation", "extract_loop", "finite_field_eps_static", "follow_branch",
-           "harmonic", "hysteresis", "ir_spectrum", "raman_spectrum", "relax", "run_ensemble", "waveform"]
+__all__ = ["ContinuousPolarization", "DielectricFunctionResult", "DielectricResult", "Ensemble", "HarmonicResult",
+           "HysteresisResult", "SpectrumResult", "dielectric_function", "eps_static_fluctuation", "extract_loop",
+           "finite_field_eps_static", "follow_branch", "harmonic", "hysteresis", "ir_spectrum", "raman_spectrum",
+           "relax", "run_ensemble", "waveform"]

@@ -13,7 +13,9 @@ polarization quanta to the branch nearest the previous step's, so there are no j
 optionally alpha (e*A^2/V; the second-derivative pass, about 3x the cost of a step, only on recorded steps)
 and positions (A).  ``save``/``restart`` write and read an npz with the records and the full state
 (positions, momenta, clock, P branch, the thermostats' random-number state), so a restarted run continues
-exactly.  Ctrl-C (KeyboardInterrupt) stops every replica at its next force call and keeps what was recorded.
+exactly.  ``equilibrate(N)`` runs N unrecorded steps first (at t < 0, the field held at E(0)), so the
+records start at t = 0 from the equilibrated state.  Ctrl-C (KeyboardInterrupt) stops every replica at its
+next force call and keeps what was recorded.
 """
 
 from __future__ import annotations
@@ -112,15 +114,16 @@ def _calculator_class():
             self.gatherer, self.index, self.field, self.dt_fs = gatherer, index, field, dt_fs
             self.alpha_every = alpha_every
             self.calls = 0  #: force calls so far: call c is at time t0 + c * dt
-            self.t0_fs = 0.0
+            self.t0_fs = 0.0  #: -(equilibration steps) * dt: the records start at t = 0
             self.branch = ContinuousPolarization()
             self.last: dict[str, Any] = {}
 
         def calculate(self, atoms=None, properties=None, system_changes=all_changes):
             Calculator.calculate(self, atoms, properties, system_changes)
             time_fs = self.t0_fs + self.calls * self.dt_fs
-            field = np.asarray(self.field(time_fs), dtype=float)
-            second = bool(self.alpha_every) and self.calls % self.alpha_every == 0
+            field = np.asarray(self.field(max(time_fs, 0.0)), dtype=float)  # equilibration (t < 0): E(0)
+            step = self.calls + round(self.t0_fs / self.dt_fs)  # steps since t = 0
+            second = bool(self.alpha_every) and step % self.alpha_every == 0
             r = self.gatherer.evaluate(self.index, self.atoms, field, second)
             self.calls += 1
             results = {"energy": float(r.energy), "free_energy": float(r.energy), "forces": r.forces}
@@ -245,6 +248,20 @@ class Ensemble:
         if self.record_positions:
             rec["positions_A"].append(atoms.positions.copy())
 
+    def equilibrate(self, steps: int, *, progress: bool | None = False) -> None:
+        """``steps`` steps before the records start, none of them recorded: they run at t < 0 in the field of
+        t = 0 (E(0) held), so the first record of the following :meth:`run` is the equilibrated state at t = 0
+        and the field starts its course there.  Only before the first :meth:`run`."""
+        if steps < 0:
+            raise ValueError(f"equilibrate: steps must be >= 0, got {steps}")
+        if any(r["time_fs"] for r in self.records) or any(c.calls for c in self.calcs):
+            raise ValueError("equilibrate: only before the first run (the records have started)")
+        if steps == 0:
+            return
+        for calc in self.calcs:
+            calc.t0_fs = -steps * self.timestep_fs
+        self._advance(steps, progress=progress, record=False, desc="equilibration steps")
+
     def run(self, steps: int, *, progress: bool | None = False) -> dict[str, np.ndarray]:
         """Advance every replica ``steps`` steps (records every ``record_every``); returns :meth:`arrays`.
 
@@ -252,6 +269,10 @@ class Ensemble:
         (None: when stderr is a terminal).  Ctrl-C stops all replicas and returns what was recorded
         (``self.interrupted`` is then True).
         """
+        self._advance(steps, progress=progress, record=True, desc="MD steps")
+        return self.arrays()
+
+    def _advance(self, steps: int, *, progress: bool | None, record: bool, desc: str) -> None:
         from ..core.progress import progress_bar
 
         start = [c.calls for c in self.calcs]
@@ -261,13 +282,13 @@ class Ensemble:
 
         def drive(i: int) -> None:
             dyn = self.dyns[i]
-            first = not self.records[i]["time_fs"]
+            first = record and not self.records[i]["time_fs"]
             try:
                 if first:
                     self._record(i)
                 for k in range(1, steps + 1):
                     dyn.run(1)
-                    if k % self.record_every == 0:
+                    if record and k % self.record_every == 0:
                         self._record(i)
             except _Stopped:
                 pass
@@ -278,7 +299,7 @@ class Ensemble:
                 self.gatherer.leave()
 
         threads = [threading.Thread(target=drive, args=(i,), daemon=True, name=f"replica-{i}") for i in range(self.n)]
-        bar = progress_bar(steps, progress, desc="MD steps")
+        bar = progress_bar(steps, progress, desc=desc)
         done = 0
         try:
             for t in threads:
@@ -300,7 +321,6 @@ class Ensemble:
             raise self.gatherer.error
         if errors:
             raise errors[0]
-        return self.arrays()
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Records as arrays of shape (replicas, records, ...) (replicas cut to the shortest)."""
@@ -326,6 +346,7 @@ class Ensemble:
                                      for v in (c.branch.before, c.branch.previous)] for c in self.calcs])
         state["rng"] = np.array([json.dumps(r.bit_generator.state) for r in self.rngs])
         state["timestep_fs"] = np.array(self.timestep_fs)
+        state["t0_fs"] = np.array([c.t0_fs for c in self.calcs])
         np.savez(path, **state)
 
     def restart(self, path: str) -> None:
@@ -335,6 +356,8 @@ class Ensemble:
             atoms.positions = data["positions"][i]
             atoms.set_momenta(data["momenta"][i])
             calc.calls = int(data["calls"][i]) - 1  # the cached call at the saved positions is made again
+            if "t0_fs" in data.files:
+                calc.t0_fs = float(data["t0_fs"][i])
             calc.results = {}
             before, previous = data["branch"][i]
             # the saved positions are evaluated again on the first step: the branch state one step earlier

@@ -19,9 +19,25 @@ For a periodic structure of N atoms (the cell as given: its 3N Gamma-point modes
    A^3 and eps0 in e/(V A): Z_m Z_m / omega_m^2 is in e^2 A^2 / eV = e A^2 / V, so the sum is
    dimensionless.
 
+6. Raman activities (``raman=True``): the Raman tensor of mode m is R_m = d alpha / d Q_m, with Q_m the
+   mass-weighted normal coordinate (amu^1/2 A) of the standard convention (atoms displaced by
+   u_k = Q e_m,k / sqrt(M_k), e_m the unit eigenvector), so R_m = sum_kj d alpha / d u_kj e_m,kj / sqrt(M_k).
+   ``raman_method="symmetry"`` (default): d alpha / d u by central differences (+-``raman_step`` A along x,
+   y, z) of the symmetry-distinct atoms only, expanded to every atom by the space group
+   (:func:`alpha_derivatives`); ``"modes"``: central differences along every mode, the largest atomic
+   displacement ``raman_step`` A (6N structures).  Either way all displaced structures go in one
+   ``predict_many`` call (polarizability only).  With alpha in A^3 (alpha / (4 pi eps0), the served
+   e*A^2/V divided by 4 pi eps0 in e/(V*A)) the tensor is in A^2/amu^1/2 and the activity of the
+   unpolarised, 90-degree scattering
+
+       S_m = 45 a_m^2 + 7 gamma_m^2   (A^4/amu),  a = tr(R)/3,  gamma^2 = (3/2) tr(b^2),  b = R - a 1
+
+   (gamma^2 = 1/2 [(Rxx-Ryy)^2 + (Ryy-Rzz)^2 + (Rzz-Rxx)^2] + 3 (Rxy^2 + Ryz^2 + Rzx^2), R symmetrised).
+
 Degenerate modes (an E pair) have eigenvectors defined only up to a rotation within their space; each mode
-of a degenerate set is given the set's mean intensity, which is independent of that choice (and of the
-crystal's orientation).
+of a degenerate set is given the set's mean intensity (IR) and activity (Raman), which are independent of
+that choice (and of the crystal's orientation): both are quadratic forms in the eigenvector, whose trace
+over the set is basis-free.
 """
 
 from __future__ import annotations
@@ -32,6 +48,12 @@ from typing import Any
 import numpy as np
 
 from .common import EPS0, THZ_TO_CM1, cm1_to_omega2, json_ready, omega2_to_cm1
+
+#: the served polarizability (e*A^2/V) divided by this is alpha / (4 pi eps0) in A^3
+E_A2_PER_V_PER_A3 = 4.0 * np.pi * EPS0
+RAMAN_METHODS = ("symmetry", "modes")
+RAMAN_UNIT = ("A^4/amu (45 a^2 + 7 gamma^2 of d alpha/d Q, alpha in A^3, Q the mass-weighted normal "
+              "coordinate in amu^1/2 A; mean over each degenerate set)")
 
 #: frequencies closer than this (cm^-1) form one degenerate set
 DEGENERACY_CM1 = 0.5
@@ -57,22 +79,35 @@ class HarmonicResult:
     space_group: str = ""
     lo_frequencies_cm1: np.ndarray | None = None  #: (3N,) with the non-analytic term along ``lo_direction``
     lo_direction: np.ndarray | None = None
+    raman_activities: np.ndarray | None = None  #: (3N,) A^4/amu (mean over each degenerate set); None: not asked
+    raman_tensors: np.ndarray | None = None     #: (3N, 3, 3) d alpha / d Q_m, A^2/amu^1/2 (alpha in A^3)
     info: dict = field(default_factory=dict)
+
+    def _active(self, values: np.ndarray, key: str, threshold: float) -> list[dict]:
+        """One entry per optical degenerate set whose summed ``values`` exceed ``threshold`` times the
+        largest, strongest first: frequency (cm^-1), label, degeneracy, the sum under ``key``."""
+        rows = []
+        top = float(values.max()) or 1.0
+        for g in degenerate_sets(self.frequencies_cm1):
+            if self.acoustic[g].any():
+                continue
+            total = float(values[g].sum())
+            if total > threshold * top:
+                rows.append({"frequency_cm1": float(self.frequencies_cm1[g].mean()), "label": self.labels[g[0]],
+                             "degeneracy": len(g), key: total})
+        return sorted(rows, key=lambda r: -r[key])
 
     def optical_ir(self, threshold: float = 1e-3) -> list[dict]:
         """The IR-active optical modes (intensity above ``threshold`` times the largest), one entry per
         degenerate set, strongest first: frequency (cm^-1), label, degeneracy, summed intensity (e^2/amu)."""
-        groups = degenerate_sets(self.frequencies_cm1)
-        rows = []
-        top = float(self.ir_intensities.max()) or 1.0
-        for g in groups:
-            if self.acoustic[g].any():
-                continue
-            total = float(self.ir_intensities[g].sum())
-            if total > threshold * top:
-                rows.append({"frequency_cm1": float(self.frequencies_cm1[g].mean()), "label": self.labels[g[0]],
-                             "degeneracy": len(g), "intensity_e2_per_amu": total})
-        return sorted(rows, key=lambda r: -r["intensity_e2_per_amu"])
+        return self._active(self.ir_intensities, "intensity_e2_per_amu", threshold)
+
+    def optical_raman(self, threshold: float = 1e-3) -> list[dict]:
+        """The Raman-active optical modes (activity above ``threshold`` times the largest), one entry per
+        degenerate set, strongest first, with the summed activity (A^4/amu); empty without activities."""
+        if self.raman_activities is None:
+            return []
+        return self._active(self.raman_activities, "activity_A4_per_amu", threshold)
 
     def to_dict(self) -> dict:
         """Every number, JSON-ready, with the units in the keys or beside them."""
@@ -97,6 +132,11 @@ class HarmonicResult:
             "symbols": self.atoms.get_chemical_symbols(),
             "info": self.info,
         }
+        if self.raman_activities is not None:
+            out["raman_activities_A4_per_amu"] = self.raman_activities
+            out["raman_activity_unit"] = RAMAN_UNIT
+            out["raman_tensors_A2_per_sqrt_amu"] = self.raman_tensors
+            out["raman_active_modes"] = self.optical_raman()
         if self.lo_frequencies_cm1 is not None:
             out["lo_direction"] = self.lo_direction
             out["lo_frequencies_cm1"] = self.lo_frequencies_cm1
@@ -167,7 +207,8 @@ def _labels(ph, atoms, fc, acoustic: np.ndarray, trans: np.ndarray) -> tuple[lis
 
 def harmonic(client, structure, *, head: str | None = None, model: str | None = None,
              displacement: float = 0.01, relax: bool = False, relax_cell: bool = False, fmax: float = 1e-3,
-             symprec: float = 1e-3, lo_direction=None, timeout: float | None = None) -> HarmonicResult:
+             symprec: float = 1e-3, lo_direction=None, raman: bool = True, raman_step: float = 0.01,
+             raman_method: str = "symmetry", timeout: float | None = None) -> HarmonicResult:
     """Gamma-point phonons, IR intensities, eps_inf and eps_0 of ``structure`` (ase.Atoms or a file).
 
     Args:
@@ -177,12 +218,24 @@ def harmonic(client, structure, *, head: str | None = None, model: str | None = 
         symprec: symmetry tolerance of spglib/phonopy, A (default 1e-3).
         lo_direction: Cartesian direction of q -> 0 for the LO frequencies (phonopy's non-analytic correction
             with the served Z* and eps_inf); None: TO only.
+        raman: also the Raman tensors and activities (2 x 3N polarizability calls; False: skip them).
+        raman_step: displacement for d alpha / d Q, A (default 0.01): of one atom along x, y, z
+            (``raman_method="symmetry"``), or the largest atomic displacement along each mode (``"modes"``).
+        raman_method: ``symmetry`` (default): d alpha / d u of the symmetry-distinct atoms only (6 per
+            distinct atom), expanded to every atom by the space group and projected on the modes; ``modes``:
+            central differences along every mode (6N structures, no symmetry used).
     Cost: one second-derivative call (Z*, alpha) and 2 x (symmetry-distinct displacements) force calls, the
-    latter in one PredictBatch stream; e.g. 9-atom quartz: 12 displaced structures.
+    latter in one PredictBatch stream; e.g. 9-atom quartz: 12 displaced structures; with ``raman`` 6 per
+    symmetry-distinct atom (``modes``: 6N) polarizability calls (about 3x a force call each) in a second stream.
     """
     from phonopy import Phonopy
 
     from .common import to_atoms
+
+    if raman and not raman_step > 0:
+        raise ValueError(f"raman_step: must be > 0 A, got {raman_step}")
+    if raman_method not in RAMAN_METHODS:
+        raise ValueError(f"raman_method: one of {', '.join(RAMAN_METHODS)}, got {raman_method!r}")
     from .relax import relax as relax_structure
 
     atoms = to_atoms(structure)
@@ -199,7 +252,9 @@ def harmonic(client, structure, *, head: str | None = None, model: str | None = 
     n = len(atoms)
     volume = float(abs(np.linalg.det(np.asarray(atoms.cell))))
 
-    ph = Phonopy(_phonopy_atoms(atoms), supercell_matrix=np.eye(3, dtype=int), primitive_matrix=None,
+    # primitive_matrix "P": the cell as given is phonopy's primitive cell (its default, "auto", would reduce a
+    # supercell to the primitive cell and return 3 x (atoms of that) modes instead of the 3N of the cell)
+    ph = Phonopy(_phonopy_atoms(atoms), supercell_matrix=np.eye(3, dtype=int), primitive_matrix="P",
                  symprec=symprec)
     ph.generate_displacements(distance=displacement, is_plusminus=True)
     displaced = [_ase_atoms(s) for s in ph.supercells_with_displacements or []]
@@ -256,10 +311,109 @@ def harmonic(client, structure, *, head: str | None = None, model: str | None = 
                             mode_charges=mode_charges, ir_intensities=intens, born_charges=zstar, eps_inf=eps_inf,
                             eps_static=eps_static, volume=volume, force_constants=fc, point_group=point_group,
                             space_group=space_group, info=info)
+    if raman:
+        if raman_method == "symmetry":
+            symmetry: Any = ph.symmetry.dataset
+            dalpha = alpha_derivatives(client, atoms, symmetry, step=raman_step, head=head, model=model,
+                                       timeout=timeout)
+            tensors = mode_raman_tensors(dalpha, eig, masses)
+            info["raman_displaced_structures"] = 6 * len(set(np.asarray(symmetry.equivalent_atoms).tolist()))
+        else:
+            tensors, shifts = raman_tensors(client, atoms, eig, step=raman_step, head=head, model=model,
+                                            timeout=timeout)
+            info["raman_displaced_structures"] = 2 * len(shifts)
+        result.raman_tensors = tensors
+        result.raman_activities = raman_activity(tensors)
+        for g in degenerate_sets(freqs):
+            result.raman_activities[g] = result.raman_activities[g].mean()
+        info["raman_step_A"] = raman_step
+        info["raman_method"] = raman_method
     if lo_direction is not None:
         result.lo_direction = np.asarray(lo_direction, dtype=float) / np.linalg.norm(lo_direction)
         result.lo_frequencies_cm1 = _lo_frequencies(ph, zstar, eps_inf, np.asarray(atoms.cell), result.lo_direction)
     return result
+
+
+def raman_tensors(client, atoms, eigenvectors: np.ndarray, *, step: float = 0.01, head: str | None = None,
+                  model: str | None = None, timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """d alpha / d Q_m (M, 3, 3; A^2/amu^1/2 with alpha in A^3, symmetrised) for the unit eigenvectors
+    ``eigenvectors`` (M, N, 3) of the dynamical matrix, by central differences: the atoms are moved by
+    +-h_m e_m,k / sqrt(M_k) with h_m (amu^1/2 A, returned) such that the largest displacement is ``step`` A.
+    The 2M displaced structures are sent in one ``predict_many`` call."""
+    masses = atoms.get_masses()
+    cartesian = np.asarray(eigenvectors, dtype=float) / np.sqrt(masses)[None, :, None]  # A per unit Q
+    shifts = step / np.abs(cartesian).max(axis=(1, 2))
+    displaced = []
+    for m in range(len(cartesian)):
+        for sign in (1.0, -1.0):
+            moved = atoms.copy()
+            moved.positions = atoms.positions + sign * shifts[m] * cartesian[m]
+            displaced.append(moved)
+    results = client.predict_many(displaced, outputs=["polarizability"], head=head, model=model, timeout=timeout)
+    alpha = np.array([r.polarizability for r in results], dtype=float).reshape(len(cartesian), 2, 3, 3)
+    tensors = (alpha[:, 0] - alpha[:, 1]) / (2.0 * shifts[:, None, None]) / E_A2_PER_V_PER_A3
+    return 0.5 * (tensors + tensors.transpose(0, 2, 1)), shifts
+
+
+def alpha_derivatives(client, atoms, dataset, *, step: float = 0.01, head: str | None = None,
+                      model: str | None = None, timeout: float | None = None) -> np.ndarray:
+    """d alpha / d u_kj of every atom (N, 3 [j], 3, 3), e*A^2/V per A, from central differences (+-``step`` A
+    along x, y, z) of the symmetry-distinct atoms of spglib's ``dataset`` only, in one ``predict_many`` call.
+
+    A space-group operation {R|t} (Cartesian rotation R) that takes atom k to atom m maps the crystal with
+    atom k displaced by u onto the crystal with atom m displaced by R u, and alpha to R alpha R^T, so
+    d alpha_ab / d u_mj = sum R_jj' R_aa' R_bb' d alpha_a'b' / d u_kj'; every atom's tensor is the mean over
+    all operations that reach it.  Translation invariance (sum over k of d alpha / d u_k = 0) is imposed by
+    removing the mean over atoms (what is removed is the finite-difference error)."""
+    cell = np.asarray(atoms.cell, dtype=float)
+    frac = atoms.get_scaled_positions()
+    equivalent = np.asarray(dataset.equivalent_atoms)
+    unique = sorted(set(equivalent.tolist()))
+    displaced = []
+    for k in unique:
+        for j in range(3):
+            for sign in (1.0, -1.0):
+                moved = atoms.copy()
+                moved.positions[k, j] += sign * step
+                displaced.append(moved)
+    results = client.predict_many(displaced, outputs=["polarizability"], head=head, model=model, timeout=timeout)
+    alpha = np.array([r.polarizability for r in results], dtype=float).reshape(len(unique), 3, 2, 3, 3)
+    base = {k: (alpha[i, :, 0] - alpha[i, :, 1]) / (2.0 * step) for i, k in enumerate(unique)}
+    n = len(atoms)
+    total = np.zeros((n, 3, 3, 3))
+    count = np.zeros(n)
+    to_frac = np.linalg.inv(cell)
+    for rot, trans in zip(np.asarray(dataset.rotations, dtype=float), np.asarray(dataset.translations)):
+        r = cell.T @ rot @ to_frac.T  # Cartesian rotation: r' = R r for r = cell^T x
+        moved = frac @ rot.T + trans
+        diff = moved[:, None, :] - frac[None, :, :]
+        diff -= np.rint(diff)
+        image = np.argmin(np.linalg.norm(diff @ cell, axis=2), axis=1)  # atom i goes to atom image[i]
+        for k in unique:
+            m = image[k]
+            total[m] += np.einsum("jJ,aA,bB,JAB->jab", r, r, r, base[k])
+            count[m] += 1
+    if np.any(count == 0):
+        raise ValueError("symmetry: an atom is reached by no operation from its representative (symprec?)")
+    deriv = total / count[:, None, None, None]
+    return deriv - deriv.mean(axis=0, keepdims=True)
+
+
+def mode_raman_tensors(dalpha: np.ndarray, eigenvectors: np.ndarray, masses: np.ndarray) -> np.ndarray:
+    """d alpha / d Q_m (M, 3, 3), A^2/amu^1/2 with alpha in A^3, from d alpha / d u (N, 3, 3, 3; e*A^2/V per A):
+    sum_kj d alpha / d u_kj e_m,kj / sqrt(M_k), symmetrised in the two alpha indices."""
+    weights = np.asarray(eigenvectors, dtype=float) / np.sqrt(np.asarray(masses))[None, :, None]
+    tensors = np.einsum("mkj,kjab->mab", weights, dalpha) / E_A2_PER_V_PER_A3
+    return 0.5 * (tensors + tensors.transpose(0, 2, 1))
+
+
+def raman_activity(tensors: np.ndarray) -> np.ndarray:
+    """45 a^2 + 7 gamma^2 of each Raman tensor (..., 3, 3): a = tr/3, gamma^2 = (3/2) tr(b^2), b = R - a 1."""
+    r = np.asarray(tensors, dtype=float)
+    a = np.trace(r, axis1=-2, axis2=-1) / 3.0
+    b = r - a[..., None, None] * np.eye(3)
+    gamma2 = 1.5 * np.einsum("...ij,...ji->...", b, b)
+    return 45.0 * a ** 2 + 7.0 * gamma2
 
 
 def _acoustic_indices(ph, trans) -> np.ndarray:
@@ -312,5 +466,6 @@ def finite_field_eps_static(client, atoms, *, field: float = 0.005, axes=(0, 1, 
     return eps
 
 
-__all__ = ["DEGENERACY_CM1", "HarmonicResult", "cm1_to_omega2", "degenerate_sets", "finite_field_eps_static",
-           "harmonic"]
+__all__ = ["DEGENERACY_CM1", "E_A2_PER_V_PER_A3", "RAMAN_METHODS", "RAMAN_UNIT", "HarmonicResult", "alpha_derivatives",
+           "cm1_to_omega2", "degenerate_sets", "finite_field_eps_static", "harmonic", "mode_raman_tensors",
+           "raman_activity", "raman_tensors"]

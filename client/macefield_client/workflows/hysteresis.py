@@ -100,10 +100,11 @@ class HysteresisResult:
 def hysteresis(client, structure, *, axis: str = "z", amplitude: float = 0.3636, period_ps: float = 200.0,
                cycles: float = 1.0, waveform: str = "cosine",
                temperature: float = 0.0, damping: float = 0.01, timestep_fs: float = 2.0, replicas: int = 1,
-               record_every: int = 10, seed: int = 0, head: str | None = None, model: str | None = None,
-               progress: bool | None = False) -> HysteresisResult:
+               record_every: int = 10, seed: int = 0, equilibrate: int = 0, head: str | None = None,
+               model: str | None = None, progress: bool | None = False) -> HysteresisResult:
     """Run a P-E loop (see the module doc).  ``amplitude`` E0 in V/A, ``period_ps`` T in ps, ``damping`` the
-    friction in 1/fs (at 0 K: viscous damping without noise), ``timestep_fs`` fs; returns the loop."""
+    friction in 1/fs (at 0 K: viscous damping without noise), ``timestep_fs`` fs; ``equilibrate``: steps run
+    first in the field E(0) and not recorded (:meth:`~.ensemble.Ensemble.equilibrate`); returns the loop."""
     from .common import to_atoms
     from .ensemble import Ensemble
 
@@ -121,6 +122,7 @@ def hysteresis(client, structure, *, axis: str = "z", amplitude: float = 0.3636,
     ens = Ensemble(client, atoms, replicas=replicas, fields=e_of_t, timestep_fs=timestep_fs, temperature=temperature,
                    thermostat="langevin", friction=damping, record_every=record_every, seed=seed, head=head,
                    model=model)
+    ens.equilibrate(equilibrate, progress=progress)
     rec = ens.run(steps, progress=progress)
     k = "xyz".index(axis)
     e = rec["field_V_A"][0, :, k] * V_PER_A_TO_MV_PER_CM
@@ -129,6 +131,7 @@ def hysteresis(client, structure, *, axis: str = "z", amplitude: float = 0.3636,
     settings = {"amplitude_V_A": amplitude, "period_ps": period_ps, "cycles": cycles, "waveform": name,
                 "temperature_K": temperature, "damping_per_fs": damping, "timestep_fs": timestep_fs,
                 "replicas": replicas, "record_every": record_every, "seed": seed, "steps": steps,
+                "equilibration_steps": equilibrate,
                 "n_atoms": len(atoms), "interrupted": ens.interrupted}
     return HysteresisResult(time_fs=rec["time_fs"][0], field_MV_cm=e, polarization_uC_cm2=p,
                             polarization_replicas_uC_cm2=p_rep, axis=axis, extracted=extract_loop(e, p),

@@ -38,6 +38,26 @@ Static dielectric tensor (fluctuation formula, conducting "tinfoil" boundary con
 eps_0,ij = eps_inf,ij + (<M_i M_j> - <M_i><M_j>) / (k_B T V eps0) with M the total cell dipole (e*A), V the
 cell volume (A^3), k_B T in eV and eps0 = 0.0055263494 e/(V*A): e^2 A^2 / (e*V * A^3 * e/(V*A)) = 1.
 
+Dielectric function (classical fluctuation-dissipation theorem, tinfoil boundary conditions): with
+C_ij(t) = <dM_i(0) dM_j(t)> the dipole covariance at lag t (dM = M - <M>; symmetrised in ij, which time
+reversal makes exact; scaled by n/(n - 1) so that C(0) is the ddof = 1 covariance of eps_0 above), the
+response function chi(t) = -beta/(V eps0) dC/dt (t > 0) transforms to
+
+    eps_ij(omega) = eps_inf,ij + beta/(V eps0) [C_ij(0) + i omega int_0^inf C_ij(t) exp(i omega t) dt]
+
+    eps'  = eps_inf + beta/(V eps0) [C(0) - omega int_0^inf C(t) sin(omega t) dt]
+    eps'' =           beta/(V eps0)        omega int_0^inf C(t) cos(omega t) dt   (>= 0: Wiener-Khinchin)
+
+so eps(omega -> 0) is the fluctuation eps_0 exactly, and eps(omega -> inf) -> eps_inf (the convention
+exp(-i omega t) for fields, eps'' > 0 for absorption).  omega = 2 pi c nu with nu in cm^-1.  The
+half-sided integral is exact for C interpolated linearly between the lags 0..L (lag window w and Gaussian
+broadening g applied to C as for the spectra): dt [sinc^2(theta/2) sum_{m>=1} C_m exp(i m theta) +
+C_0 (1 + i theta - exp(i theta)) / theta^2], theta = omega dt, on the FFT grid zero-padded ``pad`` times
+(the plain trapezoid rule errs by ~(omega dt)^2 C(0) / 12 in eps' at high frequency; this does not).
+Then eps'' = (beta / (2 V eps0)) omega sinc^2(theta/2) S(nu), S the line shape of C as for the spectra.
+An exponential C(t) = C(0) exp(-t/tau) gives the Debye form eps_inf + Delta / (1 - i omega tau), a damped
+oscillator the Lorentz form (both tested).  Classical: no quantum correction is applied.
+
 Averaging: each replica is cut into ``blocks`` contiguous blocks of equal length; every block gives one
 spectrum (or covariance); the result is their mean and the standard error std / sqrt(count) (ddof = 1;
 NaN with one block of one replica).  The spectrum is normalised to a maximum of 1 by default
@@ -101,6 +121,35 @@ class DielectricResult:
     def to_dict(self) -> dict[str, Any]:
         return json_ready({"eps_static": self.eps_static, "eps_static_stderr": self.stderr, "eps_inf": self.eps_inf,
                            "eps_unit": "dimensionless", "metadata": self.metadata})
+
+
+@dataclass
+class DielectricFunctionResult:
+    """eps(omega) = eps' + i eps'' from dipole fluctuations: tensors (frequency, 3, 3) and their isotropic
+    average (trace / 3), the mean over blocks and its standard error."""
+
+    frequency_cm1: np.ndarray  #: (F,) cm^-1
+    eps_real: np.ndarray       #: (F, 3, 3)
+    eps_imag: np.ndarray       #: (F, 3, 3)
+    stderr_real: np.ndarray    #: (F, 3, 3)
+    stderr_imag: np.ndarray    #: (F, 3, 3)
+    eps_inf: np.ndarray        #: (3, 3)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def isotropic_real(self) -> np.ndarray:
+        return np.trace(self.eps_real, axis1=-2, axis2=-1) / 3.0
+
+    @property
+    def isotropic_imag(self) -> np.ndarray:
+        return np.trace(self.eps_imag, axis1=-2, axis2=-1) / 3.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_ready({"frequency_cm1": self.frequency_cm1, "frequency_unit": "cm^-1",
+                           "eps_real_isotropic": self.isotropic_real, "eps_imag_isotropic": self.isotropic_imag,
+                           "eps_real": self.eps_real, "eps_imag": self.eps_imag,
+                           "eps_real_stderr": self.stderr_real, "eps_imag_stderr": self.stderr_imag,
+                           "eps_inf": self.eps_inf, "eps_unit": "dimensionless", "metadata": self.metadata})
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -307,6 +356,99 @@ def raman_spectrum(alpha, dt_fs: float, *, temperature_K: float | None = None, w
                    components={"isotropic": s_iso, "anisotropic": s_an})
 
 
+def _eps_inf_tensor(eps_inf) -> np.ndarray:
+    """eps_inf given as None (1), a number, 3 diagonal values or 3x3, as a 3x3 tensor."""
+    inf = np.eye(3) if eps_inf is None else np.asarray(eps_inf, dtype=float)
+    if inf.size == 1:
+        return float(inf.reshape(-1)[0]) * np.eye(3)
+    if inf.shape == (3,):
+        return np.diag(inf)
+    if inf.size != 9:
+        raise ValueError(f"eps_inf: a number, 3 diagonal values or a 3x3 tensor, got shape {inf.shape}")
+    return inf.reshape(3, 3)
+
+
+def dielectric_from_correlation(c, dt_fs: float, *, volume_A3: float, temperature_K: float, eps_inf=None,
+                                window: str = "hann", broadening_cm1: float = 0.0,
+                                pad: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(nu in cm^-1, eps(nu) complex (..., F, 3, 3)) from a dipole covariance C_ij(m dt) (..., L + 1, 3, 3) in
+    (e*A)^2: eps_inf + beta/(V eps0) [C(0) + i omega int_0^inf C(t) exp(i omega t) dt] (module doc)."""
+    from scipy import fft
+
+    if volume_A3 <= 0 or temperature_K <= 0:
+        raise ValueError(f"volume_A3 and temperature_K must be > 0, got {volume_A3} and {temperature_K}")
+    if pad < 1:
+        raise ValueError(f"pad: at least 1, got {pad}")
+    c = np.asarray(c, dtype=float)
+    lags = c.shape[-3] - 1
+    tau = np.arange(lags + 1) * dt_fs
+    w = lag_window(window, lags)
+    if broadening_cm1 > 0:
+        sigma = broadening_cm1 / math.sqrt(8.0 * math.log(2.0))
+        w = w * np.exp(-0.5 * (2.0 * np.pi * C_CM_PER_FS * sigma * tau) ** 2)
+    size = fft.next_fast_len(max(2 * lags, 2) * pad)
+    seq = c * w[:, None, None]
+    nu = fft.rfftfreq(size, dt_fs) / C_CM_PER_FS
+    theta = (2.0 * np.pi * C_CM_PER_FS * dt_fs) * nu  # omega dt
+    # int_0^inf C(t) exp(i omega t) dt of C interpolated linearly between the lags (exact for it):
+    # dt [sinc^2(theta/2) sum_{m>=1} C_m exp(i m theta) + C_0 (1 + i theta - exp(i theta)) / theta^2]
+    tail = fft.rfft(seq, n=size, axis=-3).conj() - seq[..., :1, :, :]  # sum_{m>=1} C_m exp(+i m theta)
+    half = np.sinc(theta / (2.0 * np.pi)) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        head = np.where(theta > 1e-4, (1.0 + 1j * theta - np.exp(1j * theta)) / np.maximum(theta, 1e-300) ** 2,
+                        0.5 + 1j * theta / 6.0)
+    integral = dt_fs * (half[:, None, None] * tail + head[:, None, None] * seq[..., :1, :, :])
+    omega = theta / dt_fs  # rad/fs
+    scale = 1.0 / (KB_EV_PER_K * float(temperature_K) * float(volume_A3) * EPS0)
+    chi = scale * (c[..., :1, :, :] + 1j * omega[:, None, None] * integral)
+    return nu, _eps_inf_tensor(eps_inf) + chi
+
+
+def dielectric_function(dipole, dt_fs: float, volume_A3: float, temperature_K: float, *, eps_inf=None,
+                        window: str = "hann", max_lag_fs: float | None = None, broadening_cm1: float = 0.0,
+                        pad: int = 4, blocks: int = 1, max_cm1: float | None = None) -> DielectricFunctionResult:
+    """eps(omega) from the cell dipole M(t) (e*A, continuous: no jumps of a polarization quantum), ``dt_fs``
+    fs apart, of a cell of ``volume_A3`` A^3 at ``temperature_K`` K (module doc, "Dielectric function").
+
+    ``dipole``: (frames, 3) or (replicas, frames, 3).  ``eps_inf`` as for :func:`eps_static_fluctuation`.
+    ``max_lag_fs``: default half a block; ``window``: ``hann`` (default) or ``none``; ``pad``: zero-padding
+    factor of the frequency grid (default 4).  Its omega -> 0 limit equals :func:`eps_static_fluctuation`
+    of the same series and blocks.
+    """
+    x = _replicas(dipole, 1)
+    replicas = x.shape[0]
+    x = _blocks(x, blocks)
+    n = x.shape[1]
+    d = x - x.mean(axis=1, keepdims=True)
+    lags = _max_lag(max_lag_fs, dt_fs, n)
+    # C_ij(m) = 1/(n - m) sum_t d_i(t) d_j(t + m), symmetrised, for every pair ij (autocorrelation of the
+    # sums d_i + d_j gives the cross terms: C_ij + C_ji = C_(i+j) - C_ii - C_jj)
+    diag = np.stack([autocorrelation(d[..., i:i + 1], lags) for i in range(3)], axis=-1)
+    c = np.zeros(diag.shape[:-1] + (3, 3))
+    for i in range(3):
+        c[..., i, i] = diag[..., i]
+        for j in range(i + 1, 3):
+            pair = autocorrelation(d[..., i:i + 1] + d[..., j:j + 1], lags)
+            c[..., i, j] = c[..., j, i] = 0.5 * (pair - diag[..., i] - diag[..., j])
+    c *= n / (n - 1.0)
+    nu, eps = dielectric_from_correlation(c, dt_fs, volume_A3=volume_A3, temperature_K=temperature_K,
+                                          eps_inf=eps_inf, window=window, broadening_cm1=broadening_cm1, pad=pad)
+    keep = nu <= (np.inf if max_cm1 is None else float(max_cm1))
+    nu, eps = nu[keep], eps[:, keep]
+    count = eps.shape[0]
+
+    def err(part: np.ndarray) -> np.ndarray:
+        return part.std(axis=0, ddof=1) / math.sqrt(count) if count > 1 else np.full(part.shape[1:], np.nan)
+
+    meta = _settings(dt_fs, lags, n, window, broadening_cm1, blocks, replicas, temperature_K)
+    meta.update(kind="dielectric_function", volume_A3=float(volume_A3), pad=pad,
+                eps_inf_source="given" if eps_inf is not None else "default 1 (vacuum: electronic part missing)",
+                formula="eps_inf + beta/(V eps0) [C(0) + i omega int_0^inf C(t) exp(i omega t) dt], "
+                        "C_ij(t) = <dM_i(0) dM_j(t)>, classical, tinfoil boundary conditions")
+    return DielectricFunctionResult(nu, eps.real.mean(axis=0), eps.imag.mean(axis=0), err(eps.real),
+                                    err(eps.imag), _eps_inf_tensor(eps_inf), meta)
+
+
 def eps_static_fluctuation(dipole, volume_A3: float, temperature_K: float, *, eps_inf=None,
                            blocks: int = 1) -> DielectricResult:
     """eps_0 = eps_inf + (<M M^T> - <M><M>^T) / (k_B T V eps0): M the cell dipole (e*A), V in A^3, T in K.
@@ -327,12 +469,7 @@ def eps_static_fluctuation(dipole, volume_A3: float, temperature_K: float, *, ep
     eps = cov / (kT * float(volume_A3) * EPS0)
     count = eps.shape[0]
     err = eps.std(axis=0, ddof=1) / math.sqrt(count) if count > 1 else np.full((3, 3), np.nan)
-    inf = np.eye(3) if eps_inf is None else np.asarray(eps_inf, dtype=float)
-    if inf.size == 1:
-        inf = float(inf.reshape(-1)[0]) * np.eye(3)
-    elif inf.shape == (3,):
-        inf = np.diag(inf)
-    inf = inf.reshape(3, 3)
+    inf = _eps_inf_tensor(eps_inf)
     meta = {"kind": "dielectric", "volume_A3": float(volume_A3), "temperature_K": float(temperature_K),
             "kT_eV": kT, "blocks": blocks, "replicas": replicas, "block_frames": int(x.shape[1]),
             "dipole_covariance_e2A2": cov.mean(axis=0),
@@ -343,5 +480,6 @@ def eps_static_fluctuation(dipole, volume_A3: float, temperature_K: float, *, ep
 
 
 __all__ = ["BOSE", "C_CM_PER_FS", "HC_OVER_KB_CM_K", "KB_EV_PER_K", "QUANTUM_CORRECTIONS", "WINDOWS",
-           "DielectricResult", "SpectrumResult", "autocorrelation", "eps_static_fluctuation", "find_peaks_cm1",
+           "DielectricFunctionResult", "DielectricResult", "SpectrumResult", "autocorrelation",
+           "dielectric_from_correlation", "dielectric_function", "eps_static_fluctuation", "find_peaks_cm1",
            "ir_spectrum", "lag_window", "line_shape", "quantum_factor", "raman_spectrum"]
