@@ -6,7 +6,8 @@
     (dielectric: eps_0 by the fluctuation formula and eps(omega) from the dipole autocorrelation)
 
 STRUCTURE is any file ASE reads (its first frame), or a built-in published structure: ``alpha-quartz``
-(the PBE cell of the default model's data).  Each writes a JSON with every number (units in the keys or
+(9 atoms) or ``batio3`` (the centrosymmetric perovskite, 3x3x3: 135 atoms), each in the PBE cell of the default
+model's data.  Each writes a JSON with every number (units in the keys or
 beside them) and prints a summary.  They need ``pip install 'macefield-client[workflows]'``.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 from .common import InputError, add_server_options, client_from_args, positive_int
 
 #: built-in structures the workflow commands accept instead of a file
-BUILTIN = ("alpha-quartz",)
+BUILTIN = ("alpha-quartz", "batio3")
 
 
 def load_structure(name: str):
@@ -35,6 +36,10 @@ def load_structure(name: str):
         from ..data.structures import alpha_quartz
 
         return alpha_quartz(cell="pbe")  # type: ignore[arg-type]  # the builder takes "pbe" (see its doc)
+    if name == "batio3":
+        from ..data.structures import perovskite_batio3
+
+        return perovskite_batio3(repeat=(3, 3, 3))
     if not os.path.exists(name):
         raise InputError(f"structure file not found: {name} (or a built-in: {', '.join(BUILTIN)})")
     try:
