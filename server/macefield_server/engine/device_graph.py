@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .graph import GraphBatch, NeighbourGraph, Structure, _padded_cell, canonical_positions, collate
+from .graph import ClosestPair, GraphBatch, NeighbourGraph, Structure, _padded_cell, canonical_positions, collate
 
 _local = threading.local()
 
@@ -75,6 +75,34 @@ def batch_edges(positions: torch.Tensor, cells: torch.Tensor, pbc: np.ndarray, n
     return DeviceEdges(torch.cat(index, dim=1), torch.cat(shifts), torch.cat(distances), counts)
 
 
+def shortest_edges(edges: DeviceEdges) -> List[float]:
+    """The length of every structure's shortest edge, Angstrom (inf: no edges).
+
+    One reduction over the batch's edges on their device and one copy of the per-structure minima.
+    """
+    counts = list(edges.edges)
+    if sum(counts) == 0:
+        return [float("inf")] * len(counts)
+    d = edges.distances
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=d.device),
+                                    torch.as_tensor(counts, device=d.device))
+    minima = torch.full((len(counts),), float("inf"), dtype=d.dtype, device=d.device)
+    return minima.scatter_reduce(0, owner, d, reduce="amin").cpu().tolist()
+
+
+def closest_pair(edges: DeviceEdges, g: int, n_atoms: Sequence[int]) -> Optional[ClosestPair]:
+    """Structure ``g``'s shortest edge, its atoms numbered within the structure (None: it has no edges)."""
+    start = sum(edges.edges[:g])
+    count = edges.edges[g]
+    if count == 0:
+        return None
+    k = start + int(torch.argmin(edges.distances[start:start + count]))
+    first = int(sum(n_atoms[:g]))
+    i, j = (int(v) - first for v in edges.edge_index[:, k].tolist())
+    s0, s1, s2 = (int(round(v)) for v in edges.unit_shifts[k].tolist())
+    return ClosestPair(i, j, (s0, s1, s2), float(edges.distances[k]))
+
+
 def collate_on_device(structures: Sequence[Structure], *, cutoff: float, atomic_numbers: Sequence[int],
                       head_index: Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu"):
     """:func:`.graph.collate` with the neighbour lists built on ``device`` after one copy of the geometry.
@@ -100,4 +128,4 @@ def collate_on_device(structures: Sequence[Structure], *, cutoff: float, atomic_
     return batch, edges
 
 
-__all__ = ["DeviceEdges", "batch_edges", "collate_on_device"]
+__all__ = ["DeviceEdges", "batch_edges", "closest_pair", "collate_on_device", "shortest_edges"]
