@@ -67,7 +67,7 @@ def _floats(values, field: str, sizes, what: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if array.size not in sizes:
         raise InvalidRequest(field, f"expected {what}, got {array.size} values")
-    if not np.all(np.isfinite(array)):
+    if not np.isfinite(array).all():
         bad = int(np.flatnonzero(~np.isfinite(array))[0])
         raise InvalidRequest(field, f"non-finite value {array[bad]} at index {bad}")
     return array
