@@ -15,9 +15,12 @@ For alpha-quartz (9, 72, 576, 4608 atoms) and a 135-atom BaTiO3 MD frame, single
 ``device_nl_total`` is the host side of a CUDA batch whose neighbour lists are built on the device
 (decode + validate + the copy of positions/cells + d2h + encode); ``device_collate`` (not in either total)
 is that batch's preparation where the model runs: the copy, the search and the tensors
-(:func:`macefield_server.engine.device_graph.collate_on_device`; on a CPU, vesin's CPU search).  The prep stage's throughput
-(validate + neighbour list on a thread pool, as the server runs it) is measured with 1 and 2 workers, next
-to a control: SHA-256 of 1 MiB per task (C code without the GIL), i.e. the parallelism the machine offers now.
+(:func:`macefield_server.engine.device_graph.collate_on_device`; on a CPU, vesin's CPU search).
+
+The prep stage's throughput (validate + neighbour list on a thread pool, as the server runs it) is
+measured with 1 and 2 workers, round by round in turn with a control: SHA-256 of 1 MiB per task (C code
+without the GIL), i.e. the parallelism the machine offers at that moment; and the share of a prep task
+spent in the search without the GIL, which bounds what any number of threads can gain.
 
 Usage (from the repository root):
     PYTHONPATH=server:client python bench/host_path.py [--out bench/results/host_path_cpu.json] [--quick]
