@@ -36,12 +36,14 @@ def _calculator(cutoff: float):
 
 @dataclass
 class DeviceEdges:
-    """A batch's edges, on its device: (2, E) int64 edge_index, (E, 3) float64 unit shifts, (E,) distances."""
+    """A batch's edges, on its device: (2, E) int64 edge_index, (E, 3) float64 unit shifts, (E,) distances
+    and (E, 3) float64 shifts in Angstrom (unit shifts times the cell of the edge's structure)."""
 
     edge_index: torch.Tensor
     unit_shifts: torch.Tensor
     distances: torch.Tensor
     edges: List[int]  #: directed edges per structure (host ints)
+    shifts: torch.Tensor
 
 
 def batch_edges(positions: torch.Tensor, cells: torch.Tensor, pbc: np.ndarray, n_atoms: Sequence[int],
@@ -55,7 +57,7 @@ def batch_edges(positions: torch.Tensor, cells: torch.Tensor, pbc: np.ndarray, n
     """
     calc = _calculator(float(cutoff))
     device = positions.device
-    index, shifts, distances, counts = [], [], [], []
+    index, shifts, angstrom, distances, counts = [], [], [], [], []
     start = 0
     for g, n in enumerate(n_atoms):
         stop = start + int(n)
@@ -65,14 +67,16 @@ def batch_edges(positions: torch.Tensor, cells: torch.Tensor, pbc: np.ndarray, n
         i, j, s, d = calc.compute(positions[start:stop], cells[3 * g:3 * g + 3], pbc[g], "ijSd")
         index.append(torch.stack([i, j]).to(torch.int64) + start)
         shifts.append(s.to(torch.float64))
+        angstrom.append(shifts[-1] @ cells[3 * g:3 * g + 3])
         distances.append(d)
         counts.append(int(d.shape[0]))
         start = stop
     if not index:
         return DeviceEdges(torch.zeros((2, 0), dtype=torch.int64, device=device),
                            torch.zeros((0, 3), dtype=torch.float64, device=device),
-                           torch.zeros(0, dtype=torch.float64, device=device), counts)
-    return DeviceEdges(torch.cat(index, dim=1), torch.cat(shifts), torch.cat(distances), counts)
+                           torch.zeros(0, dtype=torch.float64, device=device), counts,
+                           torch.zeros((0, 3), dtype=torch.float64, device=device))
+    return DeviceEdges(torch.cat(index, dim=1), torch.cat(shifts), torch.cat(distances), counts, torch.cat(angstrom))
 
 
 def shortest_edges(edges: DeviceEdges) -> List[float]:
@@ -122,9 +126,7 @@ def collate_on_device(structures: Sequence[Structure], *, cutoff: float, atomic_
     edges = batch_edges(t["positions"], t["cell"], pbc, batch.n_atoms, cutoff)
     t["edge_index"] = edges.edge_index
     t["unit_shifts"] = edges.unit_shifts
-    # shift of edge k in Angstrom: unit shifts times the cell of the structure its sender belongs to
-    cells = t["cell"].reshape(-1, 3, 3)[t["batch"][edges.edge_index[0]]]
-    t["shifts"] = torch.bmm(edges.unit_shifts.unsqueeze(1), cells).squeeze(1)
+    t["shifts"] = edges.shifts
     return batch, edges
 
 
