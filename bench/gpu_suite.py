@@ -32,7 +32,9 @@ run still leaves results).  Sections:
    the end-to-end stream round trip; the rest is gRPC and scheduling.  Also
    ``host_path``: bench/host_path.py's breakdown for 72- and 576-atom quartz on
    the served model, summarised next to the engine's best E+F us/atom
-   (``host_path_*`` checks: ``limited_by`` host or device).
+   (``host_path_*`` checks: ``limited_by`` host or device, with host neighbour lists;
+   ``device_nl_limited_by`` with the lists built on the device, whose search
+   and collation, ``device_collate``, are timed on the GPU).
 
 Every model is made once per (model, dtype, device, backend) and kept
 (:class:`ModelCache`; ``conversions`` in the JSON says what each took):
@@ -862,10 +864,18 @@ def summarise_record(record):
                  for p in best("mh0", "float32", backend, "energy_forces") if p.get("us_per_atom")]
     for row in (record["sections"].get("md_step") or {}).get("host_path", []):
         host = row["host_total"]["us_per_atom"]
+        device_nl_host = row["device_nl_total"]["us_per_atom"]
         entry = {"value": host, "target": "report: host us/atom (received bytes to sent bytes, not the model)",
-                 "pass": None, "device_nl_host_us_per_atom": row["device_nl_total"]["us_per_atom"]}
+                 "pass": None, "device_nl_host_us_per_atom": device_nl_host}
+        if "device_collate" in row["stages"]:  # the lists built on the device: copy + search + tensors
+            entry["device_collate_us_per_atom"] = row["stages"]["device_collate"]["us_per_atom"]
         if device_us:  # the device's best compute per atom (E+F, any batch): which side limits throughput
-            entry.update(device_us_per_atom=min(device_us), limited_by="host" if host > min(device_us) else "device")
+            best_device = min(device_us)
+            entry.update(device_us_per_atom=best_device, limited_by="host" if host > best_device else "device")
+            if "device_collate_us_per_atom" in entry:  # with device lists the device also searches
+                on_device = best_device + entry["device_collate_us_per_atom"]
+                entry.update(device_nl_device_us_per_atom=on_device,
+                             device_nl_limited_by="host" if device_nl_host > on_device else "device")
         checks[f"host_path_{row['name']}"] = entry
     srv = (record["sections"].get("server") or {}).get("results", {})
     if "64" in srv:

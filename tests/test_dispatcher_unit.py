@@ -209,3 +209,32 @@ def test_queued_items_carry_their_own_neighbour_lists(registry):
             assert expected[0][2] == 2 and expected[1][2] > 9 * 4  # the Si-O pair both ways; the crystal's many
 
     run(main())
+
+
+def test_models_with_device_lists_are_queued_without_host_lists_and_device_refusals_name_the_structure(registry):
+    class RefusingBackend(FakeBackend):
+        """Refuses request "bad" as a device-side min-distance check would."""
+
+        def evaluate(self, batch, items):
+            out = super().evaluate(batch, items)
+            return [InvalidRequest("positions", "atoms 0 and 1 are 0.1 A apart") if it.request_id == "bad" else o
+                    for it, o in zip(items, out)]
+
+    async def main():
+        async with Setup(registry, backend_class=RefusingBackend, max_wait_ms=1) as s:
+            s.dispatcher.device_graphs = frozenset({"tiny"})
+            seen = []
+            collate = s.backends["tiny"].collate
+            s.backends["tiny"].collate = lambda items: (seen.extend(items), collate(items))[1]
+            parsed = [s.parse(quartz_like(seed=1), request_id="q1"), s.parse(quartz_like((2, 1, 1)), request_id="q2")]
+            results = await s.dispatcher.run(parsed, deadline=None)
+            assert [r["request_id"] for r, _ in results] == ["q1", "q2"]
+            assert [it.graph for it in seen] == [None, None]  # no host list: the batch builds them
+            assert [it.n_edges for it in seen] == [min(p.edges, expected_edges(p.structure, p.served.cutoff))
+                                                   for p in parsed]
+            calls = [s.parse(quartz_like(seed=3), request_id="ok"), s.parse(quartz_like(seed=4), request_id="bad")]
+            with pytest.raises(InvalidRequest, match=r"^structures\[1\]\.positions: atoms 0 and 1"):
+                await s.dispatcher.run(calls, deadline=None, prefixes=["structures[0].", "structures[1]."])
+            assert s.dispatcher.graph_bytes == 0
+
+    run(main())

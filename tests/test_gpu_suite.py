@@ -248,3 +248,11 @@ def test_gpu_suite_smoke(tmp_path):
                            "device_to_host", "split", "encode"}
     assert all(v > 0 for v in stages.values())  # timings of a busy CPU: their sizes mean nothing here
     assert sections["md_step"]["stream_round_trip_ms"] > 0 and sections["md_step"]["server_timing_ms"]["compute"] > 0
+    # host against device: the host path's breakdown for both sizes, with the device-list path's preparation
+    rows = {r["name"]: r for r in sections["md_step"]["host_path"]}
+    assert set(rows) == {"quartz-72", "quartz-576"}
+    for name, row in rows.items():
+        assert row["stages"]["device_collate"]["us_per_atom"] > 0 and row["cpu_model_total"]["us_per_atom"] > 0
+        check = record["checks"][f"host_path_{name}"]
+        assert check["limited_by"] in ("host", "device") and check["device_nl_limited_by"] in ("host", "device")
+        assert check["device_collate_us_per_atom"] > 0

@@ -187,3 +187,96 @@ def test_prep_workers_and_backend_are_checked_server_settings():
     with pytest.raises(ConfigError, match="batching.neighbour_backend"):
         ServerConfig(batching=BatchingConfig(neighbour_backend="ase")).validate()
 
+
+
+def test_neighbour_search_setting_is_checked_and_auto_means_the_gpu():
+    from macefield_server.config_files import ConfigError
+    from macefield_server.serving.config import BatchingConfig, ServerConfig
+
+    auto = BatchingConfig()
+    assert auto.search_on_device("cuda") and not auto.search_on_device("cpu")
+    assert BatchingConfig(neighbour_search="device").search_on_device("cpu")
+    assert not BatchingConfig(neighbour_search="host").search_on_device("cuda")
+    with pytest.raises(ConfigError, match="batching.neighbour_search"):
+        ServerConfig(batching=BatchingConfig(neighbour_search="gpu")).validate()
+
+
+class _Item:
+    """What a backend reads of a queued structure (:class:`macefield_server.serving.backend.BatchItem`)."""
+
+    def __init__(self, structure, graph, outputs, request_id):
+        self.structure, self.graph, self.head_index = structure, graph, 0
+        self.outputs, self.request_id = outputs, request_id
+
+    @property
+    def n_atoms(self):
+        return self.structure.n_atoms
+
+
+def _server_structures():
+    """Periodic quartz, a quartz slab (periodic in x, y; 12 A of vacuum along z), the SiO molecule; fields on."""
+    from conftest import quartz_like, sio_molecule
+
+    slab = quartz_like(repeat=(1, 1, 2), seed=2)
+    slab.pbc = [True, True, False]
+    slab.center(vacuum=6.0, axis=2)
+    fields = ([0.0, 0.02, 0.0], [0.01, 0.0, -0.03], [0.0, 0.0, 0.05])
+    atoms = (quartz_like(seed=1), slab, sio_molecule())
+    return [Structure.from_atoms(a, electric_field=f) for a, f in zip(atoms, fields)]
+
+
+def _backend(model, on_device, limits=None):
+    from macefield_server.serving.engine_backend import EngineBackend
+    from macefield_server.serving.metrics import Metrics
+    from macefield_server.serving.registry import ServedModel
+
+    return EngineBackend(ServedModel("tiny", model, "Default"), Metrics(), search_on_device=on_device,
+                         limits=limits)
+
+
+def test_server_batches_with_device_lists_give_the_host_lists_outputs(field_model):
+    """The server's batch preparation through the device-graph path (on CPU tensors) against the host path:
+    same energies, forces, stress, polarization, Born charges and polarizability, periodic or not."""
+    from macefield_server.engine.response import ENGINE_OUTPUTS
+    from macefield_client.contract import GRADE_OUTPUTS
+
+    outputs = frozenset(ENGINE_OUTPUTS - GRADE_OUTPUTS)
+    structures = _server_structures()
+    cutoff = float(field_model.r_max)
+    host = _backend(field_model, False)
+    device = _backend(field_model, True)
+    host_items = [_Item(s, neighbour_list(s, cutoff), outputs, f"h{k}") for k, s in enumerate(structures)]
+    device_items = [_Item(s, None, outputs, f"d{k}") for k, s in enumerate(structures)]
+    expected = host.evaluate(host.collate(host_items), host_items)
+    got = device.evaluate(device.collate(device_items), device_items)
+    assert [sorted(r) for r in got] == [sorted(r) for r in expected]
+    assert "polarization" in got[0] and "polarization" not in got[1] and "born_charges" in got[2]
+    for g, e in zip(got, expected):
+        for key, value in e.items():
+            scale = max(float(np.abs(value).max()), 1.0)
+            np.testing.assert_allclose(g[key], value, rtol=0, atol=1e-10 * scale, err_msg=key)
+
+
+def test_device_lists_refuse_overlapping_atoms_and_compute_the_rest(field_model):
+    from macefield_server.serving.config import LimitsConfig
+    from macefield_server.serving.validation import InvalidRequest
+
+    structures = _server_structures()
+    bad = structures[0].positions.copy()
+    bad[4] = bad[3] + [0.1, 0.0, 0.0]  # 0.1 A apart
+    structures.insert(1, Structure(structures[0].numbers, bad, structures[0].cell, structures[0].pbc))
+    outputs = frozenset({"energy", "forces"})
+    device = _backend(field_model, True, LimitsConfig(min_distance=0.5))
+    items = [_Item(s, None, outputs, f"d{k}") for k, s in enumerate(structures)]
+    got = device.evaluate(device.collate(items), items)
+    assert isinstance(got[1], InvalidRequest)
+    assert str(got[1]).startswith("positions: atoms 3 (") and "0.1 A apart" in str(got[1])
+    host = _backend(field_model, False)
+    cutoff = float(field_model.r_max)
+    kept = [_Item(s, neighbour_list(s, cutoff), outputs, "h") for k, s in enumerate(structures) if k != 1]
+    for g, e in zip([got[0]] + got[2:], host.evaluate(host.collate(kept), kept)):
+        np.testing.assert_allclose(g["forces"], e["forces"], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(g["energy"], e["energy"], rtol=1e-12)
+    dense = _backend(field_model, True, LimitsConfig(max_edges_per_structure=10))
+    refused = dense.evaluate(dense.collate(items[:1]), items[:1])
+    assert isinstance(refused[0], InvalidRequest) and "neighbour pairs" in str(refused[0])

@@ -158,3 +158,20 @@ def test_queue_is_bounded_in_atoms_too(model):
         assert "27 atoms" in info.value.details()
         assert len(stub.PredictBatch(pb.PredictBatchRequest(structures=[request(0), request(1)]),
                                      timeout=60).results) == 2
+
+
+def test_lists_built_on_the_device_serve_what_predict_gives_and_refuse_overlaps_by_field(model):
+    """``neighbour_search: device`` on a CPU model: the batch builds its lists after admission."""
+    with tiny_server(model, batching=BatchingConfig(neighbour_search="device")) as srv, stub_to(srv.port) as stub:
+        outputs = ["forces", "stress", "born_charges"]
+        answer = stub.Predict(request(1, outputs), timeout=60)
+        assert_matches(answer, predict(model, [quartz_like(seed=1)], electric_fields=[0.0, 0.01, 0.0],
+                                       outputs=outputs)[0])
+        bad = quartz_like(seed=2)
+        bad.positions[4] = bad.positions[3] + [0.1, 0.0, 0.0]
+        call = pb.PredictBatchRequest(structures=[request(0), request_for(bad, outputs=["forces"])])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.PredictBatch(call, timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("structures[1].positions: atoms 3 (")
+        assert "closer than limits.min_distance" in info.value.details()

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .graph import GraphBatch, NeighbourGraph, Structure, _padded_cell, canonical_positions, collate
+from .graph import ClosestPair, GraphBatch, NeighbourGraph, Structure, _padded_cell, canonical_positions, collate
 
 _local = threading.local()
 
@@ -36,12 +36,14 @@ def _calculator(cutoff: float):
 
 @dataclass
 class DeviceEdges:
-    """A batch's edges, on its device: (2, E) int64 edge_index, (E, 3) float64 unit shifts, (E,) distances."""
+    """A batch's edges, on its device: (2, E) int64 edge_index, (E, 3) float64 unit shifts, (E,) distances
+    and (E, 3) float64 shifts in Angstrom (unit shifts times the cell of the edge's structure)."""
 
     edge_index: torch.Tensor
     unit_shifts: torch.Tensor
     distances: torch.Tensor
     edges: List[int]  #: directed edges per structure (host ints)
+    shifts: torch.Tensor
 
 
 def batch_edges(positions: torch.Tensor, cells: torch.Tensor, pbc: np.ndarray, n_atoms: Sequence[int],
@@ -55,7 +57,7 @@ def batch_edges(positions: torch.Tensor, cells: torch.Tensor, pbc: np.ndarray, n
     """
     calc = _calculator(float(cutoff))
     device = positions.device
-    index, shifts, distances, counts = [], [], [], []
+    index, shifts, angstrom, distances, counts = [], [], [], [], []
     start = 0
     for g, n in enumerate(n_atoms):
         stop = start + int(n)
@@ -65,14 +67,44 @@ def batch_edges(positions: torch.Tensor, cells: torch.Tensor, pbc: np.ndarray, n
         i, j, s, d = calc.compute(positions[start:stop], cells[3 * g:3 * g + 3], pbc[g], "ijSd")
         index.append(torch.stack([i, j]).to(torch.int64) + start)
         shifts.append(s.to(torch.float64))
+        angstrom.append(shifts[-1] @ cells[3 * g:3 * g + 3])
         distances.append(d)
         counts.append(int(d.shape[0]))
         start = stop
     if not index:
         return DeviceEdges(torch.zeros((2, 0), dtype=torch.int64, device=device),
                            torch.zeros((0, 3), dtype=torch.float64, device=device),
-                           torch.zeros(0, dtype=torch.float64, device=device), counts)
-    return DeviceEdges(torch.cat(index, dim=1), torch.cat(shifts), torch.cat(distances), counts)
+                           torch.zeros(0, dtype=torch.float64, device=device), counts,
+                           torch.zeros((0, 3), dtype=torch.float64, device=device))
+    return DeviceEdges(torch.cat(index, dim=1), torch.cat(shifts), torch.cat(distances), counts, torch.cat(angstrom))
+
+
+def shortest_edges(edges: DeviceEdges) -> List[float]:
+    """The length of every structure's shortest edge, Angstrom (inf: no edges).
+
+    One reduction over the batch's edges on their device and one copy of the per-structure minima.
+    """
+    counts = list(edges.edges)
+    if sum(counts) == 0:
+        return [float("inf")] * len(counts)
+    d = edges.distances
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=d.device),
+                                    torch.as_tensor(counts, device=d.device))
+    minima = torch.full((len(counts),), float("inf"), dtype=d.dtype, device=d.device)
+    return minima.scatter_reduce(0, owner, d, reduce="amin").cpu().tolist()
+
+
+def closest_pair(edges: DeviceEdges, g: int, n_atoms: Sequence[int]) -> Optional[ClosestPair]:
+    """Structure ``g``'s shortest edge, its atoms numbered within the structure (None: it has no edges)."""
+    start = sum(edges.edges[:g])
+    count = edges.edges[g]
+    if count == 0:
+        return None
+    k = start + int(torch.argmin(edges.distances[start:start + count]))
+    first = int(sum(n_atoms[:g]))
+    i, j = (int(v) - first for v in edges.edge_index[:, k].tolist())
+    s0, s1, s2 = (int(round(v)) for v in edges.unit_shifts[k].tolist())
+    return ClosestPair(i, j, (s0, s1, s2), float(edges.distances[k]))
 
 
 def collate_on_device(structures: Sequence[Structure], *, cutoff: float, atomic_numbers: Sequence[int],
@@ -94,10 +126,8 @@ def collate_on_device(structures: Sequence[Structure], *, cutoff: float, atomic_
     edges = batch_edges(t["positions"], t["cell"], pbc, batch.n_atoms, cutoff)
     t["edge_index"] = edges.edge_index
     t["unit_shifts"] = edges.unit_shifts
-    # shift of edge k in Angstrom: unit shifts times the cell of the structure its sender belongs to
-    cells = t["cell"].reshape(-1, 3, 3)[t["batch"][edges.edge_index[0]]]
-    t["shifts"] = torch.bmm(edges.unit_shifts.unsqueeze(1), cells).squeeze(1)
+    t["shifts"] = edges.shifts
     return batch, edges
 
 
-__all__ = ["DeviceEdges", "batch_edges", "collate_on_device"]
+__all__ = ["DeviceEdges", "batch_edges", "closest_pair", "collate_on_device", "shortest_edges"]

@@ -8,6 +8,7 @@ batch while the current one computes.  :func:`predict` chains them.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -101,10 +102,15 @@ class NonFiniteResult(ArithmeticError):
 
 def non_finite(result: Dict[str, np.ndarray]) -> List[str]:
     """Names of the outputs in ``result`` that hold a NaN or an infinity (the grade may be +inf: no reference atoms)."""
-    return sorted(
-        k for k, v in result.items()
-        if (np.any(np.isnan(v)) or np.any(v == -np.inf) if k in GRADE_OUTPUTS else not np.all(np.isfinite(v)))
-    )
+    bad = []
+    with np.errstate(over="ignore"):  # a sum of huge finite values may overflow: then each value is checked
+        for k, v in result.items():
+            if k in GRADE_OUTPUTS:
+                if np.isnan(v).any() or (v == -np.inf).any():
+                    bad.append(k)
+            elif not math.isfinite(v.sum()) and not np.isfinite(v).all():  # a finite sum: all values finite
+                bad.append(k)
+    return sorted(bad)
 
 
 def check_finite(result: Dict[str, np.ndarray], graph=None, numbers=None) -> Dict[str, np.ndarray]:

@@ -193,15 +193,22 @@ class MaceFieldServer:
             log.info("model %s on %s: backend %s (%s)", served.name, served.device, served.backend,
                      served.backend_reason or "as given")
             self.metrics.describe_model(served.info())
-            batcher = Batcher(self.backend_factory(served, self.metrics), self.config.batching, self.metrics,
-                              self.prep_executor, fault=self.fault)
+            backend = self.backend_factory(served, self.metrics)
+            if isinstance(backend, EngineBackend):  # lists on the device: the batch builds them, not admission
+                backend.search_on_device = self.config.batching.search_on_device(served.device.type)
+                backend.limits = self.config.limits
+                log.info("model %s: neighbour lists built on %s", served.name,
+                         served.device if backend.search_on_device else "the host (prep pool)")
+            batcher = Batcher(backend, self.config.batching, self.metrics, self.prep_executor, fault=self.fault)
             self.batchers[served.name] = batcher
             batcher.start()
         for served in self.registry:
             await self._warm_up(served)
         graph_budget = self._assign_budgets(self.registry)
+        on_device = frozenset(name for name, b in self.batchers.items()
+                              if getattr(b.backend, "search_on_device", False))
         self.service.dispatcher = Dispatcher(self.registry, self.batchers, self.config.limits, self.prep_executor,
-                                             graph_budget=graph_budget)
+                                             graph_budget=graph_budget, device_graphs=on_device)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.config.liveness_timeout_s > 0:
             self._watchdog = asyncio.create_task(self._watch_liveness(self.config.liveness_timeout_s),

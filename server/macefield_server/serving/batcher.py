@@ -76,7 +76,7 @@ class WorkItem:
     """One structure waiting for (or in) a batch."""
 
     structure: Any  #: the engine's structure (opaque here; the backend reads it)
-    graph: Any  #: its neighbour list (``edge_index``: (2, E))
+    graph: Any  #: its neighbour list (``edge_index``: (2, E)); None: built on the device with its batch
     head_index: int
     outputs: FrozenSet[str]
     tier: int
@@ -85,6 +85,7 @@ class WorkItem:
     deadline: Optional[float] = None  #: time.monotonic() after which it is not computed
     enqueued: float = field(default_factory=time.monotonic)
     state: str = QUEUED
+    edges: int = 0  #: directed edges expected when ``graph`` is None (a guess until the batch's search)
 
     @property
     def n_atoms(self) -> int:
@@ -92,7 +93,7 @@ class WorkItem:
 
     @property
     def n_edges(self) -> int:
-        return int(self.graph.edge_index.shape[1])
+        return self.edges if self.graph is None else int(self.graph.edge_index.shape[1])
 
     def alive(self, now: float) -> bool:
         return not self.future.done() and (self.deadline is None or now < self.deadline)

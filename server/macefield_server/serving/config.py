@@ -29,6 +29,7 @@ Example (YAML; the TOML layout is the same)::
       max_queue_atoms: 1000000  # queued atoms per model; beyond it RESOURCE_EXHAUSTED
       prep_workers: 2           # threads building neighbour lists (and validating large requests)
       neighbour_backend: vesin  # vesin | matscipy: the host neighbour-list library (identical lists)
+      neighbour_search: auto    # auto | host | device: where lists are built (auto: on the model's GPU)
     limits:
       max_atoms_per_structure: 5000
       max_field: 1.0            # |E| in V/Angstrom
@@ -64,6 +65,9 @@ from ..config_files import ConfigError, build, read_mapping
 BACKENDS = ("e3nn", "cueq", "auto")
 #: host neighbour-list libraries (macefield_server.engine.graph.NEIGHBOUR_BACKENDS)
 NEIGHBOUR_BACKENDS = ("vesin", "matscipy")
+#: where neighbour lists are built: "host" (prep pool, at admission), "device" (per batch, on the model's
+#: device after one copy of the geometry), "auto" (device for models on a CUDA device, else host)
+NEIGHBOUR_SEARCH = ("auto", "host", "device")
 
 
 @dataclass
@@ -99,6 +103,14 @@ class BatchingConfig:
     #: release the GIL, so up to one per free core runs in parallel
     prep_workers: int = 2
     neighbour_backend: str = "vesin"  #: host neighbour-list library: "vesin" | "matscipy" (identical lists)
+    #: where the lists are built: "auto" | "host" | "device" (:data:`NEIGHBOUR_SEARCH`)
+    neighbour_search: str = "auto"
+
+    def search_on_device(self, device_type: str) -> bool:
+        """Whether a model on ``device_type`` ("cpu", "cuda") gets its neighbour lists built on its device."""
+        if self.neighbour_search == "auto":
+            return device_type == "cuda"
+        return self.neighbour_search == "device"
 
     def limits_for(self, device_type: str) -> Tuple[int, int]:
         """(max_atoms, max_edges) per batch for a model on ``device_type`` ("cpu", "cuda", ...)."""
@@ -206,6 +218,9 @@ class ServerConfig:
         if b.neighbour_backend not in NEIGHBOUR_BACKENDS:
             raise ConfigError(f"batching.neighbour_backend: expected one of {list(NEIGHBOUR_BACKENDS)}, "
                               f"got {b.neighbour_backend!r}")
+        if b.neighbour_search not in NEIGHBOUR_SEARCH:
+            raise ConfigError(f"batching.neighbour_search: expected one of {list(NEIGHBOUR_SEARCH)}, "
+                              f"got {b.neighbour_search!r}")
         if b.max_wait_ms < 0:
             raise ConfigError(f"batching.max_wait_ms: must be >= 0, got {b.max_wait_ms}")
         if not lim.max_extent > 0:

@@ -1,5 +1,10 @@
 """Admission: validated requests -> neighbour lists -> work items on each model's batcher -> results.
 
+Models in ``device_graphs`` get no host neighbour list: their lists are built
+on the device with each batch (:mod:`..engine.device_graph`), and the density
+and min-distance checks run there (a structure that fails them gets its
+INVALID_ARGUMENT from the batch; the others of the call are still computed).
+
 All-or-nothing per call: a PredictBatch is queued whole or refused whole
 (QueueFull), and when a call is cancelled or its deadline passes every one
 of its queued structures leaves the queue uncomputed.
@@ -10,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import numpy as np
 
@@ -32,6 +37,7 @@ class Dispatcher:
         limits: LimitsConfig,
         prep_executor: ThreadPoolExecutor,
         graph_budget: Optional[int] = None,
+        device_graphs: FrozenSet[str] = frozenset(),
     ):
         self.registry = registry
         self.batchers = batchers
@@ -39,9 +45,13 @@ class Dispatcher:
         self.prep_executor = prep_executor
         self.graph_budget = graph_budget  #: bytes for the neighbour lists of admitted structures (None: no bound)
         self.graph_bytes = 0  #: what the admitted, not yet answered structures hold now (estimated)
+        self.device_graphs = device_graphs  #: names of the models whose lists are built on their device
 
-    def _graphs(self, parsed: List[ParsedRequest]) -> List[NeighbourGraph]:
-        return [neighbour_list(p.structure, p.served.cutoff) for p in parsed]
+    def _on_host(self, p: ParsedRequest) -> bool:
+        return p.served.name not in self.device_graphs
+
+    def _graphs(self, parsed: List[ParsedRequest]) -> List[Optional[NeighbourGraph]]:
+        return [neighbour_list(p.structure, p.served.cutoff) if self._on_host(p) else None for p in parsed]
 
     def _check_room(self, parsed: List[ParsedRequest]) -> None:
         counts: Dict[str, Tuple[int, int]] = {}
@@ -69,19 +79,22 @@ class Dispatcher:
         """
         self._check_room(parsed)  # refuse at once, before any work
         # reserve what the neighbour lists will likely hold; once built, their real size replaces the guess
-        reserved = [graph_bytes(min(p.edges, expected_edges(p.structure, p.served.cutoff)), p.n_atoms)
-                    for p in parsed]
+        expected = [min(p.edges, expected_edges(p.structure, p.served.cutoff)) for p in parsed]
+        reserved = [graph_bytes(e if self._on_host(p) else 0, p.n_atoms) for p, e in zip(parsed, expected)]
         self._hold(sum(reserved))
         held = sum(reserved)
         try:
             loop = asyncio.get_running_loop()
-            graphs = await loop.run_in_executor(self.prep_executor, self._graphs, parsed)
-            actual = sum(g.nbytes for g in graphs) + sum(graph_bytes(0, p.n_atoms) for p in parsed)
+            graphs: List[Optional[NeighbourGraph]] = [None] * len(parsed)
+            if any(self._on_host(p) for p in parsed):  # else no host work: no hop to the prep pool
+                graphs = await loop.run_in_executor(self.prep_executor, self._graphs, parsed)
+            actual = (sum(g.nbytes for g in graphs if g is not None)
+                      + sum(graph_bytes(0, p.n_atoms) for p in parsed))
             self.graph_bytes -= held
             held = 0
             self._hold(actual)
             held = actual
-            return await self._run(parsed, graphs, deadline, prefixes)
+            return await self._run(parsed, graphs, expected, deadline, prefixes)
         finally:
             self.graph_bytes -= held
 
@@ -94,10 +107,12 @@ class Dispatcher:
                 + ("" if self.graph_bytes else " or split the call"))
         self.graph_bytes += nbytes
 
-    async def _run(self, parsed, graphs, deadline, prefixes) -> List[Result]:
+    async def _run(self, parsed, graphs, expected, deadline, prefixes) -> List[Result]:
         loop = asyncio.get_running_loop()
         for i, g in enumerate(graphs):
             error = None
+            if g is None:  # checked on the device, with its batch
+                continue
             if g.edge_index.shape[1] > self.limits.max_edges_per_structure:
                 error = too_dense(int(g.edge_index.shape[1]), parsed[i].served.cutoff, self.limits)
             elif g.closest is not None and g.closest.distance < self.limits.min_distance:
@@ -107,7 +122,7 @@ class Dispatcher:
         now = time.monotonic()
         items_by_model: Dict[str, List[WorkItem]] = {}
         items: List[WorkItem] = []
-        for p, g in zip(parsed, graphs):
+        for p, g, e in zip(parsed, graphs, expected):
             item = WorkItem(
                 structure=p.structure,
                 graph=g,
@@ -118,6 +133,7 @@ class Dispatcher:
                 future=loop.create_future(),
                 deadline=deadline,
                 enqueued=now,
+                edges=e,
             )
             items.append(item)
             items_by_model.setdefault(p.served.name, []).append(item)
@@ -131,7 +147,13 @@ class Dispatcher:
             done, pending = await asyncio.wait(futures, timeout=timeout)
             if pending:
                 raise DeadlinePassed(f"deadline passed with {len(pending)} of {len(futures)} structures not computed")
-            return [f.result() for f in futures]
+            results = []
+            for i, f in enumerate(futures):
+                failure = f.exception()
+                if isinstance(failure, InvalidRequest) and prefixes:  # found by a device-side check
+                    raise failure.prefixed(prefixes[i])
+                results.append(f.result())
+            return results
         finally:
             for it in submitted:  # cancelled call, deadline, error: free the queue slots
                 if not it.future.done():
