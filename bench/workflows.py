@@ -13,9 +13,9 @@
 2. Harmonic route (``macefield_client.workflows.harmonic``) wall time, without the Raman activities, with
    them by symmetry (the default) and along every mode (6N structures): 9- and 72-atom alpha-quartz, and a
    40-atom BaTiO3 cell: the cubic perovskite (Pm-3m; Ba 1a, Ti 1b, O 3c, positions fixed by symmetry) as a
-   2x2x2 supercell, with the lattice constant of the volume per formula unit of the PBE BaTiO3 data
-   (../shared/data/batio3-md.xyz).  The script checks that cell: Ti 6-coordinated at a/2, Ba
-   12-coordinated at a/sqrt(2), zero residual force (by symmetry; recorded).  Cubic BaTiO3 has unstable
+   2x2x2 supercell (``macefield_client.structures.perovskite_batio3``, geometry-tested), with the lattice
+   constant of the volume per formula unit of the PBE BaTiO3 data (``PBE_BATIO3_CELL``).  The residual
+   force is zero by symmetry (recorded).  Cubic BaTiO3 has unstable
    (ferroelectric) modes at 0 K: they are counted, not a failure.
 
     python bench/workflows.py --out bench/results/workflows_cpu.json            # ~6 min on 2 CPU cores
@@ -41,7 +41,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "server" / "macefield_server" / "weights" / "default.pt"
-BATIO3_DATA = REPO.parent / "shared" / "data" / "batio3-md.xyz"
 FIELD = (0.0, 0.0, 0.01)  # V/A
 
 
@@ -91,24 +90,12 @@ def quartz(repeat):
 
 
 def batio3_cubic_40():
-    """2x2x2 cubic perovskite BaTiO3 at the PBE data's volume per formula unit, checked (see the module doc)."""
-    import ase.io
-    from ase import Atoms
-    from ase.neighborlist import neighbor_list
+    """2x2x2 cubic perovskite BaTiO3 at the PBE data's volume per formula unit (see the module doc)."""
+    from macefield_client.structures import PBE_BATIO3_CELL, perovskite_batio3
 
-    frames = ase.io.read(BATIO3_DATA, index=":")
-    per_fu = float(np.mean([f.get_volume() / (len(f) / 5) for f in frames]))
-    a = per_fu ** (1.0 / 3.0)
-    cell = Atoms("BaTiO3", scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)],
-                 cell=[a, a, a], pbc=True) * (2, 2, 2)
-    i, j, d = neighbor_list("ijd", cell, 0.8 * a)  # O shells: Ti a/2 (next 1.12 a), Ba a/sqrt(2) (next 1.22 a)
-    for k, sym in enumerate(cell.get_chemical_symbols()):
-        o = (i == k) & (np.array(cell.get_chemical_symbols())[j] == "O")
-        if sym == "Ti":
-            assert o.sum() == 6 and np.allclose(d[o], a / 2), "Ti: 6 O at a/2"
-        if sym == "Ba":
-            assert o.sum() == 12 and np.allclose(d[o], a / 2 ** 0.5), "Ba: 12 O at a/sqrt(2)"
-    return cell, a
+    a_t, c_t = PBE_BATIO3_CELL
+    a = (a_t * a_t * c_t) ** (1.0 / 3.0)
+    return perovskite_batio3(cell=(a, a), repeat=(2, 2, 2)), a
 
 
 def bench_ensemble(port: int, atoms, n: int, steps: int, warmup: int) -> dict:
@@ -207,11 +194,10 @@ def main() -> int:
                           f"ensemble {row['ensemble']['replica_steps_per_s']:.1f} replica-steps/s, separate "
                           f"{row['separate_clients']['replica_steps_per_s']:.1f}", flush=True)
                     result["ensemble"].append(row)
-            cases = [("alpha-quartz 9", quartz((1, 1, 1)), "sio2"), ("alpha-quartz 72", quartz((2, 2, 2)), "sio2")]
-            if BATIO3_DATA.exists():
-                cell, a = batio3_cubic_40()
-                result["batio3_lattice_constant_A"] = a
-                cases.append(("BaTiO3 cubic 2x2x2 (40)", cell, "batio3"))
+            cell, a = batio3_cubic_40()
+            result["batio3_lattice_constant_A"] = a
+            cases = [("alpha-quartz 9", quartz((1, 1, 1)), "sio2"), ("alpha-quartz 72", quartz((2, 2, 2)), "sio2"),
+                     ("BaTiO3 cubic 2x2x2 (40)", cell, "batio3")]
             for name, atoms, head in cases:
                 row = bench_harmonic(port, name, atoms, head, skip_modes=args.quick and len(atoms) > 40)
                 print(name, {k: v["wall_s"] for k, v in row.items() if isinstance(v, dict)}, flush=True)

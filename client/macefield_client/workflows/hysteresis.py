@@ -15,7 +15,9 @@ Extraction from the loop (E_i, P_i) along the field axis, by linear interpolatio
 * saturation polarization: P at the field maxima and -P at the field minima (the records nearest them),
   averaged: Ps (uC/cm^2).
 
-Crossings are averaged over every cycle recorded.  Linear interpolation makes the extraction exact for a
+Crossings are averaged over every cycle recorded.  The first record is the structure as given, before the
+field has acted on it (a centrosymmetric start has P = 0 at E = E0): :func:`hysteresis` extracts from the
+records after it.  Linear interpolation makes the extraction exact for a
 loop that is linear between records around its crossings (tested on a synthetic loop).
 """
 
@@ -134,7 +136,7 @@ def hysteresis(client, structure, *, axis: str = "z", amplitude: float = 0.3636,
                 "equilibration_steps": equilibrate,
                 "n_atoms": len(atoms), "interrupted": ens.interrupted}
     return HysteresisResult(time_fs=rec["time_fs"][0], field_MV_cm=e, polarization_uC_cm2=p,
-                            polarization_replicas_uC_cm2=p_rep, axis=axis, extracted=extract_loop(e, p),
+                            polarization_replicas_uC_cm2=p_rep, axis=axis, extracted=extract_loop(e[1:], p[1:]),
                             settings=settings)
 
 
