@@ -65,6 +65,7 @@ TIERS = {
         "test_head_choice.py",  # the head chosen from the elements, refusals of unseen elements
         "test_workflows_harmonic.py",  # phonons of quartz through a real server
         "test_workflows_md.py",  # ensemble MD and a BaTiO3 hysteresis loop through a real server
+        "test_workflows_md_cli.py",  # macefield md / spectrum STRUCTURE: quartz IR bands at the harmonic modes
         "test_cueq_backend.py",  # no server, but ~30 s of model conversions
         "test_default_model.py",
         "test_eval_cli.py",

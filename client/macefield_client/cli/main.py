@@ -5,7 +5,8 @@
     macefield eval IN.xyz [-o OUT.xyz] [--json] [--head H] [--polarizability-unit ...]
     macefield phonons STRUCTURE [--relax] [--json OUT] [--plot FILE.png]      (docs/workflows.md)
     macefield hysteresis STRUCTURE [--axis z] [--amplitude V/A] [--period PS] [--json OUT] [--plot FILE.png]
-    macefield spectrum ir|raman|dielectric TRAJECTORY [--temperature K] [--json OUT] [--plot FILE.png]
+    macefield md STRUCTURE [--replicas N] [--temperature K] [--steps N] [--out RUN.npz] [--extxyz FILE]
+    macefield spectrum ir|raman|dielectric TRAJECTORY|STRUCTURE [--temperature K] [--json OUT] [--plot FILE.png]
 
 ``predict`` and ``eval`` keep every key of the input frames (reference
 energies, forces, stress, ... stay as they were read) and add the model's

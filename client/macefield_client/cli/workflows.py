@@ -2,8 +2,10 @@
 
     macefield phonons STRUCTURE [--relax] [--relax-cell] [--displacement A] [--json OUT] [--plot FILE.png]
     macefield hysteresis STRUCTURE --axis z --amplitude V_PER_A --period PS [--cycles N] [--json OUT] [--plot ...]
-    macefield spectrum ir|raman|dielectric TRAJECTORY [--temperature K] [--json OUT] [--plot FILE.png]
-    (dielectric: eps_0 by the fluctuation formula and eps(omega) from the dipole autocorrelation)
+    macefield md STRUCTURE [--replicas N] [--temperature K] [--timestep FS] [--steps N] [--out RUN.npz] [--extxyz F]
+    macefield spectrum ir|raman|dielectric TRAJECTORY|STRUCTURE [--temperature K] [--json OUT] [--plot FILE.png]
+    (dielectric: eps_0 by the fluctuation formula and eps(omega) from the dipole autocorrelation; given a
+    STRUCTURE, the ensemble MD of ``macefield md`` runs first, with the same options)
 
 STRUCTURE is any file ASE reads (its first frame), or a built-in published structure: ``alpha-quartz``
 (9 atoms) or ``batio3`` (the centrosymmetric perovskite, 3x3x3: 135 atoms), each in the PBE cell of the default
@@ -17,10 +19,12 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
-from .common import InputError, add_server_options, client_from_args, positive_int
+from ..workflows.ensemble import THERMOSTATS
+from .common import EXIT_INTERRUPTED, EXIT_OK, InputError, add_server_options, client_from_args, positive_int
 
 #: built-in structures the workflow commands accept instead of a file
 BUILTIN = ("alpha-quartz", "batio3")
@@ -55,6 +59,72 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", help="model head (default: the model's default head)")
     p.add_argument("--json", metavar="OUT", help="write every number here (JSON)")
     p.add_argument("--plot", metavar="FILE.png", help="write a figure here (matplotlib)")
+
+
+@dataclass(frozen=True)
+class MDDefaults:
+    """Defaults of the ensemble MD (``macefield md``, ``macefield spectrum`` given a structure): K, fs, steps,
+    1/fs (friction), fs (taut)."""
+
+    replicas: int = 8
+    temperature: float = 300.0
+    timestep: float = 1.0
+    steps: int = 4000
+    equilibrate: int = 1000
+    record_every: int = 2
+    thermostat: str = "bussi"
+    friction: float = 0.01
+    taut: float = 100.0
+    seed: int = 0
+
+
+MD_DEFAULTS = MDDefaults()
+
+
+def _md_options(p: argparse.ArgumentParser, *, spectrum: bool) -> None:
+    """The ensemble MD options; for ``spectrum`` ``--timestep``/``--temperature`` also describe a trajectory."""
+    d = MD_DEFAULTS
+    g = p.add_argument_group("ensemble MD" + (" (given a STRUCTURE)" if spectrum else ""))
+    if not spectrum:
+        g.add_argument("--timestep", type=float, metavar="FS", help=f"fs (default {d.timestep:g})")
+        g.add_argument("--temperature", type=float, metavar="K",
+                       help=f"K: initial Maxwell-Boltzmann velocities and the thermostat's target (default "
+                            f"{d.temperature:g})")
+    g.add_argument("--replicas", type=positive_int, default=d.replicas,
+                   help=f"independent replicas (seeds SEED + i), one batched call per step (default {d.replicas})")
+    g.add_argument("--steps", type=int, default=d.steps, metavar="N", help=f"recorded steps (default {d.steps})")
+    g.add_argument("--equilibrate", type=int, default=d.equilibrate, metavar="N",
+                   help=f"steps run first, not recorded (default {d.equilibrate}; none on --restart)")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"replica i uses SEED + i (default {d.seed})")
+    g.add_argument("--record-every", type=positive_int, default=d.record_every, metavar="K",
+                   help=f"record every K steps (default {d.record_every})")
+    g.add_argument("--thermostat", choices=list(THERMOSTATS), default=d.thermostat,
+                   help="bussi (default: canonical velocity rescaling, which leaves the line shapes nearly "
+                        "untouched), langevin (broadens lines by about friction/(2 pi c)), or nve")
+    g.add_argument("--friction", type=float, default=d.friction, help=f"langevin friction, 1/fs (default "
+                                                                          f"{d.friction:g})")
+    g.add_argument("--taut", type=float, default=d.taut, metavar="FS",
+                   help=f"bussi time constant, fs (default {d.taut:g})")
+    g.add_argument("--field", type=float, nargs=3, metavar=("EX", "EY", "EZ"),
+                   help="constant electric field, V/A (default none)")
+    g.add_argument("--relax", action="store_true",
+                   help="relax the positions through the service first (space group kept, fmax 1e-3 eV/A)")
+    if not spectrum:
+        g.add_argument("--alpha", action="store_true",
+                       help="record the polarizability alpha (about 3x the cost of a step, on recorded steps)")
+    g.add_argument("--repeat", type=int, nargs=3, default=(1, 1, 1), metavar=("N1", "N2", "N3"),
+                   help="supercell of the structure (default 1 1 1)")
+    g.add_argument("--out", metavar="RUN.npz",
+                   help="write the trajectory and the state here (npz; " + (
+                       "the default run.npz" if not spectrum else "default: not kept") + ")")
+    g.add_argument("--extxyz", metavar="FILE", help="also write the recorded frames as extended XYZ (one file, "
+                                                    "replica by replica, info 'replica')")
+    g.add_argument("--restart", metavar="RUN.npz", help="continue the run saved in this npz (same STRUCTURE, "
+                                                        "replicas and options)")
+    if spectrum:
+        g.add_argument("--model", help="served model (default: the server's default)")
+        g.add_argument("--head", help="model head (default: the model's default head)")
+        add_server_options(g)
 
 
 def add_parsers(sub) -> None:
@@ -97,15 +167,29 @@ def add_parsers(sub) -> None:
     hy.add_argument("--repeat", type=int, nargs=3, default=(1, 1, 1), metavar=("N1", "N2", "N3"),
                     help="supercell of the structure (default 1 1 1)")
 
+    md = sub.add_parser("md", help="ensemble MD through the server: N replicas, one batched call per step; writes the "
+                                   "npz trajectory that 'macefield spectrum' reads")
+    md.add_argument("structure", help=f"structure file (first frame) or a built-in: {', '.join(BUILTIN)}")
+    add_server_options(md)
+    md.add_argument("--model", help="served model (default: the server's default)")
+    md.add_argument("--head", help="model head (default: the model's default head)")
+    _md_options(md, spectrum=False)
+
     sp = sub.add_parser("spectrum", help="IR or Raman spectrum, or the fluctuation eps_0 and eps(omega), from an MD "
                                          "trajectory (no server)")
     sp.add_argument("kind", choices=["ir", "raman", "dielectric"])
-    sp.add_argument("trajectory", help="npz written by Ensemble.save, or extended XYZ with a dipole (e*A) or "
-                                       "polarization (e/A^2) and, for Raman, alpha (e*A^2/V, 9) per frame")
+    sp.add_argument("trajectory", metavar="TRAJECTORY|STRUCTURE",
+                    help="npz written by 'macefield md' (Ensemble.save), or extended XYZ with a dipole (e*A) or "
+                         "polarization (e/A^2) and, for Raman, alpha (e*A^2/V, 9) per frame; or a STRUCTURE (a "
+                         f"file without those, or a built-in: {', '.join(BUILTIN)}): the ensemble MD runs first "
+                         "(raman and dielectric record alpha)")
     sp.add_argument("--timestep", type=float, metavar="FS",
-                    help="fs between frames (default: from the npz's record_time_fs; required for extended XYZ)")
+                    help="fs between frames (default: from the npz's record_time_fs; required for extended XYZ); "
+                         f"with a STRUCTURE the MD time step (default {MD_DEFAULTS.timestep:g})")
     sp.add_argument("--temperature", type=float, metavar="K",
-                    help="K, for the quantum correction and eps_0 (default: the npz's mean record_temperature_K)")
+                    help="K, for the quantum correction and eps_0 (default: the trajectory's mean "
+                         f"record_temperature_K); with a STRUCTURE the MD temperature (default "
+                         f"{MD_DEFAULTS.temperature:g})")
     sp.add_argument("--volume", type=float, metavar="A3",
                     help="cell volume, A^3 (dipole = P x V; default: the extended XYZ's cell; required with an npz "
                          "for dielectric)")
@@ -126,6 +210,7 @@ def add_parsers(sub) -> None:
                          "recorded alpha, else 1)")
     sp.add_argument("--json", metavar="OUT", help="write every number here (JSON)")
     sp.add_argument("--plot", metavar="FILE.png", help="write a figure here (matplotlib)")
+    _md_options(sp, spectrum=True)
 
 
 def _write_json(path: str | None, data: dict) -> None:
@@ -221,6 +306,90 @@ def cmd_hysteresis(args) -> int:
     return 0
 
 
+def run_md(args, atoms, *, alpha: bool, out: str) -> bool:
+    """The ensemble MD of ``macefield md``'s options on ``atoms`` through the server: its npz written to ``out``
+    (and ``--extxyz``).  Returns False when Ctrl-C cut it (what was recorded is written all the same)."""
+    _needs("ase")
+    from ..workflows.ensemble import Ensemble
+    from ..workflows.relax import relax
+
+    d = MD_DEFAULTS
+    timestep = d.timestep if args.timestep is None else args.timestep
+    temperature = d.temperature if args.temperature is None else args.temperature
+    for option, value, low in (("--timestep", timestep, 0.0), ("--temperature", temperature, -1e-300),
+                               ("--steps", args.steps, -1), ("--equilibrate", args.equilibrate, -1),
+                               ("--friction", args.friction, 0.0), ("--taut", args.taut, 0.0)):
+        if not np.isfinite(value) or value <= low:
+            raise InputError(f"{option}: must be {'>= 0' if low < 0 else '> 0'}, got {value}")
+    if args.restart is not None and not os.path.exists(args.restart):
+        raise InputError(f"--restart: file not found: {args.restart}")
+    positions = args.extxyz is not None
+    if args.restart is not None:  # record what the saved run recorded
+        try:
+            saved = set(np.load(args.restart).files)
+        except Exception as exc:  # noqa: BLE001 - any reader error is the input's fault
+            raise InputError(f"--restart: cannot read {args.restart}: {type(exc).__name__}: {exc}") from None
+        positions = positions or "record_positions_A" in saved
+        alpha = alpha or "record_alpha_e_A2_V" in saved
+    atoms = atoms * tuple(args.repeat)
+    field = None if args.field is None else np.array(args.field, dtype=float)
+    with client_from_args(args) as client:
+        try:
+            if args.relax and args.restart is None:
+                atoms, info = relax(client, atoms, head=args.head, model=args.model)
+                print(f"relaxed: {info.get('steps', '?')} steps, residual force "
+                      f"{info.get('max_force_eV_A', float('nan')):.2e} eV/A", file=sys.stderr)
+            ens = Ensemble(client, atoms, replicas=args.replicas, fields=field, timestep_fs=timestep,
+                           temperature=temperature, thermostat=args.thermostat, friction=args.friction,
+                           taut_fs=args.taut, record_every=args.record_every, record_alpha=alpha,
+                           record_positions=positions, seed=args.seed, head=args.head,
+                           model=args.model)
+            if args.restart is not None:
+                ens.restart(args.restart)
+            elif args.equilibrate:
+                ens.equilibrate(args.equilibrate, progress=None)
+            if not ens.interrupted:
+                ens.run(args.steps, progress=None)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+    try:
+        ens.save(out)
+        if args.extxyz is not None:
+            frames = ens.write_extxyz(args.extxyz)
+            if not args.quiet:
+                print(f"wrote {args.extxyz} ({frames} frames)", file=sys.stderr)
+    except OSError as exc:
+        raise InputError(f"cannot write: {exc}") from None
+    rec = ens.arrays()
+    records = rec["time_fs"].shape[1] if rec else 0
+    temp = rec["temperature_K"].mean() if records else float("nan")
+    print(f"{atoms.get_chemical_formula()}: {ens.n} replicas, {args.thermostat} at {temperature:g} K, dt "
+          f"{timestep:g} fs, {records} records every {args.record_every} steps, mean T {temp:.1f} K, "
+          f"{ens.mean_batch:.1f} structures per call" + (" (interrupted)" if ens.interrupted else ""))
+    if not args.quiet:
+        print(f"wrote {out}", file=sys.stderr)
+    return not ens.interrupted
+
+
+def cmd_md(args) -> int:
+    atoms = load_structure(args.structure)
+    finished = run_md(args, atoms, alpha=args.alpha, out=args.out or "run.npz")
+    return EXIT_OK if finished else EXIT_INTERRUPTED
+
+
+def is_trajectory(name: str) -> bool:
+    """True for a trajectory ``macefield spectrum`` reads (an npz, or a file whose first frame carries a dipole,
+    polarization or alpha); False for a structure (a built-in name or a file without them)."""
+    if name in BUILTIN:
+        return False
+    if name.endswith(".npz") or not os.path.exists(name):
+        return True  # read_series names a missing file
+    frame = load_structure(name)
+    keys = set(frame.info) | (set(frame.calc.results) if frame.calc is not None else set())
+    return bool(keys & {"dipole", "MACE_dipole", "REF_dipole", "polarization", "MACE_polarization",
+                        "REF_polarization", "MACE_alpha", "alpha", "polarizability", "REF_polarizability"})
+
+
 def _first(mapping, keys):
     for key in keys:
         if key in mapping:
@@ -239,13 +408,15 @@ def read_series(path: str, timestep: float | None) -> dict:
         except Exception as exc:  # noqa: BLE001 - any reader error is the input's fault
             raise InputError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
         time = data.get("record_time_fs")
+        volume = data.get("volume_A3")
         dt = timestep
         if dt is None and time is not None and time.shape[-1] > 1:
             dt = float(np.median(np.diff(time, axis=-1)))
         temp = data.get("record_temperature_K")
         return {"dipole": data.get("record_polarization_e_A2"), "is_dipole": False,
                 "alpha": data.get("record_alpha_e_A2_V"), "dt_fs": dt,
-                "temperature_K": None if temp is None else float(np.mean(temp)), "volume_A3": None}
+                "temperature_K": None if temp is None else float(np.mean(temp)),
+                "volume_A3": None if volume is None else float(volume)}
     try:
         import ase.io
 
@@ -254,6 +425,16 @@ def read_series(path: str, timestep: float | None) -> dict:
         raise InputError("reading extended XYZ needs ASE: pip install 'macefield-client[workflows]'") from None
     except Exception as exc:  # noqa: BLE001 - any reader error is the input's fault
         raise InputError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    if all("replica" in atoms.info for atoms in frames):  # macefield md --extxyz: replica by replica
+        replicas = sorted({int(atoms.info["replica"]) for atoms in frames})
+        by = [[a for a in frames if int(a.info["replica"]) == r] for r in replicas]
+        if len({len(b) for b in by}) != 1:
+            raise InputError(f"{path}: the replicas have different numbers of frames")
+        frames = [a for b in by for a in b]
+    else:
+        replicas = [0]
+    if timestep is None and "time_fs" in frames[0].info and len(frames) > len(replicas):
+        timestep = float(frames[1].info["time_fs"]) - float(frames[0].info["time_fs"])
     dipoles, polarizations, alphas = [], [], []
     for atoms in frames:
         results = dict(atoms.info)
@@ -264,22 +445,44 @@ def read_series(path: str, timestep: float | None) -> dict:
         alphas.append(_first(results, ("MACE_alpha", "alpha", "polarizability", "REF_polarizability")))
     periodic = frames[0].cell.rank == 3  # type: ignore[union-attr]
     volume = float(np.mean([a.get_volume() for a in frames])) if periodic else None
+    n = len(replicas)
     dipole, is_dipole = None, True
     if all(d is not None for d in dipoles):
-        dipole = np.array(dipoles, dtype=float)[None]
+        dipole = np.array(dipoles, dtype=float).reshape(n, -1, 3)
     elif all(p is not None for p in polarizations):
-        dipole, is_dipole = np.array(polarizations, dtype=float)[None], False
-    alpha = np.array(alphas, dtype=float).reshape(1, len(frames), 3, 3) if all(
-        a is not None for a in alphas) else None
-    return {"dipole": dipole, "is_dipole": is_dipole, "alpha": alpha, "dt_fs": timestep, "temperature_K": None,
+        dipole, is_dipole = np.array(polarizations, dtype=float).reshape(n, -1, 3), False
+    alpha = np.array(alphas, dtype=float).reshape(n, -1, 3, 3) if all(a is not None for a in alphas) else None
+    temperature = float(np.mean([a.info["temperature_K"] for a in frames])) if all(
+        "temperature_K" in a.info for a in frames) else None
+    return {"dipole": dipole, "is_dipole": is_dipole, "alpha": alpha, "dt_fs": timestep, "temperature_K": temperature,
             "volume_A3": volume}
 
 
 def cmd_spectrum(args) -> int:
+    finished = True
+    if is_trajectory(args.trajectory):
+        series = read_series(args.trajectory, args.timestep)
+    else:
+        import tempfile
+
+        atoms = load_structure(args.trajectory)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = args.out or os.path.join(tmp, "run.npz")
+            finished = run_md(args, atoms, alpha=args.kind != "ir", out=out)
+            series = read_series(out, None)
+        # the spectrum's time step and temperature are the run's (its records and their mean temperature),
+        # exactly as for 'macefield spectrum' on the npz that 'macefield md' writes
+        args.timestep = args.temperature = None
+        if not finished:
+            print("macefield: interrupted; the spectrum of what was recorded follows", file=sys.stderr)
+    code = _spectrum(args, series)
+    return code if finished else EXIT_INTERRUPTED
+
+
+def _spectrum(args, series: dict) -> int:
     from ..contract.constants import EPS0
     from ..workflows import spectra
 
-    series = read_series(args.trajectory, args.timestep)
     temperature = args.temperature if args.temperature is not None else series["temperature_K"]
     volume = args.volume if args.volume is not None else series["volume_A3"]
     dt = series["dt_fs"]
@@ -343,7 +546,7 @@ def cmd_spectrum(args) -> int:
     return 0
 
 
-COMMANDS = {"phonons": cmd_phonons, "hysteresis": cmd_hysteresis, "spectrum": cmd_spectrum}
+COMMANDS = {"phonons": cmd_phonons, "hysteresis": cmd_hysteresis, "md": cmd_md, "spectrum": cmd_spectrum}
 
-__all__ = ["BUILTIN", "COMMANDS", "add_parsers", "cmd_hysteresis", "cmd_phonons", "cmd_spectrum", "load_structure",
-           "read_series"]
+__all__ = ["BUILTIN", "COMMANDS", "MD_DEFAULTS", "MDDefaults", "add_parsers", "cmd_hysteresis", "cmd_md", "cmd_phonons",
+           "cmd_spectrum", "is_trajectory", "load_structure", "read_series", "run_md"]

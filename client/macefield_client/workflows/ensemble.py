@@ -347,11 +347,53 @@ class Ensemble:
         state["rng"] = np.array([json.dumps(r.bit_generator.state) for r in self.rngs])
         state["timestep_fs"] = np.array(self.timestep_fs)
         state["t0_fs"] = np.array([c.t0_fs for c in self.calcs])
+        if all(a.cell.rank == 3 for a in self.atoms):
+            state["volume_A3"] = np.array(float(np.mean([a.get_volume() for a in self.atoms])))
         np.savez(path, **state)
+
+    def write_extxyz(self, path: str) -> int:
+        """The recorded frames as one extended XYZ (ASE), replica by replica, each in time order; returns the
+        number of frames.  Per frame: the positions (A) and, in ``info``, ``replica`` (its index),
+        ``time_fs``, ``energy`` (eV, the electric enthalpy F), ``temperature_K``, ``field`` (V/A),
+        ``polarization`` (e/A^2), ``dipole`` (e*A: P times the cell volume) and ``alpha`` (9, e*A^2/V, when
+        recorded).  Needs ``record_positions=True``; ``macefield spectrum`` reads it back by replica."""
+        import ase
+        import ase.io
+
+        rec = self.arrays()
+        if "positions_A" not in rec:
+            raise ValueError("write_extxyz: the positions were not recorded (record_positions=True)")
+        frames = []
+        for i, base in enumerate(self.atoms):
+            volume = base.get_volume() if base.cell.rank == 3 else None
+            for k in range(rec["time_fs"].shape[1]):
+                atoms = ase.Atoms(base.numbers, positions=rec["positions_A"][i, k], cell=base.cell, pbc=base.pbc)
+                atoms.info = {"replica": i, "time_fs": float(rec["time_fs"][i, k]),
+                              "energy": float(rec["energy_eV"][i, k]),
+                              "temperature_K": float(rec["temperature_K"][i, k]),
+                              "field": rec["field_V_A"][i, k]}
+                p = rec["polarization_e_A2"][i, k]
+                if np.isfinite(p).all():
+                    atoms.info["polarization"] = p
+                    if volume is not None:
+                        atoms.info["dipole"] = p * volume
+                if "alpha_e_A2_V" in rec:
+                    atoms.info["alpha"] = rec["alpha_e_A2_V"][i, k].reshape(9)
+                frames.append(atoms)
+        ase.io.write(path, frames, format="extxyz")
+        return len(frames)
 
     def restart(self, path: str) -> None:
         """Load the state written by :meth:`save` into this ensemble (same replicas and settings)."""
         data = np.load(path)
+        if data["positions"].shape != (self.n, *self.atoms[0].positions.shape):
+            raise ValueError(f"restart: {path} holds {data['positions'].shape[0]} replicas of "
+                             f"{data['positions'].shape[1]} atoms, this ensemble {self.n} of {len(self.atoms[0])}")
+        recorded = "record_time_fs" in data.files and data["record_time_fs"].shape[1] > 0
+        for flag, key in ((self.record_alpha, "alpha_e_A2_V"), (self.record_positions, "positions_A")):
+            if recorded and flag != (f"record_{key}" in data.files):
+                raise ValueError(f"restart: {path} {'lacks' if flag else 'has'} record_{key}: record it as the "
+                                 "saved run did")
         for i, (atoms, calc, rng) in enumerate(zip(self.atoms, self.calcs, self.rngs)):
             atoms.positions = data["positions"][i]
             atoms.set_momenta(data["momenta"][i])
