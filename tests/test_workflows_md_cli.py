@@ -89,3 +89,38 @@ def test_md_then_spectrum_equals_spectrum_of_the_structure(served, tmp_path):
     # bad input is named
     assert main(["md", "alpha-quartz", *run, "--restart", str(tmp_path / "missing.npz")]) == 2
     assert main(["md", "alpha-quartz", *run, "--replicas", "3", "--restart", str(npz), "--out", str(more)]) == 2
+
+
+def test_md_ctrl_c_writes_what_was_recorded_and_restarts(served, tmp_path):
+    """SIGINT to a torch-free ``macefield md``: exit 130, the npz and the extended XYZ hold the records so far,
+    and ``--restart`` continues from them."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from serving import assert_torch_free, torch_free_env
+
+    env, report = torch_free_env(tmp_path)
+    npz, xyz = tmp_path / "cut.npz", tmp_path / "cut.xyz"
+    run = ["--server", served, "--head", "sio2", "--replicas", "2", "--temperature", "300", "--record-every", "1",
+           "--equilibrate", "0", "--seed", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "macefield_client.cli", "md", "alpha-quartz", *run, "--steps",
+                             "100000", "--out", str(npz), "--extxyz", str(xyz)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(12.0)  # start-up and some steps
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (stdout, stderr)
+    assert_torch_free(report)
+    assert "(interrupted)" in stdout
+    records = np.load(npz)["record_time_fs"]
+    assert records.shape[0] == 2 and 2 <= records.shape[1] < 100_000 and np.all(np.diff(records[0]) == 1.0)
+    import ase.io
+
+    frames = ase.io.read(xyz, index=":")
+    assert len(frames) == 2 * records.shape[1] and [a.info["replica"] for a in frames[:2]] == [0, 0]
+    more = tmp_path / "more.npz"
+    assert main(["md", "alpha-quartz", *run, "--quiet", "--steps", "3", "--restart", str(npz), "--out",
+                 str(more)]) == 0
+    assert np.load(more)["record_time_fs"].shape == (2, records.shape[1] + 3)
