@@ -52,7 +52,8 @@ def main() -> int:
     from macefield_client.structures import alpha_quartz
     from macefield_client.workflows import Ensemble, eps_static_fluctuation, harmonic
 
-    result: dict = {"benchmark": "ensemble_eps_static", "hardware": args.hardware, "settings": vars(args).copy()}
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    result: dict = {"benchmark": "ensemble_eps_static", "hardware": args.hardware, "settings": settings}
     with tempfile.TemporaryDirectory() as tmp:
         proc, port = start_server(args.threads, Path(tmp))
         try:
