@@ -25,7 +25,12 @@ run still leaves results).  Sections:
    same backend: only batching differs) and direct in-process batched
    evaluation (bench/load.py's machinery).  Both servers are started before
    the correctness section, so that they load (and convert) their model while
-   it runs, and are SERVING before the engine section starts timing.
+   it runs, and are SERVING before the engine section starts timing.  Also
+   ``ensemble``: the client's ensemble MD (``macefield_client.workflows.Ensemble``,
+   each step's N replicas in one PredictBatch call to the batching server) of
+   the 72-atom cell, N = 8 and 32, Langevin 300 K, a constant field, energy,
+   forces, stress and P every step, and the same with alpha every step: steps/s,
+   replica-steps/s and the mean batch the client sent.
 4. ``md_step``: where one MD step of a single PredictStream client goes:
    decode, validation, neighbour list, collate, host-to-device, compute,
    device-to-host, split, encode (in-process, the server's own functions), and
@@ -709,8 +714,44 @@ def served(cache, servers, device, args, record, deadline):
         out["results"][str(clients)] = row
         save(record)  # a killed suite keeps the levels measured
         print(json.dumps({"clients": clients, **{k: v["throughput_sps"] for k, v in row.items()}}), flush=True)
+    try:
+        out["ensemble"] = ensemble_steps(servers["batching"].port, atoms, args, record, deadline)
+    except Exception as exc:  # noqa: BLE001 - the rest of the section stands
+        out["ensemble"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    save(record)
     md = md_step(direct_model, atoms, device, args, servers["batching"].port)
     return out, md
+
+
+def ensemble_steps(port: int, atoms, args, record, deadline) -> dict:
+    """Ensemble MD through the served model: N replicas in lockstep, each step one PredictBatch call (E, F,
+    stress, P; and with alpha every step), after one untimed step."""
+    from macefield_client import Client
+    from macefield_client.workflows import Ensemble
+
+    sizes, steps = ((2,), 2) if args.smoke else ((8, 32), 10)
+    out: dict = {"n_atoms": len(atoms), "steps": steps, "thermostat": "langevin 300 K, 1 fs",
+                 "field_V_A": [0.0, 0.0, 0.01], "results": {}}
+    with Client(f"127.0.0.1:{port}") as client:
+        for n in sizes:
+            for alpha in (False, True):
+                label = f"{n}_{'alpha' if alpha else 'efp'}"
+                if time.monotonic() > deadline:
+                    record["notes"].append(f"server: budget spent before ensemble {label}")
+                    return out
+                ens = Ensemble(client, atoms, replicas=n, temperature=300.0, fields=(0.0, 0.0, 0.01), timestep_fs=1.0,
+                               record_every=1, record_alpha=alpha, seed=0)
+                ens.run(1)  # the starting state and one step: warm-up
+                calls = ens.gatherer.calls
+                t0 = time.perf_counter()
+                ens.run(steps)
+                wall = time.perf_counter() - t0
+                out["results"][label] = {"replicas": n, "alpha": alpha, "steps_per_s": steps / wall,
+                                         "replica_steps_per_s": n * steps / wall, "ms_per_step": 1e3 * wall / steps,
+                                         "calls_per_step": (ens.gatherer.calls - calls) / steps,
+                                         "mean_batch": ens.mean_batch}
+                print(json.dumps({"ensemble": label, "steps_per_s": out["results"][label]["steps_per_s"]}), flush=True)
+    return out
 
 
 # ------------------------------------------------------------------ 4. one MD step

@@ -236,6 +236,11 @@ def test_gpu_suite_smoke(tmp_path):
     for row in sections["engine"]["series"]:
         assert [p["structures"] for p in row["points"]] == [1, 2]
         assert all(p["structures_per_s"] > 0 and p["us_per_atom"] > 0 for p in row["points"])
+    # server: the ensemble MD of the client, each step's replicas in one batch, with and without alpha
+    ensemble = sections["server"]["ensemble"]
+    assert set(ensemble["results"]) == {"2_efp", "2_alpha"}, ensemble
+    assert all(r["steps_per_s"] > 0 and r["calls_per_step"] == 1 and r["mean_batch"] == 2
+               for r in ensemble["results"].values())
     # server: both clients levels, four modes each, every request answered
     for level in ("1", "2"):
         row = sections["server"]["results"][level]

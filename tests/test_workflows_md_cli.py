@@ -86,6 +86,13 @@ def test_md_then_spectrum_equals_spectrum_of_the_structure(served, tmp_path):
     assert continued["record_time_fs"].shape == (2, 101)
     assert np.allclose(continued["record_time_fs"][:, :81], saved["record_time_fs"])
     assert np.allclose(continued["record_energy_eV"][:, :81], saved["record_energy_eV"])
+    # dielectric (and raman) of a structure record alpha: eps_inf = 1 + <alpha>/(V eps0), the volume from the run
+    kept, out = tmp_path / "eps.npz", tmp_path / "eps.json"
+    assert main(["spectrum", "dielectric", "alpha-quartz", *run, "--steps", "30", "--out", str(kept), "--json",
+                 str(out)]) == 0
+    assert np.isfinite(np.load(kept)["record_alpha_e_A2_V"]).all()
+    eps = json.loads(out.read_text())
+    assert "recorded alpha" in eps["metadata"]["eps_inf_source"] and np.array(eps["eps_static"]).shape == (3, 3)
     # bad input is named
     assert main(["md", "alpha-quartz", *run, "--restart", str(tmp_path / "missing.npz")]) == 2
     assert main(["md", "alpha-quartz", *run, "--replicas", "3", "--restart", str(npz), "--out", str(more)]) == 2

@@ -337,8 +337,9 @@ def run_md(args, atoms, *, alpha: bool, out: str) -> bool:
         try:
             if args.relax and args.restart is None:
                 atoms, info = relax(client, atoms, head=args.head, model=args.model)
-                print(f"relaxed: {info.get('steps', '?')} steps, residual force "
-                      f"{info.get('max_force_eV_A', float('nan')):.2e} eV/A", file=sys.stderr)
+                if not args.quiet:
+                    print(f"relaxed: {info.get('steps', '?')} steps, residual force "
+                          f"{info.get('max_force_eV_A', float('nan')):.2e} eV/A", file=sys.stderr)
             ens = Ensemble(client, atoms, replicas=args.replicas, fields=field, timestep_fs=timestep,
                            temperature=temperature, thermostat=args.thermostat, friction=args.friction,
                            taut_fs=args.taut, record_every=args.record_every, record_alpha=alpha,
