@@ -718,6 +718,7 @@ def served(cache, servers, device, args, record, deadline):
         out["ensemble"] = ensemble_steps(servers["batching"].port, atoms, args, record, deadline)
     except Exception as exc:  # noqa: BLE001 - the rest of the section stands
         out["ensemble"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        record["notes"].append(f"server: ensemble failed: {out['ensemble']['error']}")
     save(record)
     md = md_step(direct_model, atoms, device, args, servers["batching"].port)
     return out, md
@@ -923,6 +924,12 @@ def summarise_record(record):
         ratio = srv["64"]["predict_batching"]["throughput_sps"] / srv["64"]["direct"]["throughput_sps"]
         checks["served_over_direct_64_clients"] = {"value": ratio, "target": ">= 0.8",
                                                    "pass": ratio >= TARGETS["served_over_direct_64_clients"]}
+    ensemble = ((record["sections"].get("server") or {}).get("ensemble") or {}).get("results", {})
+    for label, row in ensemble.items():
+        checks[f"ensemble_{label}_replica_steps_per_s"] = {
+            "value": row["replica_steps_per_s"], "target": f"report ({row['replicas']} replicas, one batch per step, "
+                                                           f"{'E+F+P+alpha' if row['alpha'] else 'E+F+P'})",
+            "pass": None}
     return checks
 
 
