@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import warnings
 import ase.io
 import numpy as np
 import pytest
-from serving import free_port, run_torch_free, torch_free_env
+from serving import run_torch_free, torch_free_env
 
 from macefield_client.structures import alpha_quartz, perovskite_batio3
 from macefield_server.serving.background import BackgroundServer
@@ -142,15 +143,17 @@ def test_a_closed_pipe_and_ctrl_c_end_without_a_traceback(target, tmp_path):
 
     src = tmp_path / "q.xyz"
     ase.io.write(src, [alpha_quartz()], format="extxyz")
-    nobody = f"127.0.0.1:{free_port()}"
-    waiting = subprocess.Popen([*CLI, "predict", str(src), "--server", nobody, "-o", str(tmp_path / "o.xyz"),
-                                "--retries", "50"], env=env, stderr=subprocess.PIPE, text=True)
-    first = waiting.stderr.readline()  # the first "waiting for server" line: it is waiting now
-    assert "waiting for server" in first, first
-    time.sleep(0.3)
-    waiting.send_signal(signal.SIGINT)
-    rest = waiting.stderr.read()
-    assert waiting.wait(timeout=60) == 130
+    with socket.socket() as reserved:  # bound, never listening: connections are refused and nobody else takes it
+        reserved.bind(("127.0.0.1", 0))
+        nobody = "127.0.0.1:%d" % reserved.getsockname()[1]
+        waiting = subprocess.Popen([*CLI, "predict", str(src), "--server", nobody, "-o", str(tmp_path / "o.xyz"),
+                                    "--retries", "50"], env=env, stderr=subprocess.PIPE, text=True)
+        first = waiting.stderr.readline()  # the first "waiting for server" line: it is waiting now
+        assert "waiting for server" in first, first
+        time.sleep(0.3)
+        waiting.send_signal(signal.SIGINT)
+        rest = waiting.stderr.read()
+        assert waiting.wait(timeout=60) == 130
     assert "Traceback" not in rest and rest.strip().splitlines()[-1] == "macefield: interrupted", rest
 
 
