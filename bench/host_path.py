@@ -17,10 +17,11 @@ For alpha-quartz (9, 72, 576, 4608 atoms) and a 135-atom BaTiO3 MD frame, single
 is that batch's preparation where the model runs: the copy, the search and the tensors
 (:func:`macefield_server.engine.device_graph.collate_on_device`; on a CPU, vesin's CPU search).
 
-The prep stage's throughput (validate + neighbour list on a thread pool, as the server runs it) is
-measured with 1 and 2 workers, round by round in turn with a control: SHA-256 of 1 MiB per task (C code
-without the GIL), i.e. the parallelism the machine offers at that moment; and the share of a prep task
-spent in the search without the GIL, which bounds what any number of threads can gain.
+The prep stage's throughput (validate + neighbour list, as the server runs it) is measured with 1 and 2
+workers of each prep mode (``thread``: a thread pool; ``process``: validation in process, the lists on
+worker processes), round by round in turn with a control: SHA-256 of 1 MiB per task on the threads (C
+code without the GIL), i.e. the parallelism the machine offers at that moment; and the share of a prep
+task spent in the search without the GIL, which bounds what any number of threads can gain.
 
 Usage (from the repository root):
     PYTHONPATH=server:client python bench/host_path.py [--out bench/results/host_path_cpu.json] [--quick]
@@ -29,6 +30,7 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # single-threaded stages
@@ -225,38 +227,82 @@ def _prep_task(served, case: dict) -> Callable[[Any], Any]:
     return prep
 
 
-def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 2), structures: int = 64,
-                    rounds: int = 7) -> List[dict]:
-    """Atoms per second through the prep stage (validate + neighbour list) on a pool of each size in ``workers``.
+def _process_round(served, case: dict) -> Callable[[Any, int], Any]:
+    """A round of ``structures`` concurrent requests of ``case`` as the server runs them in process prep mode:
+    each validated on the event loop, its neighbour list built on the worker processes of ``prep``."""
+    from macefield_client.contract import build_request
+    from macefield_server.serving.config import LimitsConfig
+    from macefield_server.serving.registry import ModelRegistry
+    from macefield_server.serving.validation import parse_request
 
-    ``structures`` independent requests per round, each a task on the pool (as concurrent calls are).  The
-    pool sizes and cases take turns round by round (the load from other work on the machine changes over
-    seconds: interleaving exposes every configuration to the same load); per case the best and median round
-    of each pool size, and the speedup of each round (n workers against 1 worker in the same round).
+    registry = ModelRegistry([served])
+    limits = LimitsConfig()
+    request = build_request(case["atoms"], outputs=list(OUTPUTS),
+                            head=case["head"] if case["head"] in served.heads else "")
+
+    async def one(prep):
+        parsed = parse_request(request, registry, limits)
+        return await prep.graphs([(parsed.structure, parsed.served.cutoff)])
+
+    async def many(prep, structures):
+        return await asyncio.gather(*(one(prep) for _ in range(structures)))
+
+    return lambda prep, structures: asyncio.run(many(prep, structures))
+
+
+def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 2), structures: int = 64,
+                    rounds: int = 7, modes: Sequence[str] = ("thread", "process")) -> List[dict]:
+    """Atoms per second through the prep stage (validate + neighbour list) for each prep mode and pool size.
+
+    ``thread``: each request a task (validate + list) on a thread pool of each size in ``workers``;
+    ``process``: each request validated in this process and its list built on :class:`ProcessPrep`
+    workers (the server's ``prep_mode: process``).  ``structures`` independent requests per round (as
+    concurrent calls are).  The configurations and cases take turns round by round (the load from other
+    work on the machine changes over seconds: interleaving exposes every configuration to the same load);
+    per case the best and median round of each, and the speedup of each round against one thread in the
+    same round.  The control (SHA-256, GIL-free C) runs on the threads only.
     """
-    pools = {w: ThreadPoolExecutor(max_workers=w) for w in workers}
-    tasks = {c["name"]: _prep_task(served, c) for c in the_cases}
+    from macefield_server.serving.prep_pool import ProcessPrep
+
+    configs = [(m, w) for m in modes for w in workers]
+    threads = {w: ThreadPoolExecutor(max_workers=w) for w in workers}
+    procs = {w: ProcessPrep(w) for w in workers} if "process" in modes else {}
+    runners: Dict[str, Dict[tuple, Callable[[], Any]]] = {}
+    for c in the_cases:
+        task = _prep_task(served, c)
+        rnd = None if c.get("control") else _process_round(served, c)
+        runners[c["name"]] = {}
+        for m, w in configs:
+            if m == "thread":
+                runners[c["name"]][(m, w)] = (lambda pool=threads[w], task=task:
+                                              list(pool.map(task, range(structures))))
+            elif rnd is not None:
+                runners[c["name"]][(m, w)] = (lambda prep=procs[w], rnd=rnd: rnd(prep, structures))
     atoms = {c["name"]: (1 if c.get("control") else len(c["atoms"])) for c in the_cases}
-    rates: Dict[str, Dict[int, List[float]]] = {c["name"]: {w: [] for w in workers} for c in the_cases}
+    rates: Dict[str, Dict[tuple, List[float]]] = {n: {k: [] for k in r} for n, r in runners.items()}
     try:
-        for name, task in tasks.items():  # warm: per-thread calculators, first calls
-            for w, pool in pools.items():
-                list(pool.map(task, range(2 * w)))
+        for prep in procs.values():
+            prep.warm()
+        for by_config in runners.values():  # warm: per-thread calculators, first calls
+            for run in by_config.values():
+                run()
         for _ in range(rounds):
-            for name, task in tasks.items():
-                for w, pool in pools.items():
+            for name, by_config in runners.items():
+                for key, run in by_config.items():
                     t0 = time.perf_counter()
-                    list(pool.map(task, range(structures)))
-                    rates[name][w].append(structures * atoms[name] / (time.perf_counter() - t0))
+                    run()
+                    rates[name][key].append(structures * atoms[name] / (time.perf_counter() - t0))
     finally:
-        for pool in pools.values():
+        for pool in threads.values():
             pool.shutdown()
+        for prep in procs.values():
+            prep.shutdown()
     out = []
-    for name, by_workers in rates.items():
-        one = by_workers[workers[0]]
-        for w, r in by_workers.items():
+    for name, by_config in rates.items():
+        one = by_config[("thread", workers[0])]
+        for (m, w), r in by_config.items():
             speedup = [a / b for a, b in zip(r, one)]
-            out.append({"workers": w, "structure": name, "atoms_per_s_median": statistics.median(r),
+            out.append({"mode": m, "workers": w, "structure": name, "atoms_per_s_median": statistics.median(r),
                         "atoms_per_s_best": max(r), "speedup_median": statistics.median(speedup),
                         "speedup_best_over_best": max(r) / max(one), "rounds": rounds,
                         "structures_per_round": structures})
@@ -356,12 +402,12 @@ def main(argv=None) -> int:
     cores = wait_for_cores(args.wait_for_cores) if args.wait_for_cores > 0 else None
     if cores is not None:
         print(f"two cores: probe x{cores['probe_speedup']:.2f} after {cores['waited_s']:.0f} s", flush=True)
+    load_prep = os.getloadavg()
     prep = prep_throughput(served, prep_cases, rounds=3 if args.quick else args.rounds)
-    for case in prep_cases:
-        one, two = [p for p in prep if p["structure"] == case["name"]]
-        print(f"prep {case['name']}: 1 worker {one['atoms_per_s_best']:.3g} atoms/s, 2 workers "
-              f"{two['atoms_per_s_best']:.3g} atoms/s (x{two['speedup_best_over_best']:.2f} best over best, "
-              f"same-round x{two['speedup_median']:.2f} median)")
+    for p in prep:
+        print(f"prep {p['structure']}: {p['mode']} x{p['workers']}: {p['atoms_per_s_best']:.3g} atoms/s best, "
+              f"{p['atoms_per_s_median']:.3g} median (against 1 thread: x{p['speedup_best_over_best']:.2f} best "
+              f"over best, same-round x{p['speedup_median']:.2f} median)")
     shares = [gil_free_share(served, c) for c in prep_cases if not c.get("control")]
     for sh in shares:
         print(f"prep {sh['structure']}: {sh['gil_free_share']:.0%} of a task without the GIL "
@@ -374,7 +420,8 @@ def main(argv=None) -> int:
         "cutoff": served.cutoff,
         "neighbour_backend": graph.neighbour_backend() if hasattr(graph, "neighbour_backend") else "matscipy",
         "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+                     "loadavg_before": load_before, "loadavg_before_prep": load_prep,
+                     "loadavg_after": os.getloadavg()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "rows": rows,
         "prep_throughput": prep,

@@ -217,6 +217,28 @@ def _vesin_calculator(cutoff: float):
     return calc
 
 
+def half_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):
+    """vesin's half list: (i, j, integer shifts S (m, 3), distances d) with each unordered pair once."""
+    return _vesin_calculator(float(cutoff)).compute(positions, cell, np.asarray(pbc, dtype=bool), "ijSd")
+
+
+def mirrored(i: np.ndarray, j: np.ndarray, shifts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(edge_index (2, 2m) int64, unit_shifts (2m, 3) float64) of a half list: its m pairs, then (j, i, -S).
+
+    ``shifts`` are integers (any integer dtype): negated as integers, so a zero shift is +0.0, never -0.0.
+    """
+    m = int(i.shape[0])
+    edge_index = np.empty((2, 2 * m), dtype=np.int64)
+    edge_index[0, :m] = i
+    edge_index[0, m:] = j
+    edge_index[1, :m] = j
+    edge_index[1, m:] = i
+    unit_shifts = np.empty((2 * m, 3), dtype=np.float64)
+    unit_shifts[:m] = shifts
+    unit_shifts[m:] = -shifts
+    return edge_index, unit_shifts
+
+
 def _edges(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float, backend: Optional[str] = None):
     """(edge_index (2, E) int64, unit shifts (E, 3) float64, distances (E,) float64, k of the shortest edge or -1).
 
@@ -227,17 +249,9 @@ def _edges(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: flo
     backend = backend or _backend["name"]
     cutoff = float(cutoff)
     if backend == "vesin":
-        i, j, shifts, d = _vesin_calculator(cutoff).compute(positions, cell, np.asarray(pbc, dtype=bool), "ijSd")
-        m = int(d.shape[0])
-        edge_index = np.empty((2, 2 * m), dtype=np.int64)
-        edge_index[0, :m] = i
-        edge_index[0, m:] = j
-        edge_index[1, :m] = j
-        edge_index[1, m:] = i
-        unit_shifts = np.empty((2 * m, 3), dtype=np.float64)
-        unit_shifts[:m] = shifts
-        unit_shifts[m:] = -shifts  # integer negation: +0.0, never -0.0
-        closest = int(np.argmin(d)) if m else -1
+        i, j, shifts, d = half_list(positions, cell, pbc, cutoff)
+        edge_index, unit_shifts = mirrored(i, j, shifts)
+        closest = int(np.argmin(d)) if d.shape[0] else -1
         return edge_index, unit_shifts, np.concatenate([d, d]), closest
     if backend != "matscipy":
         raise ValueError(f"neighbour backend: expected one of {list(NEIGHBOUR_BACKENDS)}, got {backend!r}")
@@ -261,6 +275,41 @@ def pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: floa
     return edge_index[0], edge_index[1], unit_shifts.astype(np.int64), d
 
 
+@dataclass
+class HalfGraph:
+    """vesin's half list of a structure before it is mirrored (:func:`mirrored`) into a :class:`NeighbourGraph`.
+
+    ``i``, ``j``: (m,) atom indices (any integer dtype); ``shifts``: (m, 3) integer unit shifts; ``cell``,
+    ``positions``, ``closest``: those of the graph.  Half the size of the graph's arrays (and smaller dtypes
+    fit): what worker processes send back (:mod:`macefield_server.serving.prep_pool`).
+    """
+
+    i: np.ndarray
+    j: np.ndarray
+    shifts: np.ndarray
+    cell: np.ndarray
+    positions: np.ndarray
+    closest: Optional[ClosestPair]
+
+    def graph(self) -> NeighbourGraph:
+        edge_index, unit_shifts = mirrored(self.i, self.j, self.shifts)
+        return NeighbourGraph(edge_index=edge_index, unit_shifts=unit_shifts, cell=self.cell, closest=self.closest,
+                              positions=self.positions)
+
+
+def half_neighbour_list(structure: Structure, cutoff: float) -> HalfGraph:
+    """:func:`neighbour_list` with vesin, before mirroring (a structure with at least one atom)."""
+    cell = _padded_cell(structure, cutoff)
+    positions = canonical_positions(structure, cell)
+    i, j, shifts, d = half_list(positions, cell, structure.pbc, cutoff)
+    closest = None
+    if d.shape[0]:  # the first shortest edge: the same as in the mirrored list (its first half)
+        k = int(np.argmin(d))
+        closest = ClosestPair(int(i[k]), int(j[k]), (int(shifts[k, 0]), int(shifts[k, 1]), int(shifts[k, 2])),
+                              float(d[k]))
+    return HalfGraph(i, j, shifts, cell, positions, closest)
+
+
 def neighbour_list(structure: Structure, cutoff: float, backend: Optional[str] = None) -> NeighbourGraph:
     """All ordered pairs closer than ``cutoff`` (Angstrom), excluding self-pairs at zero shift.
 
@@ -270,6 +319,8 @@ def neighbour_list(structure: Structure, cutoff: float, backend: Optional[str] =
     The shortest edge (``closest``) comes from the search's own distances: the
     min-distance check needs no second pass.
     """
+    if (backend or _backend["name"]) == "vesin" and structure.n_atoms:
+        return half_neighbour_list(structure, cutoff).graph()
     cell = _padded_cell(structure, cutoff)
     if structure.n_atoms == 0:
         return NeighbourGraph(np.zeros((2, 0), np.int64), np.zeros((0, 3)), cell, positions=np.zeros((0, 3)))
