@@ -227,9 +227,10 @@ def _prep_task(served, case: dict) -> Callable[[Any], Any]:
     return prep
 
 
-def _process_round(served, case: dict) -> Callable[[Any, int], Any]:
+def _process_round(served, case: dict, loop: asyncio.AbstractEventLoop) -> Callable[[Any, int], Any]:
     """A round of ``structures`` concurrent requests of ``case`` as the server runs them in process prep mode:
-    each validated on the event loop, its neighbour list built on the worker processes of ``prep``."""
+    each validated on the event loop (``loop``: one for every round, as the server's), its neighbour list
+    built on the worker processes of ``prep``."""
     from macefield_client.contract import build_request
     from macefield_server.serving.config import LimitsConfig
     from macefield_server.serving.registry import ModelRegistry
@@ -247,7 +248,7 @@ def _process_round(served, case: dict) -> Callable[[Any, int], Any]:
     async def many(prep, structures):
         return await asyncio.gather(*(one(prep) for _ in range(structures)))
 
-    return lambda prep, structures: asyncio.run(many(prep, structures))
+    return lambda prep, structures: loop.run_until_complete(many(prep, structures))
 
 
 def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 2), structures: int = 64,
@@ -267,10 +268,11 @@ def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 
     configs = [(m, w) for m in modes for w in workers]
     threads = {w: ThreadPoolExecutor(max_workers=w) for w in workers}
     procs = {w: ProcessPrep(w) for w in workers} if "process" in modes else {}
+    loop = asyncio.new_event_loop()
     runners: Dict[str, Dict[tuple, Callable[[], Any]]] = {}
     for c in the_cases:
         task = _prep_task(served, c)
-        rnd = None if c.get("control") else _process_round(served, c)
+        rnd = None if c.get("control") else _process_round(served, c, loop)
         runners[c["name"]] = {}
         for m, w in configs:
             if m == "thread":
@@ -297,6 +299,7 @@ def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 
             pool.shutdown()
         for prep in procs.values():
             prep.shutdown()
+        loop.close()
     out = []
     for name, by_config in rates.items():
         one = by_config[("thread", workers[0])]

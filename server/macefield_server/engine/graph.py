@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import functools
 import threading
 
 import numpy as np
@@ -506,6 +507,15 @@ def _joined(parts: Sequence[np.ndarray], axis: int = 0) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
+@functools.lru_cache(maxsize=64)
+def _species_table(atomic_numbers: Tuple[int, ...]) -> np.ndarray:
+    """Atomic number -> index among ``atomic_numbers`` (-1: not in the model); read-only, shared between calls."""
+    table = np.full(max(max(atomic_numbers), 119) + 1, -1, dtype=np.int64)
+    table[np.asarray(atomic_numbers, dtype=np.int64)] = np.arange(len(atomic_numbers))
+    table.flags.writeable = False
+    return table
+
+
 def collate(
     structures: Sequence[Structure],
     graphs: Sequence[NeighbourGraph],
@@ -519,34 +529,37 @@ def collate(
 
     Raises ValueError naming the structure when an element is not in the model.
     """
-    z_to_index = np.full(max(max(atomic_numbers), 119) + 1, -1, dtype=np.int64)
-    z_to_index[np.asarray(atomic_numbers, dtype=np.int64)] = np.arange(len(atomic_numbers))
+    z_to_index = _species_table(tuple(int(z) for z in atomic_numbers))
     n_elements = len(atomic_numbers)
+    n_atoms = [s.n_atoms for s in structures]
 
-    species, positions, edges, unit_shifts, shifts, cells, batch = [], [], [], [], [], [], []
+    numbers = _joined([s.numbers for s in structures]) if structures else np.zeros(0, np.int64)
+    bad = (numbers < 0) | (numbers >= len(z_to_index))  # the element check over the whole batch at once
+    species_all = np.where(bad, -1, z_to_index[np.clip(numbers, 0, len(z_to_index) - 1)])
+    if (species_all < 0).any():
+        missing = sorted(set(int(z) for z in numbers[species_all < 0]))
+        raise ValueError(f"atomic_numbers: element(s) {missing} not in the model (has {list(atomic_numbers)})")
+    positions, edges, unit_shifts, shifts, cells = [], [], [], [], []
     offset = 0
-    for g, (s, ng) in enumerate(zip(structures, graphs)):
-        bad = (s.numbers < 0) | (s.numbers >= len(z_to_index))
-        idx = np.where(bad, -1, z_to_index[np.clip(s.numbers, 0, len(z_to_index) - 1)])
-        if (idx < 0).any():
-            missing = sorted(set(int(z) for z in s.numbers[idx < 0]))
-            raise ValueError(f"atomic_numbers: element(s) {missing} not in the model (has {list(atomic_numbers)})")
-        species.append(idx)
+    for s, ng in zip(structures, graphs):
         positions.append(ng.positions if ng.positions is not None else canonical_positions(s, ng.cell))
         edges.append(ng.edge_index + offset if offset else ng.edge_index)
         unit_shifts.append(ng.unit_shifts)
         shifts.append(ng.unit_shifts @ ng.cell)
         cells.append(ng.cell)
-        batch.append(np.full(s.n_atoms, g, dtype=np.int64))
         offset += s.n_atoms
 
-    species_all = _joined(species) if species else np.zeros(0, np.int64)
     node_attrs = np.zeros((len(species_all), n_elements))
     node_attrs[np.arange(len(species_all)), species_all] = 1.0
-    ptr = np.concatenate([[0], np.cumsum([s.n_atoms for s in structures])])
+    counts = np.asarray(n_atoms, dtype=np.int64)
+    ptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    batch = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    on_cpu = torch.device(device).type == "cpu"
 
     def t(a, dt=dtype):
-        return torch.as_tensor(np.asarray(a), dtype=dt).to(device)
+        tensor = torch.as_tensor(np.asarray(a), dtype=dt)
+        return tensor if on_cpu else tensor.to(device)
 
     volumes = [s.volume for s in structures]
 
@@ -559,7 +572,7 @@ def collate(
         "unit_shifts": t(_joined(unit_shifts), geometry),
         "shifts": t(_joined(shifts), geometry),
         "cell": t(_joined(cells), geometry),
-        "batch": t(_joined(batch), torch.int64),
+        "batch": t(batch, torch.int64),
         "ptr": t(ptr, torch.int64),
         "head": t(np.asarray(head_index, dtype=np.int64), torch.int64),
         "electric_field": t(np.stack([s.electric_field for s in structures]), geometry),
@@ -569,7 +582,7 @@ def collate(
     }
     return GraphBatch(
         tensors=tensors,
-        n_atoms=[s.n_atoms for s in structures],
+        n_atoms=n_atoms,
         periodic=[s.periodic for s in structures],
         volumes=volumes,
         cells=[s.cell.copy() for s in structures],

@@ -29,7 +29,7 @@ import multiprocessing
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import List, Optional, Sequence, Set, Tuple
+from typing import List, Optional, Sequence, Set, Tuple, cast
 
 import numpy as np
 
@@ -113,26 +113,28 @@ def build_packed(jobs: Sequence[Job]) -> List[Packed]:
     return [pack(structure, cutoff) for structure, cutoff in jobs]
 
 
-def chunks(jobs: Sequence[Job], parts: int) -> List[List[Job]]:
-    """``jobs`` in at most ``parts`` contiguous chunks of about equal atoms (order kept)."""
-    if len(jobs) <= 1 or parts <= 1:
-        return [list(jobs)] if jobs else []
-    sizes = np.cumsum([s.n_atoms for s, _ in jobs])
-    bounds = np.searchsorted(sizes, sizes[-1] * np.arange(1, parts) / parts, side="left") + 1
-    out, start = [], 0
-    for stop in list(bounds) + [len(jobs)]:
-        if stop > start:
-            out.append(list(jobs[start:stop]))
-            start = stop
-    return out
+class _Call:
+    """The lists of one :meth:`ProcessPrep.graphs` call as they come back (possibly from several workers)."""
+
+    def __init__(self, n: int, future: "asyncio.Future[List[NeighbourGraph]]"):
+        self.graphs: List[Optional[NeighbourGraph]] = [None] * n
+        self.left = n
+        self.future = future
+
+    def put(self, k: int, graph: NeighbourGraph) -> None:
+        self.graphs[k] = graph
+        self.left -= 1
+        if not self.left and not self.future.done():
+            self.future.set_result(cast(List[NeighbourGraph], self.graphs))
 
 
 class ProcessPrep:
     """A pool of ``workers`` processes building neighbour lists; rebuilt when a worker dies.
 
-    Calls are coalesced: the jobs of every call that arrives while all workers are busy go out together,
-    split across the workers as they free up (one message per worker instead of one per call), so the
-    cost of a round trip to a worker is shared by the concurrent calls.  Used from one event loop at a time.
+    Calls are coalesced: the jobs of the calls that arrive while all workers are busy wait, and a worker
+    that frees up takes a 1/workers share of them in one message (instead of one message per call), so
+    the cost of a round trip to a worker is shared by the concurrent calls and the workers stay balanced.
+    Used from one event loop at a time.
     """
 
     def __init__(self, workers: int, backend: Optional[str] = None):
@@ -142,7 +144,7 @@ class ProcessPrep:
         self._closed = False
         self.rebuilds = 0  #: pools replaced after a worker died
         self._pool = self._new_pool()
-        self._pending: List[Tuple[List[Job], "asyncio.Future[List[NeighbourGraph]]"]] = []
+        self._pending: List[Tuple[Job, _Call, int]] = []  #: (job, its call, its place in the call)
         self._busy = 0  #: tasks on the workers now
         self._tasks: Set["asyncio.Task[None]"] = set()
 
@@ -191,41 +193,38 @@ class ProcessPrep:
             self._flush()
 
     def _flush(self) -> None:
-        """Send what is pending to the free workers (nothing while all are busy: it waits for one)."""
-        free = self.workers - self._busy
-        if not self._pending or free <= 0:
+        """Send what is pending to the free workers, a 1/workers share each (the rest waits for a worker)."""
+        if not self._pending or self._busy >= self.workers:
             return
-        pending, self._pending = self._pending, []
-        jobs = [job for batch, _ in pending for job in batch]
-        parts = chunks(jobs, free)
-        self._busy += len(parts)
-        task = asyncio.get_running_loop().create_task(self._answer(pending, parts))
-        self._tasks.add(task)  # a reference until done (the loop keeps only weak ones)
-        task.add_done_callback(self._tasks.discard)
+        share = -(-len(self._pending) // self.workers)  # ceil: the pending jobs spread over all the workers
+        loop = asyncio.get_running_loop()
+        while self._pending and self._busy < self.workers:
+            part, self._pending = self._pending[:share], self._pending[share:]
+            self._busy += 1
+            task = loop.create_task(self._answer(part))
+            self._tasks.add(task)  # a reference until done (the loop keeps only weak ones)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _answer(self, pending, parts: List[List[Job]]) -> None:
+    async def _answer(self, part: List[Tuple[Job, _Call, int]]) -> None:
         try:
-            done = await asyncio.gather(*(self._part(p) for p in parts))
+            packed = await self._part([job for job, _, _ in part])
         except BaseException as exc:  # noqa: BLE001  (handed to every waiting call)
-            for _, future in pending:
-                if not future.done():
-                    future.set_exception(exc)
+            for _, call, _ in part:
+                if not call.future.done():
+                    call.future.set_exception(exc)
             return
-        packed = [x for part in done for x in part]
-        k = 0
-        for batch, future in pending:
-            if not future.done():  # a cancelled call: its lists are dropped
-                future.set_result([unpack(x) for x in packed[k:k + len(batch)]])
-            k += len(batch)
+        for (_, call, k), one in zip(part, packed):
+            if not call.future.done():  # a cancelled call: its lists are dropped
+                call.put(k, unpack(one))
 
     async def graphs(self, jobs: Sequence[Job]) -> List[NeighbourGraph]:
         """The neighbour list of every job, built on the workers (order kept)."""
         if not jobs:
             return []
-        future: "asyncio.Future[List[NeighbourGraph]]" = asyncio.get_running_loop().create_future()
-        self._pending.append((list(jobs), future))
+        call = _Call(len(jobs), asyncio.get_running_loop().create_future())
+        self._pending.extend((job, call, k) for k, job in enumerate(jobs))
         self._flush()
-        return await future
+        return await call.future
 
     def shutdown(self, wait: bool = True) -> None:
         with self._lock:
