@@ -12,6 +12,9 @@ For alpha-quartz (9, 72, 576, 4608 atoms) and a 135-atom BaTiO3 MD frame, single
 
 ``host_total`` is their sum: the work per structure from received bytes to sent bytes that is not the model
 (``cpu_model_total``: the same without h2d, as a model served on the CPU runs it).
+``process_prep_serving_total`` is what the serving process itself does per structure for a CPU model
+with ``prep_mode: process`` (decode + validate + unpack (the worker's packed half list mirrored) + collate
++ d2h + encode); ``worker_list`` (not in it) is the worker's share: the list built and packed.
 ``device_nl_total`` is the host side of a CUDA batch whose neighbour lists are built on the device
 (decode + validate + the copy of positions/cells + d2h + encode); ``device_collate`` (not in either total)
 is that batch's preparation where the model runs: the copy, the search and the tensors
@@ -115,6 +118,7 @@ def stage_costs(served, case: dict, *, outputs=OUTPUTS, min_repeats: int = 20, m
     from macefield_server.engine.response import engine_outputs, respond
     from macefield_server.serving.batcher import Timing
     from macefield_server.serving.config import LimitsConfig
+    from macefield_server.serving.prep_pool import pack, unpack
     from macefield_server.serving.registry import ModelRegistry
     from macefield_server.serving.service import result_to_proto
     from macefield_server.serving.validation import parse_request, too_close, too_dense
@@ -159,6 +163,7 @@ def stage_costs(served, case: dict, *, outputs=OUTPUTS, min_repeats: int = 20, m
         return check_finite(keep_requested(r, parsed.outputs), graph, structure.numbers)
 
     values = d2h()
+    packed = pack(structure, cutoff)
     timing = Timing(queue_s=1e-3, compute_s=5e-2, total_s=5.1e-2, batch_structures=1, batch_atoms=n)
 
     def encode():
@@ -184,16 +189,21 @@ def stage_costs(served, case: dict, *, outputs=OUTPUTS, min_repeats: int = 20, m
         "d2h": timed(d2h, **kw),
         "encode": timed(encode, **kw),
         "geometry_h2d": timed(copy_geometry, **kw),
+        "worker_list": timed(lambda: pack(structure, cutoff), **kw),
+        "unpack": timed(lambda: unpack(packed), **kw),
         "device_collate": timed(device_collate, **kw),
     }
     host = ("decode", "validate", "neighbours", "collate", "h2d", "d2h", "encode")
     cpu = ("decode", "validate", "neighbours", "collate", "d2h", "encode")  # a CPU model: nothing is copied
     device_nl = ("decode", "validate", "geometry_h2d", "d2h", "encode")
+    # prep_mode process, CPU model: what the serving process does (the list comes from a worker, mirrored here)
+    serving_process = ("decode", "validate", "unpack", "collate", "d2h", "encode")
     row: Dict[str, Any] = {"name": case["name"], "atoms": n, "edges": int(graph.edge_index.shape[1]),
                            "request_bytes": len(data), "response_bytes": len(encode()), "stages": {}}
     for name, t in stages.items():
         row["stages"][name] = {**t, "us_per_atom": 1e6 * t["median_s"] / n, "min_us_per_atom": 1e6 * t["min_s"] / n}
-    for key, names in (("host_total", host), ("cpu_model_total", cpu), ("device_nl_total", device_nl)):
+    for key, names in (("host_total", host), ("cpu_model_total", cpu), ("device_nl_total", device_nl),
+                       ("process_prep_serving_total", serving_process)):
         med = sum(stages[s]["median_s"] for s in names)
         low = sum(stages[s]["min_s"] for s in names)
         row[key] = {"stages": list(names), "median_s": med, "min_s": low, "us_per_atom": 1e6 * med / n,
@@ -369,12 +379,14 @@ def host_breakdown(served, the_cases: List[dict], *, min_repeats: int = 20, min_
 
 def table(rows: List[dict]) -> str:
     names = ("decode", "validate", "neighbours", "collate", "h2d", "d2h", "encode")
-    head = f"{'structure':>12} {'atoms':>5} " + " ".join(f"{s:>10}" for s in names) + f" {'total':>8} {'dev-NL':>7}"
+    head = (f"{'structure':>12} {'atoms':>5} " + " ".join(f"{s:>10}" for s in names)
+            + f" {'total':>8} {'dev-NL':>7} {'proc-srv':>8}")
     lines = ["us/atom, median (single thread)", head]
     for r in rows:
         lines.append(f"{r['name']:>12} {r['atoms']:>5} " + " ".join(f"{r['stages'][s]['us_per_atom']:>10.2f}"
                                                                       for s in names)
-                     + f" {r['host_total']['us_per_atom']:>8.2f} {r['device_nl_total']['us_per_atom']:>7.2f}")
+                     + f" {r['host_total']['us_per_atom']:>8.2f} {r['device_nl_total']['us_per_atom']:>7.2f}"
+                     + f" {r['process_prep_serving_total']['us_per_atom']:>8.2f}")
     return "\n".join(lines)
 
 
