@@ -41,6 +41,11 @@ def prep_of(server):
     return server._started().process_prep
 
 
+def on_loop(server, coroutine):
+    """Run ``coroutine`` on the server's event loop (where its prep pool is used) and return its result."""
+    return asyncio.run_coroutine_threadsafe(coroutine, server.loop).result(timeout=120)
+
+
 def a_worker(prep, timeout: float = 30.0) -> int:
     """The pid of a live worker of ``prep`` (a rebuilt pool starts its workers with its first tasks)."""
     end = time.monotonic() + timeout
@@ -64,8 +69,16 @@ def test_worker_lists_are_bitwise_the_in_process_lists(servers):
     prep = prep_of(processes)
     assert prep is not None and len(prep.pids()) == 2
     jobs = [(Structure.from_atoms(a), 4.0) for a in structures()]
-    built = asyncio.run(prep.graphs(jobs))
+    built = on_loop(processes, prep.graphs(jobs))
     assert len(built) == len(jobs)
+    # concurrent calls, coalesced while the workers are busy: each gets its own lists, in its own order
+    calls = [jobs[k:] + jobs[:k] for k in range(len(jobs))] * 3
+
+    async def concurrently():
+        return await asyncio.gather(*(prep.graphs(c) for c in calls))
+
+    for call, answer in zip(calls, on_loop(processes, concurrently())):
+        assert [g.edge_index.tobytes() for g in answer] == [neighbour_list(s, c).edge_index.tobytes() for s, c in call]
     for (structure, cutoff), got in zip(jobs, built):
         want = neighbour_list(structure, cutoff)
         assert got.edge_index.dtype == np.int64 and got.edge_index.tobytes() == want.edge_index.tobytes()
