@@ -12,15 +12,19 @@ For alpha-quartz (9, 72, 576, 4608 atoms) and a 135-atom BaTiO3 MD frame, single
 
 ``host_total`` is their sum: the work per structure from received bytes to sent bytes that is not the model
 (``cpu_model_total``: the same without h2d, as a model served on the CPU runs it).
+``process_prep_serving_total`` is what the serving process itself does per structure for a CPU model
+with ``prep_mode: process`` (decode + validate + unpack (the worker's packed half list mirrored) + collate
++ d2h + encode); ``worker_list`` (not in it) is the worker's share: the list built and packed.
 ``device_nl_total`` is the host side of a CUDA batch whose neighbour lists are built on the device
 (decode + validate + the copy of positions/cells + d2h + encode); ``device_collate`` (not in either total)
 is that batch's preparation where the model runs: the copy, the search and the tensors
 (:func:`macefield_server.engine.device_graph.collate_on_device`; on a CPU, vesin's CPU search).
 
-The prep stage's throughput (validate + neighbour list on a thread pool, as the server runs it) is
-measured with 1 and 2 workers, round by round in turn with a control: SHA-256 of 1 MiB per task (C code
-without the GIL), i.e. the parallelism the machine offers at that moment; and the share of a prep task
-spent in the search without the GIL, which bounds what any number of threads can gain.
+The prep stage's throughput (validate + neighbour list, as the server runs it) is measured with 1 and 2
+workers of each prep mode (``thread``: a thread pool; ``process``: validation in process, the lists on
+worker processes), round by round in turn with a control: SHA-256 of 1 MiB per task on the threads (C
+code without the GIL), i.e. the parallelism the machine offers at that moment; and the share of a prep
+task spent in the search without the GIL, which bounds what any number of threads can gain.
 
 Usage (from the repository root):
     PYTHONPATH=server:client python bench/host_path.py [--out bench/results/host_path_cpu.json] [--quick]
@@ -29,6 +33,7 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # single-threaded stages
@@ -113,6 +118,7 @@ def stage_costs(served, case: dict, *, outputs=OUTPUTS, min_repeats: int = 20, m
     from macefield_server.engine.response import engine_outputs, respond
     from macefield_server.serving.batcher import Timing
     from macefield_server.serving.config import LimitsConfig
+    from macefield_server.serving.prep_pool import pack, unpack
     from macefield_server.serving.registry import ModelRegistry
     from macefield_server.serving.service import result_to_proto
     from macefield_server.serving.validation import parse_request, too_close, too_dense
@@ -157,6 +163,7 @@ def stage_costs(served, case: dict, *, outputs=OUTPUTS, min_repeats: int = 20, m
         return check_finite(keep_requested(r, parsed.outputs), graph, structure.numbers)
 
     values = d2h()
+    packed = pack(structure, cutoff)
     timing = Timing(queue_s=1e-3, compute_s=5e-2, total_s=5.1e-2, batch_structures=1, batch_atoms=n)
 
     def encode():
@@ -182,16 +189,21 @@ def stage_costs(served, case: dict, *, outputs=OUTPUTS, min_repeats: int = 20, m
         "d2h": timed(d2h, **kw),
         "encode": timed(encode, **kw),
         "geometry_h2d": timed(copy_geometry, **kw),
+        "worker_list": timed(lambda: pack(structure, cutoff), **kw),
+        "unpack": timed(lambda: unpack(packed), **kw),
         "device_collate": timed(device_collate, **kw),
     }
     host = ("decode", "validate", "neighbours", "collate", "h2d", "d2h", "encode")
     cpu = ("decode", "validate", "neighbours", "collate", "d2h", "encode")  # a CPU model: nothing is copied
     device_nl = ("decode", "validate", "geometry_h2d", "d2h", "encode")
+    # prep_mode process, CPU model: what the serving process does (the list comes from a worker, mirrored here)
+    serving_process = ("decode", "validate", "unpack", "collate", "d2h", "encode")
     row: Dict[str, Any] = {"name": case["name"], "atoms": n, "edges": int(graph.edge_index.shape[1]),
                            "request_bytes": len(data), "response_bytes": len(encode()), "stages": {}}
     for name, t in stages.items():
         row["stages"][name] = {**t, "us_per_atom": 1e6 * t["median_s"] / n, "min_us_per_atom": 1e6 * t["min_s"] / n}
-    for key, names in (("host_total", host), ("cpu_model_total", cpu), ("device_nl_total", device_nl)):
+    for key, names in (("host_total", host), ("cpu_model_total", cpu), ("device_nl_total", device_nl),
+                       ("process_prep_serving_total", serving_process)):
         med = sum(stages[s]["median_s"] for s in names)
         low = sum(stages[s]["min_s"] for s in names)
         row[key] = {"stages": list(names), "median_s": med, "min_s": low, "us_per_atom": 1e6 * med / n,
@@ -225,38 +237,85 @@ def _prep_task(served, case: dict) -> Callable[[Any], Any]:
     return prep
 
 
-def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 2), structures: int = 64,
-                    rounds: int = 7) -> List[dict]:
-    """Atoms per second through the prep stage (validate + neighbour list) on a pool of each size in ``workers``.
+def _process_round(served, case: dict, loop: asyncio.AbstractEventLoop) -> Callable[[Any, int], Any]:
+    """A round of ``structures`` concurrent requests of ``case`` as the server runs them in process prep mode:
+    each validated on the event loop (``loop``: one for every round, as the server's), its neighbour list
+    built on the worker processes of ``prep``."""
+    from macefield_client.contract import build_request
+    from macefield_server.serving.config import LimitsConfig
+    from macefield_server.serving.registry import ModelRegistry
+    from macefield_server.serving.validation import parse_request
 
-    ``structures`` independent requests per round, each a task on the pool (as concurrent calls are).  The
-    pool sizes and cases take turns round by round (the load from other work on the machine changes over
-    seconds: interleaving exposes every configuration to the same load); per case the best and median round
-    of each pool size, and the speedup of each round (n workers against 1 worker in the same round).
+    registry = ModelRegistry([served])
+    limits = LimitsConfig()
+    request = build_request(case["atoms"], outputs=list(OUTPUTS),
+                            head=case["head"] if case["head"] in served.heads else "")
+
+    async def one(prep):
+        parsed = parse_request(request, registry, limits)
+        return await prep.graphs([(parsed.structure, parsed.served.cutoff)])
+
+    async def many(prep, structures):
+        return await asyncio.gather(*(one(prep) for _ in range(structures)))
+
+    return lambda prep, structures: loop.run_until_complete(many(prep, structures))
+
+
+def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 2), structures: int = 64,
+                    rounds: int = 7, modes: Sequence[str] = ("thread", "process")) -> List[dict]:
+    """Atoms per second through the prep stage (validate + neighbour list) for each prep mode and pool size.
+
+    ``thread``: each request a task (validate + list) on a thread pool of each size in ``workers``;
+    ``process``: each request validated in this process and its list built on :class:`ProcessPrep`
+    workers (the server's ``prep_mode: process``).  ``structures`` independent requests per round (as
+    concurrent calls are).  The configurations and cases take turns round by round (the load from other
+    work on the machine changes over seconds: interleaving exposes every configuration to the same load);
+    per case the best and median round of each, and the speedup of each round against one thread in the
+    same round.  The control (SHA-256, GIL-free C) runs on the threads only.
     """
-    pools = {w: ThreadPoolExecutor(max_workers=w) for w in workers}
-    tasks = {c["name"]: _prep_task(served, c) for c in the_cases}
+    from macefield_server.serving.prep_pool import ProcessPrep
+
+    configs = [(m, w) for m in modes for w in workers]
+    threads = {w: ThreadPoolExecutor(max_workers=w) for w in workers}
+    procs = {w: ProcessPrep(w) for w in workers} if "process" in modes else {}
+    loop = asyncio.new_event_loop()
+    runners: Dict[str, Dict[tuple, Callable[[], Any]]] = {}
+    for c in the_cases:
+        task = _prep_task(served, c)
+        rnd = None if c.get("control") else _process_round(served, c, loop)
+        runners[c["name"]] = {}
+        for m, w in configs:
+            if m == "thread":
+                runners[c["name"]][(m, w)] = (lambda pool=threads[w], task=task:
+                                              list(pool.map(task, range(structures))))
+            elif rnd is not None:
+                runners[c["name"]][(m, w)] = (lambda prep=procs[w], rnd=rnd: rnd(prep, structures))
     atoms = {c["name"]: (1 if c.get("control") else len(c["atoms"])) for c in the_cases}
-    rates: Dict[str, Dict[int, List[float]]] = {c["name"]: {w: [] for w in workers} for c in the_cases}
+    rates: Dict[str, Dict[tuple, List[float]]] = {n: {k: [] for k in r} for n, r in runners.items()}
     try:
-        for name, task in tasks.items():  # warm: per-thread calculators, first calls
-            for w, pool in pools.items():
-                list(pool.map(task, range(2 * w)))
+        for prep in procs.values():
+            prep.warm()
+        for by_config in runners.values():  # warm: per-thread calculators, first calls
+            for run in by_config.values():
+                run()
         for _ in range(rounds):
-            for name, task in tasks.items():
-                for w, pool in pools.items():
+            for name, by_config in runners.items():
+                for key, run in by_config.items():
                     t0 = time.perf_counter()
-                    list(pool.map(task, range(structures)))
-                    rates[name][w].append(structures * atoms[name] / (time.perf_counter() - t0))
+                    run()
+                    rates[name][key].append(structures * atoms[name] / (time.perf_counter() - t0))
     finally:
-        for pool in pools.values():
+        for pool in threads.values():
             pool.shutdown()
+        for prep in procs.values():
+            prep.shutdown()
+        loop.close()
     out = []
-    for name, by_workers in rates.items():
-        one = by_workers[workers[0]]
-        for w, r in by_workers.items():
+    for name, by_config in rates.items():
+        one = by_config[("thread", workers[0])]
+        for (m, w), r in by_config.items():
             speedup = [a / b for a, b in zip(r, one)]
-            out.append({"workers": w, "structure": name, "atoms_per_s_median": statistics.median(r),
+            out.append({"mode": m, "workers": w, "structure": name, "atoms_per_s_median": statistics.median(r),
                         "atoms_per_s_best": max(r), "speedup_median": statistics.median(speedup),
                         "speedup_best_over_best": max(r) / max(one), "rounds": rounds,
                         "structures_per_round": structures})
@@ -320,12 +379,14 @@ def host_breakdown(served, the_cases: List[dict], *, min_repeats: int = 20, min_
 
 def table(rows: List[dict]) -> str:
     names = ("decode", "validate", "neighbours", "collate", "h2d", "d2h", "encode")
-    head = f"{'structure':>12} {'atoms':>5} " + " ".join(f"{s:>10}" for s in names) + f" {'total':>8} {'dev-NL':>7}"
+    head = (f"{'structure':>12} {'atoms':>5} " + " ".join(f"{s:>10}" for s in names)
+            + f" {'total':>8} {'dev-NL':>7} {'proc-srv':>8}")
     lines = ["us/atom, median (single thread)", head]
     for r in rows:
         lines.append(f"{r['name']:>12} {r['atoms']:>5} " + " ".join(f"{r['stages'][s]['us_per_atom']:>10.2f}"
                                                                       for s in names)
-                     + f" {r['host_total']['us_per_atom']:>8.2f} {r['device_nl_total']['us_per_atom']:>7.2f}")
+                     + f" {r['host_total']['us_per_atom']:>8.2f} {r['device_nl_total']['us_per_atom']:>7.2f}"
+                     + f" {r['process_prep_serving_total']['us_per_atom']:>8.2f}")
     return "\n".join(lines)
 
 
@@ -356,12 +417,12 @@ def main(argv=None) -> int:
     cores = wait_for_cores(args.wait_for_cores) if args.wait_for_cores > 0 else None
     if cores is not None:
         print(f"two cores: probe x{cores['probe_speedup']:.2f} after {cores['waited_s']:.0f} s", flush=True)
+    load_prep = os.getloadavg()
     prep = prep_throughput(served, prep_cases, rounds=3 if args.quick else args.rounds)
-    for case in prep_cases:
-        one, two = [p for p in prep if p["structure"] == case["name"]]
-        print(f"prep {case['name']}: 1 worker {one['atoms_per_s_best']:.3g} atoms/s, 2 workers "
-              f"{two['atoms_per_s_best']:.3g} atoms/s (x{two['speedup_best_over_best']:.2f} best over best, "
-              f"same-round x{two['speedup_median']:.2f} median)")
+    for p in prep:
+        print(f"prep {p['structure']}: {p['mode']} x{p['workers']}: {p['atoms_per_s_best']:.3g} atoms/s best, "
+              f"{p['atoms_per_s_median']:.3g} median (against 1 thread: x{p['speedup_best_over_best']:.2f} best "
+              f"over best, same-round x{p['speedup_median']:.2f} median)")
     shares = [gil_free_share(served, c) for c in prep_cases if not c.get("control")]
     for sh in shares:
         print(f"prep {sh['structure']}: {sh['gil_free_share']:.0%} of a task without the GIL "
@@ -374,7 +435,8 @@ def main(argv=None) -> int:
         "cutoff": served.cutoff,
         "neighbour_backend": graph.neighbour_backend() if hasattr(graph, "neighbour_backend") else "matscipy",
         "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+                     "loadavg_before": load_before, "loadavg_before_prep": load_prep,
+                     "loadavg_after": os.getloadavg()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "rows": rows,
         "prep_throughput": prep,

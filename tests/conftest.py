@@ -80,6 +80,7 @@ TIERS = {
         "test_server_concurrency.py",
         "test_server_flow.py",
         "test_server_validation.py",
+        "test_prep_processes.py",  # neighbour lists in worker processes vs threads, a killed worker
         "test_short_distances.py",
         "test_short_range.py",  # the default model along 7 pair scans in float64 (~30 s)
         "test_training_cli.py",  # trains small models

@@ -106,6 +106,36 @@ def test_vesin_matches_matscipy_on_quartz_supercells():
         assert_same(ref, host_pairs(s, "vesin"))
 
 
+THIN = Structure([14, 8], [[0.0, 0.0, 0.0], [0.01, 1.5, 0.0]], np.diag([0.03, 6.0, 6.0]), [True, False, False])
+
+
+@pytest.mark.parametrize("backend", NEIGHBOUR_BACKENDS)
+def test_packed_lists_for_worker_processes_unpack_bitwise(backend):
+    """What a prep worker sends (vesin: the half list in small dtypes) is the in-process list, bit for bit."""
+    from macefield_server.serving.prep_pool import pack, unpack
+
+    before = neighbour_backend()
+    set_neighbour_backend(backend)
+    try:
+        kinds = set()
+        for _, structure in CASES + [("thin", THIN)]:
+            want = neighbour_list(structure, CUTOFF)
+            packed = pack(structure, CUTOFF)
+            kinds.add((packed[0], packed[4]))
+            got = unpack(packed)
+            for key in ("edge_index", "unit_shifts", "positions", "cell"):
+                a, b = getattr(want, key), getattr(got, key)
+                assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), key
+            assert got.closest == want.closest
+        if backend == "vesin":  # the thin cell's shifts (|S| > 127) do not fit int8
+            assert kinds == {("half", "i1"), ("half", "i4")}
+            assert int(np.abs(neighbour_list(THIN, CUTOFF).unit_shifts).max()) > 127
+        else:
+            assert kinds == {("full", "f8")}
+    finally:
+        set_neighbour_backend(before)
+
+
 def test_the_backend_is_a_setting_and_unknown_names_are_refused():
     assert neighbour_backend() in NEIGHBOUR_BACKENDS
     before = neighbour_backend()
@@ -186,6 +216,10 @@ def test_prep_workers_and_backend_are_checked_server_settings():
         ServerConfig(batching=BatchingConfig(prep_workers=0)).validate()
     with pytest.raises(ConfigError, match="batching.neighbour_backend"):
         ServerConfig(batching=BatchingConfig(neighbour_backend="ase")).validate()
+    assert ServerConfig(batching=BatchingConfig(prep_mode="thread")).validate()
+    assert BatchingConfig().prep_mode == "process"
+    with pytest.raises(ConfigError, match="batching.prep_mode: expected one of"):
+        ServerConfig(batching=BatchingConfig(prep_mode="fork")).validate()
 
 
 

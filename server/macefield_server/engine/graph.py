@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import functools
 import threading
 
 import numpy as np
@@ -217,6 +218,28 @@ def _vesin_calculator(cutoff: float):
     return calc
 
 
+def half_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):
+    """vesin's half list: (i, j, integer shifts S (m, 3), distances d) with each unordered pair once."""
+    return _vesin_calculator(float(cutoff)).compute(positions, cell, np.asarray(pbc, dtype=bool), "ijSd")
+
+
+def mirrored(i: np.ndarray, j: np.ndarray, shifts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(edge_index (2, 2m) int64, unit_shifts (2m, 3) float64) of a half list: its m pairs, then (j, i, -S).
+
+    ``shifts`` are integers (any integer dtype): negated as integers, so a zero shift is +0.0, never -0.0.
+    """
+    m = int(i.shape[0])
+    edge_index = np.empty((2, 2 * m), dtype=np.int64)
+    edge_index[0, :m] = i
+    edge_index[0, m:] = j
+    edge_index[1, :m] = j
+    edge_index[1, m:] = i
+    unit_shifts = np.empty((2 * m, 3), dtype=np.float64)
+    unit_shifts[:m] = shifts
+    unit_shifts[m:] = -shifts
+    return edge_index, unit_shifts
+
+
 def _edges(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float, backend: Optional[str] = None):
     """(edge_index (2, E) int64, unit shifts (E, 3) float64, distances (E,) float64, k of the shortest edge or -1).
 
@@ -227,17 +250,9 @@ def _edges(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: flo
     backend = backend or _backend["name"]
     cutoff = float(cutoff)
     if backend == "vesin":
-        i, j, shifts, d = _vesin_calculator(cutoff).compute(positions, cell, np.asarray(pbc, dtype=bool), "ijSd")
-        m = int(d.shape[0])
-        edge_index = np.empty((2, 2 * m), dtype=np.int64)
-        edge_index[0, :m] = i
-        edge_index[0, m:] = j
-        edge_index[1, :m] = j
-        edge_index[1, m:] = i
-        unit_shifts = np.empty((2 * m, 3), dtype=np.float64)
-        unit_shifts[:m] = shifts
-        unit_shifts[m:] = -shifts  # integer negation: +0.0, never -0.0
-        closest = int(np.argmin(d)) if m else -1
+        i, j, shifts, d = half_list(positions, cell, pbc, cutoff)
+        edge_index, unit_shifts = mirrored(i, j, shifts)
+        closest = int(np.argmin(d)) if d.shape[0] else -1
         return edge_index, unit_shifts, np.concatenate([d, d]), closest
     if backend != "matscipy":
         raise ValueError(f"neighbour backend: expected one of {list(NEIGHBOUR_BACKENDS)}, got {backend!r}")
@@ -261,6 +276,41 @@ def pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: floa
     return edge_index[0], edge_index[1], unit_shifts.astype(np.int64), d
 
 
+@dataclass
+class HalfGraph:
+    """vesin's half list of a structure before it is mirrored (:func:`mirrored`) into a :class:`NeighbourGraph`.
+
+    ``i``, ``j``: (m,) atom indices (any integer dtype); ``shifts``: (m, 3) integer unit shifts; ``cell``,
+    ``positions``, ``closest``: those of the graph.  Half the size of the graph's arrays (and smaller dtypes
+    fit): what worker processes send back (:mod:`macefield_server.serving.prep_pool`).
+    """
+
+    i: np.ndarray
+    j: np.ndarray
+    shifts: np.ndarray
+    cell: np.ndarray
+    positions: np.ndarray
+    closest: Optional[ClosestPair]
+
+    def graph(self) -> NeighbourGraph:
+        edge_index, unit_shifts = mirrored(self.i, self.j, self.shifts)
+        return NeighbourGraph(edge_index=edge_index, unit_shifts=unit_shifts, cell=self.cell, closest=self.closest,
+                              positions=self.positions)
+
+
+def half_neighbour_list(structure: Structure, cutoff: float) -> HalfGraph:
+    """:func:`neighbour_list` with vesin, before mirroring (a structure with at least one atom)."""
+    cell = _padded_cell(structure, cutoff)
+    positions = canonical_positions(structure, cell)
+    i, j, shifts, d = half_list(positions, cell, structure.pbc, cutoff)
+    closest = None
+    if d.shape[0]:  # the first shortest edge: the same as in the mirrored list (its first half)
+        k = int(np.argmin(d))
+        closest = ClosestPair(int(i[k]), int(j[k]), (int(shifts[k, 0]), int(shifts[k, 1]), int(shifts[k, 2])),
+                              float(d[k]))
+    return HalfGraph(i, j, shifts, cell, positions, closest)
+
+
 def neighbour_list(structure: Structure, cutoff: float, backend: Optional[str] = None) -> NeighbourGraph:
     """All ordered pairs closer than ``cutoff`` (Angstrom), excluding self-pairs at zero shift.
 
@@ -270,6 +320,8 @@ def neighbour_list(structure: Structure, cutoff: float, backend: Optional[str] =
     The shortest edge (``closest``) comes from the search's own distances: the
     min-distance check needs no second pass.
     """
+    if (backend or _backend["name"]) == "vesin" and structure.n_atoms:
+        return half_neighbour_list(structure, cutoff).graph()
     cell = _padded_cell(structure, cutoff)
     if structure.n_atoms == 0:
         return NeighbourGraph(np.zeros((2, 0), np.int64), np.zeros((0, 3)), cell, positions=np.zeros((0, 3)))
@@ -455,6 +507,15 @@ def _joined(parts: Sequence[np.ndarray], axis: int = 0) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
+@functools.lru_cache(maxsize=64)
+def _species_table(atomic_numbers: Tuple[int, ...]) -> np.ndarray:
+    """Atomic number -> index among ``atomic_numbers`` (-1: not in the model); read-only, shared between calls."""
+    table = np.full(max(max(atomic_numbers), 119) + 1, -1, dtype=np.int64)
+    table[np.asarray(atomic_numbers, dtype=np.int64)] = np.arange(len(atomic_numbers))
+    table.flags.writeable = False
+    return table
+
+
 def collate(
     structures: Sequence[Structure],
     graphs: Sequence[NeighbourGraph],
@@ -468,34 +529,37 @@ def collate(
 
     Raises ValueError naming the structure when an element is not in the model.
     """
-    z_to_index = np.full(max(max(atomic_numbers), 119) + 1, -1, dtype=np.int64)
-    z_to_index[np.asarray(atomic_numbers, dtype=np.int64)] = np.arange(len(atomic_numbers))
+    z_to_index = _species_table(tuple(int(z) for z in atomic_numbers))
     n_elements = len(atomic_numbers)
+    n_atoms = [s.n_atoms for s in structures]
 
-    species, positions, edges, unit_shifts, shifts, cells, batch = [], [], [], [], [], [], []
+    numbers = _joined([s.numbers for s in structures]) if structures else np.zeros(0, np.int64)
+    bad = (numbers < 0) | (numbers >= len(z_to_index))  # the element check over the whole batch at once
+    species_all = np.where(bad, -1, z_to_index[np.clip(numbers, 0, len(z_to_index) - 1)])
+    if (species_all < 0).any():
+        missing = sorted(set(int(z) for z in numbers[species_all < 0]))
+        raise ValueError(f"atomic_numbers: element(s) {missing} not in the model (has {list(atomic_numbers)})")
+    positions, edges, unit_shifts, shifts, cells = [], [], [], [], []
     offset = 0
-    for g, (s, ng) in enumerate(zip(structures, graphs)):
-        bad = (s.numbers < 0) | (s.numbers >= len(z_to_index))
-        idx = np.where(bad, -1, z_to_index[np.clip(s.numbers, 0, len(z_to_index) - 1)])
-        if (idx < 0).any():
-            missing = sorted(set(int(z) for z in s.numbers[idx < 0]))
-            raise ValueError(f"atomic_numbers: element(s) {missing} not in the model (has {list(atomic_numbers)})")
-        species.append(idx)
+    for s, ng in zip(structures, graphs):
         positions.append(ng.positions if ng.positions is not None else canonical_positions(s, ng.cell))
         edges.append(ng.edge_index + offset if offset else ng.edge_index)
         unit_shifts.append(ng.unit_shifts)
         shifts.append(ng.unit_shifts @ ng.cell)
         cells.append(ng.cell)
-        batch.append(np.full(s.n_atoms, g, dtype=np.int64))
         offset += s.n_atoms
 
-    species_all = _joined(species) if species else np.zeros(0, np.int64)
     node_attrs = np.zeros((len(species_all), n_elements))
     node_attrs[np.arange(len(species_all)), species_all] = 1.0
-    ptr = np.concatenate([[0], np.cumsum([s.n_atoms for s in structures])])
+    counts = np.asarray(n_atoms, dtype=np.int64)
+    ptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    batch = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    on_cpu = torch.device(device).type == "cpu"
 
     def t(a, dt=dtype):
-        return torch.as_tensor(np.asarray(a), dtype=dt).to(device)
+        tensor = torch.as_tensor(np.asarray(a), dtype=dt)
+        return tensor if on_cpu else tensor.to(device)
 
     volumes = [s.volume for s in structures]
 
@@ -508,7 +572,7 @@ def collate(
         "unit_shifts": t(_joined(unit_shifts), geometry),
         "shifts": t(_joined(shifts), geometry),
         "cell": t(_joined(cells), geometry),
-        "batch": t(_joined(batch), torch.int64),
+        "batch": t(batch, torch.int64),
         "ptr": t(ptr, torch.int64),
         "head": t(np.asarray(head_index, dtype=np.int64), torch.int64),
         "electric_field": t(np.stack([s.electric_field for s in structures]), geometry),
@@ -518,7 +582,7 @@ def collate(
     }
     return GraphBatch(
         tensors=tensors,
-        n_atoms=[s.n_atoms for s in structures],
+        n_atoms=n_atoms,
         periodic=[s.periodic for s in structures],
         volumes=volumes,
         cells=[s.cell.copy() for s in structures],

@@ -138,13 +138,19 @@ def keep_requested(result: Dict[str, np.ndarray], outputs: FrozenSet[str]) -> Di
     return {k: v for k, v in result.items() if k in keep}
 
 
+#: the engine outputs :func:`split_results` hands out (the rest of the raw dict stays on its device)
+_SPLIT_KEYS = frozenset({"energy", "forces", "dipole", "born_charges", "polarizability", "extrapolation",
+                         "field_extrapolation", "stress", "polarization"})
+
+
 def split_results(batch: GraphBatch, raw: Dict[str, torch.Tensor], outputs: FrozenSet[str],
                   graded_heads: Optional[FrozenSet[int]] = None):
     """Cut batched engine output into one numpy dict per structure (every key the engine outputs define).
 
     ``graded_heads``: head indices whose structures get the extrapolation grade when it was computed (None: all).
     """
-    host = {k: v.detach().cpu().double().numpy() for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    host = {k: v.detach().cpu().double().numpy() for k, v in raw.items()
+            if k in _SPLIT_KEYS and isinstance(v, torch.Tensor)}  # only what is handed out: fewer copies
     chi = None
     if "polarizability" in outputs:  # tier 2 always reports volume (NaN when not periodic)
         chi = susceptibility(raw["polarizability"], raw["volume"]).detach().cpu().double().numpy()

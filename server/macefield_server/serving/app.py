@@ -52,6 +52,7 @@ from .memory import Budget, fmt, parse_bytes
 from .memory_measure import default_budget
 from .memory_measure import measure as measure_memory
 from .metrics import Metrics
+from .prep_pool import ProcessPrep
 from ..engine.graph import Structure, neighbour_list, set_neighbour_backend
 from ..engine.response import ENGINE_OUTPUTS, response_tier
 from .registry import ModelRegistry, ServedModel
@@ -100,6 +101,8 @@ class MaceFieldServer:
         self.health = health.aio.HealthServicer()
         set_neighbour_backend(config.batching.neighbour_backend)
         self.prep_executor = ThreadPoolExecutor(max_workers=config.batching.prep_workers, thread_name_prefix="prep")
+        #: worker processes for the host neighbour lists (batching.prep_mode: process), started with the models
+        self.process_prep: Optional[ProcessPrep] = None
         self.batchers: Dict[str, Batcher] = {}
         self.registry: Optional[ModelRegistry] = None
         self.server: Optional[grpc.aio.Server] = None
@@ -202,13 +205,18 @@ class MaceFieldServer:
             batcher = Batcher(backend, self.config.batching, self.metrics, self.prep_executor, fault=self.fault)
             self.batchers[served.name] = batcher
             batcher.start()
+        host_lists = any(not getattr(b.backend, "search_on_device", False) for b in self.batchers.values())
+        if self.config.batching.prep_mode == "process" and host_lists:
+            self.process_prep = ProcessPrep(self.config.batching.prep_workers, self.config.batching.neighbour_backend)
+            await loop.run_in_executor(None, self.process_prep.warm)
         for served in self.registry:
             await self._warm_up(served)
         graph_budget = self._assign_budgets(self.registry)
         on_device = frozenset(name for name, b in self.batchers.items()
                               if getattr(b.backend, "search_on_device", False))
         self.service.dispatcher = Dispatcher(self.registry, self.batchers, self.config.limits, self.prep_executor,
-                                             graph_budget=graph_budget, device_graphs=on_device)
+                                             graph_budget=graph_budget, device_graphs=on_device,
+                                             process_prep=self.process_prep)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.config.liveness_timeout_s > 0:
             self._watchdog = asyncio.create_task(self._watch_liveness(self.config.liveness_timeout_s),
@@ -345,6 +353,8 @@ class MaceFieldServer:
         for batcher in self.batchers.values():
             await batcher.close(wait=wait)
         await asyncio.to_thread(self.prep_executor.shutdown, wait=wait, cancel_futures=not wait)
+        if self.process_prep is not None:
+            await asyncio.to_thread(self.process_prep.shutdown, wait)
         self.metrics.close()
 
     def torch_threads(self) -> None:

@@ -27,7 +27,8 @@ Example (YAML; the TOML layout is the same)::
       max_wait_ms: 5            # oldest request waits at most this long for company
       max_queue: 1024           # queued structures per model; beyond it RESOURCE_EXHAUSTED
       max_queue_atoms: 1000000  # queued atoms per model; beyond it RESOURCE_EXHAUSTED
-      prep_workers: 2           # threads building neighbour lists (and validating large requests)
+      prep_workers: 2           # workers building neighbour lists (and threads validating large requests)
+      prep_mode: process        # process | thread: neighbour lists in worker processes or server threads
       neighbour_backend: vesin  # vesin | matscipy: the host neighbour-list library (identical lists)
       neighbour_search: auto    # auto | host | device: where lists are built (auto: on the model's GPU)
     limits:
@@ -68,6 +69,8 @@ NEIGHBOUR_BACKENDS = ("vesin", "matscipy")
 #: where neighbour lists are built: "host" (prep pool, at admission), "device" (per batch, on the model's
 #: device after one copy of the geometry), "auto" (device for models on a CUDA device, else host)
 NEIGHBOUR_SEARCH = ("auto", "host", "device")
+#: where host neighbour lists are built: worker processes (:mod:`.prep_pool`) or threads of the server process
+PREP_MODES = ("process", "thread")
 
 
 @dataclass
@@ -99,9 +102,12 @@ class BatchingConfig:
     max_queue: int = 1024  #: queued (not yet batched) structures per model
     max_queue_atoms: int = 1_000_000  #: queued atoms per model (bounds the memory of queued neighbour lists)
     stream_window: int = 64  #: pipelined requests in flight per PredictStream call
-    #: threads of the prep pool (neighbour lists; validation of requests over 1000 atoms): the searches
-    #: release the GIL, so up to one per free core runs in parallel
+    #: workers of the prep pool (neighbour lists; collation and validation of requests over 1000 atoms run on
+    #: threads of the server process)
     prep_workers: int = 2
+    #: "process" | "thread" (:data:`PREP_MODES`): where the host neighbour lists are built: worker processes
+    #: (parallel; the numpy around vesin's search holds the GIL of a thread) or threads of the server process
+    prep_mode: str = "process"
     neighbour_backend: str = "vesin"  #: host neighbour-list library: "vesin" | "matscipy" (identical lists)
     #: where the lists are built: "auto" | "host" | "device" (:data:`NEIGHBOUR_SEARCH`)
     neighbour_search: str = "auto"
@@ -218,6 +224,8 @@ class ServerConfig:
         if b.neighbour_backend not in NEIGHBOUR_BACKENDS:
             raise ConfigError(f"batching.neighbour_backend: expected one of {list(NEIGHBOUR_BACKENDS)}, "
                               f"got {b.neighbour_backend!r}")
+        if b.prep_mode not in PREP_MODES:
+            raise ConfigError(f"batching.prep_mode: expected one of {list(PREP_MODES)}, got {b.prep_mode!r}")
         if b.neighbour_search not in NEIGHBOUR_SEARCH:
             raise ConfigError(f"batching.neighbour_search: expected one of {list(NEIGHBOUR_SEARCH)}, "
                               f"got {b.neighbour_search!r}")

@@ -22,6 +22,7 @@ import numpy as np
 from .batcher import Batcher, DeadlinePassed, QueueFull, Timing, WorkItem
 from .config import LimitsConfig
 from .memory import PASS_SHARE, fmt, graph_bytes
+from .prep_pool import ProcessPrep
 from ..engine.graph import NeighbourGraph, expected_edges, neighbour_list
 from .registry import ModelRegistry
 from .validation import InvalidRequest, ParsedRequest, too_close, too_dense
@@ -38,6 +39,7 @@ class Dispatcher:
         prep_executor: ThreadPoolExecutor,
         graph_budget: Optional[int] = None,
         device_graphs: FrozenSet[str] = frozenset(),
+        process_prep: Optional[ProcessPrep] = None,
     ):
         self.registry = registry
         self.batchers = batchers
@@ -46,6 +48,7 @@ class Dispatcher:
         self.graph_budget = graph_budget  #: bytes for the neighbour lists of admitted structures (None: no bound)
         self.graph_bytes = 0  #: what the admitted, not yet answered structures hold now (estimated)
         self.device_graphs = device_graphs  #: names of the models whose lists are built on their device
+        self.process_prep = process_prep  #: worker processes for the host lists (None: the prep threads)
 
     def _on_host(self, p: ParsedRequest) -> bool:
         return p.served.name not in self.device_graphs
@@ -86,7 +89,13 @@ class Dispatcher:
         try:
             loop = asyncio.get_running_loop()
             graphs: List[Optional[NeighbourGraph]] = [None] * len(parsed)
-            if any(self._on_host(p) for p in parsed):  # else no host work: no hop to the prep pool
+            host = [k for k, p in enumerate(parsed) if self._on_host(p)]
+            if host and self.process_prep is not None:
+                built = await self.process_prep.graphs([(parsed[k].structure, parsed[k].served.cutoff)
+                                                        for k in host])
+                for k, g in zip(host, built):
+                    graphs[k] = g
+            elif host:  # else no host work: no hop to the prep pool
                 graphs = await loop.run_in_executor(self.prep_executor, self._graphs, parsed)
             actual = (sum(g.nbytes for g in graphs if g is not None)
                       + sum(graph_bytes(0, p.n_atoms) for p in parsed))

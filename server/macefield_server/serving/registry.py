@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, FrozenSet, List, Optional, cast
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple, cast
 
 import torch
 
@@ -55,6 +55,7 @@ class ServedModel:
     memory: Optional["MemoryModel"] = field(default=None, init=False)
     budget: Optional["Budget"] = field(default=None, init=False)
     _head_elements: Optional[Dict[str, FrozenSet[int]]] = field(default=None, init=False, repr=False)
+    _cutoff: Optional[Tuple[Any, float]] = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.model.eval()
@@ -70,7 +71,11 @@ class ServedModel:
     @property
     def cutoff(self) -> float:
         """Radial cutoff r_max, Angstrom."""
-        return float(cast(torch.Tensor, self.model.r_max))  # a buffer; torch types Module attributes loosely
+        r_max = cast(torch.Tensor, self.model.r_max)  # a buffer; torch types Module attributes loosely
+        cached = self._cutoff
+        if cached is None or cached[0] is not r_max:  # read once per buffer (a float() of a tensor is slow)
+            cached = self._cutoff = (r_max, float(r_max))
+        return cached[1]
 
     @property
     def dtype(self) -> torch.dtype:

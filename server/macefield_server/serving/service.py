@@ -26,6 +26,7 @@ from .batcher import DeadlinePassed, DoesNotFit, QueueFull, Stopped, Timing
 from .config import ServerConfig
 from .dispatcher import Dispatcher
 from .metrics import Metrics
+from .prep_pool import PrepUnavailable
 from ..engine.predict import NonFiniteResult
 from .memory import fmt
 from .validation import InvalidRequest, ParsedRequest, TooLarge, parse_request, response_bytes
@@ -73,7 +74,7 @@ def _error_for(exc: BaseException, request_ids: List[str]) -> ServiceError:
         return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, DeadlinePassed):
         return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-    if isinstance(exc, Stopped):
+    if isinstance(exc, (Stopped, PrepUnavailable)):
         return ServiceError(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, NonFiniteResult):  # logged by the batcher; not a server bug
         return ServiceError(grpc.StatusCode.INTERNAL, f"non-finite result: {exc}")

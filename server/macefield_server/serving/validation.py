@@ -63,14 +63,22 @@ class ParsedRequest:
         return self.structure.n_atoms
 
 
-def _floats(values, field: str, sizes, what: str) -> np.ndarray:
+def _floats(values, field: str, sizes, what: str, finite: bool = True) -> np.ndarray:
+    """``values`` as float64, refused naming ``field`` unless their count is in ``sizes`` (and, with ``finite``,
+    all are finite: see :func:`_non_finite`)."""
     array = np.asarray(values, dtype=np.float64)
     if array.size not in sizes:
         raise InvalidRequest(field, f"expected {what}, got {array.size} values")
+    if finite and not np.isfinite(array).all():
+        _non_finite(array, field)
+    return array
+
+
+def _non_finite(array: np.ndarray, field: str) -> None:
+    """Raise naming the first non-finite value of ``array`` (if there is one)."""
     if not np.isfinite(array).all():
         bad = int(np.flatnonzero(~np.isfinite(array))[0])
         raise InvalidRequest(field, f"non-finite value {array[bad]} at index {bad}")
-    return array
 
 
 def too_dense(edges: int, cutoff: float, limits: LimitsConfig, prefix: str = "") -> InvalidRequest:
@@ -175,7 +183,11 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
             f"(heads with statistics: {served.extrapolation_heads or 'none'}); add them with macefield-calibrate",
         )
 
-    positions = _floats(request.positions, "positions", {3 * n}, f"3*N = {3 * n} values (N = {n} atoms), Angstrom")
+    positions = _floats(request.positions, "positions", {3 * n}, f"3*N = {3 * n} values (N = {n} atoms), Angstrom",
+                        finite=False)
+    top = float(np.abs(positions).max())  # NaN if any value is NaN: one pass for both checks
+    if not top <= MAX_COORDINATE:
+        _non_finite(positions, "positions")  # refused here, as before the cell's checks; else too large (below)
 
     pbc = np.asarray(request.pbc, dtype=bool)
     if pbc.size not in (0, 3):
@@ -193,7 +205,7 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
         if singular:
             raise InvalidRequest("cell", f"singular cell (lattice vectors {cell.tolist()}) with pbc {pbc.tolist()}")
 
-    if np.abs(positions).max() > MAX_COORDINATE:
+    if top > MAX_COORDINATE:
         raise InvalidRequest("positions", f"|coordinate| above {MAX_COORDINATE:g} Angstrom")
     if pbc.any():
         longest = float(np.linalg.norm(cell[pbc], axis=1).max())
