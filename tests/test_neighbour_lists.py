@@ -217,7 +217,11 @@ def test_prep_workers_and_backend_are_checked_server_settings():
     with pytest.raises(ConfigError, match="batching.neighbour_backend"):
         ServerConfig(batching=BatchingConfig(neighbour_backend="ase")).validate()
     assert ServerConfig(batching=BatchingConfig(prep_mode="thread")).validate()
-    assert BatchingConfig().prep_mode == "process"
+    assert BatchingConfig().prep_mode == "auto"
+    auto, process, thread = (BatchingConfig(prep_mode=m) for m in ("auto", "process", "thread"))
+    assert not auto.prep_in_processes(["cpu"]) and auto.prep_in_processes(["cpu", "cuda"])
+    assert process.prep_in_processes(["cpu"]) and not thread.prep_in_processes(["cuda"])
+    assert not process.prep_in_processes([])  # every list built on the device: no pool
     with pytest.raises(ConfigError, match="batching.prep_mode: expected one of"):
         ServerConfig(batching=BatchingConfig(prep_mode="fork")).validate()
 

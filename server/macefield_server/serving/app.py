@@ -205,8 +205,9 @@ class MaceFieldServer:
             batcher = Batcher(backend, self.config.batching, self.metrics, self.prep_executor, fault=self.fault)
             self.batchers[served.name] = batcher
             batcher.start()
-        host_lists = any(not getattr(b.backend, "search_on_device", False) for b in self.batchers.values())
-        if self.config.batching.prep_mode == "process" and host_lists:
+        host_list_devices = [served.device.type for served in self.registry
+                             if not getattr(self.batchers[served.name].backend, "search_on_device", False)]
+        if self.config.batching.prep_in_processes(host_list_devices):
             self.process_prep = ProcessPrep(self.config.batching.prep_workers, self.config.batching.neighbour_backend)
             await loop.run_in_executor(None, self.process_prep.warm)
         for served in self.registry:

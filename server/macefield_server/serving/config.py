@@ -28,7 +28,7 @@ Example (YAML; the TOML layout is the same)::
       max_queue: 1024           # queued structures per model; beyond it RESOURCE_EXHAUSTED
       max_queue_atoms: 1000000  # queued atoms per model; beyond it RESOURCE_EXHAUSTED
       prep_workers: 2           # workers building neighbour lists (and threads validating large requests)
-      prep_mode: process        # process | thread: neighbour lists in worker processes or server threads
+      prep_mode: auto           # auto | process | thread: neighbour lists in worker processes or server threads
       neighbour_backend: vesin  # vesin | matscipy: the host neighbour-list library (identical lists)
       neighbour_search: auto    # auto | host | device: where lists are built (auto: on the model's GPU)
     limits:
@@ -70,7 +70,7 @@ NEIGHBOUR_BACKENDS = ("vesin", "matscipy")
 #: device after one copy of the geometry), "auto" (device for models on a CUDA device, else host)
 NEIGHBOUR_SEARCH = ("auto", "host", "device")
 #: where host neighbour lists are built: worker processes (:mod:`.prep_pool`) or threads of the server process
-PREP_MODES = ("process", "thread")
+PREP_MODES = ("auto", "process", "thread")
 
 
 @dataclass
@@ -105,9 +105,12 @@ class BatchingConfig:
     #: workers of the prep pool (neighbour lists; collation and validation of requests over 1000 atoms run on
     #: threads of the server process)
     prep_workers: int = 2
-    #: "process" | "thread" (:data:`PREP_MODES`): where the host neighbour lists are built: worker processes
-    #: (parallel; the numpy around vesin's search holds the GIL of a thread) or threads of the server process
-    prep_mode: str = "process"
+    #: "auto" | "process" | "thread" (:data:`PREP_MODES`): where the host neighbour lists are built: worker
+    #: processes (parallel; the numpy around vesin's search holds the GIL of a thread) or threads of the server
+    #: process.  "auto": processes when a model on a GPU gets host-built lists (the host then sets the pace),
+    #: threads when every model with host lists runs on the CPU (its passes take the cores; one process worker is
+    #: slower than one thread: docs/serving.md, "Host path")
+    prep_mode: str = "auto"
     neighbour_backend: str = "vesin"  #: host neighbour-list library: "vesin" | "matscipy" (identical lists)
     #: where the lists are built: "auto" | "host" | "device" (:data:`NEIGHBOUR_SEARCH`)
     neighbour_search: str = "auto"
@@ -117,6 +120,13 @@ class BatchingConfig:
         if self.neighbour_search == "auto":
             return device_type == "cuda"
         return self.neighbour_search == "device"
+
+    def prep_in_processes(self, host_list_devices: "list[str]") -> bool:
+        """Whether the prep pool is worker processes, given the device types ("cpu", "cuda") of the models whose
+        neighbour lists are built on the host (empty: no pool is needed)."""
+        if not host_list_devices or self.prep_mode == "thread":
+            return False
+        return self.prep_mode == "process" or any(d != "cpu" for d in host_list_devices)
 
     def limits_for(self, device_type: str) -> Tuple[int, int]:
         """(max_atoms, max_edges) per batch for a model on ``device_type`` ("cpu", "cuda", ...)."""
