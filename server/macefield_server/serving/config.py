@@ -108,8 +108,8 @@ class BatchingConfig:
     #: "auto" | "process" | "thread" (:data:`PREP_MODES`): where the host neighbour lists are built: worker
     #: processes (parallel; the numpy around vesin's search holds the GIL of a thread) or threads of the server
     #: process.  "auto": processes when a model on a GPU gets host-built lists (the host then sets the pace),
-    #: threads when every model with host lists runs on the CPU (its passes take the cores; one process worker is
-    #: slower than one thread: docs/serving.md, "Host path")
+    #: threads when every model with host lists runs on the CPU (its passes take the cores, and processes gain
+    #: little there: docs/serving.md, "Host path")
     prep_mode: str = "auto"
     neighbour_backend: str = "vesin"  #: host neighbour-list library: "vesin" | "matscipy" (identical lists)
     #: where the lists are built: "auto" | "host" | "device" (:data:`NEIGHBOUR_SEARCH`)
