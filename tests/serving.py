@@ -266,6 +266,15 @@ def project_command(name: str) -> List[str]:
     return [sys.executable, "-m", COMMANDS[name]]
 
 
+def interruptible(command: Sequence[str]) -> List[str]:
+    """``command`` (a Python command line) started with SIGINT at its default, so that the child turns a SIGINT
+    into KeyboardInterrupt even when the test run itself ignores SIGINT (a shell's background job does, and its
+    children inherit that)."""
+    assert command[0] == sys.executable, command
+    reset = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    return [sys.executable, "-c", reset, *command]
+
+
 def torch_free_env(tmp_path: Path):
     """(environment, report path) for a subprocess in which torch (and the server package) cannot be imported.
 

@@ -18,7 +18,7 @@ import warnings
 import ase.io
 import numpy as np
 import pytest
-from serving import run_torch_free, torch_free_env
+from serving import interruptible, run_torch_free, torch_free_env
 
 from macefield_client.structures import alpha_quartz, perovskite_batio3
 from macefield_server.serving.background import BackgroundServer
@@ -146,8 +146,9 @@ def test_a_closed_pipe_and_ctrl_c_end_without_a_traceback(target, tmp_path):
     with socket.socket() as reserved:  # bound, never listening: connections are refused and nobody else takes it
         reserved.bind(("127.0.0.1", 0))
         nobody = "127.0.0.1:%d" % reserved.getsockname()[1]
-        waiting = subprocess.Popen([*CLI, "predict", str(src), "--server", nobody, "-o", str(tmp_path / "o.xyz"),
-                                    "--retries", "50"], env=env, stderr=subprocess.PIPE, text=True)
+        waiting = subprocess.Popen(interruptible([*CLI, "predict", str(src), "--server", nobody, "-o",
+                                                  str(tmp_path / "o.xyz"), "--retries", "50"]),
+                                   env=env, stderr=subprocess.PIPE, text=True)
         first = waiting.stderr.readline()  # the first "waiting for server" line: it is waiting now
         assert "waiting for server" in first, first
         time.sleep(0.3)

@@ -111,14 +111,20 @@ def test_ensemble_equilibration_is_not_recorded_and_the_clock_starts_after_it(cl
 
 def test_ensemble_ctrl_c_keeps_the_records(client, tmp_path):
     import _thread
+    import signal
     import threading
 
     ens = Ensemble(client, alpha_quartz(cell="pbe"), replicas=2, temperature=300.0, timestep_fs=1.0, record_every=1,
                    seed=1, head="sio2")
+    # interrupt_main() does nothing while SIGINT is ignored (a test run started as a background job): handle it
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(2.0, _thread.interrupt_main)
-    timer.start()
-    rec = ens.run(100_000)
-    timer.cancel()
+    try:
+        timer.start()
+        rec = ens.run(100_000)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert ens.interrupted and 2 <= rec["time_fs"].shape[1] < 100_000
     assert np.all(np.diff(rec["time_fs"][0]) == 1.0) and np.isfinite(rec["energy_eV"]).all()
     ens.save(tmp_path / "cut.npz")  # what was recorded is kept and can be continued

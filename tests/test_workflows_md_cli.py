@@ -106,15 +106,15 @@ def test_md_ctrl_c_writes_what_was_recorded_and_restarts(served, tmp_path):
     import sys
     import time
 
-    from serving import assert_torch_free, torch_free_env
+    from serving import assert_torch_free, interruptible, torch_free_env
 
     env, report = torch_free_env(tmp_path)
     npz, xyz = tmp_path / "cut.npz", tmp_path / "cut.xyz"
     run = ["--server", served, "--head", "sio2", "--replicas", "2", "--temperature", "300", "--record-every", "1",
            "--equilibrate", "0", "--seed", "2"]
-    proc = subprocess.Popen([sys.executable, "-m", "macefield_client.cli", "md", "alpha-quartz", *run, "--steps",
-                             "100000", "--out", str(npz), "--extxyz", str(xyz)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(interruptible([sys.executable, "-m", "macefield_client.cli", "md", "alpha-quartz", *run,
+                                           "--steps", "100000", "--out", str(npz), "--extxyz", str(xyz)]),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(12.0)  # start-up and some steps
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
