@@ -207,6 +207,17 @@ def lag_window(name: str, lags: int) -> np.ndarray:
     raise ValueError(f"window: one of {', '.join(WINDOWS)}, got {name!r}")
 
 
+def lag_weights(window: str, lags: int, dt_fs: float, broadening_cm1: float = 0.0) -> np.ndarray:
+    """The weights (L + 1,) applied to a correlation before its transform: the lag window times, for
+    ``broadening_cm1`` > 0, the Gaussian exp(-(2 pi c sigma tau)^2 / 2) whose transform has that FWHM (cm^-1)."""
+    w = lag_window(window, lags)
+    if broadening_cm1 > 0:
+        tau = np.arange(lags + 1) * dt_fs
+        sigma = broadening_cm1 / math.sqrt(8.0 * math.log(2.0))
+        w = w * np.exp(-0.5 * (2.0 * np.pi * C_CM_PER_FS * sigma * tau) ** 2)
+    return w
+
+
 def line_shape(c: np.ndarray, dt_fs: float, window: str = "hann", broadening_cm1: float = 0.0,
                pad: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """The cosine transform of a one-sided correlation C(m dt) (..., L + 1): (nu in cm^-1, S(nu)) with
@@ -214,11 +225,7 @@ def line_shape(c: np.ndarray, dt_fs: float, window: str = "hann", broadening_cm1
     from scipy import fft
 
     lags = c.shape[-1] - 1
-    tau = np.arange(lags + 1) * dt_fs
-    w = lag_window(window, lags)
-    if broadening_cm1 > 0:
-        sigma = broadening_cm1 / math.sqrt(8.0 * math.log(2.0))
-        w = w * np.exp(-0.5 * (2.0 * np.pi * C_CM_PER_FS * sigma * tau) ** 2)
+    w = lag_weights(window, lags, dt_fs, broadening_cm1)
     size = fft.next_fast_len(max(2 * lags, 2) * pad)
     seq = np.zeros(c.shape[:-1] + (size,))
     seq[..., :lags + 1] = c * w
@@ -381,11 +388,7 @@ def dielectric_from_correlation(c, dt_fs: float, *, volume_A3: float, temperatur
         raise ValueError(f"pad: at least 1, got {pad}")
     c = np.asarray(c, dtype=float)
     lags = c.shape[-3] - 1
-    tau = np.arange(lags + 1) * dt_fs
-    w = lag_window(window, lags)
-    if broadening_cm1 > 0:
-        sigma = broadening_cm1 / math.sqrt(8.0 * math.log(2.0))
-        w = w * np.exp(-0.5 * (2.0 * np.pi * C_CM_PER_FS * sigma * tau) ** 2)
+    w = lag_weights(window, lags, dt_fs, broadening_cm1)
     size = fft.next_fast_len(max(2 * lags, 2) * pad)
     seq = c * w[:, None, None]
     nu = fft.rfftfreq(size, dt_fs) / C_CM_PER_FS
