@@ -485,4 +485,4 @@ def eps_static_fluctuation(dipole, volume_A3: float, temperature_K: float, *, ep
 __all__ = ["BOSE", "C_CM_PER_FS", "HC_OVER_KB_CM_K", "KB_EV_PER_K", "QUANTUM_CORRECTIONS", "WINDOWS",
            "DielectricFunctionResult", "DielectricResult", "SpectrumResult", "autocorrelation",
            "dielectric_from_correlation", "dielectric_function", "eps_static_fluctuation", "find_peaks_cm1",
-           "ir_spectrum", "lag_window", "line_shape", "quantum_factor", "raman_spectrum"]
+           "ir_spectrum", "lag_weights", "lag_window", "line_shape", "quantum_factor", "raman_spectrum"]
