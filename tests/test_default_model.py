@@ -179,3 +179,37 @@ def test_default_model_is_served_by_a_real_server_process(model, card):
             np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, atol=1e-4, err_msg=key)
     finally:
         proc.kill()
+
+
+def test_card_goals_are_its_validation_numbers(card):
+    """Each goal of the card reports the validation number it is about, and 'met' says value <= target."""
+    assert {(g["dataset"], g["metric"]) for g in card["goals"]} >= {
+        ("sio2-quartz", "forces_mae_meV_per_A"), ("batio3", "forces_mae_meV_per_A"),
+        ("sio2-quartz", "born_charges_mae_e"), ("batio3", "born_charges_mae_e")}
+    for goal in card["goals"]:
+        assert goal["value"] == card["validation"][goal["dataset"]][goal["metric"]]
+        assert goal["met"] == (goal["value"] <= goal["target_max"])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the shipped model's validation force MAE (101 / 125 meV/A) misses the goals (80 / 100); "
+                          "default.stage4.yaml trains towards them, and this mark goes when a model that meets them "
+                          "ships")
+def test_card_marks_the_force_goals_met(card):
+    forces = {g["dataset"]: g for g in card["goals"] if g["metric"] == "forces_mae_meV_per_A"}
+    assert set(forces) == {"sio2-quartz", "batio3"}
+    assert all(g["met"] for g in forces.values()), {k: (g["value"], g["target_max"]) for k, g in forces.items()}
+
+
+@pytest.mark.usefixtures("shared_data")
+def test_card_force_errors_match_a_fresh_subset_evaluation(model, card):
+    """Force MAE on every 4th validation frame of each set agrees with the card's full-split force MAE (25%:
+    a subset of the frames, not the same frames)."""
+    from ase.io import read
+
+    for name, first in (("sio2-quartz", 129), ("batio3", 38)):
+        spec = LABELS[name]
+        frames = read(SHARED_DATA / spec["file"], index=f"{first}::4")
+        results = predict(model, frames, heads=card["validation"][name]["head"], outputs=["forces"])
+        mae = 1000.0 * np.mean([np.abs(r["forces"] - spec["forces"](a)).mean() for r, a in zip(results, frames)])
+        assert mae == pytest.approx(card["validation"][name]["forces_mae_meV_per_A"], rel=0.25), name
