@@ -11,7 +11,7 @@ from ase.data import covalent_radii
 
 from conftest import alpha_quartz, random_field_model
 from macefield_server.engine.architecture import add_pair_repulsion, build_field_mace, describe_architecture
-from macefield_server.engine.graph import Structure, pairs
+from macefield_server.engine.graph import NEIGHBOUR_BACKENDS, Structure, pairs
 from macefield_server.engine.predict import evaluate, prepare_batch
 from macefield_server.training.config import ConfigError, config_from_dict
 from macefield_server.training.short_range import (ScanSampler, ShortRangeScanConfig, closest_pair_scan,
@@ -79,6 +79,30 @@ def test_scan_moves_one_atom_to_the_requested_distances_and_keeps_all_other_dist
         assert np.linalg.norm(new_bond) == pytest.approx(target, abs=1e-12)
         np.testing.assert_allclose(new_bond / np.linalg.norm(new_bond), bond / np.linalg.norm(bond), atol=1e-12)
         assert dist[scan.anchor, scan.moved] == pytest.approx(target, abs=1e-12)
+
+
+@pytest.mark.parametrize("pair", [("Si", "Si"), ("O", "O"), ("Si", "O")])
+def test_the_scanned_pair_does_not_depend_on_the_order_of_the_neighbour_list(pair, monkeypatch):
+    """A like-element pair is listed twice (i-j, j-i): the lower index anchors, in whatever order the neighbour
+    search lists the pairs (each backend's order, and that order reversed)."""
+    import macefield_server.training.short_range as short_range
+
+    s = quartz()
+    found = {}
+    for backend in NEIGHBOUR_BACKENDS:
+        for reverse in (False, True):
+            def listed(*args, _backend=backend, _reverse=reverse, **kwargs):
+                out = pairs(*args, backend=_backend, **kwargs)
+                return tuple(a[::-1] for a in out) if _reverse else out
+
+            monkeypatch.setattr(short_range, "pairs", listed)
+            scan = closest_pair_scan(s, pair, [1.0])
+            found[(backend, reverse)] = (scan.anchor, scan.moved, tuple(scan.shift), scan.start)
+    assert len(set(found.values())) == 1, found
+    anchor, moved, _, start = found[(NEIGHBOUR_BACKENDS[0], False)]
+    if pair[0] == pair[1]:
+        assert anchor < moved
+    assert start == pytest.approx(typed_pairs(s, pair)[3].min(), abs=1e-12)
 
 
 def test_scan_grid_spans_start_to_stop():

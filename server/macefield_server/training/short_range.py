@@ -118,11 +118,17 @@ class Scan:
 
 
 def closest_pair_scan(structure: Structure, pair: Tuple[str, str], distances: Sequence[float] | np.ndarray) -> Scan:
-    """A scan of the closest pair of type ``pair`` in ``structure`` (ValueError when it has none)."""
+    """A scan of the closest pair of type ``pair`` in ``structure`` (ValueError when it has none).
+
+    Ties (a like-element pair appears as i-j and j-i; equal distances to 1e-9 A)
+    go to the lowest anchor index, then the lowest moved index, so the scan does
+    not depend on the order in which the neighbour search lists its pairs.
+    """
     i, j, s, d = typed_pairs(structure, pair)
     if d.size == 0:
         raise ValueError(f"pair {pair_name(pair)}: no such pair within {SEARCH_CUTOFF} A in the frame")
-    k = int(np.argmin(d))
+    tied = np.flatnonzero(d <= d.min() + 1e-9)
+    k = int(tied[np.lexsort((j[tied], i[tied]))[0]])
     return Scan(structure, pair, int(i[k]), int(j[k]), s[k].astype(float), float(d[k]),
                 np.asarray(distances, dtype=float))
 
