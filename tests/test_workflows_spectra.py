@@ -50,7 +50,7 @@ def test_ir_single_cosine_peak(window):
 
 
 def test_ir_two_frequencies_in_order_of_strength():
-    # dM/dt amplitudes 500 and 150 (A * nu): the 500 cm^-1 line is ~11x stronger classically, ~4x with Q
+    # dM/dt amplitudes 500 and 150 (A * nu): the 500 cm^-1 line is ~11x stronger
     r = ir_spectrum(dipole((1.0, 500.0), (0.1, 1500.0), noise=0.005), DT, temperature_K=300.0, max_cm1=4000)
     assert len(r.peaks_cm1) >= 2
     res = r.metadata["resolution_cm1"]
@@ -59,20 +59,47 @@ def test_ir_two_frequencies_in_order_of_strength():
     assert np.count_nonzero(r.intensity[(r.frequency_cm1 > 2500)] == 0.0) == 0
 
 
-def test_quantum_correction_is_the_analytic_factor():
+def thermal_harmonic_dipole(charges, frequencies_cm1, temperature_K, seed=0):
+    """(N, 3): M_z = sum_m Z_m Q_m(t) for classical harmonic modes at ``temperature_K``: each mode-coordinate
+    amplitude sqrt(2 k_B T) / omega_m, i.e. <Q_m^2> = k_B T / omega_m^2 (equipartition; unit mass)."""
+    rng = np.random.default_rng(seed)
+    m = np.zeros((N, 3))
+    for z, nu in zip(charges, frequencies_cm1):
+        omega = 2.0 * np.pi * C_CM_PER_FS * nu
+        m[:, 2] += z * np.sqrt(2.0 * 8.617333262e-5 * temperature_K) / omega * cosine(nu, rng.uniform(0, 2 * np.pi))
+    return m
+
+
+@pytest.mark.parametrize("temperature_K", [20.0, 300.0])
+def test_ir_band_areas_of_a_harmonic_crystal_are_its_squared_mode_charges(temperature_K):
+    """The default (harmonic) correction is exact for harmonic modes: band area ratio = (Z_1 / Z_2)^2 at any
+    temperature, as the harmonic route's intensities; ``none`` is that divided by Q(nu)."""
+    charges, nus = (1.0, 0.6), (435.0, 1045.0)
+    m = thermal_harmonic_dipole(charges, nus, temperature_K)
+    band = 60.0
+
+    def areas(r):
+        return [r.intensity[abs(r.frequency_cm1 - f) < band].sum() for f in nus]
+
+    harmonic = areas(ir_spectrum(m, DT, normalise=False, max_lag_fs=2000.0))
+    assert harmonic[1] / harmonic[0] == pytest.approx((charges[1] / charges[0]) ** 2, rel=0.02)
+    bare = areas(ir_spectrum(m, DT, temperature_K=temperature_K, quantum_correction="none", normalise=False,
+                             max_lag_fs=2000.0))
+    q = quantum_factor(np.array(nus), temperature_K)
+    assert bare[1] / bare[0] == pytest.approx((charges[1] / charges[0]) ** 2 * q[0] / q[1], rel=0.03)
+
+
+def test_no_quantum_correction_is_the_harmonic_line_shape_divided_by_the_factor():
     m = dipole((1.0, 300.0), (0.2, 1500.0))
-    classical = ir_spectrum(m, DT, quantum_correction="none", normalise=False)
-    quantum = ir_spectrum(m, DT, temperature_K=300.0, normalise=False)
-    nu = classical.frequency_cm1
-    assert np.allclose(quantum.intensity, classical.intensity * quantum_factor(nu, 300.0), rtol=1e-12, atol=0)
-    # peak heights: high frequency raised relative to low by Q(1500)/Q(300) (x = hc nu / kT)
-    x = 1.438776877 * np.array([300.0, 1500.0]) / 300.0
-    expected = (x[1] / (1 - np.exp(-x[1]))) / (x[0] / (1 - np.exp(-x[0])))
-    i_lo, i_hi = (np.argmin(abs(nu - f)) for f in (300.0, 1500.0))
-    ratio = ((quantum.intensity[i_hi] / quantum.intensity[i_lo])
-             / (classical.intensity[i_hi] / classical.intensity[i_lo]))
-    assert ratio == pytest.approx(expected, rel=1e-3)
+    harmonic = ir_spectrum(m, DT, normalise=False)
+    bare = ir_spectrum(m, DT, quantum_correction="none", temperature_K=300.0, normalise=False)
+    nu = harmonic.frequency_cm1
+    assert np.allclose(bare.intensity, harmonic.intensity / quantum_factor(nu, 300.0), rtol=1e-12, atol=0)
     assert quantum_factor(0.0, 300.0) == 1.0
+    x = 1.438776877 * 1500.0 / 300.0
+    assert float(quantum_factor(1500.0, 300.0)) == pytest.approx(x / (1 - np.exp(-x)), rel=1e-12)
+    with pytest.raises(ValueError, match="temperature_K"):
+        ir_spectrum(m, DT, quantum_correction="none")
 
 
 def test_raman_weights_45_a2_plus_7_gamma2():
@@ -195,12 +222,12 @@ def test_replica_averaging_reduces_the_error_bar():
     def series(replicas):
         return np.array([dipole((1.0, 1000.0), noise=0.3, seed=s) for s in range(replicas)])
 
-    few = ir_spectrum(series(2), DT, quantum_correction="none", normalise=False, blocks=2)
-    many = ir_spectrum(series(8), DT, quantum_correction="none", normalise=False, blocks=2)
+    few = ir_spectrum(series(2), DT, normalise=False, blocks=2)
+    many = ir_spectrum(series(8), DT, normalise=False, blocks=2)
     assert few.metadata["spectra_averaged"] == 4 and many.metadata["spectra_averaged"] == 16
     ratio = np.sqrt(np.mean(few.stderr ** 2) / np.mean(many.stderr ** 2))  # mean variances: unbiased
     assert 1.6 < ratio < 2.5  # sqrt(16 / 4) = 2
-    single = ir_spectrum(series(1)[0], DT, quantum_correction="none")
+    single = ir_spectrum(series(1)[0], DT)
     assert np.isnan(single.stderr).all()
 
 

@@ -198,7 +198,9 @@ def add_parsers(sub) -> None:
     sp.add_argument("--broadening", type=float, default=0.0, metavar="CM1",
                     help="Gaussian broadening, FWHM in cm^-1 (default 0)")
     sp.add_argument("--quantum-correction", choices=["harmonic", "none"], default="harmonic",
-                    help="IR: harmonic quantum correction factor (default) or none (classical)")
+                    help="IR: harmonic quantum correction (default: beta omega^2 times the classical dipole "
+                         "spectrum, exact band areas for a harmonic crystal) or none (that divided by "
+                         "Q = beta hbar omega / (1 - exp(-beta hbar omega)))")
     sp.add_argument("--stokes", action="store_true", help="Raman: the Stokes side with the harmonic Bose factor")
     sp.add_argument("--blocks", type=positive_int, default=1, help="blocks per replica for the error bar (default 1)")
     sp.add_argument("--max-cm1", type=float, default=4000.0, help="highest wavenumber written, cm^-1 (default 4000)")

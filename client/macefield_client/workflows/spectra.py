@@ -19,11 +19,18 @@ sigma = FWHM / sqrt(8 ln 2), applied to C before the transform (exact, no edge e
 The grid is zero-padded 4x (cosmetic interpolation); the resolution is ``resolution_cm1`` = 1 / (c tau_L)
 (the full width of a line of an infinitely long signal is below it for both windows).
 
-IR: the classical absorption line shape alpha(nu) n(nu) ∝ beta omega^2 FT<M(0) M(t)> = beta FT<dM/dt(0)
-dM/dt(t)>; dM/dt by central differences (e*A/fs), its mean over each block removed (a drifting M gives no
-zero-frequency line).  The quantum correction multiplies the classical line shape by the harmonic factor
-Q(nu) = beta hbar omega / (1 - exp(-beta hbar omega)), beta hbar omega = h c nu / (k_B T) = 1.4387769 nu/T
-(nu in cm^-1, T in K): 1 at low frequency, -> beta hbar omega at high frequency (``none``: classical).
+IR: the absorption line shape alpha(nu) n(nu).  Quantum linear response gives
+alpha n ∝ omega (1 - exp(-beta hbar omega)) I(omega), I the transform of the quantum correlation
+<M(0) M(t)>; MD gives the classical one, I_cl.  The quantum correction factor Q (I ≈ Q I_cl) is the
+harmonic one by default, Q(nu) = beta hbar omega / (1 - exp(-beta hbar omega)), with beta hbar omega =
+h c nu / (k_B T) = 1.4387769 nu/T (nu in cm^-1, T in K); it is exact for a harmonic crystal with a
+dipole linear in the displacements (its Kubo-transformed correlation is the classical one) and turns the
+product into alpha n ∝ beta omega^2 I_cl = beta FT<dM/dt(0) . dM/dt(t)>, the line shape computed here:
+each band's area is then the square of its mode's effective charge, independent of temperature and
+frequency, as in the harmonic route.  ``none``: the classical correlation put into the quantum formula
+without a factor, i.e. that line shape divided by Q(nu) (high-frequency bands too weak by Q: x4.8 at
+1000 cm^-1 and 300 K).  dM/dt by central differences (e*A/fs), its mean over each block removed (a
+drifting M gives no zero-frequency line).
 
 Raman: a(t) = tr alpha / 3 and the traceless part b(t) = alpha - a 1; the rotational invariants are a^2
 and gamma^2 = (3/2) tr(b^2) (= 1/2 [(axx-ayy)^2 + (ayy-azz)^2 + (azz-axx)^2] + 3 (axy^2 + ayz^2 + azx^2)
@@ -56,7 +63,10 @@ C_0 (1 + i theta - exp(i theta)) / theta^2], theta = omega dt, on the FFT grid z
 (the plain trapezoid rule errs by ~(omega dt)^2 C(0) / 12 in eps' at high frequency; this does not).
 Then eps'' = (beta / (2 V eps0)) omega sinc^2(theta/2) S(nu), S the line shape of C as for the spectra.
 An exponential C(t) = C(0) exp(-t/tau) gives the Debye form eps_inf + Delta / (1 - i omega tau), a damped
-oscillator the Lorentz form (both tested).  Classical: no quantum correction is applied.
+oscillator the Lorentz form (both tested).  This classical eps(omega) is also the quantum one under the
+harmonic correction, as for IR: the quantum fluctuation-dissipation theorem holds exactly with the
+Kubo-transformed correlation, which a harmonic crystal's classical correlation equals; so no factor is
+applied (omega eps'' / c is the IR line shape alpha n above).
 
 Averaging: each replica is cut into ``blocks`` contiguous blocks of equal length; every block gives one
 spectrum (or covariance); the result is their mean and the standard error std / sqrt(count) (ddof = 1;
@@ -191,7 +201,10 @@ def autocorrelation(x: np.ndarray, max_lag: int | None = None) -> np.ndarray:
 
 
 def quantum_factor(nu_cm1, temperature_K: float) -> np.ndarray:
-    """Q(nu) = x / (1 - exp(-x)), x = h c nu / (k_B T): the harmonic quantum correction (1 at nu = 0)."""
+    """Q(nu) = x / (1 - exp(-x)), x = h c nu / (k_B T): the harmonic quantum correction factor (1 at nu = 0).
+
+    Quantum spectrum ≈ Q times the classical one: the Stokes Raman line shape; for IR it is already in
+    the beta omega^2 I_cl line shape of :func:`ir_spectrum` (see the module doc)."""
     x = HC_OVER_KB_CM_K * np.asarray(nu_cm1, dtype=float) / float(temperature_K)
     with np.errstate(invalid="ignore", divide="ignore"):
         q = np.where(np.abs(x) < 1e-12, 1.0, x / -np.expm1(-x))
@@ -300,12 +313,14 @@ def ir_spectrum(dipole, dt_fs: float, *, temperature_K: float | None = None, win
     """IR absorption line shape from a dipole series M(t) (e*A, or P in e/A^2), ``dt_fs`` fs apart.
 
     ``dipole``: (frames, 3) or (replicas, frames, 3).  ``max_lag_fs``: default half a block.
-    ``quantum_correction``: ``harmonic`` (default; needs ``temperature_K``) or ``none``.  See the module doc.
+    ``quantum_correction``: ``harmonic`` (default: beta omega^2 I_cl, exact band areas for a harmonic
+    crystal) or ``none`` (that divided by Q(nu); needs ``temperature_K``).  See the module doc.
     """
     if quantum_correction not in QUANTUM_CORRECTIONS:
         raise ValueError(f"quantum_correction: one of {', '.join(QUANTUM_CORRECTIONS)}, got {quantum_correction!r}")
-    if quantum_correction == "harmonic" and not temperature_K:
-        raise ValueError("the harmonic quantum correction needs temperature_K > 0 (or quantum_correction='none')")
+    if quantum_correction == "none" and not temperature_K:
+        raise ValueError("quantum_correction='none' needs temperature_K > 0 (it divides the harmonic line shape "
+                         "by Q(nu))")
     x = _replicas(dipole, 1)
     replicas = x.shape[0]
     x = _blocks(x, blocks)
@@ -313,13 +328,14 @@ def ir_spectrum(dipole, dt_fs: float, *, temperature_K: float | None = None, win
     v = v - v.mean(axis=1, keepdims=True)
     lags = _max_lag(max_lag_fs, dt_fs, x.shape[1])
     nu, s = line_shape(autocorrelation(v, lags), dt_fs, window, broadening_cm1)
-    if quantum_correction == "harmonic":
-        s = s * quantum_factor(nu, float(temperature_K))  # type: ignore[arg-type]
+    if quantum_correction == "none":
+        s = s / quantum_factor(nu, float(temperature_K))  # type: ignore[arg-type]
     meta = _settings(dt_fs, lags, x.shape[1], window, broadening_cm1, blocks, replicas, temperature_K)
     meta.update(kind="ir", quantum_correction=quantum_correction,
-                quantity="classical line shape FT<dM/dt(0) . dM/dt(t)>" +
-                         (" x beta hbar omega / (1 - exp(-beta hbar omega))" if quantum_correction == "harmonic"
-                          else ""),
+                quantity=("FT<dM/dt(0) . dM/dt(t)> = omega^2 FT<M(0) M(t)> (alpha n up to beta and constants; "
+                          "the harmonic quantum correction)" if quantum_correction == "harmonic" else
+                          "FT<dM/dt(0) . dM/dt(t)> x (1 - exp(-beta hbar omega)) / (beta hbar omega) "
+                          "(no quantum correction)"),
                 intensity_unit_raw="(e*A/fs)^2 fs (with a dipole in e*A)")
     return _finish(nu, s, max_cm1=max_cm1, normalise=normalise, peak_threshold=peak_threshold, metadata=meta)
 
