@@ -262,3 +262,43 @@ def test_cli_spectrum_writes_json(tmp_path):
         function["frequency_cm1"]) and function["frequency_cm1"][-1] <= 4000
     assert np.allclose(function["eps_real"][0], data["eps_static"], rtol=1e-10)
     assert (tmp_path / "eps.png").stat().st_size > 0
+
+
+def test_ir_band_areas_do_not_fall_with_frequency_at_coarse_sampling():
+    """Records 2 fs apart: the central difference's (sin(omega dt)/(omega dt))^2 (0.64 at 3000 cm^-1) is undone,
+    so equal mode charges give equal band areas at 500 and 3000 cm^-1; the grid stops at half the Nyquist."""
+    nus = (500.0, 3000.0)
+    m = thermal_harmonic_dipole((1.0, 1.0), nus, 300.0, seed=3)[::2]
+    r = ir_spectrum(m, 2.0, normalise=False, max_lag_fs=2000.0)
+    a = [r.intensity[abs(r.frequency_cm1 - f) < 60.0].sum() for f in nus]
+    assert a[1] / a[0] == pytest.approx(1.0, rel=0.02)
+    assert r.frequency_cm1[-1] <= 0.25 / (2.0 * C_CM_PER_FS) and r.frequency_cm1[-1] > 4000.0
+
+
+def ar1_dipole(replicas=8, frames=2000, tau=50.0, sigma=1.0, seed=5):
+    """(replicas, frames, 3) AR(1) series with correlation time ``tau`` frames and stationary variance sigma^2."""
+    rng = np.random.default_rng(seed)
+    phi = np.exp(-1.0 / tau)
+    x = np.zeros((replicas, frames, 3))
+    x[:, 0] = sigma * rng.normal(size=(replicas, 3))
+    noise = sigma * np.sqrt(1.0 - phi ** 2) * rng.normal(size=(replicas, frames, 3))
+    for t in range(1, frames):
+        x[:, t] = phi * x[:, t - 1] + noise[:, t]
+    return x
+
+
+def test_fluctuation_eps0_keeps_slow_fluctuations_whatever_the_blocks():
+    """A dipole with a 50-frame correlation time: eps_0 is the same with 1, 10 and 20 blocks (deviations about each
+    replica's mean; blocks only set the error bar) and its fluctuation part is the exact variance within 3
+    standard errors; eps(omega -> 0) stays equal to it."""
+    volume, temperature = 100.0, 300.0
+    x = ar1_dipole()
+    exact = 1.0 / (KB_EV_PER_K * temperature * volume * EPS0)  # variance 1 (e*A)^2 per component
+    results = {b: eps_static_fluctuation(x, volume, temperature, blocks=b) for b in (1, 10, 20)}
+    for b, r in results.items():
+        np.testing.assert_allclose(r.eps_static, results[1].eps_static, rtol=1e-12, atol=1e-12)
+    r = results[20]
+    for i in range(3):
+        assert abs(r.eps_static[i, i] - 1.0 - exact) < 3 * r.stderr[i, i] + 0.04 * exact, (i, r.eps_static, exact)
+    f = dielectric_function(x, 1.0, volume, temperature, blocks=20, max_lag_fs=99.0)
+    np.testing.assert_allclose(f.eps_real[0], r.eps_static, rtol=1e-10)

@@ -30,7 +30,9 @@ each band's area is then the square of its mode's effective charge, independent 
 frequency, as in the harmonic route.  ``none``: the classical correlation put into the quantum formula
 without a factor, i.e. that line shape divided by Q(nu) (high-frequency bands too weak by Q: x4.8 at
 1000 cm^-1 and 300 K).  dM/dt by central differences (e*A/fs), its mean over each block removed (a
-drifting M gives no zero-frequency line).
+drifting M gives no zero-frequency line); the central difference sees omega as sin(omega dt)/dt, so the
+line shape is divided by (sin(omega dt)/(omega dt))^2 and cut at half the Nyquist frequency, 1/(4 c dt)
+(4170 cm^-1 for records 2 fs apart), where that factor is still 0.41.
 
 Raman: a(t) = tr alpha / 3 and the traceless part b(t) = alpha - a 1; the rotational invariants are a^2
 and gamma^2 = (3/2) tr(b^2) (= 1/2 [(axx-ayy)^2 + (ayy-azz)^2 + (azz-axx)^2] + 3 (axy^2 + ayz^2 + azx^2)
@@ -44,10 +46,13 @@ combination of the Raman activities.  The mean of alpha over each block is remov
 Static dielectric tensor (fluctuation formula, conducting "tinfoil" boundary conditions, as in periodic MD):
 eps_0,ij = eps_inf,ij + (<M_i M_j> - <M_i><M_j>) / (k_B T V eps0) with M the total cell dipole (e*A), V the
 cell volume (A^3), k_B T in eV and eps0 = 0.0055263494 e/(V*A): e^2 A^2 / (e*V * A^3 * e/(V*A)) = 1.
+<M> is each replica's mean over its whole run (not each block's, which would drop the slow fluctuations);
+blocks only give the standard error.
 
 Dielectric function (classical fluctuation-dissipation theorem, tinfoil boundary conditions): with
-C_ij(t) = <dM_i(0) dM_j(t)> the dipole covariance at lag t (dM = M - <M>; symmetrised in ij, which time
-reversal makes exact; scaled by n/(n - 1) so that C(0) is the ddof = 1 covariance of eps_0 above), the
+C_ij(t) = <dM_i(0) dM_j(t)> the dipole covariance at lag t (dM = M - <M>, <M> each replica's mean over
+its whole run, as for eps_0; symmetrised in ij, which time reversal makes exact; scaled by N/(N - 1), N the
+replica's frames, so that C(0) is the covariance of eps_0 above), the
 response function chi(t) = -beta/(V eps0) dC/dt (t > 0) transforms to
 
     eps_ij(omega) = eps_inf,ij + beta/(V eps0) [C_ij(0) + i omega int_0^inf C_ij(t) exp(i omega t) dt]
@@ -174,6 +179,20 @@ def _replicas(x, tail: int) -> np.ndarray:
     if not np.isfinite(x).all():
         raise ValueError("the series has non-finite values (not recorded?)")
     return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _deviation_blocks(x: np.ndarray, blocks: int) -> tuple[np.ndarray, int]:
+    """(replicas, frames, k) -> (deviations in blocks (replicas * blocks, m, k), frames per replica N): each
+    replica's deviation from its own mean over all its N = m * blocks frames used, then cut into blocks.
+
+    About the replica's mean, not each block's: a block's own mean would drop every fluctuation slower than
+    a block (the soft modes that dominate eps_0) and bias the covariance low, more so with more blocks.
+    """
+    if blocks < 1:
+        raise ValueError(f"blocks: at least 1, got {blocks}")
+    m = x.shape[1] // blocks
+    x = x[:, :m * blocks]
+    return _blocks(x - x.mean(axis=1, keepdims=True), blocks), m * blocks
 
 
 def _blocks(x: np.ndarray, blocks: int) -> np.ndarray:
@@ -328,6 +347,12 @@ def ir_spectrum(dipole, dt_fs: float, *, temperature_K: float | None = None, win
     v = v - v.mean(axis=1, keepdims=True)
     lags = _max_lag(max_lag_fs, dt_fs, x.shape[1])
     nu, s = line_shape(autocorrelation(v, lags), dt_fs, window, broadening_cm1)
+    # the central difference sees omega as sin(omega dt) / dt: undo its (sin(theta) / theta)^2 up to half the
+    # Nyquist frequency (theta = pi/2, factor 0.405) and cut the grid there
+    half_nyquist = 0.25 / (dt_fs * C_CM_PER_FS)
+    max_cm1 = half_nyquist if max_cm1 is None else min(float(max_cm1), half_nyquist)
+    theta = 2.0 * np.pi * C_CM_PER_FS * dt_fs * nu
+    s = s / np.where(nu <= half_nyquist, np.sinc(theta / np.pi) ** 2, 1.0)
     if quantum_correction == "none":
         s = s / quantum_factor(nu, float(temperature_K))  # type: ignore[arg-type]
     meta = _settings(dt_fs, lags, x.shape[1], window, broadening_cm1, blocks, replicas, temperature_K)
@@ -336,6 +361,8 @@ def ir_spectrum(dipole, dt_fs: float, *, temperature_K: float | None = None, win
                           "the harmonic quantum correction)" if quantum_correction == "harmonic" else
                           "FT<dM/dt(0) . dM/dt(t)> x (1 - exp(-beta hbar omega)) / (beta hbar omega) "
                           "(no quantum correction)"),
+                derivative="central differences, divided by (sin(omega dt) / (omega dt))^2; grid cut at half the "
+                           f"Nyquist frequency ({half_nyquist:.0f} cm^-1)",
                 intensity_unit_raw="(e*A/fs)^2 fs (with a dipole in e*A)")
     return _finish(nu, s, max_cm1=max_cm1, normalise=normalise, peak_threshold=peak_threshold, metadata=meta)
 
@@ -436,9 +463,8 @@ def dielectric_function(dipole, dt_fs: float, volume_A3: float, temperature_K: f
     """
     x = _replicas(dipole, 1)
     replicas = x.shape[0]
-    x = _blocks(x, blocks)
-    n = x.shape[1]
-    d = x - x.mean(axis=1, keepdims=True)
+    d, frames = _deviation_blocks(x, blocks)
+    n = d.shape[1]
     lags = _max_lag(max_lag_fs, dt_fs, n)
     # C_ij(m) = 1/(n - m) sum_t d_i(t) d_j(t + m), symmetrised, for every pair ij (autocorrelation of the
     # sums d_i + d_j gives the cross terms: C_ij + C_ji = C_(i+j) - C_ii - C_jj)
@@ -449,7 +475,7 @@ def dielectric_function(dipole, dt_fs: float, volume_A3: float, temperature_K: f
         for j in range(i + 1, 3):
             pair = autocorrelation(d[..., i:i + 1] + d[..., j:j + 1], lags)
             c[..., i, j] = c[..., j, i] = 0.5 * (pair - diag[..., i] - diag[..., j])
-    c *= n / (n - 1.0)
+    c *= frames / (frames - 1.0)  # the replica's mean is estimated from its frames (ddof = 1)
     nu, eps = dielectric_from_correlation(c, dt_fs, volume_A3=volume_A3, temperature_K=temperature_K,
                                           eps_inf=eps_inf, window=window, broadening_cm1=broadening_cm1, pad=pad)
     keep = nu <= (np.inf if max_cm1 is None else float(max_cm1))
@@ -474,23 +500,23 @@ def eps_static_fluctuation(dipole, volume_A3: float, temperature_K: float, *, ep
 
     ``dipole``: (frames, 3) or (replicas, frames, 3), continuous (no jumps of a polarization quantum).
     ``eps_inf``: a number, 3 diagonal values or a 3x3 tensor (default 1: vacuum; the electronic part is then
-    missing).  The covariance is taken in each block of each replica about its own mean (ddof = 1) and
-    averaged; the standard error is over those blocks.
+    missing).  Deviations are taken about each replica's mean over its whole run (its P is continuous, so
+    its branch does not matter; ddof = 1 for that mean); the covariance is averaged over the blocks of
+    every replica, which only set the standard error: the estimate does not depend on ``blocks``.
     """
     if volume_A3 <= 0 or temperature_K <= 0:
         raise ValueError(f"volume_A3 and temperature_K must be > 0, got {volume_A3} and {temperature_K}")
     x = _replicas(dipole, 1)
     replicas = x.shape[0]
-    x = _blocks(x, blocks)
-    d = x - x.mean(axis=1, keepdims=True)
-    cov = np.einsum("bti,btj->bij", d, d) / (x.shape[1] - 1)
+    d, frames = _deviation_blocks(x, blocks)
+    cov = np.einsum("bti,btj->bij", d, d) / d.shape[1] * (frames / (frames - 1.0))
     kT = KB_EV_PER_K * float(temperature_K)
     eps = cov / (kT * float(volume_A3) * EPS0)
     count = eps.shape[0]
     err = eps.std(axis=0, ddof=1) / math.sqrt(count) if count > 1 else np.full((3, 3), np.nan)
     inf = _eps_inf_tensor(eps_inf)
     meta = {"kind": "dielectric", "volume_A3": float(volume_A3), "temperature_K": float(temperature_K),
-            "kT_eV": kT, "blocks": blocks, "replicas": replicas, "block_frames": int(x.shape[1]),
+            "kT_eV": kT, "blocks": blocks, "replicas": replicas, "block_frames": int(d.shape[1]),
             "dipole_covariance_e2A2": cov.mean(axis=0),
             "eps_inf_source": "given" if eps_inf is not None else "default 1 (vacuum: electronic part missing)",
             "formula": "eps_inf + (<M M> - <M><M>) / (k_B T V eps0), tinfoil boundary conditions; "
