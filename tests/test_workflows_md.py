@@ -151,6 +151,34 @@ def test_loop_extraction_is_exact_on_a_synthetic_loop():
     assert x["saturation_polarization_uC_cm2"] == pytest.approx(40.0, abs=1e-9)
 
 
+@pytest.mark.parametrize("records", [801, 800, 802])
+def test_loop_extraction_needs_no_record_on_the_extremes_and_skips_the_virgin_curve(records):
+    """The same loop shifted by 3 uC/cm^2 along P, starting unpolarised (P rising from the offset while the field
+    falls from its first maximum: the virgin curve), sampled so that the records miss the field's extremes (800
+    or 802 records over two cycles): the same Pr, Ec (shifted by the offset's effect only on each sign), Ps, and
+    the loop centre at the offset."""
+    t = np.linspace(0.0, 2.0, records)
+    tri = waveform("triangle", 1.0, "z", 1.0)
+    e = np.array([40.0 * tri(x)[2] for x in t])
+    p = np.empty_like(e)
+    for i, x in enumerate(e):
+        down = (t[i] % 1.0) < 0.5
+        p[i] = np.clip(30.0 + 2.5 * x if down else -30.0 + 2.5 * x, -40.0, 40.0) + 3.0
+    start = t < 0.05
+    p[start] = np.linspace(-5.0, 43.0, start.sum())  # the virgin curve: crosses zero while E falls
+    x = extract_loop(e, p)
+    tol = 2 * 40.0 * 2.0 / records * 2.5  # P changes by up to this between records near the extremes
+    assert x["loop_centre_uC_cm2"] == pytest.approx(3.0, abs=tol)
+    assert x["saturation_polarization_uC_cm2"] == pytest.approx(40.0, abs=tol)
+    assert x["remanent_polarization_uC_cm2"] == pytest.approx(30.0, abs=tol)
+    assert x["remanent_polarization_plus_uC_cm2"] == pytest.approx(33.0, abs=tol)
+    assert x["remanent_polarization_minus_uC_cm2"] == pytest.approx(-27.0, abs=tol)
+    # P = 0 where the shifted lines cross zero: E = -13.2 (upper branch), +10.8 (lower branch)
+    assert x["coercive_field_plus_MV_cm"] == pytest.approx(10.8, abs=tol / 2.5)
+    assert x["coercive_field_minus_MV_cm"] == pytest.approx(-13.2, abs=tol / 2.5)
+    assert x["coercive_field_MV_cm"] == pytest.approx(12.0, abs=tol / 2.5)
+
+
 def test_batio3_loop_switches_with_continuous_polarization(shared_data, server, tmp_path):
     """0 K damped dynamics of the 135-atom PBE BaTiO3 frame under a cosine field along z (E0 = 0.3636 V/A, the
     paper's amplitude, in a 0.5 ps period: a fast loop, not the quasi-static one) through ``macefield hysteresis``:

@@ -301,10 +301,11 @@ def cmd_hysteresis(args) -> int:
           f"period {args.period:g} ps, {args.cycles:g} cycle(s), T = {args.temperature:g} K, "
           f"{len(loop.time_fs)} records")
     print(f"remanent polarization Pr: {x['remanent_polarization_uC_cm2']:.2f} uC/cm^2 "
-          f"(+{x['remanent_polarization_plus_uC_cm2']:.2f} / {x['remanent_polarization_minus_uC_cm2']:.2f})")
+          f"({x['remanent_polarization_plus_uC_cm2']:+.2f} / {x['remanent_polarization_minus_uC_cm2']:+.2f})")
     print(f"coercive field Ec: {x['coercive_field_MV_cm']:.2f} MV/cm "
-          f"(+{x['coercive_field_plus_MV_cm']:.2f} / {x['coercive_field_minus_MV_cm']:.2f})")
-    print(f"saturation polarization Ps: {x['saturation_polarization_uC_cm2']:.2f} uC/cm^2")
+          f"({x['coercive_field_plus_MV_cm']:+.2f} / {x['coercive_field_minus_MV_cm']:+.2f})")
+    print(f"saturation polarization Ps: {x['saturation_polarization_uC_cm2']:.2f} uC/cm^2 "
+          f"(loop centre {x['loop_centre_uC_cm2']:+.2f} uC/cm^2)")
     return 0
 
 

@@ -27,8 +27,8 @@ For a periodic structure of N atoms (the cell as given: its 3N Gamma-point modes
    (:func:`alpha_derivatives`); ``"modes"``: central differences along every mode, the largest atomic
    displacement ``raman_step`` A (6N structures).  Either way all displaced structures go in one
    ``predict_many`` call (polarizability only).  With alpha in A^3 (alpha / (4 pi eps0), the served
-   e*A^2/V divided by 4 pi eps0 in e/(V*A)) the tensor is in A^2/amu^1/2 and the activity of the
-   unpolarised, 90-degree scattering
+   e*A^2/V divided by 4 pi eps0 in e/(V*A)) the tensor is in A^2/amu^1/2 and the Raman activity
+   (90-degree scattering of light polarised perpendicular to the scattering plane, no analyser)
 
        S_m = 45 a_m^2 + 7 gamma_m^2   (A^4/amu),  a = tr(R)/3,  gamma^2 = (3/2) tr(b^2),  b = R - a 1
 

@@ -8,17 +8,24 @@ their P(t) is averaged.
 
 Extraction from the loop (E_i, P_i) along the field axis, by linear interpolation between records:
 
-* remanent polarization: P where E crosses zero; going down (E from + to -) gives Pr+, going up gives Pr-;
-  Pr = (Pr+ - Pr-) / 2 (uC/cm^2);
-* coercive field: E where P crosses zero; P from - to + gives Ec+, from + to - gives Ec-;
-  Ec = (Ec+ - Ec-) / 2 (MV/cm);
-* saturation polarization: P at the field maxima and -P at the field minima (the records nearest them),
-  averaged: Ps (uC/cm^2).
+* saturation polarization: P at the record of largest E in each excursion of E above 95 % of its
+  amplitude, and P at the record of lowest E in each excursion below -95 %, averaged over the excursions:
+  P_top and P_bottom; Ps = (P_top - P_bottom) / 2 (uC/cm^2).  The excursion the records start in is
+  skipped (the structure as given has not yet answered to the field);
+* loop centre (P_top + P_bottom) / 2 (``loop_centre_uC_cm2``), reported, not removed: it is zero for a
+  steady symmetric loop; a fast or first-cycle loop is not (at 0 K the first cycle starts from the
+  unpolarised structure), nor is a loop whose starting structure sits on another branch of P (defined
+  modulo the quantum e*a/Omega; the model's P of a centrosymmetric structure is zero);
+* remanent polarization: P where E crosses zero; going down (E from + to -) gives Pr+, going up gives
+  Pr-; Pr = (Pr+ - Pr-) / 2 (uC/cm^2), independent of a constant offset of P;
+* coercive field: E where P crosses zero; P from - to + while E rises gives Ec+, from + to - while E
+  falls gives Ec-; Ec = (Ec+ - Ec-) / 2 (MV/cm).  (P rising from an unpolarised start while the field
+  still falls from its first maximum is the virgin curve, not a coercive crossing.)
 
 Crossings are averaged over every cycle recorded.  The first record is the structure as given, before the
-field has acted on it (a centrosymmetric start has P = 0 at E = E0): :func:`hysteresis` extracts from the
-records after it.  Linear interpolation makes the extraction exact for a
-loop that is linear between records around its crossings (tested on a synthetic loop).
+field has acted on it: :func:`hysteresis` extracts from the records after it.  Linear interpolation makes
+the extraction exact for a loop that is linear between records around its crossings (tested on a
+synthetic loop, also with an unpolarised start and sampled off the field's extremes).
 """
 
 from __future__ import annotations
@@ -33,12 +40,13 @@ from . import fields as _fields
 from .fields import AXES
 
 
-def _crossings(x: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float]]:
-    """y at the points where x crosses zero going up, and going down (linear interpolation)."""
+def _crossings(x: np.ndarray, y: np.ndarray, segments: np.ndarray | None = None) -> tuple[list[float], list[float]]:
+    """y at the points where x crosses zero going up, and going down (linear interpolation); with
+    ``segments`` (len(x) - 1 booleans) only between records i and i + 1 where it is true."""
     up, down = [], []
     for i in range(len(x) - 1):
         a, b = x[i], x[i + 1]
-        if a == b:
+        if a == b or (segments is not None and not segments[i]):
             continue
         if (a < 0 <= b) or (a <= 0 < b):
             up.append(y[i] + (y[i + 1] - y[i]) * (0 - a) / (b - a))
@@ -47,21 +55,44 @@ def _crossings(x: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float]]:
     return up, down
 
 
+def _extremes(e: np.ndarray, sign: float, level: float) -> list[int]:
+    """The record of largest ``sign * e`` in each excursion of ``sign * e`` at or above ``level``, skipping the
+    excursion the series starts in."""
+    above = sign * e >= level
+    out, k, n = [], 0, len(e)
+    while k < n:
+        if not above[k]:
+            k += 1
+            continue
+        j = k
+        while j < n and above[j]:
+            j += 1
+        if k > 0:
+            out.append(k + int(np.argmax(sign * e[k:j])))
+        k = j
+    return out
+
+
 def extract_loop(field_MV_cm, polarization_uC_cm2) -> dict[str, float]:
-    """Pr (+, -, mean), Ec (+, -, mean) and Ps of a loop sampled in time order (see the module doc)."""
+    """Ps, the loop centre, Pr (+, -, mean) and Ec (+, -, mean) of a loop sampled in time order (module doc)."""
     e = np.asarray(field_MV_cm, dtype=float)
     p = np.asarray(polarization_uC_cm2, dtype=float)
-    pr_up, pr_down = _crossings(e, p)      # P at E = 0: E going up -> Pr-, going down -> Pr+
-    ec_up, ec_down = _crossings(p, e)      # E at P = 0: P going up -> Ec+, going down -> Ec-
     nan = float("nan")
+    level = 0.95 * float(np.abs(e).max()) if e.size else 0.0
+    tops, bottoms = _extremes(e, 1.0, level), _extremes(e, -1.0, level)
+    p_top = float(np.mean(p[tops])) if tops else nan
+    p_bottom = float(np.mean(p[bottoms])) if bottoms else nan
+    q = p
+    pr_up, pr_down = _crossings(e, q)      # P at E = 0: E going up -> Pr-, going down -> Pr+
+    # E at P = 0: P going up while E rises -> Ec+, P going down while E falls -> Ec- (P first rising from an
+    # unpolarised start, while the field still falls from its first maximum, is not a coercive crossing)
+    step = np.diff(e)
+    ec_up = _crossings(q, e, step > 0)[0]
+    ec_down = _crossings(q, e, step < 0)[1]
     pr_plus = float(np.mean(pr_down)) if pr_down else nan
     pr_minus = float(np.mean(pr_up)) if pr_up else nan
     ec_plus = float(np.mean(ec_up)) if ec_up else nan
     ec_minus = float(np.mean(ec_down)) if ec_down else nan
-    emax = np.abs(e).max()
-    top = np.flatnonzero(e >= emax * (1 - 1e-9))
-    bottom = np.flatnonzero(e <= -emax * (1 - 1e-9))
-    sat = [p[i] for i in top] + [-p[i] for i in bottom]
     return {
         "remanent_polarization_uC_cm2": 0.5 * (pr_plus - pr_minus),
         "remanent_polarization_plus_uC_cm2": pr_plus,
@@ -69,7 +100,8 @@ def extract_loop(field_MV_cm, polarization_uC_cm2) -> dict[str, float]:
         "coercive_field_MV_cm": 0.5 * (ec_plus - ec_minus),
         "coercive_field_plus_MV_cm": ec_plus,
         "coercive_field_minus_MV_cm": ec_minus,
-        "saturation_polarization_uC_cm2": float(np.mean(sat)) if sat else nan,
+        "saturation_polarization_uC_cm2": 0.5 * (p_top - p_bottom),
+        "loop_centre_uC_cm2": 0.5 * (p_top + p_bottom),
     }
 
 
@@ -91,7 +123,7 @@ class HysteresisResult:
             "field": self.field_MV_cm, "field_unit": "MV/cm (along the axis)",
             "polarization": self.polarization_uC_cm2,
             "polarization_unit": "uC/cm^2 (along the axis, continuous across quanta, mean over replicas; "
-                                 "relative to the branch of the starting structure)",
+                                 "on the branch of the starting structure)",
             "polarization_replicas_uC_cm2": self.polarization_replicas_uC_cm2,
             "axis": self.axis,
             **self.extracted,

@@ -37,8 +37,9 @@ line shape is divided by (sin(omega dt)/(omega dt))^2 and cut at half the Nyquis
 Raman: a(t) = tr alpha / 3 and the traceless part b(t) = alpha - a 1; the rotational invariants are a^2
 and gamma^2 = (3/2) tr(b^2) (= 1/2 [(axx-ayy)^2 + (ayy-azz)^2 + (azz-axx)^2] + 3 (axy^2 + ayz^2 + azx^2)
 for a symmetric alpha).  The isotropic spectrum is the transform of <da(0) da(t)>, the anisotropic one of
-(3/2) <b(0) : b(t)> (the correlation whose zero lag is <gamma^2>), and the unpolarised (total) Raman
-spectrum for 90-degree scattering of natural light is 45 I_iso + 7 I_aniso, i.e. the 45 a^2 + 7 gamma^2
+(3/2) <b(0) : b(t)> (the correlation whose zero lag is <gamma^2>), and the total Raman spectrum (no
+analyser) for 90-degree scattering of light polarised perpendicular to the scattering plane is
+45 I_iso + 7 I_aniso (natural light would give 45 I_iso + 13 I_aniso), i.e. the 45 a^2 + 7 gamma^2
 combination of the Raman activities.  The mean of alpha over each block is removed (no Rayleigh line).
 ``bose="stokes"``: the Stokes side with the harmonic Bose factor, (n(omega) + 1) beta hbar omega = Q(nu)
 (the classical correlation is symmetric in nu; the Stokes line of a harmonic oscillator is Q times it).
@@ -400,7 +401,7 @@ def raman_spectrum(alpha, dt_fs: float, *, temperature_K: float | None = None, w
         s_iso, s_an = s_iso * q, s_an * q
     total = 45.0 * s_iso + 7.0 * s_an
     meta = _settings(dt_fs, lags, x.shape[1], window, broadening_cm1, blocks, replicas, temperature_K)
-    meta.update(kind="raman", bose=bose, quantity="45 I_iso + 7 I_aniso (unpolarised, 90-degree scattering)",
+    meta.update(kind="raman", bose=bose, quantity="45 I_iso + 7 I_aniso (90-degree scattering of light polarised perpendicular to the scattering plane, no analyser)",
                 intensity_unit_raw="(e*A^2/V)^2 fs")
     return _finish(nu, total, max_cm1=max_cm1, normalise=normalise, peak_threshold=peak_threshold, metadata=meta,
                    components={"isotropic": s_iso, "anisotropic": s_an})
