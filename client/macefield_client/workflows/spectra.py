@@ -401,7 +401,9 @@ def raman_spectrum(alpha, dt_fs: float, *, temperature_K: float | None = None, w
         s_iso, s_an = s_iso * q, s_an * q
     total = 45.0 * s_iso + 7.0 * s_an
     meta = _settings(dt_fs, lags, x.shape[1], window, broadening_cm1, blocks, replicas, temperature_K)
-    meta.update(kind="raman", bose=bose, quantity="45 I_iso + 7 I_aniso (90-degree scattering of light polarised perpendicular to the scattering plane, no analyser)",
+    meta.update(kind="raman", bose=bose,
+                quantity="45 I_iso + 7 I_aniso (90-degree scattering of light polarised perpendicular to the "
+                         "scattering plane, no analyser)",
                 intensity_unit_raw="(e*A^2/V)^2 fs")
     return _finish(nu, total, max_cm1=max_cm1, normalise=normalise, peak_threshold=peak_threshold, metadata=meta,
                    components={"isotropic": s_iso, "anisotropic": s_an})
