@@ -131,6 +131,16 @@ def test_ensemble_ctrl_c_keeps_the_records(client, tmp_path):
     assert np.load(tmp_path / "cut.npz")["record_time_fs"].shape == rec["time_fs"].shape
 
 
+def test_replicas_start_at_the_temperature_asked_for(client):
+    """Maxwell-Boltzmann momenta without the centre-of-mass motion: the mean starting temperature over 400
+    replicas of 9-atom quartz (3N - 3 = 24 degrees of freedom, as ASE counts them with FixCom) is the target
+    within 3 standard errors (a start rescaled to 3N degrees of freedom would be 9/8 too hot: 337.5 K)."""
+    ens = Ensemble(client, alpha_quartz(cell="pbe"), replicas=400, temperature=300.0, seed=11, head="sio2")
+    temps = np.array([a.get_temperature() for a in ens.atoms])
+    assert all(np.allclose(a.get_momenta().sum(axis=0), 0.0, atol=1e-10) for a in ens.atoms)
+    assert abs(temps.mean() - 300.0) < 3 * temps.std(ddof=1) / np.sqrt(len(temps)), temps.mean()
+
+
 def test_loop_extraction_is_exact_on_a_synthetic_loop():
     """A parallelogram loop (linear between records) with Pr = 30, Ec = 12, Ps = 40 sampled over two cycles."""
     t = np.linspace(0.0, 2.0, 801)

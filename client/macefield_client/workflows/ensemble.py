@@ -214,7 +214,10 @@ class Ensemble:
             rng = np.random.default_rng(seed + i)
             if temperature > 0 and not atoms.get_momenta().any():
                 thermalize_momenta(atoms, temperature, rng=rng)
-                Stationary(atoms)
+                # drop the centre-of-mass momentum without rescaling: 3N - 3 degrees of freedom remain (FixCom),
+                # whose expected kinetic energy is (3N - 3) k_B T / 2 (rescaling back to 3N / 2 started the
+                # replicas N / (N - 1) too hot)
+                Stationary(atoms, preserve_temperature=False)
             calc = calc_class(self.gatherer, i, field_of_time(field_specs[i]), self.timestep_fs,
                               self.record_every if record_alpha else 0)
             atoms.calc = calc
