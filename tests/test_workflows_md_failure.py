@@ -30,8 +30,8 @@ def test_md_writes_what_was_recorded_when_the_server_dies(tmp_path):
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             # some steps answered (one PredictBatch call per step), then the server dies
-            wait_for(lambda: server.metric("macefield_requests_total", method="PredictBatch", code="OK") >= 20, timeout=120,
-                     what="20 MD steps answered")
+            wait_for(lambda: server.metric("macefield_requests_total", method="PredictBatch", code="OK") >= 20,
+                     timeout=120, what="20 MD steps answered")
             server.kill()
             stdout, stderr = proc.communicate(timeout=120)
         finally:
