@@ -7,7 +7,8 @@
    steps recorded every ``record_every``), the cell dipole M = P V.
 3. eps_0 = eps_inf + (<M M> - <M><M>) / (k_B T V eps0) (:func:`~.spectra.eps_static_fluctuation`; eps_inf the
    harmonic route's, T the mean kinetic temperature of the records) with its standard error over ``blocks``
-   blocks per replica, and the deviation from the harmonic eps_0 in standard errors.
+   blocks per replica (the covariance about each block's mean, or with ``center="all"`` about the mean of
+   all replicas), and the deviation from the harmonic eps_0 in standard errors.
 
 At low temperature the crystal is nearly harmonic and the two must agree within the statistical error (the
 Langevin thermostat samples the canonical distribution at any friction; the friction only sets how fast the
@@ -38,6 +39,8 @@ class EpsMDSettings:
     steps: int = 2000
     record_every: int = 2
     blocks: int = 4
+    #: ``block`` or ``all``: the mean the dipole covariance is taken about (:func:`~.spectra.eps_static_fluctuation`)
+    center: str = "block"
     seed: int = 0
 
 
@@ -101,7 +104,8 @@ def eps_static_md(client, structure, settings: EpsMDSettings | None = None, *, h
     wall = time.perf_counter() - start
     m = rec["polarization_e_A2"] * volume  # (replicas, records, 3), e*A
     temperature = float(rec["temperature_K"].mean())
-    eps = eps_static_fluctuation(m, volume, temperature, eps_inf=ref.eps_inf, blocks=s.blocks)
+    eps = eps_static_fluctuation(m, volume, temperature, eps_inf=ref.eps_inf, blocks=s.blocks,
+                                 center=s.center)
     return EpsMDResult(eps_inf=np.asarray(ref.eps_inf), eps_static_harmonic=np.asarray(ref.eps_static),
                        eps_static_fluctuation=eps.eps_static, stderr=eps.stderr, volume_A3=volume,
                        mean_temperature_K=temperature, md_wall_s=wall, settings=s,

@@ -453,28 +453,37 @@ def dielectric_function(dipole, dt_fs: float, volume_A3: float, temperature_K: f
 
 
 def eps_static_fluctuation(dipole, volume_A3: float, temperature_K: float, *, eps_inf=None,
-                           blocks: int = 1) -> DielectricResult:
+                           blocks: int = 1, center: str = "block") -> DielectricResult:
     """eps_0 = eps_inf + (<M M^T> - <M><M>^T) / (k_B T V eps0): M the cell dipole (e*A), V in A^3, T in K.
 
     ``dipole``: (frames, 3) or (replicas, frames, 3), continuous (no jumps of a polarization quantum).
     ``eps_inf``: a number, 3 diagonal values or a 3x3 tensor (default 1: vacuum; the electronic part is then
-    missing).  The covariance is taken in each block of each replica about its own mean (ddof = 1) and
-    averaged; the standard error is over those blocks.
+    missing).  The covariance is taken in each block of each replica and averaged; the standard error is over
+    those blocks.  ``center``: ``block`` (default) takes each block's covariance about its own mean (ddof = 1;
+    replicas that need not share a mean), ``all`` about the mean of every frame of every replica (replicas of
+    one equilibrium ensemble): a block shorter than the dipole's slowest fluctuations then loses none of its
+    variance to its own mean.
     """
     if volume_A3 <= 0 or temperature_K <= 0:
         raise ValueError(f"volume_A3 and temperature_K must be > 0, got {volume_A3} and {temperature_K}")
+    if center not in ("block", "all"):
+        raise ValueError(f"center: block or all, got {center!r}")
     x = _replicas(dipole, 1)
     replicas = x.shape[0]
     x = _blocks(x, blocks)
-    d = x - x.mean(axis=1, keepdims=True)
-    cov = np.einsum("bti,btj->bij", d, d) / (x.shape[1] - 1)
+    if center == "block":
+        d = x - x.mean(axis=1, keepdims=True)
+        cov = np.einsum("bti,btj->bij", d, d) / (x.shape[1] - 1)
+    else:
+        d = x - x.reshape(-1, x.shape[-1]).mean(axis=0)
+        cov = np.einsum("bti,btj->bij", d, d) / x.shape[1]
     kT = KB_EV_PER_K * float(temperature_K)
     eps = cov / (kT * float(volume_A3) * EPS0)
     count = eps.shape[0]
     err = eps.std(axis=0, ddof=1) / math.sqrt(count) if count > 1 else np.full((3, 3), np.nan)
     inf = _eps_inf_tensor(eps_inf)
     meta = {"kind": "dielectric", "volume_A3": float(volume_A3), "temperature_K": float(temperature_K),
-            "kT_eV": kT, "blocks": blocks, "replicas": replicas, "block_frames": int(x.shape[1]),
+            "kT_eV": kT, "blocks": blocks, "center": center, "replicas": replicas, "block_frames": int(x.shape[1]),
             "dipole_covariance_e2A2": cov.mean(axis=0),
             "eps_inf_source": "given" if eps_inf is not None else "default 1 (vacuum: electronic part missing)",
             "formula": "eps_inf + (<M M> - <M><M>) / (k_B T V eps0), tinfoil boundary conditions; "
