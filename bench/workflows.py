@@ -10,6 +10,9 @@
    second (N x that), the time per step inside ``predict_many`` (gRPC + server), the server's own compute
    per step (each structure's share of its batch pass, summed), and the client-side overhead per step (wall
    minus the time inside ``predict_many``: the ASE integrators, the replica threads, the gathering).
+   The same with alpha recorded every step (``record_alpha=True``, ``record_every=1``: the second-order
+   pass every step), measured beside E+F+P in one run (``ensemble_alpha``: same server, same load), with
+   the cost of a step with alpha relative to one without.
 2. Harmonic route (``macefield_client.workflows.harmonic``) wall time, without the Raman activities, with
    them by symmetry (the default) and along every mode (6N structures): 9- and 72-atom alpha-quartz, and a
    40-atom BaTiO3 cell: the cubic perovskite (Pm-3m; Ba 1a, Ti 1b, O 3c, positions fixed by symmetry) as a
@@ -18,8 +21,10 @@
    force is zero by symmetry (recorded).  Cubic BaTiO3 has unstable
    (ferroelectric) modes at 0 K: they are counted, not a failure.
 
-    python bench/workflows.py --out bench/results/workflows_cpu.json            # ~6 min on 2 CPU cores
-    python bench/workflows.py --quick --out /tmp/workflows.json                 # fewer steps, ~3 min
+    python bench/workflows.py --out bench/results/workflows_cpu.json            # ~12 min on 2 CPU cores
+    python bench/workflows.py --quick --out /tmp/workflows.json                 # fewer steps, ~6 min
+    python bench/workflows.py --only alpha                                      # only ensemble_alpha, ~6 min:
+        # replaces that entry of --out (default bench/results/workflows_cpu.json) and keeps the others
 """
 
 from __future__ import annotations
@@ -98,21 +103,28 @@ def batio3_cubic_40():
     return perovskite_batio3(cell=(a, a), repeat=(2, 2, 2)), a
 
 
-def bench_ensemble(port: int, atoms, n: int, steps: int, warmup: int) -> dict:
+def _options(alpha: bool) -> dict:
+    """Ensemble options: E+F+P recorded every 10 steps, or alpha (and everything else) recorded every step."""
+    return {"record_every": 1, "record_alpha": True} if alpha else {"record_every": 10}
+
+
+def timed_ensemble(port: int, atoms, n: int, steps: int, warmup: int, *, alpha: bool) -> dict:
+    """One ``Ensemble`` of ``n`` replicas on one client: the per-step timings (see the module doc)."""
     from macefield_client import Client
     from macefield_client.workflows import Ensemble
 
-    out: dict = {"n_atoms": len(atoms), "replicas": n, "timed_steps": steps, "warmup_steps": warmup}
     with Client(f"127.0.0.1:{port}") as client:
         timed = TimedClient(client)
-        ens = Ensemble(timed, atoms, replicas=n, temperature=300.0, timestep_fs=1.0, fields=FIELD,
-                       record_every=10, seed=0, head="sio2")
+        ens = Ensemble(timed, atoms, replicas=n, temperature=300.0, timestep_fs=1.0, fields=FIELD, seed=0,
+                       head="sio2", **_options(alpha))
         ens.run(warmup)
         timed.reset()
         t0 = time.perf_counter()
-        ens.run(steps)
+        rec = ens.run(steps)
         wall = time.perf_counter() - t0
-        out["ensemble"] = {
+        if alpha and not np.isfinite(rec["alpha_e_A2_V"]).all():
+            raise RuntimeError("alpha missing from a record")
+        return {
             "steps_per_s": steps / wall, "replica_steps_per_s": n * steps / wall,
             "ms_per_step": 1e3 * wall / steps,
             "predict_many_ms_per_step": 1e3 * timed.inside_s / steps,
@@ -120,11 +132,19 @@ def bench_ensemble(port: int, atoms, n: int, steps: int, warmup: int) -> dict:
             "client_overhead_ms_per_step": 1e3 * (wall - timed.inside_s) / steps,
             "mean_batch": ens.mean_batch,
         }
+
+
+def bench_ensemble(port: int, atoms, n: int, steps: int, warmup: int, *, alpha: bool = False) -> dict:
+    from macefield_client import Client
+    from macefield_client.workflows import Ensemble
+
+    out: dict = {"n_atoms": len(atoms), "replicas": n, "timed_steps": steps, "warmup_steps": warmup}
+    out["ensemble"] = timed_ensemble(port, atoms, n, steps, warmup, alpha=alpha)
     # N separate single-trajectory clients, concurrently
     clients = [Client(f"127.0.0.1:{port}") for _ in range(n)]
     try:
-        runs = [Ensemble(c, atoms, replicas=1, temperature=300.0, timestep_fs=1.0, fields=FIELD, record_every=10,
-                         seed=i, head="sio2") for i, c in enumerate(clients)]
+        runs = [Ensemble(c, atoms, replicas=1, temperature=300.0, timestep_fs=1.0, fields=FIELD, seed=i,
+                         head="sio2", **_options(alpha)) for i, c in enumerate(clients)]
 
         def all_run(k: int) -> float:
             threads = [threading.Thread(target=r.run, args=(k,)) for r in runs]
@@ -145,6 +165,21 @@ def bench_ensemble(port: int, atoms, n: int, steps: int, warmup: int) -> dict:
     out["speedup_ensemble_over_separate"] = out["ensemble"]["replica_steps_per_s"] / out["separate_clients"][
         "replica_steps_per_s"]
     return out
+
+
+def bench_ensemble_alpha(port: int, atoms, n: int, steps: int, warmup: int) -> dict:
+    """E+F+P (every 10 steps recorded) and alpha recorded every step, one after the other on the same server,
+    the ensemble against separate clients for the latter; ``alpha_cost_ratio``: ms per ensemble step with
+    alpha over without."""
+    row = bench_ensemble(port, atoms, n, steps, warmup, alpha=True)
+    row["ensemble_efp"] = timed_ensemble(port, atoms, n, steps, warmup, alpha=False)
+    row["alpha_cost_ratio"] = row["ensemble"]["ms_per_step"] / row["ensemble_efp"]["ms_per_step"]
+    return row
+
+
+def ensemble_cases(quick: bool):
+    """(atoms, timed steps) of the two quartz cells."""
+    return ((quartz((1, 1, 1)), 20 if quick else 40), (quartz((2, 2, 2)), 4 if quick else 8))
 
 
 def bench_harmonic(port: int, name: str, atoms, head: str, skip_modes: bool) -> dict:
@@ -176,18 +211,39 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="server torch threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="fewer steps, no 72-atom Raman along every mode")
     parser.add_argument("--hardware", default="2-core x86 CPU (shared)", help="what the numbers were measured on")
+    parser.add_argument("--only", choices=("alpha",),
+                        help="alpha: run only the ensemble with alpha every step and replace ensemble_alpha in "
+                             "--out, keeping its other entries")
     args = parser.parse_args()
     sys.path[:0] = [str(REPO / "server"), str(REPO / "client")]
 
-    result: dict = {"benchmark": "workflows", "hardware": args.hardware, "server_threads": args.threads,
-                    "python": platform.python_version(), "quick": args.quick,
-                    "server_config": "macefield-serve defaults (5 ms batching window, automatic CPU limits)",
-                    "load_before": os.getloadavg(), "ensemble": [], "harmonic": []}
+    meta = {"hardware": args.hardware, "server_threads": args.threads, "python": platform.python_version(),
+            "quick": args.quick}
+    if args.only == "alpha":
+        out = Path(args.out)
+        result = json.loads(out.read_text()) if out.exists() else {"benchmark": "workflows"}
+    else:
+        result = {"benchmark": "workflows", **meta,
+                  "server_config": "macefield-serve defaults (5 ms batching window, automatic CPU limits)",
+                  "load_before": os.getloadavg(), "ensemble": [], "harmonic": []}
+    alpha: dict = {**meta, "load_before": os.getloadavg(), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         proc, port = start_server(args.threads, Path(tmp))
         try:
-            for repeat, steps in (((1, 1, 1), 20 if args.quick else 40), ((2, 2, 2), 4 if args.quick else 8)):
-                atoms = quartz(repeat)
+            for atoms, steps in ensemble_cases(args.quick):
+                for n in (1, 8, 32):
+                    row = bench_ensemble_alpha(port, atoms, n, steps, warmup=2)
+                    print(json.dumps({k: row[k] for k in ("n_atoms", "replicas")}),
+                          f"alpha every step: ensemble {row['ensemble']['replica_steps_per_s']:.1f} replica-steps/s "
+                          f"({row['alpha_cost_ratio']:.2f}x E+F+P), separate "
+                          f"{row['separate_clients']['replica_steps_per_s']:.1f}", flush=True)
+                    alpha["rows"].append(row)
+            alpha["load_after"] = os.getloadavg()
+            result["ensemble_alpha"] = alpha
+            if args.only == "alpha":
+                write_json(args.out, result)
+                return 0
+            for atoms, steps in ensemble_cases(args.quick):
                 for n in (1, 8, 32):
                     row = bench_ensemble(port, atoms, n, steps, warmup=2)
                     print(json.dumps({k: row[k] for k in ("n_atoms", "replicas")}),

@@ -66,6 +66,7 @@ TIERS = {
         "test_workflows_harmonic.py",  # phonons of quartz through a real server
         "test_workflows_md.py",  # ensemble MD and a BaTiO3 hysteresis loop through a real server
         "test_workflows_md_cli.py",  # macefield md / spectrum STRUCTURE: quartz IR bands at the harmonic modes
+        "test_workflows_eps_md.py",  # fluctuation eps_0 of a 20 K quartz ensemble = the harmonic eps_0
         "test_cueq_backend.py",  # no server, but ~30 s of model conversions
         "test_default_model.py",
         "test_eval_cli.py",
@@ -87,6 +88,7 @@ TIERS = {
     ),
     "system": (
         "test_client_restart.py",  # the server killed and restarted under a client
+        "test_workflows_md_failure.py",  # macefield md writes its records when its server is killed mid-run
         "test_deploy_files.py",  # Dockerfile, compose, container smoke test
         "test_faults.py",  # injected faults, servers killed
         "test_gpu_suite.py",  # bench/gpu_suite.py --smoke with its servers
@@ -116,6 +118,19 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(
             f"test file(s) {sorted(untiered)} have no tier: add each to TIERS in tests/conftest.py "
             "(unit, integration or system; see the comment there)")
+
+
+@pytest.fixture(scope="module")
+def default_served():
+    """An in-process server (``BackgroundServer``, default configuration, no metrics) on the embedded default
+    model, on a free loopback port, for the tests of one module: its address ``127.0.0.1:PORT``."""
+    from macefield_server.serving.background import BackgroundServer
+    from macefield_server.serving.config import ServerConfig
+    from macefield_server.serving.registry import load_default_model
+
+    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1)
+    with BackgroundServer(config, [load_default_model()]) as srv:
+        yield f"127.0.0.1:{srv.port}"
 
 
 @pytest.fixture(scope="session")

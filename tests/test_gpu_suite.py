@@ -261,3 +261,21 @@ def test_gpu_suite_smoke(tmp_path):
         check = record["checks"][f"host_path_{name}"]
         assert check["limited_by"] in ("host", "device") and check["device_nl_limited_by"] in ("host", "device")
         assert check["device_collate_us_per_atom"] > 0
+
+
+def test_hysteresis_section_only_when_named(tmp_path):
+    """The optional hysteresis section (the published 200 ps BaTiO3 loop on a GPU) runs its code path with
+    --smoke (10 steps of the 135-atom cell on the embedded default model, its own server stopped after it),
+    and the default sections do not include it."""
+    assert "hysteresis" not in gpu_suite.parse_args(["--smoke"]).sections
+    assert gpu_suite.parse_args([]).hysteresis_period_ps == 200.0
+    done = subprocess.run([sys.executable, str(SUITE), "--smoke", "--sections", "hysteresis", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=suite_env())
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    (path,) = tmp_path.glob("gpu_suite-smoke-*.json")
+    loop = json.loads(path.read_text())["sections"]["hysteresis"]
+    assert "error" not in loop and loop["exit_code"] == 0 and loop["n_atoms"] == 135
+    assert loop["steps"] == 10 and loop["protocol"]["amplitude_V_A"] == 0.3636
+    assert 0.0 < loop["saturation_polarization_uC_cm2"] < 100.0  # P driven along +E0 for 20 fs
+    assert (tmp_path / path.name.replace(".json", "-server-hysteresis.log")).is_file()
+    assert "hysteresis, period 0.02 ps (10 steps" in path.with_suffix(".txt").read_text()

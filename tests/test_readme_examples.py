@@ -17,9 +17,6 @@ import pytest
 from conftest import REPO
 from serving import run_torch_free, torch_free_env
 
-from macefield_server.serving.background import BackgroundServer
-from macefield_server.serving.config import ServerConfig
-from macefield_server.serving.registry import load_default_model
 
 EXAMPLES = REPO / "client" / "examples"
 
@@ -39,13 +36,6 @@ def printed(stdout: str, label: str):
 def comments_of(example: str):
     """{label: the comment after ``print("label: ...)``} of a README block: what the README says it prints."""
     return dict(re.findall(r'print\("([^"]+):.*#\s*(.*)$', example, re.M))
-
-
-@pytest.fixture(scope="module")
-def served():
-    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1)
-    with BackgroundServer(config, [load_default_model()]) as srv:
-        yield f"127.0.0.1:{srv.port}"
 
 
 def test_in_process_example_runs_and_prints_quartz_physics():
@@ -68,11 +58,11 @@ def test_in_process_example_runs_and_prints_quartz_physics():
     assert comments["max force"].startswith(f"{printed(out, 'max force')[0]:.2f} eV/A")
 
 
-def test_client_example_runs_as_written(served, tmp_path):
+def test_client_example_runs_as_written(default_served, tmp_path):
     example = readme_block("README client example")
     assert example.count("127.0.0.1:50051") == 3  # the comment, Client and the calculator
     script = tmp_path / "readme_client.py"
-    script.write_text(example.replace("127.0.0.1:50051", served))
+    script.write_text(example.replace("127.0.0.1:50051", default_served))
     out = run_torch_free([sys.executable, str(script)], torch_free_env(tmp_path), timeout=300).stdout
     assert "heads: ['sio2', 'batio3']" in out
     eps = printed(out, "eps_inf diagonal")
@@ -86,9 +76,9 @@ def test_client_example_runs_as_written(served, tmp_path):
     assert comments["Z*(Si) trace/3"].startswith(f"{z:.2f} e")
 
 
-def test_nvt_example_keeps_quartz_at_temperature(served, tmp_path):
+def test_nvt_example_keeps_quartz_at_temperature(default_served, tmp_path):
     traj = tmp_path / "nvt.xyz"
-    out = run_torch_free([sys.executable, str(EXAMPLES / "nvt_quartz.py"), "--server", served, "--steps", "30",
+    out = run_torch_free([sys.executable, str(EXAMPLES / "nvt_quartz.py"), "--server", default_served, "--steps", "30",
                           "--log-every", "10", "--field", "0", "0", "0.05", "--trajectory", str(traj)],
                          torch_free_env(tmp_path), timeout=300).stdout
     rows = [line.split() for line in out.splitlines() if not line.startswith("#")]
@@ -101,9 +91,9 @@ def test_nvt_example_keeps_quartz_at_temperature(served, tmp_path):
     assert len(frames) == 4 and len(frames[0]) == 72
 
 
-def test_pe_sweep_example_gives_quartz_susceptibilities(served, tmp_path):
+def test_pe_sweep_example_gives_quartz_susceptibilities(default_served, tmp_path):
     table = tmp_path / "pe.csv"
-    out = run_torch_free([sys.executable, str(EXAMPLES / "pe_sweep.py"), "--server", served, "--points", "3",
+    out = run_torch_free([sys.executable, str(EXAMPLES / "pe_sweep.py"), "--server", default_served, "--points", "3",
                           "--emax", "0.1", "--csv", str(table)], torch_free_env(tmp_path), timeout=300).stdout
     lines = table.read_text().splitlines()
     assert lines[0].startswith("E,Px,Py,Pz") and [float(x.split(",")[0]) for x in lines[1:]] == [0.0, 0.05, 0.1]
@@ -112,11 +102,11 @@ def test_pe_sweep_example_gives_quartz_susceptibilities(served, tmp_path):
     assert 1.3 < chi_inf < 1.6 and 2.8 < chi0 < 4.5 and chi0 > chi_inf
 
 
-def test_examples_loop_mode_and_csv(served, tmp_path):
+def test_examples_loop_mode_and_csv(default_served, tmp_path):
     """The P-E loop path (0 -> +E -> -E -> 0) of the sweep example."""
     table = tmp_path / "loop.csv"
-    run_torch_free([sys.executable, str(EXAMPLES / "pe_sweep.py"), "--server", served, "--points", "2", "--emax", "0.1",
-                    "--loop", "--max-steps", "3", "--csv", str(table)], torch_free_env(tmp_path))
+    run_torch_free([sys.executable, str(EXAMPLES / "pe_sweep.py"), "--server", default_served, "--points", "2",
+                    "--emax", "0.1", "--loop", "--max-steps", "3", "--csv", str(table)], torch_free_env(tmp_path))
     assert [float(line.split(",")[0]) for line in table.read_text().splitlines()[1:]] == [0.0, 0.1, 0.0, -0.1, 0.0]
 
 
@@ -128,8 +118,8 @@ def test_readme_output_table_names_are_all_requestable():
     assert sorted(names) == sorted(OUTPUTS)
 
 
-def test_info_shows_the_model_card_summary(served, tmp_path):
-    out = run_torch_free([sys.executable, "-m", "macefield_client.cli", "info", "--server", served],
+def test_info_shows_the_model_card_summary(default_served, tmp_path):
+    out = run_torch_free([sys.executable, "-m", "macefield_client.cli", "info", "--server", default_served],
                          torch_free_env(tmp_path)).stdout
     assert "model macefield-default (default)" in out and "ZBL repulsion: no" in out
     assert "valid for:" in out and "alpha-quartz" in out
@@ -139,7 +129,7 @@ def test_info_shows_the_model_card_summary(served, tmp_path):
     assert re.search(r"forces MAE\s+100\.7\s+meV/A", out) and re.search(r"Z\* MAE\s+0\.0316\s+e", out)
 
 
-def test_readme_examples_run_without_warnings(served, tmp_path):
+def test_readme_examples_run_without_warnings(default_served, tmp_path):
     """The README's client and asyncio examples and ``nvt_quartz.py --field 0 0 0.05`` (perfect or thermal quartz,
     the head's own chemistry, a small field) print no warning: a warning there teaches users to ignore them.
 
@@ -150,10 +140,11 @@ def test_readme_examples_run_without_warnings(served, tmp_path):
     runs = {}
     for name, example in scripts.items():
         script = tmp_path / f"readme_{name}.py"
-        script.write_text(example.replace("127.0.0.1:50051", served))
+        script.write_text(example.replace("127.0.0.1:50051", default_served))
         runs[name] = run_torch_free([sys.executable, "-W", "always", str(script)], env, timeout=300)
-    runs["nvt"] = run_torch_free([sys.executable, "-W", "always", str(EXAMPLES / "nvt_quartz.py"), "--server", served,
-                                  "--steps", "20", "--log-every", "10", "--field", "0", "0", "0.05"], env, timeout=300)
+    runs["nvt"] = run_torch_free([sys.executable, "-W", "always", str(EXAMPLES / "nvt_quartz.py"), "--server",
+                                  default_served, "--steps", "20", "--log-every", "10", "--field", "0", "0", "0.05"],
+                                 env, timeout=300)
     for name, proc in runs.items():
         assert "Warning" not in proc.stderr and "extrapolat" not in proc.stderr.lower(), (name, proc.stderr)
         assert "extrapolation grade" not in proc.stdout, (name, proc.stdout)
@@ -186,29 +177,29 @@ def assert_printed_as_in_readme(stdout: str, lines: list[str], rel: float, abs_:
             assert float(g) == pytest.approx(expected, rel=rel, abs=abs_), (line, out)
 
 
-def _run_readme_command(command: list[str], served: str, tmp_path, **replace) -> str:
+def _run_readme_command(command: list[str], default_served: str, tmp_path, **replace) -> str:
     assert command[0] == "macefield"
     args = [replace.get(word, word) for word in command[1:]]
-    done = run_torch_free([sys.executable, "-m", "macefield_client.cli", *args, "--server", served],
+    done = run_torch_free([sys.executable, "-m", "macefield_client.cli", *args, "--server", default_served],
                           torch_free_env(tmp_path), timeout=600, cwd=tmp_path)
     return done.stdout
 
 
-def test_readme_workflow_phonons_prints_the_readme_numbers(served, tmp_path):
+def test_readme_workflow_phonons_prints_the_readme_numbers(default_served, tmp_path):
     """``macefield phonons alpha-quartz --relax``: the README's IR and Raman lines and eps tensors, to 1 %
     (0.002 absolute for small numbers): float32 round-off of a relaxation and a diagonalisation, nothing more."""
     command, lines = readme_command_and_output("README workflows: phonons")
-    stdout = _run_readme_command(command, served, tmp_path)
+    stdout = _run_readme_command(command, default_served, tmp_path)
     assert len(lines) == 4
     assert_printed_as_in_readme(stdout, lines, rel=0.01, abs_=0.002)
     assert (tmp_path / "quartz.json").is_file()
 
 
-def test_readme_workflow_loop_prints_the_readme_numbers(served, tmp_path):
+def test_readme_workflow_loop_prints_the_readme_numbers(default_served, tmp_path):
     """``macefield hysteresis batio3``: the README's Pr, Ec and Ps to 5 % (0 K damped dynamics through a
     switching event amplify float32 round-off, which differs with the number of threads)."""
     command, lines = readme_command_and_output("README workflows: loop")
-    stdout = _run_readme_command(command, served, tmp_path)
+    stdout = _run_readme_command(command, default_served, tmp_path)
     assert len(lines) == 3
     assert_printed_as_in_readme(stdout, lines, rel=0.05, abs_=0.5)
     loop = json.loads((tmp_path / "loop.json").read_text())

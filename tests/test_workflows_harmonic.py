@@ -14,24 +14,14 @@ from serving import run_torch_free, torch_free_env
 
 from macefield_client import Client
 from macefield_client.structures import alpha_quartz
-from macefield_server.serving.background import BackgroundServer
-from macefield_server.serving.config import ServerConfig
-from macefield_server.serving.registry import load_default_model
 
 pytest.importorskip("phonopy")
 from macefield_client.workflows import finite_field_eps_static, harmonic  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def served():
-    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1)
-    with BackgroundServer(config, [load_default_model()]) as srv:
-        yield f"127.0.0.1:{srv.port}"
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    with Client(served) as c:
+def client(default_served):
+    with Client(default_served) as c:
         yield c
 
 
@@ -165,10 +155,10 @@ def test_lo_to_splitting_of_the_strong_e_modes(client, quartz):
     assert np.all(lo[3:] >= quartz.frequencies_cm1[3:] - 0.1) and lo.max() > quartz.frequencies_cm1.max() + 20
 
 
-def test_phonons_command_writes_the_json_torch_free(served, tmp_path):
+def test_phonons_command_writes_the_json_torch_free(default_served, tmp_path):
     out = tmp_path / "quartz.json"
     plot = tmp_path / "quartz.png"
-    command = [sys.executable, "-m", "macefield_client.cli", "phonons", "alpha-quartz", "--server", served,
+    command = [sys.executable, "-m", "macefield_client.cli", "phonons", "alpha-quartz", "--server", default_served,
                "--head", "sio2", "--relax", "--json", str(out), "--plot", str(plot)]
     done = run_torch_free(command, torch_free_env(tmp_path))
     data = json.loads(out.read_text())
@@ -182,9 +172,9 @@ def test_phonons_command_writes_the_json_torch_free(served, tmp_path):
     assert "eps_static diagonal:" in done.stdout and "Raman-active" in done.stdout
 
 
-def test_phonons_command_without_raman(served, tmp_path):
+def test_phonons_command_without_raman(default_served, tmp_path):
     out = tmp_path / "quartz.json"
-    command = [sys.executable, "-m", "macefield_client.cli", "phonons", "alpha-quartz", "--server", served,
+    command = [sys.executable, "-m", "macefield_client.cli", "phonons", "alpha-quartz", "--server", default_served,
                "--head", "sio2", "--no-raman", "--json", str(out)]
     done = run_torch_free(command, torch_free_env(tmp_path))
     assert "raman_activities_A4_per_amu" not in json.loads(out.read_text()) and "Raman" not in done.stdout

@@ -12,23 +12,13 @@ import pytest
 
 from macefield_client import Client
 from macefield_client.cli.main import main
-from macefield_server.serving.background import BackgroundServer
-from macefield_server.serving.config import ServerConfig
-from macefield_server.serving.registry import load_default_model
 
 pytest.importorskip("phonopy")
 from macefield_client.workflows import harmonic  # noqa: E402
 from macefield_client.workflows.spectra import C_CM_PER_FS  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def served():
-    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1)
-    with BackgroundServer(config, [load_default_model()]) as srv:
-        yield f"127.0.0.1:{srv.port}"
-
-
-def test_low_temperature_md_ir_bands_are_the_harmonic_ir_modes(served, tmp_path):
+def test_low_temperature_md_ir_bands_are_the_harmonic_ir_modes(default_served, tmp_path):
     """NVE from the relaxed PBE cell with Maxwell-Boltzmann velocities at 40 K (about 20 K once equipartition
     is reached), 4 replicas x 800 steps of 2 fs, the Hann window over the whole run: resolution 1/(N dt c) =
     1/(1600 fs c) = 20.8 cm^-1.  At this temperature quartz is harmonic: every MD band must sit at an IR-active
@@ -36,13 +26,13 @@ def test_low_temperature_md_ir_bands_are_the_harmonic_ir_modes(served, tmp_path)
     1040 cm^-1."""
     from macefield_client.structures import alpha_quartz
 
-    with Client(served) as client:
+    with Client(default_served) as client:
         ref = harmonic(client, alpha_quartz(cell="pbe"), head="sio2", relax=True, raman=False)
     ir = ref.optical_ir()  # one entry per degenerate set, strongest first
     strong = [r["frequency_cm1"] for r in ir if r["intensity_e2_per_amu"] > 0.02 * ir[0]["intensity_e2_per_amu"]]
     steps, dt = 800, 2.0
     out = tmp_path / "ir.json"
-    assert main(["spectrum", "ir", "alpha-quartz", "--server", served, "--head", "sio2", "--relax", "--quiet",
+    assert main(["spectrum", "ir", "alpha-quartz", "--server", default_served, "--head", "sio2", "--relax", "--quiet",
                  "--thermostat", "nve", "--temperature", "40", "--timestep", str(dt), "--steps", str(steps),
                  "--equilibrate", "0", "--record-every", "1", "--replicas", "4", "--seed", "1",
                  "--max-lag", str(steps * dt), "--json", str(out)]) == 0
@@ -59,10 +49,10 @@ def test_low_temperature_md_ir_bands_are_the_harmonic_ir_modes(served, tmp_path)
         assert min(abs(p - f) for f in strong) < resolution, (p, strong)
 
 
-def test_md_then_spectrum_equals_spectrum_of_the_structure(served, tmp_path):
+def test_md_then_spectrum_equals_spectrum_of_the_structure(default_served, tmp_path):
     """Same seed, same options: the npz of ``macefield md``, its extended XYZ and the run of ``macefield spectrum
     STRUCTURE`` give the same spectrum (Langevin: the thermostat noise of each replica is its seed's)."""
-    run = ["--server", served, "--head", "sio2", "--quiet", "--thermostat", "langevin", "--temperature", "300",
+    run = ["--server", default_served, "--head", "sio2", "--quiet", "--thermostat", "langevin", "--temperature", "300",
            "--steps", "80", "--equilibrate", "10", "--record-every", "1", "--replicas", "2", "--seed", "7"]
     npz, xyz = tmp_path / "run.npz", tmp_path / "run.xyz"
     assert main(["md", "alpha-quartz", *run, "--out", str(npz), "--extxyz", str(xyz)]) == 0
@@ -98,7 +88,7 @@ def test_md_then_spectrum_equals_spectrum_of_the_structure(served, tmp_path):
     assert main(["md", "alpha-quartz", *run, "--replicas", "3", "--restart", str(npz), "--out", str(more)]) == 2
 
 
-def test_md_ctrl_c_writes_what_was_recorded_and_restarts(served, tmp_path):
+def test_md_ctrl_c_writes_what_was_recorded_and_restarts(default_served, tmp_path):
     """SIGINT to a torch-free ``macefield md``: exit 130, the npz and the extended XYZ hold the records so far,
     and ``--restart`` continues from them."""
     import signal
@@ -110,8 +100,8 @@ def test_md_ctrl_c_writes_what_was_recorded_and_restarts(served, tmp_path):
 
     env, report = torch_free_env(tmp_path)
     npz, xyz = tmp_path / "cut.npz", tmp_path / "cut.xyz"
-    run = ["--server", served, "--head", "sio2", "--replicas", "2", "--temperature", "300", "--record-every", "1",
-           "--equilibrate", "0", "--seed", "2"]
+    run = ["--server", default_served, "--head", "sio2", "--replicas", "2", "--temperature", "300",
+           "--record-every", "1", "--equilibrate", "0", "--seed", "2"]
     proc = subprocess.Popen(interruptible([sys.executable, "-m", "macefield_client.cli", "md", "alpha-quartz", *run,
                                            "--steps", "100000", "--out", str(npz), "--extxyz", str(xyz)]),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -138,6 +138,31 @@ def test_eps_static_from_gaussian_fluctuations():
     assert one.eps_static[0, 0] == pytest.approx(16 / 15 / EPS0)
 
 
+def test_eps_static_short_replicas_keep_their_variance_about_the_ensemble_mean():
+    """A slow dipole (AR(1), correlation time 50 frames, unit variance per component) of 16 replicas of 400
+    frames: about each replica's own mean (the default) the variance loses about 2 tau / N = 25 % (the mean of
+    a short replica follows the slow motion); about the mean of all replicas (``center="all"``) it is right
+    within the standard error over the blocks, and the blocks do not change it."""
+    rng = np.random.default_rng(4)
+    tau, frames, replicas = 50.0, 400, 16
+    a = np.exp(-1.0 / tau)
+    m = np.empty((replicas, frames, 3))
+    m[:, 0] = rng.normal(size=(replicas, 3))
+    for t in range(1, frames):
+        m[:, t] = a * m[:, t - 1] + np.sqrt(1 - a * a) * rng.normal(size=(replicas, 3))
+    unit = 1.0 / (KB_EV_PER_K * 300.0 * 100.0 * EPS0)  # eps of a unit variance at 300 K in 100 A^3
+    about_all = eps_static_fluctuation(m, 100.0, 300.0, eps_inf=0.0, blocks=4, center="all")
+    about_replicas = eps_static_fluctuation(m, 100.0, 300.0, eps_inf=0.0, blocks=4)
+    diag, err = np.diag(about_all.eps_static), np.diag(about_all.stderr)
+    assert np.all(np.abs(diag - unit) < 3.0 * err) and np.all(err < 0.15 * unit), (diag / unit, err / unit)
+    assert np.all(np.diag(about_replicas.eps_static) < 0.9 * unit)  # the bias the ensemble mean removes
+    one_block = eps_static_fluctuation(m, 100.0, 300.0, eps_inf=0.0, blocks=1, center="all")
+    np.testing.assert_allclose(one_block.eps_static, about_all.eps_static, rtol=1e-12, atol=1e-12)
+    assert about_all.metadata["center"] == "all" and about_replicas.metadata["center"] == "replica"
+    with pytest.raises(ValueError, match="center"):
+        eps_static_fluctuation(m, 100.0, 300.0, center="block")
+
+
 def _strength(variance: float, volume: float, temperature: float) -> float:
     """Delta = <dM^2> / (k_B T V eps0): the oscillator strength of a dipole variance (e^2 A^2)."""
     return variance / (KB_EV_PER_K * temperature * volume * EPS0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .common import ContinuousPolarization, follow_branch
 from .ensemble import Ensemble, run_ensemble
+from .eps_md import EpsMDResult, EpsMDSettings, eps_static_md
 from .fields import waveform
 from .harmonic import HarmonicResult, finite_field_eps_static, harmonic
 from .hysteresis import HysteresisResult, extract_loop, hysteresis
@@ -17,7 +18,7 @@ from .relax import relax
 from .spectra import (DielectricFunctionResult, DielectricResult, SpectrumResult, dielectric_function,
                       eps_static_fluctuation, ir_spectrum, raman_spectrum)
 
-__all__ = ["ContinuousPolarization", "DielectricFunctionResult", "DielectricResult", "Ensemble", "HarmonicResult",
-           "HysteresisResult", "SpectrumResult", "dielectric_function", "eps_static_fluctuation", "extract_loop",
-           "finite_field_eps_static", "follow_branch", "harmonic", "hysteresis", "ir_spectrum", "raman_spectrum",
-           "relax", "run_ensemble", "waveform"]
+__all__ = ["ContinuousPolarization", "DielectricFunctionResult", "DielectricResult", "Ensemble", "EpsMDResult",
+           "EpsMDSettings", "HarmonicResult", "HysteresisResult", "SpectrumResult", "dielectric_function",
+           "eps_static_fluctuation", "eps_static_md", "extract_loop", "finite_field_eps_static", "follow_branch",
+           "harmonic", "hysteresis", "ir_spectrum", "raman_spectrum", "relax", "run_ensemble", "waveform"]

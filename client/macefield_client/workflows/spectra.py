@@ -182,18 +182,27 @@ def _replicas(x, tail: int) -> np.ndarray:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-def _deviation_blocks(x: np.ndarray, blocks: int) -> tuple[np.ndarray, int]:
-    """(replicas, frames, k) -> (deviations in blocks (replicas * blocks, m, k), frames per replica N): each
-    replica's deviation from its own mean over all its N = m * blocks frames used, then cut into blocks.
+#: what fluctuations are measured from: each replica's mean over its run, or the mean of all replicas' frames
+CENTERS = ("replica", "all")
 
-    About the replica's mean, not each block's: a block's own mean would drop every fluctuation slower than
-    a block (the soft modes that dominate eps_0) and bias the covariance low, more so with more blocks.
+
+def _deviation_blocks(x: np.ndarray, blocks: int, center: str = "replica") -> tuple[np.ndarray, int]:
+    """(replicas, frames, k) -> (deviations in blocks (replicas * blocks, m, k), frames the mean was taken over):
+    the deviation of every frame from its replica's mean over all its m * blocks frames used (``replica``) or
+    from the mean of every such frame of every replica (``all``), then cut into blocks.
+
+    About a whole-run mean, not each block's: a block's own mean would drop every fluctuation slower than a
+    block (the soft modes that dominate eps_0) and bias the covariance low, more so with more blocks.
     """
     if blocks < 1:
         raise ValueError(f"blocks: at least 1, got {blocks}")
+    if center not in CENTERS:
+        raise ValueError(f"center: one of {', '.join(CENTERS)}, got {center!r}")
     m = x.shape[1] // blocks
     x = x[:, :m * blocks]
-    return _blocks(x - x.mean(axis=1, keepdims=True), blocks), m * blocks
+    if center == "replica":
+        return _blocks(x - x.mean(axis=1, keepdims=True), blocks), m * blocks
+    return _blocks(x - x.reshape(-1, x.shape[-1]).mean(axis=0), blocks), x.shape[0] * m * blocks
 
 
 def _blocks(x: np.ndarray, blocks: int) -> np.ndarray:
@@ -455,18 +464,19 @@ def dielectric_from_correlation(c, dt_fs: float, *, volume_A3: float, temperatur
 
 def dielectric_function(dipole, dt_fs: float, volume_A3: float, temperature_K: float, *, eps_inf=None,
                         window: str = "hann", max_lag_fs: float | None = None, broadening_cm1: float = 0.0,
-                        pad: int = 4, blocks: int = 1, max_cm1: float | None = None) -> DielectricFunctionResult:
+                        pad: int = 4, blocks: int = 1, max_cm1: float | None = None,
+                        center: str = "replica") -> DielectricFunctionResult:
     """eps(omega) from the cell dipole M(t) (e*A, continuous: no jumps of a polarization quantum), ``dt_fs``
     fs apart, of a cell of ``volume_A3`` A^3 at ``temperature_K`` K (module doc, "Dielectric function").
 
     ``dipole``: (frames, 3) or (replicas, frames, 3).  ``eps_inf`` as for :func:`eps_static_fluctuation`.
     ``max_lag_fs``: default half a block; ``window``: ``hann`` (default) or ``none``; ``pad``: zero-padding
-    factor of the frequency grid (default 4).  Its omega -> 0 limit equals :func:`eps_static_fluctuation`
-    of the same series and blocks.
+    factor of the frequency grid (default 4); ``center`` as for :func:`eps_static_fluctuation`.  Its
+    omega -> 0 limit equals :func:`eps_static_fluctuation` of the same series, blocks and center.
     """
     x = _replicas(dipole, 1)
     replicas = x.shape[0]
-    d, frames = _deviation_blocks(x, blocks)
+    d, frames = _deviation_blocks(x, blocks, center)
     n = d.shape[1]
     lags = _max_lag(max_lag_fs, dt_fs, n)
     # C_ij(m) = 1/(n - m) sum_t d_i(t) d_j(t + m), symmetrised, for every pair ij (autocorrelation of the
@@ -478,7 +488,7 @@ def dielectric_function(dipole, dt_fs: float, volume_A3: float, temperature_K: f
         for j in range(i + 1, 3):
             pair = autocorrelation(d[..., i:i + 1] + d[..., j:j + 1], lags)
             c[..., i, j] = c[..., j, i] = 0.5 * (pair - diag[..., i] - diag[..., j])
-    c *= frames / (frames - 1.0)  # the replica's mean is estimated from its frames (ddof = 1)
+    c *= frames / (frames - 1.0)  # the mean is estimated from these frames (ddof = 1)
     nu, eps = dielectric_from_correlation(c, dt_fs, volume_A3=volume_A3, temperature_K=temperature_K,
                                           eps_inf=eps_inf, window=window, broadening_cm1=broadening_cm1, pad=pad)
     keep = nu <= (np.inf if max_cm1 is None else float(max_cm1))
@@ -498,20 +508,24 @@ def dielectric_function(dipole, dt_fs: float, volume_A3: float, temperature_K: f
 
 
 def eps_static_fluctuation(dipole, volume_A3: float, temperature_K: float, *, eps_inf=None,
-                           blocks: int = 1) -> DielectricResult:
+                           blocks: int = 1, center: str = "replica") -> DielectricResult:
     """eps_0 = eps_inf + (<M M^T> - <M><M>^T) / (k_B T V eps0): M the cell dipole (e*A), V in A^3, T in K.
 
     ``dipole``: (frames, 3) or (replicas, frames, 3), continuous (no jumps of a polarization quantum).
     ``eps_inf``: a number, 3 diagonal values or a 3x3 tensor (default 1: vacuum; the electronic part is then
-    missing).  Deviations are taken about each replica's mean over its whole run (its P is continuous, so
-    its branch does not matter; ddof = 1 for that mean); the covariance is averaged over the blocks of
-    every replica, which only set the standard error: the estimate does not depend on ``blocks``.
+    missing).  Deviations are taken about a mean over whole runs, ``center``: ``replica`` (default) each
+    replica's own mean (its P is continuous, so its branch does not matter; replicas of different
+    structures), ``all`` the mean of every frame of every replica (replicas of one equilibrium ensemble:
+    short runs then lose nothing to the estimated mean); ddof = 1 for that mean.  The covariance is
+    averaged over the blocks of every replica, which only set the standard error: the estimate does not
+    depend on ``blocks``.  (About each block's own mean, every fluctuation slower than a block would be
+    dropped and eps_0 biased low.)
     """
     if volume_A3 <= 0 or temperature_K <= 0:
         raise ValueError(f"volume_A3 and temperature_K must be > 0, got {volume_A3} and {temperature_K}")
     x = _replicas(dipole, 1)
     replicas = x.shape[0]
-    d, frames = _deviation_blocks(x, blocks)
+    d, frames = _deviation_blocks(x, blocks, center)
     cov = np.einsum("bti,btj->bij", d, d) / d.shape[1] * (frames / (frames - 1.0))
     kT = KB_EV_PER_K * float(temperature_K)
     eps = cov / (kT * float(volume_A3) * EPS0)
@@ -519,7 +533,8 @@ def eps_static_fluctuation(dipole, volume_A3: float, temperature_K: float, *, ep
     err = eps.std(axis=0, ddof=1) / math.sqrt(count) if count > 1 else np.full((3, 3), np.nan)
     inf = _eps_inf_tensor(eps_inf)
     meta = {"kind": "dielectric", "volume_A3": float(volume_A3), "temperature_K": float(temperature_K),
-            "kT_eV": kT, "blocks": blocks, "replicas": replicas, "block_frames": int(d.shape[1]),
+            "kT_eV": kT, "blocks": blocks, "center": center, "replicas": replicas,
+            "block_frames": int(d.shape[1]),
             "dipole_covariance_e2A2": cov.mean(axis=0),
             "eps_inf_source": "given" if eps_inf is not None else "default 1 (vacuum: electronic part missing)",
             "formula": "eps_inf + (<M M> - <M><M>) / (k_B T V eps0), tinfoil boundary conditions; "
@@ -528,6 +543,6 @@ def eps_static_fluctuation(dipole, volume_A3: float, temperature_K: float, *, ep
 
 
 __all__ = ["BOSE", "C_CM_PER_FS", "HC_OVER_KB_CM_K", "KB_EV_PER_K", "QUANTUM_CORRECTIONS", "WINDOWS",
-           "DielectricFunctionResult", "DielectricResult", "SpectrumResult", "autocorrelation",
+           "CENTERS", "DielectricFunctionResult", "DielectricResult", "SpectrumResult", "autocorrelation",
            "dielectric_from_correlation", "dielectric_function", "eps_static_fluctuation", "find_peaks_cm1",
            "ir_spectrum", "lag_weights", "lag_window", "line_shape", "quantum_factor", "raman_spectrum"]
