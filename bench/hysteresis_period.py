@@ -72,12 +72,15 @@ def main() -> int:
                     wall = time.perf_counter() - t0
                     steps = int(loop.settings["steps"])
                     row = {"period_ps": period, "steps": steps, "wall_s": wall, "ms_per_step": 1e3 * wall / steps,
-                           **loop.extracted, "load_after": os.getloadavg()}
+                           **loop.extracted, "load_after": os.getloadavg(),
+                           # the loop itself, so that its numbers can be extracted again
+                           "time_fs": loop.time_fs.tolist(), "field_MV_cm": loop.field_MV_cm.tolist(),
+                           "polarization_uC_cm2": loop.polarization_uC_cm2.tolist()}
                     result["periods"].append(row)
                     write_json(args.out, result, say=False)
                     print(f"T = {period:g} ps: Pr {row['remanent_polarization_uC_cm2']:.2f} uC/cm^2, "
                           f"Ec {row['coercive_field_MV_cm']:.2f} MV/cm "
-                          f"(+{row['coercive_field_plus_MV_cm']:.2f} / {row['coercive_field_minus_MV_cm']:.2f}), "
+                          f"({row['coercive_field_plus_MV_cm']:+.2f} / {row['coercive_field_minus_MV_cm']:+.2f}), "
                           f"Ps {row['saturation_polarization_uC_cm2']:.2f}; {steps} steps, {wall:.0f} s", flush=True)
         finally:
             proc.terminate()
