@@ -107,9 +107,8 @@ def _d2h(raw: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def stage_costs(served, case: dict, *, outputs=OUTPUTS, min_repeats: int = 20, min_seconds: float = 0.3,
-                device: Optional[torch.device] = None) -> dict:
-    """Seconds per structure of every host stage for one structure (see the module docstring)."""
+def stage_functions(served, case: dict, *, outputs=OUTPUTS, device: Optional[torch.device] = None) -> dict:
+    """{stage: a function running it once for ``case``} (see the module docstring), and ``_row``: its sizes."""
     from macefield_client.contract import build_request
     from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
     from macefield_server.engine.device_graph import collate_on_device
@@ -179,27 +178,36 @@ def stage_costs(served, case: dict, *, outputs=OUTPUTS, min_repeats: int = 20, m
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    kw = {"min_repeats": min_repeats, "min_seconds": min_seconds}
-    stages = {
-        "decode": timed(lambda: pb.PredictRequest.FromString(data), **kw),
-        "validate": timed(lambda: parse_request(request, registry, limits), **kw),
-        "neighbours": timed(neighbours, **kw),
-        "collate": timed(do_collate, **kw),
-        "h2d": timed(lambda: _h2d(batch.tensors, device), **kw),
-        "d2h": timed(d2h, **kw),
-        "encode": timed(encode, **kw),
-        "geometry_h2d": timed(copy_geometry, **kw),
-        "worker_list": timed(lambda: pack(structure, cutoff), **kw),
-        "unpack": timed(lambda: unpack(packed), **kw),
-        "device_collate": timed(device_collate, **kw),
+    return {
+        "decode": lambda: pb.PredictRequest.FromString(data),
+        "validate": lambda: parse_request(request, registry, limits),
+        "neighbours": neighbours,
+        "collate": do_collate,
+        "h2d": lambda: _h2d(batch.tensors, device),
+        "d2h": d2h,
+        "encode": encode,
+        "geometry_h2d": copy_geometry,
+        "worker_list": lambda: pack(structure, cutoff),
+        "unpack": lambda: unpack(packed),
+        "device_collate": device_collate,
+        "_row": {"name": case["name"], "atoms": n, "edges": int(graph.edge_index.shape[1]),
+                 "request_bytes": len(data), "response_bytes": len(encode())},
     }
+
+
+def stage_costs(served, case: dict, *, outputs=OUTPUTS, min_repeats: int = 20, min_seconds: float = 0.3,
+                device: Optional[torch.device] = None) -> dict:
+    """Seconds per structure of every host stage for one structure (see the module docstring)."""
+    functions = stage_functions(served, case, outputs=outputs, device=device)
+    n = functions["_row"]["atoms"]
+    kw = {"min_repeats": min_repeats, "min_seconds": min_seconds}
+    stages = {name: timed(fn, **kw) for name, fn in functions.items() if name != "_row"}
     host = ("decode", "validate", "neighbours", "collate", "h2d", "d2h", "encode")
     cpu = ("decode", "validate", "neighbours", "collate", "d2h", "encode")  # a CPU model: nothing is copied
     device_nl = ("decode", "validate", "geometry_h2d", "d2h", "encode")
     # prep_mode process, CPU model: what the serving process does (the list comes from a worker, mirrored here)
     serving_process = ("decode", "validate", "unpack", "collate", "d2h", "encode")
-    row: Dict[str, Any] = {"name": case["name"], "atoms": n, "edges": int(graph.edge_index.shape[1]),
-                           "request_bytes": len(data), "response_bytes": len(encode()), "stages": {}}
+    row: Dict[str, Any] = {**functions["_row"], "stages": {}}
     for name, t in stages.items():
         row["stages"][name] = {**t, "us_per_atom": 1e6 * t["median_s"] / n, "min_us_per_atom": 1e6 * t["min_s"] / n}
     for key, names in (("host_total", host), ("cpu_model_total", cpu), ("device_nl_total", device_nl),
