@@ -20,6 +20,9 @@ with ``prep_mode: process`` (decode + validate + unpack (the worker's packed hal
 is that batch's preparation where the model runs: the copy, the search and the tensors
 (:func:`macefield_server.engine.device_graph.collate_on_device`; on a CPU, vesin's CPU search).
 
+``profile`` records where the time goes: every stage's median microseconds per structure for each case, and for
+the 72-atom quartz the functions that take most of each stage (cProfile, cumulative microseconds per structure).
+
 The prep stage's throughput (validate + neighbour list, as the server runs it) is measured with 1 and 2
 workers of each prep mode (``thread``: a thread pool; ``process``: validation in process, the lists on
 worker processes), round by round in turn with a control: SHA-256 of 1 MiB per task on the threads (C
@@ -362,19 +365,69 @@ def gil_free_share(served, case: dict, repeats: int = 200) -> dict:
     With a share f, n threads can run at most min(n, 1 / (1 - f)) times the single-thread rate: the rest
     holds the GIL.  Seconds are minima over ``repeats``.
     """
-    from macefield_server.engine.graph import Structure, _padded_cell, _vesin_calculator, canonical_positions
+    from macefield_server.engine.graph import Structure, _padded_cell, canonical_positions, half_list
 
     task = _prep_task(served, case)
     structure = Structure.from_atoms(case["atoms"])
     cell = _padded_cell(structure, served.cutoff)
     positions = canonical_positions(structure, cell)
-    calc = _vesin_calculator(served.cutoff)
     total = timed(lambda: task(0), min_repeats=repeats, min_seconds=0.1)["min_s"]
-    search = timed(lambda: calc.compute(positions, cell, structure.pbc, "ijSd"), min_repeats=repeats,
+    search = timed(lambda: half_list(positions, cell, structure.pbc, served.cutoff), min_repeats=repeats,
                    min_seconds=0.1)["min_s"]
     share = search / total
     return {"structure": case["name"], "task_s": total, "search_s": search, "gil_free_share": share,
             "two_worker_bound": min(2.0, 1.0 / max(1e-9, 1.0 - share))}
+
+
+#: the stages a profile covers: the host path of a CPU or CUDA model with host lists, and the device-list path's
+PROFILED = ("decode", "validate", "neighbours", "collate", "h2d", "d2h", "encode", "geometry_h2d")
+
+
+def _where(key: tuple) -> str:
+    filename, line, name = key
+    if filename == "~":  # a built-in: "{method 'reduce' of 'numpy.ufunc' objects}"
+        return name
+    for marker in ("/site-packages/", "/server/", "/client/", "/bench/"):
+        if marker in filename:
+            filename = filename.split(marker, 1)[1]
+            break
+    return f"{filename}:{line}({name})"
+
+
+def profile_stages(served, case: dict, *, calls: int = 400, top: int = 10,
+                   device: Optional[torch.device] = None) -> dict:
+    """Where each stage's time goes for ``case``: per stage, the ``top`` functions by cumulative time (cProfile,
+    ``calls`` runs of the stage), as microseconds and calls per structure.
+
+    cProfile adds about a microsecond per Python call, so its totals exceed the stage's timed median
+    (``profiled_us`` against the row's); the order and the split between functions are what it shows.
+    """
+    import cProfile
+    import pstats
+
+    functions = stage_functions(served, case, device=device)
+    out: Dict[str, Any] = {"structure": case["name"], "atoms": functions["_row"]["atoms"], "calls": calls,
+                           "stages": {}}
+    for name in PROFILED:
+        fn = functions[name]
+        for _ in range(20):
+            fn()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            fn()
+        profiler.disable()
+        stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+        rows = []
+        for key, (_, ncalls, tottime, cumtime, _) in stats.items():
+            if "_lsprof" in key[2] or (key[0] == __file__ and key[2] == fn.__name__):  # the profiler, the stage itself
+                continue
+            rows.append({"function": _where(key), "calls": ncalls / calls, "cumulative_us": 1e6 * cumtime / calls,
+                         "own_us": 1e6 * tottime / calls})
+        rows.sort(key=lambda r: -r["cumulative_us"])
+        total = sum(v[2] for v in stats.values())  # every function's own time: the whole profiled run
+        out["stages"][name] = {"profiled_us": 1e6 * total / calls, "top": rows[:top]}
+    return out
 
 
 def host_breakdown(served, the_cases: List[dict], *, min_repeats: int = 20, min_seconds: float = 0.3,
@@ -420,6 +473,13 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     rows = host_breakdown(served, the_cases, **kw)
     print(table(rows), flush=True)
+    profiled = next(c for c in the_cases if c["name"] == "quartz-72")
+    profile = {"stages_us": {r["name"]: {k: 1e6 * v["median_s"] for k, v in r["stages"].items()} for r in rows},
+               "quartz_72": profile_stages(served, profiled, calls=50 if args.quick else 400)}
+    for name, stage in profile["quartz_72"]["stages"].items():
+        first = stage["top"][0] if stage["top"] else {"function": "-", "cumulative_us": 0.0}
+        print(f"profile quartz-72 {name}: {stage['profiled_us']:.0f} us profiled; top {first['function']} "
+              f"{first['cumulative_us']:.0f} us", flush=True)
     control = {"name": "control-sha256", "atoms": the_cases[0]["atoms"], "head": "", "control": True}
     prep_cases = [c for c in the_cases if c["name"] in ("quartz-72", "quartz-576")] + [control]
     cores = wait_for_cores(args.wait_for_cores) if args.wait_for_cores > 0 else None
@@ -447,6 +507,7 @@ def main(argv=None) -> int:
                      "loadavg_after": os.getloadavg()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "rows": rows,
+        "profile": profile,
         "prep_throughput": prep,
         "prep_gil_free": shares,
         "prep_waited_for_cores": cores,

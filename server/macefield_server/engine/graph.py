@@ -481,8 +481,6 @@ def estimate_edges(structure: Structure, cutoff: float, limit: int = 100_000) ->
     density.  A cell so thin that N * images exceeds :data:`MAX_IMAGE_POINTS`
     is reported as that many edges without searching.
     """
-    from scipy.spatial import cKDTree
-
     n = structure.n_atoms
     if n == 0:
         return 0
@@ -491,6 +489,8 @@ def estimate_edges(structure: Structure, cutoff: float, limit: int = 100_000) ->
         per_pair = _images_per_pair(structure.cell.tolist(), structure._volume, cutoff)
         if n * n * per_pair - n <= limit:
             return int(n * n * per_pair) - n
+    from scipy.spatial import cKDTree  # here: an import of a package's name costs a microsecond per call
+
     if not structure.pbc.any():
         bound = n * (n - 1)
         if bound <= limit:
