@@ -282,7 +282,10 @@ def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 
     concurrent calls are).  The configurations and cases take turns round by round (the load from other
     work on the machine changes over seconds: interleaving exposes every configuration to the same load);
     per case the best and median round of each, and the speedup of each round against one thread in the
-    same round.  The control (SHA-256, GIL-free C) runs on the threads only.
+    same round.  The control (SHA-256, GIL-free C) runs on the threads only.  CPU time per structure is
+    recorded too: the serving process's (all its threads) and, for ``process``, the workers' (/proc), with the
+    workers' own rate (atoms per second of their CPU time, times the workers): what they would deliver with the
+    cores to themselves, where the serving process's share competes with them on a small machine.
     """
     from macefield_server.serving.prep_pool import ProcessPrep
 
@@ -303,6 +306,7 @@ def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 
                 runners[c["name"]][(m, w)] = (lambda prep=procs[w], rnd=rnd: rnd(prep, structures))
     atoms = {c["name"]: (1 if c.get("control") else len(c["atoms"])) for c in the_cases}
     rates: Dict[str, Dict[tuple, List[float]]] = {n: {k: [] for k in r} for n, r in runners.items()}
+    cpu: Dict[str, Dict[tuple, List[float]]] = {n: {k: [0.0, 0.0] for k in r} for n, r in runners.items()}
     try:
         for prep in procs.values():
             prep.warm()
@@ -312,9 +316,13 @@ def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 
         for _ in range(rounds):
             for name, by_config in runners.items():
                 for key, run in by_config.items():
+                    workers_pids = procs[key[1]].pids() if key[0] == "process" else []
+                    w0, c0 = _cpu_seconds(workers_pids), time.process_time()
                     t0 = time.perf_counter()
                     run()
                     rates[name][key].append(structures * atoms[name] / (time.perf_counter() - t0))
+                    cpu[name][key][0] += time.process_time() - c0
+                    cpu[name][key][1] += _cpu_seconds(workers_pids) - w0
     finally:
         for pool in threads.values():
             pool.shutdown()
@@ -326,11 +334,31 @@ def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 
         one = by_config[("thread", workers[0])]
         for (m, w), r in by_config.items():
             speedup = [a / b for a, b in zip(r, one)]
-            out.append({"mode": m, "workers": w, "structure": name, "atoms_per_s_median": statistics.median(r),
+            serving_cpu, workers_cpu = cpu[name][(m, w)]
+            done = rounds * structures
+            row = {"serving_cpu_us_per_structure": 1e6 * serving_cpu / done}
+            if m == "process":  # the workers' own throughput: as if they had the cores to themselves
+                row["workers_cpu_us_per_structure"] = 1e6 * workers_cpu / done
+                row["workers_atoms_per_s"] = (w * done * atoms[name] / workers_cpu) if workers_cpu > 0 else None
+            out.append({**row, "mode": m, "workers": w, "structure": name,
+                        "atoms_per_s_median": statistics.median(r),
                         "atoms_per_s_best": max(r), "speedup_median": statistics.median(speedup),
                         "speedup_best_over_best": max(r) / max(one), "rounds": rounds,
                         "structures_per_round": structures})
     return out
+
+
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds the processes ``pids`` have used so far (/proc; clock-tick resolution)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone (a worker replaced)
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for_cores(seconds: float, want: float = 1.8, tasks: int = 16) -> dict:
@@ -490,7 +518,10 @@ def main(argv=None) -> int:
     for p in prep:
         print(f"prep {p['structure']}: {p['mode']} x{p['workers']}: {p['atoms_per_s_best']:.3g} atoms/s best, "
               f"{p['atoms_per_s_median']:.3g} median (against 1 thread: x{p['speedup_best_over_best']:.2f} best "
-              f"over best, same-round x{p['speedup_median']:.2f} median)")
+              f"over best, same-round x{p['speedup_median']:.2f} median); CPU per structure: serving process "
+              f"{p['serving_cpu_us_per_structure']:.0f} us"
+              + (f", workers {p['workers_cpu_us_per_structure']:.0f} us (their own rate "
+                 f"{p['workers_atoms_per_s'] or 0:.3g} atoms/s)" if p["mode"] == "process" else ""))
     shares = [gil_free_share(served, c) for c in prep_cases if not c.get("control")]
     for sh in shares:
         print(f"prep {sh['structure']}: {sh['gil_free_share']:.0%} of a task without the GIL "
