@@ -568,8 +568,11 @@ def _joined(parts: Sequence[np.ndarray], axis: int = 0) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _species_table(atomic_numbers: Tuple[int, ...]) -> np.ndarray:
-    """Atomic number -> index among ``atomic_numbers`` (-1: not in the model); read-only, shared between calls."""
-    table = np.full(max(max(atomic_numbers), 119) + 1, -1, dtype=np.int64)
+    """Atomic number -> index among ``atomic_numbers`` (-1: not in the model); read-only, shared between calls.
+
+    Its last entry is always -1 (one past the largest number), so that an index clipped to the table maps
+    any number past it to -1."""
+    table = np.full(max(max(atomic_numbers), 119) + 2, -1, dtype=np.int64)
     table[np.asarray(atomic_numbers, dtype=np.int64)] = np.arange(len(atomic_numbers))
     table.flags.writeable = False
     return table
@@ -599,8 +602,11 @@ def collate(
     n_atoms = [s.n_atoms for s in structures]
 
     numbers = _joined([s.numbers for s in structures]) if structures else np.zeros(0, np.int64)
-    bad = (numbers < 0) | (numbers >= len(z_to_index))  # the element check over the whole batch at once
-    species_all = np.where(bad, -1, z_to_index[np.clip(numbers, 0, len(z_to_index) - 1)])
+    if z_to_index[0] < 0:  # clipped, a negative number reads entry 0 and one past the table the last: both -1
+        species_all = z_to_index.take(numbers, mode="clip")
+    else:
+        bad = (numbers < 0) | (numbers >= len(z_to_index))  # the element check over the whole batch at once
+        species_all = np.where(bad, -1, z_to_index[np.clip(numbers, 0, len(z_to_index) - 1)])
     if (species_all < 0).any():
         missing = sorted(set(int(z) for z in numbers[species_all < 0]))
         raise ValueError(f"atomic_numbers: element(s) {missing} not in the model (has {list(atomic_numbers)})")
@@ -640,7 +646,7 @@ def collate(
     geometry = torch.float64
     tensors = {
         # one-hot rows of the identity: exactly 0.0 and 1.0 in the model's dtype
-        "node_attrs": moved(_identity(n_elements, dtype)[torch.from_numpy(species_all)]),
+        "node_attrs": moved(_identity(n_elements, dtype).index_select(0, torch.from_numpy(species_all))),
         "positions": t(_joined(positions), geometry),
         "edge_index": t(_joined(edges, axis=1), torch.int64),
         "unit_shifts": t(_joined(unit_shifts), geometry),
@@ -649,7 +655,8 @@ def collate(
         "batch": batch,
         "ptr": ptr,
         "head": moved(torch.tensor([int(h) for h in head_index], dtype=torch.int64)),
-        "electric_field": t(np.stack([s.electric_field for s in structures]), geometry),
+        "electric_field": t(np.array([s.electric_field for s in structures], dtype=np.float64).reshape(-1, 3),
+                            geometry),
         # Omega for fully periodic structures, 0 otherwise (never divided by: see response)
         "volume": moved(torch.tensor([v or 0.0 for v in volumes], dtype=geometry)),
         "periodic": moved(torch.tensor(periodic, dtype=torch.bool)),
