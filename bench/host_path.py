@@ -20,6 +20,9 @@ with ``prep_mode: process`` (decode + validate + unpack (the worker's packed hal
 is that batch's preparation where the model runs: the copy, the search and the tensors
 (:func:`macefield_server.engine.device_graph.collate_on_device`; on a CPU, vesin's CPU search).
 
+``profile`` records where the time goes: every stage's median microseconds per structure for each case, and for
+the 72-atom quartz the functions that take most of each stage (cProfile, cumulative microseconds per structure).
+
 The prep stage's throughput (validate + neighbour list, as the server runs it) is measured with 1 and 2
 workers of each prep mode (``thread``: a thread pool; ``process``: validation in process, the lists on
 worker processes), round by round in turn with a control: SHA-256 of 1 MiB per task on the threads (C
@@ -107,9 +110,8 @@ def _d2h(raw: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def stage_costs(served, case: dict, *, outputs=OUTPUTS, min_repeats: int = 20, min_seconds: float = 0.3,
-                device: Optional[torch.device] = None) -> dict:
-    """Seconds per structure of every host stage for one structure (see the module docstring)."""
+def stage_functions(served, case: dict, *, outputs=OUTPUTS, device: Optional[torch.device] = None) -> dict:
+    """{stage: a function running it once for ``case``} (see the module docstring), and ``_row``: its sizes."""
     from macefield_client.contract import build_request
     from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
     from macefield_server.engine.device_graph import collate_on_device
@@ -179,27 +181,36 @@ def stage_costs(served, case: dict, *, outputs=OUTPUTS, min_repeats: int = 20, m
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    kw = {"min_repeats": min_repeats, "min_seconds": min_seconds}
-    stages = {
-        "decode": timed(lambda: pb.PredictRequest.FromString(data), **kw),
-        "validate": timed(lambda: parse_request(request, registry, limits), **kw),
-        "neighbours": timed(neighbours, **kw),
-        "collate": timed(do_collate, **kw),
-        "h2d": timed(lambda: _h2d(batch.tensors, device), **kw),
-        "d2h": timed(d2h, **kw),
-        "encode": timed(encode, **kw),
-        "geometry_h2d": timed(copy_geometry, **kw),
-        "worker_list": timed(lambda: pack(structure, cutoff), **kw),
-        "unpack": timed(lambda: unpack(packed), **kw),
-        "device_collate": timed(device_collate, **kw),
+    return {
+        "decode": lambda: pb.PredictRequest.FromString(data),
+        "validate": lambda: parse_request(request, registry, limits),
+        "neighbours": neighbours,
+        "collate": do_collate,
+        "h2d": lambda: _h2d(batch.tensors, device),
+        "d2h": d2h,
+        "encode": encode,
+        "geometry_h2d": copy_geometry,
+        "worker_list": lambda: pack(structure, cutoff),
+        "unpack": lambda: unpack(packed),
+        "device_collate": device_collate,
+        "_row": {"name": case["name"], "atoms": n, "edges": int(graph.edge_index.shape[1]),
+                 "request_bytes": len(data), "response_bytes": len(encode())},
     }
+
+
+def stage_costs(served, case: dict, *, outputs=OUTPUTS, min_repeats: int = 20, min_seconds: float = 0.3,
+                device: Optional[torch.device] = None) -> dict:
+    """Seconds per structure of every host stage for one structure (see the module docstring)."""
+    functions = stage_functions(served, case, outputs=outputs, device=device)
+    n = functions["_row"]["atoms"]
+    kw = {"min_repeats": min_repeats, "min_seconds": min_seconds}
+    stages = {name: timed(fn, **kw) for name, fn in functions.items() if name != "_row"}
     host = ("decode", "validate", "neighbours", "collate", "h2d", "d2h", "encode")
     cpu = ("decode", "validate", "neighbours", "collate", "d2h", "encode")  # a CPU model: nothing is copied
     device_nl = ("decode", "validate", "geometry_h2d", "d2h", "encode")
     # prep_mode process, CPU model: what the serving process does (the list comes from a worker, mirrored here)
     serving_process = ("decode", "validate", "unpack", "collate", "d2h", "encode")
-    row: Dict[str, Any] = {"name": case["name"], "atoms": n, "edges": int(graph.edge_index.shape[1]),
-                           "request_bytes": len(data), "response_bytes": len(encode()), "stages": {}}
+    row: Dict[str, Any] = {**functions["_row"], "stages": {}}
     for name, t in stages.items():
         row["stages"][name] = {**t, "us_per_atom": 1e6 * t["median_s"] / n, "min_us_per_atom": 1e6 * t["min_s"] / n}
     for key, names in (("host_total", host), ("cpu_model_total", cpu), ("device_nl_total", device_nl),
@@ -271,7 +282,10 @@ def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 
     concurrent calls are).  The configurations and cases take turns round by round (the load from other
     work on the machine changes over seconds: interleaving exposes every configuration to the same load);
     per case the best and median round of each, and the speedup of each round against one thread in the
-    same round.  The control (SHA-256, GIL-free C) runs on the threads only.
+    same round.  The control (SHA-256, GIL-free C) runs on the threads only.  CPU time per structure is
+    recorded too: the serving process's (all its threads) and, for ``process``, the workers' (/proc), with the
+    workers' own rate (atoms per second of their CPU time, times the workers): what they would deliver with the
+    cores to themselves, where the serving process's share competes with them on a small machine.
     """
     from macefield_server.serving.prep_pool import ProcessPrep
 
@@ -292,6 +306,7 @@ def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 
                 runners[c["name"]][(m, w)] = (lambda prep=procs[w], rnd=rnd: rnd(prep, structures))
     atoms = {c["name"]: (1 if c.get("control") else len(c["atoms"])) for c in the_cases}
     rates: Dict[str, Dict[tuple, List[float]]] = {n: {k: [] for k in r} for n, r in runners.items()}
+    cpu: Dict[str, Dict[tuple, List[float]]] = {n: {k: [0.0, 0.0] for k in r} for n, r in runners.items()}
     try:
         for prep in procs.values():
             prep.warm()
@@ -301,9 +316,13 @@ def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 
         for _ in range(rounds):
             for name, by_config in runners.items():
                 for key, run in by_config.items():
+                    workers_pids = procs[key[1]].pids() if key[0] == "process" else []
+                    w0, c0 = _cpu_seconds(workers_pids), time.process_time()
                     t0 = time.perf_counter()
                     run()
                     rates[name][key].append(structures * atoms[name] / (time.perf_counter() - t0))
+                    cpu[name][key][0] += time.process_time() - c0
+                    cpu[name][key][1] += _cpu_seconds(workers_pids) - w0
     finally:
         for pool in threads.values():
             pool.shutdown()
@@ -315,11 +334,31 @@ def prep_throughput(served, the_cases: List[dict], workers: Sequence[int] = (1, 
         one = by_config[("thread", workers[0])]
         for (m, w), r in by_config.items():
             speedup = [a / b for a, b in zip(r, one)]
-            out.append({"mode": m, "workers": w, "structure": name, "atoms_per_s_median": statistics.median(r),
+            serving_cpu, workers_cpu = cpu[name][(m, w)]
+            done = rounds * structures
+            row = {"serving_cpu_us_per_structure": 1e6 * serving_cpu / done}
+            if m == "process":  # the workers' own throughput: as if they had the cores to themselves
+                row["workers_cpu_us_per_structure"] = 1e6 * workers_cpu / done
+                row["workers_atoms_per_s"] = (w * done * atoms[name] / workers_cpu) if workers_cpu > 0 else None
+            out.append({**row, "mode": m, "workers": w, "structure": name,
+                        "atoms_per_s_median": statistics.median(r),
                         "atoms_per_s_best": max(r), "speedup_median": statistics.median(speedup),
                         "speedup_best_over_best": max(r) / max(one), "rounds": rounds,
                         "structures_per_round": structures})
     return out
+
+
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds the processes ``pids`` have used so far (/proc; clock-tick resolution)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone (a worker replaced)
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for_cores(seconds: float, want: float = 1.8, tasks: int = 16) -> dict:
@@ -354,19 +393,69 @@ def gil_free_share(served, case: dict, repeats: int = 200) -> dict:
     With a share f, n threads can run at most min(n, 1 / (1 - f)) times the single-thread rate: the rest
     holds the GIL.  Seconds are minima over ``repeats``.
     """
-    from macefield_server.engine.graph import Structure, _padded_cell, _vesin_calculator, canonical_positions
+    from macefield_server.engine.graph import Structure, _padded_cell, canonical_positions, half_list
 
     task = _prep_task(served, case)
     structure = Structure.from_atoms(case["atoms"])
     cell = _padded_cell(structure, served.cutoff)
     positions = canonical_positions(structure, cell)
-    calc = _vesin_calculator(served.cutoff)
     total = timed(lambda: task(0), min_repeats=repeats, min_seconds=0.1)["min_s"]
-    search = timed(lambda: calc.compute(positions, cell, structure.pbc, "ijSd"), min_repeats=repeats,
+    search = timed(lambda: half_list(positions, cell, structure.pbc, served.cutoff), min_repeats=repeats,
                    min_seconds=0.1)["min_s"]
     share = search / total
     return {"structure": case["name"], "task_s": total, "search_s": search, "gil_free_share": share,
             "two_worker_bound": min(2.0, 1.0 / max(1e-9, 1.0 - share))}
+
+
+#: the stages a profile covers: the host path of a CPU or CUDA model with host lists, and the device-list path's
+PROFILED = ("decode", "validate", "neighbours", "collate", "h2d", "d2h", "encode", "geometry_h2d")
+
+
+def _where(key: tuple) -> str:
+    filename, line, name = key
+    if filename == "~":  # a built-in: "{method 'reduce' of 'numpy.ufunc' objects}"
+        return name
+    for marker in ("/site-packages/", "/server/", "/client/", "/bench/"):
+        if marker in filename:
+            filename = filename.split(marker, 1)[1]
+            break
+    return f"{filename}:{line}({name})"
+
+
+def profile_stages(served, case: dict, *, calls: int = 400, top: int = 10,
+                   device: Optional[torch.device] = None) -> dict:
+    """Where each stage's time goes for ``case``: per stage, the ``top`` functions by cumulative time (cProfile,
+    ``calls`` runs of the stage), as microseconds and calls per structure.
+
+    cProfile adds about a microsecond per Python call, so its totals exceed the stage's timed median
+    (``profiled_us`` against the row's); the order and the split between functions are what it shows.
+    """
+    import cProfile
+    import pstats
+
+    functions = stage_functions(served, case, device=device)
+    out: Dict[str, Any] = {"structure": case["name"], "atoms": functions["_row"]["atoms"], "calls": calls,
+                           "stages": {}}
+    for name in PROFILED:
+        fn = functions[name]
+        for _ in range(20):
+            fn()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            fn()
+        profiler.disable()
+        stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+        rows = []
+        for key, (_, ncalls, tottime, cumtime, _) in stats.items():
+            if "_lsprof" in key[2] or (key[0] == __file__ and key[2] == fn.__name__):  # the profiler, the stage itself
+                continue
+            rows.append({"function": _where(key), "calls": ncalls / calls, "cumulative_us": 1e6 * cumtime / calls,
+                         "own_us": 1e6 * tottime / calls})
+        rows.sort(key=lambda r: -r["cumulative_us"])
+        total = sum(v[2] for v in stats.values())  # every function's own time: the whole profiled run
+        out["stages"][name] = {"profiled_us": 1e6 * total / calls, "top": rows[:top]}
+    return out
 
 
 def host_breakdown(served, the_cases: List[dict], *, min_repeats: int = 20, min_seconds: float = 0.3,
@@ -412,6 +501,13 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     rows = host_breakdown(served, the_cases, **kw)
     print(table(rows), flush=True)
+    profiled = next(c for c in the_cases if c["name"] == "quartz-72")
+    profile = {"stages_us": {r["name"]: {k: 1e6 * v["median_s"] for k, v in r["stages"].items()} for r in rows},
+               "quartz_72": profile_stages(served, profiled, calls=50 if args.quick else 400)}
+    for name, stage in profile["quartz_72"]["stages"].items():
+        first = stage["top"][0] if stage["top"] else {"function": "-", "cumulative_us": 0.0}
+        print(f"profile quartz-72 {name}: {stage['profiled_us']:.0f} us profiled; top {first['function']} "
+              f"{first['cumulative_us']:.0f} us", flush=True)
     control = {"name": "control-sha256", "atoms": the_cases[0]["atoms"], "head": "", "control": True}
     prep_cases = [c for c in the_cases if c["name"] in ("quartz-72", "quartz-576")] + [control]
     cores = wait_for_cores(args.wait_for_cores) if args.wait_for_cores > 0 else None
@@ -422,7 +518,10 @@ def main(argv=None) -> int:
     for p in prep:
         print(f"prep {p['structure']}: {p['mode']} x{p['workers']}: {p['atoms_per_s_best']:.3g} atoms/s best, "
               f"{p['atoms_per_s_median']:.3g} median (against 1 thread: x{p['speedup_best_over_best']:.2f} best "
-              f"over best, same-round x{p['speedup_median']:.2f} median)")
+              f"over best, same-round x{p['speedup_median']:.2f} median); CPU per structure: serving process "
+              f"{p['serving_cpu_us_per_structure']:.0f} us"
+              + (f", workers {p['workers_cpu_us_per_structure']:.0f} us (their own rate "
+                 f"{p['workers_atoms_per_s'] or 0:.3g} atoms/s)" if p["mode"] == "process" else ""))
     shares = [gil_free_share(served, c) for c in prep_cases if not c.get("control")]
     for sh in shares:
         print(f"prep {sh['structure']}: {sh['gil_free_share']:.0%} of a task without the GIL "
@@ -439,6 +538,7 @@ def main(argv=None) -> int:
                      "loadavg_after": os.getloadavg()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "rows": rows,
+        "profile": profile,
         "prep_throughput": prep,
         "prep_gil_free": shares,
         "prep_waited_for_cores": cores,

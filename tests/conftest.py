@@ -48,6 +48,7 @@ TIERS = {
         "test_neighbour_lists.py",
         "test_precision.py",
         "test_proto_stubs.py",
+        "test_response_encoding.py",  # PredictResponse from numpy arrays against protobuf's field-by-field API
         "test_server_config.py",
         "test_structures.py",
         "test_training_losses.py",

@@ -106,6 +106,31 @@ def test_vesin_matches_matscipy_on_quartz_supercells():
         assert_same(ref, host_pairs(s, "vesin"))
 
 
+def test_direct_vesin_call_gives_the_wrappers_arrays_in_its_order():
+    """The C function called directly (engine/vesin_direct.py) returns vesin.NeighborList's (i, j, S, d): the same
+    values, order and dtypes, also after a call with other sizes (its buffers are reused)."""
+    import vesin
+    from macefield_client.structures import alpha_quartz
+    from macefield_server.engine.graph import _padded_cell, canonical_positions
+    from macefield_server.engine.vesin_direct import direct_half_list
+
+    direct = direct_half_list(CUTOFF)
+    assert direct is not None, "the installed vesin has the C interface vesin_direct reads"
+    wrapper = vesin.NeighborList(cutoff=CUTOFF, full_list=False, sorted=False, n_threads=1)
+    quartz = [Structure.from_atoms(alpha_quartz(repeat=r, rattle=0.05, seed=3)) for r in ((2, 2, 2), (1, 1, 1))]
+    compared = 0
+    for structure in [s for _, s in CASES] + quartz:
+        cell = _padded_cell(structure, CUTOFF)
+        positions = canonical_positions(structure, cell)
+        ours = direct(positions, cell, structure.pbc)
+        theirs = wrapper.compute(positions, cell, structure.pbc, "ijSd")
+        for a, b in zip(ours, theirs):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert a.tobytes() == b.tobytes()
+        compared += len(ours[0])
+    assert compared > 1000
+
+
 THIN = Structure([14, 8], [[0.0, 0.0, 0.0], [0.01, 1.5, 0.0]], np.diag([0.03, 6.0, 6.0]), [True, False, False])
 
 

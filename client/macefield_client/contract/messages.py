@@ -125,13 +125,33 @@ def response_from_arrays(values: Mapping[str, np.ndarray], *, request_id: str, m
     """One structure's numpy results (named as in the output table) flattened row-major into a response."""
     response = pb.PredictResponse(request_id=request_id, model=model, head=head, n_atoms=n_atoms,
                                   timing=pb.Timing(**timing.as_dict()))
+    packed = bytearray()  # the repeated fields as their wire form: parsed by protobuf's C code in one pass
     for key in sorted(values):
         if key in SCALARS:
             setattr(response, key, float(values[key]))
         else:
-            getattr(response, key).extend(np.asarray(values[key], dtype=np.float64).ravel().tolist())
+            data = np.ascontiguousarray(values[key], dtype="<f8").tobytes()  # row-major, little-endian doubles
+            if data:  # an empty field stays unset, as extend([]) leaves it
+                packed += _PACKED_TAGS[key] + _varint(len(data)) + data
+    if packed:
+        response.MergeFromString(bytes(packed))  # appends to the (empty) repeated fields: same as extend()
     response.outputs.extend(sorted(values))
     return response
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative int."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+#: the tag (field number, length-delimited) of each repeated double of PredictResponse
+_PACKED_TAGS = {f.name: _varint(f.number << 3 | 2) for f in pb.PredictResponse.DESCRIPTOR.fields
+                if f.is_repeated and f.type == f.TYPE_DOUBLE}
 
 
 def arrays_from_response(response: pb.PredictResponse) -> Dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import functools
+import math
 import threading
 
 import numpy as np
@@ -46,6 +47,8 @@ class Structure:
     pbc: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=bool))
     electric_field: np.ndarray = field(default_factory=lambda: np.zeros(3))
     head: Optional[str] = None
+    #: |det(cell)| when it was computed before (a validated structure), else None; see :attr:`volume`
+    _volume: Optional[float] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.numbers = np.asarray(self.numbers, dtype=np.int64).reshape(-1)
@@ -57,6 +60,21 @@ class Structure:
             raise ValueError(
                 f"positions: {self.positions.shape[0]} rows for {self.numbers.shape[0]} atomic numbers"
             )
+
+    @classmethod
+    def of_arrays(cls, numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
+                  electric_field: np.ndarray, head: Optional[str] = None,
+                  volume: Optional[float] = None) -> "Structure":
+        """From arrays already of the attributes' dtypes and shapes (no conversion; a validated request's).
+
+        ``volume``: ``abs(det(cell))`` as :attr:`volume` computes it, when the caller has it (None: computed
+        on use).
+        """
+        structure = cls.__new__(cls)
+        structure.numbers, structure.positions, structure.cell = numbers, positions, cell
+        structure.pbc, structure.electric_field, structure.head = pbc, electric_field, head
+        structure._volume = volume
+        return structure
 
     @classmethod
     def from_atoms(cls, atoms, electric_field=None, head: Optional[str] = None) -> "Structure":
@@ -83,6 +101,8 @@ class Structure:
         """Omega in Angstrom^3 for fully periodic cells, else None."""
         if not self.periodic:
             return None
+        if self._volume is not None:
+            return self._volume
         return float(abs(np.linalg.det(self.cell)))
 
 
@@ -178,6 +198,9 @@ def canonical_positions(structure: Structure, cell: Optional[np.ndarray] = None)
     cell = _padded_cell(structure, 1.0) if cell is None else cell
     frac = np.linalg.solve(cell.T, positions.T).T
     periodic = structure.pbc
+    if periodic.all():  # the same values as the masked lines below, without their copies
+        frac -= np.floor(frac)
+        return frac @ cell
     frac[:, periodic] -= np.floor(frac[:, periodic])
     frac[:, ~periodic] -= frac[:, ~periodic].min(axis=0)
     return frac @ cell
@@ -218,15 +241,34 @@ def _vesin_calculator(cutoff: float):
     return calc
 
 
+def _half_list_search(cutoff: float):
+    """This thread's search for ``cutoff``: (positions, cell, pbc) -> (i, j, S, d), vesin's C function called
+    directly (:mod:`.vesin_direct`: the same lists, without the wrapper's 15 us per call) or its wrapper."""
+    cache = getattr(_local, "search", None)
+    if cache is None:
+        cache = _local.search = {}
+    search = cache.get(cutoff)
+    if search is None:
+        from .vesin_direct import direct_half_list
+
+        search = direct_half_list(cutoff)
+        if search is None:  # a vesin without the C interface read there
+            calc = _vesin_calculator(cutoff)
+            search = cache[cutoff] = lambda positions, cell, pbc: calc.compute(positions, cell, pbc, "ijSd")
+        else:
+            cache[cutoff] = search
+    return search
+
+
 def half_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float):
     """vesin's half list: (i, j, integer shifts S (m, 3), distances d) with each unordered pair once."""
-    return _vesin_calculator(float(cutoff)).compute(positions, cell, np.asarray(pbc, dtype=bool), "ijSd")
+    return _half_list_search(float(cutoff))(positions, cell, np.asarray(pbc, dtype=bool))
 
 
 def mirrored(i: np.ndarray, j: np.ndarray, shifts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(edge_index (2, 2m) int64, unit_shifts (2m, 3) float64) of a half list: its m pairs, then (j, i, -S).
 
-    ``shifts`` are integers (any integer dtype): negated as integers, so a zero shift is +0.0, never -0.0.
+    ``shifts`` are integers (any integer dtype); a zero shift mirrors to +0.0, never -0.0.
     """
     m = int(i.shape[0])
     edge_index = np.empty((2, 2 * m), dtype=np.int64)
@@ -236,7 +278,8 @@ def mirrored(i: np.ndarray, j: np.ndarray, shifts: np.ndarray) -> Tuple[np.ndarr
     edge_index[1, m:] = i
     unit_shifts = np.empty((2 * m, 3), dtype=np.float64)
     unit_shifts[:m] = shifts
-    unit_shifts[m:] = -shifts
+    # 0.0 - S: exact for integers and +0.0 (never -0.0) for a zero, as the integers' negation, without its copy
+    np.subtract(0.0, unit_shifts[:m], out=unit_shifts[m:])
     return edge_index, unit_shifts
 
 
@@ -411,6 +454,18 @@ def expected_edges(structure: Structure, cutoff: float) -> int:
     return int(n * per_atom) + n
 
 
+def _images_per_pair(cell: List[List[float]], volume: float, cutoff: float) -> float:
+    """The most periodic images of one atom within ``cutoff`` of another, fully periodic ``cell`` (rows) of
+    ``volume`` = |det|: the product over the axes of floor(2 * cutoff / plane spacing) + 1, the spacing of the
+    planes spanned by the other two vectors being volume / |a_j x a_k| (see :func:`estimate_edges`)."""
+    per_pair = 1.0
+    for i in range(3):
+        (u0, u1, u2), (v0, v1, v2) = cell[(i + 1) % 3], cell[(i + 2) % 3]
+        area = math.sqrt((u1 * v2 - u2 * v1) ** 2 + (u2 * v0 - u0 * v2) ** 2 + (u0 * v1 - u1 * v0) ** 2)
+        per_pair *= math.floor(2.0 * cutoff * area / volume) + 1.0
+    return per_pair
+
+
 def estimate_edges(structure: Structure, cutoff: float, limit: int = 100_000) -> int:
     """Directed edges of :func:`neighbour_list`, counted without building it (an upper bound).
 
@@ -426,12 +481,16 @@ def estimate_edges(structure: Structure, cutoff: float, limit: int = 100_000) ->
     density.  A cell so thin that N * images exceeds :data:`MAX_IMAGE_POINTS`
     is reported as that many edges without searching.
     """
-    from scipy.spatial import cKDTree
-
     n = structure.n_atoms
     if n == 0:
         return 0
     cutoff = float(cutoff)
+    if structure._volume is not None and structure.periodic:  # the cheap periodic bound below, in Python floats
+        per_pair = _images_per_pair(structure.cell.tolist(), structure._volume, cutoff)
+        if n * n * per_pair - n <= limit:
+            return int(n * n * per_pair) - n
+    from scipy.spatial import cKDTree  # here: an import of a package's name costs a microsecond per call
+
     if not structure.pbc.any():
         bound = n * (n - 1)
         if bound <= limit:
@@ -509,11 +568,20 @@ def _joined(parts: Sequence[np.ndarray], axis: int = 0) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _species_table(atomic_numbers: Tuple[int, ...]) -> np.ndarray:
-    """Atomic number -> index among ``atomic_numbers`` (-1: not in the model); read-only, shared between calls."""
-    table = np.full(max(max(atomic_numbers), 119) + 1, -1, dtype=np.int64)
+    """Atomic number -> index among ``atomic_numbers`` (-1: not in the model); read-only, shared between calls.
+
+    Its last entry is always -1 (one past the largest number), so that an index clipped to the table maps
+    any number past it to -1."""
+    table = np.full(max(max(atomic_numbers), 119) + 2, -1, dtype=np.int64)
     table[np.asarray(atomic_numbers, dtype=np.int64)] = np.arange(len(atomic_numbers))
     table.flags.writeable = False
     return table
+
+
+@functools.lru_cache(maxsize=16)
+def _identity(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The n x n identity in ``dtype`` (its rows are the one-hot species vectors); shared, never written."""
+    return torch.eye(n, dtype=dtype)
 
 
 def collate(
@@ -534,8 +602,11 @@ def collate(
     n_atoms = [s.n_atoms for s in structures]
 
     numbers = _joined([s.numbers for s in structures]) if structures else np.zeros(0, np.int64)
-    bad = (numbers < 0) | (numbers >= len(z_to_index))  # the element check over the whole batch at once
-    species_all = np.where(bad, -1, z_to_index[np.clip(numbers, 0, len(z_to_index) - 1)])
+    if z_to_index[0] < 0:  # clipped, a negative number reads entry 0 and one past the table the last: both -1
+        species_all = z_to_index.take(numbers, mode="clip")
+    else:
+        bad = (numbers < 0) | (numbers >= len(z_to_index))  # the element check over the whole batch at once
+        species_all = np.where(bad, -1, z_to_index[np.clip(numbers, 0, len(z_to_index) - 1)])
     if (species_all < 0).any():
         missing = sorted(set(int(z) for z in numbers[species_all < 0]))
         raise ValueError(f"atomic_numbers: element(s) {missing} not in the model (has {list(atomic_numbers)})")
@@ -549,41 +620,51 @@ def collate(
         cells.append(ng.cell)
         offset += s.n_atoms
 
-    node_attrs = np.zeros((len(species_all), n_elements))
-    node_attrs[np.arange(len(species_all)), species_all] = 1.0
-    counts = np.asarray(n_atoms, dtype=np.int64)
-    ptr = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=ptr[1:])
-    batch = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     on_cpu = torch.device(device).type == "cpu"
 
     def t(a, dt=dtype):
         tensor = torch.as_tensor(np.asarray(a), dtype=dt)
         return tensor if on_cpu else tensor.to(device)
 
+    def moved(tensor):
+        return tensor if on_cpu else tensor.to(device)
+
     volumes = [s.volume for s in structures]
+    periodic = [s.periodic for s in structures]
+    total = len(species_all)
+    if len(structures) == 1:  # one structure: every atom in graph 0 (the values of the general branch)
+        batch = moved(torch.zeros(total, dtype=torch.int64))
+        ptr = moved(torch.tensor([0, total], dtype=torch.int64))
+    else:
+        counts = np.asarray(n_atoms, dtype=np.int64)
+        ptr_array = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=ptr_array[1:])
+        batch = t(np.repeat(np.arange(len(counts), dtype=np.int64), counts), torch.int64)
+        ptr = t(ptr_array, torch.int64)
 
     # geometry stays float64: edge vectors are built in float64 (FieldMACE.enthalpy) and only then cast
     geometry = torch.float64
     tensors = {
-        "node_attrs": t(node_attrs),
+        # one-hot rows of the identity: exactly 0.0 and 1.0 in the model's dtype
+        "node_attrs": moved(_identity(n_elements, dtype).index_select(0, torch.from_numpy(species_all))),
         "positions": t(_joined(positions), geometry),
         "edge_index": t(_joined(edges, axis=1), torch.int64),
         "unit_shifts": t(_joined(unit_shifts), geometry),
         "shifts": t(_joined(shifts), geometry),
         "cell": t(_joined(cells), geometry),
-        "batch": t(batch, torch.int64),
-        "ptr": t(ptr, torch.int64),
-        "head": t(np.asarray(head_index, dtype=np.int64), torch.int64),
-        "electric_field": t(np.stack([s.electric_field for s in structures]), geometry),
+        "batch": batch,
+        "ptr": ptr,
+        "head": moved(torch.tensor([int(h) for h in head_index], dtype=torch.int64)),
+        "electric_field": t(np.array([s.electric_field for s in structures], dtype=np.float64).reshape(-1, 3),
+                            geometry),
         # Omega for fully periodic structures, 0 otherwise (never divided by: see response)
-        "volume": t([v or 0.0 for v in volumes], geometry),
-        "periodic": t([s.periodic for s in structures], torch.bool),
+        "volume": moved(torch.tensor([v or 0.0 for v in volumes], dtype=geometry)),
+        "periodic": moved(torch.tensor(periodic, dtype=torch.bool)),
     }
     return GraphBatch(
         tensors=tensors,
         n_atoms=n_atoms,
-        periodic=[s.periodic for s in structures],
+        periodic=periodic,
         volumes=volumes,
         cells=[s.cell.copy() for s in structures],
     )

@@ -8,6 +8,7 @@ batch while the current one computes.  :func:`predict` chains them.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence
 
@@ -106,7 +107,8 @@ def non_finite(result: Dict[str, np.ndarray]) -> List[str]:
     with np.errstate(over="ignore"):  # a sum of huge finite values may overflow: then each value is checked
         for k, v in result.items():
             if k in GRADE_OUTPUTS:
-                if np.isnan(v).any() or (v == -np.inf).any():
+                total = float(v.sum())  # neither NaN nor -inf: v holds no NaN and no -inf (either would show)
+                if (total != total or total == -math.inf) and (np.isnan(v).any() or (v == -np.inf).any()):
                     bad.append(k)
             elif not math.isfinite(v.sum()) and not np.isfinite(v).all():  # a finite sum: all values finite
                 bad.append(k)
@@ -124,6 +126,7 @@ def check_finite(result: Dict[str, np.ndarray], graph=None, numbers=None) -> Dic
     raise NonFiniteResult(f"the model produced non-finite {', '.join(bad)} for this structure{hint}")
 
 
+@functools.lru_cache(maxsize=256)
 def returned_outputs(outputs: FrozenSet[str]) -> FrozenSet[str]:
     """The keys a result for ``outputs`` carries when defined: those asked for, their companions, energy, volume."""
     keep = {"energy", "volume"} | set(outputs)
@@ -134,7 +137,7 @@ def returned_outputs(outputs: FrozenSet[str]) -> FrozenSet[str]:
 
 def keep_requested(result: Dict[str, np.ndarray], outputs: FrozenSet[str]) -> Dict[str, np.ndarray]:
     """Drop what a pass computed beyond ``outputs`` (e.g. for other requests of its batch)."""
-    keep = returned_outputs(frozenset(outputs))
+    keep = returned_outputs(outputs if isinstance(outputs, frozenset) else frozenset(outputs))
     return {k: v for k, v in result.items() if k in keep}
 
 

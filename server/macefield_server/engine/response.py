@@ -28,6 +28,7 @@ requested order of derivatives needs them (``keep_graph`` for training).
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, FrozenSet, List, Optional
 
 import torch
@@ -63,6 +64,11 @@ SECOND_ORDER_DEFAULT = {False: "loop", True: "loop"}
 
 def engine_outputs(requested: FrozenSet[str]) -> FrozenSet[str]:
     """What the engine must compute for ``requested`` names (derived names replaced by their source)."""
+    return _engine_outputs(requested if isinstance(requested, frozenset) else frozenset(requested))
+
+
+@functools.lru_cache(maxsize=512)  # a few distinct output sets, asked for every request
+def _engine_outputs(requested: FrozenSet[str]) -> FrozenSet[str]:
     needed = set(requested & ENGINE_OUTPUTS)
     for name in requested & DERIVED_FROM.keys():
         source = DERIVED_FROM[name]
@@ -78,7 +84,12 @@ def response_tier(outputs: FrozenSet[str]) -> int:
 
     0 energy (and the extrapolation grade), 1 first derivatives, 2 Z*/alpha (and chi, eps_inf).
     """
-    outputs = engine_outputs(frozenset(outputs))
+    return _response_tier(outputs if isinstance(outputs, frozenset) else frozenset(outputs))
+
+
+@functools.lru_cache(maxsize=512)
+def _response_tier(outputs: FrozenSet[str]) -> int:
+    outputs = engine_outputs(outputs)
     if outputs & {"born_charges", "polarizability"}:
         return 2
     if outputs & {"forces", "stress", "dipole", "polarization"}:

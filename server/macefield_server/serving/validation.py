@@ -7,6 +7,7 @@ INVALID_ARGUMENT and keeps serving.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import FrozenSet
 
@@ -189,33 +190,41 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
     if not top <= MAX_COORDINATE:
         _non_finite(positions, "positions")  # refused here, as before the cell's checks; else too large (below)
 
-    pbc = np.asarray(request.pbc, dtype=bool)
-    if pbc.size not in (0, 3):
-        raise InvalidRequest("pbc", f"expected 0 or 3 flags, got {pbc.size}")
-    if pbc.size == 0:
-        pbc = np.zeros(3, dtype=bool)
-    cell = _floats(request.cell, "cell", {0, 9}, "0 or 9 values (3x3 lattice vectors as rows, Angstrom)")
-    cell = np.zeros((3, 3)) if cell.size == 0 else cell.reshape(3, 3)
-    if pbc.any():
-        periodic_rows = cell[pbc]
-        if pbc.all():
-            singular = abs(np.linalg.det(cell)) < MIN_VOLUME
+    flags = list(request.pbc)
+    if len(flags) not in (0, 3):
+        raise InvalidRequest("pbc", f"expected 0 or 3 flags, got {len(flags)}")
+    pbc = np.array(flags or (False, False, False), dtype=bool)
+    periodic_any, periodic_all = any(flags), bool(flags) and all(flags)
+    # the 3x3 cell and the 3-vector field in Python floats: numpy's per-call cost is most of these checks' time
+    rows = list(request.cell)
+    if len(rows) not in (0, 9):
+        raise InvalidRequest("cell", f"expected 0 or 9 values (3x3 lattice vectors as rows, Angstrom), "
+                                     f"got {len(rows)} values")
+    if not all(map(math.isfinite, rows)):
+        _non_finite(np.asarray(rows, dtype=np.float64), "cell")
+    cell = np.zeros((3, 3)) if not rows else np.array(rows, dtype=np.float64).reshape(3, 3)
+    volume = None
+    if periodic_any:
+        if periodic_all:
+            volume = float(abs(np.linalg.det(cell)))  # Structure.volume's own expression: cached there
+            singular = volume < MIN_VOLUME
         else:
-            singular = np.linalg.svd(periodic_rows, compute_uv=False).min() < 1e-6
+            singular = np.linalg.svd(cell[pbc], compute_uv=False).min() < 1e-6
         if singular:
             raise InvalidRequest("cell", f"singular cell (lattice vectors {cell.tolist()}) with pbc {pbc.tolist()}")
 
     if top > MAX_COORDINATE:
         raise InvalidRequest("positions", f"|coordinate| above {MAX_COORDINATE:g} Angstrom")
-    if pbc.any():
-        longest = float(np.linalg.norm(cell[pbc], axis=1).max())
+    if periodic_any:
+        longest = max(math.sqrt(rows[3 * k] ** 2 + rows[3 * k + 1] ** 2 + rows[3 * k + 2] ** 2)
+                      for k in range(3) if flags[k])
         if longest > limits.max_extent:
             raise InvalidRequest(
                 "cell",
                 f"a periodic lattice vector of {longest:.6g} A exceeds the server's limit of {limits.max_extent:g} A"
             )
-    if not pbc.all():  # the spread along non-periodic directions sets the neighbour search's box
-        q = np.linalg.qr(cell[pbc].T)[0] if pbc.any() else np.zeros((3, 0))
+    if not periodic_all:  # the spread along non-periodic directions sets the neighbour search's box
+        q = np.linalg.qr(cell[pbc].T)[0] if periodic_any else np.zeros((3, 0))
         points = positions.reshape(n, 3)
         spread = float(np.ptp(points - (points @ q) @ q.T, axis=0).max())
         if spread > limits.max_extent:
@@ -224,15 +233,19 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
                 f"atoms spread over {spread:.6g} A along non-periodic directions (limit {limits.max_extent:g} A)",
             )
 
-    efield = _floats(request.electric_field, "electric_field", {0, 3}, "0 or 3 values, V/Angstrom")
-    efield = np.zeros(3) if efield.size == 0 else efield
-    magnitude = float(np.linalg.norm(efield))
+    field_values = list(request.electric_field)
+    if len(field_values) not in (0, 3):
+        raise InvalidRequest("electric_field", f"expected 0 or 3 values, V/Angstrom, got {len(field_values)} values")
+    if not all(map(math.isfinite, field_values)):
+        _non_finite(np.asarray(field_values, dtype=np.float64), "electric_field")
+    efield = np.array(field_values or (0.0, 0.0, 0.0), dtype=np.float64)
+    magnitude = math.sqrt(sum(e * e for e in field_values))
     if magnitude > limits.max_field:
         raise InvalidRequest(
             "electric_field", f"|E| = {magnitude:.6g} V/A exceeds the server's limit of {limits.max_field:g} V/A"
         )
 
-    structure = Structure(numbers, positions.reshape(n, 3), cell, pbc, efield, head)
+    structure = Structure.of_arrays(numbers, positions.reshape(n, 3), cell, pbc, efield, head, volume=volume)
     # counted (exactly once the cheap bound passes the limit) before any neighbour list is built; the limit is
     # also what the memory budget allows, so that a structure near it is counted, not refused on a bound
     tier = response_tier(outputs)
