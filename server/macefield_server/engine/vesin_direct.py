@@ -95,9 +95,19 @@ class DirectHalfList:
             self._free(reference)
 
 
+#: vesin releases whose C interface this module was checked against (tests/test_neighbour_lists.py compares
+#: its results with the wrapper's byte for byte); any other release goes through vesin's own wrapper
+TESTED_VESIN = ("0.6.2",)
+
+
 def direct_half_list(cutoff: float) -> Optional[DirectHalfList]:
-    """A :class:`DirectHalfList`, or None when the installed vesin lacks the C interface it reads."""
+    """A :class:`DirectHalfList`, or None when the installed vesin is not a release this module was checked
+    against or lacks the C interface it reads (the caller then uses vesin's wrapper)."""
     try:
+        import vesin
+
+        if getattr(vesin, "__version__", None) not in TESTED_VESIN:
+            return None
         return DirectHalfList(cutoff)
     except (ImportError, AttributeError, OSError):
         return None
