@@ -14,7 +14,7 @@ from macefield_server.engine.architecture import add_pair_repulsion, build_field
 from macefield_server.engine.graph import NEIGHBOUR_BACKENDS, Structure, pairs
 from macefield_server.engine.predict import evaluate, prepare_batch
 from macefield_server.training.config import ConfigError, config_from_dict
-from macefield_server.training.short_range import (ScanSampler, ShortRangeScanConfig, closest_pair_scan,
+from macefield_server.training.short_range import (Scan, ScanSampler, ShortRangeScanConfig, closest_pair_scan,
                                                    scan_grid, scan_hinge, shortest_distances, typed_pairs)
 
 
@@ -68,17 +68,37 @@ def test_scan_moves_one_atom_to_the_requested_distances_and_keeps_all_other_dist
     ref = all_distances(s)
     others = np.ones(len(s.numbers), bool)
     others[scan.moved] = False
-    bond = s.positions[scan.moved] - (s.positions[scan.anchor] + scan.shift @ s.cell)
+    bond = s.positions[scan.moved] + scan.shift @ s.cell - s.positions[scan.anchor]
     for target, moved in zip(grid, scan.structures()):
         dist = all_distances(moved)
         # every distance between atoms other than the moved one is unchanged, and they did not move
         np.testing.assert_allclose(dist[np.ix_(others, others)], ref[np.ix_(others, others)], atol=1e-12)
         np.testing.assert_array_equal(moved.positions[others], s.positions[others])
         # the pair is at the requested distance, along the original bond direction
-        new_bond = moved.positions[scan.moved] - (moved.positions[scan.anchor] + scan.shift @ moved.cell)
+        new_bond = moved.positions[scan.moved] + scan.shift @ moved.cell - moved.positions[scan.anchor]
         assert np.linalg.norm(new_bond) == pytest.approx(target, abs=1e-12)
         np.testing.assert_allclose(new_bond / np.linalg.norm(new_bond), bond / np.linalg.norm(bond), atol=1e-12)
         assert dist[scan.anchor, scan.moved] == pytest.approx(target, abs=1e-12)
+
+
+@pytest.mark.parametrize("pair", [("Si", "O"), ("O", "O"), ("Si", "Si")])
+def test_scans_of_pairs_across_the_cell_boundary_move_the_atom_towards_the_anchor_it_is_bonded_to(pair):
+    """Every listed pair, with or without a unit-cell shift: the scan's first point (the pair's own distance) is
+    the source frame itself, and at every point the moved atom is at the requested minimum-image distance from the
+    anchor while its distances to all other atoms change only by moving along the bond."""
+    s = quartz(repeat=(1, 1, 1))
+    i, j, shift, d = typed_pairs(s, pair, cutoff=3.2)
+    assert np.any(np.any(shift != 0, axis=1))  # some pairs cross the cell boundary
+    for k in range(len(d)):
+        grid = np.array([d[k], 0.5 * (d[k] + 0.6), 0.6])
+        scan = Scan(s, pair, int(i[k]), int(j[k]), shift[k].astype(float), float(d[k]), grid)
+        points = scan.structures()
+        np.testing.assert_allclose(points[0].positions, s.positions, atol=1e-12)
+        step = np.linalg.norm(points[-1].positions[scan.moved] - s.positions[scan.moved])
+        assert step == pytest.approx(d[k] - 0.6, abs=1e-12)  # moved along the bond, not to another image
+        for target, point in zip(grid, points):
+            image = point.positions[scan.moved] + shift[k] @ s.cell
+            assert np.linalg.norm(image - s.positions[scan.anchor]) == pytest.approx(target, abs=1e-12)
 
 
 @pytest.mark.parametrize("pair", [("Si", "Si"), ("O", "O"), ("Si", "O")])
@@ -127,6 +147,7 @@ def test_sampler_is_deterministic_and_scans_from_the_real_distance_down_to_min_d
             d = scan.distances
             assert len(d) == cfg.points + 1
             assert d[0] == pytest.approx(scan.start)  # the source frame itself
+            np.testing.assert_allclose(scan.structures()[0].positions, scan.source.positions, atol=1e-12)
             assert np.all(np.diff(d) <= 0) and d[-1] == pytest.approx(0.6)
             assert np.all(d[1:] <= shortest[scan.pair] + 1e-12)
             # the moved atom's nearest partner of that type is the anchor

@@ -90,8 +90,11 @@ class Scan:
     """One pair of a frame pushed together.
 
     ``anchor`` stays, ``moved`` is placed at ``distances`` (A) from the
-    anchor's image ``shift`` (unit cell shifts) along their original bond
-    direction; ``start`` is their distance in the source frame (A).
+    anchor along their original bond direction; ``shift`` (unit cell shifts)
+    is that of :func:`typed_pairs`, ``|positions[moved] + shift @ cell -
+    positions[anchor]| = start``, so the anchor as the moved atom sees it is
+    ``positions[anchor] - shift @ cell``; ``start`` is their distance in the
+    source frame (A), and a scan point at ``start`` is the source frame itself.
     """
 
     source: Structure
@@ -105,7 +108,7 @@ class Scan:
     def structures(self) -> List[Structure]:
         """The source frame with ``moved`` at each distance of the scan (positions in A)."""
         s = self.source
-        image = s.positions[self.anchor] + self.shift @ s.cell  # the anchor as the moved atom sees it
+        image = s.positions[self.anchor] - self.shift @ s.cell  # the anchor as the moved atom sees it
         direction = s.positions[self.moved] - image
         direction = direction / np.linalg.norm(direction)
         out = []
