@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, SHARED_DATA
 
 from macefield_server.engine import load_model, predict
+from macefield_server.engine.architecture import describe_architecture
 from macefield_client.contract import EPS0
 from macefield_server.weights import DEFAULT_TRAINING_STAGES
 
@@ -53,21 +54,23 @@ def test_default_model_files_and_card(model, card):
     assert MODEL.stat().st_size < 20 * 1024 * 1024
     assert list(model.heads) == ["sio2", "batio3"]
     assert sorted(int(z) for z in model.atomic_numbers) == [8, 14, 22, 56]
+    # the ZBL pair repulsion is part of F (stage 4 added it)
+    assert hasattr(model, "pair_repulsion_fn") and describe_architecture(model)["pair_repulsion"]
     # the JSON card is embedded in the checkpoint
     assert model.metadata["card"] == card
     assert "2508.17870" in " ".join(card["citations"])
-    # trained in three stages; the configs are in the repository (and the package) and the card names them in order
+    # trained in four stages; the configs are in the repository (and the package) and the card names them in order
     assert card["training"]["command"].startswith(
-        "macefield-train --config server/macefield_server/weights/default.stage3.yaml")
+        "macefield-train --config server/macefield_server/weights/default.stage4.yaml")
     stages = card["previous_stages"]
     assert [s["command"].split()[2] for s in stages] == [
-        f"server/macefield_server/weights/default.stage{i}.yaml" for i in (1, 2)
+        f"server/macefield_server/weights/default.stage{i}.yaml" for i in (1, 2, 3)
     ]
-    assert [p.name for p in DEFAULT_TRAINING_STAGES] == [f"default.stage{i}.yaml" for i in (1, 2, 3)]
+    assert [p.name for p in DEFAULT_TRAINING_STAGES] == [f"default.stage{i}.yaml" for i in (1, 2, 3, 4)]
     for config in DEFAULT_TRAINING_STAGES:
         assert config.is_file() and (MODELS / config.name).is_file()
     md = (MODELS / "default.card.md").read_text()
-    assert "Stage 1:" in md and "Stage 2:" in md and "Stage 3 (this run" in md
+    assert all(f"Stage {i}:" in md for i in (1, 2, 3)) and "Stage 4 (this run" in md
     for name, head in (("sio2-quartz", "sio2"), ("batio3", "batio3")):
         v = card["validation"][name]
         assert v["head"] == head
