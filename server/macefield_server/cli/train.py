@@ -14,7 +14,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -103,7 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary["exported_epoch"] = trainer.epoch
     else:
         model = load_model(chosen)
-        summary["exported_epoch"] = (model.metadata or {}).get("epoch")
+        metadata: Dict[str, Any] = dict(getattr(model, "metadata", None) or {})
+        summary["exported_epoch"] = metadata.get("epoch")
     summary["exported"] = args.export_checkpoint
     command = cfg.export.command or command_file.read_text().strip()
     target = cfg.export.path and cfg.resolve_path(cfg.export.path, must_exist=False)
