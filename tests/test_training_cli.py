@@ -82,7 +82,17 @@ def test_train_tiny_end_to_end_then_resume(tmp_path, capsys):
     card = json.loads((tmp_path / "out" / "tiny.card.json").read_text())
     assert card["training"]["command"] == f"macefield-train --config {config} --no-progress"
     assert card["training"]["epochs"] == 2 and card["training"]["stop_reason"] == "max_epochs"
+    assert card["training"]["exported"] == "best"
+    assert card["training"]["exported_epoch"] == card["training"]["best_epoch"]
     assert len(metrics(tmp_path)) == 2
+    # --export-checkpoint last exports last.pt's weights (the latest validated epoch) and the card says so
+    assert main(["--config", str(config), "--no-progress", "--export-only", "--export-checkpoint", "last"]) == 0
+    card = json.loads((tmp_path / "out" / "tiny.card.json").read_text())
+    assert card["training"]["exported"] == "last" and card["training"]["exported_epoch"] == 2
+    last, exported = load_model(tmp_path / "run" / "last.pt"), load_model(tmp_path / "out" / "tiny.pt")
+    for (ka, va), (kb, vb) in zip(last.state_dict().items(), exported.state_dict().items()):
+        assert ka == kb and (va == vb).all(), ka
+    assert "the EMA weights after epoch 2, the last validated one" in (tmp_path / "out" / "tiny.card.md").read_text()
 
 
 @pytest.mark.usefixtures("shared_data")  # trains on (or checks) the DFT labels

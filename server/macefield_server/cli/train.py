@@ -14,7 +14,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -25,7 +25,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-epochs", type=int, help="override optim.max_epochs")
     p.add_argument("--max-minutes", type=float, help="override optim.max_minutes")
     p.add_argument("--restart", action="store_true", help="ignore an existing state.pt and start from scratch")
-    p.add_argument("--export-only", action="store_true", help="do not train; export best.pt of the run with its card")
+    p.add_argument("--export-only", action="store_true", help="do not train; export the run's checkpoint with its card")
+    p.add_argument("--export-checkpoint", choices=("best", "last"), default="best",
+                   help="which EMA weights to export: best.pt (lowest validation loss, default) or last.pt (after "
+                        "the latest validated epoch, e.g. the end of a schedule whose loss weights changed)")
     p.add_argument("--refresh-card", metavar="MODEL.pt",
                    help="do not train: recompute the validation numbers of MODEL.pt's card (and its .card.json/.md) "
                         "with the current engine and the config's card text; weights unchanged")
@@ -93,12 +96,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         summary = trainer.fit()
         (trainer.workdir / "fit_summary.json").write_text(json.dumps(summary) + "\n")
-    best = trainer.workdir / "best.pt"
-    if not best.is_file():
+    chosen = trainer.workdir / f"{args.export_checkpoint}.pt"
+    if not chosen.is_file():
         log("no validated checkpoint (no validation split?); exporting the current EMA weights")
         model = trainer.ema_model()
+        summary["exported_epoch"] = trainer.epoch
     else:
-        model = load_model(best)
+        model = load_model(chosen)
+        metadata: Dict[str, Any] = dict(getattr(model, "metadata", None) or {})
+        summary["exported_epoch"] = metadata.get("epoch")
+    summary["exported"] = args.export_checkpoint
     command = cfg.export.command or command_file.read_text().strip()
     target = cfg.export.path and cfg.resolve_path(cfg.export.path, must_exist=False)
     if target:

@@ -146,6 +146,8 @@ def build_card(model, trainer, *, fit_summary: Dict, command: str) -> Dict:
                 "seed": cfg.run.seed,
                 "epochs": fit_summary.get("epochs"),
                 "best_epoch": fit_summary.get("best_epoch"),
+                "exported": fit_summary.get("exported", "best"),
+                "exported_epoch": fit_summary.get("exported_epoch", fit_summary.get("best_epoch")),
                 "stop_reason": fit_summary.get("stop_reason"),
                 "wall_time_minutes": round(fit_summary.get("elapsed_seconds", 0.0) / 60.0, 1),
                 "hardware": hardware(int(cfg.run.threads or torch.get_num_threads())),
@@ -263,8 +265,7 @@ def card_markdown(card: Dict) -> str:
     ind = "  " if stages else ""
     lines += [
         f"{ind}- Command (from the repository root): `{tr['command']}`",
-        f"{ind}- Epochs run: {tr['epochs']} (best = exported EMA weights of epoch {tr['best_epoch']}); "
-        f"stop: {tr['stop_reason']}.",
+        f"{ind}- Epochs run: {tr['epochs']} ({exported_text(tr)}); stop: {tr['stop_reason']}.",
         f"{ind}- Wall time: {tr['wall_time_minutes']} min on {tr['hardware']}; torch {tr['torch']}.",
         f"{ind}- Loss weights {json.dumps(tr['loss']['weights'])}, "
         f"residual scales {json.dumps({k: float(f'{v:.4g}') for k, v in tr['loss']['scales'].items()})}, "
@@ -386,6 +387,14 @@ def extrapolation_markdown(section: Dict) -> List[str]:
                   + section.get("flags_command", "tests/test_extrapolation.py") + "):", ""]
         lines += [f"- {f}" for f in section["flags"]] + [""]
     return lines
+
+
+def exported_text(training: Dict[str, Any]) -> str:
+    """Which weights a card's model are: those of the best validation loss, or the last validated epoch."""
+    if training.get("exported", "best") == "last":
+        return (f"exported: the EMA weights after epoch {training.get('exported_epoch')}, the last validated one; "
+                f"the lowest validation loss was at epoch {training['best_epoch']}")
+    return f"best = exported EMA weights of epoch {training['best_epoch']}"
 
 
 def export(model, trainer, path, *, fit_summary: Dict, command: str, write_card: bool = True) -> Dict:
