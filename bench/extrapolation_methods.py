@@ -58,7 +58,8 @@ from macefield_client.structures import alpha_quartz  # noqa: E402
 
 from macefield_server.engine import load_model, predict, prepare_batch  # noqa: E402
 from macefield_server.engine.extrapolation import (  # noqa: E402
-    MARGIN, TRUNCATION, element_grade, element_statistics, feature_layout, invariant_features)
+    MARGIN, TRUNCATION, element_grade, feature_layout, invariant_features)
+from macefield_server.training.calibration import element_statistics  # noqa: E402
 from macefield_server.engine.graph import Structure  # noqa: E402
 from macefield_server.weights import DEFAULT_MODEL  # noqa: E402
 

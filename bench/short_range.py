@@ -32,10 +32,17 @@ import torch
 from macefield_server.engine.checkpoint import load_model
 from macefield_server.training.short_range import DEFAULT_PAIRS, validation_frame_scans
 from macefield_server.training.data import read_frames
-from macefield_server.engine.graph import Structure
+from macefield_server.engine.graph import Structure, pairs
 
 #: data file of each head of the default model (in the shared data folder)
 FILES = {"sio2": "sio2-quartz-md.xyz", "batio3": "batio3-md.xyz"}
+
+
+def nearest_other(structure: Structure, moved: int, anchor: int) -> float:
+    """Distance (A) from atom ``moved`` to the nearest atom (any periodic image) other than ``anchor``."""
+    i, j, _, d = pairs(structure.positions, structure.cell, structure.pbc, 4.0)
+    mine = (i == moved) & (j != anchor)
+    return float(d[mine].min()) if mine.any() else float("inf")
 
 
 def head_scans(model, head: str, path: Path, step: float = 0.05, stop: float = 0.6):
@@ -46,6 +53,8 @@ def head_scans(model, head: str, path: Path, step: float = 0.05, stop: float = 0
                                                        stop=stop).items():
         rel = energy - energy[0]
         k = int(np.argmin(rel))
+        drops = -np.diff(energy)
+        worst = int(np.argmax(drops))
         out[name] = {
             "frame_distance_A": scan.start,
             "start_A": float(scan.distances[0]),
@@ -53,9 +62,16 @@ def head_scans(model, head: str, path: Path, step: float = 0.05, stop: float = 0
             "points": int(len(scan.distances)),
             "min_energy_rel_start_eV": float(rel[k]),
             "min_at_A": float(scan.distances[k]),
-            "largest_drop_eV": float(max(0.0, -np.diff(energy).min())),
+            "largest_drop_eV": float(max(0.0, drops[worst])),
+            "largest_drop_at_A": float(scan.distances[worst + 1]) if drops[worst] > 0 else None,
+            "falls_at_A": [float(d) for d, x in zip(scan.distances[1:], drops) if x >= 0],
             "energy_at_stop_rel_start_eV": float(rel[-1]),
             "monotonic_rise": bool(np.all(np.diff(energy) > 0)),
+            # the profile, and how close the moved atom comes to any atom other than its anchor (A): a scan that
+            # passes near a third atom probes that pair too
+            "distances_A": [float(d) for d in scan.distances],
+            "energy_rel_start_eV": [float(e) for e in rel],
+            "moved_to_nearest_other_atom_A": [nearest_other(st, scan.moved, scan.anchor) for st in scan.structures()],
         }
     return out
 

@@ -90,3 +90,16 @@ def test_missing_cuequivariance_is_not_announced_on_import_or_help(tmp_path):
     helped = subprocess.run([sys.executable, "-m", "macefield_server.cli.serve", "--help"], env=env,
                             capture_output=True, text=True, timeout=120)
     assert "not available" not in helped.stdout + helped.stderr
+
+
+def test_every_bench_script_imports():
+    """The benchmark scripts are run by hand, months apart: each must at least import against today's code (one
+    interpreter imports them all, without running their main)."""
+    scripts = sorted(p.stem for p in (REPO / "bench").glob("*.py"))
+    assert "short_range" in scripts and "extrapolation_methods" in scripts
+    code = ("import importlib, sys\n"
+            f"sys.path[:0] = [{str(REPO / 'bench')!r}, {str(REPO / 'tests')!r}]\n"
+            f"for name in {scripts!r}:\n"
+            "    importlib.import_module(name)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]

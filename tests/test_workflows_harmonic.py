@@ -100,8 +100,10 @@ def test_raman_activities_obey_group_theory(quartz):
 @pytest.mark.parametrize("method", ["symmetry", "modes"])
 def test_raman_activities_do_not_depend_on_the_step(client, quartz, method):
     """Central differences: S(h) = S_0 + c h^2 + O(h^4).  The h -> 0 values extrapolated from h = 0.005/0.01 A and
-    from 0.01/0.02 A agree (what is left is the float32 round-off), and h = 0.01 A is within 3 % of them; a step
-    mishandled in d alpha / d u would change the activities by the square of the step ratio (4x)."""
+    from 0.01/0.02 A agree (what is left is the float32 round-off), h = 0.005 A is within 1 % of them, and the
+    default h = 0.01 A within 3 % for every mode above 1 % of the strongest activity, within 5 % for the weaker
+    active ones (along the modes, the weak activities of the E sets carry up to a 3.1 % h^2 term at 0.01 A, 0.8 %
+    at 0.005 A); a step mishandled in d alpha / d u would change the activities by the square of the step ratio (4x)."""
     runs = {h: harmonic(client, quartz.atoms, head="sio2", raman_step=h, raman_method=method)
             for h in (0.005, 0.01, 0.02)}
     for h, r in runs.items():
@@ -112,7 +114,9 @@ def test_raman_activities_do_not_depend_on_the_step(client, quartz, method):
     fine = (4.0 * s[0.005] - s[0.01]) / 3.0
     coarse = (4.0 * s[0.01] - s[0.02]) / 3.0
     assert np.allclose(fine[active], coarse[active], rtol=0.01)
-    assert np.allclose(s[0.01][active], fine[active], rtol=0.03)
+    strong = s[0.01] > 1e-2 * s[0.01].max()
+    assert np.allclose(s[0.01][strong], fine[strong], rtol=0.03)
+    assert np.allclose(s[0.01][active], fine[active], rtol=0.05)
     assert np.allclose(s[0.005][active], fine[active], rtol=0.01)
 
 
