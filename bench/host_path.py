@@ -56,7 +56,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import RESULTS, write_json  # noqa: E402
 
-BATIO3_FRAMES = Path("/work/shared/data/batio3-md.xyz")
+BATIO3_FRAMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "batio3-md.xyz"  #: ../shared/data
 OUTPUTS = ("energy", "forces", "stress")  #: what an NPT MD step asks for
 QUARTZ_REPEATS = {9: (1, 1, 1), 72: (2, 2, 2), 576: (4, 4, 4), 4608: (8, 8, 8)}
 

@@ -8,8 +8,11 @@ from the shortest distance of that pair type in the whole file down to
 0.6 A in steps of 0.05 A (:mod:`macefield_server.training.short_range`),
 and F is evaluated in float64.  Reported per scan: the start distance, the
 lowest F along the scan relative to F at the start (eV; 0 when F only rises)
-and where it is, the largest drop between neighbouring points, and whether
-F rises monotonically.
+and where it is, the largest drop between neighbouring points and where it
+ends, every distance at which F falls, whether F rises monotonically, and the
+profile: distances, F relative to the start, and the moved atom's distance
+to the nearest atom other than its anchor (a scan that passes near a third
+atom probes that pair too).
 
 Usage (from the repository root, data in ../shared/data)::
 

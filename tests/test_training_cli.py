@@ -93,6 +93,22 @@ def test_train_tiny_end_to_end_then_resume(tmp_path, capsys):
     for (ka, va), (kb, vb) in zip(last.state_dict().items(), exported.state_dict().items()):
         assert ka == kb and (va == vb).all(), ka
     assert "the EMA weights after epoch 2, the last validated one" in (tmp_path / "out" / "tiny.card.md").read_text()
+    # --refresh-card recomputes the validation block with the same weights and keeps the training facts; a config
+    # naming export.command replaces the command the card cites
+    before = card
+    assert main(["--config", str(config), "--no-progress", "--refresh-card", str(tmp_path / "out" / "tiny.pt")]) == 0
+    card = json.loads((tmp_path / "out" / "tiny.card.json").read_text())
+    assert card["training"] == before["training"]
+    assert card["validation"]["sio2-quartz"]["forces_mae_meV_per_A"] == pytest.approx(
+        before["validation"]["sio2-quartz"]["forces_mae_meV_per_A"], rel=1e-5)
+    cited = yaml.safe_load(config.read_text())
+    cited["export"]["command"] = "macefield-train --config tiny.yaml --workdir /tmp/tiny"
+    config.write_text(yaml.safe_dump(cited))
+    assert main(["--config", str(config), "--no-progress", "--refresh-card", str(tmp_path / "out" / "tiny.pt")]) == 0
+    card = json.loads((tmp_path / "out" / "tiny.card.json").read_text())
+    assert card["training"]["command"] == "macefield-train --config tiny.yaml --workdir /tmp/tiny"
+    assert card["training"]["epochs"] == before["training"]["epochs"]
+    assert load_model(tmp_path / "out" / "tiny.pt").metadata["card"] == card
 
 
 @pytest.mark.usefixtures("shared_data")  # trains on (or checks) the DFT labels

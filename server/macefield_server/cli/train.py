@@ -4,7 +4,8 @@
 
 Runs resume automatically from ``<workdir>/state.pt`` when it exists (pass
 ``--restart`` to start over).  ``--export-only`` skips training and exports
-the best checkpoint of the run (with its model card).
+the run's checkpoint (with its model card): ``best.pt`` (lowest validation
+loss), or ``last.pt`` with ``--export-checkpoint last``.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             elif o.patience is not None and trainer.bad_epochs >= o.patience:
                 reason = f"early stopping: no improvement for {o.patience} validations"
             else:
-                reason = f"interrupted after epoch {trainer.epoch}; best checkpoint exported"
+                reason = f"interrupted after epoch {trainer.epoch}; {args.export_checkpoint} checkpoint exported"
             summary = {"epochs": trainer.epoch, "best_epoch": trainer.best_epoch, "elapsed_seconds": trainer.elapsed,
                        "stop_reason": reason}
     else:
@@ -101,11 +102,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log("no validated checkpoint (no validation split?); exporting the current EMA weights")
         model = trainer.ema_model()
         summary["exported_epoch"] = trainer.epoch
+        summary["exported"] = "current"
     else:
         model = load_model(chosen)
         metadata: Dict[str, Any] = dict(getattr(model, "metadata", None) or {})
         summary["exported_epoch"] = metadata.get("epoch")
-    summary["exported"] = args.export_checkpoint
+        summary["exported"] = args.export_checkpoint
     command = cfg.export.command or command_file.read_text().strip()
     target = cfg.export.path and cfg.resolve_path(cfg.export.path, must_exist=False)
     if target:

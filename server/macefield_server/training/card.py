@@ -391,6 +391,8 @@ def extrapolation_markdown(section: Dict) -> List[str]:
 
 def exported_text(training: Dict[str, Any]) -> str:
     """Which weights a card's model are: those of the best validation loss, or the last validated epoch."""
+    if training.get("exported") == "current":
+        return f"exported: the EMA weights at epoch {training.get('exported_epoch')} (no validated checkpoint)"
     if training.get("exported", "best") == "last":
         return (f"exported: the EMA weights after epoch {training.get('exported_epoch')}, the last validated one; "
                 f"the lowest validation loss was at epoch {training['best_epoch']}")
@@ -416,7 +418,8 @@ def refresh_card(path, cfg) -> Dict:
     energies): the card's validation block, per-frame rows and goals are
     recomputed on the config's validation frames, its free text (card_info) is
     taken from the config, and the checkpoint and its ``.card.json``/``.card.md``
-    are rewritten.  Training facts (epochs, times, command) are kept.
+    are rewritten.  Training facts (epochs, times, command) are kept, except that
+    the config's ``export.command``, when set, replaces the command.
     """
     from ..engine.checkpoint import load_model
     from .data import build_graphs, load_all
@@ -435,6 +438,8 @@ def refresh_card(path, cfg) -> Dict:
     info = dict(cfg.export.card_info)
     goals = info.pop("goals", None)
     card.update(info)
+    if cfg.export.command and isinstance(card.get("training"), dict):  # the config names the command to cite
+        card["training"] = dict(card["training"], command=cfg.export.command)
     card.update({"validation": validation, "validation_frames": frames, "goals": check_goals(goals, validation)})
     ordered = {k: card[k] for k in card if k != "validation_frames"}
     ordered["validation_frames"] = frames  # last, as export writes it
