@@ -254,3 +254,20 @@ def test_pair_repulsion_and_short_range_hinge_fine_tuning_and_resume(tmp_path, c
     ma, mb = load_model(a / "run" / "last.pt"), load_model(b / "run" / "last.pt")
     for (ka, va), (kb, vb) in zip(ma.state_dict().items(), mb.state_dict().items()):
         assert ka == kb and (va == vb).all(), ka
+
+    # fine-tuning with a wider max_ell: widened once (same function at the start), resumed as the wider model
+    c = tmp_path / "c"
+    c.mkdir()
+    wide = fine_tune_config(c)
+    cfg = yaml.safe_load(wide.read_text())
+    cfg["model"]["widen_max_ell"] = 2
+    wide.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["--config", str(wide), "--no-progress", "--max-epochs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "raised max_ell 1 -> 2" in err
+    assert main(["--config", str(wide), "--no-progress", "--max-epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "raised max_ell" not in err and "resum" in err.lower()
+    assert load_model(c / "out" / "tiny.pt").arch_config["max_ell"] == 2
+    assert [r["epoch"] for r in metrics(c)] == [1, 2]

@@ -83,7 +83,7 @@ def residual_tolerance(tensors: Iterable[torch.Tensor], scale: float) -> float:
     return (BASIS_ULPS * precision + FIT_ULPS * torch.finfo(torch.float64).eps) * scale
 
 
-def _weight_slots(contraction: Contraction) -> Dict[str, str]:
+def weight_slots(contraction: Contraction) -> Dict[str, str]:
     """Parameter name in the state dict -> name of its ``*_zeroed`` flag buffer."""
     slots = {"weights_max": "weights_max_zeroed"}
     for j in range(len(contraction.weights)):
@@ -91,7 +91,7 @@ def _weight_slots(contraction: Contraction) -> Dict[str, str]:
     return slots
 
 
-def _order_of(contraction: Contraction, name: str) -> int:
+def order_of(contraction: Contraction, name: str) -> int:
     """Correlation order nu whose ``U_matrix_nu`` the weight ``name`` multiplies (mace-torch's Contraction)."""
     correlation = int(contraction.correlation)
     return correlation if name == "weights_max" else correlation - 1 - int(name.split(".")[1])
@@ -165,12 +165,12 @@ def adopt_stored_basis(module: Contraction, state_dict, prefix: str, *_args) -> 
         basis_count[nu] = stored.shape[-1]
         if stored.shape != current.shape:
             module.register_buffer(f"U_matrix_{nu}", current.new_empty(stored.shape))
-    for name, flag in _weight_slots(module).items():
+    for name, flag in weight_slots(module).items():
         stored = state_dict.get(prefix + name)
         current = module.get_parameter(name)
         if stored is None:
             continue
-        nu = _order_of(module, name)
+        nu = order_of(module, name)
         expected = (current.shape[0], basis_count[nu], current.shape[2])
         if tuple(stored.shape) != expected:
             raise CheckpointError(

@@ -87,6 +87,11 @@ class ModelConfig:
     to an ``init_from`` model that has none; as in mace-torch's
     ScaleShiftMACE it is summed with the readouts before the per-head
     scale, so the ZBL energy enters F times ``atomic_inter_scale``.
+    ``widen_max_ell``: with ``init_from``, raise the model's edge
+    spherical-harmonic order to this value before training, keeping the
+    function it computes (:func:`macefield_server.training.widen.widen_max_ell`:
+    same F, forces, dipole, Z*, alpha to round-off; the new tensor-product
+    paths start with zero output weights and learn from the first step).
     """
 
     channels: int = 32
@@ -106,6 +111,7 @@ class ModelConfig:
     init_from: Optional[str] = None
     trust_pickle: bool = False
     pair_repulsion: bool = False
+    widen_max_ell: Optional[int] = None
 
 
 #: the fields of :class:`ModelConfig` that are arguments of :func:`macefield_server.engine.default_architecture`

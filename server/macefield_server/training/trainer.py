@@ -25,15 +25,17 @@ from typing import Any, Dict, List, cast
 import numpy as np
 import torch
 
-from ..engine.architecture import add_pair_repulsion, build_field_mace, default_architecture
+from ..engine.architecture import add_pair_repulsion, build_field_mace, default_architecture, describe_architecture
 from ..engine.extrapolation import attach, statistics_of
 from ..engine.checkpoint import load_model, save_model, upgrade_to_field
+from ..engine.predict import predict
 from ..engine.response import respond
 from .config import ARCHITECTURE_KEYS, QUANTITIES, TrainConfig
 from .data import Sample, average_neighbours, build_graphs, load_all, make_batch
 from .losses import residuals, total_loss
 from .metrics import frame_errors, summarise
 from .short_range import ScanSampler, scan_energies, scan_hinge, validation_scans
+from .widen import widen_max_ell
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -192,6 +194,8 @@ class Trainer:
             model = upgrade_to_field(model).to(self.dtype)
             if m.pair_repulsion and not hasattr(model, "pair_repulsion_fn"):
                 self._add_pair_repulsion(model)
+            if m.widen_max_ell is not None:
+                model = self._widen(model, int(m.widen_max_ell))
             if statistics_of(model) is not None:  # they describe the weights before fine-tuning
                 attach(model, None)
                 log(f"  dropped the extrapolation statistics of {path.name}: "
@@ -215,6 +219,23 @@ class Trainer:
         torch.manual_seed(int(self.cfg.run.seed))
         log(f"new FieldMACE: {len(heads)} heads {heads}, elements {zs}, avg_num_neighbors {avg:.2f}")
         return build_field_mace(arch, dtype=self.dtype).train()
+
+    def _widen(self, model, max_ell: int):
+        """The model with edge harmonics up to ``max_ell``; checked: same F and forces on a training frame."""
+        before = int(describe_architecture(model)["max_ell"])
+        wide = widen_max_ell(model, max_ell, seed=int(self.cfg.run.seed))
+        if wide is model:
+            log(f"  model.widen_max_ell: the model already has max_ell {max_ell}")
+            return model
+        frame = self.train_samples[0].structure
+        old, new = (predict(x.eval(), frame, outputs=("energy", "forces"))[0] for x in (model, wide))
+        d_energy = abs(float(new["energy"]) - float(old["energy"])) / len(frame.numbers)
+        d_forces = float(np.abs(new["forces"] - old["forces"]).max())
+        log(f"  raised max_ell {before} -> {max_ell} (the new paths start silent): on the first training frame "
+            f"F changed by {1e3 * d_energy:.2e} meV/atom, forces by at most {1e3 * d_forces:.2e} meV/A")
+        if d_energy > 1e-4 or d_forces > 1e-3:
+            raise RuntimeError("model.widen_max_ell changed the model's function: the weights were not carried over")
+        return wide
 
     def _add_pair_repulsion(self, model):
         """Add ZBL to a fine-tuned model, moving each head's shift so that its mean training energy stays put."""
@@ -306,8 +327,6 @@ class Trainer:
         }
 
     def _architecture(self):
-        from ..engine.architecture import describe_architecture
-
         return describe_architecture(self.model)
 
     def _load_state(self, state):

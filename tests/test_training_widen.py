@@ -1,0 +1,114 @@
+"""Raising max_ell of a trained model keeps its function exactly, and the new paths can learn."""
+
+from __future__ import annotations
+
+import mace  # noqa: F401  (before e3nn)
+import numpy as np
+import pytest
+import torch
+
+from macefield_client.data.structures import alpha_quartz, perovskite_batio3, sio_molecule
+from macefield_server.engine.architecture import build_field_mace, default_architecture, describe_architecture
+from macefield_server.engine.checkpoint import load_model, save_model
+from macefield_server.engine.predict import predict, prepare_batch
+from macefield_server.engine.response import respond
+from macefield_server.engine.graph import Structure
+from macefield_server.training.widen import widen_max_ell
+from macefield_server.weights import DEFAULT_MODEL
+
+OUTPUTS = ("energy", "forces", "stress", "dipole", "born_charges", "polarizability")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The embedded default model (max_ell 1) in float64, and its widening to max_ell 2."""
+    narrow = load_model(DEFAULT_MODEL, dtype=torch.float64).eval()
+    return narrow, widen_max_ell(narrow, 2, seed=3).eval()
+
+
+def cases():
+    quartz = alpha_quartz(rattle=0.05, seed=2)
+    batio3 = perovskite_batio3()
+    batio3.positions[1] += (0.03, -0.02, 0.08)  # Ti off centre: nonzero forces and dipole
+    return [(quartz, "sio2"), (batio3, "batio3"), (sio_molecule(), "sio2")]
+
+
+def relative(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
+
+
+@pytest.mark.parametrize("field", [(0.0, 0.0, 0.0), (0.05, -0.1, 0.2)])
+def test_the_wider_default_model_computes_the_same_function(shipped, field):
+    narrow, wide = shipped
+    assert describe_architecture(narrow)["max_ell"] == 1 and describe_architecture(wide)["max_ell"] == 2
+    for atoms, head in cases():
+        outputs = OUTPUTS if atoms.pbc.any() else ("energy", "forces", "dipole", "polarizability")
+        a = predict(narrow, atoms, heads=head, electric_fields=np.array(field), outputs=outputs)[0]
+        b = predict(wide, atoms, heads=head, electric_fields=np.array(field), outputs=outputs)[0]
+        for key in outputs:
+            # float64 evaluation; the shipped coupling tensors are float32 numbers, fitted exactly to 1e-9
+            assert relative(a[key], b[key]) < 1e-8, (head, key, relative(a[key], b[key]))
+        assert np.abs(b["forces"]).max() > 1e-3  # a real test: the structures are not at rest
+
+
+def test_the_new_paths_start_silent_and_receive_gradients(shipped):
+    _, wide = shipped
+    atoms, head = cases()[0]
+    # in each interaction, the blocks of the linear layer fed by the new (l = 2) tensor-product paths are zero ...
+    new_slices = {}
+    for i, interaction in enumerate(wide.interactions):
+        tp, linear = interaction.conv_tp, interaction.linear
+        new_blocks = [ins.i_out for ins in tp.instructions
+                      if tp.irreps_in2[ins.i_in2].ir.l == 2 or tp.irreps_out[ins.i_out].ir.l == 2]
+        start = 0
+        for ins in linear.instructions:
+            size = ins.path_shape[0] * ins.path_shape[1]
+            if ins.i_in in new_blocks:
+                new_slices[(i, ins.i_in)] = slice(start, start + size)
+            start += size
+        assert new_blocks
+    # interaction 0: 0e x 2e -> 2e; interaction 1: 0e x 2e -> 2e, 1o x 1o -> 2e, 1o x 2e -> 1o
+    assert len(new_slices) == 4
+    for (i, _), s in new_slices.items():
+        assert float(wide.interactions[i].linear.weight.detach()[s].abs().max()) == 0.0
+    # ... and a force loss pulls on every one of them from the first step (also on the l = 2 messages, which
+    # only the new polynomial terms of the product blocks read)
+    batch = prepare_batch(wide, [Structure.from_atoms(atoms, head=head)])
+    out = respond(wide, batch.tensors, None, frozenset({"energy", "forces"}), keep_graph=True)
+    (out["forces"] ** 2).sum().backward()
+    grads = {key: float(wide.interactions[key[0]].linear.weight.grad[s].abs().max()) for key, s in new_slices.items()}
+    wide.zero_grad()
+    assert min(grads.values()) > 0.0, grads
+
+
+def test_round_trip_and_refusals(shipped, tmp_path):
+    narrow, wide = shipped
+    path = save_model(wide, tmp_path / "wide.pt")
+    again = load_model(path, dtype=torch.float64).eval()
+    atoms, head = cases()[1]
+    a = predict(wide, atoms, heads=head, electric_fields=np.array([0.0, 0.0, 0.1]), outputs=OUTPUTS)[0]
+    b = predict(again, atoms, heads=head, electric_fields=np.array([0.0, 0.0, 0.1]), outputs=OUTPUTS)[0]
+    for key in OUTPUTS:
+        assert np.array_equal(a[key], b[key]), key
+    assert widen_max_ell(wide, 2) is wide
+    with pytest.raises(ValueError, match="below the model's"):
+        widen_max_ell(wide, 1)
+
+
+def test_widening_a_random_model_twice_is_exact():
+    """1 -> 3 in one go equals the original too (a small random model, float64, every weight nonzero)."""
+    arch = default_architecture([8, 14], heads=["a"], channels=8, max_ell=1, correlation=3, radial_MLP=[16],
+                                mlp_channels=4, avg_num_neighbors=10.0)
+    torch.manual_seed(0)
+    narrow = build_field_mace(arch, dtype=torch.float64).eval()
+    with torch.no_grad():
+        for p in narrow.parameters():  # the field coupling starts at zero: give every weight a value
+            p.add_(0.1 * torch.randn_like(p))
+    wide = widen_max_ell(narrow, 3, seed=1).eval()
+    atoms = alpha_quartz(rattle=0.1, seed=4)
+    field = np.array([0.1, 0.0, -0.05])
+    a = predict(narrow, atoms, electric_fields=field, outputs=OUTPUTS)[0]
+    b = predict(wide, atoms, electric_fields=field, outputs=OUTPUTS)[0]
+    assert np.abs(a["dipole"]).max() > 1e-4
+    for key in OUTPUTS:
+        assert relative(a[key], b[key]) < 1e-10, (key, relative(a[key], b[key]))
