@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import mace  # noqa: F401  (before e3nn)
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ from macefield_server.engine.checkpoint import load_model, save_model
 from macefield_server.engine.predict import predict, prepare_batch
 from macefield_server.engine.response import respond
 from macefield_server.engine.graph import Structure
-from macefield_server.training.widen import widen_max_ell
+from macefield_server.training.config import ConfigError, config_from_dict
+from macefield_server.training.widen import stationary_paths, widen_max_ell
 from macefield_server.weights import DEFAULT_MODEL
 
 OUTPUTS = ("energy", "forces", "stress", "dipole", "born_charges", "polarizability")
@@ -52,7 +55,8 @@ def test_the_wider_default_model_computes_the_same_function(shipped, field):
 
 
 def test_the_new_paths_start_silent_and_receive_gradients(shipped):
-    _, wide = shipped
+    narrow, wide = shipped
+    assert stationary_paths(wide, narrow) == (["interactions.0: 2e", "interactions.1: 2e"], [], [])
     atoms, head = cases()[0]
     # in each interaction, the blocks of the linear layer fed by the new (l = 2) tensor-product paths are zero ...
     new_slices = {}
@@ -95,20 +99,66 @@ def test_round_trip_and_refusals(shipped, tmp_path):
         widen_max_ell(wide, 1)
 
 
-def test_widening_a_random_model_twice_is_exact():
-    """1 -> 3 in one go equals the original too (a small random model, float64, every weight nonzero)."""
-    arch = default_architecture([8, 14], heads=["a"], channels=8, max_ell=1, correlation=3, radial_MLP=[16],
-                                mlp_channels=4, avg_num_neighbors=10.0)
+def random_model(max_L: int = 1, correlation: int = 3, dtype=torch.float64):
+    """A small random two-head model with every weight nonzero (the field coupling starts at zero otherwise)."""
+    arch = default_architecture([8, 14], heads=["a", "b"], channels=8, max_L=max_L, max_ell=1,
+                                correlation=correlation, radial_MLP=[16], mlp_channels=4, avg_num_neighbors=10.0)
     torch.manual_seed(0)
-    narrow = build_field_mace(arch, dtype=torch.float64).eval()
+    model = build_field_mace(arch, dtype=dtype).eval()
     with torch.no_grad():
-        for p in narrow.parameters():  # the field coupling starts at zero: give every weight a value
+        for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    wide = widen_max_ell(narrow, 3, seed=1).eval()
+    return model
+
+
+@pytest.mark.parametrize("max_L, correlation, max_ell, late, never", [
+    (1, 3, 3, ["interactions.1: 3o"], []),  # the last block reads 3o only with 2e (3o x 2e x 1o -> 0e)
+    (2, 2, 2, [], ["interactions.1: 2e"]),  # the last block, quadratic and scalar: 2e x 2e only
+    (2, 3, 2, [], []),
+])
+def test_widening_random_models_is_exact(max_L, correlation, max_ell, late, never):
+    """Other hidden irreps, correlation orders and a jump by two (1 -> 3); both heads, at a finite field."""
+    narrow = random_model(max_L, correlation)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wide = widen_max_ell(narrow, max_ell, seed=1)
+    _, late_found, never_found = stationary_paths(wide, narrow)
+    assert (late_found, never_found) == (late, never)
+    messages = " ".join(str(w.message) for w in caught)
+    assert all(name in messages for name in late + never)
     atoms = alpha_quartz(rattle=0.1, seed=4)
     field = np.array([0.1, 0.0, -0.05])
-    a = predict(narrow, atoms, electric_fields=field, outputs=OUTPUTS)[0]
-    b = predict(wide, atoms, electric_fields=field, outputs=OUTPUTS)[0]
-    assert np.abs(a["dipole"]).max() > 1e-4
-    for key in OUTPUTS:
-        assert relative(a[key], b[key]) < 1e-10, (key, relative(a[key], b[key]))
+    for head in ("a", "b"):
+        a = predict(narrow, atoms, heads=head, electric_fields=field, outputs=OUTPUTS)[0]
+        b = predict(wide, atoms, heads=head, electric_fields=field, outputs=OUTPUTS)[0]
+        assert np.abs(a["dipole"]).max() > 1e-4
+        for key in OUTPUTS:
+            assert relative(a[key], b[key]) < 1e-10, (key, relative(a[key], b[key]))
+
+
+def test_float32_models_keep_their_function_to_float32_round_off():
+    narrow = load_model(DEFAULT_MODEL, dtype=torch.float32).eval()
+    wide = widen_max_ell(narrow, 2, seed=3)
+    assert next(wide.parameters()).dtype == torch.float32
+    for atoms, head in cases()[:2]:
+        a = predict(narrow, atoms, heads=head, electric_fields=np.array([0.0, 0.05, 0.1]), outputs=OUTPUTS)[0]
+        b = predict(wide, atoms, heads=head, electric_fields=np.array([0.0, 0.05, 0.1]), outputs=OUTPUTS)[0]
+        for key in OUTPUTS:
+            assert relative(a[key], b[key]) < 5e-6, (head, key, relative(a[key], b[key]))
+
+
+def test_widening_that_could_never_learn_is_refused():
+    """Invariant hidden features and correlation 2: no term of a product block is linear in an l = 2 message."""
+    with pytest.raises(ValueError, match="never receive a gradient"):
+        widen_max_ell(random_model(max_L=0, correlation=2), 2)
+
+
+def test_the_config_asks_for_a_model_to_widen():
+    data = {"model": {"widen_max_ell": 2}, "datasets": [{"name": "d", "path": "d.xyz", "head": "h"}]}
+    with pytest.raises(ConfigError, match="widen_max_ell: needs model.init_from"):
+        config_from_dict(data)
+    data["model"].update(init_from="model.pt", widen_max_ell=-1)
+    with pytest.raises(ConfigError, match="widen_max_ell"):
+        config_from_dict(data)
+    data["model"]["widen_max_ell"] = 2
+    assert config_from_dict(data).model.widen_max_ell == 2

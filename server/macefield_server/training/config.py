@@ -90,8 +90,9 @@ class ModelConfig:
     ``widen_max_ell``: with ``init_from``, raise the model's edge
     spherical-harmonic order to this value before training, keeping the
     function it computes (:func:`macefield_server.training.widen.widen_max_ell`:
-    same F, forces, dipole, Z*, alpha to round-off; the new tensor-product
-    paths start with zero output weights and learn from the first step).
+    the same F, forces, dipole, Z* and alpha to the precision of its coupling
+    tensors; the new tensor-product paths start with zero output weights and,
+    where a product block reads them linearly, learn from the first step).
     """
 
     channels: int = 32
@@ -320,6 +321,9 @@ def config_from_dict(data: Dict[str, Any], source_dir: Optional[str] = None) -> 
         raise ConfigError(f"optim.response_every: expected an integer >= 1, got {cfg.optim.response_every!r}")
     if cfg.model.e0s not in ("least_squares", "zero", "keep"):
         raise ConfigError(f"model.e0s: expected least_squares, zero or keep, got {cfg.model.e0s!r}")
+    if cfg.model.widen_max_ell is not None and (not cfg.model.init_from or int(cfg.model.widen_max_ell) < 0):
+        raise ConfigError("model.widen_max_ell: needs model.init_from (the model to widen) and a value >= 0, got "
+                          f"{cfg.model.widen_max_ell!r}; a model trained from scratch takes model.max_ell")
     if cfg.model.scale_shift not in ("rms_forces", "none"):
         raise ConfigError(f"model.scale_shift: expected rms_forces or none, got {cfg.model.scale_shift!r}")
     sr = cfg.loss.short_range
