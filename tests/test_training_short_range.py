@@ -158,6 +158,26 @@ def test_sampler_is_deterministic_and_scans_from_the_real_distance_down_to_min_d
     assert [p for _, p in only.choices] == [("Si", "O")]
 
 
+def test_sampler_with_fine_step_draws_pairs_of_points_that_far_apart():
+    """fine_step: every leading point has a partner fine_step closer, the last pair ends at min_distance."""
+    frames = [quartz(seed=k) for k in range(3)]
+    cfg = ShortRangeScanConfig(weight=1.0, scans_per_step=4, points=8, min_distance=0.6, fine_step=0.05, seed=2)
+    sampler = ScanSampler(cfg, frames)
+    for step in range(5):
+        for scan in sampler.scans(step):
+            d = scan.distances
+            assert len(d) == cfg.points + 1 and d[0] == pytest.approx(scan.start)
+            assert np.all(np.diff(d) <= 0) and d[-1] == pytest.approx(0.6)
+            assert np.all(d[1:] <= sampler.shortest[(scan.source.head, scan.pair)] + 1e-12)
+            grid = d[1:]
+            # each point is fine_step from some other point: the pairs
+            gaps = np.abs(grid[:, None] - grid[None, :]) + np.eye(len(grid))
+            assert np.all(np.isclose(gaps, 0.05, atol=1e-12).any(axis=1))
+    # a coarse sampler (fine_step 0) with the same seed draws different distances
+    coarse = ScanSampler(ShortRangeScanConfig(weight=1.0, scans_per_step=4, points=8, seed=2), frames).scans(0)
+    assert any(not np.allclose(a.distances, b.distances) for a, b in zip(coarse, sampler.scans(0)))
+
+
 def test_short_range_config_keys_are_checked():
     base = {"datasets": [{"name": "a", "path": "x.xyz", "head": "h"}]}
     cfg = config_from_dict({**base, "model": {"pair_repulsion": True},
@@ -170,6 +190,11 @@ def test_short_range_config_keys_are_checked():
         config_from_dict({**base, "loss": {"short_range": {"pairs": ["SiO"]}}})
     with pytest.raises(ConfigError, match="min_distance"):
         config_from_dict({**base, "loss": {"short_range": {"min_distance": 0.0}}})
+    with pytest.raises(ConfigError, match="fine_step.*points must be even"):
+        config_from_dict({**base, "loss": {"short_range": {"fine_step": 0.05, "points": 5}}})
+    with pytest.raises(ConfigError, match="fine_step"):
+        config_from_dict({**base, "loss": {"short_range": {"fine_step": -0.05}}})
+    assert config_from_dict({**base, "loss": {"short_range": {"fine_step": 0.05}}}).loss.short_range.fine_step == 0.05
 
 
 # ------------------------------------------------------------------------------------------------ ZBL

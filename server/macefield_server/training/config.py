@@ -333,6 +333,9 @@ def config_from_dict(data: Dict[str, Any], source_dir: Optional[str] = None) -> 
         raise ConfigError("loss.short_range: points and scans_per_step must be >= 1")
     if not 0.0 < sr.min_distance or not 0.0 < sr.valid_step:
         raise ConfigError("loss.short_range: min_distance and valid_step must be > 0 (A)")
+    if sr.fine_step < 0 or (sr.fine_step > 0 and int(sr.points) % 2):
+        raise ConfigError("loss.short_range.fine_step: must be >= 0 (A), and with fine_step > 0 points must be even "
+                          f"(pairs of points), got fine_step {sr.fine_step}, points {sr.points}")
     for k, name in enumerate(sr.pairs or []):
         try:
             parse_pair(name)

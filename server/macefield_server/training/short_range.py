@@ -181,7 +181,12 @@ class ShortRangeScanConfig:
     spread evenly (with random jitter) from the training data's shortest
     distance of that pair type down to ``min_distance`` (A).  The loss term
     is :func:`scan_hinge` with ``margin`` (eV per A of approach) in eV,
-    times ``weight`` (per eV; 0 disables the term).  The scans follow from
+    times ``weight`` (per eV; 0 disables the term).  With ``fine_step`` > 0
+    (A) the ``points`` (then even) come in pairs ``fine_step`` apart: the
+    pairs' leading points spread (with jitter) from the shortest distance
+    down to ``min_distance + fine_step``, so that besides the rise across the
+    whole range the hinge sees the local slope at random places, where a
+    coarse grid steps over a dip a few tenths of an A wide.  The scans follow from
     ``seed`` and the step number alone, so a resumed run draws the same ones.
     Validation adds ``weight`` times the hinge of fixed scans (the closest
     pair of each type in the first validation frame of each dataset, every
@@ -194,6 +199,7 @@ class ShortRangeScanConfig:
     points: int = 6
     min_distance: float = 0.6
     margin: float = 1.0
+    fine_step: float = 0.0
     pairs: Optional[List[str]] = None
     seed: int = 0
     valid_step: float = 0.1
@@ -234,12 +240,16 @@ class ScanSampler:
             anchor = int(rng.choice(np.unique(i)))
             mine = np.flatnonzero(i == anchor)
             k = int(mine[np.argmin(d[mine])])
-            top, n = self.shortest[(head, pair)], int(self.cfg.points)
-            grid = np.linspace(top, self.cfg.min_distance, n)
-            spacing = (top - self.cfg.min_distance) / max(n - 1, 1)
-            jitter = rng.uniform(-0.4, 0.4, n) * spacing
+            top, n, fine = self.shortest[(head, pair)], int(self.cfg.points), float(self.cfg.fine_step)
+            lowest = self.cfg.min_distance + fine
+            n_lead = n // 2 if fine > 0 else n
+            grid = np.linspace(top, lowest, n_lead)
+            spacing = (top - lowest) / max(n_lead - 1, 1)
+            jitter = rng.uniform(-0.4, 0.4, n_lead) * spacing
             jitter[-1] = 0.0
-            grid = np.clip(grid + jitter, self.cfg.min_distance, min(top, float(d[k])))
+            grid = np.clip(grid + jitter, lowest, max(min(top, float(d[k])), lowest))
+            if fine > 0:
+                grid = np.concatenate([grid, grid - fine])
             distances = np.concatenate([[d[k]], np.sort(grid)[::-1]])
             out.append(Scan(frame, pair, anchor, int(j[k]), s[k].astype(float), float(d[k]), distances))
         return out
