@@ -28,6 +28,7 @@ import torch
 from ..engine.architecture import add_pair_repulsion, build_field_mace, default_architecture, describe_architecture
 from ..engine.extrapolation import attach, statistics_of
 from ..engine.checkpoint import load_model, save_model, upgrade_to_field
+from ..engine.field_mace import FieldMACE
 from ..engine.predict import predict
 from ..engine.response import respond
 from .config import ARCHITECTURE_KEYS, QUANTITIES, TrainConfig
@@ -35,7 +36,6 @@ from .data import Sample, average_neighbours, build_graphs, load_all, make_batch
 from .losses import residuals, total_loss
 from .metrics import frame_errors, summarise
 from .short_range import ScanSampler, scan_energies, scan_hinge, validation_scans
-from ..engine.field_mace import FieldMACE
 from .widen import widen_max_ell
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}

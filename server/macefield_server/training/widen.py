@@ -123,18 +123,23 @@ def _widen_interaction(old: Any, new: Any) -> List[str]:
     return [f"conv_tp_weights.{last}.weight", "linear.weight"]
 
 
+def _component_ranges(irreps: o3.Irreps) -> List[Tuple[o3.Irrep, range]]:
+    """(irrep, positions of its components) for each entry of ``irreps``, within one channel."""
+    out, start = [], 0
+    for mul, ir in irreps:
+        out.append((ir, range(start, start + mul * ir.dim)))
+        start += mul * ir.dim
+    return out
+
+
 def _feature_index(old_irreps: o3.Irreps, new_irreps: o3.Irreps) -> torch.Tensor:
     """Positions, within one channel of the wider message, of the components of the narrower one."""
-    offsets = {}
-    start = 0
-    for mul, ir in new_irreps:
-        offsets[ir] = start
-        start += mul * ir.dim
+    ranges = dict(_component_ranges(new_irreps))
     index: List[int] = []
     for mul, ir in old_irreps:
-        if ir not in offsets:
+        if ir not in ranges:
             raise ValueError(f"irrep {ir} of the narrower message is not in the wider one {new_irreps}")
-        index.extend(range(offsets[ir], offsets[ir] + mul * ir.dim))
+        index.extend(range(ranges[ir].start, ranges[ir].start + mul * ir.dim))
     return torch.as_tensor(index)
 
 
@@ -185,11 +190,7 @@ def _widen_contraction(old: Contraction, new: Contraction, index: torch.Tensor, 
 
 def _linear_terms(contraction: Contraction, coupling: o3.Irreps, ir: o3.Irrep, old: Set[o3.Irrep]) -> float:
     """Largest weighted coefficient of the contraction's terms linear in the ``ir`` components, ``old`` otherwise."""
-    dims = []
-    start = 0
-    for _, irrep in coupling:
-        dims.append((irrep, range(start, start + irrep.dim)))
-        start += irrep.dim
+    dims = _component_ranges(coupling)
     new = torch.as_tensor([i for irrep, r in dims if irrep == ir for i in r], dtype=torch.long)
     others = torch.as_tensor([i for irrep, r in dims if irrep in old for i in r], dtype=torch.long)
     largest = 0.0
@@ -222,15 +223,15 @@ def stationary_paths(wide: Any, narrow: Any) -> Tuple[List[str], List[str], List
         coupling = o3.Irreps(contractions[0].coupling_irreps)
         old = {ir for _, ir in old_interaction.target_irreps}
         new = sorted({ir for _, ir in coupling} - old, key=lambda ir: (ir.l, ir.p))
-        live = set(old)
-        first = {ir for ir in new if max(_linear_terms(c, coupling, ir, old) for c in contractions) > 0.0}
-        grown = True
-        while grown:  # irreps coupled linearly to irreps that learn learn too, later
-            grown = False
-            for ir in new:
-                if ir not in live and max(_linear_terms(c, coupling, ir, live) for c in contractions) > 0.0:
-                    live.add(ir)
-                    grown = True
+        # in rounds: the first round's irreps learn at once, the later rounds' once those they couple with grew
+        live, first = set(old), None
+        while True:
+            grown = {ir for ir in new
+                     if ir not in live and max(_linear_terms(c, coupling, ir, live) for c in contractions) > 0.0}
+            first = grown if first is None else first
+            if not grown:
+                break
+            live |= grown
         for ir in new:
             name = f"interactions.{i}: {ir}"
             new_all.append(name)
