@@ -22,11 +22,17 @@ from macefield_server.weights import DEFAULT_MODEL
 OUTPUTS = ("energy", "forces", "stress", "dipole", "born_charges", "polarizability")
 
 
+def parity(degree: int) -> str:
+    """The parity letter of the edge spherical harmonics of degree ``degree``."""
+    return "e" if degree % 2 == 0 else "o"
+
+
 @pytest.fixture(scope="module")
 def shipped():
-    """The embedded default model (max_ell 1) in float64, and its widening to max_ell 2."""
+    """The embedded default model in float64, its max_ell, and its widening by one degree."""
     narrow = load_model(DEFAULT_MODEL, dtype=torch.float64).eval()
-    return narrow, widen_max_ell(narrow, 2, seed=3).eval()
+    ell = int(describe_architecture(narrow)["max_ell"])
+    return narrow, widen_max_ell(narrow, ell + 1, seed=3).eval(), ell
 
 
 def cases():
@@ -42,8 +48,8 @@ def relative(a, b):
 
 @pytest.mark.parametrize("field", [(0.0, 0.0, 0.0), (0.05, -0.1, 0.2)])
 def test_the_wider_default_model_computes_the_same_function(shipped, field):
-    narrow, wide = shipped
-    assert describe_architecture(narrow)["max_ell"] == 1 and describe_architecture(wide)["max_ell"] == 2
+    narrow, wide, ell = shipped
+    assert describe_architecture(wide)["max_ell"] == ell + 1
     for atoms, head in cases():
         outputs = OUTPUTS if atoms.pbc.any() else ("energy", "forces", "dipole", "polarizability")
         a = predict(narrow, atoms, heads=head, electric_fields=np.array(field), outputs=outputs)[0]
@@ -55,15 +61,17 @@ def test_the_wider_default_model_computes_the_same_function(shipped, field):
 
 
 def test_the_new_paths_start_silent_and_receive_gradients(shipped):
-    narrow, wide = shipped
-    assert stationary_paths(wide, narrow) == (["interactions.0: 2e", "interactions.1: 2e"], [], [])
+    narrow, wide, ell = shipped
+    new = f"{ell + 1}{parity(ell + 1)}"
+    assert stationary_paths(wide, narrow) == ([f"interactions.0: {new}", f"interactions.1: {new}"], [], [])
     atoms, head = cases()[0]
-    # in each interaction, the blocks of the linear layer fed by the new (l = 2) tensor-product paths are zero ...
+    # in each interaction, the blocks of the linear layer fed by the new (l = ell + 1) tensor-product paths are
+    # zero ...
     new_slices = {}
     for i, interaction in enumerate(wide.interactions):
         tp, linear = interaction.conv_tp, interaction.linear
         new_blocks = [ins.i_out for ins in tp.instructions
-                      if tp.irreps_in2[ins.i_in2].ir.l == 2 or tp.irreps_out[ins.i_out].ir.l == 2]
+                      if tp.irreps_in2[ins.i_in2].ir.l == ell + 1 or tp.irreps_out[ins.i_out].ir.l == ell + 1]
         start = 0
         for ins in linear.instructions:
             size = ins.path_shape[0] * ins.path_shape[1]
@@ -71,11 +79,11 @@ def test_the_new_paths_start_silent_and_receive_gradients(shipped):
                 new_slices[(i, ins.i_in)] = slice(start, start + size)
             start += size
         assert new_blocks
-    # interaction 0: 0e x 2e -> 2e; interaction 1: 0e x 2e -> 2e, 1o x 1o -> 2e, 1o x 2e -> 1o
-    assert len(new_slices) == 4
+    # from max_ell 1 to 2: interaction 0: 0e x 2e -> 2e; interaction 1: 0e x 2e -> 2e, 1o x 1o -> 2e, 1o x 2e -> 1o
+    assert {i for i, _ in new_slices} == {0, 1}
     for (i, _), s in new_slices.items():
         assert float(wide.interactions[i].linear.weight.detach()[s].abs().max()) == 0.0
-    # ... and a force loss pulls on every one of them from the first step (also on the l = 2 messages, which
+    # ... and a force loss pulls on every one of them from the first step (also on the new messages, which
     # only the new polynomial terms of the product blocks read)
     batch = prepare_batch(wide, [Structure.from_atoms(atoms, head=head)])
     out = respond(wide, batch.tensors, None, frozenset({"energy", "forces"}), keep_graph=True)
@@ -86,7 +94,7 @@ def test_the_new_paths_start_silent_and_receive_gradients(shipped):
 
 
 def test_round_trip_and_refusals(shipped, tmp_path):
-    narrow, wide = shipped
+    narrow, wide, ell = shipped
     path = save_model(wide, tmp_path / "wide.pt")
     again = load_model(path, dtype=torch.float64).eval()
     atoms, head = cases()[1]
@@ -94,9 +102,9 @@ def test_round_trip_and_refusals(shipped, tmp_path):
     b = predict(again, atoms, heads=head, electric_fields=np.array([0.0, 0.0, 0.1]), outputs=OUTPUTS)[0]
     for key in OUTPUTS:
         assert np.array_equal(a[key], b[key]), key
-    assert widen_max_ell(wide, 2) is wide
+    assert widen_max_ell(wide, ell + 1) is wide
     with pytest.raises(ValueError, match="below the model's"):
-        widen_max_ell(wide, 1)
+        widen_max_ell(wide, ell)
 
 
 def random_model(max_L: int = 1, correlation: int = 3, dtype=torch.float64):
@@ -138,7 +146,7 @@ def test_widening_random_models_is_exact(max_L, correlation, max_ell, late, neve
 
 def test_float32_models_keep_their_function_to_float32_round_off():
     narrow = load_model(DEFAULT_MODEL, dtype=torch.float32).eval()
-    wide = widen_max_ell(narrow, 2, seed=3)
+    wide = widen_max_ell(narrow, int(describe_architecture(narrow)["max_ell"]) + 1, seed=3)
     assert next(wide.parameters()).dtype == torch.float32
     for atoms, head in cases()[:2]:
         a = predict(narrow, atoms, heads=head, electric_fields=np.array([0.0, 0.05, 0.1]), outputs=OUTPUTS)[0]
