@@ -37,7 +37,10 @@ For a periodic structure of N atoms (the cell as given: its 3N Gamma-point modes
 Degenerate modes (an E pair) have eigenvectors defined only up to a rotation within their space; each mode
 of a degenerate set is given the set's mean intensity (IR) and activity (Raman), which are independent of
 that choice (and of the crystal's orientation): both are quadratic forms in the eigenvector, whose trace
-over the set is basis-free.
+over the set is basis-free.  A degenerate set is a run of frequencies closer than ``DEGENERACY_CM1`` that
+share their symmetry label: modes of different irreducible representations that happen to lie close (an
+A1 and an A2 a few tenths of a cm^-1 apart) stay apart, since symmetry keeps their eigenvectors apart and
+their intensities differ (an A1 mode of D3 is IR-silent however close an A2 mode lies).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ RAMAN_METHODS = ("symmetry", "modes")
 RAMAN_UNIT = ("A^4/amu (45 a^2 + 7 gamma^2 of d alpha/d Q, alpha in A^3, Q the mass-weighted normal "
               "coordinate in amu^1/2 A; mean over each degenerate set)")
 
-#: frequencies closer than this (cm^-1) form one degenerate set
+#: frequencies closer than this (cm^-1) and with the same symmetry label form one degenerate set
 DEGENERACY_CM1 = 0.5
 
 
@@ -88,7 +91,7 @@ class HarmonicResult:
         largest, strongest first: frequency (cm^-1), label, degeneracy, the sum under ``key``."""
         rows = []
         top = float(values.max()) or 1.0
-        for g in degenerate_sets(self.frequencies_cm1):
+        for g in degenerate_sets(self.frequencies_cm1, labels=self.labels):
             if self.acoustic[g].any():
                 continue
             total = float(values[g].sum())
@@ -143,16 +146,26 @@ class HarmonicResult:
         return json_ready(out)
 
 
-def degenerate_sets(frequencies: np.ndarray, tol: float = DEGENERACY_CM1) -> list[np.ndarray]:
-    """Indices of ``frequencies`` (ascending) grouped into runs closer than ``tol`` to their neighbour."""
-    groups, current = [], [0]
+def degenerate_sets(frequencies: np.ndarray, tol: float = DEGENERACY_CM1,
+                    labels: list[str] | None = None) -> list[np.ndarray]:
+    """Indices of ``frequencies`` (ascending, cm^-1) grouped into runs closer than ``tol`` to their neighbour,
+    each run split by ``labels`` (the modes' symmetry labels; "" for an unlabelled mode) where given."""
+    runs, current = [], [0]
     for i in range(1, len(frequencies)):
         if abs(frequencies[i] - frequencies[i - 1]) < tol:
             current.append(i)
         else:
-            groups.append(np.array(current))
+            runs.append(current)
             current = [i]
-    groups.append(np.array(current))
+    runs.append(current)
+    if labels is None:
+        return [np.array(r) for r in runs]
+    groups: list[np.ndarray] = []
+    for run in runs:
+        by_label: dict[str, list[int]] = {}
+        for i in run:
+            by_label.setdefault(labels[i], []).append(i)
+        groups.extend(np.array(v) for v in by_label.values())
     return groups
 
 
@@ -285,8 +298,6 @@ def harmonic(client, structure, *, head: str | None = None, model: str | None = 
     zstar = np.asarray(ref.born_charges, dtype=float)
     mode_charges = np.einsum("kij,mkj->mi", zstar, eig / np.sqrt(masses)[None, :, None])
     intens = np.sum(mode_charges ** 2, axis=1)
-    for g in degenerate_sets(freqs):
-        intens[g] = intens[g].mean()
     eps_inf = np.asarray(ref.eps_inf, dtype=float)
     optical = ~acoustic & (omega2 > 0)
     ionic = np.einsum("mi,mj,m->ij", mode_charges[optical], mode_charges[optical], 1.0 / omega2[optical])
@@ -302,6 +313,9 @@ def harmonic(client, structure, *, head: str | None = None, model: str | None = 
         labels, point_group = _labels(ph, atoms, fc, acoustic, trans)
     else:
         labels, point_group = [""] * (3 * n), ""
+    sets = degenerate_sets(freqs, labels=labels)
+    for g in sets:
+        intens[g] = intens[g].mean()
     try:
         dataset: Any = ph.symmetry.dataset
         space_group = f"{dataset.international} ({int(dataset.number)})"
@@ -324,7 +338,7 @@ def harmonic(client, structure, *, head: str | None = None, model: str | None = 
             info["raman_displaced_structures"] = 2 * len(shifts)
         result.raman_tensors = tensors
         result.raman_activities = raman_activity(tensors)
-        for g in degenerate_sets(freqs):
+        for g in sets:
             result.raman_activities[g] = result.raman_activities[g].mean()
         info["raman_step_A"] = raman_step
         info["raman_method"] = raman_method
