@@ -249,6 +249,9 @@ def test_pair_repulsion_and_short_range_hinge_fine_tuning_and_resume(tmp_path, c
         assert {"sio2-quartz:Si-O", "sio2-quartz:O-O", "batio3:Ti-O", "batio3:Ba-Ti"} <= names
         assert all(abs(v) < 1e6 for v in scans["min_energy_rel_start_eV"].values())  # finite numbers, eV
         assert scans["hinge"] >= 0.0
+        # steps where F does not rise, per scan: a scan that ends up below its start fell somewhere
+        assert set(scans["falls"]) == names and all(isinstance(n, int) and n >= 0 for n in scans["falls"].values())
+        assert all(scans["falls"][k] > 0 for k, v in scans["min_energy_rel_start_eV"].items() if v < 0)
     # one epoch, then a resumed second: the same scans are drawn, the same weights result
     assert main(["--config", str(fine_tune_config(b)), "--no-progress", "--max-epochs", "1"]) == 0
     assert main(["--config", str(fine_tune_config(b)), "--no-progress", "--max-epochs", "2"]) == 0

@@ -496,14 +496,16 @@ class Trainer:
         return result
 
     def validate_scans(self, model) -> Dict:
-        """Hinge (eV) of the fixed validation scans and the lowest F along each relative to its start (eV)."""
-        hinges, lowest = [], {}
+        """Hinge (eV) of the fixed validation scans, the lowest F along each relative to its start (eV), and the
+        number of steps along each where F does not rise (0: it rises monotonically)."""
+        hinges, lowest, falls = [], {}, {}
         for name, scan in self.valid_scans.items():
             energies = scan_energies(model, scan.structures()).detach()
             hinges.append(float(scan_hinge(energies, torch.as_tensor(scan.distances),
                                            float(self.cfg.loss.short_range.margin))))
             lowest[name] = float((energies - energies[0]).min())
-        return {"hinge": float(np.mean(hinges)), "min_energy_rel_start_eV": lowest}
+            falls[name] = int((torch.diff(energies) <= 0).sum())
+        return {"hinge": float(np.mean(hinges)), "min_energy_rel_start_eV": lowest, "falls": falls}
 
     # -- main loop
     def fit(self) -> Dict:
@@ -585,7 +587,10 @@ class Trainer:
                         bits.append(fmt.format(d[key]))
                 parts.append(f"{name}[{' '.join(bits)}]")
             if "short_range" in rec["valid"]:
-                worst = min(rec["valid"]["short_range"]["min_energy_rel_start_eV"].values())
-                parts.append(f"scan hinge {rec['valid']['short_range']['hinge']:.3g} eV, deepest {worst:.3g} eV")
+                scans = rec["valid"]["short_range"]
+                worst = min(scans["min_energy_rel_start_eV"].values())
+                falling = sum(1 for n in scans.get("falls", {}).values() if n)
+                parts.append(f"scan hinge {scans['hinge']:.3g} eV, deepest {worst:.3g} eV, "
+                             f"{falling} of {len(scans['min_energy_rel_start_eV'])} scans fall somewhere")
         parts.append(f"{rec['train_seconds']:.0f}s")
         return " | ".join(parts)
