@@ -393,6 +393,17 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+#: the stop signal received, if any: the handler's exception can land inside a library callback that logs and
+#: swallows every exception (an asyncio callback, a finaliser), so the suite also checks this between steps
+_STOPPED: list = []
+
+
+def check_stop() -> None:
+    """Raise :class:`Terminated` if a stop signal arrived (and its first raise was swallowed)."""
+    if _STOPPED:
+        raise Terminated(_STOPPED[0])
+
+
 def stop_on_signals(on_stop: Callable[[str], None]) -> None:
     """Install handlers for :data:`STOP_SIGNALS`: ``on_stop(signal name)``, then :class:`Terminated`.
 
@@ -403,6 +414,7 @@ def stop_on_signals(on_stop: Callable[[str], None]) -> None:
     def handler(signum: int, frame) -> None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        _STOPPED.append(signum)
         on_stop(signal.Signals(signum).name)
         raise Terminated(signum)
 
@@ -721,12 +733,15 @@ def served(cache, servers, device, args, record, deadline):
         out["results"][str(clients)] = row
         save(record)  # a killed suite keeps the levels measured
         print(json.dumps({"clients": clients, **{k: v["throughput_sps"] for k, v in row.items()}}), flush=True)
+        check_stop()
+    check_stop()
     try:
         out["ensemble"] = ensemble_steps(servers["batching"].port, atoms, args, record, deadline)
     except Exception as exc:  # noqa: BLE001 - the rest of the section stands
         out["ensemble"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         record["notes"].append(f"server: ensemble failed: {out['ensemble']['error']}")
     save(record)
+    check_stop()
     md = md_step(direct_model, atoms, device, args, servers["batching"].port)
     return out, md
 
@@ -1118,6 +1133,7 @@ def run_sections(record, cache, device, args, budget: Budget, workdir: Path, out
             record["running"] = "between sections"
             save(record)
             print(f"{name}: {record['sections'][name]['seconds']} s", flush=True)
+            check_stop()
         stop_timeout_s = 60.0
     finally:
         if servers:
@@ -1173,6 +1189,7 @@ def main(argv=None) -> int:
         save(record)
         with tempfile.TemporaryDirectory() as tmp:
             run_sections(record, cache, device, args, budget, Path(tmp), out_dir, stem)
+        check_stop()
         del record["running"]
     except Terminated as stop:
         if "environment" not in record:  # stopped during the preflight imports

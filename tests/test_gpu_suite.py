@@ -196,6 +196,37 @@ def test_sigterm_during_the_server_section_writes_what_was_measured(tmp_path):
     assert f"stopped by SIGTERM: what was measured is in {path}" in stdout
 
 
+def test_a_stop_signal_swallowed_by_a_library_callback_still_stops_the_suite():
+    """asyncio logs and drops any exception (Terminated included) raised in a plain callback: a SIGTERM that lands
+    there must still stop the suite at its next check (the race that let a stopped suite run on and exit 0)."""
+    import asyncio
+    import logging
+
+    previous = {sig: signal.getsignal(sig) for sig in gpu_suite.STOP_SIGNALS}
+    heard = []
+    logging.getLogger("asyncio").disabled = True
+    try:
+        gpu_suite.stop_on_signals(heard.append)
+
+        async def signal_inside_a_callback():
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            loop.call_soon(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.05)))
+            loop.call_later(0.2, done.set_result, None)
+            await done
+
+        asyncio.run(signal_inside_a_callback())  # returns normally: the raise in the callback was swallowed
+        assert heard == ["SIGTERM"]
+        with pytest.raises(gpu_suite.Terminated) as stop:
+            gpu_suite.check_stop()
+        assert stop.value.signum == signal.SIGTERM
+    finally:
+        logging.getLogger("asyncio").disabled = False
+        gpu_suite._STOPPED.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def test_gpu_suite_smoke(tmp_path):
     done = subprocess.run([sys.executable, str(SUITE), "--smoke", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=900, env=suite_env())
