@@ -395,7 +395,7 @@ class Terminated(BaseException):
 
 #: the stop signal received, if any: the handler's exception can land inside a library callback that logs and
 #: swallows every exception (an asyncio callback, a finaliser), so the suite also checks this between steps
-_STOPPED: list = []
+_STOPPED: list[int] = []
 
 
 def check_stop() -> None:
@@ -734,7 +734,6 @@ def served(cache, servers, device, args, record, deadline):
         save(record)  # a killed suite keeps the levels measured
         print(json.dumps({"clients": clients, **{k: v["throughput_sps"] for k, v in row.items()}}), flush=True)
         check_stop()
-    check_stop()
     try:
         out["ensemble"] = ensemble_steps(servers["batching"].port, atoms, args, record, deadline)
     except Exception as exc:  # noqa: BLE001 - the rest of the section stands

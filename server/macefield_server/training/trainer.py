@@ -589,8 +589,8 @@ class Trainer:
             if "short_range" in rec["valid"]:
                 scans = rec["valid"]["short_range"]
                 worst = min(scans["min_energy_rel_start_eV"].values())
-                falling = sum(1 for n in scans.get("falls", {}).values() if n)
+                falling = sum(1 for n in scans["falls"].values() if n)
                 parts.append(f"scan hinge {scans['hinge']:.3g} eV, deepest {worst:.3g} eV, "
-                             f"{falling} of {len(scans['min_energy_rel_start_eV'])} scans fall somewhere")
+                             f"{falling} of {len(scans['falls'])} scans fall somewhere")
         parts.append(f"{rec['train_seconds']:.0f}s")
         return " | ".join(parts)
