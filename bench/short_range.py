@@ -9,7 +9,9 @@ from the shortest distance of that pair type in the whole file down to
 and F is evaluated in float64.  Reported per scan: the start distance, the
 lowest F along the scan relative to F at the start (eV; 0 when F only rises)
 and where it is, the largest drop between neighbouring points and where it
-ends, every distance at which F falls, whether F rises monotonically, and the
+ends, every distance at which F falls, the steps over which the universal ZBL
+repulsion of the moved atom itself falls (it passes a third atom: F may fall
+there) and the falls elsewhere, whether F rises monotonically, and the
 profile: distances, F relative to the start, and the moved atom's distance
 to the nearest atom other than its anchor (a scan that passes near a third
 atom probes that pair too).
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 from macefield_server.engine.checkpoint import load_model
-from macefield_server.training.short_range import DEFAULT_PAIRS, validation_frame_scans
+from macefield_server.training.short_range import DEFAULT_PAIRS, unphysical_falls, validation_frame_scans
 from macefield_server.training.data import read_frames
 from macefield_server.engine.graph import Structure, pairs
 
@@ -68,8 +70,13 @@ def head_scans(model, head: str, path: Path, step: float = 0.05, stop: float = 0
             "largest_drop_eV": float(max(0.0, drops[worst])),
             "largest_drop_at_A": float(scan.distances[worst + 1]) if drops[worst] > 0 else None,
             "falls_at_A": [float(d) for d, x in zip(scan.distances[1:], drops) if x >= 0],
+            # steps (their end, A) over which the universal ZBL repulsion of the moved atom itself falls (it passes
+            # a third atom): F may fall there; every other fall is one the model should not have
+            "zbl_falls_at_A": [float(d) for d, x in zip(scan.distances[1:], scan.exempt) if x],
+            "unphysical_falls_at_A": [float(d) for d in unphysical_falls(scan, energy)],
             "energy_at_stop_rel_start_eV": float(rel[-1]),
             "monotonic_rise": bool(np.all(np.diff(energy) > 0)),
+            "rises_wherever_zbl_rises": not unphysical_falls(scan, energy).size,
             # the profile, and how close the moved atom comes to any atom other than its anchor (A): a scan that
             # passes near a third atom probes that pair too
             "distances_A": [float(d) for d in scan.distances],
@@ -97,10 +104,12 @@ def main(argv=None) -> int:
             for name, r in heads[head].items():
                 print(f"{head:7s} {name:6s} {r['start_A']:.3f} -> {r['stop_A']:.2f} A: "
                       f"min {r['min_energy_rel_start_eV']:9.2f} eV at {r['min_at_A']:.2f} A, "
-                      f"monotonic {r['monotonic_rise']}", flush=True)
+                      f"monotonic {r['monotonic_rise']}, falls where ZBL rises at {r['unphysical_falls_at_A']}",
+                      flush=True)
     write_json(args.out, {
         "benchmark": "short_range",
         "model": str(args.model),
+        "core_repulsion": (model.core_repulsion.spec() if hasattr(model, "core_repulsion") else None),
         "dtype": "float64",
         "step_A": args.step,
         "hardware": f"{platform.machine()} CPU, {args.threads} torch thread(s), no GPU",

@@ -39,6 +39,7 @@ REQUIRE_DATA_ENV = "MACEFIELD_REQUIRE_DATA"
 TIERS = {
     "unit": (
         "test_batcher_unit.py",  # Batcher over a fake backend, injected clock
+        "test_core_repulsion.py",  # the learned part handed over to ZBL below the inner distances (small models)
         "test_dispatcher_unit.py",  # admission and neighbour-list budget, fake backend
         "test_request_parsing.py",  # parse_request against a tiny model's registry (never evaluated)
         "test_status_mapping.py",  # exceptions -> gRPC status codes, Predict with a fake call context

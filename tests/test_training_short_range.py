@@ -14,8 +14,10 @@ from macefield_server.engine.architecture import add_pair_repulsion, build_field
 from macefield_server.engine.graph import NEIGHBOUR_BACKENDS, Structure, pairs
 from macefield_server.engine.predict import evaluate, prepare_batch
 from macefield_server.training.config import ConfigError, config_from_dict
+from macefield_server.engine.core_repulsion import zbl_energy
 from macefield_server.training.short_range import (Scan, ScanSampler, ShortRangeScanConfig, closest_pair_scan,
-                                                   scan_grid, scan_hinge, shortest_distances, typed_pairs)
+                                                   repulsion_falls, scan_grid, scan_hinge, shortest_distances,
+                                                   typed_pairs, unphysical_falls)
 
 
 def quartz(repeat=(2, 2, 1), rattle=0.05, seed=0) -> Structure:
@@ -53,6 +55,14 @@ def test_hinge_is_positive_for_a_scan_with_a_hole_and_measures_it():
     # batched scans: the mean over all steps
     both = scan_hinge(torch.stack([e.detach(), 20.0 / d]), torch.stack([d, d]), margin=1.0)
     assert float(both) == pytest.approx(expected / 2)
+
+
+def test_hinge_leaves_out_exempt_steps_but_keeps_them_in_the_mean():
+    d = torch.tensor([1.6, 1.4, 1.2, 1.0, 0.8], dtype=torch.float64)
+    e = torch.tensor([0.0, 1.0, -5.0, -9.0, 3.0], dtype=torch.float64)
+    exempt = torch.tensor([False, True, False, False])
+    assert float(scan_hinge(e, d, 1.0, exempt)) == pytest.approx((0.2 + 4.0) / 4)
+    assert float(scan_hinge(e, d, 1.0, torch.ones(4, dtype=torch.bool))) == 0.0
 
 
 # ------------------------------------------------------------------------------------------------ the scans
@@ -125,6 +135,37 @@ def test_the_scanned_pair_does_not_depend_on_the_order_of_the_neighbour_list(pai
     assert start == pytest.approx(typed_pairs(s, pair)[3].min(), abs=1e-12)
 
 
+def three_atoms(offset: float) -> Structure:
+    """O at the origin, an Si pushed along x towards it, and a third atom (O) ``offset`` A off the path at x = 1.2."""
+    positions = np.array([[5.0, 5.0, 5.0], [7.5, 5.0, 5.0], [6.2, 5.0 + offset, 5.0]])
+    return Structure(numbers=np.array([8, 14, 8]), positions=positions, cell=np.eye(3) * 10.0,
+                     pbc=np.ones(3, dtype=bool), head="sio2")
+
+
+def test_repulsion_falls_marks_the_steps_after_the_moved_atom_passes_a_third_atom():
+    """Si pushed from 2.5 to 0.6 A towards an O, past another O 0.5 A off its path: the ZBL energy of the Si with
+    both O rises until the Si is abreast of the passed O, then falls there (the passed O's repulsion fades
+    faster than the anchor's grows); with the third atom far away, no step is marked."""
+    for offset, expect_any in ((0.5, True), (3.0, False)):
+        s = three_atoms(offset)
+        scan = Scan(s, ("O", "Si"), 0, 1, np.zeros(3), 2.5, scan_grid(2.5, 0.6, 0.05))
+        marked = repulsion_falls(scan)
+        path = [st.positions[1] for st in scan.structures()]
+        to_third = np.array([np.linalg.norm(p - s.positions[2]) for p in path])
+        to_anchor = np.asarray(scan.distances)
+        both = torch.tensor(np.stack([to_anchor, to_third]), dtype=torch.float64)
+        zbl = zbl_energy(both, torch.tensor(14), torch.tensor(8)).sum(0).numpy()
+        np.testing.assert_array_equal(marked, np.diff(zbl) <= 0)  # only the two nearby atoms matter here
+        assert marked.any() == expect_any
+        if expect_any:  # only steps on which the moved atom moves away from the passed atom
+            assert np.all(np.diff(to_third)[marked] > 0)
+        # the falls that count are those over unmarked steps
+        scan.exempt = marked
+        energies = zbl
+        assert unphysical_falls(scan, energies).size == 0
+        assert unphysical_falls(scan, to_anchor).size == int((~marked).sum())  # falls at every step
+
+
 def test_scan_grid_spans_start_to_stop():
     g = scan_grid(1.41, 0.6, 0.05)
     assert g[0] == 1.41 and g[-1] == 0.6 and np.all(np.diff(g) < 0) and np.all(-np.diff(g) <= 0.05 + 1e-12)
@@ -154,6 +195,8 @@ def test_sampler_is_deterministic_and_scans_from_the_real_distance_down_to_min_d
             i, j, _, dist = typed_pairs(scan.source, scan.pair)
             mine = i == scan.anchor
             assert dist[mine].min() == pytest.approx(scan.start)
+            # the steps where the ZBL repulsion falls come marked for the hinge
+            np.testing.assert_array_equal(scan.exempt, repulsion_falls(scan))
     only = ScanSampler(ShortRangeScanConfig(weight=1.0, pairs=["O-Si"]), frames)
     assert [p for _, p in only.choices] == [("Si", "O")]
 
@@ -195,6 +238,12 @@ def test_short_range_config_keys_are_checked():
     with pytest.raises(ConfigError, match="fine_step"):
         config_from_dict({**base, "loss": {"short_range": {"fine_step": -0.05}}})
     assert config_from_dict({**base, "loss": {"short_range": {"fine_step": 0.05}}}).loss.short_range.fine_step == 0.05
+    assert config_from_dict(base).model.core_repulsion.width == 0.0  # off by default
+    assert config_from_dict({**base, "model": {"core_repulsion": {"width": 0.6}}}).model.core_repulsion.width == 0.6
+    with pytest.raises(ConfigError, match="model.core_repulsion.width"):
+        config_from_dict({**base, "model": {"core_repulsion": {"width": -0.1}}})
+    with pytest.raises(ConfigError, match="model.core_repulsion.inner"):
+        config_from_dict({**base, "model": {"core_repulsion": {"inner": 1.0}}})
 
 
 # ------------------------------------------------------------------------------------------------ ZBL

@@ -132,6 +132,7 @@ def describe_architecture(model: torch.nn.Module) -> Dict[str, Any]:
         ),
         "radial_MLP": _radial_mlp(model),
         "pair_repulsion": hasattr(model, "pair_repulsion_fn"),
+        "core_repulsion": net.core_repulsion.spec() if hasattr(model, "core_repulsion") else None,
         "apply_cutoff": bool(getattr(model, "apply_cutoff", True)),
         "use_reduced_cg": bool(getattr(model, "use_reduced_cg", False)),
         "use_so3": bool(getattr(model, "use_so3", False)),
@@ -189,6 +190,7 @@ def default_architecture(
         "distance_transform": "None",
         "radial_MLP": list(radial_MLP),
         "pair_repulsion": False,
+        "core_repulsion": None,
         "apply_cutoff": True,
         "use_reduced_cg": True,
         "use_so3": False,
@@ -202,7 +204,10 @@ def default_architecture(
 
 
 def mace_kwargs(arch: Dict[str, Any]) -> Dict[str, Any]:
-    """Translate a description into ScaleShiftMACE constructor keyword arguments."""
+    """Translate a description into ScaleShiftMACE constructor keyword arguments.
+
+    FieldMACE's own ``core_repulsion`` is not among them: see :func:`field_kwargs`.
+    """
     if int(arch.get("arch_version", 0)) != ARCH_VERSION:
         raise ValueError(f"unsupported architecture description version {arch.get('arch_version')!r}")
     for key in ("interaction_cls", "interaction_cls_first", "readout_cls"):
@@ -252,6 +257,15 @@ def mace_kwargs(arch: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+def field_kwargs(arch: Dict[str, Any]) -> Dict[str, Any]:
+    """FieldMACE constructor keyword arguments: :func:`mace_kwargs` and the ``core_repulsion`` description.
+
+    Descriptions written before the core repulsion existed have no
+    ``core_repulsion`` key: they mean none.
+    """
+    return {**mace_kwargs(arch), "core_repulsion": copy.deepcopy(arch.get("core_repulsion"))}
+
+
 def build_field_mace(
     arch: Dict[str, Any], *, dtype: torch.dtype = torch.float64, rewrite_products: bool = True
 ) -> FieldMACE:
@@ -264,7 +278,7 @@ def build_field_mace(
     time for the full response on CPU.  ``False`` keeps e3nn's TorchScript
     modules as mace-torch builds them (used by the benchmark's reference).
     """
-    kwargs = mace_kwargs(arch)
+    kwargs = field_kwargs(arch)
     # MACE's original contraction basis in every environment (mace-torch would switch to
     # cuequivariance's reduced basis whenever that package is importable); a checkpoint in
     # the reduced basis still loads: see .contraction_basis

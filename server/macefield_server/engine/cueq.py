@@ -55,7 +55,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .architecture import describe_architecture, mace_kwargs
+from .architecture import describe_architecture, field_kwargs
 from .contraction_basis import residual_tolerance
 from .extrapolation import attach, statistics_of
 from .field_mace import FieldMACE
@@ -405,7 +405,7 @@ def to_cueq(model: FieldMACE, *, conv_fusion: Optional[bool] = None) -> FieldMAC
             "conv_fusion: the fused convolution needs cuEquivariance's CUDA kernels (cuequivariance_ops_torch)"
         )
     arch = describe_architecture(model)
-    kwargs = mace_kwargs(arch)
+    kwargs = field_kwargs(arch)
     kwargs["use_reduced_cg"] = True  # cuEquivariance's own (independent) weight basis; _transfer maps onto it
     kwargs["cueq_config"] = _cueq_config(conv_fusion)
     _prepare_descriptor_caches(dtype)

@@ -20,7 +20,7 @@ taken by :mod:`macefield_server.engine.response`; this module only defines F.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import mace  # noqa: F401  (must be imported before e3nn on torch >= 2.6)
 import torch
@@ -30,6 +30,7 @@ from mace.modules.wrapper_ops import FullyConnectedTensorProduct, Linear
 from mace.tools.scatter import scatter_sum
 
 from .contraction_basis import install_basis_hooks
+from .core_repulsion import CoreRepulsion
 
 FIELD_IRREPS = o3.Irreps("1o")
 
@@ -39,10 +40,15 @@ class FieldMACE(ScaleShiftMACE):
 
     ``arch_config`` (a JSON-able dict, see :mod:`.architecture`) is attached by
     the builders so that the model can be saved in the native format.
+    ``core_repulsion`` (optional, not a ScaleShiftMACE argument): the
+    description of a :class:`.core_repulsion.CoreRepulsion`, which takes the
+    learned part out below the data's shortest pair distances.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, core_repulsion=None, **kwargs):
         super().__init__(**kwargs)
+        if core_repulsion is not None:
+            self.set_core_repulsion(core_repulsion)
         hidden_irreps = o3.Irreps(kwargs["hidden_irreps"])
         cueq_config = kwargs.get("cueq_config")
         n_coupled = int(self.num_interactions) - 1
@@ -62,6 +68,23 @@ class FieldMACE(ScaleShiftMACE):
         # U matrices and weights load in whatever symmetric-contraction basis the
         # checkpoint holds (see .contraction_basis): loading never depends on what is installed
         install_basis_hooks(self)
+
+    def set_core_repulsion(self, spec: Optional[Dict]) -> None:
+        """Install (a description, see :mod:`.core_repulsion`) or remove (None) the core repulsion, in place.
+
+        The architecture description attached to the model (``arch_config``)
+        is updated with it, so saved checkpoints rebuild it.
+        """
+        net: Any = self  # mace's buffers and attributes, read duck-typed
+        if spec is None:
+            if hasattr(net, "core_repulsion"):
+                del net.core_repulsion
+        else:
+            core = CoreRepulsion(net.atomic_numbers.tolist(), list(net.heads), spec["inner"], spec["width"])
+            net.core_repulsion = core.to(net.atomic_numbers.device)
+        arch = getattr(net, "arch_config", None)
+        if isinstance(arch, dict):
+            arch["core_repulsion"] = net.core_repulsion.spec() if spec is not None else None
 
     @property
     def field_free_layers(self) -> int:
@@ -135,7 +158,8 @@ class FieldMACE(ScaleShiftMACE):
         else:
             shifts = graph["shifts"].to(wide)
         vectors_wide = positions[receiver] - positions[sender] + shifts
-        lengths = torch.linalg.norm(vectors_wide, dim=-1, keepdim=True).to(dtype)
+        lengths_wide = torch.linalg.norm(vectors_wide, dim=-1, keepdim=True)
+        lengths = lengths_wide.to(dtype)
         vectors = vectors_wide.to(dtype)
 
         node_e0 = self.atomic_energies_fn(node_attrs)[atom_index, node_heads]
@@ -146,6 +170,18 @@ class FieldMACE(ScaleShiftMACE):
         edge_feats, cutoff = self.radial_embedding(
             lengths, node_attrs, graph["edge_index"], self.atomic_numbers
         )
+        core: Optional[CoreRepulsion] = getattr(self, "core_repulsion", None)
+        core_energy = None
+        if core is not None:
+            # below each pair's inner distance the edge's messages fade out (every layer) and ZBL takes over
+            inner = core.edge_inner(node_attrs, graph["edge_index"], node_heads[receiver])
+            switch = core.switch(lengths_wide, inner)
+            if cutoff is None:  # radial features times the outer cutoff feed the radial MLPs (no biases: 0 -> 0)
+                edge_feats = edge_feats * switch.to(dtype)
+            else:
+                cutoff = cutoff * switch.to(dtype)
+            core_nodes = core.node_energies(lengths_wide, switch, node_attrs, graph["edge_index"])
+            core_energy = scatter_sum(core_nodes, batch, dim=-1, dim_size=num_graphs)
         if hasattr(self, "pair_repulsion"):
             node_energies = [
                 self.pair_repulsion_fn(lengths, node_attrs, graph["edge_index"], self.atomic_numbers)
@@ -185,6 +221,8 @@ class FieldMACE(ScaleShiftMACE):
         node_inter = self.scale_shift(torch.stack(node_energies, dim=0).sum(dim=0), node_heads)
         # per-atom energies summed in float64: a large cell's energy per atom equals its unit cell's
         inter = scatter_sum(node_inter.to(wide), batch, dim=-1, dim_size=num_graphs)
+        if core_energy is not None:  # physical ZBL in eV: after the per-head scale
+            inter = inter + core_energy
         return e0 + inter, inter
 
     # -------------------------------------------------- mace-style entry point

@@ -69,6 +69,26 @@ class DatasetConfig:
 
 
 @dataclass
+class CoreRepulsionConfig:
+    """``model.core_repulsion``: below the data's shortest pair distances the learned part hands over to ZBL.
+
+    ``width`` (A; 0, the default, leaves the model without it): below each
+    pair's *inner* distance the learned part fades out over this width and
+    the universal ZBL repulsion fades in
+    (:mod:`macefield_server.engine.core_repulsion`).  The inner distances are
+    measured on the data, per head: the shortest distance of each element
+    pair in every frame of that head's datasets (training and validation
+    splits, so that no frame of the data is changed); a pair of the model's
+    elements that a head's data lacks gets the smallest ratio, over the
+    pairs it has, of shortest distance to the sum of the two covalent radii,
+    times its own sum.  Also added to (or updated on) an ``init_from`` model
+    and a resumed run.
+    """
+
+    width: float = 0.0
+
+
+@dataclass
 class ModelConfig:
     """Architecture of a model trained from scratch, or the model to fine-tune.
 
@@ -87,6 +107,7 @@ class ModelConfig:
     to an ``init_from`` model that has none; as in mace-torch's
     ScaleShiftMACE it is summed with the readouts before the per-head
     scale, so the ZBL energy enters F times ``atomic_inter_scale``.
+    ``core_repulsion``: see :class:`CoreRepulsionConfig`.
     ``widen_max_ell``: with ``init_from``, raise the model's edge
     spherical-harmonic order to this value before training, keeping the
     function it computes (:func:`macefield_server.training.widen.widen_max_ell`:
@@ -113,6 +134,7 @@ class ModelConfig:
     trust_pickle: bool = False
     pair_repulsion: bool = False
     widen_max_ell: Optional[int] = None
+    core_repulsion: CoreRepulsionConfig = field(default_factory=CoreRepulsionConfig)
 
 
 #: the fields of :class:`ModelConfig` that are arguments of :func:`macefield_server.engine.default_architecture`
@@ -304,7 +326,8 @@ def config_from_dict(data: Dict[str, Any], source_dir: Optional[str] = None) -> 
     if len(set(names)) != len(names):
         raise ConfigError(f"datasets: names must be unique, got {names}")
     cfg = TrainConfig(
-        model=_build(ModelConfig, data.get("model") or {}, "model"),
+        model=build(ModelConfig, data.get("model") or {}, "model",
+                    nested={"core_repulsion": lambda v, w: _build(CoreRepulsionConfig, v, w)}),
         datasets=datasets,
         loss=build(LossConfig, data.get("loss") or {}, "loss",
                    nested={"short_range": lambda v, w: _build(ShortRangeScanConfig, v, w)}),
@@ -324,6 +347,9 @@ def config_from_dict(data: Dict[str, Any], source_dir: Optional[str] = None) -> 
     if cfg.model.widen_max_ell is not None and (not cfg.model.init_from or int(cfg.model.widen_max_ell) < 0):
         raise ConfigError("model.widen_max_ell: needs model.init_from (the model to widen) and a value >= 0, got "
                           f"{cfg.model.widen_max_ell!r}; a model trained from scratch takes model.max_ell")
+    if not cfg.model.core_repulsion.width >= 0:
+        raise ConfigError("model.core_repulsion.width: expected a width >= 0 (A), got "
+                          f"{cfg.model.core_repulsion.width!r}")
     if cfg.model.scale_shift not in ("rms_forces", "none"):
         raise ConfigError(f"model.scale_shift: expected rms_forces or none, got {cfg.model.scale_shift!r}")
     sr = cfg.loss.short_range

@@ -7,8 +7,17 @@ type (e.g. Si-O), and moves the second atom of the pair (``moved``) along the
 bond towards the first (``anchor``, or the periodic image of it that forms the
 pair) to a list of distances; every other atom keeps its position, so every
 distance between atoms other than ``moved`` is unchanged.  No labels are
-needed: physically the energy rises monotonically as two atoms are pushed
-together below the closest approach seen in equilibrium MD.
+needed: physically the energy rises as two atoms are pushed together below
+the closest approach seen in equilibrium MD, at every step over which the
+moved atom closes in on (or keeps its distance to) every atom it touches.
+A straight path can also take the moved atom past a third atom and then
+away from it (an Si pushed towards an Si passes 0.64 A from the O that
+bridges them); there the energy may physically fall.  The judge is the
+universal screened nuclear repulsion (ZBL), the physics of atoms pushed far
+below their bonding distances: :func:`repulsion_falls` marks the steps over
+which the ZBL energy of the moved atom with all others does not rise, and
+the hinge, the validation counts, the tests and the benchmark exempt them
+(the energy must still stay above the scan's start).
 
 :func:`scan_hinge` is the inequality loss on such scans (eV): the mean over
 consecutive points of ``relu(margin * (d_k - d_{k+1}) - (F_{k+1} - F_k))``,
@@ -29,6 +38,7 @@ import torch
 from ase.data import atomic_numbers as _Z
 from ase.data import chemical_symbols
 
+from ..engine.core_repulsion import zbl_energy
 from ..engine.graph import Structure, pairs
 
 #: the pair types scanned for each head of the default model: (anchor element, moved element)
@@ -104,6 +114,8 @@ class Scan:
     shift: np.ndarray
     start: float
     distances: np.ndarray
+    #: (len(distances) - 1,) bool, True for the steps where the ZBL repulsion falls (:func:`repulsion_falls`)
+    exempt: Optional[np.ndarray] = None
 
     def structures(self) -> List[Structure]:
         """The source frame with ``moved`` at each distance of the scan (positions in A)."""
@@ -158,15 +170,54 @@ def scan_energies(model, structures: Sequence[Structure], *, chunk: int = 8,
     return torch.cat(out)
 
 
-def scan_hinge(energies: torch.Tensor, distances: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+def repulsion_falls(scan: "Scan") -> np.ndarray:
+    """(n - 1,) bool: the steps of ``scan`` over which the moved atom's ZBL repulsion does not rise.
+
+    The repulsion is the universal ZBL energy
+    (:func:`macefield_server.engine.core_repulsion.zbl_energy`) of the moved
+    atom with every other atom (any periodic image, the anchor included)
+    within :data:`SEARCH_CUTOFF` of its path; the moved atom's own images
+    move with it and are left out.
+    """
+    s = scan.source
+    travel = float(np.max(np.abs(scan.distances - scan.start)))
+    i, j, shifts, _ = pairs(s.positions, s.cell, s.pbc, SEARCH_CUTOFF + travel)
+    mine = (i == scan.moved) & (j != scan.moved)
+    others = s.positions[j[mine]] + shifts[mine] @ s.cell
+    image = s.positions[scan.anchor] - scan.shift @ s.cell
+    direction = s.positions[scan.moved] - image
+    direction = direction / np.linalg.norm(direction)
+    path = image[None, :] + np.asarray(scan.distances, dtype=float)[:, None] * direction[None, :]
+    dist = torch.as_tensor(np.linalg.norm(path[:, None, :] - others[None, :, :], axis=-1))  # (points, others)
+    z_other = torch.as_tensor(s.numbers[j[mine]].astype(np.int64)).expand_as(dist)
+    z_moved = torch.full_like(z_other, int(s.numbers[scan.moved]))
+    energy = torch.where(dist < SEARCH_CUTOFF, zbl_energy(dist, z_moved, z_other), torch.zeros_like(dist)).sum(-1)
+    return (torch.diff(energy) <= 0).numpy()
+
+
+def scan_hinge(energies: torch.Tensor, distances: torch.Tensor, margin: float = 0.0,
+               exempt: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean violation (eV) of ``F`` rising by ``margin`` eV/A along a scan of decreasing ``distances``.
 
     ``energies``, ``distances``: (..., n) with distances[..., k+1] < distances[..., k].
-    Zero for a scan that rises at least that steeply at every step.
+    ``exempt``: optional (..., n - 1) bool, steps that do not count (where
+    the ZBL repulsion falls, :func:`repulsion_falls`; they still count in the
+    mean's denominator).
+    Zero for a scan that rises at least that steeply at every counted step.
     """
     rise = energies[..., 1:] - energies[..., :-1]
     approach = (distances[..., :-1] - distances[..., 1:]).to(energies.dtype)
-    return torch.relu(margin * approach - rise).mean()
+    violation = torch.relu(margin * approach - rise)
+    if exempt is not None:
+        violation = torch.where(exempt.to(violation.device), torch.zeros_like(violation), violation)
+    return violation.mean()
+
+
+def unphysical_falls(scan: "Scan", energies: np.ndarray) -> np.ndarray:
+    """Distances (A, the end of each step) at which F does not rise over a step where the ZBL repulsion rises."""
+    exempt = scan.exempt if scan.exempt is not None else np.zeros(len(scan.distances) - 1, dtype=bool)
+    falls = (np.diff(np.asarray(energies, dtype=float)) <= 0) & ~exempt
+    return np.asarray(scan.distances, dtype=float)[1:][falls]
 
 
 @dataclass
@@ -251,7 +302,9 @@ class ScanSampler:
             if fine > 0:
                 grid = np.concatenate([grid, grid - fine])
             distances = np.concatenate([[d[k]], np.sort(grid)[::-1]])
-            out.append(Scan(frame, pair, anchor, int(j[k]), s[k].astype(float), float(d[k]), distances))
+            scan = Scan(frame, pair, anchor, int(j[k]), s[k].astype(float), float(d[k]), distances)
+            scan.exempt = repulsion_falls(scan)
+            out.append(scan)
         return out
 
 
@@ -264,7 +317,9 @@ def validation_scans(structures_by_name: Dict[str, Structure], shortest: Dict[Tu
             if head != frame.head:
                 continue
             grid = scan_grid(top, cfg.min_distance, cfg.valid_step)
-            out[f"{name}:{pair_name(pair)}"] = closest_pair_scan(frame, pair, grid)
+            scan = closest_pair_scan(frame, pair, grid)
+            scan.exempt = repulsion_falls(scan)
+            out[f"{name}:{pair_name(pair)}"] = scan
     return out
 
 
@@ -275,7 +330,8 @@ def validation_frame_scans(model, frames: Sequence[Structure], pair_list: Sequen
 
     ``frames``: one time-ordered MD file (its last ``1 - valid_start`` are the
     validation frames); each scan runs from the shortest distance of that
-    pair type in all ``frames`` down to ``stop`` A, ``step`` A apart; F is
+    pair type in all ``frames`` down to ``stop`` A, ``step`` A apart (the
+    steps where the ZBL repulsion falls marked, :func:`repulsion_falls`); F is
     evaluated in the model's dtype.
     """
     shortest = shortest_distances(frames, pair_list)
@@ -283,5 +339,6 @@ def validation_frame_scans(model, frames: Sequence[Structure], pair_list: Sequen
     out = {}
     for pair in pair_list:
         scan = closest_pair_scan(frame, pair, scan_grid(shortest[pair], stop, step))
+        scan.exempt = repulsion_falls(scan)
         out[pair_name(pair)] = (scan, scan_energies(model, scan.structures()).numpy())
     return out

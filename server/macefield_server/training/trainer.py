@@ -20,14 +20,16 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, cast
+from typing import Any, Dict, List, Optional, cast
 
 import numpy as np
 import torch
+from ase.data import atomic_numbers, chemical_symbols, covalent_radii
 
 from ..engine.architecture import add_pair_repulsion, build_field_mace, default_architecture, describe_architecture
 from ..engine.extrapolation import attach, statistics_of
 from ..engine.checkpoint import load_model, save_model, upgrade_to_field
+from ..engine.core_repulsion import CoreRepulsion, pair_key
 from ..engine.field_mace import FieldMACE
 from ..engine.predict import predict
 from ..engine.response import respond
@@ -35,7 +37,8 @@ from .config import ARCHITECTURE_KEYS, QUANTITIES, TrainConfig
 from .data import Sample, average_neighbours, build_graphs, load_all, make_batch
 from .losses import residuals, total_loss
 from .metrics import frame_errors, summarise
-from .short_range import ScanSampler, scan_energies, scan_hinge, validation_scans
+from .short_range import (ScanSampler, scan_energies, scan_hinge, shortest_distances, unphysical_falls,
+                          validation_scans)
 from .widen import widen_max_ell
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -59,6 +62,16 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------- set-up
+def _covalent_sum(a: str, b: str) -> float:
+    """Sum of the covalent radii (A, ase.data) of elements ``a`` and ``b`` (symbols)."""
+    return float(covalent_radii[atomic_numbers[a]] + covalent_radii[atomic_numbers[b]])
+
+
+def _exempt(scan) -> Optional[torch.Tensor]:
+    """The scan's steps where the ZBL repulsion falls (:func:`.short_range.repulsion_falls`), as a tensor."""
+    return torch.as_tensor(scan.exempt) if scan.exempt is not None else None
+
+
 def fit_e0s(samples: List[Sample], atomic_numbers: List[int]) -> np.ndarray:
     """Least-squares per-element energies (eV) from total energies; minimum norm if rank deficient."""
     rows, energies = [], []
@@ -144,6 +157,8 @@ class Trainer:
             if s.structure.head not in heads:
                 raise ValueError(f"dataset {s.dataset!r}: head {s.structure.head!r} not in the model's heads {heads}")
         self._set_e0_totals(all_samples)
+        if cfg.model.core_repulsion.width > 0:
+            self._set_core_repulsion(all_samples)
 
         if state is None:
             self._fit_references()
@@ -250,6 +265,34 @@ class Trainer:
                                f"({energy_tolerance:.0e} eV/atom, {forces_tolerance:.0e} of the forces): "
                                "the weights were not carried over")
         return wide
+
+    def _set_core_repulsion(self, samples) -> None:
+        """Give the model the core repulsion of ``model.core_repulsion`` with inner distances from ``samples``."""
+        net: Any = self.model  # mace's buffers and attributes, read duck-typed
+        heads = list(net.heads)
+        symbols = [chemical_symbols[int(z)] for z in net.atomic_numbers]
+        every_pair = [(a, b) for k, a in enumerate(symbols) for b in symbols[k:]]
+        inner: Dict[str, Dict[str, float]] = {}
+        for head in heads:
+            frames = [s.structure for s in samples if s.structure.head == head]
+            if not frames:
+                continue
+            found = {pair_key(a, b): d for (a, b), d in shortest_distances(frames, every_pair).items()
+                     if np.isfinite(d)}
+            if not found:
+                continue
+            ratio = min(d / _covalent_sum(*name.split("-")) for name, d in found.items())
+            inner[head] = {pair_key(a, b): found.get(pair_key(a, b), ratio * _covalent_sum(a, b))
+                           for a, b in every_pair}
+        width = float(self.cfg.model.core_repulsion.width)
+        current = getattr(net, "core_repulsion", None)
+        wanted = CoreRepulsion(net.atomic_numbers.tolist(), heads, inner, width).spec()
+        if current is not None and current.spec() == wanted:
+            return
+        net.set_core_repulsion(wanted)
+        log(f"  core repulsion (model.core_repulsion): the learned part fades out over {width} A below "
+            f"the data's shortest pair distances, ZBL fades in; inner distances (A) "
+            f"{ {h: {k: round(v, 3) for k, v in d.items()} for h, d in inner.items()} }")
 
     def _add_pair_repulsion(self, model):
         """Add ZBL to a fine-tuned model, moving each head's shift so that its mean training energy stays put."""
@@ -420,14 +463,14 @@ class Trainer:
         return loss, terms
 
     def short_range_hinge(self, model, scans, *, keep_graph: bool) -> torch.Tensor:
-        """Mean :func:`scan_hinge` (eV) of ``scans`` (see ``loss.short_range``)."""
+        """Mean :func:`scan_hinge` (eV) of ``scans`` (see ``loss.short_range``), steps where ZBL falls exempt."""
         structures = [s for scan in scans for s in scan.structures()]
         energies = scan_energies(model, structures, keep_graph=keep_graph)
         margin = float(self.cfg.loss.short_range.margin)
         out, k = [], 0
         for scan in scans:
             n = len(scan.distances)
-            out.append(scan_hinge(energies[k : k + n], torch.as_tensor(scan.distances), margin))
+            out.append(scan_hinge(energies[k : k + n], torch.as_tensor(scan.distances), margin, _exempt(scan)))
             k += n
         return torch.stack(out).mean()
     def train_epoch(self) -> Dict[str, float]:
@@ -497,14 +540,15 @@ class Trainer:
 
     def validate_scans(self, model) -> Dict:
         """Hinge (eV) of the fixed validation scans, the lowest F along each relative to its start (eV), and the
-        number of steps along each where F does not rise (0: it rises monotonically)."""
+        number of steps along each where F does not rise although the ZBL repulsion does (0: none;
+        :func:`.short_range.repulsion_falls`)."""
         hinges, lowest, falls = [], {}, {}
         for name, scan in self.valid_scans.items():
             energies = scan_energies(model, scan.structures()).detach()
             hinges.append(float(scan_hinge(energies, torch.as_tensor(scan.distances),
-                                           float(self.cfg.loss.short_range.margin))))
+                                           float(self.cfg.loss.short_range.margin), _exempt(scan))))
             lowest[name] = float((energies - energies[0]).min())
-            falls[name] = int((torch.diff(energies) <= 0).sum())
+            falls[name] = int(len(unphysical_falls(scan, energies.numpy())))
         return {"hinge": float(np.mean(hinges)), "min_energy_rel_start_eV": lowest, "falls": falls}
 
     # -- main loop
