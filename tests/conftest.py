@@ -190,6 +190,28 @@ def random_field_model(
     return model.eval()
 
 
+def grade_round_off(model_a, model_b, structures_a, structures_b):
+    """How far round-off in the field-free features lets the grade move between two evaluations of the same atoms.
+
+    ``structures_b`` (``Structure``, heads set) are ``structures_a`` seen
+    differently (rotated, or by another backend's ``model_b``), atom for
+    atom.  Returns ``(bound, feature_error)``:
+    per atom, the statistics' Lipschitz constant times the norm of the
+    features' difference (an upper bound on the grades' difference), and the
+    largest difference of an atom's features relative to their norm.
+    """
+    from macefield_server.engine.extrapolation import latent_features, statistics_of
+    from macefield_server.engine.predict import prepare_batch
+
+    graphs = [prepare_batch(m, s).tensors for m, s in ((model_a, structures_a), (model_b, structures_b))]
+    x_a, x_b = (latent_features(m, g).double() for m, g in zip((model_a, model_b), graphs))
+    difference = torch.linalg.vector_norm(x_b - x_a, dim=1)
+    graph = graphs[0]
+    steepest = statistics_of(model_a).lipschitz(model_a, graph["node_attrs"], graph["head"][graph["batch"]])
+    feature_error = float((difference / torch.linalg.vector_norm(x_a, dim=1).clamp(min=1e-300)).max())
+    return (steepest * difference).numpy(), feature_error
+
+
 def quartz_like(repeat=(1, 1, 1), rattle: float = 0.05, seed: int = 0):
     """alpha-quartz (experimental cell, Si3O6 per cell; tests/test_structures.py checks it) with a small random
     displacement."""

@@ -13,7 +13,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import quartz_like, random_field_model, sio_molecule
+from conftest import grade_round_off, quartz_like, random_field_model, sio_molecule
 
 from macefield_server.engine import (build_field_mace, default_architecture, load_model, predict, prepare_batch,
                                     upgrade_to_field)
@@ -136,9 +136,21 @@ def test_default_model_served_as_float64_on_cueq():
     assert served.backend == "cueq" and served.dtype == torch.float64
     assert served.extrapolation_heads == ["sio2", "batio3"]
     e3nn = load_model(DEFAULT_CHECKPOINT, dtype="float64")
-    errors = max_relative_errors(e3nn, served.model, heads=["sio2", "sio2", "batio3"],
-                                 outputs=OUTPUTS + ("extrapolation",))
+    heads = ["sio2", "sio2", "batio3"]
+    errors = max_relative_errors(e3nn, served.model, heads=heads, outputs=OUTPUTS + ("extrapolation",))
+    grade_error = errors.pop("extrapolation")
     assert max(errors.values()) <= 1e-8, errors  # measured <= 4e-9: float32 coupling tensors, float64 arithmetic
+    # the grade: its features agree to the same round-off, and it moves by at most the statistics' Lipschitz
+    # constant times their difference (a grade reads its features through an inverse, which can amplify)
+    structures = [Structure.from_atoms(a, head=h) for a, h in zip(mixed_batch()[0], heads)]
+    bound, feature_error = grade_round_off(e3nn, served.model, structures, structures)
+    assert feature_error <= 1e-8, feature_error
+    a, b = (np.concatenate([r["extrapolation"] for r in predict(m, structures, outputs=["energy"])])
+            for m in (e3nn, served.model))
+    known = np.isfinite(a)  # +inf on both where the head has no statistics for the element (checked above)
+    assert known.sum() > 10 and np.array_equal(known, np.isfinite(bound))
+    difference = np.abs(b[known] - a[known])
+    assert np.all(difference <= bound[known] * (1 + 1e-6) + 1e-15), (difference.max(), grade_error)
 
 
 def test_conversion_refuses_a_basis_off_by_more_than_round_off():

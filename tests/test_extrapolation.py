@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, quartz_like, random_field_model
+from conftest import SHARED_DATA, grade_round_off, quartz_like, random_field_model
 from extrapolation_cases import (chain_structure, close_pair_quartz, compressed_quartz, si_coordination,
                                  swapped_batio3, wrong_quartz)
 from macefield_client.proto.macefield.v1 import macefield_pb2 as pb
@@ -29,8 +29,10 @@ from serving import metric, request_for, run_torch_free, torch_free_env
 from macefield_server.serving.background import BackgroundServer
 from macefield_server.serving.config import ServerConfig
 from macefield_server.engine import load_model, predict, save_model
+from macefield_server.engine.graph import Structure
 from macefield_server.engine.extrapolation import (STATISTICS_VERSION, ExtrapolationStatistics, OutdatedStatistics,
-                                                   attach, calibrated_heads, statistics_of)
+                                                   attach, calibrated_heads, latent_features, statistics_of)
+from macefield_server.engine.predict import prepare_batch
 from macefield_server.training.calibration import calibrate
 from macefield_server.weights import DEFAULT_CARD, DEFAULT_MODEL
 from macefield_server.serving.registry import ServedModel
@@ -189,7 +191,13 @@ def test_grade_is_invariant_and_the_same_alone_or_in_a_batch(default):
     turned.set_cell(atoms.cell[:] @ rot.T, scale_atoms=False)
     turned.positions = atoms.positions @ rot.T + np.array([3.1, -2.0, 7.5])
     [g_turned] = grades(model, [turned], electric_fields=rot @ field)
-    np.testing.assert_allclose(g_turned, ref, rtol=1e-8)
+    # the grade is as invariant as its features: they turn to the model's round-off (float32 coupling tensors,
+    # float64 arithmetic), and the grade moves by at most the statistics' Lipschitz constant times that
+    bound, feature_error = grade_round_off(model, model, [Structure.from_atoms(atoms, head="sio2")],
+                                           [Structure.from_atoms(turned, head="sio2")])
+    assert feature_error <= 1e-9, feature_error
+    assert np.all(np.abs(g_turned - ref) <= bound * (1 + 1e-6) + 1e-15), (np.abs(g_turned - ref), bound)
+    np.testing.assert_allclose(g_turned, ref, rtol=1e-6)  # and the bound is tight enough to matter
 
     order = np.random.default_rng(1).permutation(len(atoms))
     [g_perm] = grades(model, [atoms[order]], electric_fields=field)
@@ -251,6 +259,39 @@ def test_field_range_is_zero_at_zero_field_linear_in_the_field_and_invariant(def
 
 
 # -------------------------------------------------------------------- native format
+def test_lipschitz_bounds_how_far_a_change_of_the_features_moves_the_grade():
+    """|grade(x + dx) - grade(x)| <= L ||dx|| for random and adversarial dx, and some dx comes close to it."""
+    model = tiny_calibrated()
+    stats = statistics_of(model)
+    batch = prepare_batch(model, [Structure.from_atoms(quartz_like(rattle=0.2, seed=40), head="sio2")])
+    graph = batch.tensors
+    x = latent_features(model, graph).double()
+    heads = graph["head"][graph["batch"]]
+    steepest = stats.lipschitz(model, graph["node_attrs"], heads)
+    assert torch.all(torch.isfinite(steepest)) and torch.all(steepest > 0)
+    base = stats.grade(model, x, graph["node_attrs"], heads)
+    generator = torch.Generator().manual_seed(0)
+    for scale in (1e-6, 1e-3, 1e-1):
+        for _ in range(20):
+            dx = torch.randn(x.shape, generator=generator, dtype=torch.float64) * scale
+            moved = stats.grade(model, x + dx, graph["node_attrs"], heads)
+            ratio = (moved - base).abs() / (steepest * torch.linalg.vector_norm(dx, dim=1))
+            assert float(ratio.max()) <= 1 + 1e-9
+    # along the steepest column of an atom's table the bound is reached (the grade's slope there is 1 x L)
+    tables, n_elements = stats._tables(model, x.device)  # pylint: disable=protected-access
+    species = int(torch.argmax(graph["node_attrs"][0]))
+    coefficients = tables[(0, species)][0]
+    j = int(torch.linalg.vector_norm(coefficients, dim=0).argmax())
+    direction = coefficients[:, j] / torch.linalg.vector_norm(coefficients[:, j])
+    sign = torch.sign(x[0] @ coefficients[:, j])
+    big = x[0] + 50.0 * sign * direction  # far out along it: that term is the largest
+    slope = (stats.grade(model, (big + 1e-3 * sign * direction)[None], graph["node_attrs"][:1], heads[:1])
+             - stats.grade(model, big[None], graph["node_attrs"][:1], heads[:1])) / 1e-3
+    column = float(torch.linalg.vector_norm(coefficients[:, j])) / (1 + stats.margin)
+    assert float(slope) == pytest.approx(column, rel=1e-6)
+    assert column <= float(steepest[0]) * (1 + 1e-12)
+
+
 def test_calibration_round_trips_bit_exactly(tmp_path):
     model = tiny_calibrated()
     path = save_model(model, tmp_path / "calibrated.pt")

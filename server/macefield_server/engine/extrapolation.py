@@ -312,6 +312,27 @@ class ExtrapolationStatistics:
                 grade = torch.where(mine, element_grade(x, *table) / (1.0 + self.margin), grade)
         return grade
 
+    def lipschitz(self, model, node_attrs: torch.Tensor, node_heads: torch.Tensor) -> torch.Tensor:
+        """(N,) float64: how much each atom's grade can change per unit change of its features (Euclidean norm).
+
+        The grade is a maximum of ``|x c_j|`` and ``|x - V V^T x| / rho``
+        over its element's table, divided by ``1 + margin``, so it moves by at
+        most ``max(max_j ||c_j||, 1 / rho) / (1 + margin)`` times the norm of
+        a change of ``x``: the bound that round-off in the features (another
+        dtype, backend or orientation) puts on round-off in the grade.  +inf
+        where the head/element has no statistics.
+        """
+        tables, n_elements = self._tables(model, node_attrs.device)
+        species = torch.argmax(node_attrs, dim=1)
+        keys = node_heads * n_elements + species
+        out = torch.full((species.shape[0],), math.inf, dtype=torch.float64, device=node_attrs.device)
+        for (head, element), (coefficients, basis, inverse_radius) in tables.items():
+            steepest = torch.linalg.vector_norm(coefficients, dim=0).max()
+            if basis is not None:
+                steepest = torch.maximum(steepest, inverse_radius)
+            out = torch.where(keys == head * n_elements + element, steepest / (1.0 + self.margin), out)
+        return out
+
     # ------------------------------------------------------ serialisation
     def to_payload(self) -> Dict:
         """``{"statistics": JSON text, "tensors": {head: {Z: {name: tensor}}}}`` (safe to torch.save/load)."""
