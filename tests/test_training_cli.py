@@ -261,6 +261,10 @@ def test_pair_repulsion_and_short_range_hinge_fine_tuning_and_resume(tmp_path, c
             assert d - 1e-9 <= core["inner"][ds["head"]][f"{x}-{y}"] < d + 0.3, (ds["head"], x, y)
         read[ds["head"]] = frames
     assert {"Ba-O", "Ti-O", "Ba-Si"} <= set(core["inner"]["sio2"])  # estimated: SiO2 data has no Ba or Ti
+    # the card says so (JSON as ListModels returns it, and the markdown)
+    card = json.loads((a / "out" / "tiny.card.json").read_text())
+    assert card["architecture"]["core_repulsion"] == core and card["architecture"]["pair_repulsion"] is True
+    assert "- Core repulsion: below each pair's inner distance" in (a / "out" / "tiny.card.md").read_text()
     # and it changes nothing on the frames the run read: F and forces with and without it are the same
     inside = [s for samples in (d["train"] + d["valid"] for d in load_all(load_config(fine_tune_config(a))).values())
               for s in [x.structure for x in samples]]

@@ -118,6 +118,10 @@ def build_card(model, trainer, *, fit_summary: Dict, command: str) -> Dict:
                 },
                 "scale": dict(zip(arch["heads"], arch["atomic_inter_scale"])),
                 "shift": dict(zip(arch["heads"], arch["atomic_inter_shift"])),
+                # mace-torch's ZBL term (through the per-head scale), and the core repulsion: below each pair's
+                # inner distance (A, per head) the learned part fades out over width_A and universal ZBL fades in
+                "pair_repulsion": bool(arch.get("pair_repulsion", False)),
+                "core_repulsion": arch.get("core_repulsion"),
             },
             "training": {
                 "command": command,
@@ -250,6 +254,18 @@ def card_markdown(card: Dict) -> str:
         "- Reference energies E0 (eV, least squares per head over the training frames): "
         f"{json.dumps(arch['atomic_energies_eV'])}",
         f"- Per-head scale / shift: {json.dumps(arch['scale'])} / {json.dumps(arch['shift'])}",
+    ]
+    if arch.get("pair_repulsion"):
+        lines.append("- Pair repulsion: mace-torch's ZBL term (cut off at the sum of the covalent radii, through the "
+                     "per-head scale).")
+    core = arch.get("core_repulsion")
+    if core:
+        inner = "; ".join(f"{head}: " + ", ".join(f"{pair} {d:.3f}" for pair, d in pairs.items())
+                          for head, pairs in core["inner"].items())
+        lines.append(f"- Core repulsion: below each pair's inner distance (A; the data's shortest, or a covalent-"
+                     f"radius estimate for pairs the head's data lacks) the learned part fades out over "
+                     f"{core['width']} A and universal ZBL fades in: {inner}.")
+    lines += [
         "",
         "## Training",
         "",
