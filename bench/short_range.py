@@ -71,7 +71,8 @@ def head_scans(model, head: str, path: Path, step: float = 0.05, stop: float = 0
             "largest_drop_at_A": float(scan.distances[worst + 1]) if drops[worst] > 0 else None,
             "falls_at_A": [float(d) for d, x in zip(scan.distances[1:], drops) if x >= 0],
             # steps (their end, A) over which the universal ZBL repulsion of the moved atom itself falls (it passes
-            # a third atom): F may fall there; every other fall is one the model should not have
+            # a third atom): F may fall there; a fall elsewhere, below the data's shortest distance, is taken as one
+            # the model should not have (a rule of thumb: ZBL is the physics only well below bonding distances)
             "zbl_falls_at_A": [float(d) for d, x in zip(scan.distances[1:], scan.exempt) if x],
             "unphysical_falls_at_A": [float(d) for d in unphysical_falls(scan, energy)],
             "energy_at_stop_rel_start_eV": float(rel[-1]),

@@ -193,3 +193,39 @@ def test_cuequivariance_model_keeps_the_core():
     for a, b in zip(energy(model, probe, ("energy", "forces")), energy(converted, probe, ("energy", "forces"))):
         assert float(b["energy"]) == pytest.approx(float(a["energy"]), rel=1e-10)
         np.testing.assert_allclose(b["forces"], a["forces"], atol=1e-9)
+
+
+def test_a_models_own_pair_repulsion_stays_and_the_core_adds_universal_zbl_to_it():
+    """With mace-torch's ZBL term (through the head's scale), a pair inside the core repels with universal ZBL plus
+    that term, which the core leaves as trained."""
+    from macefield_server.engine.architecture import add_pair_repulsion
+
+    bare, own = with_core(), add_pair_repulsion(with_core())
+    for r in (0.5, 0.8):
+        zbl = float(zbl_energy(torch.tensor(r, dtype=torch.float64), torch.tensor(14), torch.tensor(8)))
+        term = float(energy(own, [dimer(r)])[0]["energy"]) - float(energy(bare, [dimer(r)])[0]["energy"])
+        assert term > 1.0  # mace-torch's ZBL (its own screening length, envelope-cut), times the head's scale
+        got = float(energy(own, [dimer(r)])[0]["energy"]) - float(energy(own, [dimer(6.5)])[0]["energy"])
+        assert got == pytest.approx(zbl + term, rel=1e-10)
+
+
+def test_each_head_uses_its_own_inner_distances():
+    spec = {"width": 0.3, "inner": {"sio2": {"Si-O": 1.6}, "other": {"Si-O": 1.0}}}
+    model = random_field_model(heads=("sio2", "other"))
+    plain = random_field_model(heads=("sio2", "other"))
+    model.set_core_repulsion(spec)
+    for head, changed in (("sio2", True), ("other", False)):  # 1.2 A: inside sio2's fade, above other's inner
+        s = dimer(1.2)
+        s.head = head
+        a, b = (float(energy(m, [s])[0]["energy"]) for m in (model, plain))
+        assert (a != pytest.approx(b, rel=1e-9)) == changed, head
+
+
+def test_blocks_whose_messages_the_switch_cannot_silence_are_refused():
+    """mace-torch's non-linear block feeds the radial features through an MLP with biases: refused by name."""
+    model = random_field_model()
+    block = model.interactions[0]
+    block.__class__ = type("RealAgnosticResidualNonLinearInteractionBlock", (type(block),), {})
+    with pytest.raises(ValueError, match="RealAgnosticResidualNonLinearInteractionBlock"):
+        model.set_core_repulsion(SPEC)
+    assert not hasattr(model, "core_repulsion")

@@ -17,7 +17,7 @@ from macefield_server.training.config import ConfigError, config_from_dict
 from macefield_server.engine.core_repulsion import zbl_energy
 from macefield_server.training.short_range import (Scan, ScanSampler, ShortRangeScanConfig, closest_pair_scan,
                                                    repulsion_falls, scan_grid, scan_hinge, shortest_distances,
-                                                   typed_pairs, unphysical_falls)
+                                                   shortest_pair_distances, typed_pairs, unphysical_falls)
 
 
 def quartz(repeat=(2, 2, 1), rattle=0.05, seed=0) -> Structure:
@@ -164,6 +164,19 @@ def test_repulsion_falls_marks_the_steps_after_the_moved_atom_passes_a_third_ato
         energies = zbl
         assert unphysical_falls(scan, energies).size == 0
         assert unphysical_falls(scan, to_anchor).size == int((~marked).sum())  # falls at every step
+
+
+def test_shortest_pair_distances_of_periodic_and_molecular_frames():
+    frames = [quartz(seed=k) for k in range(2)]
+    every = shortest_pair_distances(frames)
+    assert set(every) == {("Si", "O"), ("O", "O"), ("Si", "Si")}
+    for pair, d in shortest_distances(frames, list(every)).items():
+        assert every[pair] == pytest.approx(d, abs=1e-12)
+    molecule = Structure(numbers=np.array([14, 8, 8]), positions=np.array([[0, 0, 0], [1.55, 0, 0], [-1.5, 0.2, 0]]),
+                         cell=np.zeros((3, 3)), pbc=np.zeros(3, dtype=bool))
+    got = shortest_pair_distances([molecule])
+    assert got[("Si", "O")] == pytest.approx(np.hypot(1.5, 0.2))
+    assert got[("O", "O")] == pytest.approx(np.hypot(3.05, 0.2))
 
 
 def test_scan_grid_spans_start_to_stop():

@@ -17,11 +17,16 @@ inner cutoff of ACE potentials, from the data's own shortest distances):
   whatever the head's scale (the model's own ``pair_repulsion`` term, when
   it has one, stays as trained).
 
+The switch scales the radial features that feed every radial MLP, so it
+silences an edge only in blocks whose MLPs map zero to zero (e3nn's bias-free
+MLPs; :meth:`FieldMACE.set_core_repulsion` refuses other blocks).
+
 At every distance at or above ``inner`` nothing changes, exactly: a model
 whose ``inner`` distances are the shortest of its data gives the same F,
 forces and responses on every frame of that data.  Below ``inner - width``
-the pair's energy is ZBL plus whatever the rest of the structure gives; the
-learned part no longer sees the pair.  ``inner`` 0 switches a pair off.
+the pair's energy is ZBL (plus the model's own pair term, if any) and
+whatever the rest of the structure gives; the learned part has no edge
+between the two atoms.  ``inner`` 0 switches a pair off.
 
 The description (:meth:`CoreRepulsion.spec`, part of the architecture
 description of :mod:`.architecture`) is ``{"width": A, "inner": {head:

@@ -33,6 +33,10 @@ from .contraction_basis import install_basis_hooks
 from .core_repulsion import CoreRepulsion
 
 FIELD_IRREPS = o3.Irreps("1o")
+#: mace interaction blocks whose radial MLPs (e3nn, no biases) map zero radial features to zero weights, so that the
+#: core repulsion's switch silences an edge's messages
+_FADING_BLOCKS = frozenset({"RealAgnosticResidualInteractionBlock", "RealAgnosticInteractionBlock",
+                            "RealAgnosticDensityInteractionBlock", "RealAgnosticDensityResidualInteractionBlock"})
 
 
 class FieldMACE(ScaleShiftMACE):
@@ -76,6 +80,14 @@ class FieldMACE(ScaleShiftMACE):
         is updated with it, so saved checkpoints rebuild it.
         """
         net: Any = self  # mace's buffers and attributes, read duck-typed
+        if spec is not None and getattr(net.radial_embedding, "apply_cutoff", True):
+            # the switch scales the radial features that feed each radial MLP: that silences an edge only where
+            # the MLP maps 0 to 0 and nothing else reads the features (e3nn's bias-free MLPs in these blocks)
+            for block in net.interactions:
+                name = type(block).__name__
+                if name not in _FADING_BLOCKS or type(block.conv_tp_weights).__name__ != "FullyConnectedNet":
+                    raise ValueError(f"core_repulsion: interaction block {name} is not one whose messages the "
+                                     f"switch silences (supported: {sorted(_FADING_BLOCKS)})")
         if spec is None:
             if hasattr(net, "core_repulsion"):
                 del net.core_repulsion

@@ -72,7 +72,9 @@ class DatasetConfig:
 class CoreRepulsionConfig:
     """``model.core_repulsion``: below the data's shortest pair distances the learned part hands over to ZBL.
 
-    ``width`` (A; 0, the default, leaves the model without it): below each
+    ``width`` (A; 0, the default, leaves the model as it is: one without a
+    core repulsion gets none, an ``init_from`` or resumed model with one
+    keeps it unchanged): below each
     pair's *inner* distance the learned part fades out over this width and
     the universal ZBL repulsion fades in
     (:mod:`macefield_server.engine.core_repulsion`).  The inner distances are

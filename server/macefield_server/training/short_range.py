@@ -170,14 +170,31 @@ def scan_energies(model, structures: Sequence[Structure], *, chunk: int = 8,
     return torch.cat(out)
 
 
+def shortest_pair_distances(structures: Sequence[Structure],
+                            cutoff: float = SEARCH_CUTOFF) -> Dict[Tuple[str, str], float]:
+    """{(A, B), heavier first: shortest distance (A)} of every element pair within ``cutoff`` in ``structures``.
+
+    Periodic or not (unlike :func:`typed_pairs`); one neighbour search per structure.
+    """
+    out: Dict[Tuple[int, int], float] = {}
+    for s in structures:
+        i, j, _, d = pairs(s.positions, s.cell, s.pbc, cutoff)
+        zi, zj = s.numbers[i].astype(np.int64), s.numbers[j].astype(np.int64)
+        key = np.maximum(zi, zj) * 1000 + np.minimum(zi, zj)
+        for k in np.unique(key):
+            pair = (int(k) // 1000, int(k) % 1000)
+            out[pair] = min(out.get(pair, np.inf), float(d[key == k].min()))
+    return {(chemical_symbols[a], chemical_symbols[b]): d for (a, b), d in out.items()}
+
+
 def repulsion_falls(scan: "Scan") -> np.ndarray:
     """(n - 1,) bool: the steps of ``scan`` over which the moved atom's ZBL repulsion does not rise.
 
     The repulsion is the universal ZBL energy
     (:func:`macefield_server.engine.core_repulsion.zbl_energy`) of the moved
     atom with every other atom (any periodic image, the anchor included)
-    within :data:`SEARCH_CUTOFF` of its path; the moved atom's own images
-    move with it and are left out.
+    within :data:`SEARCH_CUTOFF` of the path's start plus its travel; the
+    moved atom's own images move with it and are left out.
     """
     s = scan.source
     travel = float(np.max(np.abs(scan.distances - scan.start)))
@@ -191,7 +208,9 @@ def repulsion_falls(scan: "Scan") -> np.ndarray:
     dist = torch.as_tensor(np.linalg.norm(path[:, None, :] - others[None, :, :], axis=-1))  # (points, others)
     z_other = torch.as_tensor(s.numbers[j[mine]].astype(np.int64)).expand_as(dist)
     z_moved = torch.full_like(z_other, int(s.numbers[scan.moved]))
-    energy = torch.where(dist < SEARCH_CUTOFF, zbl_energy(dist, z_moved, z_other), torch.zeros_like(dist)).sum(-1)
+    # every atom near the path counts at every point (no cutoff inside the sum: atoms crossing a sphere would add
+    # jumps of ~0.01 eV that could flip a nearly flat step)
+    energy = zbl_energy(dist, z_moved, z_other).sum(-1)
     return (torch.diff(energy) <= 0).numpy()
 
 

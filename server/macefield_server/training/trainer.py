@@ -37,7 +37,7 @@ from .config import ARCHITECTURE_KEYS, QUANTITIES, TrainConfig
 from .data import Sample, average_neighbours, build_graphs, load_all, make_batch
 from .losses import residuals, total_loss
 from .metrics import frame_errors, summarise
-from .short_range import (ScanSampler, scan_energies, scan_hinge, shortest_distances, unphysical_falls,
+from .short_range import (ScanSampler, scan_energies, scan_hinge, shortest_pair_distances, unphysical_falls,
                           validation_scans)
 from .widen import widen_max_ell
 
@@ -272,20 +272,20 @@ class Trainer:
         heads = list(net.heads)
         symbols = [chemical_symbols[int(z)] for z in net.atomic_numbers]
         every_pair = [(a, b) for k, a in enumerate(symbols) for b in symbols[k:]]
-        inner: Dict[str, Dict[str, float]] = {}
+        current = getattr(net, "core_repulsion", None)
+        # heads without frames in this run keep what the model has (a fine-tune on some heads changes only those)
+        inner: Dict[str, Dict[str, float]] = dict(current.spec()["inner"]) if current is not None else {}
         for head in heads:
             frames = [s.structure for s in samples if s.structure.head == head]
             if not frames:
                 continue
-            found = {pair_key(a, b): d for (a, b), d in shortest_distances(frames, every_pair).items()
-                     if np.isfinite(d)}
+            found = {pair_key(a, b): d for (a, b), d in shortest_pair_distances(frames).items()}
             if not found:
                 continue
             ratio = min(d / _covalent_sum(*name.split("-")) for name, d in found.items())
             inner[head] = {pair_key(a, b): found.get(pair_key(a, b), ratio * _covalent_sum(a, b))
                            for a, b in every_pair}
         width = float(self.cfg.model.core_repulsion.width)
-        current = getattr(net, "core_repulsion", None)
         wanted = CoreRepulsion(net.atomic_numbers.tolist(), heads, inner, width).spec()
         if current is not None and current.spec() == wanted:
             return
