@@ -115,7 +115,6 @@ def test_exempt_steps_are_where_the_moved_atom_leaves_a_third_atom_it_passed(sha
     other than its anchor that it has come within 1 A of; in these frames that happens only along Si-Si, whose
     straight path passes the bridging O."""
     scan, _ = scans(head)[pair]
-    assert scan.exempt is not None
     if (head, pair) != ("sio2", "Si-Si"):
         assert not scan.exempt.any()
         return

@@ -31,6 +31,7 @@ The same code builds the scans of the training hinge
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -114,19 +115,27 @@ class Scan:
     shift: np.ndarray
     start: float
     distances: np.ndarray
-    #: (len(distances) - 1,) bool, True for the steps where the ZBL repulsion falls (:func:`repulsion_falls`)
-    exempt: Optional[np.ndarray] = None
 
-    def structures(self) -> List[Structure]:
-        """The source frame with ``moved`` at each distance of the scan (positions in A)."""
+    @cached_property
+    def exempt(self) -> np.ndarray:
+        """(len(distances) - 1,) bool, True for the steps where the ZBL repulsion falls (:func:`repulsion_falls`)."""
+        return repulsion_falls(self)
+
+    def path(self) -> np.ndarray:
+        """(len(distances), 3) positions (A) of the moved atom at each distance of the scan."""
         s = self.source
         image = s.positions[self.anchor] - self.shift @ s.cell  # the anchor as the moved atom sees it
         direction = s.positions[self.moved] - image
         direction = direction / np.linalg.norm(direction)
+        return image[None, :] + np.asarray(self.distances, dtype=float)[:, None] * direction[None, :]
+
+    def structures(self) -> List[Structure]:
+        """The source frame with ``moved`` at each distance of the scan (positions in A)."""
+        s = self.source
         out = []
-        for d in self.distances:
+        for point in self.path():
             pos = s.positions.copy()
-            pos[self.moved] = image + float(d) * direction
+            pos[self.moved] = point
             out.append(Structure(numbers=s.numbers, positions=pos, cell=s.cell, pbc=s.pbc,
                                  electric_field=s.electric_field, head=s.head))
         return out
@@ -201,11 +210,7 @@ def repulsion_falls(scan: "Scan") -> np.ndarray:
     i, j, shifts, _ = pairs(s.positions, s.cell, s.pbc, SEARCH_CUTOFF + travel)
     mine = (i == scan.moved) & (j != scan.moved)
     others = s.positions[j[mine]] + shifts[mine] @ s.cell
-    image = s.positions[scan.anchor] - scan.shift @ s.cell
-    direction = s.positions[scan.moved] - image
-    direction = direction / np.linalg.norm(direction)
-    path = image[None, :] + np.asarray(scan.distances, dtype=float)[:, None] * direction[None, :]
-    dist = torch.as_tensor(np.linalg.norm(path[:, None, :] - others[None, :, :], axis=-1))  # (points, others)
+    dist = torch.as_tensor(np.linalg.norm(scan.path()[:, None, :] - others[None, :, :], axis=-1))  # (points, others)
     z_other = torch.as_tensor(s.numbers[j[mine]].astype(np.int64)).expand_as(dist)
     z_moved = torch.full_like(z_other, int(s.numbers[scan.moved]))
     # every atom near the path counts at every point (no cutoff inside the sum: atoms crossing a sphere would add
@@ -234,8 +239,7 @@ def scan_hinge(energies: torch.Tensor, distances: torch.Tensor, margin: float = 
 
 def unphysical_falls(scan: "Scan", energies: np.ndarray) -> np.ndarray:
     """Distances (A, the end of each step) at which F does not rise over a step where the ZBL repulsion rises."""
-    exempt = scan.exempt if scan.exempt is not None else np.zeros(len(scan.distances) - 1, dtype=bool)
-    falls = (np.diff(np.asarray(energies, dtype=float)) <= 0) & ~exempt
+    falls = (np.diff(np.asarray(energies, dtype=float)) <= 0) & ~scan.exempt
     return np.asarray(scan.distances, dtype=float)[1:][falls]
 
 
@@ -321,9 +325,7 @@ class ScanSampler:
             if fine > 0:
                 grid = np.concatenate([grid, grid - fine])
             distances = np.concatenate([[d[k]], np.sort(grid)[::-1]])
-            scan = Scan(frame, pair, anchor, int(j[k]), s[k].astype(float), float(d[k]), distances)
-            scan.exempt = repulsion_falls(scan)
-            out.append(scan)
+            out.append(Scan(frame, pair, anchor, int(j[k]), s[k].astype(float), float(d[k]), distances))
         return out
 
 
@@ -336,9 +338,7 @@ def validation_scans(structures_by_name: Dict[str, Structure], shortest: Dict[Tu
             if head != frame.head:
                 continue
             grid = scan_grid(top, cfg.min_distance, cfg.valid_step)
-            scan = closest_pair_scan(frame, pair, grid)
-            scan.exempt = repulsion_falls(scan)
-            out[f"{name}:{pair_name(pair)}"] = scan
+            out[f"{name}:{pair_name(pair)}"] = closest_pair_scan(frame, pair, grid)
     return out
 
 
@@ -349,8 +349,7 @@ def validation_frame_scans(model, frames: Sequence[Structure], pair_list: Sequen
 
     ``frames``: one time-ordered MD file (its last ``1 - valid_start`` are the
     validation frames); each scan runs from the shortest distance of that
-    pair type in all ``frames`` down to ``stop`` A, ``step`` A apart (the
-    steps where the ZBL repulsion falls marked, :func:`repulsion_falls`); F is
+    pair type in all ``frames`` down to ``stop`` A, ``step`` A apart; F is
     evaluated in the model's dtype.
     """
     shortest = shortest_distances(frames, pair_list)
@@ -358,6 +357,5 @@ def validation_frame_scans(model, frames: Sequence[Structure], pair_list: Sequen
     out = {}
     for pair in pair_list:
         scan = closest_pair_scan(frame, pair, scan_grid(shortest[pair], stop, step))
-        scan.exempt = repulsion_falls(scan)
         out[pair_name(pair)] = (scan, scan_energies(model, scan.structures()).numpy())
     return out

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, cast
+from typing import Any, Dict, List, cast
 
 import numpy as np
 import torch
@@ -65,11 +65,6 @@ def log(msg: str) -> None:
 def _covalent_sum(a: str, b: str) -> float:
     """Sum of the covalent radii (A, ase.data) of elements ``a`` and ``b`` (symbols)."""
     return float(covalent_radii[atomic_numbers[a]] + covalent_radii[atomic_numbers[b]])
-
-
-def _exempt(scan) -> Optional[torch.Tensor]:
-    """The scan's steps where the ZBL repulsion falls (:func:`.short_range.repulsion_falls`), as a tensor."""
-    return torch.as_tensor(scan.exempt) if scan.exempt is not None else None
 
 
 def fit_e0s(samples: List[Sample], atomic_numbers: List[int]) -> np.ndarray:
@@ -470,7 +465,8 @@ class Trainer:
         out, k = [], 0
         for scan in scans:
             n = len(scan.distances)
-            out.append(scan_hinge(energies[k : k + n], torch.as_tensor(scan.distances), margin, _exempt(scan)))
+            exempt = torch.as_tensor(scan.exempt)
+            out.append(scan_hinge(energies[k : k + n], torch.as_tensor(scan.distances), margin, exempt))
             k += n
         return torch.stack(out).mean()
     def train_epoch(self) -> Dict[str, float]:
@@ -546,7 +542,7 @@ class Trainer:
         for name, scan in self.valid_scans.items():
             energies = scan_energies(model, scan.structures()).detach()
             hinges.append(float(scan_hinge(energies, torch.as_tensor(scan.distances),
-                                           float(self.cfg.loss.short_range.margin), _exempt(scan))))
+                                           float(self.cfg.loss.short_range.margin), torch.as_tensor(scan.exempt))))
             lowest[name] = float((energies - energies[0]).min())
             falls[name] = int(len(unphysical_falls(scan, energies.numpy())))
         return {"hinge": float(np.mean(hinges)), "min_energy_rel_start_eV": lowest, "falls": falls}
