@@ -342,6 +342,10 @@ def test_kill_9_of_a_replica_under_load_loses_no_request(replicas, references):
         load.wait_for_answers(40)
         served_before = replicas.served()
         assert served_before[HOSTS[1]] > 0
+        # kill while the victim holds calls (a session's open stream, or a unary call being computed): those are
+        # what must be resent (a stream stays in flight while open; a unary call only while computed)
+        wait_for(lambda: victim.metric("macefield_in_flight") >= 1, timeout=60,
+                 what="calls in flight on the replica to be killed", interval=0.005)
         victim.proc.kill()  # SIGKILL: connections reset, nothing drained
         victim.proc.wait(10)
         after_kill = load.total()
