@@ -82,9 +82,13 @@ BAD = {
     "singular cell": (replace_field("cell", [4.9, 0, 0, 2.45, 0, 0, 0, 0, 5.4]), "cell", "singular cell"),
     "pbc without cell": (replace_field("cell", []), "cell", "singular cell"),
     "lattice vector too long": (long_cell, "cell", "exceeds the server's limit of 100 A"),
+    # its square overflows a float (a ** 2 in Python raises OverflowError): still a named refusal
+    "lattice vector of 1e154 A": (replace_field("cell", [0, 0, 1.3407807929942597e154, 0, 1, 0, 1, 0, 0]), "cell",
+                                  "lattice vector of 1.34078e+154 A exceeds"),
     "field length": (replace_field("electric_field", [0.1, 0.2]), "electric_field", "got 2 values"),
     "field NaN": (index("electric_field", 1, float("nan")), "electric_field", "non-finite"),
     "field too strong": (replace_field("electric_field", [0.0, 0.0, 0.6]), "electric_field", "|E| = 0.6 V/A"),
+    "field of 1e200 V/A": (replace_field("electric_field", [0.0, 1e200, 0.0]), "electric_field", "|E| = 1e+200 V/A"),
 }
 
 

@@ -216,8 +216,8 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
     if top > MAX_COORDINATE:
         raise InvalidRequest("positions", f"|coordinate| above {MAX_COORDINATE:g} Angstrom")
     if periodic_any:
-        longest = max(math.sqrt(rows[3 * k] ** 2 + rows[3 * k + 1] ** 2 + rows[3 * k + 2] ** 2)
-                      for k in range(3) if flags[k])
+        # hypot: finite however large (a float's ** 2 raises OverflowError above ~1.3e154)
+        longest = max(math.hypot(rows[3 * k], rows[3 * k + 1], rows[3 * k + 2]) for k in range(3) if flags[k])
         if longest > limits.max_extent:
             raise InvalidRequest(
                 "cell",
@@ -239,7 +239,7 @@ def parse_request(request, registry: ModelRegistry, limits: LimitsConfig) -> Par
     if not all(map(math.isfinite, field_values)):
         _non_finite(np.asarray(field_values, dtype=np.float64), "electric_field")
     efield = np.array(field_values or (0.0, 0.0, 0.0), dtype=np.float64)
-    magnitude = math.sqrt(sum(e * e for e in field_values))
+    magnitude = math.hypot(*field_values)
     if magnitude > limits.max_field:
         raise InvalidRequest(
             "electric_field", f"|E| = {magnitude:.6g} V/A exceeds the server's limit of {limits.max_field:g} V/A"
