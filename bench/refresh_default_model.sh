@@ -27,7 +27,6 @@ LOGS=${REFRESH_LOGS:-/tmp/refresh-default-model}
 mkdir -p "$LOGS"
 WEIGHTS=server/macefield_server/weights
 MODEL=$WEIGHTS/default.pt
-CARD=$WEIGHTS/default.card.json
 STAGE=$("$PY" -c "from macefield_server.weights import DEFAULT_TRAINING_STAGES as s; print(s[-1].name)")
 
 step_short_range() { "$PY" bench/short_range.py --model "$MODEL" --out bench/results/short_range_default.json; }
@@ -59,6 +58,7 @@ step_prints() {
         kill -0 "$server" 2>/dev/null || { echo "macefield-serve exited" >&2; return 1; }
         sleep 0.5
     done
+    grep -q '"event": "ready"' "$LOGS/serve.out" || { echo "macefield-serve not ready after 300 s" >&2; kill "$server"; return 1; }
     port=$("$PY" -c 'import json, sys; print(json.loads(open(sys.argv[1]).readline())["port"])' "$LOGS/serve.out")
     {
         macefield phonons alpha-quartz --server "127.0.0.1:$port" --head sio2 --relax --json "$LOGS/quartz_phonons.json" &&
