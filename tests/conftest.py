@@ -123,17 +123,31 @@ def pytest_collection_modifyitems(config, items):
             "(unit, integration or system; see the comment there)")
 
 
-@pytest.fixture(scope="module")
-def default_served():
-    """An in-process server (``BackgroundServer``, default configuration, no metrics) on the embedded default
-    model, on a free loopback port, for the tests of one module: its address ``127.0.0.1:PORT``."""
-    from macefield_server.serving.background import BackgroundServer
-    from macefield_server.serving.config import ServerConfig
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded default model (``ServedModel``: the model and its card), loaded once per test process."""
     from macefield_server.serving.registry import load_default_model
 
-    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1)
-    with BackgroundServer(config, [load_default_model()]) as srv:
-        yield f"127.0.0.1:{srv.port}"
+    return load_default_model()
+
+
+@pytest.fixture(scope="session")
+def default_server(default_model):
+    """One in-process server (``BackgroundServer``, default configuration, metrics on a free port) on the embedded
+    default model for the whole test process: loading and warming up the model once, not once per module.
+    Tests that use it compare its metrics only as differences."""
+    from macefield_server.serving.background import BackgroundServer
+    from macefield_server.serving.config import ServerConfig
+
+    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0)
+    with BackgroundServer(config, [default_model]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def default_served(default_server) -> str:
+    """The address ``127.0.0.1:PORT`` of :func:`default_server`."""
+    return f"127.0.0.1:{default_server.port}"
 
 
 @pytest.fixture(scope="session")

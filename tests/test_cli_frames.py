@@ -21,9 +21,6 @@ import pytest
 from serving import interruptible, run_torch_free, torch_free_env
 
 from macefield_client.structures import alpha_quartz, perovskite_batio3
-from macefield_server.serving.background import BackgroundServer
-from macefield_server.serving.config import ServerConfig
-from macefield_server.serving.registry import load_default_model
 
 CLI = [sys.executable, "-m", "macefield_client.cli"]
 FIELD_LINE = ("macefield: WARNING: applying the electric field read from the input file: info['REF_electric_field'] = "
@@ -32,9 +29,8 @@ FIELD_LINE = ("macefield: WARNING: applying the electric field read from the inp
 
 
 @pytest.fixture(scope="module")
-def target():
-    with BackgroundServer(ServerConfig(host="127.0.0.1", port=0, metrics_port=-1), [load_default_model()]) as srv:
-        yield f"127.0.0.1:{srv.port}"
+def target(default_served):
+    return default_served
 
 
 @pytest.fixture

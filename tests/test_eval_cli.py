@@ -16,9 +16,6 @@ import numpy as np
 import pytest
 from serving import run_torch_free, torch_free_env
 
-from macefield_server.serving.background import BackgroundServer
-from macefield_server.serving.config import ServerConfig
-from macefield_server.serving.registry import load_default_model
 
 #: card metrics compared (all of them the card lists per data set)
 METRICS = ("energy_mae_meV_per_atom", "forces_mae_meV_per_A", "forces_rmse_meV_per_A", "stress_mae_meV_per_A3",
@@ -27,11 +24,8 @@ METRICS = ("energy_mae_meV_per_atom", "forces_mae_meV_per_A", "forces_rmse_meV_p
 
 
 @pytest.fixture(scope="module")
-def served():
-    served = load_default_model()
-    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1)
-    with BackgroundServer(config, [served]) as srv:
-        yield f"127.0.0.1:{srv.port}", json.loads(served.card_json)
+def served(default_model, default_served):
+    return default_served, json.loads(default_model.card_json)
 
 
 @pytest.mark.parametrize("dataset, file, head, first, options, expect", [
