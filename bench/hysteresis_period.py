@@ -42,7 +42,7 @@ def main() -> int:
     parser.add_argument("--periods", type=float, nargs="+", default=[0.5, 1.0, 2.0, 5.0], help="ps")
     parser.add_argument("--timestep", type=float, default=2.0, help="fs (default 2)")
     parser.add_argument("--damping", type=float, default=0.02, help="friction, 1/fs (default 0.02)")
-    parser.add_argument("--record-every", type=int, default=2)
+    parser.add_argument("--record-every", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="server threads (default 2)")
     parser.add_argument("--hardware", default="2-core x86 CPU (shared)", help="what the numbers were measured on")
     args = parser.parse_args()

@@ -58,12 +58,30 @@ def test_in_process_example_runs_and_prints_quartz_physics():
     assert comments["max force"].startswith(f"{printed(out, 'max force')[0]:.2f} eV/A")
 
 
-def test_client_example_runs_as_written(default_served, tmp_path):
+@pytest.fixture(scope="module")
+def example_runs(default_served, tmp_path_factory) -> dict:
+    """The README's client and asyncio examples as written (the address replaced) and ``nvt_quartz.py --field 0 0
+    0.05``, each run once, torch-free and with ``-W always``: {name: (completed process, folder)}."""
+    runs = {}
+    scripts = {"client": readme_block("README client example"), "asyncio": readme_block("async def main")}
+    assert scripts["client"].count("127.0.0.1:50051") == 3  # the comment, Client and the calculator
+    for name, example in scripts.items():
+        folder = tmp_path_factory.mktemp(name)
+        script = folder / f"readme_{name}.py"
+        script.write_text(example.replace("127.0.0.1:50051", default_served))
+        runs[name] = (run_torch_free([sys.executable, "-W", "always", str(script)], torch_free_env(folder),
+                                     timeout=300), folder)
+    folder = tmp_path_factory.mktemp("nvt")
+    runs["nvt"] = (run_torch_free([sys.executable, "-W", "always", str(EXAMPLES / "nvt_quartz.py"), "--server",
+                                   default_served, "--steps", "30", "--log-every", "10", "--field", "0", "0", "0.05",
+                                   "--trajectory", str(folder / "nvt.xyz")], torch_free_env(folder), timeout=300),
+                   folder)
+    return runs
+
+
+def test_client_example_runs_as_written(example_runs):
     example = readme_block("README client example")
-    assert example.count("127.0.0.1:50051") == 3  # the comment, Client and the calculator
-    script = tmp_path / "readme_client.py"
-    script.write_text(example.replace("127.0.0.1:50051", default_served))
-    out = run_torch_free([sys.executable, str(script)], torch_free_env(tmp_path), timeout=300).stdout
+    out = example_runs["client"][0].stdout
     assert "heads: ['sio2', 'batio3']" in out
     eps = printed(out, "eps_inf diagonal")
     assert len(eps) == 3 and all(abs(e - 2.4) < 0.05 * 2.4 for e in eps), eps
@@ -76,18 +94,15 @@ def test_client_example_runs_as_written(default_served, tmp_path):
     assert comments["Z*(Si) trace/3"].startswith(f"{z:.2f} e")
 
 
-def test_nvt_example_keeps_quartz_at_temperature(default_served, tmp_path):
-    traj = tmp_path / "nvt.xyz"
-    out = run_torch_free([sys.executable, str(EXAMPLES / "nvt_quartz.py"), "--server", default_served, "--steps", "30",
-                          "--log-every", "10", "--field", "0", "0", "0.05", "--trajectory", str(traj)],
-                         torch_free_env(tmp_path), timeout=300).stdout
-    rows = [line.split() for line in out.splitlines() if not line.startswith("#")]
+def test_nvt_example_keeps_quartz_at_temperature(example_runs):
+    done, folder = example_runs["nvt"]
+    rows = [line.split() for line in done.stdout.splitlines() if not line.startswith("#")]
     assert [int(r[0]) for r in rows] == [0, 10, 20, 30]
     temperatures = [float(r[2]) for r in rows]
     assert all(50.0 < t < 600.0 for t in temperatures), temperatures  # the wrong quartz heated to 5000 K
     import ase.io
 
-    frames = ase.io.read(traj, index=":")
+    frames = ase.io.read(folder / "nvt.xyz", index=":")
     assert len(frames) == 4 and len(frames[0]) == 72
 
 
@@ -132,23 +147,14 @@ def test_info_shows_the_model_card_summary(default_served, tmp_path):
     assert re.search(r"Z\* MAE\s+" + re.escape(f"{sio2['born_charges_mae_e']:.4g}") + r"\s+e", out)
 
 
-def test_readme_examples_run_without_warnings(default_served, tmp_path):
+def test_readme_examples_run_without_warnings(example_runs):
     """The README's client and asyncio examples and ``nvt_quartz.py --field 0 0 0.05`` (perfect or thermal quartz,
     the head's own chemistry, a small field) print no warning: a warning there teaches users to ignore them.
 
     The extrapolation grade must not grow with the applied field for this to hold (the README's field of
     0.05 V/A once graded perfect quartz 3.7)."""
-    env = torch_free_env(tmp_path)
-    scripts = {"client": readme_block("README client example"), "asyncio": readme_block("async def main")}
-    runs = {}
-    for name, example in scripts.items():
-        script = tmp_path / f"readme_{name}.py"
-        script.write_text(example.replace("127.0.0.1:50051", default_served))
-        runs[name] = run_torch_free([sys.executable, "-W", "always", str(script)], env, timeout=300)
-    runs["nvt"] = run_torch_free([sys.executable, "-W", "always", str(EXAMPLES / "nvt_quartz.py"), "--server",
-                                  default_served, "--steps", "20", "--log-every", "10", "--field", "0", "0", "0.05"],
-                                 env, timeout=300)
-    for name, proc in runs.items():
+    assert set(example_runs) == {"client", "asyncio", "nvt"}
+    for name, (proc, _) in example_runs.items():
         assert "Warning" not in proc.stderr and "extrapolat" not in proc.stderr.lower(), (name, proc.stderr)
         assert "extrapolation grade" not in proc.stdout, (name, proc.stdout)
 
@@ -199,12 +205,28 @@ def test_readme_workflow_phonons_prints_the_readme_numbers(default_served, tmp_p
 
 
 def test_readme_workflow_loop_prints_the_readme_numbers(default_served, tmp_path):
-    """``macefield hysteresis batio3``: the README's Pr, Ec and Ps to 5 % (0 K damped dynamics through a
-    switching event amplify float32 round-off, which differs with the number of threads)."""
+    """``macefield hysteresis batio3`` (0 K damped dynamics of the 135-atom cell under a cosine field along z,
+    E0 = 0.3636 V/A, the paper's amplitude, in a 0.5 ps period: a fast loop, not the quasi-static one): the
+    README's Pr, Ec and Ps to 5 % (dynamics through a switching event amplify float32 round-off, which differs
+    with the number of threads), and P follows E through both signs with no jump of a polarization quantum."""
+    from macefield_client.structures import perovskite_batio3
+
     command, lines = readme_command_and_output("README workflows: loop")
     stdout = _run_readme_command(command, default_served, tmp_path)
     assert len(lines) == 3
     assert_printed_as_in_readme(stdout, lines, rel=0.05, abs_=0.5)
     loop = json.loads((tmp_path / "loop.json").read_text())
     p, e = np.array(loop["polarization"]), np.array(loop["field"])
-    assert p[np.argmin(e)] < -20 < 20 < p[-1]  # it switches: P follows E through both signs
+    assert loop["settings"]["record_every"] == 1 and e[0] == pytest.approx(36.36)
+    assert e.min() == pytest.approx(-36.36, rel=1e-3)
+    # switching: P negative around the field minimum, positive again at the end (the built-in cell is
+    # centrosymmetric: P starts near zero and rises with the field, the virgin curve)
+    at_min = np.abs(np.arange(len(e)) - np.argmin(e)) <= 5
+    assert np.all(p[at_min] < -20) and p[-1] > 20
+    assert loop["coercive_field_plus_MV_cm"] > 0 > loop["coercive_field_minus_MV_cm"]
+    # continuous: the quantum of this cell along z is e c / Omega = 1602 / (a b) uC/cm^2 (11 for the 3x3x3
+    # cell); P changes by up to ~5 uC/cm^2 per 2 fs step while it switches, smoothly: a wrong branch would be
+    # a spike of a quantum in the second difference
+    cell = perovskite_batio3(repeat=(3, 3, 3)).cell
+    quantum = 1602.176634 / (cell[0, 0] * cell[1, 1])
+    assert np.abs(np.diff(p, 2)).max() < quantum / 4

@@ -1,7 +1,8 @@
-"""``macefield md`` and ``macefield spectrum`` given a structure, through a real server on the embedded default
-model: the low-temperature MD IR spectrum of alpha-quartz has its strongest bands at the harmonic route's
-IR-active frequencies, and ``md`` + ``spectrum`` on its npz (or its extended XYZ) is ``spectrum`` on the
-structure with the same seed."""
+"""``macefield md`` and ``macefield spectrum`` given a structure, through a real server: on the embedded default
+model, the low-temperature MD IR spectrum of alpha-quartz has its strongest bands at the harmonic route's
+IR-active frequencies; on a small random float64 model (the plumbing, which any model exercises alike),
+``md`` + ``spectrum`` on its npz (or its extended XYZ) is ``spectrum`` on the structure with the same seed, a
+restart continues the run, and Ctrl-C keeps what was recorded."""
 
 from __future__ import annotations
 
@@ -10,12 +11,22 @@ import json
 import numpy as np
 import pytest
 
+from conftest import random_field_model
+from serving import metric, tiny_server, wait_for
+
 from macefield_client import Client
 from macefield_client.cli.main import main
 
 pytest.importorskip("phonopy")
 from macefield_client.workflows import harmonic  # noqa: E402
 from macefield_client.workflows.spectra import C_CM_PER_FS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A small random float64 model (heads sio2 and other, O and Si) in an in-process server with metrics."""
+    with tiny_server(random_field_model(heads=("sio2", "other"), seed=3)) as srv:
+        yield srv
 
 
 def test_low_temperature_md_ir_bands_are_the_harmonic_ir_modes(default_served, tmp_path):
@@ -49,11 +60,12 @@ def test_low_temperature_md_ir_bands_are_the_harmonic_ir_modes(default_served, t
         assert min(abs(p - f) for f in strong) < resolution, (p, strong)
 
 
-def test_md_then_spectrum_equals_spectrum_of_the_structure(default_served, tmp_path):
+def test_md_then_spectrum_equals_spectrum_of_the_structure(small, tmp_path):
     """Same seed, same options: the npz of ``macefield md``, its extended XYZ and the run of ``macefield spectrum
     STRUCTURE`` give the same spectrum (Langevin: the thermostat noise of each replica is its seed's)."""
-    run = ["--server", default_served, "--head", "sio2", "--quiet", "--thermostat", "langevin", "--temperature", "300",
-           "--steps", "80", "--equilibrate", "10", "--record-every", "1", "--replicas", "2", "--seed", "7"]
+    run = ["--server", f"127.0.0.1:{small.port}", "--head", "sio2", "--quiet", "--thermostat", "langevin",
+           "--temperature", "300", "--steps", "80", "--equilibrate", "10", "--record-every", "1", "--replicas", "2",
+           "--seed", "7"]
     npz, xyz = tmp_path / "run.npz", tmp_path / "run.xyz"
     assert main(["md", "alpha-quartz", *run, "--out", str(npz), "--extxyz", str(xyz)]) == 0
     saved = np.load(npz)
@@ -88,24 +100,27 @@ def test_md_then_spectrum_equals_spectrum_of_the_structure(default_served, tmp_p
     assert main(["md", "alpha-quartz", *run, "--replicas", "3", "--restart", str(npz), "--out", str(more)]) == 2
 
 
-def test_md_ctrl_c_writes_what_was_recorded_and_restarts(default_served, tmp_path):
+def test_md_ctrl_c_writes_what_was_recorded_and_restarts(small, tmp_path):
     """SIGINT to a torch-free ``macefield md``: exit 130, the npz and the extended XYZ hold the records so far,
     and ``--restart`` continues from them."""
     import signal
     import subprocess
     import sys
-    import time
 
     from serving import assert_torch_free, interruptible, torch_free_env
 
     env, report = torch_free_env(tmp_path)
     npz, xyz = tmp_path / "cut.npz", tmp_path / "cut.xyz"
-    run = ["--server", default_served, "--head", "sio2", "--replicas", "2", "--temperature", "300",
+    run = ["--server", f"127.0.0.1:{small.port}", "--head", "sio2", "--replicas", "2", "--temperature", "300",
            "--record-every", "1", "--equilibrate", "0", "--seed", "2"]
     proc = subprocess.Popen(interruptible([sys.executable, "-m", "macefield_client.cli", "md", "alpha-quartz", *run,
                                            "--steps", "100000", "--out", str(npz), "--extxyz", str(xyz)]),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(12.0)  # start-up and some steps
+    answered = metric(small.metrics_port, "macefield_requests_total", method="PredictBatch", code="OK")
+    # start-up, then some steps (one batched call per step)
+    wait_for(lambda: metric(small.metrics_port, "macefield_requests_total", method="PredictBatch", code="OK")
+             >= answered + 5 or proc.poll() is not None, timeout=120, what="five MD steps answered")
+    assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, (stdout, stderr)

@@ -1,6 +1,7 @@
-"""``macefield md`` when its server dies mid-run: a real ``macefield-serve`` process on the embedded default
-model is killed (SIGKILL) while a torch-free ``macefield md`` runs against it.  The command must write what was
-recorded (the npz and the extended XYZ), say on stderr that the server failed and name the failure, and exit 1."""
+"""``macefield md`` when its server dies mid-run: a real ``macefield-serve`` process (a small random float64
+model: the failure path is the same for any model) is killed (SIGKILL) while a torch-free ``macefield md`` runs
+against it.  The command must write what was recorded (the npz and the extended XYZ), say on stderr that the
+server failed and name the failure, and exit 1."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
-from serving import ServerProcess, assert_torch_free, torch_free_env, wait_for
+from serving import ServerProcess, assert_torch_free, save_tiny_model, torch_free_env, wait_for
 
 
 def test_md_writes_what_was_recorded_when_the_server_dies(tmp_path):
@@ -17,7 +18,7 @@ def test_md_writes_what_was_recorded_when_the_server_dies(tmp_path):
     from macefield_client import Client
     from macefield_client.structures import alpha_quartz
 
-    server = ServerProcess([])
+    server = ServerProcess(["--model", str(save_tiny_model(tmp_path / "tiny.pt"))])
     try:
         with Client(server.address) as client:  # retried while the model loads: the server is serving after it
             client.predict(alpha_quartz(), head="sio2")
