@@ -19,13 +19,13 @@ import time
 
 import numpy as np
 import pytest
-from md_engines import (  # noqa: F401 - default_server is a fixture
+from md_engines import (  # noqa: F401 - engine_server is a fixture
     EXAMPLES,
     IPIForceQueue,
     IPIProcess,
     assert_close,
-    default_server,
     driver_command,
+    engine_server,
     example_input,
     ipi_arrays,
     ipi_properties,
@@ -259,10 +259,10 @@ def test_periodicity_comes_per_axis_from_the_template_or_is_asked_for(tiny_serve
         assert energy(bare, pbc=(False, False, False)).energy == pytest.approx(reference(False), rel=1e-12)
 
 
-# ------------------------------------------------------------------ NVE, driven dynamics (the default model)
+# ------------------------------------------------------------------ NVE, driven dynamics (small calibrated model)
 
 
-def test_nve_quartz_conserves_energy_and_ipi_records_the_servers_forces(default_server, tmp_path):
+def test_nve_quartz_conserves_energy_and_ipi_records_the_servers_forces(engine_server, tmp_path):
     """docs/examples/ipi/nve.xml: 200 steps at 0.5 fs; the driver runs without torch."""
     address = unique_name()
     write_quartz(tmp_path)
@@ -270,7 +270,7 @@ def test_nve_quartz_conserves_energy_and_ipi_records_the_servers_forces(default_
     env, report = torch_free_env(tmp_path)
     ipi = IPIProcess(tmp_path, address)
     try:
-        done = run_driver(tmp_path, "--unix", address, "--template", "quartz.xyz", "--server", target(default_server),
+        done = run_driver(tmp_path, "--unix", address, "--template", "quartz.xyz", "--server", target(engine_server),
                           "--log", "driver.log", env=env)
         assert done.returncode == 0, done.stderr
         assert "i-PI sent EXIT after 201 MD steps: 201 exchanges" in done.stderr, done.stderr
@@ -284,7 +284,7 @@ def test_nve_quartz_conserves_energy_and_ipi_records_the_servers_forces(default_
     props = ipi_properties(tmp_path / "nve.out")
     assert props.shape == (201, 13) and props[-1, 0] == 200 and props[-1, 1] == pytest.approx(0.1)
     drift = np.abs(props[:, 2] - props[0, 2]).max() / N_QUARTZ
-    print(f"i-PI NVE: conserved quantity drifts {drift * 1e3:.3f} meV/atom")  # docs/md_engines.md quotes it
+    print(f"i-PI NVE: conserved quantity drifts {drift * 1e3:.2g} meV/atom")  # docs/md_engines.md quotes it
     assert drift < 1e-3, f"conserved quantity drifts {drift * 1e3:.3f} meV/atom"
     assert np.ptp(props[:, 5]) > 100 * N_QUARTZ * drift  # the atoms really moved on the model's surface
 
@@ -293,7 +293,7 @@ def test_nve_quartz_conserves_energy_and_ipi_records_the_servers_forces(default_
     assert sorted(structures) == sorted(forces) == [0, 50, 100, 150, 200]
     log = driver_log(tmp_path / "driver.log")
     assert np.array_equal(log["step"], np.arange(201)) and np.all(log["server"] > 0) and np.all(log["batch"] == 1)
-    with Client(target(default_server), timeout=120) as client:
+    with Client(target(engine_server), timeout=120) as client:
         for step, atoms in structures.items():
             r = client.predict(atoms, outputs=["energy", "forces", "stress"])
             assert_close(forces[step], r.forces, 1e-6, f"forces at step {step}")
@@ -303,19 +303,19 @@ def test_nve_quartz_conserves_energy_and_ipi_records_the_servers_forces(default_
             # i-PI printed eV with its own 8-digit constant: compare in Hartree, what the driver sent
             assert unit_to_internal("energy", "electronvolt", props[step, 5]) == pytest.approx(
                 float(r.energy) / HARTREE, rel=1e-8)
-            # the extrapolation grade (the default model has statistics) reaches the log
+            # the extrapolation grade (the served head has statistics) reaches the log
             assert log["extrapolation_max"][step] == pytest.approx(float(r.extrapolation_max), rel=1e-5)
             assert log["extrapolating_atoms"][step] == int((r.extrapolation > 1.0).sum())
 
 
-def test_driven_dynamics_gets_the_servers_born_charges(default_server, tmp_path):
+def test_driven_dynamics_gets_the_servers_born_charges(engine_server, tmp_path):
     """docs/examples/ipi/driven.xml: eda-nve with a field pulse; i-PI takes Z* from the driver (--bec)."""
     address = unique_name()
     write_quartz(tmp_path)
     example_input("driven.xml", tmp_path, address)
     ipi = IPIProcess(tmp_path, address)
     try:
-        done = run_driver(tmp_path, "--unix", address, "--template", "quartz.xyz", "--server", target(default_server),
+        done = run_driver(tmp_path, "--unix", address, "--template", "quartz.xyz", "--server", target(engine_server),
                           "--bec")
         assert done.returncode == 0, done.stderr
         assert ipi.wait(120) == 0, ipi.log()[-3000:]
@@ -331,7 +331,7 @@ def test_driven_dynamics_gets_the_servers_born_charges(default_server, tmp_path)
     forces = ipi_arrays(tmp_path / "driven.for_0.extxyz")
     bec = [ipi_arrays(tmp_path / f"driven.bec{c}_0.extxyz") for c in "xyz"]
     assert sorted(structures) == [0, 10, 20, 30, 40]
-    with Client(target(default_server), timeout=120) as client:
+    with Client(target(engine_server), timeout=120) as client:
         for step, atoms in structures.items():
             r = client.predict(atoms, outputs=["forces", "dipole", "born_charges"])  # zero field: i-PI adds Z*.E
             # i-PI's BEC row 3k+j, column i is Z*[k, i, j]: becx[k, j] = Z*[k, x, j]
@@ -341,7 +341,7 @@ def test_driven_dynamics_gets_the_servers_born_charges(default_server, tmp_path)
             assert_close(props[step, 7:10], r.dipole, 1e-6, f"dipole at step {step}")  # sent as e*Bohr
 
 
-def test_rotated_triclinic_crystal_field_in_the_templates_frame(default_server, tmp_path):
+def test_rotated_triclinic_crystal_field_in_the_templates_frame(engine_server, tmp_path):
     """A triclinic cell turned away from the axes: i-PI holds it upright, the driver finds that rotation, applies
     --field (given for the template) turned with it, and i-PI's forces, virial and pressure are the server's for
     the triclinic cell it recorded."""
@@ -353,7 +353,7 @@ def test_rotated_triclinic_crystal_field_in_the_templates_frame(default_server, 
     field = np.array([0.0, 0.05, 0.03])  # V/A, in the template's frame
     ipi = IPIProcess(tmp_path, address)
     try:
-        done = run_driver(tmp_path, "--unix", address, "--template", "quartz.xyz", "--server", target(default_server),
+        done = run_driver(tmp_path, "--unix", address, "--template", "quartz.xyz", "--server", target(engine_server),
                           "--field", *map(str, field), "--log", "driver.log")
         assert done.returncode == 0, done.stderr
         assert "rotated from the template's frame" in done.stderr, done.stderr
@@ -373,7 +373,7 @@ def test_rotated_triclinic_crystal_field_in_the_templates_frame(default_server, 
     log = driver_log(tmp_path / "driver.log")
     applied = np.stack([log[k] for k in ("Ex", "Ey", "Ez")], axis=1)
     np.testing.assert_allclose(applied, np.tile(rotation @ field, (5, 1)), atol=1e-8)
-    with Client(target(default_server), timeout=120) as client:
+    with Client(target(engine_server), timeout=120) as client:
         for step, atoms in structures.items():
             assert abs(atoms.cell[1, 0]) > 1.0 and abs(atoms.cell[2, 1]) > 1.0  # triclinic
             r = client.predict(atoms, electric_field=rotation @ field, outputs=["energy", "forces", "stress", "dipole"])

@@ -13,10 +13,10 @@ import sys
 
 import numpy as np
 import pytest
-from md_engines import (  # noqa: F401 - default_server is a fixture
+from md_engines import (  # noqa: F401 - engine_server is a fixture
     EXAMPLES,
     assert_close,
-    default_server,
+    engine_server,
     quartz_frame,
     target,
     triclinic_quartz,
@@ -77,7 +77,7 @@ def dump_frames(text: str):
     return frames
 
 
-def test_example_nve_quartz_conserves_energy_and_gets_the_servers_forces(default_server, tmp_path):
+def test_example_nve_quartz_conserves_energy_and_gets_the_servers_forces(engine_server, tmp_path):
     """docs/examples/lammps (quartz.in, run_quartz.py): 200 NVE steps at 0.5 fs, the driver without torch."""
     import ase.io
 
@@ -85,7 +85,7 @@ def test_example_nve_quartz_conserves_energy_and_gets_the_servers_forces(default
         shutil.copy(EXAMPLES / "lammps" / name, tmp_path / name)
     frame = quartz_frame(0)
     ase.io.write(tmp_path / "quartz.data", frame, format="lammps-data", specorder=["Si", "O"], masses=True)
-    proc = run_torch_free([sys.executable, "run_quartz.py", "--server", target(default_server), "--steps", "200"],
+    proc = run_torch_free([sys.executable, "run_quartz.py", "--server", target(engine_server), "--steps", "200"],
                           torch_free_env(tmp_path), timeout=600, cwd=tmp_path)
     assert "201 force calls" in proc.stdout, proc.stdout
 
@@ -93,7 +93,7 @@ def test_example_nve_quartz_conserves_energy_and_gets_the_servers_forces(default
     etotal = rows[:, header.index("TotEng")]
     assert rows[-1, 0] == 200 and len(rows) == 21
     drift = np.abs(etotal - etotal[0]).max() / N_QUARTZ
-    print(f"LAMMPS NVE: total energy drifts {drift * 1e3:.3f} meV/atom")  # docs/md_engines.md quotes it
+    print(f"LAMMPS NVE: total energy drifts {drift * 1e3:.2g} meV/atom")  # docs/md_engines.md quotes it
     assert drift < 1e-3, f"total energy drifts {drift * 1e3:.3f} meV/atom"
     assert np.ptp(rows[:, header.index("PotEng")]) > 100 * N_QUARTZ * drift  # the atoms really moved
 
@@ -103,7 +103,7 @@ def test_example_nve_quartz_conserves_energy_and_gets_the_servers_forces(default
     np.testing.assert_array_equal(numbers, frame.numbers)  # type 1 = Si, 2 = O, in atom-ID order
     log = np.loadtxt(tmp_path / "dipole.log")
     assert log.shape == (201, 14) and np.array_equal(log[:, 0], np.arange(201))
-    with Client(target(default_server), timeout=120) as client:
+    with Client(target(engine_server), timeout=120) as client:
         for step, (cell, ids, types, positions, forces) in frames.items():
             r = client.predict({"numbers": numbers, "positions": positions, "cell": cell, "pbc": True},
                                outputs=["energy", "forces", "dipole", "polarization"])
@@ -111,7 +111,7 @@ def test_example_nve_quartz_conserves_energy_and_gets_the_servers_forces(default
             assert_close(log[step, 6:9], r.dipole, 1e-6, f"dipole at step {step}")
             assert_close(log[step, 9:12], r.polarization, 1e-6, f"polarization at step {step}")
             assert log[step, 5] == pytest.approx(float(r.energy), rel=1e-9)
-            # the extrapolation grade (the default model has statistics): its maximum, atoms above 1
+            # the extrapolation grade (the served head has statistics): its maximum, atoms above 1
             assert log[step, 12] == pytest.approx(float(r.extrapolation_max), rel=1e-5)
             assert log[step, 13] == int((r.extrapolation > 1.0).sum())
 
@@ -150,7 +150,7 @@ def lammps_with(atoms, *, units="metal", dynamics=False, fix_modify="energy yes 
     return lmp
 
 
-def test_triclinic_box_per_step_field_virial_and_forces(default_server, tmp_path):
+def test_triclinic_box_per_step_field_virial_and_forces(engine_server, tmp_path):
     """Fixed atoms, a field that changes every step: energy, dipole and P follow the model step by step;
     the triclinic box gives the numbers of the same crystal in its orthorhombic cell; LAMMPS' pressure
     tensor is the server's stress (the input leaves the fix out of pe and the pressure, as LAMMPS versions whose
@@ -162,8 +162,8 @@ def test_triclinic_box_per_step_field_virial_and_forces(default_server, tmp_path
         return (0.0, 0.05 * step, -0.03 * step)
 
     log = tmp_path / "bridge.log"
-    with Client(target(default_server), timeout=120) as client:
-        with attach(lmp, "mf", server=target(default_server), type_map={1: "Si", 2: "O"}, field=field, log=log,
+    with Client(target(engine_server), timeout=120) as client:
+        with attach(lmp, "mf", server=target(engine_server), type_map={1: "Si", 2: "O"}, field=field, log=log,
                     log_born_charges=True) as bridge:
             bridge.run(3)
             assert bridge.calls == 4  # setup (step 0) and steps 1-3
@@ -196,7 +196,7 @@ def test_triclinic_box_per_step_field_virial_and_forces(default_server, tmp_path
 
         # a FieldSchedule runs on LAMMPS' simulation time (t = step * dt)
         schedule = FieldSchedule((0.0, 0.0, 0.2), frequency_thz=40.0, phase=0.2)
-        with attach(lmp, "mf", server=target(default_server), type_map={1: 14, 2: 8}, field=schedule,
+        with attach(lmp, "mf", server=target(engine_server), type_map={1: 14, 2: 8}, field=schedule,
                     log=tmp_path / "schedule.log") as bridge:
             bridge.run(2)
         rows = np.loadtxt(tmp_path / "schedule.log")
@@ -207,15 +207,15 @@ def test_triclinic_box_per_step_field_virial_and_forces(default_server, tmp_path
     lmp.close()
 
 
-def test_errors_stop_the_run_with_a_clear_message(default_server, capfd):
+def test_errors_stop_the_run_with_a_clear_message(engine_server, capfd):
     _, tri = triclinic_quartz()
     lmp = lammps_with(tri, units="real")
     with pytest.raises(ValueError, match="units metal"):
-        attach(lmp, "mf", server=target(default_server), type_map={1: "Si", 2: "O"})
+        attach(lmp, "mf", server=target(engine_server), type_map={1: "Si", 2: "O"})
     lmp.close()
 
     lmp = lammps_with(tri, dynamics=True)
-    bridge = attach(lmp, "mf", server=target(default_server), type_map={1: "Si"})
+    bridge = attach(lmp, "mf", server=target(engine_server), type_map={1: "Si"})
     with pytest.raises(ValueError, match=r"type\(s\) \[2\] have no element"):
         bridge.run(10)
     assert bridge.calls == 0 and lmp.extract_global("ntimestep") <= 1  # stopped at once
@@ -232,14 +232,14 @@ def test_errors_stop_the_run_with_a_clear_message(default_server, capfd):
     bridge.close()
     dead.close()
     with pytest.raises(ValueError, match="type_map"):
-        attach(lmp, "mf", server=target(default_server), type_map={1: "Xx", 2: "O"})
-    with attach(lmp, "mf", server=target(default_server), type_map={1: "Si", 2: "O"}) as bridge:  # a new one does
+        attach(lmp, "mf", server=target(engine_server), type_map={1: "Xx", 2: "O"})
+    with attach(lmp, "mf", server=target(engine_server), type_map={1: "Si", 2: "O"}) as bridge:  # a new one does
         step = lmp.extract_global("ntimestep")
         bridge.run(1)
         assert bridge.calls == 2 and lmp.extract_global("ntimestep") == step + 1
         assert np.isfinite(np.asarray(lmp.numpy.extract_atom("f"))[:N_QUARTZ]).all()
     # a type map that swaps the elements: LAMMPS' masses say so
-    with attach(lmp, "mf", server=target(default_server), type_map={1: "O", 2: "Si"}) as bridge:
+    with attach(lmp, "mf", server=target(engine_server), type_map={1: "O", 2: "Si"}) as bridge:
         with pytest.warns(UserWarning, match=r"type 1 has mass 28.0855 amu, but is mapped to O \(15.9990 amu\)"):
             bridge.run(0)
     lmp.close()
