@@ -67,7 +67,7 @@ TIERS = {
         "test_command_lines.py",  # the project's commands found through the interpreter under test
         "test_head_choice.py",  # the head chosen from the elements, refusals of unseen elements
         "test_workflows_harmonic.py",  # phonons of quartz through a real server
-        "test_workflows_md.py",  # ensemble MD and a BaTiO3 hysteresis loop through a real server
+        "test_workflows_md.py",  # ensemble MD through a real server (small model); hysteresis of a DFT frame file
         "test_workflows_md_cli.py",  # macefield md / spectrum STRUCTURE: quartz IR bands at the harmonic modes
         "test_workflows_eps_md.py",  # fluctuation eps_0 of a 20 K quartz ensemble = the harmonic eps_0
         "test_cueq_backend.py",  # no server, but ~30 s of model conversions
@@ -107,8 +107,17 @@ TIERS = {
 _TIER_OF = {name: tier for tier, names in TIERS.items() for name in names}
 
 
+#: the test files that take longest (a few minutes each on two cores), run first: ``make test``'s workers
+#: (pytest-xdist, ``--dist loadfile``) take files in collection order, and a long file started last would
+#: leave one worker running it alone at the end
+SLOW_FIRST = ("test_short_range.py", "test_scale_out.py", "test_gpu_suite.py", "test_workflows_eps_md.py",
+              "test_readme_examples.py", "test_workflows_md_cli.py", "test_training_cli.py", "test_md_ipi.py",
+              "test_extrapolation.py", "test_faults.py", "test_client_restart.py", "test_server_stop.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Mark every test with its file's tier (:data:`TIERS`); a test file without one stops the run."""
+    """Mark every test with its file's tier (:data:`TIERS`); a test file without one stops the run.  Then the
+    files of :data:`SLOW_FIRST` go first, in that order (the order within a file is kept)."""
     untiered = set()
     for item in items:
         name = item.path.name
@@ -121,6 +130,21 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(
             f"test file(s) {sorted(untiered)} have no tier: add each to TIERS in tests/conftest.py "
             "(unit, integration or system; see the comment there)")
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: file order kept otherwise
+
+
+@pytest.fixture(autouse=True)
+def _torch_process_state():
+    """Every test starts with one torch thread and TorchScript's optimising executor on, as the test process
+    began: in-process training (``Trainer``) sets ``run.threads`` and ``run.jit_optimize`` for the whole process,
+    and a float32 model's round-off changes with the thread count, which would make later tests in the same
+    process depend on which tests ran before them."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    if not torch._C._get_graph_executor_optimize():  # pylint: disable=protected-access
+        torch._C._set_graph_executor_optimize(True)  # pylint: disable=protected-access
 
 
 @pytest.fixture(scope="session")
