@@ -9,6 +9,10 @@
 # changes need no reinstall; an install is redone only when a pyproject.toml changes or for another PYTHON.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+# make test runs the suite in TEST_WORKERS processes (pytest-xdist; 0 runs it in this process), each test file
+# whole in one worker (--dist loadfile: module-scoped servers and order-dependent tests stay together); every
+# worker computes with one torch thread
+TEST_WORKERS ?= 2
 # one stamp per interpreter: its prefix and, for a virtual environment, when it was created (a venv made again
 # at the same path installs afresh)
 STAMP := .make/$(shell $(PYTHON) -c "import hashlib, os, sys; cfg = os.path.join(sys.prefix, 'pyvenv.cfg'); \
@@ -49,7 +53,7 @@ lint: $(STAMP).test-installed
 	$(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 test: lint
-	$(PYTHON) -m pytest -q -rs tests
+	$(PYTHON) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP).test-installed
 	$(PYTHON) -m pytest -q -rs -m unit tests
