@@ -10,8 +10,9 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # make test runs the suite in TEST_WORKERS processes (pytest-xdist; 0 runs it in this process), each test file
-# whole in one worker (--dist loadfile: module-scoped servers and order-dependent tests stay together); every
-# worker computes with one torch thread
+# whole in one worker (--dist loadfile: module-scoped servers and order-dependent tests stay together), taken in
+# collection order (--no-loadscope-reorder: the longest files first, tests/conftest.py SLOW_FIRST); every worker
+# computes with one torch thread
 TEST_WORKERS ?= 2
 # one stamp per interpreter: its prefix and, for a virtual environment, when it was created (a venv made again
 # at the same path installs afresh)
@@ -53,7 +54,7 @@ lint: $(STAMP).test-installed
 	$(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 test: lint
-	$(PYTHON) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests
+	$(PYTHON) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-fast: $(STAMP).test-installed
 	$(PYTHON) -m pytest -q -rs -m unit tests

@@ -58,7 +58,7 @@ TIERS = {
         "test_workflows_spectra.py",  # spectra and fluctuation eps_0 of synthetic series (numpy)
     ),
     "integration": (
-        "test_checkpoint_environments.py",  # no server, but a child worker process per checkpoint (~1 min)
+        "test_checkpoint_environments.py",  # no server, but two child processes evaluating checkpoints (~1 min)
         "test_ci_setup.py",  # child pytest runs
         "test_client.py",
         "test_client_connect.py",
@@ -108,8 +108,8 @@ _TIER_OF = {name: tier for tier, names in TIERS.items() for name in names}
 
 
 #: the test files that take longest (a few minutes each on two cores), run first: ``make test``'s workers
-#: (pytest-xdist, ``--dist loadfile``) take files in collection order, and a long file started last would
-#: leave one worker running it alone at the end
+#: (pytest-xdist, ``--dist loadfile --no-loadscope-reorder``) take files in collection order, and a long file
+#: started last would leave one worker running it alone at the end
 SLOW_FIRST = ("test_short_range.py", "test_scale_out.py", "test_gpu_suite.py", "test_workflows_eps_md.py",
               "test_readme_examples.py", "test_workflows_md_cli.py", "test_training_cli.py", "test_md_ipi.py",
               "test_extrapolation.py", "test_faults.py", "test_client_restart.py", "test_server_stop.py")
@@ -130,21 +130,29 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(
             f"test file(s) {sorted(untiered)} have no tier: add each to TIERS in tests/conftest.py "
             "(unit, integration or system; see the comment there)")
+    unknown = set(SLOW_FIRST) - set(_TIER_OF)
+    if unknown:
+        raise pytest.UsageError(f"SLOW_FIRST in tests/conftest.py names no test file: {sorted(unknown)}")
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: file order kept otherwise
 
 
-@pytest.fixture(autouse=True)
-def _torch_process_state():
-    """Every test starts with one torch thread and TorchScript's optimising executor on, as the test process
-    began: in-process training (``Trainer``) sets ``run.threads`` and ``run.jit_optimize`` for the whole process,
-    and a float32 model's round-off changes with the thread count, which would make later tests in the same
-    process depend on which tests ran before them."""
-    yield
+def _reset_torch_process_state() -> None:
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
     if not torch._C._get_graph_executor_optimize():  # pylint: disable=protected-access
         torch._C._set_graph_executor_optimize(True)  # pylint: disable=protected-access
+
+
+@pytest.fixture(autouse=True)
+def _torch_process_state():
+    """Every test starts and ends with one torch thread and TorchScript's optimising executor on (main thread),
+    as the test process began: in-process training (``Trainer``) sets ``run.threads`` for the process and
+    ``run.jit_optimize`` for its thread, and a float32 model's round-off changes with the thread count, which
+    would make later tests in the same process depend on which tests ran before them."""
+    _reset_torch_process_state()
+    yield
+    _reset_torch_process_state()
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,9 @@
 mace-torch 0.3.16 builds the symmetric-contraction U matrices in another
 basis as soon as cuequivariance is importable (model/contraction_basis.py).
 A stored basis is adopted only if it is a basis of the architecture's own
-polynomials (tests at the end).  Checkpoints are written and evaluated in this process (whatever is installed:
-CI installs cuequivariance) and evaluated again in a child process where every
-``cuequivariance*`` import fails (tests/checkpoint_worker.py --block-cueq).
+polynomials (tests at the end).  Checkpoints are written in this process (whatever is installed: CI installs
+cuequivariance) and evaluated in two child processes (tests/checkpoint_worker.py): one with what is installed,
+one where every ``cuequivariance*`` import fails (--block-cueq).
 With cuequivariance installed here, the mace-torch pickle is written in the
 reduced basis, so the child really loads a basis its environment cannot build.
 """
@@ -44,10 +44,10 @@ def checkpoints(tmp_path_factory):
 
 
 def test_checkpoints_give_the_same_numbers_without_cuequivariance(checkpoints, tmp_path):
-    """Each checkpoint evaluated in two fresh processes, one where cuequivariance cannot be imported: bitwise the
-    same numbers (rtol 1e-13).  Both sides are fresh processes on purpose: in a process that has already run a
-    model many times, TorchScript's profiling executor has optimised e3nn's scripted code, whose float32 round-off
-    differs (~1e-11 relative) from a first evaluation."""
+    """Each checkpoint evaluated in two fresh processes, one where cuequivariance cannot be imported: the same
+    numbers to 1e-13 (bitwise for the float32 default model).  Both sides are fresh processes on purpose: in a
+    process that has already run a model many times, TorchScript's profiling executor has optimised e3nn's
+    scripted code, whose round-off differs from a first evaluation's."""
     specs, base = checkpoints
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     outs = {flag: tmp_path / f"{flag or 'plain'}.npz" for flag in ("", "--block-cueq")}
@@ -55,9 +55,15 @@ def test_checkpoints_give_the_same_numbers_without_cuequivariance(checkpoints, t
                                     + [f"{n}={p}" for n, p in specs],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for flag, out in outs.items()}
-    for proc in procs.values():
-        _, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-3000:]
+    try:
+        for proc in procs.values():
+            _, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr[-3000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
     here, blocked = (dict(np.load(out)) for out in outs.values())
     assert bool(here.pop("cueq_importable")) == cueq_importable()
     assert not bool(blocked.pop("cueq_importable"))

@@ -4,6 +4,7 @@ reinstall the packages on every run)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,11 +44,12 @@ def test_lammps_install_message_says_tests_skip_here_but_ci_requires_them():
 
 def test_make_test_runs_whole_files_in_two_workers_unless_told_otherwise():
     """``make test`` (and so CI) runs the suite in two pytest-xdist workers, each test file whole in one worker
-    (module-scoped servers and order-dependent tests stay together); ``TEST_WORKERS=0`` runs it in one process.
-    The child pytest runs of tests/test_ci_setup.py must not spawn workers: the option is on the command line,
-    not in pytest.ini."""
+    (module-scoped servers and order-dependent tests stay together), the files in collection order (the longest
+    first); ``TEST_WORKERS=0`` runs it in one process.  The child pytest runs of tests/test_ci_setup.py must not
+    spawn workers: the options are on the command line, not in pytest.ini."""
     (line,) = [x for x in dry_run(REPO, "test").splitlines() if " -m pytest " in x]
-    assert " -n 2 --dist loadfile tests" in line, line
+    assert " -n 2 --dist loadfile --no-loadscope-reorder tests" in line, line
     (line,) = [x for x in dry_run(REPO, "test", TEST_WORKERS=0).splitlines() if " -m pytest " in x]
-    assert " -n 0 --dist loadfile tests" in line, line
-    assert "-n " not in (REPO / "pytest.ini").read_text()
+    assert " -n 0 --dist loadfile --no-loadscope-reorder tests" in line, line
+    ini = (REPO / "pytest.ini").read_text()
+    assert not re.search(r"(^|\s)(-n\s*\d|--numprocesses|--dist|-p\s*xdist)", ini), ini

@@ -100,19 +100,19 @@ def test_sio_molecule():
 
 
 @pytest.fixture(scope="module")
-def default_model():
+def shipped_model():
     from macefield_server.engine import load_model
     from macefield_server.weights import DEFAULT_MODEL
 
     return load_model(DEFAULT_MODEL)
 
 
-def test_alpha_quartz_through_the_default_model(default_model):
+def test_alpha_quartz_through_the_default_model(shipped_model):
     """At the PBE cell the published structure is close to the model's minimum and has quartz's response."""
     from macefield_server.engine import predict
 
     atoms = alpha_quartz(cell="pbe")
-    [r] = predict(default_model, [atoms], heads="sio2", outputs=["forces", "stress", "born_charges", "polarizability"])
+    [r] = predict(shipped_model, [atoms], heads="sio2", outputs=["forces", "stress", "born_charges", "polarizability"])
     assert np.abs(r["forces"]).max() < 0.25  # eV/A: the model's force error is ~0.1 eV/A
     assert np.abs(np.diag(r["stress"])).max() < 0.015  # eV/A^3 (2.4 GPa)
     eps = np.diag(r["eps_inf"])
@@ -125,7 +125,7 @@ def test_alpha_quartz_through_the_default_model(default_model):
     z_o = r["born_charges"][atoms.numbers == 8]
     assert np.all(np.einsum("kii->ki", z_o) < -1.0)  # anions
     # the same checks reject the wrong structure: large forces, eps_inf off, negative Si Born charges
-    [w] = predict(default_model, [wrong_quartz()], heads="sio2", outputs=["forces", "born_charges", "polarizability"])
+    [w] = predict(shipped_model, [wrong_quartz()], heads="sio2", outputs=["forces", "born_charges", "polarizability"])
     assert np.abs(w["forces"]).max() > 3.0
     assert np.any(np.abs(np.diag(w["eps_inf"]) - 2.4) > 0.05 * 2.4)
     assert np.einsum("kii->ki", w["born_charges"][:3]).min() < 0.0
