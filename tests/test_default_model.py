@@ -59,18 +59,18 @@ def test_default_model_files_and_card(model, card):
     # the JSON card is embedded in the checkpoint
     assert model.metadata["card"] == card
     assert "2508.17870" in " ".join(card["citations"])
-    # trained in four stages; the configs are in the repository (and the package) and the card names them in order
+    # trained in five stages; the configs are in the repository (and the package) and the card names them in order
     assert card["training"]["command"].startswith(
-        "macefield-train --config server/macefield_server/weights/default.stage4.yaml")
+        "macefield-train --config server/macefield_server/weights/default.stage5.yaml")
     stages = card["previous_stages"]
     assert [s["command"].split()[2] for s in stages] == [
-        f"server/macefield_server/weights/default.stage{i}.yaml" for i in (1, 2, 3)
+        f"server/macefield_server/weights/default.stage{i}.yaml" for i in (1, 2, 3, 4)
     ]
-    assert [p.name for p in DEFAULT_TRAINING_STAGES] == [f"default.stage{i}.yaml" for i in (1, 2, 3, 4)]
+    assert [p.name for p in DEFAULT_TRAINING_STAGES] == [f"default.stage{i}.yaml" for i in (1, 2, 3, 4, 5)]
     for config in DEFAULT_TRAINING_STAGES:
         assert config.is_file() and (MODELS / config.name).is_file()
     md = (MODELS / "default.card.md").read_text()
-    assert all(f"Stage {i}:" in md for i in (1, 2, 3)) and "Stage 4 (this run" in md
+    assert all(f"Stage {i}:" in md for i in (1, 2, 3, 4)) and "Stage 5 (this run" in md
     for name, head in (("sio2-quartz", "sio2"), ("batio3", "batio3")):
         v = card["validation"][name]
         assert v["head"] == head
