@@ -12,6 +12,7 @@
 #   flags        what the grade flags -> bench/results/extrapolation_field.json and the card's "What it flags"
 #   cost         bench/results/extrapolation_cost_cpu.json (the grade's overhead)
 #   engines      bench/results/md_engines_cpu.json
+#   nve          bench/results/nve_drift_cpu.json: energy conservation in NVE, float32 and float64 (~15 min)
 #   workflows    bench/results/workflows_cpu.json (~12 min on 2 cores at max_ell 1)
 #   hysteresis   bench/results/hysteresis_period_cpu.json (~15 min)
 #   ensemble     bench/results/ensemble_eps_static_cpu.json (~5 min)
@@ -40,6 +41,7 @@ step_calibrate() {
 step_flags() { (PATH="$(dirname "$(command -v "$PY")"):$PATH"; python bench/extrapolation_field.py --out bench/results/extrapolation_field.json --card); }
 step_cost() { "$PY" bench/extrapolation_cost.py --out bench/results/extrapolation_cost_cpu.json; }
 step_engines() { "$PY" bench/md_engines.py --out bench/results/md_engines_cpu.json; }
+step_nve() { "$PY" bench/nve_drift.py --out bench/results/nve_drift_cpu.json; }
 step_workflows() { "$PY" bench/workflows.py --out bench/results/workflows_cpu.json; }
 step_hysteresis() { "$PY" bench/hysteresis_period.py --out bench/results/hysteresis_period_cpu.json; }
 step_ensemble() { "$PY" bench/ensemble_eps_static.py --out bench/results/ensemble_eps_static_cpu.json; }
@@ -67,7 +69,7 @@ step_prints() {
     return "$rc"
 }
 
-ALL=(short_range card calibrate flags cost engines workflows hysteresis ensemble allocator prints)
+ALL=(short_range card calibrate flags cost engines nve workflows hysteresis ensemble allocator prints)
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ALL[@]}")
 for s in "${STEPS[@]}"; do

@@ -236,6 +236,15 @@ def random_field_model(
     return model.eval()
 
 
+def md_test_model(field_scale: float = 0.3):
+    """The small model the MD tests run: ``random_field_model`` (float64, 8 channels, r_max 4 A, O and Si, heads
+    sio2 and other, seed 3) with mace-torch's ZBL pair repulsion, since its weak random surface alone lets 300 K
+    atoms collide within ~100 fs.  ``field_scale`` is the standard deviation of the random field weights."""
+    from macefield_server.engine.architecture import add_pair_repulsion
+
+    return add_pair_repulsion(random_field_model(heads=("sio2", "other"), seed=3, field_scale=field_scale))
+
+
 def grade_round_off(model_a, model_b, structures_a, structures_b):
     """How far round-off in the field-free features lets the grade move between two evaluations of the same atoms.
 

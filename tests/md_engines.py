@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
-from conftest import REPO, quartz_like, random_field_model
+from conftest import REPO, md_test_model, quartz_like
 from serving import ServerProcess
 
 EXAMPLES = REPO / "docs" / "examples"
@@ -26,24 +26,22 @@ EXAMPLES = REPO / "docs" / "examples"
 @pytest.fixture(scope="module")
 def engine_server(tmp_path_factory):
     """A small untrained model served in float64 by a server process, for tests of engine protocol, not physics:
-    conftest's ``random_field_model`` (float64, 8 channels, r_max 4 A, heads sio2 and other, seed 3) with field
-    weights of standard deviation 3 (Born charges up to ~0.4 e; P of the quartz frame changes by ~1e-5 e/A^2 at
-    0.06 V/A) and mace-torch's ZBL pair repulsion, with extrapolation statistics for head sio2 from 12 rattled
-    quartz cells (the quartz frame grades up to ~3.5, about half its atoms above 1).  sio2, the first head, is the
-    server's default head.  The random surface hardly holds the crystal (forces ~0.04 eV/A RMS on the quartz
-    frame): in 200 NVE steps at 300 K atoms move up to ~1.3 A; the ZBL term keeps every pair above ~1.2 A (without
-    it atoms pass within 0.5 A, which the server refuses)."""
+    conftest's ``md_test_model`` (float64, ZBL pair repulsion) with field weights of standard deviation 3 (Born
+    charges up to ~0.4 e; P of the quartz frame changes by ~1e-5 e/A^2 at 0.06 V/A), with extrapolation statistics
+    for head sio2 from 12 rattled quartz cells (the quartz frame grades up to ~3.5, about half its atoms above 1).
+    sio2, the first head, is the server's default head.  The random surface hardly holds the crystal (forces ~0.04
+    eV/A RMS on the quartz frame): in 200 NVE steps at 300 K atoms move up to ~1.3 A; the ZBL term keeps every pair
+    above ~1.2 A (without it atoms pass within 0.5 A, which the server refuses)."""
     from macefield_server.engine import save_model
-    from macefield_server.engine.architecture import add_pair_repulsion
     from macefield_server.engine.extrapolation import attach
     from macefield_server.training.calibration import calibrate
 
-    model = add_pair_repulsion(random_field_model(heads=("sio2", "other"), seed=3, field_scale=3.0))
+    model = md_test_model(field_scale=3.0)
     reference = [quartz_like(rattle=0.05, seed=s) for s in range(12)]
     model = attach(model, calibrate(model, reference, "sio2", reference={"what": "12 rattled quartz cells"}))
     path = save_model(model, tmp_path_factory.mktemp("engine") / "engine.pt")
     proc = ServerProcess(["--model", str(path), "--dtype", "float64"])
-    yield proc
+    yield proc.wait_ready()
     proc.kill()
 
 

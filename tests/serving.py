@@ -12,6 +12,7 @@ import sysconfig
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -190,6 +191,27 @@ class ServerProcess:
         info = json.loads(line)
         self.port, self.metrics_port, self.health_port = info["port"], info["metrics_port"], info.get("health_port")
         self.address = f"{host}:{self.port}"
+
+    def wait_ready(self, timeout: float = 300.0) -> "ServerProcess":
+        """Block until the server prints its ``ready`` line (models loaded and warm), for fixtures that serve a model
+        to many tests: a client's retries ride out the loading, but not on a machine loaded enough to make it slow.
+        Raises (and kills the server) if it exits or is not ready within ``timeout`` s; returns ``self``."""
+        seen = threading.Event()
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                if line.startswith("{") and '"ready"' in line:
+                    seen.set()
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not seen.is_set():
+            why = "exited" if not reader.is_alive() else f"was not ready after {timeout:.0f} s"
+            self.kill()
+            raise RuntimeError(f"server {why}: {self.stderr()}")
+        return self
 
     def metric(self, name: str, **labels) -> float:
         """``name`` summed over the samples with ``labels`` on this server's /metrics."""

@@ -98,7 +98,7 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_server(tiny_checkpoint):
     """A small random float64 model, with batch limits wide enough for a ring polymer (the PIMD example config)."""
     proc = ServerProcess(["--model", str(tiny_checkpoint), "--config", str(EXAMPLES / "ipi" / "serve-md.yaml")])
-    yield proc
+    yield proc.wait_ready()
     proc.kill()
 
 
@@ -459,7 +459,7 @@ def limited_server(tiny_checkpoint, tmp_path_factory):
     config = tmp_path_factory.mktemp("limited") / "serve.yaml"
     config.write_text("limits:\n  max_structures_per_request: 3\n")
     proc = ServerProcess(["--model", str(tiny_checkpoint), "--config", str(config)])
-    yield proc
+    yield proc.wait_ready()
     proc.kill()
 
 

@@ -11,8 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import random_field_model
-from macefield_server.engine.architecture import add_pair_repulsion
+from conftest import md_test_model
 from serving import metric, run_torch_free, tiny_server, torch_free_env
 
 from macefield_client import Client
@@ -24,9 +23,8 @@ from macefield_client.workflows.hysteresis import extract_loop
 
 @pytest.fixture(scope="module")
 def server():
-    """A small random float64 model (heads sio2 and other, O and Si) with mace-torch's ZBL pair repulsion (its
-    weak random surface alone lets 300 K atoms collide within ~100 fs) in an in-process server with metrics."""
-    with tiny_server(add_pair_repulsion(random_field_model(heads=("sio2", "other"), seed=3))) as srv:
+    """conftest's ``md_test_model`` in an in-process server with metrics."""
+    with tiny_server(md_test_model()) as srv:
         yield srv
 
 

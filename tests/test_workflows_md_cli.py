@@ -11,8 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import random_field_model
-from macefield_server.engine.architecture import add_pair_repulsion
+from conftest import md_test_model
 from serving import metric, tiny_server, wait_for
 
 from macefield_client import Client
@@ -25,9 +24,8 @@ from macefield_client.workflows.spectra import C_CM_PER_FS  # noqa: E402
 
 @pytest.fixture(scope="module")
 def small():
-    """A small random float64 model (heads sio2 and other, O and Si) with mace-torch's ZBL pair repulsion (its
-    weak random surface alone lets 300 K atoms collide within ~100 fs) in an in-process server with metrics."""
-    with tiny_server(add_pair_repulsion(random_field_model(heads=("sio2", "other"), seed=3))) as srv:
+    """conftest's ``md_test_model`` in an in-process server with metrics."""
+    with tiny_server(md_test_model()) as srv:
         yield srv
 
 

@@ -86,14 +86,10 @@ def typed_pairs(structure: Structure, pair: Tuple[str, str], cutoff: float = SEA
 
 def shortest_distances(structures: Sequence[Structure], pair_list: Sequence[Tuple[str, str]],
                        cutoff: float = SEARCH_CUTOFF) -> Dict[Tuple[str, str], float]:
-    """The shortest distance (A) of each pair type over ``structures`` (inf where there is none within ``cutoff``)."""
-    out = {p: np.inf for p in pair_list}
-    for s in structures:
-        for p in pair_list:
-            d = typed_pairs(s, p, cutoff)[3]
-            if d.size:
-                out[p] = min(out[p], float(d.min()))
-    return out
+    """The shortest distance (A) of each pair type of ``pair_list`` over ``structures``, in either order of its
+    elements (inf where there is none within ``cutoff``): :func:`shortest_pair_distances` picked out."""
+    every = shortest_pair_distances(structures, cutoff)
+    return {p: every.get(p if _Z[p[0]] >= _Z[p[1]] else (p[1], p[0]), np.inf) for p in pair_list}
 
 
 @dataclass
