@@ -194,9 +194,6 @@ def test_card_goals_are_its_validation_numbers(card):
         assert goal["met"] == (goal["value"] <= goal["target_max"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the shipped model's validation force MAE (91.6 / 111.9 meV/A) misses the goals (80 / 100); "
-                          "this mark goes when a model that meets them ships")
 def test_card_marks_the_force_goals_met(card):
     forces = {g["dataset"]: g for g in card["goals"] if g["metric"] == "forces_mae_meV_per_A"}
     assert set(forces) == {"sio2-quartz", "batio3"}
