@@ -140,6 +140,13 @@ def main() -> int:
         "runs": runs,
     }
     write_json(args.out, result)
+    print("| dtype | structure | field (V/A) | T (K) | drift (meV/atom/ps) | fluctuation (meV/atom) | max deviation "
+          "(meV/atom) | potential range (meV/atom) |\n|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        print(f"| {r['dtype']} | {r['head']}, {r['atoms']} atoms | {r['field_V_A'][2]:g} "
+              f"| {r['mean_temperature_K']:.0f} | {r['drift_meV_per_atom_per_ps']:+.4f} "
+              f"| {r['fluctuation_rms_meV_per_atom']:.4f} "
+              f"| {r['max_deviation_meV_per_atom']:.4f} | {r['potential_range_meV_per_atom']:.1f} |")
     return 0
 
 
