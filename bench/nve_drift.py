@@ -18,40 +18,17 @@ largest deviation from the start, with the potential energy's range for scale.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from results_io import RESULTS, write_json
+from workflows import start_server
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "server" / "macefield_server" / "weights" / "default.pt"
-
-
-def start_server(dtype: str, threads: int, workdir: Path):
-    """``macefield-serve`` on the default model in ``dtype`` on a free port, once ready; returns (process, port)."""
-    log = open(workdir / f"server-{dtype}.log", "w")
-    cmd = [sys.executable, "-m", "macefield_server.cli.serve", "--model", str(MODEL), "--dtype", dtype,
-           "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
-    assert proc.stdout is not None
-    port = None
-    for line in proc.stdout:
-        if line.startswith("{"):
-            event = json.loads(line)
-            if event.get("event") == "listening":
-                port = event["port"]
-            elif event.get("event") == "ready":
-                return proc, port
-    raise RuntimeError(f"server did not get ready: see {log.name}")
 
 
 def conservation(time_fs: np.ndarray, total_eV: np.ndarray, potential_eV: np.ndarray, atoms: int) -> dict:
@@ -95,7 +72,7 @@ def main() -> int:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes:
-            proc, port = start_server(dtype, args.threads, Path(tmp))
+            proc, port = start_server(args.threads, Path(tmp), dtype)
             try:
                 with Client(f"127.0.0.1:{port}") as client:
                     for head in args.heads:

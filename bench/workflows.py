@@ -49,18 +49,26 @@ MODEL = REPO / "server" / "macefield_server" / "weights" / "default.pt"
 FIELD = (0.0, 0.0, 0.01)  # V/A
 
 
-def start_server(threads: int, workdir: Path):
-    """``macefield-serve`` (default configuration) on a free port; returns (process, port)."""
-    log = open(workdir / "server.log", "w")
+def start_server(threads: int, workdir: Path, dtype: str | None = None):
+    """``macefield-serve`` (default configuration, or the model in ``dtype``) on a free port, once it is ready
+    (model loaded and warmed up, so no timing includes the load); returns (process, port)."""
+    log = open(workdir / (f"server-{dtype}.log" if dtype else "server.log"), "w")
     cmd = [sys.executable, "-m", "macefield_server.cli.serve", "--model", str(MODEL), "--host", "127.0.0.1",
            "--port", "0", "--metrics-port", "-1", "--threads", str(threads)]
+    if dtype:
+        cmd += ["--dtype", dtype]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     assert proc.stdout is not None
+    port = None
     for line in proc.stdout:
-        if line.startswith("{") and '"listening"' in line:
-            return proc, json.loads(line)["port"]
-    raise RuntimeError(f"server did not start: see {log.name}")
+        if line.startswith("{"):
+            event = json.loads(line)
+            if event.get("event") == "listening":
+                port = event["port"]
+            elif event.get("event") == "ready":
+                return proc, port
+    raise RuntimeError(f"server did not get ready: see {log.name}")
 
 
 class TimedClient:
