@@ -5,7 +5,7 @@
 #   bench/refresh_default_model.sh [STEP ...]        from the repository root, data in ../shared/data
 #
 # Steps (all, in this order, when none is named):
-#   short_range  float64 pair scans -> bench/results/short_range_default.json (FALLS of tests/test_short_range.py)
+#   short_range  float64 pair scans -> bench/results/short_range_default.json (asserted by tests/test_short_range.py)
 #   card         validation numbers of the card, with the newest stage config's card text (--refresh-card)
 #   calibrate    extrapolation statistics of both heads, recorded in the card (the exact commands the card
 #                and docs/extrapolation.md print)
@@ -13,7 +13,7 @@
 #   cost         bench/results/extrapolation_cost_cpu.json (the grade's overhead)
 #   engines      bench/results/md_engines_cpu.json
 #   nve          bench/results/nve_drift_cpu.json: energy conservation in NVE, float32 and float64 (~15 min)
-#   workflows    bench/results/workflows_cpu.json (~12 min on 2 cores at max_ell 1)
+#   workflows    bench/results/workflows_cpu.json ([[WF_MIN]])
 #   hysteresis   bench/results/hysteresis_period_cpu.json (~15 min)
 #   ensemble     bench/results/ensemble_eps_static_cpu.json (~5 min)
 #   allocator    bench/results/allocator-cpu-<UTC>.json

@@ -6,8 +6,8 @@ mmap threshold with fresh ``mmap`` pages and returns them on free, so every
 pass pays page faults to zero-fill memory it just gave back.  Keeping large
 blocks on the heap and never trimming it removes that cost.  Measured with
 bench/allocator.py on the served engine path (one thread, 72-atom alpha-quartz,
-2-core x86 CPU): the embedded default model's energy + forces take 13 % and
-its full response 20 % less CPU time, a 64-channel max_ell 3 model's 11 % and
+2-core x86 CPU): the embedded default model's energy + forces take [[ALLOC 13]] % and
+its full response [[20]] % less CPU time, a 64-channel max_ell 3 model's 11 % and
 12 % less; minor page faults per pass drop from 3,000-90,000 to about zero.
 The price: resident memory stays at its high-water mark, which a long-running
 server reaches during warm-up anyway (peak RSS of the benchmark +1 %).
