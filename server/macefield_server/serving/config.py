@@ -11,7 +11,7 @@ Example (YAML; the TOML layout is the same)::
     max_connection_age_grace_s: 0   # re-resolve, spreading over new replicas); then calls get this long; 0: never
     liveness_timeout_s: 0       # health "liveness" NOT_SERVING when queued work sees no batch finish this long; 0: off
     backend: auto               # backend of models that name none (and of the embedded default model)
-    tune_cpu_allocator: true    # glibc keeps freed large blocks: 11-20 % less CPU per pass, RSS stays at its peak
+    tune_cpu_allocator: true    # glibc keeps freed large blocks: 5-16 % less CPU on large passes, RSS stays at peak
     models:
       - name: sio2
         path: models/sio2.pt
@@ -189,9 +189,10 @@ class ServerConfig:
     #: structure may legitimately compute for minutes); set it well above the longest batch you expect
     liveness_timeout_s: float = 0.0
     threads: int = 0  #: torch intra-op threads for compute (0: torch default)
-    #: keep freed large blocks on the glibc heap (:func:`.runtime.tune_cpu_allocator`): an engine pass on the CPU
-    #: then takes 11-20 % less CPU time and no page faults (bench/allocator.py); the price is that resident
-    #: memory stays at its high-water mark (peak RSS +1 % measured).  A no-op where libc is not glibc
+    #: keep freed large blocks on the glibc heap (:func:`.runtime.tune_cpu_allocator`): a large engine pass on the
+    #: CPU (full response, larger models) then takes 5-16 % less CPU time and no page faults (bench/allocator.py);
+    #: the price is that resident memory stays at its high-water mark (peak RSS within 2 % measured).  A no-op
+    #: where libc is not glibc
     tune_cpu_allocator: bool = True
     warmup_passes: int = 1  #: warm-up batches per model before health says SERVING
     log_level: str = "INFO"
