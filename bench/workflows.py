@@ -60,14 +60,10 @@ def start_server(threads: int, workdir: Path, dtype: str | None = None):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     assert proc.stdout is not None
-    port = None
     for line in proc.stdout:
-        if line.startswith("{"):
-            event = json.loads(line)
-            if event.get("event") == "listening":
-                port = event["port"]
-            elif event.get("event") == "ready":
-                return proc, port
+        event = json.loads(line) if line.startswith("{") else {}
+        if event.get("event") == "ready":  # the ready line names the port too
+            return proc, event["port"]
     raise RuntimeError(f"server did not get ready: see {log.name}")
 
 
