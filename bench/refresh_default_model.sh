@@ -18,7 +18,8 @@
 #   ensemble     bench/results/ensemble_eps_static_cpu.json (~5 min)
 #   allocator    bench/results/allocator-cpu-<UTC>.json
 #   prints       measurements the docs quote that tests print (-s): restart time, the energy floor below the
-#                relaxed crystal; and the README's phonon and loop outputs
+#                relaxed crystal, the fluctuation eps_0 of the test ensemble; and the README's phonon and loop
+#                outputs
 # Logs and the printed outputs go to $REFRESH_LOGS (default /tmp/refresh-default-model), one file per step.
 # Timings want a quiet machine: nothing else running on the cores.
 set -euo pipefail
@@ -49,7 +50,8 @@ step_allocator() { "$PY" bench/allocator.py; }
 step_prints() {
     MACEFIELD_REQUIRE_DATA=1 MACEFIELD_REQUIRE_LAMMPS=1 "$PY" -m pytest -q -s -p no:cacheprovider \
         "tests/test_client_restart.py::test_default_retry_policy_rides_out_a_measured_restart" \
-        "tests/test_short_range.py::test_nothing_below_the_relaxed_crystal_goes_unflagged"
+        "tests/test_short_range.py::test_nothing_below_the_relaxed_crystal_goes_unflagged" \
+        "tests/test_workflows_eps_md.py"
     # the README's workflow blocks, against a server on the default model (README: `make serve`)
     macefield-serve --port 0 --metrics-port 0 >"$LOGS/serve.out" 2>"$LOGS/serve.err" &
     local server=$! port="" rc=0
