@@ -13,7 +13,7 @@
 #   cost         bench/results/extrapolation_cost_cpu.json (the grade's overhead)
 #   engines      bench/results/md_engines_cpu.json
 #   nve          bench/results/nve_drift_cpu.json: energy conservation in NVE, float32 and float64 (35-50 min)
-#   workflows    bench/results/workflows_cpu.json ([[WF_MIN]])
+#   workflows    bench/results/workflows_cpu.json (~21 min)
 #   hysteresis   bench/results/hysteresis_period_cpu.json (~15 min)
 #   ensemble     bench/results/ensemble_eps_static_cpu.json (~5 min)
 #   allocator    bench/results/allocator-cpu-<UTC>.json
