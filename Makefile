@@ -12,8 +12,10 @@ PIP := $(PYTHON) -m pip
 # make test runs the suite in TEST_WORKERS processes (pytest-xdist; 0 runs it in this process), each test file
 # whole in one worker (--dist loadfile: module-scoped servers and order-dependent tests stay together), taken in
 # collection order (--no-loadscope-reorder: the longest files first, tests/conftest.py SLOW_FIRST); every worker
-# computes with one torch thread
-TEST_WORKERS ?= 2
+# computes with one torch thread.  Three workers on two cores: many tests wait on child processes (server starts,
+# drains, restarts) and the third fills those waits (the suite took 20 min with 3 workers, 25.6 min with 2, on a
+# 2-core x86 CPU)
+TEST_WORKERS ?= 3
 # one stamp per interpreter: its prefix and, for a virtual environment, when it was created (a venv made again
 # at the same path installs afresh)
 STAMP := .make/$(shell $(PYTHON) -c "import hashlib, os, sys; cfg = os.path.join(sys.prefix, 'pyvenv.cfg'); \

@@ -60,7 +60,7 @@ def child(tuned: bool, repeats: int) -> dict:
     torch.manual_seed(0)
     large = build_field_mace(default_architecture([8, 14], heads=["sio2"], channels=64, max_ell=3),
                              dtype=torch.float32).eval()
-    models = {"default (64x0e+64x1o, max_ell 1)": load_default_model(),
+    models = {"default (64x0e+64x1o, max_ell 2)": load_default_model(),
               "random 64x0e+64x1o, max_ell 3": ServedModel("large", large, "sio2")}
     atoms = alpha_quartz(cell=PBE_QUARTZ_CELL, repeat=(2, 2, 2))
     result = {"tuned": tuned, "applied": applied, "points": []}

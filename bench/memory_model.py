@@ -4,7 +4,8 @@
 
 For 16-, 64- and 128-channel FieldMACE models (max_ell 2, 1, 3) and each output tier (0 energy, 1 forces,
 2 full response), one pass over alpha-quartz (PBE cell, ``--repeat``^3 hexagonal cells for each size given,
-and ``--largest``^3 = 4608 atoms with the 64-channel model, the default model's size) runs in a fresh process;
+and ``--largest``^3 = 4608 atoms with the 64-channel model: the default model's channels, at max_ell 1 where
+the default has 2) runs in a fresh process;
 it reports the peak resident growth (ru_maxrss over the pass, with the server's allocator tuning),
 the bytes autograd keeps for the pass (unique storages), their ratio, and what
 ``macefield_server.serving.memory_measure.measure`` estimates for that structure.  The CPU factors of

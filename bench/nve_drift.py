@@ -12,7 +12,7 @@ E_tot = F + K is recorded; per replica the JSON reports, in meV/atom, its drift 
 per ps), the RMS of its residual around that line (the fluctuation that a finite time step gives) and its
 largest deviation from the start, with the potential energy's range for scale.
 
-    python bench/nve_drift.py --out bench/results/nve_drift_cpu.json    # ~15 min on a 2-core x86 CPU
+    python bench/nve_drift.py --out bench/results/nve_drift_cpu.json    # 35-50 min on a 2-core x86 CPU
 """
 
 from __future__ import annotations

@@ -5,20 +5,21 @@
 #   bench/refresh_default_model.sh [STEP ...]        from the repository root, data in ../shared/data
 #
 # Steps (all, in this order, when none is named):
-#   short_range  float64 pair scans -> bench/results/short_range_default.json (FALLS of tests/test_short_range.py)
+#   short_range  float64 pair scans -> bench/results/short_range_default.json (asserted by tests/test_short_range.py)
 #   card         validation numbers of the card, with the newest stage config's card text (--refresh-card)
 #   calibrate    extrapolation statistics of both heads, recorded in the card (the exact commands the card
 #                and docs/extrapolation.md print)
 #   flags        what the grade flags -> bench/results/extrapolation_field.json and the card's "What it flags"
 #   cost         bench/results/extrapolation_cost_cpu.json (the grade's overhead)
 #   engines      bench/results/md_engines_cpu.json
-#   nve          bench/results/nve_drift_cpu.json: energy conservation in NVE, float32 and float64 (~15 min)
-#   workflows    bench/results/workflows_cpu.json (~12 min on 2 cores at max_ell 1)
+#   nve          bench/results/nve_drift_cpu.json: energy conservation in NVE, float32 and float64 (35-50 min)
+#   workflows    bench/results/workflows_cpu.json (~21 min)
 #   hysteresis   bench/results/hysteresis_period_cpu.json (~15 min)
 #   ensemble     bench/results/ensemble_eps_static_cpu.json (~5 min)
 #   allocator    bench/results/allocator-cpu-<UTC>.json
 #   prints       measurements the docs quote that tests print (-s): restart time, the energy floor below the
-#                relaxed crystal; and the README's phonon and loop outputs
+#                relaxed crystal, the fluctuation eps_0 of the test ensemble; and the README's phonon and loop
+#                outputs
 # Logs and the printed outputs go to $REFRESH_LOGS (default /tmp/refresh-default-model), one file per step.
 # Timings want a quiet machine: nothing else running on the cores.
 set -euo pipefail
@@ -49,7 +50,8 @@ step_allocator() { "$PY" bench/allocator.py; }
 step_prints() {
     MACEFIELD_REQUIRE_DATA=1 MACEFIELD_REQUIRE_LAMMPS=1 "$PY" -m pytest -q -s -p no:cacheprovider \
         "tests/test_client_restart.py::test_default_retry_policy_rides_out_a_measured_restart" \
-        "tests/test_short_range.py::test_nothing_below_the_relaxed_crystal_goes_unflagged"
+        "tests/test_short_range.py::test_nothing_below_the_relaxed_crystal_goes_unflagged" \
+        "tests/test_workflows_eps_md.py"
     # the README's workflow blocks, against a server on the default model (README: `make serve`)
     macefield-serve --port 0 --metrics-port 0 >"$LOGS/serve.out" 2>"$LOGS/serve.err" &
     local server=$! port="" rc=0

@@ -21,9 +21,9 @@
    force is zero by symmetry (recorded).  Cubic BaTiO3 has unstable
    (ferroelectric) modes at 0 K: they are counted, not a failure.
 
-    python bench/workflows.py --out bench/results/workflows_cpu.json            # ~12 min on 2 CPU cores
-    python bench/workflows.py --quick --out /tmp/workflows.json                 # fewer steps, ~6 min
-    python bench/workflows.py --only alpha                                      # only ensemble_alpha, ~6 min:
+    python bench/workflows.py --out bench/results/workflows_cpu.json            # ~21 min on 2 CPU cores
+    python bench/workflows.py --quick --out /tmp/workflows.json                 # fewer steps, roughly half
+    python bench/workflows.py --only alpha                                      # only ensemble_alpha, ~10 min:
         # replaces that entry of --out (default bench/results/workflows_cpu.json) and keeps the others
 """
 

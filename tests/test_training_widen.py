@@ -79,7 +79,7 @@ def test_the_new_paths_start_silent_and_receive_gradients(shipped):
                 new_slices[(i, ins.i_in)] = slice(start, start + size)
             start += size
         assert new_blocks
-    # from max_ell 1 to 2: interaction 0: 0e x 2e -> 2e; interaction 1: 0e x 2e -> 2e, 1o x 1o -> 2e, 1o x 2e -> 1o
+    # from max_ell 2 to 3: interaction 0: 0e x 3o -> 3o; interaction 1: 0e x 3o -> 3o, 1o x 2e -> 3o, 1o x 3o -> 2e
     assert {i for i, _ in new_slices} == {0, 1}
     for (i, _), s in new_slices.items():
         assert float(wide.interactions[i].linear.weight.detach()[s].abs().max()) == 0.0

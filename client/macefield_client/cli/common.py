@@ -51,7 +51,7 @@ def add_server_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
                         help="no client-side health checking (a proxy reached by a dns: name)")
     p.add_argument("--token", help="bearer token (default $MACEFIELD_TOKEN)")
     p.add_argument("--timeout", type=float, help="per-call deadline, s (default 120)")
-    p.add_argument("--retries", type=int, help="retries of a call answered UNAVAILABLE (default 9, with backoff)")
+    p.add_argument("--retries", type=int, help="retries of a call answered UNAVAILABLE (default 11, with backoff)")
     p.add_argument("--quiet", action="store_true", help="no 'waiting for server', 'wrote ...' or 'head ...' messages "
                                                     "(warnings and the trust summary stay)")
 

@@ -112,7 +112,7 @@ def _md_options(p: argparse.ArgumentParser, *, spectrum: bool) -> None:
                    help="relax the positions through the service first (space group kept, fmax 1e-3 eV/A)")
     if not spectrum:
         g.add_argument("--alpha", action="store_true",
-                       help="record the polarizability alpha (1.6 to 2.3x the cost of a step on a CPU, on recorded "
+                       help="record the polarizability alpha (1.6 to 2.1x the cost of a step on a CPU, on recorded "
                             "steps)")
     g.add_argument("--repeat", type=int, nargs=3, default=(1, 1, 1), metavar=("N1", "N2", "N3"),
                    help="supercell of the structure (default 1 1 1)")

@@ -10,7 +10,7 @@ integrators are ASE's, unchanged: each does exactly one force call per step.
 Records (every ``record_every`` steps, per replica): time (fs), potential F (eV), kinetic energy (eV),
 temperature (K), the field (V/A), P (e/A^2, continuous across steps: every step's value is moved by the
 polarization quanta to the branch nearest the previous step's, so there are no jumps of e*a_k/Omega),
-optionally alpha (e*A^2/V; the second-derivative pass, 1.6 to 2.3x the cost of an E+F+P step on a CPU
+optionally alpha (e*A^2/V; the second-derivative pass, 1.6 to 2.1x the cost of an E+F+P step on a CPU
 (bench/workflows.py), only on recorded steps)
 and positions (A).  ``save``/``restart`` write and read an npz with the records and the full state
 (positions, momenta, clock, P branch, the thermostats' random-number state), so a restarted run continues

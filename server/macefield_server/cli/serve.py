@@ -75,6 +75,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--liveness-timeout", type=float, dest="liveness_timeout_s", metavar="SECONDS",
                    help="health 'liveness' NOT_SERVING when queued work sees no batch finish for this long "
                         "(a hung compute; default 0: off)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="keep each model's warm-up memory measurement here between starts ('' : none; default "
+                        "auto: $MACEFIELD_CACHE_DIR, $XDG_CACHE_HOME/macefield or ~/.cache/macefield)")
     p.add_argument("--log-level", help="DEBUG logs one line per batch")
     p.add_argument("--version", action="version", version=_version_string())
     return p.parse_args(argv)
@@ -94,6 +97,7 @@ def build_config(args: argparse.Namespace):
         "liveness_timeout_s": args.liveness_timeout_s,
         "log_level": args.log_level,
         "backend": args.backend,
+        "cache_dir": args.cache_dir,
     }
     config = load_config(args.config, overrides)
     if args.model:

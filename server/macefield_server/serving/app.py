@@ -48,7 +48,8 @@ from .batcher import Batcher, WorkItem
 from .engine_backend import EngineBackend
 from .config import ServerConfig
 from .dispatcher import Dispatcher
-from .memory import Budget, fmt, parse_bytes
+from . import memory_cache
+from .memory import Budget, MemoryModel, fmt, parse_bytes
 from .memory_measure import default_budget
 from .memory_measure import measure as measure_memory
 from .metrics import Metrics
@@ -250,9 +251,21 @@ class MaceFieldServer:
                 raise RuntimeError(f"warm-up of model {served.name!r} failed: {outcome}") from outcome
         log.info("model %s warm (%.2f s)", served.name, time.monotonic() - start)
         start = time.monotonic()
-        served.memory = await loop.run_in_executor(batcher.compute_executor, measure_memory, served)
-        log.info("model %s memory per pass: %s; measured in %.2f s", served.name, served.memory.describe(),
+        served.memory = await loop.run_in_executor(batcher.compute_executor, self._measure_memory, served)
+        log.info("model %s memory per pass: %s; in %.2f s", served.name, served.memory.describe(),
                  time.monotonic() - start)
+
+    def _measure_memory(self, served: ServedModel) -> MemoryModel:
+        """The model's memory per pass: from the measurement cache (``cache_dir``) or measured and stored."""
+        directory = memory_cache.resolve_cache_dir(self.config.cache_dir)
+        if directory is None:
+            return measure_memory(served)
+        key = memory_cache.measurement_key(served)
+        memory = memory_cache.load(directory, key)
+        if memory is None:
+            memory = measure_memory(served)
+            memory_cache.store(directory, key, memory)
+        return memory
 
     async def _watch_liveness(self, timeout: float) -> None:
         """``liveness`` NOT_SERVING while some model's work has waited ``timeout`` s without a batch finishing

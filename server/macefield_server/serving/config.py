@@ -11,7 +11,8 @@ Example (YAML; the TOML layout is the same)::
     max_connection_age_grace_s: 0   # re-resolve, spreading over new replicas); then calls get this long; 0: never
     liveness_timeout_s: 0       # health "liveness" NOT_SERVING when queued work sees no batch finish this long; 0: off
     backend: auto               # backend of models that name none (and of the embedded default model)
-    tune_cpu_allocator: true    # glibc keeps freed large blocks: 11-20 % less CPU per pass, RSS stays at its peak
+    tune_cpu_allocator: true    # glibc keeps freed large blocks: 5-16 % less CPU on large passes, RSS stays at peak
+    cache_dir: auto             # keeps warm-up memory measurements between starts; "": none (docs/serving.md)
     models:
       - name: sio2
         path: models/sio2.pt
@@ -189,11 +190,16 @@ class ServerConfig:
     #: structure may legitimately compute for minutes); set it well above the longest batch you expect
     liveness_timeout_s: float = 0.0
     threads: int = 0  #: torch intra-op threads for compute (0: torch default)
-    #: keep freed large blocks on the glibc heap (:func:`.runtime.tune_cpu_allocator`): an engine pass on the CPU
-    #: then takes 11-20 % less CPU time and no page faults (bench/allocator.py); the price is that resident
-    #: memory stays at its high-water mark (peak RSS +1 % measured).  A no-op where libc is not glibc
+    #: keep freed large blocks on the glibc heap (:func:`.runtime.tune_cpu_allocator`): a large engine pass on the
+    #: CPU (full response, larger models) then takes 5-16 % less CPU time and no page faults (bench/allocator.py);
+    #: the price is that resident memory stays at its high-water mark (peak RSS within 2 % measured).  A no-op
+    #: where libc is not glibc
     tune_cpu_allocator: bool = True
     warmup_passes: int = 1  #: warm-up batches per model before health says SERVING
+    #: where each model's warm-up memory measurement is kept between starts (:mod:`.memory_cache`; a restart
+    #: then skips measuring): "auto" ($MACEFIELD_CACHE_DIR, else $XDG_CACHE_HOME/macefield, else
+    #: ~/.cache/macefield), a directory, or "" (no cache: measure at every start)
+    cache_dir: str = "auto"
     log_level: str = "INFO"
     backend: str = "auto"  #: backend of models that name none: "e3nn" | "cueq" | "auto"
     models: List[ModelConfig] = field(default_factory=list)
@@ -245,6 +251,8 @@ class ServerConfig:
             raise ConfigError(f"limits.max_extent: must be > 0 Angstrom, got {lim.max_extent}")
         if lim.max_field <= 0:
             raise ConfigError(f"limits.max_field: must be > 0 V/A, got {lim.max_field}")
+        if not isinstance(self.cache_dir, str):
+            raise ConfigError(f"cache_dir: expected 'auto', a directory or '' (no cache), got {self.cache_dir!r}")
         if self.grace_s < 0:
             raise ConfigError(f"grace_s: must be >= 0, got {self.grace_s}")
         for key in ("max_connection_age_s", "max_connection_age_grace_s", "liveness_timeout_s"):

@@ -6,11 +6,13 @@ mmap threshold with fresh ``mmap`` pages and returns them on free, so every
 pass pays page faults to zero-fill memory it just gave back.  Keeping large
 blocks on the heap and never trimming it removes that cost.  Measured with
 bench/allocator.py on the served engine path (one thread, 72-atom alpha-quartz,
-2-core x86 CPU): the embedded default model's energy + forces take 13 % and
-its full response 20 % less CPU time, a 64-channel max_ell 3 model's 11 % and
-12 % less; minor page faults per pass drop from 3,000-90,000 to about zero.
-The price: resident memory stays at its high-water mark, which a long-running
-server reaches during warm-up anyway (peak RSS of the benchmark +1 %).
+2-core x86 CPU): the embedded default model's full response takes 5 % less
+CPU time, a 64-channel max_ell 3 model's energy + forces 16 % and its full
+response 12 % less; their minor page faults per pass drop from 29,000-80,000
+to about zero.  The default model's energy + forces pass, with few page faults
+either way, measured 9 % slower in that run.  The price: resident memory
+stays at its high-water mark, which a long-running server reaches during
+warm-up anyway (peak RSS of the benchmark within 2 %).
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def build_card(model, trainer, *, fit_summary: Dict, command: str) -> Dict:
             "inference_seconds_full_response": {
                 "threads": torch.get_num_threads(),
                 "note": "one evaluation of energy, forces, stress, dipole, P, Z*, alpha at the end of training, "
-                "best of 3, on the training machine (shared CPU)",
+                "best of 3, on the training hardware (training.hardware), whose cores other work may have shared",
                 "per_structure": timing,
             },
             "validation_frames": frames,

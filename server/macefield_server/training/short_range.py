@@ -168,7 +168,9 @@ def scan_energies(model, structures: Sequence[Structure], *, chunk: int = 8,
     out = []
     for k in range(0, len(structures), chunk):
         batch = prepare_batch(model, structures[k : k + chunk])
-        res = respond(model, batch.tensors, None, frozenset({"energy"}), keep_graph=keep_graph)
+        # without a graph to keep, none is built (the parameters may require grad: a training model)
+        with torch.set_grad_enabled(keep_graph):
+            res = respond(model, batch.tensors, None, frozenset({"energy"}), keep_graph=keep_graph)
         energy = res["energy"]
         assert energy is not None
         out.append(energy.double() if keep_graph else energy.detach().double())
