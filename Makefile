@@ -13,8 +13,8 @@ PIP := $(PYTHON) -m pip
 # whole in one worker (--dist loadfile: module-scoped servers and order-dependent tests stay together), taken in
 # collection order (--no-loadscope-reorder: the longest files first, tests/conftest.py SLOW_FIRST); every worker
 # computes with one torch thread.  Three workers on two cores: many tests wait on child processes (server starts,
-# drains, restarts) and the third fills those waits (the suite took 20 min with 3 workers, 25.6 min with 2, on a
-# 2-core x86 CPU)
+# drains, restarts) and the third fills those waits (a clean-clone CI run of the suite took 16.7 min with 3
+# workers, 25.6 min with 2, on a 2-core x86 CPU)
 TEST_WORKERS ?= 3
 # one stamp per interpreter: its prefix and, for a virtual environment, when it was created (a venv made again
 # at the same path installs afresh)
