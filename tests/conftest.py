@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -10,8 +12,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# servers started by the tests keep their memory measurements here, not in the user's ~/.cache
-os.environ.setdefault("MACEFIELD_CACHE_DIR", tempfile.mkdtemp(prefix="macefield-test-cache-"))
+# servers started by the tests keep their memory measurements here, not in the user's ~/.cache (removed at exit)
+if "MACEFIELD_CACHE_DIR" not in os.environ:
+    os.environ["MACEFIELD_CACHE_DIR"] = tempfile.mkdtemp(prefix="macefield-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MACEFIELD_CACHE_DIR"], ignore_errors=True)
 
 import torch  # noqa: E402
 from macefield_client.structures import alpha_quartz, sio_molecule  # noqa: E402,F401

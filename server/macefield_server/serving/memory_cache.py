@@ -9,7 +9,8 @@ is stored under a key made of:
 * the weights (SHA-256 of every parameter) and the module structure
   (``repr`` of the model: irreps, channels, backend modules);
 * dtype, device (the GPU's name on CUDA), default head and cutoff;
-* torch's version, the cuEquivariance version where the model uses it, and
+* torch's version, the cuEquivariance packages' versions where the model
+  uses them (its kernels change a GPU pass's memory), and
   the measuring code's constants (:data:`.memory.CPU_PEAK_PER_SAVED`,
   :data:`.memory.CPU_TIER0_OF_TIER1`, :data:`FORMAT`).
 
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
@@ -62,12 +64,6 @@ def measurement_key(served) -> str:
     """SHA-256 (hex) of everything a memory measurement of ``served`` depends on (module docstring)."""
     model, device = served.model, served.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    try:
-        import cuequivariance_torch as cuet  # noqa: F401 - only its version enters the key
-
-        cueq = getattr(cuet, "__version__", "?")
-    except ImportError:
-        cueq = "none"
     parts = {
         "format": FORMAT,
         "weights": weights_fingerprint(model),
@@ -77,10 +73,21 @@ def measurement_key(served) -> str:
         "head": served.default_head,
         "cutoff": served.cutoff,
         "torch": torch.__version__,
-        "cuequivariance": cueq if served.backend == "cueq" else "unused",
+        "cuequivariance": _cueq_versions() if served.backend == "cueq" else "unused",
         "cpu_factors": [CPU_PEAK_PER_SAVED[1], CPU_PEAK_PER_SAVED[2], CPU_TIER0_OF_TIER1],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _cueq_versions() -> str:
+    """The installed cuEquivariance packages that run a cueq model (read from their metadata, nothing imported)."""
+    versions = []
+    for dist in ("cuequivariance-torch", "cuequivariance-ops-torch"):
+        try:
+            versions.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist} absent")
+    return ", ".join(versions)
 
 
 def load(directory: Path, key: str) -> Optional[MemoryModel]:
